@@ -1,0 +1,40 @@
+# The two commands of the README:  `make run`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+OUT    ?= out
+
+.PHONY: setup setup-dev run test validate clean
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Azurite (Azure Storage emulator) for the integration tests when no Docker engine is present.
+AZURITE := .tools/node_modules/.bin/azurite
+$(AZURITE):
+	npm install --silent --no-audit --no-fund --prefix .tools azurite@3
+
+setup: $(VENV)/.runtime
+
+setup-dev: $(VENV)/.dev $(AZURITE)
+
+## Set up, then run the pipeline on the bundled samples with the embedded defaults (SQLite, ./out).
+run: setup
+	$(PY) -m pipeline run --out $(OUT)
+
+validate: setup
+	$(PY) -m pipeline validate
+
+## Set up, then run the whole test suite.
+test: setup-dev
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(OUT) .pytest_cache

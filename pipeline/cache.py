@@ -1,0 +1,98 @@
+"""A TTL cache with single-flight loading: many alerts of one user cause one lookup.
+
+Guarantees:
+- concurrent `get_or_load` calls for the same key share one call of the loader;
+- the load runs as its own task, so a caller that times out or is cancelled does not cancel it
+  for the others, and its result is still cached;
+- failures are not cached: the next call loads again;
+- at most `max_entries` values are kept, least recently used dropped first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
+
+V = TypeVar("V")
+
+
+@dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """How long an enricher's lookups may be reused, and how many are kept."""
+
+    ttl_seconds: float = 300.0
+    max_entries: int = 10_000
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    failures: int = 0
+
+
+class TTLCache(Generic[V]):
+    def __init__(self, policy: CachePolicy, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.policy = policy
+        self._clock = clock
+        self._values: OrderedDict[Hashable, tuple[float, V]] = OrderedDict()
+        self._inflight: dict[Hashable, asyncio.Task[V]] = {}
+        self.stats = CacheStats()
+
+    def get(self, key: Hashable) -> V | None:
+        """The cached value, or None when absent or expired."""
+        entry = self._values.get(key)
+        if entry is None:
+            return None
+        expires, value = entry
+        if expires <= self._clock():
+            del self._values[key]
+            return None
+        self._values.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: V) -> None:
+        self._values[key] = (self._clock() + self.policy.ttl_seconds, value)
+        self._values.move_to_end(key)
+        while len(self._values) > self.policy.max_entries:
+            self._values.popitem(last=False)
+
+    async def get_or_load(self, key: Hashable, loader: Callable[[], Awaitable[V]]) -> V:
+        entry = self._values.get(key)
+        if entry is not None and entry[0] > self._clock():
+            self.stats.hits += 1
+            self._values.move_to_end(key)
+            return entry[1]
+        self.stats.misses += 1
+        task = self._inflight.get(key)
+        if task is None:
+            self.stats.loads += 1
+            task = asyncio.ensure_future(self._load(key, loader))
+            self._inflight[key] = task
+            task.add_done_callback(_retrieve_exception)
+        return await asyncio.shield(task)
+
+    async def _load(self, key: Hashable, loader: Callable[[], Awaitable[V]]) -> V:
+        try:
+            value = await loader()
+        except BaseException:
+            self.stats.failures += 1
+            raise
+        else:
+            self.put(key, value)
+            return value
+        finally:
+            self._inflight.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+
+def _retrieve_exception(task: asyncio.Task[Any]) -> None:
+    # Mark a failed load's exception as retrieved even when every waiter was cancelled.
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,201 @@
+"""The one configuration file (TOML), validated at start-up.
+
+- `${NAME}` and `${NAME:-default}` in string values are replaced from the environment.
+- Every table rejects unknown keys. An error names the file and the key, for example
+  `pipeline.toml, key 'enrichers[1].timeout_seconds': Input should be greater than 0`.
+- Relative paths of inputs (HR files, lookup tables) are relative to the config file's folder;
+  relative paths of outputs (state, lake, dead letters) are relative to `data_dir` (`--out`).
+- Plugin `settings` tables are validated by each plugin's own Settings model when the pipeline is
+  built (pipeline/registry.py), still before any event is read.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+from pipeline.models import SEVERITY_RANK, AlertKind, EnrichedRecord, Severity, SourceFormat
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "samples" / "pipeline.toml"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunnerSettings(StrictModel):
+    max_concurrent_alerts: int = Field(64, ge=1, description="alerts of one batch enriched at the same time")
+    batch_size: int = Field(100, ge=1, description="messages per batch in the CLI")
+
+
+class AssemblySettings(StrictModel):
+    settle_seconds: float = Field(30.0, ge=0, description="emit a split alert once no part arrived for this long")
+    max_hold_seconds: float = Field(600.0, ge=0, description="emit a split alert at the latest this long after its first part")
+    lease_seconds: float = Field(300.0, gt=0, description="how long a claimed alert is reserved for one consumer")
+    retention_hours: float = Field(72.0, gt=0, description="how long emitted parts are kept to recognise redeliveries")
+
+
+class StateSettings(StrictModel):
+    kind: Literal["sqlite"] = "sqlite"
+    path: str = "state.sqlite"
+
+
+class DeadLetterSettings(StrictModel):
+    kind: Literal["local"] = "local"
+    path: str = "dead-letter"
+
+
+class DeliverySettings(StrictModel):
+    max_attempts: int = Field(4, ge=1, description="calls per record and sink before it is dead-lettered")
+    backoff_initial_seconds: float = Field(0.5, ge=0)
+    backoff_max_seconds: float = Field(10.0, ge=0)
+    budget_seconds: float = Field(60.0, ge=0, description="time a batch may spend retrying one sink")
+
+
+class When(StrictModel):
+    """A sink's filter over the enriched record: every condition given must hold."""
+
+    severity_at_least: Severity | None = None
+    triage_score_at_least: float | None = None
+    policy_in: list[str] | None = None
+    workload_in: list[str] | None = None
+    source_format_in: list[SourceFormat] | None = None
+    kind_in: list[AlertKind] | None = None
+
+    def matches(self, record: EnrichedRecord) -> bool:
+        alert = record.alert
+        if self.severity_at_least and SEVERITY_RANK[alert.severity] < SEVERITY_RANK[self.severity_at_least]:
+            return False
+        if self.policy_in is not None and alert.policy_name not in self.policy_in:
+            return False
+        if self.workload_in is not None and alert.workload not in self.workload_in:
+            return False
+        if self.source_format_in is not None and alert.source_format not in self.source_format_in:
+            return False
+        if self.kind_in is not None and alert.kind not in self.kind_in:
+            return False
+        if self.triage_score_at_least is not None:
+            score = (record.enrichments.get("triage") or {}).get("score")
+            if not isinstance(score, (int, float)) or score < self.triage_score_at_least:
+                return False
+        return True
+
+
+class EnricherConfig(StrictModel):
+    name: str = Field(min_length=1, description="name in the record's enrichments; also the plugin to load unless `use` is given")
+    use: str | None = Field(None, description="plugin: a built-in or entry-point name, or module:Class")
+    enabled: bool = True
+    timeout_seconds: float | None = Field(None, gt=0)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class SinkConfig(StrictModel):
+    name: str = Field(min_length=1)
+    kind: str = Field(min_length=1, description="a built-in sink kind, an entry-point name, or module:Class")
+    enabled: bool = True
+    when: When = Field(default_factory=When)
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineConfig(StrictModel):
+    data_dir: str = "out"
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    enrichers: list[EnricherConfig] = Field(default_factory=list)
+    sinks: list[SinkConfig] = Field(default_factory=list)
+
+
+class LoadedConfig:
+    """A validated config plus where it came from, for resolving paths and naming errors."""
+
+    def __init__(self, config: PipelineConfig, *, file: Path | None, data_dir: Path) -> None:
+        self.config = config
+        self.file = file
+        self.config_dir = file.parent if file else Path.cwd()
+        self.data_dir = data_dir
+
+    @property
+    def display_name(self) -> str:
+        return str(self.file) if self.file else "(built-in defaults)"
+
+    def input_path(self, value: str | Path) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.config_dir / path
+
+    def data_path(self, value: str | Path) -> Path:
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.data_dir / path
+
+    def error(self, message: str, key: str | None = None) -> ConfigError:
+        return ConfigError(message, file=self.display_name, key=key)
+
+
+def key_path(location: tuple[Any, ...] | list[Any]) -> str:
+    """`('enrichers', 1, 'settings', 'x')` → `enrichers[1].settings.x`."""
+    out = ""
+    for part in location:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def config_error_from_validation(exc: ValidationError, *, file: str, prefix: tuple[Any, ...] = ()) -> ConfigError:
+    """The first problem of a pydantic ValidationError as a ConfigError (never echoing values)."""
+    error = exc.errors(include_url=False, include_input=False, include_context=False)[0]
+    extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+    return ConfigError(message + extra, file=file, key=key_path((*prefix, *error["loc"])) or None)
+
+
+def substitute_env(value: Any, *, file: str, location: tuple[Any, ...] = (), environ: dict[str, str] | None = None) -> Any:
+    """Replace `${NAME}` / `${NAME:-default}` in every string of a parsed TOML document."""
+    env = os.environ if environ is None else environ
+    if isinstance(value, dict):
+        return {k: substitute_env(v, file=file, location=(*location, k), environ=environ) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute_env(v, file=file, location=(*location, i), environ=environ) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def replace(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"environment variable {name} is not set", file=file, key=key_path(location))
+
+    return _ENV_REF.sub(replace, value)
+
+
+def load_config(path: str | Path | None = None, *, data_dir: str | Path | None = None) -> LoadedConfig:
+    """Read, substitute and validate a config file; None loads the bundled default config.
+
+    `data_dir` (the CLI's `--out`) overrides the file's `data_dir`.
+    """
+    file = Path(path) if path is not None else DEFAULT_CONFIG
+    name = str(file)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file ({exc.strerror or exc})", file=name) from None
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not valid TOML: {exc}", file=name) from None
+    document = substitute_env(document, file=name)
+    try:
+        config = PipelineConfig.model_validate(document)
+    except ValidationError as exc:
+        raise config_error_from_validation(exc, file=name) from None
+    resolved_data_dir = Path(data_dir) if data_dir is not None else Path(config.data_dir)
+    return LoadedConfig(config, file=file.resolve(), data_dir=resolved_data_dir.resolve())

@@ -1,0 +1,113 @@
+"""The enricher contract.
+
+An enricher adds one typed fragment to an alert's record. The runner, not the enricher, enforces
+the timeout, records the outcome (ok / skipped / failed / timed_out, with duration) and makes sure
+that one enricher's failure never drops the alert.
+
+Write one by subclassing `BaseEnricher` (or by matching the `Enricher` protocol):
+
+    class GeoIp(BaseEnricher):
+        name = "geoip"
+        depends_on = ("user_context",)      # must be configured; runs in a later wave
+        timeout = 2.0                       # seconds; the config's timeout_seconds overrides it
+        cache_policy = CachePolicy(ttl_seconds=600)
+
+        class Settings(BaseEnricher.Settings):   # rejects unknown keys
+            database: str
+
+        class Fragment(BaseModel):
+            country: str | None
+
+        async def enrich(self, alert, ctx):
+            if alert.user is None:
+                return None                       # "skipped": nothing to add
+            return self.Fragment(country=await ctx.cached(alert.user.upn, lambda: self.lookup(...)))
+
+Register it with the entry point group `dlp_pipeline.enrichers`, or name it as `module:Class`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Hashable, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.cache import CachePolicy, TTLCache
+from pipeline.models import DlpAlert, EnrichmentStatus
+
+if TYPE_CHECKING:
+    from pipeline.registry import Services
+
+V = TypeVar("V")
+
+
+@runtime_checkable
+class Enricher(Protocol):
+    name: str
+    depends_on: tuple[str, ...]
+    runs_after: tuple[str, ...]
+    timeout: float
+    cache_policy: CachePolicy | None
+
+    async def enrich(self, alert: DlpAlert, ctx: "EnrichmentContext") -> BaseModel | None: ...
+
+
+class BaseEnricher:
+    """Convenience base: typed settings, services, and no-op start/close hooks."""
+
+    name: ClassVar[str] = ""
+    depends_on: ClassVar[tuple[str, ...]] = ()
+    runs_after: ClassVar[tuple[str, ...]] = ()  # ordering only: honoured when those are configured
+    timeout: float = 5.0
+    cache_policy: ClassVar[CachePolicy | None] = None
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, settings: BaseModel | None = None, services: "Services | None" = None) -> None:
+        self.settings = settings if settings is not None else self.Settings()
+        self.services = services
+
+    async def start(self) -> None:
+        """Called once before the first alert (open clients, load files)."""
+
+    async def aclose(self) -> None:
+        """Called once at shutdown."""
+
+    async def enrich(self, alert: DlpAlert, ctx: "EnrichmentContext") -> BaseModel | None:
+        raise NotImplementedError
+
+
+class EnrichmentContext:
+    """What an enricher sees besides the alert: upstream fragments, its cache and the clock."""
+
+    __slots__ = ("alert", "fragments", "statuses", "cache", "_clock")
+
+    def __init__(
+        self,
+        alert: DlpAlert,
+        *,
+        fragments: dict[str, BaseModel],
+        statuses: dict[str, EnrichmentStatus],
+        cache: TTLCache[Any] | None = None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.alert = alert
+        self.fragments = fragments
+        self.statuses = statuses
+        self.cache = cache
+        self._clock = clock
+
+    def fragment(self, name: str) -> BaseModel | None:
+        """The fragment an earlier enricher produced for this alert, or None."""
+        return self.fragments.get(name)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), tz=timezone.utc)
+
+    async def cached(self, key: Hashable, loader: Callable[[], Awaitable[V]]) -> V:
+        """Load through this enricher's TTL cache (single-flight); without a cache policy, just load."""
+        if self.cache is None:
+            return await loader()
+        return await self.cache.get_or_load(key, loader)

@@ -1,0 +1,215 @@
+"""Helpers shared by the decoders: value normalisation and removal of matched sensitive content."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import unquote
+
+import orjson
+
+# Keys that hold matched values or the text around a match, in any of the input formats.
+# Compared case-insensitively; the whole value under such a key is dropped.
+MATCHED_CONTENT_KEYS = frozenset(
+    {
+        "sensitiveinformationdetections",  # Management Activity: {DetectedValues, ResultsTruncated}
+        "sensitiveinformationdetectionsinfo",  # Endpoint DLP: {DetectedValues}
+        "detectedvalues",  # anywhere: [{Name: match, Value: context}]
+        "matchedvalues",
+        "evidencetext",
+    }
+)
+
+DLP_SERVICE = "data loss prevention"
+
+_SEVERITIES = {
+    "informational": "informational",
+    "information": "informational",
+    "info": "informational",
+    "low": "low",
+    "medium": "medium",
+    "moderate": "medium",
+    "high": "high",
+    "critical": "high",
+}
+
+_RULE_IN_TITLE = re.compile(r"DLP policy \(([^)]+)\)")
+_WORKLOADS = (
+    ("sharepoint", "SharePoint"),
+    ("onedrive", "OneDrive"),
+    ("exchange", "Exchange"),
+    ("outlook", "Exchange"),
+    ("teams", "Teams"),
+    ("endpoint", "Endpoint"),
+    ("device", "Endpoint"),
+    ("power bi", "PowerBI"),
+    ("powerbi", "PowerBI"),
+)
+
+
+def scrub(value: Any) -> Any:
+    """Return `value` with every matched-content key removed, at any depth. Does not mutate."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items() if not (isinstance(k, str) and k.lower() in MATCHED_CONTENT_KEYS)}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    return value
+
+
+def is_dlp_service(*values: Any) -> bool:
+    """True when any value names the DLP service ("Microsoft Data Loss Prevention" and variants)."""
+    return any(isinstance(v, str) and DLP_SERVICE in v.lower() for v in values)
+
+
+def severity(value: Any) -> str:
+    if isinstance(value, str):
+        return _SEVERITIES.get(value.strip().lower(), "unknown")
+    return "unknown"
+
+
+def text(value: Any) -> str | None:
+    """A non-empty stripped string, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = str(value)
+    value = value.strip()
+    return value or None
+
+
+def integer(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
+def json_value(value: Any) -> Any:
+    """Parse a JSON-in-a-string column (AdditionalFields, Entities, …); pass dicts and lists through."""
+    if isinstance(value, (dict, list)):
+        return value
+    if isinstance(value, (str, bytes)) and value:
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None
+    return None
+
+
+def json_object(value: Any) -> dict[str, Any]:
+    parsed = json_value(value)
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def json_list(value: Any) -> list[Any]:
+    parsed = json_value(value)
+    return parsed if isinstance(parsed, list) else []
+
+
+def utc_timestamp(value: Any) -> str | None:
+    """An ISO-8601 string with a zone; the Management Activity API omits the `Z` of UTC times."""
+    value = text(value)
+    if value is None:
+        return None
+    tail = value[10:]
+    if "T" in tail and "Z" not in tail and "+" not in tail and "-" not in tail:
+        value += "Z"
+    return value
+
+
+def rule_from_title(title: str | None) -> str | None:
+    if not title:
+        return None
+    match = _RULE_IN_TITLE.search(title)
+    return match.group(1).strip() if match else None
+
+
+def workload_from_text(*values: Any) -> str | None:
+    """Best-effort workload name (SharePoint, OneDrive, Exchange, Teams, Endpoint) from free text."""
+    for value in values:
+        if not isinstance(value, str):
+            continue
+        lowered = value.lower()
+        for needle, name in _WORKLOADS:
+            if needle in lowered:
+                return name
+    return None
+
+
+def url_decoded(value: Any) -> str | None:
+    value = text(value)
+    return unquote(value) if value and "%" in value else value
+
+
+def upn(value: Any) -> str | None:
+    """A user principal name (something@domain), or None."""
+    value = text(value)
+    return value if value and "@" in value else None
+
+
+_GUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def guid(value: Any) -> str | None:
+    value = text(value)
+    return value if value and _GUID.match(value) else None
+
+
+def add_sensitive_info(target: list[dict[str, Any]], name: Any, type_id: Any, count: Any, confidence: Any) -> None:
+    """Append one sensitive-type entry, merging with an entry of the same type (max of count/confidence)."""
+    entry = {"name": text(name), "type_id": text(type_id), "count": integer(count), "confidence": integer(confidence)}
+    if entry["name"] is None and entry["type_id"] is None:
+        return
+    for existing in target:
+        same = (entry["type_id"] and existing["type_id"] == entry["type_id"]) or (
+            not entry["type_id"] and existing["name"] == entry["name"]
+        )
+        if same:
+            for key in ("count", "confidence"):
+                if entry[key] is not None and (existing[key] is None or entry[key] > existing[key]):
+                    existing[key] = entry[key]
+            existing["name"] = existing["name"] or entry["name"]
+            return
+    target.append(entry)
+
+
+_NAME_WITH_COUNT = re.compile(r"^(.*?)\s*\((\d+)\)$")
+
+
+def sensitive_types_from_text(value: Any) -> list[dict[str, Any]]:
+    """Parse "Credit Card Number (12); U.S. Social Security Number (SSN) (3)" or a list of names."""
+    items: list[Any]
+    if isinstance(value, list):
+        items = value
+    elif isinstance(value, str):
+        items = [part for part in re.split(r"[;\n]", value)]
+    else:
+        return []
+    found: list[dict[str, Any]] = []
+    for item in items:
+        if isinstance(item, dict):
+            add_sensitive_info(
+                found,
+                item.get("Name") or item.get("name"),
+                item.get("Id") or item.get("id") or item.get("TypeId"),
+                item.get("Count") or item.get("count"),
+                item.get("Confidence") or item.get("confidence"),
+            )
+            continue
+        name = text(item)
+        if not name:
+            continue
+        match = _NAME_WITH_COUNT.match(name)
+        if match:
+            add_sensitive_info(found, match.group(1), None, match.group(2), None)
+        else:
+            add_sensitive_info(found, name, None, None, None)
+    return found

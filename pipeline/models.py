@@ -1,0 +1,120 @@
+"""The canonical DLP alert and the enriched record the sinks receive.
+
+Every input format decodes to `DlpAlert`. It never holds matched sensitive values or the text
+around them: the decoders drop those before a model is built, and the model has no field for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SourceFormat = Literal["defender_streaming", "graph_alert", "management_activity", "sentinel_alert"]
+Severity = Literal["informational", "low", "medium", "high", "unknown"]
+AlertKind = Literal["alert", "activity"]
+EnrichmentState = Literal["ok", "skipped", "failed", "timed_out"]
+
+SEVERITY_RANK: dict[str, int] = {"unknown": 0, "informational": 1, "low": 2, "medium": 3, "high": 4}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UserRef(_Model):
+    """The user the alert is about. `upn` is lowercased."""
+
+    upn: str | None = None
+    object_id: str | None = None
+    display_name: str | None = None
+
+    @field_validator("upn")
+    @classmethod
+    def _lower(cls, value: str | None) -> str | None:
+        return value.strip().lower() if value else None
+
+
+class FileRef(_Model):
+    name: str | None = None
+    path: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+    sensitivity_label_id: str | None = None
+
+
+class DeviceRef(_Model):
+    name: str | None = None
+    device_id: str | None = None
+    platform: str | None = None
+
+
+class SensitiveInfo(_Model):
+    """One sensitive information type found: what and how much, never the matched values."""
+
+    name: str | None = None
+    type_id: str | None = None
+    count: int | None = None
+    confidence: int | None = None
+
+
+class DlpAlert(_Model):
+    """One Purview DLP alert (kind "alert") or DLP rule-match activity (kind "activity")."""
+
+    alert_id: str = Field(min_length=1)
+    tenant_id: str | None = None
+    source_format: SourceFormat
+    kind: AlertKind = "alert"
+    title: str | None = None
+    severity: Severity = "unknown"
+    status: str | None = None
+    category: str | None = None
+    created_at: datetime | None = None
+    first_activity_at: datetime | None = None
+    last_activity_at: datetime | None = None
+    policy_name: str | None = None
+    rule_name: str | None = None
+    workload: str | None = None
+    user: UserRef | None = None
+    files: list[FileRef] = Field(default_factory=list)
+    device: DeviceRef | None = None
+    sensitive_info: list[SensitiveInfo] = Field(default_factory=list)
+    shared_externally: bool | None = None
+    incident_id: str | None = None
+    alert_url: str | None = None
+    incident_url: str | None = None
+
+    def content_id(self) -> str:
+        """A stable id of this alert's content: the same content always gives the same id."""
+        canonical = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(canonical).hexdigest()[:32]
+
+
+class EnrichmentStatus(_Model):
+    state: EnrichmentState
+    error: str | None = None
+    duration_ms: float = 0.0
+
+
+class EnrichedRecord(_Model):
+    """What every sink receives: one line of the lake.
+
+    `record_id` depends only on the alert's content, so a re-run or a redelivery of the same alert
+    gives the same id; sinks use it as their idempotency key.
+    """
+
+    record_id: str
+    alert: DlpAlert
+    enrichments: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    enrichment_status: dict[str, EnrichmentStatus] = Field(default_factory=dict)
+    pipeline_version: str
+    processed_at: datetime
+
+    def to_json(self) -> bytes:
+        return self.__pydantic_serializer__.to_json(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,372 @@
+"""The runner: one batch of message bodies in, enriched records delivered or dead-lettered out.
+
+It serves every entry point (Functions trigger, CLI, replay, benchmarks). For one batch it
+guarantees, in this order:
+1. every message is decoded on its own; a bad body or record is dead-lettered with its reason and
+   position, and the rest of the batch goes on; non-DLP records are counted as skipped;
+2. parts of split alerts are stored in the state store before anything else, and alerts whose
+   parts have settled are claimed (see pipeline/assemble.py);
+3. every alert runs through the enricher chain: dependency-ordered waves, each enricher under its
+   own timeout, a failure recorded in `enrichment_status` and never dropping the alert; at most
+   `max_concurrent_alerts` alerts are in flight;
+4. every record is offered to every sink whose `when` matches; transient failures are retried
+   with jittered exponential backoff honouring Retry-After, within the delivery budget; what is
+   rejected or still failing is dead-lettered with the sink and the reason;
+5. only then are the claimed alerts marked emitted in the state store.
+If the state or dead-letter store fails, `process_batch` raises StoreUnavailable: nothing can be
+accounted for, so the caller must retry the batch (the Functions host does, before checkpointing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from time import perf_counter
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel, ValidationError
+
+from pipeline import __version__
+from pipeline.assemble import assemble, merge_parts
+from pipeline.config import LoadedConfig, SinkConfig
+from pipeline.deadletter import DeadLetter, DeadLetterStore, LocalDeadLetterStore
+from pipeline.enricher import EnrichmentContext
+from pipeline.errors import DecodeError, EnricherTimeout, PipelineError, SinkUnavailable, translate
+from pipeline.formats import decode_message, scrubbed_body, validation_summary
+from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
+from pipeline.registry import EnricherChain, EnricherSlot, Services, build_enricher_chain, build_sinks
+from pipeline.sinks import Outcome
+from pipeline.state import StateStore, open_state_store
+
+log = logging.getLogger("pipeline")
+
+_PURGE_EVERY_SECONDS = 600.0
+
+
+@dataclass(slots=True)
+class Message:
+    """One Event Hub message body and where it came from (file:line, partition/sequence, …)."""
+
+    body: bytes
+    source: str = ""
+    enqueued_time: datetime | None = None
+
+
+@dataclass
+class BatchReport:
+    """Counters of one batch or, merged, of a whole run."""
+
+    messages: int = 0
+    records: int = 0
+    skipped: int = 0
+    alerts: int = 0
+    duplicate_parts: int = 0
+    pending: int = 0
+    unrouted: int = 0
+    delivered: Counter[str] = field(default_factory=Counter)
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    enrichment: Counter[tuple[str, str]] = field(default_factory=Counter)
+    record_ids: list[str] = field(default_factory=list)
+
+    def merge(self, other: "BatchReport") -> None:
+        for name in ("messages", "records", "skipped", "alerts", "duplicate_parts", "unrouted"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.pending = other.pending
+        self.delivered.update(other.delivered)
+        self.dead_lettered.update(other.dead_lettered)
+        self.enrichment.update(other.enrichment)
+        self.record_ids.extend(other.record_ids)
+
+    @property
+    def enrichment_failures(self) -> Counter[str]:
+        failures: Counter[str] = Counter()
+        for (name, state), count in self.enrichment.items():
+            if state in ("failed", "timed_out"):
+                failures[name] += count
+        return failures
+
+    def summary_lines(self) -> list[str]:
+        def counts(counter: Counter[Any]) -> str:
+            return ", ".join(f"{k}={v}" for k, v in sorted(counter.items())) or "none"
+
+        states: dict[str, Counter[str]] = {}
+        for (name, state), count in self.enrichment.items():
+            states.setdefault(name, Counter())[state] += count
+        lines = [
+            f"messages:            {self.messages}",
+            f"records read:        {self.records}",
+            f"skipped (not DLP):   {self.skipped}",
+            f"alerts enriched:     {self.alerts}",
+            f"pending assembly:    {self.pending}" + (f" (duplicate parts ignored: {self.duplicate_parts})" if self.duplicate_parts else ""),
+            f"delivered:           {counts(self.delivered)}",
+            f"dead-lettered:       {sum(self.dead_lettered.values())} ({counts(self.dead_lettered)})",
+            f"enrichment failures: {sum(self.enrichment_failures.values())} ({counts(self.enrichment_failures)})",
+        ]
+        if self.unrouted:
+            lines.append(f"matched no sink:     {self.unrouted}")
+        for name in sorted(states):
+            lines.append(f"  {name}: {counts(states[name])}")
+        return lines
+
+
+class Runner:
+    """Build once (plugins validated, stores opened), then `process_batch` as often as needed."""
+
+    def __init__(
+        self,
+        config: LoadedConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        state: StateStore | None = None,
+        dead_letter: DeadLetterStore | None = None,
+    ) -> None:
+        self.loaded = config
+        self.config = config.config
+        self.clock = clock
+        self.state: StateStore = state or open_state_store(_resolved_state(config))
+        self.dead_letter: DeadLetterStore = dead_letter or LocalDeadLetterStore(config.data_path(self.config.dead_letter.path))
+        self.services = Services(state=self.state, config=config, clock=clock)
+        self.chain: EnricherChain = build_enricher_chain(self.config.enrichers, self.services)
+        self.sinks: list[tuple[SinkConfig, Any]] = build_sinks(self.config.sinks, self.services)
+        self._semaphore = asyncio.Semaphore(self.config.runner.max_concurrent_alerts)
+        self._last_purge = 0.0
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        for slot in self.chain.slots:
+            starter = getattr(slot.plugin, "start", None)
+            if starter is not None:
+                await starter()
+        self._started = True
+
+    async def aclose(self) -> None:
+        for closer in [getattr(s.plugin, "aclose", None) for s in self.chain.slots] + [getattr(sink, "aclose", None) for _, sink in self.sinks]:
+            if closer is not None:
+                try:
+                    await closer()
+                except Exception as exc:  # closing must not hide the run's own result
+                    log.warning("error while closing a plugin: %s", type(exc).__name__)
+        await self.dead_letter.aclose()
+        await self.state.aclose()
+
+    async def __aenter__(self) -> "Runner":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- one batch -----------------------------------------------------------------------------
+
+    async def process_batch(self, messages: Sequence[Message], *, flush: bool = False) -> BatchReport:
+        """Decode, assemble, enrich and deliver one batch. `flush` emits every pending alert now."""
+        await self.start()
+        report = BatchReport(messages=len(messages))
+        now = self.clock()
+        dead: list[DeadLetter] = []
+        alerts: list[DlpAlert] = []
+        parts = []
+        for index, message in enumerate(messages):
+            try:
+                decoded = decode_message(message.body)
+            except DecodeError as err:
+                log.warning("message %s (%s) dead-lettered: %s", index, message.source, err)
+                body = message.body if err.reason == "invalid_json" else scrubbed_body(message.body)
+                dead.append(DeadLetter(stage="decode", reason=err.reason, detail=err.detail, body=body, source=message.source, message_index=index))
+                continue
+            report.records += decoded.records
+            report.skipped += decoded.skipped
+            alerts.extend(decoded.alerts)
+            parts.extend(decoded.parts)
+            for rejected in decoded.rejected:
+                log.warning("record %s of message %s (%s) dead-lettered: %s", rejected.index, index, message.source, rejected.reason)
+                dead.append(
+                    DeadLetter(stage="decode", reason=rejected.reason, detail=rejected.detail, body=rejected.record, source=message.source, message_index=index, record_index=rejected.index)
+                )
+        # Bad input is made durable first: from here on, a crash loses nothing that was read.
+        await self._dead_letter(dead, report)
+        added = await self.state.add_parts(parts, now=now)
+        report.duplicate_parts += added.duplicate
+        emitted = await self._claim_assembled(alerts, now=now, force=flush, report=report)
+        records = await self._enrich_all(alerts, report)
+        await self._deliver(records, report)
+        await self.state.mark_emitted(emitted, now=self.clock())
+        report.pending = await self.state.pending_count()
+        await self._maybe_purge(now)
+        return report
+
+    async def flush(self) -> BatchReport:
+        """Emit every pending split alert now (end of a CLI run, or the Functions timer)."""
+        return await self.process_batch([], flush=True)
+
+    async def _claim_assembled(self, alerts: list[DlpAlert], *, now: float, force: bool, report: BatchReport) -> list[str]:
+        settings = self.config.assembly
+        claimed = await self.state.claim_due(
+            now=now, settle_seconds=settings.settle_seconds, max_hold_seconds=settings.max_hold_seconds, lease_seconds=settings.lease_seconds, force=force
+        )
+        broken: list[DeadLetter] = []
+        for pending in claimed:
+            try:
+                alerts.append(assemble(pending.parts))
+            except ValidationError as exc:
+                body = _json_bytes(merge_parts(pending.parts))
+                broken.append(DeadLetter(stage="assemble", reason="invalid_alert", detail=validation_summary(exc), body=body, alert_id=pending.alert_id))
+        await self._dead_letter(broken, report)
+        return [pending.alert_id for pending in claimed]
+
+    # -- enrichment ----------------------------------------------------------------------------
+
+    async def _enrich_all(self, alerts: list[DlpAlert], report: BatchReport) -> list[EnrichedRecord]:
+        if not alerts:
+            return []
+        processed_at = datetime.fromtimestamp(self.clock(), tz=timezone.utc)
+        records = await asyncio.gather(*(self._enrich_bounded(alert, processed_at) for alert in alerts))
+        unique: dict[str, EnrichedRecord] = {}
+        for record in records:
+            unique.setdefault(record.record_id, record)
+            for name, status in record.enrichment_status.items():
+                report.enrichment[(name, status.state)] += 1
+        report.alerts += len(unique)
+        report.record_ids.extend(unique)
+        return list(unique.values())
+
+    async def _enrich_bounded(self, alert: DlpAlert, processed_at: datetime) -> EnrichedRecord:
+        async with self._semaphore:
+            return await self.enrich(alert, processed_at=processed_at)
+
+    async def enrich(self, alert: DlpAlert, *, processed_at: datetime | None = None) -> EnrichedRecord:
+        """Run the whole chain on one alert. Never raises for an enricher's failure."""
+        fragments: dict[str, BaseModel] = {}
+        statuses: dict[str, EnrichmentStatus] = {}
+        for wave in self.chain.waves:
+            if len(wave) == 1:
+                await self._run_enricher(wave[0], alert, fragments, statuses)
+            else:
+                await asyncio.gather(*(self._run_enricher(slot, alert, fragments, statuses) for slot in wave))
+        return EnrichedRecord.model_construct(
+            record_id=alert.content_id(),
+            alert=alert,
+            enrichments={name: fragment.model_dump(mode="json") for name, fragment in fragments.items()},
+            enrichment_status=statuses,
+            pipeline_version=__version__,
+            processed_at=processed_at or datetime.fromtimestamp(self.clock(), tz=timezone.utc),
+        )
+
+    async def _run_enricher(self, slot: EnricherSlot, alert: DlpAlert, fragments: dict[str, BaseModel], statuses: dict[str, EnrichmentStatus]) -> None:
+        ctx = EnrichmentContext(alert, fragments=fragments, statuses=statuses, cache=slot.cache, clock=self.clock)
+        error: str | None = None
+        started = perf_counter()
+        try:
+            async with asyncio.timeout(slot.timeout):
+                fragment = await slot.plugin.enrich(alert, ctx)
+        except TimeoutError:
+            state, error = "timed_out", f"no result within {slot.timeout:g}s"
+        except Exception as exc:
+            translated = translate(exc, role="enricher")
+            state = "timed_out" if isinstance(translated, EnricherTimeout) else "failed"
+            error = str(translated) if isinstance(exc, PipelineError) else type(exc).__name__
+            log.debug("enricher %s failed for alert %s", slot.name, alert.alert_id, exc_info=exc)
+        else:
+            if fragment is None:
+                state = "skipped"
+            elif isinstance(fragment, BaseModel):
+                state = "ok"
+                fragments[slot.name] = fragment
+            else:
+                state, error = "failed", f"returned {type(fragment).__name__}, expected a pydantic model or None"
+        if error is not None:
+            log.warning("enricher %s %s for alert %s: %s", slot.name, state, alert.alert_id, error)
+        statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=round((perf_counter() - started) * 1000, 3))
+
+    # -- delivery ------------------------------------------------------------------------------
+
+    async def _deliver(self, records: list[EnrichedRecord], report: BatchReport) -> None:
+        if not records:
+            return
+        routed: set[str] = set()
+        jobs = []
+        for entry, sink in self.sinks:
+            selected = [record for record in records if entry.when.matches(record)]
+            routed.update(record.record_id for record in selected)
+            if selected:
+                jobs.append(self._deliver_to(entry.name, sink, selected, report))
+        report.unrouted += sum(1 for record in records if record.record_id not in routed)
+        failures = await asyncio.gather(*jobs)
+        await self._dead_letter([entry for batch in failures for entry in batch], report)
+
+    async def _deliver_to(self, name: str, sink: Any, records: list[EnrichedRecord], report: BatchReport) -> list[DeadLetter]:
+        settings = self.config.delivery
+        deadline = time.monotonic() + settings.budget_seconds
+        delay = settings.backoff_initial_seconds
+        pending, attempt, dead = records, 0, []
+        while pending:
+            attempt += 1
+            outcomes = await self._publish(name, sink, pending)
+            retry: list[tuple[EnrichedRecord, Outcome]] = []
+            for record, outcome in zip(pending, outcomes):
+                if outcome.status == "delivered":
+                    report.delivered[name] += 1
+                elif outcome.status == "rejected":
+                    dead.append(_delivery_dead_letter(record, name, "sink_rejected", outcome.reason or "rejected", attempt))
+                else:
+                    retry.append((record, outcome))
+            if not retry:
+                break
+            wait = max([delay * (0.5 + random.random() / 2)] + [o.retry_after or 0.0 for _, o in retry])
+            if attempt >= settings.max_attempts or time.monotonic() + wait > deadline:
+                for record, outcome in retry:
+                    dead.append(_delivery_dead_letter(record, name, "retries_exhausted", f"{attempt} attempts; last: {outcome.reason}", attempt))
+                break
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, settings.backoff_max_seconds)
+            pending = [record for record, _ in retry]
+        if dead:
+            log.warning("sink %s: %d record(s) dead-lettered (%s)", name, len(dead), dead[0].reason)
+        return dead
+
+    async def _publish(self, name: str, sink: Any, records: list[EnrichedRecord]) -> list[Outcome]:
+        try:
+            outcomes = list(await sink.publish(records))
+        except Exception as exc:
+            error = translate(exc, role="sink")
+            log.debug("sink %s raised", name, exc_info=exc)
+            if isinstance(error, SinkUnavailable):
+                return [Outcome.retryable(str(error), error.retry_after)] * len(records)
+            return [Outcome.rejected(str(error))] * len(records)
+        if len(outcomes) != len(records):
+            reason = f"sink returned {len(outcomes)} outcomes for {len(records)} records"
+            return [Outcome.retryable(reason)] * len(records)
+        return outcomes
+
+    async def _dead_letter(self, entries: list[DeadLetter], report: BatchReport) -> None:
+        if entries:
+            await self.dead_letter.put(entries)
+            report.dead_lettered.update(entry.stage for entry in entries)
+
+    async def _maybe_purge(self, now: float) -> None:
+        if now - self._last_purge < _PURGE_EVERY_SECONDS:
+            return
+        self._last_purge = now
+        await self.state.purge(emitted_before=now - self.config.assembly.retention_hours * 3600)
+
+
+def _delivery_dead_letter(record: EnrichedRecord, sink: str, reason: str, detail: str, attempts: int) -> DeadLetter:
+    return DeadLetter(stage="deliver", reason=reason, detail=detail, body=record.to_json(), sink=sink, alert_id=record.alert.alert_id, record_id=record.record_id, attempts=attempts)
+
+
+def _json_bytes(value: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(value)
+
+
+def _resolved_state(config: LoadedConfig):
+    settings = config.config.state
+    return settings.model_copy(update={"path": str(config.data_path(settings.path))})

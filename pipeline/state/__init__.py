@@ -1,0 +1,62 @@
+"""State stores: where parts of split alerts wait to be joined (and, for the enrichers, history).
+
+The protocol is what the runner needs; `open_state_store` builds the configured implementation.
+An implementation must be safe to call again after a crash: every write is idempotent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:
+    from pipeline.config import StateSettings
+    from pipeline.formats import AlertPart
+
+
+@dataclass(slots=True)
+class PartsAdded:
+    new: int = 0
+    duplicate: int = 0
+
+
+@dataclass(slots=True)
+class PendingAlert:
+    alert_id: str
+    parts: list["AlertPart"]
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Durable home of pending alert parts.
+
+    - `add_parts` stores each part once (keyed by alert id and part digest); a part seen before is
+      counted as duplicate and changes nothing. A new part of an alert already emitted makes that
+      alert pending again, so late evidence produces a revised record.
+    - `claim_due` returns the pending alerts whose parts have settled (no new part for
+      `settle_seconds`, or first part older than `max_hold_seconds`, or every one with `force`), and
+      leases them for `lease_seconds` so that a second consumer does not take them too.
+    - `mark_emitted` is called only after each claimed alert was delivered or dead-lettered; an alert
+      whose lease runs out without it is claimed again (at-least-once).
+    """
+
+    async def add_parts(self, parts: Sequence["AlertPart"], *, now: float) -> PartsAdded: ...
+
+    async def claim_due(
+        self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False
+    ) -> list[PendingAlert]: ...
+
+    async def mark_emitted(self, alert_ids: Sequence[str], *, now: float) -> None: ...
+
+    async def pending_count(self) -> int: ...
+
+    async def purge(self, *, emitted_before: float) -> int: ...
+
+    async def aclose(self) -> None: ...
+
+
+def open_state_store(settings: "StateSettings") -> StateStore:
+    """Build the state store the settings name."""
+    from pipeline.state.sqlite import SqliteStateStore
+
+    return SqliteStateStore(settings.path)

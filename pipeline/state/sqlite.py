@@ -1,0 +1,157 @@
+"""The embedded default state store: one SQLite file on local disk.
+
+Calls are synchronous under an async signature: each is a short local transaction (microseconds to
+a few milliseconds), cheaper than a thread hop. One process owns the file; for several Functions
+instances sharing state, use a shared store instead.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Sequence
+
+import orjson
+
+from pipeline.errors import StoreUnavailable
+from pipeline.formats import AlertPart
+from pipeline.state import PartsAdded, PendingAlert
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alert_parts (
+    alert_id   TEXT NOT NULL,
+    digest     TEXT NOT NULL,
+    rank       INTEGER NOT NULL,
+    data       BLOB NOT NULL,
+    PRIMARY KEY (alert_id, digest)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS alerts (
+    alert_id       TEXT PRIMARY KEY,
+    state          TEXT NOT NULL,          -- pending | emitted
+    first_part_at  REAL NOT NULL,
+    last_part_at   REAL NOT NULL,
+    lease_until    REAL NOT NULL DEFAULT 0,
+    emitted_at     REAL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (state, last_part_at);
+CREATE INDEX IF NOT EXISTS alerts_emitted ON alerts (emitted_at);
+"""
+
+
+class SqliteStateStore:
+    """See `pipeline.state.StateStore` for the guarantees."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreUnavailable(f"cannot open state store {self.path}: {exc}") from exc
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The open connection, for stores that keep more tables in the same file."""
+        return self._db
+
+    async def add_parts(self, parts: Sequence[AlertPart], *, now: float) -> PartsAdded:
+        added = PartsAdded()
+        if not parts:
+            return added
+        try:
+            with self._transaction() as db:
+                for part in parts:
+                    cursor = db.execute(
+                        "INSERT OR IGNORE INTO alert_parts (alert_id, digest, rank, data) VALUES (?, ?, ?, ?)",
+                        (part.alert_id, part.digest, part.rank, orjson.dumps(part.data)),
+                    )
+                    if cursor.rowcount == 0:
+                        added.duplicate += 1
+                        continue
+                    added.new += 1
+                    db.execute(
+                        """INSERT INTO alerts (alert_id, state, first_part_at, last_part_at) VALUES (?, 'pending', ?, ?)
+                           ON CONFLICT (alert_id) DO UPDATE SET
+                             first_part_at = CASE WHEN state = 'emitted' THEN excluded.first_part_at ELSE first_part_at END,
+                             last_part_at = excluded.last_part_at,
+                             state = 'pending', lease_until = 0""",
+                        (part.alert_id, now, now),
+                    )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+        return added
+
+    async def claim_due(
+        self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False
+    ) -> list[PendingAlert]:
+        try:
+            with self._transaction() as db:
+                if force:
+                    rows = db.execute("SELECT alert_id FROM alerts WHERE state = 'pending' ORDER BY first_part_at").fetchall()
+                else:
+                    rows = db.execute(
+                        """SELECT alert_id FROM alerts WHERE state = 'pending' AND lease_until <= ?
+                           AND (last_part_at <= ? OR first_part_at <= ?) ORDER BY first_part_at""",
+                        (now, now - settle_seconds, now - max_hold_seconds),
+                    ).fetchall()
+                ids = [row[0] for row in rows]
+                db.executemany("UPDATE alerts SET lease_until = ? WHERE alert_id = ?", [(now + lease_seconds, i) for i in ids])
+                claimed = []
+                for alert_id in ids:
+                    parts = [
+                        AlertPart(alert_id=alert_id, rank=rank, data=orjson.loads(data), digest=digest)
+                        for digest, rank, data in db.execute(
+                            "SELECT digest, rank, data FROM alert_parts WHERE alert_id = ? ORDER BY rank, digest", (alert_id,)
+                        )
+                    ]
+                    claimed.append(PendingAlert(alert_id=alert_id, parts=parts))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state store read failed: {exc}") from exc
+        return claimed
+
+    async def mark_emitted(self, alert_ids: Sequence[str], *, now: float) -> None:
+        if not alert_ids:
+            return
+        try:
+            with self._transaction() as db:
+                db.executemany(
+                    "UPDATE alerts SET state = 'emitted', emitted_at = ?, lease_until = 0 WHERE alert_id = ?",
+                    [(now, alert_id) for alert_id in alert_ids],
+                )
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+
+    async def pending_count(self) -> int:
+        return self._db.execute("SELECT count(*) FROM alerts WHERE state = 'pending'").fetchone()[0]
+
+    async def purge(self, *, emitted_before: float) -> int:
+        try:
+            with self._transaction() as db:
+                ids = [r[0] for r in db.execute("SELECT alert_id FROM alerts WHERE state = 'emitted' AND emitted_at < ?", (emitted_before,))]
+                db.executemany("DELETE FROM alert_parts WHERE alert_id = ?", [(i,) for i in ids])
+                db.executemany("DELETE FROM alerts WHERE alert_id = ?", [(i,) for i in ids])
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state store purge failed: {exc}") from exc
+        return len(ids)
+
+    async def aclose(self) -> None:
+        self._db.close()
+
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")

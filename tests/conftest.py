@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "formats"
+SAMPLES = ROOT / "samples" / "messages"
+
+# Test card numbers and context strings present in the shared samples' DetectedValues.
+MATCHED_VALUES = ("4111 1111 1111 1111", "5555 5555 5555 4444", "SYNTHETIC TEST DATA", "card on file")
+
+
+@pytest.fixture
+def fixture_bytes():
+    def read(name: str) -> bytes:
+        return (FIXTURES / name).read_bytes()
+
+    return read
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a TOML config into tmp_path and load it (data dir = tmp_path/out)."""
+
+    def write(body: str, *, name: str = "pipeline.toml"):
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(body))
+        return load_config(path, data_dir=tmp_path / "out")
+
+    return write
+
+
+LAKE_ONLY = """
+[assembly]
+settle_seconds = 0
+
+[[sinks]]
+name = "lake"
+kind = "jsonl"
+[sinks.settings]
+fsync = false
+"""

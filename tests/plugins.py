@@ -1,0 +1,123 @@
+"""Small enrichers and sinks used by the runner tests (real classes loaded through `module:Class`)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Sequence
+
+from pydantic import BaseModel
+
+from pipeline.cache import CachePolicy
+from pipeline.enricher import BaseEnricher
+from pipeline.errors import SinkUnavailable
+from pipeline.sinks import Outcome
+
+CALLS: list[tuple[str, str]] = []
+
+
+class Value(BaseModel):
+    value: str
+    seen_upstream: list[str] = []
+
+
+class Recorder(BaseEnricher):
+    """Records the order in which it ran and what upstream fragments it saw."""
+
+    name = "recorder"
+    timeout = 1.0
+
+    class Settings(BaseEnricher.Settings):
+        label: str = "r"
+        delay: float = 0.0
+        upstream: list[str] = []
+
+    async def enrich(self, alert, ctx):
+        CALLS.append(("start", self.settings.label))
+        await asyncio.sleep(self.settings.delay)
+        CALLS.append(("end", self.settings.label))
+        return Value(value=self.settings.label, seen_upstream=[n for n in self.settings.upstream if ctx.fragment(n) is not None])
+
+
+class NeedsA(Recorder):
+    name = "needs_a"
+    depends_on = ("a",)
+
+
+class NeedsB(Recorder):
+    name = "needs_b"
+    depends_on = ("b",)
+
+
+class Hangs(BaseEnricher):
+    name = "hangs"
+    timeout = 0.05
+
+    async def enrich(self, alert, ctx):
+        await asyncio.sleep(30)
+
+
+class Explodes(BaseEnricher):
+    name = "explodes"
+
+    async def enrich(self, alert, ctx):
+        raise RuntimeError("backend said no: contains megan.bowen@contoso.com")
+
+
+class ReturnsDict(BaseEnricher):
+    name = "returns_dict"
+
+    async def enrich(self, alert, ctx):
+        return {"not": "a model"}
+
+
+class CachedLookup(BaseEnricher):
+    """Looks the user up through the TTL cache; counts real lookups."""
+
+    name = "cached_lookup"
+    cache_policy = CachePolicy(ttl_seconds=60)
+    lookups = 0
+
+    async def enrich(self, alert, ctx):
+        if alert.user is None:
+            return None
+
+        async def load():
+            type(self).lookups += 1
+            await asyncio.sleep(0.02)
+            return alert.user.upn.upper()
+
+        return Value(value=await ctx.cached(alert.user.upn, load))
+
+
+class FlakySink:
+    """Fails the first `failures` calls with a retryable error, then delivers; rejects ids in `reject`."""
+
+    class Settings(BaseModel):
+        model_config = {"extra": "forbid"}
+        failures: int = 0
+        reject_alert_ids: list[str] = []
+        raise_instead: bool = False
+        retry_after: float | None = None
+
+    def __init__(self, settings, services):
+        self.settings = settings
+        self.calls = 0
+        self.delivered: list[str] = []
+
+    async def publish(self, records: Sequence) -> list[Outcome]:
+        self.calls += 1
+        if self.calls <= self.settings.failures:
+            if self.settings.raise_instead:
+                raise SinkUnavailable("HTTP 503", retry_after=self.settings.retry_after)
+            return [Outcome.retryable("HTTP 503", self.settings.retry_after)] * len(records)
+        outcomes = []
+        for record in records:
+            if record.alert.alert_id in self.settings.reject_alert_ids:
+                outcomes.append(Outcome.rejected("HTTP 400"))
+            else:
+                self.delivered.append(record.record_id)
+                outcomes.append(Outcome.delivered())
+        return outcomes
+
+    async def aclose(self):
+        return None

@@ -1,0 +1,82 @@
+"""The Functions adapter, called as the host calls it: the real decorated function, real EventHubEvents."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import azure.functions as func
+import pytest
+
+import function_app
+from pipeline import functions
+from tests.conftest import SAMPLES
+
+
+# get_functions() indexes the app and may only be called once per process, as the host does.
+FUNCTIONS = {f.get_function_name(): f for f in function_app.app.get_functions()}
+
+
+def user_function(name: str):
+    return FUNCTIONS[name].get_user_function()
+
+
+def test_trigger_bindings_are_as_documented():
+    fn = FUNCTIONS["dlp_alerts"]
+    (binding,) = [b.get_dict_repr() for b in fn.get_bindings()]
+    assert binding["type"] == "eventHubTrigger"
+    assert binding["cardinality"].value == "many" and binding["dataType"].name == "BINARY"
+    assert binding["connection"] == "EventHubConnection"
+    assert fn.get_setting("retry_policy").get_dict_repr()["strategy"] == "exponential_backoff"
+
+
+@pytest.fixture
+async def functions_env(tmp_path, monkeypatch):
+    config = tmp_path / "pipeline.toml"
+    config.write_text('[assembly]\nsettle_seconds = 0\n[[enrichers]]\nname = "sensitive_info"\n[[sinks]]\nname = "lake"\nkind = "jsonl"\n')
+    monkeypatch.setenv("DLP_PIPELINE_CONFIG", str(config))
+    monkeypatch.setenv("DLP_PIPELINE_DATA_DIR", str(tmp_path / "data"))
+    await functions.reset_runner()
+    yield tmp_path / "data"
+    await functions.reset_runner()
+
+
+def event(body: bytes, sequence: int) -> func.EventHubEvent:
+    return func.EventHubEvent(body=body, sequence_number=sequence, offset=str(sequence * 100), enqueued_time=datetime.now(timezone.utc), partition_key=None)
+
+
+async def test_batch_of_events_is_delivered_and_bad_ones_dead_lettered(functions_env):
+    events = [
+        event((SAMPLES / "01-defender-streaming-batch.json").read_bytes(), 1),
+        event(b"\x00\xffnot json", 2),
+        event((SAMPLES / "03-graph-alert.json").read_bytes(), 3),
+    ]
+    await user_function("dlp_alerts")(events)
+    lines = [json.loads(l) for p in (functions_env / "lake").rglob("*.jsonl") for l in p.read_text().splitlines()]
+    assert sorted(line["alert"]["source_format"] for line in lines) == ["defender_streaming", "graph_alert"]
+    assert lines[0]["enrichments"]["sensitive_info"]["total_count"] == 15
+    (dead,) = [json.loads(p.read_text()) for p in (functions_env / "dead-letter").glob("*.json")]
+    assert dead["reason"] == "invalid_json" and dead["message_index"] == 1 and dead["source"] == "eventhub:sequence=2;offset=200"
+
+
+async def test_timer_emits_settled_split_alerts(functions_env, monkeypatch):
+    info_message = (SAMPLES / "02-defender-streaming-split.jsonl").read_text().splitlines()
+    config = functions_env.parent / "pipeline.toml"
+    config.write_text(config.read_text().replace("settle_seconds = 0", "settle_seconds = 0.2"))
+    await functions.reset_runner()
+    await user_function("dlp_alerts")([event(line.encode(), i) for i, line in enumerate(info_message)])
+    assert not list((functions_env / "lake").rglob("*.jsonl"))  # parts are waiting to settle
+    import asyncio
+
+    await asyncio.sleep(0.3)
+    await user_function("flush_pending_alerts")(None)
+    (line,) = [json.loads(l) for p in (functions_env / "lake").rglob("*.jsonl") for l in p.read_text().splitlines()]
+    assert line["alert"]["user"]["upn"] == "adele.vance@contoso.com" and line["alert"]["severity"] == "high"
+
+
+async def test_store_outage_raises_so_the_host_retries_the_batch(functions_env):
+    runner = await functions.get_runner()
+    runner.dead_letter.root = functions_env.parent / "pipeline.toml"  # a file: every dead-letter write fails
+    with pytest.raises(Exception) as caught:
+        await user_function("dlp_alerts")([event(b"not json", 1)])
+    assert type(caught.value).__name__ == "StoreUnavailable"

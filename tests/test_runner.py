@@ -1,0 +1,362 @@
+"""The runner: assembly across batches, enricher waves, timeouts, isolation, caching and delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import orjson
+import pytest
+
+from pipeline.deadletter import LocalDeadLetterStore
+from pipeline.errors import ConfigError
+from pipeline.runner import Message, Runner
+from tests import plugins
+from tests.conftest import LAKE_ONLY, MATCHED_VALUES
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def lake_lines(runner: Runner) -> list[dict]:
+    root = runner.loaded.data_path("lake")
+    return [json.loads(line) for path in sorted(root.rglob("*.jsonl")) for line in path.read_text().splitlines()]
+
+
+def streaming_records(fixture_bytes) -> list[dict]:
+    return json.loads(fixture_bytes("streaming_dlp_batch.json"))["records"]
+
+
+def envelope(*records) -> Message:
+    return Message(body=orjson.dumps({"records": list(records)}), source="test")
+
+
+async def test_split_alert_across_batches_is_emitted_once_settled_with_all_evidence(write_config, fixture_bytes):
+    loaded = write_config(LAKE_ONLY.replace("settle_seconds = 0", "settle_seconds = 30"))
+    clock = Clock()
+    info, user, file_, app, _mde = streaming_records(fixture_bytes)
+    async with Runner(loaded, clock=clock) as runner:
+        first = await runner.process_batch([envelope(info)])
+        assert first.alerts == 0 and first.pending == 1
+        clock.now += 10
+        second = await runner.process_batch([envelope(user), envelope(file_, app)])
+        assert second.alerts == 0 and second.pending == 1  # a part arrived 0 s ago: not settled yet
+        clock.now += 31
+        third = await runner.process_batch([])
+        assert third.alerts == 1 and third.pending == 0
+        (line,) = lake_lines(runner)
+    alert = line["alert"]
+    assert alert["title"].startswith("DLP policy (Finance PII")  # from AlertInfo
+    assert alert["user"]["upn"] == "megan.bowen@contoso.com"  # from the user evidence
+    assert alert["files"][0]["name"] == "Q1-payroll-export.xlsx"  # from the file evidence
+
+
+async def test_max_hold_emits_an_alert_whose_parts_keep_coming(write_config, fixture_bytes):
+    loaded = write_config(LAKE_ONLY.replace("settle_seconds = 0", "settle_seconds = 30\nmax_hold_seconds = 60"))
+    clock = Clock()
+    info, user, file_, app, _ = streaming_records(fixture_bytes)
+    async with Runner(loaded, clock=clock) as runner:
+        for part in (info, user, file_):
+            assert (await runner.process_batch([envelope(part)])).alerts == 0
+            clock.now += 25
+        assert (await runner.process_batch([envelope(app)])).alerts == 1
+
+
+async def test_arrival_order_does_not_change_the_record(write_config, fixture_bytes, tmp_path):
+    info, user, file_, app, _ = streaming_records(fixture_bytes)
+    ids = []
+    for order in ([info, user, file_, app], [app, file_, user, info]):
+        loaded = write_config(LAKE_ONLY.replace("settle_seconds = 0", "settle_seconds = 30"), name=f"c{len(ids)}.toml")
+        loaded.data_dir = tmp_path / f"out{len(ids)}"
+        async with Runner(loaded) as runner:
+            for part in order:
+                await runner.process_batch([envelope(part)])
+            report = await runner.flush()
+            ids.append(report.record_ids)
+    assert ids[0] == ids[1] and len(ids[0]) == 1
+
+
+async def test_redelivered_message_gives_the_same_record_id_and_no_duplicate(write_config, fixture_bytes, tmp_path):
+    body = fixture_bytes("graph_alert_v2_dlp.json")
+    async with Runner(write_config(LAKE_ONLY)) as runner:
+        first = await runner.process_batch([Message(body=body)])
+        again = await runner.process_batch([Message(body=body)])
+        assert first.record_ids == again.record_ids
+        assert len(lake_lines(runner)) == 1  # the lake is idempotent by record_id
+    loaded = write_config(LAKE_ONLY, name="fresh.toml")
+    loaded.data_dir = tmp_path / "elsewhere"
+    async with Runner(loaded) as fresh:  # a re-run from scratch gives the same id too
+        assert (await fresh.process_batch([Message(body=body)])).record_ids == first.record_ids
+
+
+async def test_redelivered_streaming_parts_are_recognised(write_config, fixture_bytes):
+    body = fixture_bytes("streaming_dlp_batch.json")
+    async with Runner(write_config(LAKE_ONLY)) as runner:
+        assert (await runner.process_batch([Message(body=body)])).alerts == 1
+        again = await runner.process_batch([Message(body=body)])
+        assert again.alerts == 0 and again.duplicate_parts == 4
+
+
+async def test_late_evidence_produces_a_revised_record(write_config, fixture_bytes):
+    info, user, file_, app, _ = streaming_records(fixture_bytes)
+    async with Runner(write_config(LAKE_ONLY)) as runner:
+        first = await runner.process_batch([envelope(info, user)])
+        late = await runner.process_batch([envelope(file_)])
+        assert first.alerts == late.alerts == 1 and first.record_ids != late.record_ids
+        revised = lake_lines(runner)[-1]["alert"]
+    assert revised["user"]["upn"] == "megan.bowen@contoso.com" and revised["files"][0]["name"] == "Q1-payroll-export.xlsx"
+
+
+async def test_bad_messages_are_dead_lettered_with_reason_and_position_and_the_batch_goes_on(write_config, fixture_bytes):
+    loaded = write_config(LAKE_ONLY)
+    good = fixture_bytes("graph_alert_v2_dlp.json")
+    messages = [Message(b"{broken", source="f.jsonl:1"), Message(good, source="f.jsonl:2"), Message(b'{"x": 1}', source="f.jsonl:3")]
+    async with Runner(loaded) as runner:
+        report = await runner.process_batch(messages)
+        entries = await runner.dead_letter.list()
+    assert report.alerts == 1 and report.delivered["lake"] == 1 and report.dead_lettered["decode"] == 2
+    by_index = {e.message_index: e for e in entries}
+    assert by_index[0].reason == "invalid_json" and by_index[0].body == b"{broken" and by_index[0].source == "f.jsonl:1"
+    assert by_index[2].reason == "unrecognised_shape" and by_index[2].source == "f.jsonl:3"
+
+
+async def test_dead_letter_of_a_bad_record_holds_no_matched_values(write_config, fixture_bytes):
+    record = json.loads(fixture_bytes("mgmt_api_dlp_rule_match.json"))
+    record["Id"] = ""
+    async with Runner(write_config(LAKE_ONLY)) as runner:
+        await runner.process_batch([Message(orjson.dumps([record]))])
+        stored = b"".join(p.read_bytes() for p in runner.loaded.data_path("dead-letter").glob("*.json"))
+        (entry,) = await runner.dead_letter.list()
+    assert entry.reason == "invalid_record" and entry.record_index == 0
+    for value in MATCHED_VALUES:
+        assert value.encode() not in stored and value.encode() not in entry.body
+
+
+async def test_dead_lettering_the_same_bad_message_twice_keeps_one_entry_with_two_attempts(write_config):
+    async with Runner(write_config(LAKE_ONLY)) as runner:
+        await runner.process_batch([Message(b"nope", source="s")])
+        await runner.process_batch([Message(b"nope", source="s")])
+        (entry,) = await runner.dead_letter.list()
+    assert entry.attempts == 2
+
+
+ENRICHERS = LAKE_ONLY + """
+[[enrichers]]
+name = "a"
+use = "tests.plugins:Recorder"
+settings = {{ label = "a", delay = 0.05 }}
+
+[[enrichers]]
+name = "b"
+use = "tests.plugins:Recorder"
+settings = {{ label = "b", delay = 0.05 }}
+
+[[enrichers]]
+name = "needs_a"
+use = "tests.plugins:NeedsA"
+settings = {{ label = "needs_a", upstream = ["a", "b"] }}
+{extra}
+"""
+
+
+async def test_enrichers_run_in_dependency_waves_and_siblings_overlap(write_config, fixture_bytes):
+    plugins.CALLS.clear()
+    async with Runner(write_config(ENRICHERS.format(extra=""))) as runner:
+        assert [[s.name for s in wave] for wave in runner.chain.waves] == [["a", "b"], ["needs_a"]]
+        report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+        (line,) = lake_lines(runner)
+    assert plugins.CALLS[:2] == [("start", "a"), ("start", "b")]  # a and b overlap
+    assert plugins.CALLS.index(("start", "needs_a")) > plugins.CALLS.index(("end", "a"))
+    assert line["enrichments"]["needs_a"]["seen_upstream"] == ["a", "b"]
+    assert {name: s["state"] for name, s in line["enrichment_status"].items()} == {"a": "ok", "b": "ok", "needs_a": "ok"}
+    assert line["enrichment_status"]["a"]["duration_ms"] >= 40
+    assert report.enrichment[("a", "ok")] == 1
+
+
+async def test_timeouts_and_failures_are_isolated_and_recorded(write_config, fixture_bytes, caplog):
+    extra = """
+[[enrichers]]
+name = "hangs"
+use = "tests.plugins:Hangs"
+
+[[enrichers]]
+name = "explodes"
+use = "tests.plugins:Explodes"
+
+[[enrichers]]
+name = "returns_dict"
+use = "tests.plugins:ReturnsDict"
+"""
+    async with Runner(write_config(ENRICHERS.format(extra=extra))) as runner:
+        report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+        (line,) = lake_lines(runner)
+    status = line["enrichment_status"]
+    assert status["hangs"]["state"] == "timed_out" and status["hangs"]["duration_ms"] < 1000
+    assert status["explodes"]["state"] == "failed" and status["explodes"]["error"] == "RuntimeError"
+    assert status["returns_dict"]["state"] == "failed" and "pydantic" in status["returns_dict"]["error"]
+    assert status["a"]["state"] == "ok" and line["enrichments"]["a"]["value"] == "a"
+    assert report.delivered["lake"] == 1 and report.enrichment_failures == {"hangs": 1, "explodes": 1, "returns_dict": 1}
+    assert "megan.bowen" not in caplog.text  # the exception's text stays out of warnings
+
+
+async def test_cache_gives_one_lookup_for_many_alerts_of_one_user(write_config, fixture_bytes):
+    extra = LAKE_ONLY + """
+[[enrichers]]
+name = "cached_lookup"
+use = "tests.plugins:CachedLookup"
+"""
+    alert = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
+    messages = []
+    for i in range(25):
+        alert["id"] = f"alert-{i}"
+        messages.append(Message(orjson.dumps(alert)))
+    plugins.CachedLookup.lookups = 0
+    async with Runner(write_config(extra)) as runner:
+        report = await runner.process_batch(messages)
+        lines = lake_lines(runner)
+    assert report.alerts == 25 and plugins.CachedLookup.lookups == 1
+    assert {line["enrichments"]["cached_lookup"]["value"] for line in lines} == {"MEGAN.BOWEN@CONTOSO.COM"}
+
+
+async def test_concurrency_across_alerts_is_bounded(write_config, fixture_bytes):
+    config = ENRICHERS.format(extra="").replace("max_concurrent_alerts", "x")
+    config = "[runner]\nmax_concurrent_alerts = 2\n" + config
+    alert = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
+    messages = []
+    for i in range(6):
+        alert["id"] = f"alert-{i}"
+        messages.append(Message(orjson.dumps(alert)))
+    plugins.CALLS.clear()
+    async with Runner(write_config(config)) as runner:
+        await runner.process_batch(messages)
+    running = peak = 0
+    for event, label in plugins.CALLS:
+        if label == "a":
+            running += 1 if event == "start" else -1
+            peak = max(peak, running)
+    assert peak == 2
+
+
+@pytest.mark.parametrize("extra,key,needle", [
+    ('[[enrichers]]\nname = "no_such_enricher"\n', "enrichers[3].name", "unknown plugin 'no_such_enricher'"),
+    ('[[enrichers]]\nname = "x"\nuse = "tests.plugins:Nope"\n', "enrichers[3].use", "cannot load plugin"),
+    ('[[enrichers]]\nname = "a"\nuse = "tests.plugins:Recorder"\n', "enrichers[3].name", "used twice"),
+    ('[[enrichers]]\nname = "c"\nuse = "tests.plugins:Recorder"\nsettings = { delay = "slow" }\n', "enrichers[3].settings.delay", "valid number"),
+    ('[[enrichers]]\nname = "c"\nuse = "tests.plugins:Recorder"\nsettings = { colour = "red" }\n', "enrichers[3].settings.colour", "unknown key"),
+    ('[[enrichers]]\nname = "c"\nuse = "tests.plugins:NeedsB"\n', "enrichers[3]", "depends on 'b'"),
+])
+def test_bad_plugin_config_fails_at_start_naming_file_and_key(write_config, extra, key, needle):
+    text = ENRICHERS.format(extra=extra)
+    if "NeedsB" in extra:
+        text = text.replace('name = "b"\nuse = "tests.plugins:Recorder"', 'name = "b2"\nuse = "tests.plugins:Recorder"')
+    with pytest.raises(ConfigError) as caught:
+        Runner(write_config(text))
+    message = str(caught.value)
+    assert "pipeline.toml" in message and f"key '{key}'" in message and needle in message
+
+
+def test_dependency_cycle_is_rejected(write_config, tmp_path):
+    (tmp_path / "cyclic.py").write_text(
+        "from tests.plugins import Recorder\n"
+        "class A(Recorder):\n    depends_on = ('b',)\n"
+        "class B(Recorder):\n    depends_on = ('a',)\n"
+    )
+    import sys
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        config = LAKE_ONLY + '[[enrichers]]\nname = "a"\nuse = "cyclic:A"\n[[enrichers]]\nname = "b"\nuse = "cyclic:B"\n'
+        with pytest.raises(ConfigError, match="cycle"):
+            Runner(write_config(config))
+    finally:
+        sys.path.remove(str(tmp_path))
+
+
+SINKS = """
+[assembly]
+settle_seconds = 0
+
+[delivery]
+max_attempts = 3
+backoff_initial_seconds = 0.01
+backoff_max_seconds = 0.02
+budget_seconds = 5
+
+[[sinks]]
+name = "lake"
+kind = "jsonl"
+settings = {{ fsync = false }}
+
+[[sinks]]
+name = "flaky"
+kind = "tests.plugins:FlakySink"
+settings = {settings}
+{when}
+"""
+
+
+def flaky(runner: Runner):
+    return dict((entry.name, sink) for entry, sink in runner.sinks)["flaky"]
+
+
+@pytest.mark.parametrize("raise_instead", [False, True])
+async def test_transient_sink_failures_are_retried_then_delivered(write_config, fixture_bytes, raise_instead):
+    settings = f"{{ failures = 2, raise_instead = {str(raise_instead).lower()} }}"
+    async with Runner(write_config(SINKS.format(settings=settings, when=""))) as runner:
+        report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+        sink = flaky(runner)
+    assert sink.calls == 3 and report.delivered == {"lake": 1, "flaky": 1} and not report.dead_lettered
+
+
+async def test_retries_exhausted_and_rejections_are_dead_lettered_per_sink(write_config, fixture_bytes):
+    graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
+    other = dict(graph, id="rejected-one")
+    body = orjson.dumps([graph, other])
+    async with Runner(write_config(SINKS.format(settings='{ failures = 0, reject_alert_ids = ["rejected-one"] }', when=""))) as runner:
+        report = await runner.process_batch([Message(body)])
+        entries = await runner.dead_letter.list()
+    assert report.delivered == {"lake": 2, "flaky": 1}
+    (entry,) = entries
+    assert entry.stage == "deliver" and entry.sink == "flaky" and entry.reason == "sink_rejected" and entry.alert_id == "rejected-one"
+    assert json.loads(entry.body)["alert"]["alert_id"] == "rejected-one"
+
+    async with Runner(write_config(SINKS.format(settings="{ failures = 99 }", when=""), name="down.toml")) as runner:
+        report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+        entries = [e for e in await runner.dead_letter.list() if e.reason == "retries_exhausted"]
+    assert flaky(runner).calls == 3 and report.delivered == {"lake": 1}
+    assert entries[0].attempts == 3 and "HTTP 503" in entries[0].detail
+
+
+async def test_retry_after_longer_than_the_budget_dead_letters_without_waiting(write_config, fixture_bytes):
+    config = SINKS.format(settings="{ failures = 1, retry_after = 120 }", when="")
+    async with Runner(write_config(config)) as runner:
+        started = asyncio.get_running_loop().time()
+        report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+        assert asyncio.get_running_loop().time() - started < 2
+    assert report.dead_lettered == {"deliver": 1}
+
+
+async def test_when_filter_routes_by_severity_and_kind(write_config, fixture_bytes):
+    when = '[sinks.when]\nseverity_at_least = "high"\nkind_in = ["activity"]\n'
+    body = orjson.dumps([json.loads(fixture_bytes("mgmt_api_dlp_rule_match.json")), json.loads(fixture_bytes("mgmt_api_dlp_rule_match_endpoint_variant.json"))])
+    async with Runner(write_config(SINKS.format(settings="{}", when=when))) as runner:
+        report = await runner.process_batch([Message(body)])
+    assert report.delivered == {"lake": 2, "flaky": 1}  # only the high-severity endpoint match
+
+
+async def test_unwritable_dead_letter_store_stops_the_batch(write_config, tmp_path):
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the folder should be")
+    loaded = write_config(LAKE_ONLY)
+    store = LocalDeadLetterStore(tmp_path / "dl")
+    store.root = blocker  # every write now fails
+    from pipeline.errors import StoreUnavailable
+
+    async with Runner(loaded, dead_letter=store) as runner:
+        with pytest.raises(StoreUnavailable):
+            await runner.process_batch([Message(b"not json")])
