@@ -45,3 +45,21 @@ kind = "jsonl"
 [sinks.settings]
 fsync = false
 """
+
+
+@pytest.fixture(scope="session")
+def azurite():
+    """A running Azurite for the whole session (see tests/support/azurite.py)."""
+    from tests.support.azurite import AzuriteDocker, AzuriteNpm, azurite_program, docker_available
+
+    if docker_available():
+        server = AzuriteDocker()
+    else:
+        program = azurite_program()
+        if program is None:
+            pytest.fail("Azurite is needed: no Docker engine and no `azurite` program; run `make setup-dev` (npm install azurite)")
+        server = AzuriteNpm(program)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
