@@ -89,8 +89,9 @@ class DlpAlert(_Model):
 
     def content_id(self) -> str:
         """A stable id of this alert's content: the same content always gives the same id."""
-        canonical = orjson.dumps(self.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-        return hashlib.sha256(canonical).hexdigest()[:32]
+        # Field order is fixed by the model and no field is a free-form dict, so the JSON
+        # serialisation is canonical without sorting.
+        return hashlib.sha256(self.__pydantic_serializer__.to_json(self)).hexdigest()[:32]
 
 
 class EnrichmentStatus(_Model):

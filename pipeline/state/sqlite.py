@@ -64,26 +64,40 @@ class SqliteStateStore:
             return added
         try:
             with self._transaction() as db:
+                known = self._known_digests(db, {part.alert_id for part in parts})
+                fresh: dict[tuple[str, str], AlertPart] = {}
                 for part in parts:
-                    cursor = db.execute(
-                        "INSERT OR IGNORE INTO alert_parts (alert_id, digest, rank, data) VALUES (?, ?, ?, ?)",
-                        (part.alert_id, part.digest, part.rank, orjson.dumps(part.data)),
-                    )
-                    if cursor.rowcount == 0:
+                    key = (part.alert_id, part.digest)
+                    if key in known or key in fresh:
                         added.duplicate += 1
-                        continue
-                    added.new += 1
-                    db.execute(
-                        """INSERT INTO alerts (alert_id, state, first_part_at, last_part_at) VALUES (?, 'pending', ?, ?)
-                           ON CONFLICT (alert_id) DO UPDATE SET
-                             first_part_at = CASE WHEN state = 'emitted' THEN excluded.first_part_at ELSE first_part_at END,
-                             last_part_at = excluded.last_part_at,
-                             state = 'pending', lease_until = 0""",
-                        (part.alert_id, now, now),
-                    )
+                    else:
+                        fresh[key] = part
+                added.new = len(fresh)
+                db.executemany(
+                    "INSERT OR IGNORE INTO alert_parts (alert_id, digest, rank, data) VALUES (?, ?, ?, ?)",
+                    [(p.alert_id, p.digest, p.rank, orjson.dumps(p.data)) for p in fresh.values()],
+                )
+                db.executemany(
+                    """INSERT INTO alerts (alert_id, state, first_part_at, last_part_at) VALUES (?, 'pending', ?, ?)
+                       ON CONFLICT (alert_id) DO UPDATE SET
+                         first_part_at = CASE WHEN state = 'emitted' THEN excluded.first_part_at ELSE first_part_at END,
+                         last_part_at = excluded.last_part_at,
+                         state = 'pending', lease_until = 0""",
+                    [(alert_id, now, now) for alert_id in {p.alert_id for p in fresh.values()}],
+                )
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"state store write failed: {exc}") from exc
         return added
+
+    @staticmethod
+    def _known_digests(db: sqlite3.Connection, alert_ids: set[str]) -> set[tuple[str, str]]:
+        ids = list(alert_ids)
+        known: set[tuple[str, str]] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            known.update(db.execute(f"SELECT alert_id, digest FROM alert_parts WHERE alert_id IN ({marks})", chunk))
+        return known
 
     async def claim_due(
         self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False
@@ -100,15 +114,15 @@ class SqliteStateStore:
                     ).fetchall()
                 ids = [row[0] for row in rows]
                 db.executemany("UPDATE alerts SET lease_until = ? WHERE alert_id = ?", [(now + lease_seconds, i) for i in ids])
-                claimed = []
-                for alert_id in ids:
-                    parts = [
-                        AlertPart(alert_id=alert_id, rank=rank, data=orjson.loads(data), digest=digest)
-                        for digest, rank, data in db.execute(
-                            "SELECT digest, rank, data FROM alert_parts WHERE alert_id = ? ORDER BY rank, digest", (alert_id,)
-                        )
-                    ]
-                    claimed.append(PendingAlert(alert_id=alert_id, parts=parts))
+                by_alert: dict[str, list[AlertPart]] = {alert_id: [] for alert_id in ids}
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    for alert_id, digest, rank, data in db.execute(
+                        f"SELECT alert_id, digest, rank, data FROM alert_parts WHERE alert_id IN ({marks}) ORDER BY rank, digest", chunk
+                    ):
+                        by_alert[alert_id].append(AlertPart(alert_id=alert_id, rank=rank, data=orjson.loads(data), digest=digest))
+                claimed = [PendingAlert(alert_id=alert_id, parts=parts) for alert_id, parts in by_alert.items()]
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"state store read failed: {exc}") from exc
         return claimed
