@@ -1,0 +1,123 @@
+"""`python -m benchmarks [--quick] [--json]`: throughput and resource figures of the pipeline.
+
+Every figure is measured in the same run, on this machine, against the cost no pipeline can avoid
+(orjson loads + dumps of the same bodies). `--json` prints one JSON object as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+
+from benchmarks.dataset import make_bodies
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def floor_alerts_per_s(bodies: list[bytes]) -> float:
+    """orjson loads + dumps of the same bodies: the cost no pipeline can avoid."""
+    best = 0.0
+    for _ in range(3):
+        started = time.perf_counter()
+        for body in bodies:
+            orjson.dumps(orjson.loads(body))
+        best = max(best, len(bodies) / (time.perf_counter() - started))
+    return best
+
+
+def bench_config(data_dir: Path):
+    """The embedded default config (every built-in enricher on local data), delivering to a serialising sink."""
+    from pipeline.config import SinkConfig, load_config
+
+    loaded = load_config(None, data_dir=data_dir)
+    loaded.config = loaded.config.model_copy(
+        update={
+            "assembly": loaded.config.assembly.model_copy(update={"settle_seconds": 0.0}),
+            "sinks": [SinkConfig(name="serialise", kind="benchmarks.sinks:SerialiseSink")],
+        }
+    )
+    return loaded
+
+
+async def pipeline_alerts_per_s(bodies: list[bytes], warmup: list[bytes], batch_size: int = 100) -> float:
+    """The full CPU path on one core: decode, validate, assemble, every built-in enricher, serialise."""
+    from pipeline.runner import Message, Runner
+
+    with tempfile.TemporaryDirectory() as folder:
+        async with Runner(bench_config(Path(folder))) as runner:
+            for start in range(0, len(warmup), batch_size):  # warm the enrichers' caches and files
+                await runner.process_batch([Message(b) for b in warmup[start : start + batch_size]])
+            gc.collect()
+            started = time.perf_counter()
+            alerts = 0
+            for start in range(0, len(bodies), batch_size):
+                report = await runner.process_batch([Message(b) for b in bodies[start : start + batch_size]])
+                alerts += report.alerts
+            elapsed = time.perf_counter() - started
+    if alerts != len(bodies):
+        raise SystemExit(f"benchmark error: {alerts} alerts out of {len(bodies)} bodies")
+    return alerts / elapsed
+
+
+def peak_rss_mb(alerts: int) -> float:
+    """Peak resident memory of a local CLI run over `alerts` alerts (one JSONL file)."""
+    with tempfile.TemporaryDirectory() as folder:
+        source = Path(folder) / "messages.jsonl"
+        with open(source, "wb") as out:
+            for start in range(0, alerts, 5000):
+                out.write(b"\n".join(make_bodies(min(5000, alerts - start), seed=start + 1)) + b"\n")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", str(source), "--out", str(Path(folder) / "out")],
+            cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"benchmark error: local run failed: {result.stderr.decode()[-500:]}")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(before, after) / 1024.0
+
+
+def import_function_app_seconds() -> float:
+    code = "import time; t = time.perf_counter(); import function_app; print(time.perf_counter() - t)"
+    best = float("inf")
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        best = min(best, float(result.stdout.decode().strip().splitlines()[-1]))
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a run of a minute or two (smaller datasets)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = parser.parse_args(argv)
+    size = 2_000 if args.quick else 20_000
+    bodies = make_bodies(size)
+    warmup = make_bodies(min(size, 2_000), seed=99)
+    results: dict[str, object] = {"quick": args.quick, "alerts": size, "python": sys.version.split()[0], "cpus": os.cpu_count()}
+    results["floor_alerts_per_s"] = round(floor_alerts_per_s(bodies))
+    results["pipeline_alerts_per_s"] = round(asyncio.run(pipeline_alerts_per_s(bodies, warmup)))
+    results["ratio_to_floor"] = round(results["pipeline_alerts_per_s"] / results["floor_alerts_per_s"], 3)
+    results["peak_rss_mb"] = round(peak_rss_mb(10_000 if args.quick else 100_000), 1)
+    results["peak_rss_alerts"] = 10_000 if args.quick else 100_000
+    results["import_function_app_s"] = round(import_function_app_seconds(), 3)
+    for key, value in results.items():
+        print(f"{key:28} {value}")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
