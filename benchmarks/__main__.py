@@ -70,6 +70,25 @@ async def pipeline_alerts_per_s(bodies: list[bytes], warmup: list[bytes], batch_
     return alerts / elapsed
 
 
+async def naive_alerts_per_s(bodies: list[bytes], warmup: list[bytes]) -> float:
+    """The same work written the straightforward way (benchmarks/naive.py), same enrichers and data."""
+    from benchmarks.naive import naive_run
+    from pipeline.runner import Runner
+
+    with tempfile.TemporaryDirectory() as folder:
+        async with Runner(bench_config(Path(folder))) as runner:
+            enrichers = [(slot.name, slot.plugin) for wave in runner.chain.waves for slot in wave]
+            state = str(Path(folder) / "naive.sqlite")
+            await naive_run(warmup, enrichers, state)
+            gc.collect()
+            started = time.perf_counter()
+            written = await naive_run(bodies, enrichers, state)
+            elapsed = time.perf_counter() - started
+    if written != len(bodies):
+        raise SystemExit(f"benchmark error: naive run wrote {written} records out of {len(bodies)} bodies")
+    return written / elapsed
+
+
 def peak_rss_mb(alerts: int) -> float:
     """Peak resident memory of a local CLI run over `alerts` alerts (one JSONL file)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -109,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     results["floor_alerts_per_s"] = round(floor_alerts_per_s(bodies))
     results["pipeline_alerts_per_s"] = round(asyncio.run(pipeline_alerts_per_s(bodies, warmup)))
     results["ratio_to_floor"] = round(results["pipeline_alerts_per_s"] / results["floor_alerts_per_s"], 3)
+    results["naive_alerts_per_s"] = round(asyncio.run(naive_alerts_per_s(bodies, warmup)))
+    results["pipeline_to_naive"] = round(results["pipeline_alerts_per_s"] / results["naive_alerts_per_s"], 2)
     results["peak_rss_mb"] = round(peak_rss_mb(10_000 if args.quick else 100_000), 1)
     results["peak_rss_alerts"] = 10_000 if args.quick else 100_000
     results["import_function_app_s"] = round(import_function_app_seconds(), 3)
