@@ -5,4 +5,5 @@ BUILTIN_ENRICHERS: dict[str, str] = {
     "sensitive_info": "enrichers.sensitive_info:SensitiveInfoEnricher",
     "user_context": "enrichers.user_context:UserContextEnricher",
     "prior_incidents": "enrichers.prior_incidents:PriorIncidentsEnricher",
+    "telemetry": "enrichers.telemetry:TelemetryEnricher",
 }
