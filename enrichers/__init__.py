@@ -6,4 +6,5 @@ BUILTIN_ENRICHERS: dict[str, str] = {
     "user_context": "enrichers.user_context:UserContextEnricher",
     "prior_incidents": "enrichers.prior_incidents:PriorIncidentsEnricher",
     "telemetry": "enrichers.telemetry:TelemetryEnricher",
+    "triage": "enrichers.triage:TriageEnricher",
 }
