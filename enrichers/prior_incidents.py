@@ -5,7 +5,7 @@ SQLite by default, Azure Table Storage to share it between Functions instances),
 re-run or a redelivery does not count twice, and the alert never counts in its own history. The
 windows end at the alert's own time, so the result does not depend on processing order. With a
 `hunting` table, alerts older than the pipeline come from Advanced Hunting (AlertInfo/AlertEvidence).
-Activities (kind "activity") are skipped: they are rule matches, not alerts.
+Activities (kind "activity") get their user's prior alerts too, but are not recorded as alerts.
 """
 
 from __future__ import annotations
@@ -99,12 +99,11 @@ class PriorIncidentsEnricher(BaseEnricher):
         await self._record([e for a in alerts if a.kind == "alert" and (e := entry_of(a, now=now)) is not None])
 
     async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> PriorIncidents | None:
-        if alert.kind != "alert":
-            return None
         entry = entry_of(alert, now=self._now())
         if entry is None:
             return None
-        await self._record([entry])
+        if alert.kind == "alert":  # rule-match activities get the user's history but are not alerts
+            await self._record([entry])
         until = entry.at
         rows = await self.store.entries("alert", entry.user, since=until - 90 * DAY, until=until)
         prior: dict[str, PriorAlert] = {}

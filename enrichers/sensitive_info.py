@@ -1,7 +1,7 @@
 """sensitive_info: a summary of the alert's sensitive information types. Never matched values.
 
-When an alert carries no SIT data (Streaming API and Graph alerts usually do not), or only type
-names without counts (Sentinel), it is correlated with the DLP rule-match activities that passed
+When an alert carries no SIT data (Streaming API and Graph alerts usually do not), or types without
+counts (Sentinel) or without confidence (Graph `additionalData`), it is correlated with the DLP rule-match activities that passed
 through the pipeline (Management Activity records, CloudAppEvents rows; kept in the history store
 by user, file and time), or, when `hunting` is configured, with CloudAppEvents rows found through
 Advanced Hunting. Activities of one batch are stored before any alert of it is looked at.
@@ -129,7 +129,8 @@ class SensitiveInfoEnricher(BaseEnricher):
             await self._record([alert])
         labels = sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id})
         infos, source, ids = list(alert.sensitive_info), "alert", []
-        if alert.kind == "alert" and not any(s.count is not None for s in infos):
+        # no counts (Sentinel: names only) or no confidence (Graph: "Name (count)") -> look for the rule match
+        if alert.kind == "alert" and not (any(s.count is not None for s in infos) and any(s.confidence is not None for s in infos)):
             found = await self._correlate(alert)
             if found is None and self.hunting is not None:
                 found = await ctx.cached(("hunting", alert.alert_id), lambda: self._hunt(alert))
@@ -140,7 +141,7 @@ class SensitiveInfoEnricher(BaseEnricher):
                 infos, ids = found[0], found[1]
                 labels = sorted(set(labels) | set(found[2]))
             else:
-                source = "alert"
+                source = "alert"  # nothing matched: the alert's own types, as they are
         if not infos and not labels:
             return None
         return self.summarize(infos, labels, source=source, ids=ids)

@@ -91,15 +91,18 @@ async def test_alerts_across_batches_and_reruns_count_once(write_config):
     assert (now["last_7_days"], now["last_30_days"], now["last_90_days"]) == (1, 2, 3)
 
 
-async def test_activities_are_skipped_and_alerts_without_user_too(write_config, fixture_bytes):
+async def test_activities_see_prior_alerts_but_are_not_counted_as_alerts(write_config, fixture_bytes):
     loaded = write_config(config())
     from pipeline.runner import Message
 
     async with Runner(loaded) as runner:
-        await runner.process_batch([Message(fixture_bytes("mgmt_api_dlp_rule_match.json")), message(graph_alert("nobody"))])
+        earlier = graph_alert("earlier", upn="megan.bowen@contoso.com", created="2025-03-13T10:00:00Z")
+        await runner.process_batch([Message(fixture_bytes("mgmt_api_dlp_rule_match.json")), message(earlier, graph_alert("nobody"))])
+        await runner.process_batch([message(graph_alert("after", upn="megan.bowen@contoso.com", created="2025-03-14T12:00:00Z"))])
         records = lake(runner)
-    statuses = {r["alert"]["kind"]: r["enrichment_status"]["prior_incidents"]["state"] for r in records.values() if r["alert"]["kind"] == "activity"}
-    assert statuses == {"activity": "skipped"}
+    (activity,) = [r for r in records.values() if r["alert"]["kind"] == "activity"]
+    assert activity["enrichments"]["prior_incidents"]["last_7_days"] == 1  # "earlier"
+    assert [p["alert_id"] for p in records["after"]["enrichments"]["prior_incidents"]["recent"]] == ["earlier"]  # not the activity
     assert records["nobody"]["enrichment_status"]["prior_incidents"]["state"] == "skipped"
 
 

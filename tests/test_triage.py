@@ -104,9 +104,9 @@ async def test_score_and_reasons_from_the_other_enrichers_and_routing(write_conf
     quiet = records["a-1"]["enrichments"]["triage"]
     assert quiet["score"] == 0 and quiet["band"] == "low" and quiet["reasons"] == []
     activity = next(r for r in records.values() if r["alert"]["kind"] == "activity")["enrichments"]["triage"]
-    # a rule-match activity: no prior_incidents (skipped), but it was shared externally
-    assert {r["code"] for r in activity["reasons"]} == {"departing_user", "high_confidence_financial", "high_confidence_personal", "external_sharing", "severity"}
-    assert activity["score"] == 31 + 23 + 5 + 13 + 2
+    # the rule-match activity (09:11, before m-3): m-1 and m-2 are prior, and it was shared externally
+    assert {r["code"] for r in activity["reasons"]} == {"departing_user", "high_confidence_financial", "high_confidence_personal", "external_sharing", "severity", "repeat_offender", "same_policy_repeat"}
+    assert activity["score"] == min(100, 31 + 23 + 5 + 13 + 2 + 17 + 3)
     activity_id = next(k for k, r in records.items() if r["alert"]["kind"] == "activity")
     assert set(hot) == {"m-3", activity_id}
     assert all(r["enrichments"]["triage"]["score"] >= 60 for r in hot.values())
