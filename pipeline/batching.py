@@ -30,12 +30,13 @@ class MicroBatcher(Generic[K, V]):
         self.max_size = max_size
         self.window_seconds = window_seconds
         self._pending: dict[K, asyncio.Future[V]] = {}
+        self._inflight: dict[K, asyncio.Future[V]] = {}  # sent, not answered yet: joined, not sent again
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.calls = 0  # fetch calls made
 
     async def load(self, key: K) -> V:
-        future = self._pending.get(key)
+        future = self._pending.get(key) or self._inflight.get(key)
         if future is None:
             future = asyncio.get_running_loop().create_future()
             self._pending[key] = future
@@ -53,12 +54,23 @@ class MicroBatcher(Generic[K, V]):
         keys = list(pending)
         for start in range(0, len(keys), self.max_size):
             chunk = {k: pending[k] for k in keys[start : start + self.max_size]}
+            self._inflight.update(chunk)
             task = asyncio.ensure_future(self._run(chunk))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, chunk: dict[K, asyncio.Future[V]]) -> None:
         self.calls += 1
+        try:
+            await self._answer(chunk)
+        finally:
+            for key, future in chunk.items():
+                if self._inflight.get(key) is future:
+                    del self._inflight[key]
+                if not future.done():
+                    future.cancel()
+
+    async def _answer(self, chunk: dict[K, asyncio.Future[V]]) -> None:
         try:
             results = await self._fetch(list(chunk))
         except BaseException as exc:  # noqa: BLE001 - handed to every waiter of the chunk

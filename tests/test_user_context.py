@@ -289,3 +289,36 @@ def test_missing_hr_file_is_a_config_error(write_config):
 
     with pytest.raises(ConfigError, match="user_context|UserContext"):
         Runner(write_config(config("https://graph.microsoft.com/v1.0", hr="missing.csv")))
+
+
+async def test_without_prepare_batch_concurrent_lookups_are_still_batched(httpserver, tmp_path):
+    """The micro-batching loader alone (no runner): 30 concurrent alerts of 25 users -> 2 $batch calls."""
+    import asyncio
+
+    from enrichers.user_context import UserContextEnricher
+    from pipeline.cache import TTLCache
+    from pipeline.enricher import EnrichmentContext
+    from pipeline.formats import decode_message
+
+    graph = GraphServer(httpserver, {f"oid-{i}": graph_user(i) for i in range(25)})
+    enricher = UserContextEnricher(UserContextEnricher.Settings.model_validate({"graph": {"url": graph.url, "allow_private_hosts": ["localhost", "127.0.0.1"]}}))
+    enricher.credential = StaticCredential()
+    await enricher.start()
+    cache = TTLCache(enricher.cache_policy)
+    alerts = decode_message(message(*[graph_alert(f"a{i}", object_id=f"oid-{i % 25}") for i in range(30)]).body).alerts
+    try:
+        fragments = await asyncio.gather(*(enricher.enrich(a, EnrichmentContext(a, fragments={}, statuses={}, cache=cache, clock=time.time)) for a in alerts))
+    finally:
+        await enricher.aclose()
+    assert all(f.found for f in fragments) and len(graph.batches) == 2
+
+
+async def test_failures_never_log_user_names_above_debug(httpserver, write_config, caplog):
+    import logging
+
+    graph = GraphServer(httpserver, {})
+    graph.fail["oid-1"] = 500
+    caplog.set_level(logging.DEBUG)
+    await run(write_config(config(graph.url)), [graph_alert("a", object_id="oid-1", upn="secret.person@contoso.com")])
+    loud = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG and r.name.startswith("pipeline")]
+    assert loud and not any("secret.person" in m or "oid-1" in m for m in loud)
