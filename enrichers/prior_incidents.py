@@ -66,6 +66,8 @@ class PriorIncidentsEnricher(BaseEnricher):
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
         self._recorded: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._clock = services.clock if services is not None else None
+        self._batch_history: dict[str, tuple[float, float, list[HistoryEntry]]] = {}
+        self._batch_expires = 0.0
 
     async def start(self) -> None:
         await self.store.start()
@@ -94,9 +96,34 @@ class PriorIncidentsEnricher(BaseEnricher):
             self._recorded.popitem(last=False)
 
     async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
-        """Write every alert of the batch first, so alerts of one batch see each other."""
+        """Write every alert of the batch first, so alerts of one batch see each other; then read each
+        distinct user's history once for the whole batch (one query per user, not per alert)."""
+        import asyncio
+        import time
+
         now = self._now()
-        await self._record([e for a in alerts if a.kind == "alert" and (e := entry_of(a, now=now)) is not None])
+        pairs = [(a, e) for a in alerts if (e := entry_of(a, now=now)) is not None]
+        await self._record([e for a, e in pairs if a.kind == "alert"])
+        spans: dict[str, tuple[float, float]] = {}
+        for _, e in pairs:
+            low, high = spans.get(e.user, (e.at, e.at))
+            spans[e.user] = (min(low, e.at), max(high, e.at))
+        self._batch_history = {}
+
+        async def load(user: str, low: float, high: float) -> None:
+            rows = await self.store.entries("alert", user, since=low - 90 * DAY, until=high, limit=5000)
+            self._batch_history[user] = (low, high, rows)
+
+        await asyncio.gather(*(load(u, lo, hi) for u, (lo, hi) in spans.items()))
+        self._batch_expires = time.monotonic() + 30
+
+    async def _history(self, user: str, until: float) -> list[HistoryEntry]:
+        import time
+
+        cached = self._batch_history.get(user)
+        if cached is not None and time.monotonic() < self._batch_expires and cached[0] <= until <= cached[1]:
+            return [row for row in cached[2] if until - 90 * DAY <= row.at <= until]
+        return await self.store.entries("alert", user, since=until - 90 * DAY, until=until)
 
     async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> PriorIncidents | None:
         entry = entry_of(alert, now=self._now())
@@ -105,7 +132,7 @@ class PriorIncidentsEnricher(BaseEnricher):
         if alert.kind == "alert":  # rule-match activities get the user's history but are not alerts
             await self._record([entry])
         until = entry.at
-        rows = await self.store.entries("alert", entry.user, since=until - 90 * DAY, until=until)
+        rows = await self._history(entry.user, until)
         prior: dict[str, PriorAlert] = {}
         types: dict[str, set[str]] = {}
         for row in rows:  # newest first; a revised alert counts once

@@ -196,3 +196,23 @@ async def test_table_store_down_fails_the_enricher_and_the_alert_is_delivered(mo
         records = lake(runner)
     assert report.delivered["lake"] == 1
     assert records["a"]["enrichment_status"]["prior_incidents"]["state"] in ("failed", "timed_out")
+
+
+async def test_enrich_alone_records_and_reads_history(tmp_path):
+    """Without the runner's prepare_batch (e.g. it failed), each alert records itself and reads its history."""
+    import time
+
+    from enrichers.prior_incidents import PriorIncidentsEnricher
+    from pipeline.enricher import EnrichmentContext
+    from pipeline.formats import decode_message
+
+    settings = PriorIncidentsEnricher.Settings.model_validate({"store": {"path": str(tmp_path / "history.sqlite")}})
+    enricher = PriorIncidentsEnricher(settings)
+    await enricher.start()
+    alerts = decode_message(message(*history_alerts()[:5]).body).alerts
+    try:
+        for alert in alerts:  # in time order: each sees the ones before it
+            fragment = await enricher.enrich(alert, EnrichmentContext(alert, fragments={}, statuses={}, cache=None, clock=time.time))
+    finally:
+        await enricher.aclose()
+    assert (fragment.last_7_days, fragment.last_30_days, fragment.last_90_days) == (1, 2, 3)
