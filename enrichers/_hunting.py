@@ -25,6 +25,7 @@ class HuntingSettings(BaseModel):
 
     url: str = Field("https://graph.microsoft.com/v1.0", description="Graph base URL")
     managed_identity_client_id: str | None = None
+    scope: str = Field(GRAPH_SCOPE, description="token scope (national clouds: https://graph.microsoft.us/.default, ...)")
     lookback_days: int = Field(30, ge=1, le=30, description="Advanced Hunting keeps 30 days")
     timeout_seconds: float = Field(10.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
@@ -53,7 +54,7 @@ class HuntingClient:
         s = self.settings
         if self.credential is None:
             self.credential = azure_credential(s.managed_identity_client_id)
-        self._token = BearerToken(self.credential, GRAPH_SCOPE)
+        self._token = BearerToken(self.credential, s.scope)
         self._http = HttpClient(
             timeout=s.timeout_seconds, max_retries=s.max_retries, max_retry_after=s.max_retry_after_seconds, allow_private_hosts=s.allow_private_hosts
         )

@@ -60,6 +60,7 @@ class GraphSettings(BaseModel):
 
     url: str = Field("https://graph.microsoft.com/v1.0", description="Graph base URL (a local server in tests)")
     managed_identity_client_id: str | None = Field(None, description="user-assigned identity; else DefaultAzureCredential")
+    scope: str = Field(GRAPH_SCOPE, description="token scope (national clouds: https://graph.microsoft.us/.default, ...)")
     batch_window_ms: float = Field(5.0, ge=0, le=1000, description="how long lookups are collected into one $batch")
     request_timeout_seconds: float = Field(5.0, gt=0)
     max_retries: int = Field(3, ge=0, le=10, description="retries of a throttled $batch or inner request")
@@ -150,7 +151,7 @@ class UserContextEnricher(BaseEnricher):
         g = self.settings.graph
         if self.credential is None:
             self.credential = azure_credential(g.managed_identity_client_id)
-        self._token = BearerToken(self.credential, GRAPH_SCOPE)
+        self._token = BearerToken(self.credential, g.scope)
         self._http = HttpClient(
             timeout=g.request_timeout_seconds,
             total_seconds=min(self.timeout, g.request_timeout_seconds * (g.max_retries + 1)),

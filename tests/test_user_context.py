@@ -27,6 +27,7 @@ class GraphServer:
         self.delay = 0.0
         self.malformed = False
         self.auth: list[str] = []
+        self.answered = __import__("threading").Event()
         httpserver.expect_request("/v1.0/$batch", method="POST").respond_with_handler(self.handle)
         self.url = httpserver.url_for("/v1.0")
 
@@ -34,6 +35,7 @@ class GraphServer:
         self.auth.append(request.headers.get("Authorization", ""))
         if self.delay:
             time.sleep(self.delay)
+            self.answered.set()
         if self.outer:
             status, headers = self.outer.pop(0)
             return Response(json.dumps({"error": {"code": "TooManyRequests"}}), status=status, headers=headers, content_type="application/json")
@@ -131,6 +133,7 @@ async def test_n_alerts_of_m_users_cost_ceil_m_over_20_batches(httpserver, write
     assert some["found"] and some["department"] == "Finance" and some["manager"]["upn"] == "boss@contoso.com"
     assert some["division"] == "Corporate" and some["sources"] == ["graph"]
     assert set(graph.auth) == {"Bearer test-token"}
+    assert runner.chain.slots[0].plugin.credential.scopes[0] == ("https://graph.microsoft.com/.default",)
 
 
 async def test_second_batch_of_the_same_users_costs_nothing(httpserver, write_config):
@@ -209,6 +212,7 @@ async def test_slow_graph_times_out_and_the_alert_is_delivered(httpserver, write
     _, report, records = await run(write_config(config(graph.url, timeout=0.3)), [graph_alert("a", object_id="oid-1", upn="user1@contoso.com")])
     assert report.delivered["lake"] == 1
     assert records["a"]["enrichment_status"]["user_context"]["state"] == "timed_out"
+    graph.answered.wait(3)  # the local server answers one request at a time: let it finish
 
 
 async def test_graph_down_fails_the_enricher_and_the_alert_is_delivered(write_config, tmp_path):
