@@ -1,13 +1,30 @@
-"""sensitive_info: a summary of the alert's sensitive information types. Never matched values."""
+"""sensitive_info: a summary of the alert's sensitive information types. Never matched values.
+
+When an alert carries no SIT data (Streaming API and Graph alerts usually do not), or types without
+counts (Sentinel) or without confidence (Graph `additionalData`), it is correlated with the DLP rule-match activities that passed
+through the pipeline (Management Activity records, CloudAppEvents rows; kept in the history store
+by user, file and time), or, when `hunting` is configured, with CloudAppEvents rows found through
+Advanced Hunting. Activities of one batch are stored before any alert of it is looked at.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+import time
+from collections import OrderedDict
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, Field
 
+from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
+from enrichers.history import HistoryEntry, HistorySettings, entry_of, event_time, open_history_store, user_key
+from pipeline.cache import CachePolicy, TTLCache
 from pipeline.enricher import BaseEnricher, EnrichmentContext
-from pipeline.models import DlpAlert
+from pipeline.models import DlpAlert, SensitiveInfo
+
+log = logging.getLogger("pipeline.enrichers.sensitive_info")
 
 Category = Literal["financial", "personal", "health", "credentials", "custom"]
 
@@ -51,24 +68,87 @@ class SensitiveInfoSummary(BaseModel):
     high_confidence_count: int = Field(description="matches in types detected at or above the high-confidence threshold")
     categories: list[Category]
     sensitivity_label_ids: list[str]
+    source: Literal["alert", "correlated", "hunting"] = Field("alert", description="where the types came from")
+    correlated_ids: list[str] = Field(default_factory=list, description="ids of the rule-match activities used")
 
 
 class SensitiveInfoEnricher(BaseEnricher):
     name = "sensitive_info"
-    timeout = 2.0
+    timeout = 5.0
+    cache_policy = CachePolicy(ttl_seconds=300, max_entries=20_000)  # hunting results only
 
     class Settings(BaseEnricher.Settings):
         high_confidence_threshold: int = Field(85, ge=0, le=100)
+        correlate: bool = Field(True, description="fill alerts without SIT data from rule-match activities seen by the pipeline")
+        window_minutes: float = Field(60, gt=0, le=7 * 24 * 60, description="an activity matches within this time of the alert")
+        store: HistorySettings = Field(default_factory=HistorySettings)
+        hunting: HuntingSettings | None = Field(None, description="else look for the rule match in CloudAppEvents via Advanced Hunting")
+
+    credential: Any = None  # for hunting; built in start() when None
+
+    def __init__(self, settings=None, services=None) -> None:
+        super().__init__(settings, services)
+        self.store = open_history_store(self.settings.store, services) if self.settings.correlate else None
+        self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
+        self._clock = services.clock if services is not None else time.time
+        self._recorded: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    async def start(self) -> None:
+        if self.store is not None:
+            await self.store.start()
+        if self.hunting is not None:
+            self.hunting.credential = self.hunting.credential or self.credential
+            await self.hunting.start()
+
+    async def aclose(self) -> None:
+        if self.store is not None:
+            await self.store.aclose()
+        if self.hunting is not None:
+            await self.hunting.aclose()
+
+    async def _record(self, alerts: list[DlpAlert]) -> None:
+        if self.store is None:
+            return
+        now = self._clock()
+        entries = [e for a in alerts if a.kind == "activity" and a.sensitive_info and (e := entry_of(a, now=now)) is not None]
+        fresh = [e for e in entries if (e.entry_id, e.content_id) not in self._recorded]
+        if not fresh:
+            return
+        await self.store.record("activity", fresh)
+        for e in fresh:
+            self._recorded[(e.entry_id, e.content_id)] = None
+        while len(self._recorded) > 50_000:
+            self._recorded.popitem(last=False)
+
+    async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
+        """Store the batch's rule-match activities before any alert of it is correlated."""
+        await self._record(alerts)
 
     async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> SensitiveInfoSummary | None:
+        if alert.kind == "activity":
+            await self._record([alert])
         labels = sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id})
-        if not alert.sensitive_info and not labels:
+        infos, source, ids = list(alert.sensitive_info), "alert", []
+        # no counts (Sentinel: names only) or no confidence (Graph: "Name (count)") -> look for the rule match
+        if alert.kind == "alert" and not (any(s.count is not None for s in infos) and any(s.confidence is not None for s in infos)):
+            found = await self._correlate(alert)
+            if found is None and self.hunting is not None:
+                found = await ctx.cached(("hunting", alert.alert_id), lambda: self._hunt(alert))
+                source = "hunting"
+            else:
+                source = "correlated"
+            if found:
+                infos, ids = found[0], found[1]
+                labels = sorted(set(labels) | set(found[2]))
+            else:
+                source = "alert"  # nothing matched: the alert's own types, as they are
+        if not infos and not labels:
             return None
+        return self.summarize(infos, labels, source=source, ids=ids)
+
+    def summarize(self, infos: list[SensitiveInfo], labels: list[str], *, source: str = "alert", ids: list[str] | None = None) -> SensitiveInfoSummary:
         threshold = self.settings.high_confidence_threshold
-        types = [
-            SensitiveType(name=s.name, type_id=s.type_id, count=s.count, confidence=s.confidence, category=category_of(s.name, s.type_id))
-            for s in alert.sensitive_info
-        ]
+        types = [SensitiveType(name=s.name, type_id=s.type_id, count=s.count, confidence=s.confidence, category=category_of(s.name, s.type_id)) for s in infos]
         confidences = [t.confidence for t in types if t.confidence is not None]
         return SensitiveInfoSummary(
             types=types,
@@ -79,4 +159,93 @@ class SensitiveInfoEnricher(BaseEnricher):
             high_confidence_count=sum(t.count or 0 for t in types if t.confidence is not None and t.confidence >= threshold),
             categories=sorted({t.category for t in types}),
             sensitivity_label_ids=labels,
+            source=source,  # type: ignore[arg-type]
+            correlated_ids=sorted(ids or []),
         )
+
+    async def _correlate(self, alert: DlpAlert) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
+        """Rule-match activities of the same user near the alert's time, on the same file and policy."""
+        if self.store is None:
+            return None
+        user = user_key(alert)
+        if user is None:
+            return None
+        at = event_time(alert, self._clock())
+        window = self.settings.window_minutes * 60
+        rows = await self.store.entries("activity", user, since=at - window, until=at + window)
+        files = {f.name.lower() for f in alert.files if f.name}
+        names = {s.name.lower() for s in alert.sensitive_info if s.name}
+        matched: dict[str, HistoryEntry] = {}
+        for row in rows:
+            if files and row.files and not files & set(row.files):
+                continue
+            if alert.policy_name and row.policy and alert.policy_name != row.policy:
+                continue
+            if names and not names & {str(s.get("name", "")).lower() for s in row.sensitive_info}:
+                continue
+            matched.setdefault(row.entry_id, row)  # newest content of an activity first
+        if not matched:
+            return None
+        return merge_types(e.sensitive_info for e in matched.values()), sorted(matched), sorted({l for e in matched.values() for l in e.labels})
+
+    async def _hunt(self, alert: DlpAlert) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
+        assert self.hunting is not None
+        if alert.user is None:
+            return None
+        from pipeline.formats import management_activity
+
+        at = datetime.fromtimestamp(event_time(alert, self._clock()), tz=timezone.utc)
+        window = timedelta(minutes=self.settings.window_minutes)
+        who = []
+        if alert.user.upn:
+            who.append(f"tostring(RawEventData.UserId) =~ {kql_string(alert.user.upn)}")
+        if alert.user.object_id:
+            who.append(f"AccountObjectId == {kql_string(alert.user.object_id)}")
+        kql = (
+            f"CloudAppEvents | where Timestamp between (datetime({(at - window).isoformat()}) .. datetime({(at + window).isoformat()}))"
+            ' | where ActionType =~ "DLPRuleMatch" or tostring(RawEventData.Operation) =~ "DLPRuleMatch"'
+            f" | where {' or '.join(who)}"
+            " | project Timestamp, ReportId, RawEventData | take 50"
+        )
+        files = {f.name.lower() for f in alert.files if f.name}
+        infos: list[list[dict[str, Any]]] = []
+        ids, labels = [], set()
+        for row in await self.hunting.query(kql):
+            raw = row.get("RawEventData")
+            if isinstance(raw, str):
+                try:
+                    raw = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    continue
+            if not isinstance(raw, dict) or not management_activity.is_dlp(raw):
+                continue
+            activity = management_activity.to_alert(raw)  # reads counts and types only, never matched values
+            names = {str(f.get("name") or "").lower() for f in activity.get("files") or []}
+            if files and names - {""} and not files & names:
+                continue
+            if alert.policy_name and activity.get("policy_name") and activity["policy_name"] != alert.policy_name:
+                continue
+            infos.append(list(activity.get("sensitive_info") or []))
+            labels.update(f.get("sensitivity_label_id") for f in activity.get("files") or [] if f.get("sensitivity_label_id"))
+            ids.append(str(activity.get("alert_id") or row.get("ReportId") or ""))
+        if not infos:
+            return None
+        return merge_types(infos), sorted(i for i in ids if i), sorted(labels)
+
+
+def merge_types(groups: Any) -> list[SensitiveInfo]:
+    """One entry per type (by id, else name) across activities: the largest count and confidence."""
+    merged: dict[str, dict[str, Any]] = {}
+    for group in groups:
+        for item in group:
+            key = (item.get("type_id") or item.get("name") or "").lower()
+            if not key:
+                continue
+            current = merged.setdefault(key, {"name": None, "type_id": None, "count": None, "confidence": None})
+            current["name"] = current["name"] or item.get("name")
+            current["type_id"] = current["type_id"] or item.get("type_id")
+            for field in ("count", "confidence"):
+                value = item.get(field)
+                if isinstance(value, int) and (current[field] is None or value > current[field]):
+                    current[field] = value
+    return [SensitiveInfo(**value) for value in merged.values()]

@@ -227,6 +227,7 @@ class Runner:
         if not alerts:
             return []
         processed_at = datetime.fromtimestamp(self.clock(), tz=timezone.utc)
+        await self._prepare_batch(alerts)
         records = await asyncio.gather(*(self._enrich_bounded(alert, processed_at) for alert in alerts))
         unique: dict[str, EnrichedRecord] = {}
         for record in records:
@@ -236,6 +237,22 @@ class Runner:
         report.alerts += len(unique)
         report.record_ids.extend(unique)
         return list(unique.values())
+
+    async def _prepare_batch(self, alerts: list[DlpAlert]) -> None:
+        """Show the whole batch first to enrichers that have `prepare_batch(alerts, cache)`: they batch
+        their lookups (Graph `$batch`) and write history before any alert is enriched. Best effort:
+        a failure is logged, and each alert's `enrich` then does its own lookup."""
+        jobs = [self._prepare_slot(slot, alerts) for slot in self.chain.slots if getattr(slot.plugin, "prepare_batch", None) is not None]
+        if jobs:
+            await asyncio.gather(*jobs)
+
+    async def _prepare_slot(self, slot: EnricherSlot, alerts: list[DlpAlert]) -> None:
+        try:
+            async with asyncio.timeout(slot.timeout):
+                await slot.plugin.prepare_batch(alerts, slot.cache)
+        except Exception as exc:
+            log.warning("enricher %s: batch preparation failed: %s", slot.name, type(translate(exc, role="enricher")).__name__)
+            log.debug("enricher %s: batch preparation failed", slot.name, exc_info=exc)
 
     async def _enrich_bounded(self, alert: DlpAlert, processed_at: datetime) -> EnrichedRecord:
         async with self._semaphore:

@@ -1,0 +1,292 @@
+"""What the pipeline has seen, per user: DLP alerts (for prior_incidents) and DLP rule-match activities
+(for the sensitive_info correlation).
+
+Two implementations of one small protocol:
+- `SqliteHistoryStore` — the embedded default: tables `history_alerts` / `history_activities` in the
+  runner's SQLite state file (or a file of its own under the data dir);
+- `TableHistoryStore` — Azure Table Storage (azure.data.tables.aio), shared by every Functions
+  instance. One table; PartitionKey is "<kind>-" + a hash of the user, so user names are never keys.
+
+Writes are idempotent: an entry is keyed by (user, entry id, content id), so a re-run or a
+redelivery changes nothing; readers count distinct entry ids, so a revised alert counts once.
+Entries hold no matched values: ids, times, policy, sensitive type names/ids/counts/confidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol, Sequence
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import EnricherUnavailable
+from pipeline.models import DlpAlert
+
+log = logging.getLogger("pipeline.enrichers.history")
+
+
+@dataclass(slots=True)
+class HistoryEntry:
+    """One alert or activity of one user, reduced to what the enrichers need."""
+
+    entry_id: str
+    content_id: str
+    user: str
+    at: float  # epoch seconds of the event
+    policy: str | None = None
+    severity: str | None = None
+    files: list[str] = field(default_factory=list)
+    sensitive_info: list[dict[str, Any]] = field(default_factory=list)  # name, type_id, count, confidence
+    labels: list[str] = field(default_factory=list)
+
+
+def user_key(alert: DlpAlert) -> str | None:
+    """The history key of an alert's user: the UPN (lowercase), else the object id."""
+    if alert.user is None:
+        return None
+    return alert.user.upn or (alert.user.object_id.lower() if alert.user.object_id else None)
+
+
+def event_time(alert: DlpAlert, default: float) -> float:
+    when = alert.first_activity_at or alert.created_at or alert.last_activity_at
+    return when.timestamp() if when is not None else default
+
+
+def entry_of(alert: DlpAlert, *, now: float) -> HistoryEntry | None:
+    user = user_key(alert)
+    if user is None:
+        return None
+    return HistoryEntry(
+        entry_id=alert.alert_id,
+        content_id=alert.content_id(),
+        user=user,
+        at=event_time(alert, now),
+        policy=alert.policy_name,
+        severity=alert.severity,
+        files=sorted({f.name.lower() for f in alert.files if f.name}),
+        sensitive_info=[s.model_dump(exclude_none=True) for s in alert.sensitive_info],
+        labels=sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id}),
+    )
+
+
+Kind = Literal["alert", "activity"]
+
+
+class HistoryStore(Protocol):
+    async def start(self) -> None: ...
+
+    async def record(self, kind: Kind, entries: Sequence[HistoryEntry]) -> None: ...
+
+    async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
+        """Entries of `user` with since <= at <= until, newest first, at most `limit`."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class HistorySettings(BaseModel):
+    """Where the history lives. `sqlite` (default): the state file, or `path` under the data dir."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["sqlite", "azure_table"] = "sqlite"
+    path: str | None = Field(None, description="sqlite: a file of its own under the data dir (default: the state file)")
+    table_name: str = Field("dlphistory", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
+    account_url: str | None = Field(None, description="azure_table: https://<account>.table.core.windows.net (managed identity)")
+    connection_string_env: str | None = Field(None, description="azure_table: environment variable holding a connection string")
+    managed_identity_client_id: str | None = None
+    retention_days: float = Field(120, gt=0, description="sqlite: entries older than this are purged")
+
+
+def open_history_store(settings: HistorySettings, services: Any) -> HistoryStore:
+    if settings.kind == "azure_table":
+        return TableHistoryStore(settings)
+    if settings.path is None:
+        state = getattr(services, "state", None) if services is not None else None
+        connection = getattr(state, "connection", None)
+        if isinstance(connection, sqlite3.Connection):
+            return SqliteHistoryStore(connection=connection, retention_days=settings.retention_days)
+        path = services.data_path("history.sqlite") if services is not None else Path("history.sqlite")
+    else:
+        path = services.data_path(settings.path) if services is not None else Path(settings.path)
+    return SqliteHistoryStore(path=path, retention_days=settings.retention_days)
+
+
+# -- SQLite --------------------------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS history_{kind}s (
+    user        TEXT NOT NULL,
+    entry_id    TEXT NOT NULL,
+    content_id  TEXT NOT NULL,
+    at          REAL NOT NULL,
+    data        BLOB NOT NULL,
+    PRIMARY KEY (user, entry_id, content_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS history_{kind}s_user_at ON history_{kind}s (user, at);
+"""
+
+
+class SqliteHistoryStore:
+    """Short local transactions under an async signature, like the SQLite state store."""
+
+    def __init__(self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120) -> None:
+        self._owned = connection is None
+        try:
+            if connection is None:
+                assert path is not None
+                path.parent.mkdir(parents=True, exist_ok=True)
+                connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA busy_timeout=5000")
+            self._db = connection
+            for kind in ("alert", "activity"):
+                self._db.executescript(_SCHEMA.format(kind=kind))
+        except (OSError, sqlite3.Error) as exc:
+            raise OSError(f"cannot open the history store: {exc}") from exc
+        self.retention_seconds = retention_days * 86400
+        self._next_purge = 0.0
+
+    async def start(self) -> None:
+        return None
+
+    async def record(self, kind: Kind, entries: Sequence[HistoryEntry]) -> None:
+        if not entries:
+            return
+        rows = [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(asdict(e))) for e in entries]
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)
+                if time.monotonic() >= self._next_purge:
+                    self._next_purge = time.monotonic() + 600
+                    newest = max(e.at for e in entries)
+                    self._db.execute(f"DELETE FROM history_{kind}s WHERE at < ?", (newest - self.retention_seconds,))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise EnricherUnavailable(f"history store write failed: {type(exc).__name__}") from exc
+
+    async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
+        try:
+            rows = self._db.execute(
+                f"SELECT data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?", (user, since, until, limit)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
+        return [HistoryEntry(**orjson.loads(row[0])) for row in rows]
+
+    async def aclose(self) -> None:
+        if self._owned:
+            self._db.close()
+
+
+# -- Azure Table Storage -------------------------------------------------------------------------
+
+
+def _partition(kind: str, user: str) -> str:
+    return f"{kind}-" + hashlib.sha256(user.encode()).hexdigest()[:40]
+
+
+def _row(entry: HistoryEntry) -> str:
+    return hashlib.sha256(f"{entry.entry_id}\x00{entry.content_id}".encode()).hexdigest()[:48]
+
+
+class TableHistoryStore:
+    """azure.data.tables.aio; many Functions instances share one table."""
+
+    def __init__(self, settings: HistorySettings, *, credential: Any = None) -> None:
+        if not settings.account_url and not settings.connection_string_env:
+            raise ValueError("history kind 'azure_table' needs account_url or connection_string_env")
+        if settings.connection_string_env and settings.connection_string_env not in os.environ:
+            raise ValueError(f"environment variable {settings.connection_string_env} is not set")
+        self.settings = settings
+        self.credential = credential
+        self._client: Any = None
+        self._table_ready = False
+
+    async def start(self) -> None:
+        """Build the client (no network call: a store that is down fails lookups, not start-up)."""
+        if self._client is not None:
+            return
+        from azure.data.tables.aio import TableClient
+
+        s = self.settings
+        options = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 3, "read_timeout": 5}
+        if s.connection_string_env:
+            self._client = TableClient.from_connection_string(os.environ[s.connection_string_env], table_name=s.table_name, **options)
+        else:
+            if self.credential is None:
+                from pipeline.http import azure_credential
+
+                self.credential = azure_credential(s.managed_identity_client_id)
+            self._client = TableClient(endpoint=s.account_url, table_name=s.table_name, credential=self.credential, **options)
+
+    async def _ready(self) -> None:
+        await self.start()
+        if self._table_ready:
+            return
+        from azure.core.exceptions import ResourceExistsError
+
+        try:
+            await self._client.create_table()
+        except ResourceExistsError:
+            pass
+        except Exception as exc:
+            raise EnricherUnavailable(f"history table unavailable: {type(exc).__name__}") from exc
+        self._table_ready = True
+
+    async def record(self, kind: Kind, entries: Sequence[HistoryEntry]) -> None:
+        if not entries:
+            return
+        await self._ready()
+        from azure.data.tables import UpdateMode
+
+        async def upsert(entry: HistoryEntry) -> None:
+            await self._client.upsert_entity(
+                {
+                    "PartitionKey": _partition(kind, entry.user),
+                    "RowKey": _row(entry),
+                    "At": float(entry.at),
+                    "Data": orjson.dumps(asdict(entry)).decode(),
+                },
+                mode=UpdateMode.REPLACE,
+            )
+
+        try:
+            await asyncio.gather(*(upsert(e) for e in entries))
+        except Exception as exc:
+            raise EnricherUnavailable(f"history table write failed: {type(exc).__name__}") from exc
+
+    async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
+        await self._ready()
+        found: list[HistoryEntry] = []
+        try:
+            pages = self._client.query_entities(
+                "PartitionKey eq @pk and At ge @since and At le @until",
+                parameters={"pk": _partition(kind, user), "since": float(since), "until": float(until)},
+                select=["Data"],
+            )
+            async for entity in pages:
+                found.append(HistoryEntry(**orjson.loads(entity["Data"])))
+        except Exception as exc:
+            raise EnricherUnavailable(f"history table read failed: {type(exc).__name__}") from exc
+        found.sort(key=lambda e: e.at, reverse=True)
+        return found[:limit]
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        closer = getattr(self.credential, "close", None)
+        if closer is not None:
+            await closer()

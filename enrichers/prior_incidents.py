@@ -1,0 +1,186 @@
+"""prior_incidents: this user's earlier DLP alerts (7/30/90 days, same policy, types, the latest ones).
+
+Every alert the pipeline sees (kind "alert") is written to the history store (enrichers/history.py:
+SQLite by default, Azure Table Storage to share it between Functions instances), idempotently: a
+re-run or a redelivery does not count twice, and the alert never counts in its own history. The
+windows end at the alert's own time, so the result does not depend on processing order. With a
+`hunting` table, alerts older than the pipeline come from Advanced Hunting (AlertInfo/AlertEvidence).
+Activities (kind "activity") get their user's prior alerts too, but are not recorded as alerts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from enrichers._files import parse_datetime
+from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
+from enrichers.history import HistoryEntry, HistorySettings, entry_of, open_history_store
+from pipeline.cache import CachePolicy, TTLCache
+from pipeline.enricher import BaseEnricher, EnrichmentContext
+from pipeline.models import DlpAlert
+
+log = logging.getLogger("pipeline.enrichers.prior_incidents")
+
+DAY = 86400.0
+
+
+class PriorAlert(BaseModel):
+    alert_id: str
+    at: datetime
+    policy: str | None = None
+    severity: str | None = None
+    source: str = "pipeline"
+
+
+class PriorIncidents(BaseModel):
+    last_7_days: int
+    last_30_days: int
+    last_90_days: int
+    same_policy_90_days: int = Field(description="prior alerts of the last 90 days that matched this alert's policy")
+    sensitive_types: list[str] = Field(description="distinct sensitive information types of those alerts")
+    last_alert_at: datetime | None
+    recent: list[PriorAlert] = Field(description="the most recent prior alerts, newest first (bounded)")
+    sources: list[str]
+
+
+class PriorIncidentsEnricher(BaseEnricher):
+    name = "prior_incidents"
+    timeout = 5.0
+    cache_policy = CachePolicy(ttl_seconds=600, max_entries=20_000)  # hunting results only
+
+    class Settings(BaseEnricher.Settings):
+        store: HistorySettings = Field(default_factory=HistorySettings)
+        max_recent: int = Field(5, ge=0, le=50)
+        hunting: HuntingSettings | None = Field(None, description="also ask Advanced Hunting for alerts older than the pipeline")
+
+    credential: Any = None  # for hunting; built in start() when None
+
+    def __init__(self, settings=None, services=None) -> None:
+        super().__init__(settings, services)
+        self.store = open_history_store(self.settings.store, services)
+        self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
+        self._recorded: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._clock = services.clock if services is not None else None
+        self._batch_history: dict[str, tuple[float, float, list[HistoryEntry]]] = {}
+        self._batch_expires = 0.0
+
+    async def start(self) -> None:
+        await self.store.start()
+        if self.hunting is not None:
+            self.hunting.credential = self.hunting.credential or self.credential
+            await self.hunting.start()
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+        if self.hunting is not None:
+            await self.hunting.aclose()
+
+    def _now(self) -> float:
+        import time
+
+        return self._clock() if self._clock is not None else time.time()
+
+    async def _record(self, entries: list[HistoryEntry]) -> None:
+        fresh = [e for e in entries if (e.entry_id, e.content_id) not in self._recorded]
+        if not fresh:
+            return
+        await self.store.record("alert", fresh)
+        for e in fresh:
+            self._recorded[(e.entry_id, e.content_id)] = None
+        while len(self._recorded) > 50_000:
+            self._recorded.popitem(last=False)
+
+    async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
+        """Write every alert of the batch first, so alerts of one batch see each other; then read each
+        distinct user's history once for the whole batch (one query per user, not per alert)."""
+        import asyncio
+        import time
+
+        now = self._now()
+        pairs = [(a, e) for a in alerts if (e := entry_of(a, now=now)) is not None]
+        await self._record([e for a, e in pairs if a.kind == "alert"])
+        spans: dict[str, tuple[float, float]] = {}
+        for _, e in pairs:
+            low, high = spans.get(e.user, (e.at, e.at))
+            spans[e.user] = (min(low, e.at), max(high, e.at))
+        self._batch_history = {}
+
+        async def load(user: str, low: float, high: float) -> None:
+            rows = await self.store.entries("alert", user, since=low - 90 * DAY, until=high, limit=5000)
+            self._batch_history[user] = (low, high, rows)
+
+        await asyncio.gather(*(load(u, lo, hi) for u, (lo, hi) in spans.items()))
+        self._batch_expires = time.monotonic() + 30
+
+    async def _history(self, user: str, until: float) -> list[HistoryEntry]:
+        import time
+
+        cached = self._batch_history.get(user)
+        if cached is not None and time.monotonic() < self._batch_expires and cached[0] <= until <= cached[1]:
+            return [row for row in cached[2] if until - 90 * DAY <= row.at <= until]
+        return await self.store.entries("alert", user, since=until - 90 * DAY, until=until)
+
+    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> PriorIncidents | None:
+        entry = entry_of(alert, now=self._now())
+        if entry is None:
+            return None
+        if alert.kind == "alert":  # rule-match activities get the user's history but are not alerts
+            await self._record([entry])
+        until = entry.at
+        rows = await self._history(entry.user, until)
+        prior: dict[str, PriorAlert] = {}
+        types: dict[str, set[str]] = {}
+        for row in rows:  # newest first; a revised alert counts once
+            if row.entry_id == alert.alert_id or row.entry_id in prior:
+                if row.entry_id in types:
+                    types[row.entry_id].update(s["name"] for s in row.sensitive_info if s.get("name"))
+                continue
+            prior[row.entry_id] = PriorAlert(alert_id=row.entry_id, at=datetime.fromtimestamp(row.at, tz=timezone.utc), policy=row.policy, severity=row.severity)
+            types[row.entry_id] = {s["name"] for s in row.sensitive_info if s.get("name")}
+        sources = [self.settings.store.kind]
+        if self.hunting is not None:
+            for found in await ctx.cached(("hunting", entry.user), lambda: self._hunt(alert)):
+                if found.alert_id != alert.alert_id and found.alert_id not in prior and found.at.timestamp() <= until and found.at.timestamp() >= until - 90 * DAY:
+                    prior[found.alert_id] = found
+            sources.append("hunting")
+        ordered = sorted(prior.values(), key=lambda p: p.at, reverse=True)
+
+        def within(days: int) -> int:
+            return sum(1 for p in ordered if p.at.timestamp() >= until - days * DAY)
+
+        return PriorIncidents(
+            last_7_days=within(7),
+            last_30_days=within(30),
+            last_90_days=len(ordered),
+            same_policy_90_days=sum(1 for p in ordered if alert.policy_name and p.policy == alert.policy_name),
+            sensitive_types=sorted({name for p in ordered for name in types.get(p.alert_id, ())}),
+            last_alert_at=ordered[0].at if ordered else None,
+            recent=ordered[: self.settings.max_recent],
+            sources=sources,
+        )
+
+    async def _hunt(self, alert: DlpAlert) -> list[PriorAlert]:
+        assert self.hunting is not None and alert.user is not None
+        conditions = []
+        if alert.user.upn:
+            conditions.append(f"AccountUpn =~ {kql_string(alert.user.upn)}")
+        if alert.user.object_id:
+            conditions.append(f"AccountObjectId == {kql_string(alert.user.object_id)}")
+        kql = (
+            'AlertEvidence | where EntityType == "User" and (' + " or ".join(conditions) + ")"
+            ' | join kind=inner (AlertInfo | where ServiceSource == "Microsoft Data Loss Prevention") on AlertId'
+            " | summarize Timestamp = min(Timestamp), Severity = take_any(Severity) by AlertId"
+            " | order by Timestamp desc | take 500"
+        )
+        found = []
+        for row in await self.hunting.query(kql):
+            at = parse_datetime(row.get("Timestamp"))
+            if isinstance(row.get("AlertId"), str) and at is not None:
+                severity = str(row.get("Severity") or "").lower() or None
+                found.append(PriorAlert(alert_id=row["AlertId"], at=at, severity=severity, source="hunting"))
+        return found

@@ -1,0 +1,410 @@
+"""telemetry: what non-Microsoft sources say about the alert's user or device.
+
+Three kinds of source, any number of each, every one named (its name is its key in the fragment):
+- `http`: a generic JSON lookup (Okta System Log, CrowdStrike, a proxy API...): URL, query and body
+  templated from alert fields, only the mapped response fields kept, hosts restricted to an
+  allow-list, auth headers read from environment variables named in the settings, timeouts and
+  Retry-After-aware retries (pipeline/http.py);
+- `tables`: lookup tables from CSV or JSON lines keyed by upn, ip or device, reloaded when the file
+  changes (the embedded default);
+- `log_analytics`: a KQL query (azure-monitor-query) over third-party logs already in the Sentinel
+  workspace (CommonSecurityLog, Syslog, custom tables) in a window around the alert.
+
+Template fields: {upn} {object_id} {user} (UPN local part) {domain} {device} {device_id} {ip}
+{alert_id} {policy} {workload} {start} {end} (ISO 8601, the window around the alert). In URLs,
+values are percent-encoded; in KQL they become string literals; a template whose field has no
+value makes that source "not applicable" for the alert. Sources run in order http, log_analytics,
+tables; a mapped output field named `ip` or `device` is available to the sources after it.
+
+The enricher fails only when every applicable source failed; otherwise failed sources are listed
+in `errors` (reason only, never content).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import string
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+from urllib.parse import quote
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from enrichers._files import WatchedFile, read_csv, read_json_records
+from enrichers._hunting import kql_string
+from pipeline.cache import CachePolicy
+from pipeline.enricher import BaseEnricher, EnrichmentContext
+from pipeline.errors import EnricherError, EnricherTimeout, EnricherUnavailable, PipelineError
+from pipeline.http import HttpClient, host_matches
+from pipeline.models import DlpAlert
+
+log = logging.getLogger("pipeline.enrichers.telemetry")
+_FORMATTER = string.Formatter()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpLookup(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,40}$")
+    method: Literal["GET", "POST"] = "GET"
+    url: str = Field(description="template, e.g. https://{{okta}}/api/v1/logs?filter=actor.alternateId eq \"{upn}\"")
+    params: dict[str, str] = Field(default_factory=dict, description="query parameters (templates)")
+    body: dict[str, Any] | None = Field(None, description="JSON body; its strings are templates")
+    headers_from_env: dict[str, str] = Field(default_factory=dict, description="header name -> environment variable holding its value")
+    allowed_hosts: list[str] = Field(min_length=1, description="hosts this lookup may call (exact or *.suffix)")
+    allow_private_hosts: list[str] = Field(default_factory=list, description="hosts allowed over http/private addresses (tests)")
+    results_path: str | None = Field(None, description="dotted path to the list of results; none: the whole answer is one result")
+    fields: dict[str, str] = Field(default_factory=dict, description="output field -> dotted path in the first result")
+    timeout_seconds: float = Field(3.0, gt=0)
+    max_retries: int = Field(1, ge=0, le=5)
+    not_found_statuses: list[int] = Field(default_factory=lambda: [404], description="statuses that mean 'nothing known'")
+
+    @model_validator(mode="after")
+    def _hosts(self) -> "HttpLookup":
+        host = _static_host(self.url)
+        if host is not None and not host_matches(host, self.allowed_hosts):
+            raise ValueError(f"url host {host} is not in allowed_hosts")
+        return self
+
+
+class LookupTable(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,40}$")
+    path: str = Field(description="CSV (header row) or JSON lines / array, relative to the config file")
+    key: Literal["upn", "ip", "device"]
+    key_column: str = Field(description="column / field holding the key")
+    columns: list[str] | None = Field(None, description="columns to output (default: all but the key)")
+    check_seconds: float = Field(5.0, ge=0)
+
+
+class LogAnalyticsQuery(_Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,40}$")
+    workspace_id: str
+    query: str = Field(description="KQL; {upn}, {device}, ... become string literals, {start}/{end} datetime literals")
+    window_minutes: float = Field(60, gt=0, le=7 * 24 * 60)
+    endpoint: str = Field("https://api.loganalytics.io/v1")
+    managed_identity_client_id: str | None = None
+    timeout_seconds: float = Field(10.0, gt=0)
+    max_retries: int = Field(1, ge=0, le=5)
+    max_rows: int = Field(20, ge=1, le=1000)
+    fields: list[str] | None = Field(None, description="columns of the first row to output (default: all)")
+
+
+class SourceResult(BaseModel):
+    kind: Literal["http", "table", "log_analytics"]
+    found: bool
+    count: int | None = Field(None, description="results returned (http list, log rows)")
+    fields: dict[str, Any] = Field(default_factory=dict)
+
+
+class Telemetry(BaseModel):
+    sources: dict[str, SourceResult]
+    found_any: bool
+    errors: dict[str, str] = Field(default_factory=dict)
+
+
+class TelemetryEnricher(BaseEnricher):
+    name = "telemetry"
+    timeout = 10.0
+    cache_policy = CachePolicy(ttl_seconds=120, max_entries=20_000)
+
+    class Settings(BaseEnricher.Settings):
+        window_minutes: float = Field(60, gt=0, description="{start}/{end}: this long before and after the alert")
+        http: list[HttpLookup] = Field(default_factory=list)
+        log_analytics: list[LogAnalyticsQuery] = Field(default_factory=list)
+        tables: list[LookupTable] = Field(default_factory=list)
+
+        @model_validator(mode="after")
+        def _unique(self) -> "TelemetryEnricher.Settings":
+            names = [s.name for s in (*self.http, *self.log_analytics, *self.tables)]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"source names must be unique: {', '.join(duplicates)}")
+            return self
+
+    credential: Any = None  # for Log Analytics; built in start() when None
+
+    def __init__(self, settings=None, services=None) -> None:
+        super().__init__(settings, services)
+        s = self.settings
+        for lookup in s.http:
+            for header, variable in lookup.headers_from_env.items():
+                if variable not in os.environ:
+                    raise ValueError(f"http lookup {lookup.name}: environment variable {variable} (header {header}) is not set")
+        self._tables: dict[str, WatchedFile[dict[str, dict[str, Any]]]] = {}
+        for table in s.tables:
+            path = services.input_path(table.path) if services is not None else table.path
+            self._tables[table.name] = WatchedFile(path, lambda data, t=table: _index_table(data, t), check_seconds=table.check_seconds)
+            self._tables[table.name].get()
+        self._http: dict[str, HttpClient] = {}
+        self._logs: dict[str, Any] = {}
+
+    async def start(self) -> None:
+        for lookup in self.settings.http:
+            if lookup.name not in self._http:
+                self._http[lookup.name] = HttpClient(
+                    timeout=lookup.timeout_seconds,
+                    total_seconds=lookup.timeout_seconds * (lookup.max_retries + 1),
+                    max_retries=lookup.max_retries,
+                    max_retry_after=lookup.timeout_seconds,
+                    allowed_hosts=lookup.allowed_hosts,
+                    allow_private_hosts=lookup.allow_private_hosts,
+                )
+        if self.settings.log_analytics:
+            from azure.monitor.query.aio import LogsQueryClient
+
+            for query in self.settings.log_analytics:
+                if query.name in self._logs:
+                    continue
+                if self.credential is None:
+                    from pipeline.http import azure_credential
+
+                    self.credential = azure_credential(query.managed_identity_client_id)
+                self._logs[query.name] = LogsQueryClient(
+                    self.credential,
+                    endpoint=query.endpoint,
+                    retry_total=query.max_retries,
+                    retry_backoff_factor=0.2,
+                    retry_backoff_max=query.timeout_seconds / 2,
+                    connection_timeout=query.timeout_seconds,
+                    read_timeout=query.timeout_seconds,
+                )
+
+    async def aclose(self) -> None:
+        for client in self._http.values():
+            await client.aclose()
+        for client in self._logs.values():
+            await client.close()
+        closer = getattr(self.credential, "close", None)
+        if closer is not None and self._logs:
+            await closer()
+
+    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> Telemetry | None:
+        values = _variables(alert, ctx, self.settings.window_minutes)
+        results: dict[str, SourceResult] = {}
+        errors: dict[str, str] = {}
+        timeouts = 0
+        applicable = 0
+
+        def learn(result: SourceResult) -> None:
+            for key in ("ip", "device"):
+                value = result.fields.get(key)
+                if isinstance(value, str) and value and key not in values:
+                    values[key] = value
+
+        for lookup in self.settings.http:
+            try:
+                request = _render_http(lookup, values)
+            except KeyError:
+                continue
+            applicable += 1
+            try:
+                result = await ctx.cached(("http", lookup.name, repr(request)), lambda lookup=lookup, request=request: self._call_http(lookup, request))
+            except (EnricherError, PipelineError) as exc:
+                errors[lookup.name] = str(exc)
+                timeouts += isinstance(exc, EnricherTimeout)
+                continue
+            results[lookup.name] = result
+            learn(result)
+        for query in self.settings.log_analytics:
+            try:
+                kql = _render_kql(query.query, values)
+            except KeyError:
+                continue
+            applicable += 1
+            try:
+                result = await self._query_logs(query, kql, values["_at"])
+            except (EnricherError, PipelineError) as exc:
+                errors[query.name] = str(exc)
+                timeouts += isinstance(exc, EnricherTimeout)
+                continue
+            results[query.name] = result
+            learn(result)
+        for table in self.settings.tables:
+            key = values.get(table.key)
+            if not key:
+                continue
+            applicable += 1
+            row = self._tables[table.name].get().get(str(key).lower())
+            if row is None and table.key == "device":
+                row = self._tables[table.name].get().get(str(key).lower().split(".", 1)[0])
+            fields = {} if row is None else {k: v for k, v in row.items() if k != table.key_column and (table.columns is None or k in table.columns)}
+            results[table.name] = SourceResult(kind="table", found=row is not None, fields=fields)
+        if applicable == 0:
+            return None
+        if errors and not results:
+            first = next(iter(errors.values()))
+            error = EnricherTimeout if timeouts == len(errors) else EnricherUnavailable
+            raise error(f"every telemetry source failed ({len(errors)}); first: {first}")
+        return Telemetry(sources=results, found_any=any(r.found for r in results.values()), errors=errors)
+
+    async def _call_http(self, lookup: HttpLookup, request: dict[str, Any]) -> SourceResult:
+        client = self._http[lookup.name]
+        headers = {header: os.environ.get(variable, "") for header, variable in lookup.headers_from_env.items()}
+        headers.setdefault("Accept", "application/json")
+        response = await client.request(
+            lookup.method, request["url"], params=request["params"] or None, json=request["body"], headers=headers, ok_statuses=tuple(lookup.not_found_statuses)
+        )
+        if response.status_code in lookup.not_found_statuses:
+            return SourceResult(kind="http", found=False, count=0)
+        from pipeline.http import parse_json
+
+        payload = parse_json(response)
+        items: Any = payload if lookup.results_path is None else _path(payload, lookup.results_path)
+        if lookup.results_path is not None and not isinstance(items, list):
+            raise EnricherUnavailable(f"{lookup.name}: no list at '{lookup.results_path}' in the answer")
+        if isinstance(items, list):
+            first, count = (items[0] if items else None), len(items)
+        else:
+            first, count = items, None
+        fields = {out: _scalar(_path(first, path)) for out, path in lookup.fields.items()} if first is not None else {}
+        return SourceResult(kind="http", found=first is not None, count=count, fields={k: v for k, v in fields.items() if v is not None})
+
+    async def _query_logs(self, query: LogAnalyticsQuery, kql: str, at: datetime) -> SourceResult:
+        from azure.core.exceptions import AzureError
+        from azure.monitor.query import LogsQueryStatus
+
+        client = self._logs[query.name]
+        window = timedelta(minutes=query.window_minutes)
+        try:
+            response = await client.query_workspace(
+                query.workspace_id,
+                kql,
+                timespan=(at - window, at + window),
+                server_timeout=int(max(1, query.timeout_seconds)),
+                enforce_https=not query.endpoint.startswith("http://"),
+            )
+        except AzureError as exc:
+            status = getattr(exc, "status_code", None)
+            if "Timeout" in type(exc).__name__:
+                raise EnricherTimeout(f"{query.name}: Log Analytics timed out") from exc
+            raise EnricherUnavailable(f"{query.name}: Log Analytics " + (f"HTTP {status}" if status else type(exc).__name__)) from exc
+        except (ValueError, KeyError, TypeError) as exc:  # an answer the client cannot read
+            raise EnricherUnavailable(f"{query.name}: malformed Log Analytics answer") from exc
+        if response.status == LogsQueryStatus.FAILURE:
+            raise EnricherUnavailable(f"{query.name}: Log Analytics query failed")
+        tables = response.tables if response.status == LogsQueryStatus.SUCCESS else response.partial_data
+        if not tables:
+            return SourceResult(kind="log_analytics", found=False, count=0)
+        table = tables[0]
+        rows = [dict(zip(table.columns, row)) for row in table.rows[: query.max_rows]]
+        first = rows[0] if rows else {}
+        fields = {k: _scalar(v) for k, v in first.items() if query.fields is None or k in query.fields}
+        return SourceResult(kind="log_analytics", found=bool(rows), count=len(table.rows), fields={k: v for k, v in fields.items() if v is not None})
+
+
+# -- templates -----------------------------------------------------------------------------------
+
+
+def _variables(alert: DlpAlert, ctx: EnrichmentContext, window_minutes: float) -> dict[str, Any]:
+    at = alert.created_at or alert.last_activity_at or alert.first_activity_at or ctx.now()
+    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    window = timedelta(minutes=window_minutes)
+    upn = alert.user.upn if alert.user else None
+    values: dict[str, Any] = {
+        "_at": at,
+        "start": (at - window).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "end": (at + window).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "alert_id": alert.alert_id,
+        "policy": alert.policy_name,
+        "workload": alert.workload,
+        "upn": upn,
+        "object_id": alert.user.object_id if alert.user else None,
+        "user": upn.split("@", 1)[0] if upn else None,
+        "domain": upn.split("@", 1)[1] if upn and "@" in upn else None,
+        "device": alert.device.name.lower() if alert.device and alert.device.name else None,
+        "device_id": alert.device.device_id if alert.device else None,
+    }
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _fill(template: str, values: dict[str, Any], encode: Any) -> str:
+    out = []
+    for literal, field, _, _ in _FORMATTER.parse(template):
+        out.append(literal)
+        if field is not None:
+            if field == "" or field.startswith("_") or field not in values:
+                raise KeyError(field)
+            out.append(encode(str(values[field])))
+    return "".join(out)
+
+
+def _render_http(lookup: HttpLookup, values: dict[str, Any]) -> dict[str, Any]:
+    url = _fill(lookup.url, values, lambda v: quote(v, safe="@"))
+    params = {k: _fill(v, values, str) for k, v in lookup.params.items()}
+
+    def body(value: Any) -> Any:
+        if isinstance(value, str):
+            return _fill(value, values, str)
+        if isinstance(value, dict):
+            return {k: body(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [body(v) for v in value]
+        return value
+
+    return {"url": url, "params": params, "body": body(lookup.body) if lookup.body is not None else None}
+
+
+def _render_kql(template: str, values: dict[str, Any]) -> str:
+    def literal(field_value: str) -> str:
+        return kql_string(field_value)
+
+    out = []
+    for literal_text, field, _, _ in _FORMATTER.parse(template):
+        out.append(literal_text)
+        if field is None:
+            continue
+        if field in ("start", "end") and field in values:
+            out.append(f"datetime({values[field]})")
+        elif field and not field.startswith("_") and field in values:
+            out.append(literal(str(values[field])))
+        else:
+            raise KeyError(field)
+    return "".join(out)
+
+
+def _static_host(url: str) -> str | None:
+    """The host of a URL template when it is not itself templated."""
+    try:
+        rest = url.split("://", 1)[1]
+    except IndexError:
+        return None
+    host = rest.split("/", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1].split(":", 1)[0]
+    return None if "{" in host else host.lower()
+
+
+def _path(value: Any, path: str) -> Any:
+    for part in [p for p in path.split(".") if p]:
+        if isinstance(value, dict):
+            value = value.get(part)
+        elif isinstance(value, list) and part.lstrip("-").isdigit():
+            index = int(part)
+            value = value[index] if -len(value) <= index < len(value) else None
+        else:
+            return None
+    return value
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, list) and all(isinstance(v, (str, int, float, bool)) for v in value):
+        return value[:50]
+    return str(value)[:500]
+
+
+def _index_table(data: bytes, table: LookupTable) -> dict[str, dict[str, Any]]:
+    text = data.lstrip()
+    rows = read_json_records(data) if text[:1] in (b"{", b"[") else read_csv(data)
+    index = {}
+    for row in rows:
+        key = row.get(table.key_column)
+        if key not in (None, ""):
+            index[str(key).strip().lower()] = row
+    if rows and not index:
+        raise ValueError(f"lookup table {table.name}: no row has the column {table.key_column!r}")
+    return index

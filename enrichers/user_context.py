@@ -1,0 +1,344 @@
+"""user_context: who the user is (directory / HR fields, manager) and whether they are leaving.
+
+Sources, all optional, combined:
+- Microsoft Graph (a `graph` table in the settings): `GET /users/{id or upn}?$select=<HR fields>&$expand=manager(...)`
+  sent through JSON `$batch` (at most 20 requests each), with a token from azure-identity
+  (managed identity / DefaultAzureCredential, scope https://graph.microsoft.com/.default);
+  429/503 are retried honouring Retry-After, for the `$batch` call and for each inner request;
+- a local users directory (`directory`): a JSON file of Graph-user-shaped objects (array, `{"value":
+  [...]}` or JSON lines), the embedded default when Graph is not configured;
+- an HR file (`hr.path`): a CSV in the layout of the Purview Insider Risk Management HR connector
+  (EmailAddress, ResignationDate, LastWorkingDate, ...), reloaded when the file changes.
+
+A user missing from every source gives `found: false` (state ok), not a failure. A source that is
+down fails the enricher for that alert; the alert is still delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import BaseModel, Field
+
+from enrichers._files import WatchedFile, parse_datetime, read_csv, read_json_records
+from pipeline.batching import MicroBatcher
+from pipeline.cache import CachePolicy, TTLCache
+from pipeline.enricher import BaseEnricher, EnrichmentContext
+from pipeline.errors import EnricherUnavailable
+from pipeline.http import BearerToken, HttpClient, azure_credential, parse_retry_after
+from pipeline.models import DlpAlert
+
+log = logging.getLogger("pipeline.enrichers.user_context")
+
+GRAPH_SCOPE = "https://graph.microsoft.com/.default"
+HR_FIELDS = (
+    "id",
+    "userPrincipalName",
+    "displayName",
+    "mail",
+    "department",
+    "jobTitle",
+    "employeeType",
+    "employeeHireDate",
+    "employeeLeaveDateTime",
+    "accountEnabled",
+    "officeLocation",
+    "companyName",
+    "employeeOrgData",
+)
+MANAGER_FIELDS = ("id", "displayName", "userPrincipalName", "mail", "jobTitle")
+GRAPH_BATCH_LIMIT = 20  # documented maximum of requests in one JSON $batch
+
+
+class GraphSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    url: str = Field("https://graph.microsoft.com/v1.0", description="Graph base URL (a local server in tests)")
+    managed_identity_client_id: str | None = Field(None, description="user-assigned identity; else DefaultAzureCredential")
+    scope: str = Field(GRAPH_SCOPE, description="token scope (national clouds: https://graph.microsoft.us/.default, ...)")
+    batch_window_ms: float = Field(5.0, ge=0, le=1000, description="how long lookups are collected into one $batch")
+    request_timeout_seconds: float = Field(5.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=10, description="retries of a throttled $batch or inner request")
+    max_retry_after_seconds: float = Field(5.0, ge=0, description="a longer Retry-After fails the lookup instead of waiting")
+    allow_private_hosts: list[str] = Field(default_factory=list, description="hosts allowed over http/private addresses (tests)")
+
+
+class HrColumns(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    email: str = "EmailAddress"
+    resignation_date: str = "ResignationDate"
+    last_working_date: str = "LastWorkingDate"
+
+
+class HrSettings(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    path: str = Field(description="CSV in the IRM HR connector layout, relative to the config file")
+    columns: HrColumns = Field(default_factory=HrColumns)
+    check_seconds: float = Field(5.0, ge=0, description="how often the file's size/mtime is checked")
+
+
+class Manager(BaseModel):
+    id: str | None = None
+    display_name: str | None = None
+    upn: str | None = None
+    mail: str | None = None
+    job_title: str | None = None
+
+
+class UserContext(BaseModel):
+    found: bool
+    sources: list[str]
+    display_name: str | None = None
+    department: str | None = None
+    job_title: str | None = None
+    employee_type: str | None = None
+    company_name: str | None = None
+    office_location: str | None = None
+    division: str | None = None
+    cost_center: str | None = None
+    account_enabled: bool | None = None
+    hire_date: datetime | None = None
+    leave_date: datetime | None = None
+    manager: Manager | None = None
+    resignation_date: datetime | None = None
+    last_working_date: datetime | None = None
+    departing: bool = False
+    departed: bool = False
+    days_until_departure: int | None = Field(None, description="from the alert's time to the last working day; negative once gone")
+
+
+class UserContextEnricher(BaseEnricher):
+    name = "user_context"
+    timeout = 10.0
+    cache_policy = CachePolicy(ttl_seconds=900, max_entries=50_000)
+
+    class Settings(BaseEnricher.Settings):
+        graph: GraphSettings | None = Field(None, description="look users up in Microsoft Graph (`graph = {}` for the defaults)")
+        directory: str | None = Field(None, description="local users file (Graph user JSON), used when graph is not configured")
+        hr: HrSettings | None = None
+
+    credential: Any = None  # an azure-core async credential; built in start() when None
+
+    def __init__(self, settings=None, services=None) -> None:
+        super().__init__(settings, services)
+        s = self.settings
+        self._directory: WatchedFile[dict[str, dict[str, Any]]] | None = None
+        self._hr: WatchedFile[dict[str, dict[str, Any]]] | None = None
+        if s.directory and s.graph is None:
+            path = services.input_path(s.directory) if services else s.directory
+            self._directory = WatchedFile(path, _index_directory)
+            self._directory.get()  # a missing or broken file is a start-up error
+        if s.hr is not None:
+            path = services.input_path(s.hr.path) if services else s.hr.path
+            columns = s.hr.columns
+            self._hr = WatchedFile(path, lambda data: _index_hr(data, columns), check_seconds=s.hr.check_seconds)
+            self._hr.get()
+        self._http: HttpClient | None = None
+        self._token: BearerToken | None = None
+        self._batcher: MicroBatcher[str, dict[str, Any] | None] | None = None
+        self.batch_requests = 0  # $batch calls sent (retries included)
+
+    async def start(self) -> None:
+        if self.settings.graph is None or self._http is not None:
+            return
+        g = self.settings.graph
+        if self.credential is None:
+            self.credential = azure_credential(g.managed_identity_client_id)
+        self._token = BearerToken(self.credential, g.scope)
+        self._http = HttpClient(
+            timeout=g.request_timeout_seconds,
+            total_seconds=min(self.timeout, g.request_timeout_seconds * (g.max_retries + 1)),
+            max_retries=g.max_retries,
+            max_retry_after=g.max_retry_after_seconds,
+            allow_private_hosts=g.allow_private_hosts,
+        )
+        self._batcher = MicroBatcher(self._fetch_graph, max_size=GRAPH_BATCH_LIMIT, window_seconds=g.batch_window_ms / 1000)
+
+    async def aclose(self) -> None:
+        if self._batcher is not None:
+            await self._batcher.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+        if self._token is not None:
+            await self._token.aclose()
+
+    # -- the contract --------------------------------------------------------------------------
+
+    async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
+        """Look up every distinct user of the batch at once: ceil(M/20) `$batch` calls for M users."""
+        if self._batcher is None or cache is None:
+            return
+        keys = {key for alert in alerts if (key := _user_key(alert)) is not None}
+        await asyncio.gather(*(cache.get_or_load(key, lambda key=key: self._lookup_directory(key)) for key in keys), return_exceptions=True)
+
+    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> UserContext | None:
+        key = _user_key(alert)
+        if key is None:
+            return None
+        user = None
+        sources: list[str] = []
+        if self._batcher is not None or self._directory is not None:
+            user = await ctx.cached(key, lambda: self._lookup_directory(key))
+            if user is None and alert.user and alert.user.upn and key != alert.user.upn:
+                user = await ctx.cached(alert.user.upn, lambda: self._lookup_directory(alert.user.upn))
+            if user is not None:
+                sources.append("graph" if self._batcher is not None else "directory")
+        hr = None
+        if self._hr is not None:
+            upn = (alert.user.upn if alert.user else None) or (str(user.get("userPrincipalName") or "").lower() if user else None)
+            hr = self._hr.get().get(upn) if upn else None
+            if hr is not None:
+                sources.append("hr")
+        return _fragment(user, hr, sources, _alert_time(alert, ctx))
+
+    # -- sources -------------------------------------------------------------------------------
+
+    async def _lookup_directory(self, key: str) -> dict[str, Any] | None:
+        if self._batcher is not None:
+            return await self._batcher.load(key)
+        assert self._directory is not None
+        return self._directory.get().get(key.lower())
+
+    async def _fetch_graph(self, keys: list[str]) -> dict[str, Any]:
+        """One `$batch` of at most 20 user lookups; throttled inner requests are sent again."""
+        assert self._http is not None and self._token is not None
+        g = self.settings.graph
+        query = "$select=" + ",".join(HR_FIELDS) + "&$expand=manager($select=" + ",".join(MANAGER_FIELDS) + ")"
+        results: dict[str, Any] = {}
+        todo = list(keys)
+        deadline = time.monotonic() + self.timeout
+        for attempt in range(g.max_retries + 1):
+            ids = {str(i): key for i, key in enumerate(todo, 1)}
+            body = {"requests": [{"id": i, "method": "GET", "url": f"/users/{quote(key, safe='@')}?{query}"} for i, key in ids.items()]}
+            self.batch_requests += 1
+            payload = await self._http.json("POST", g.url.rstrip("/") + "/$batch", json=body, headers=await self._token.headers())
+            responses = payload.get("responses") if isinstance(payload, dict) else None
+            if not isinstance(responses, list):
+                raise EnricherUnavailable("Graph $batch: malformed response (no 'responses' array)")
+            retry: list[str] = []
+            waits: list[float] = []
+            seen: set[str] = set()
+            for item in responses:
+                if not isinstance(item, dict) or str(item.get("id")) not in ids:
+                    continue
+                request_id = str(item["id"])
+                seen.add(request_id)
+                key = ids[request_id]
+                status = item.get("status")
+                inner = item.get("body")
+                if status == 200 and isinstance(inner, dict):
+                    results[key] = inner
+                elif status == 404:
+                    results[key] = None  # not in the directory: found=false, not a failure
+                elif status in (429, 503):
+                    retry.append(key)
+                    headers = item.get("headers") if isinstance(item.get("headers"), dict) else {}
+                    wait = parse_retry_after(next((v for k, v in headers.items() if k.lower() == "retry-after"), None))
+                    waits.append(min(0.5 * 2**attempt, 4.0) if wait is None else wait)
+                else:
+                    results[key] = EnricherUnavailable(f"Graph user lookup: HTTP {status}")
+            for request_id, key in ids.items():
+                if request_id not in seen:
+                    results[key] = EnricherUnavailable("Graph $batch: no response for a request")
+            if not retry:
+                return results
+            wait = max(waits)
+            if attempt == g.max_retries or wait > g.max_retry_after_seconds or time.monotonic() + wait >= deadline:
+                for key in retry:
+                    results[key] = EnricherUnavailable(f"Graph user lookup throttled; retry after {wait:g}s does not fit")
+                return results
+            log.debug("Graph $batch: %d inner request(s) throttled, retrying in %.2fs", len(retry), wait)
+            await asyncio.sleep(wait)
+            todo = retry
+        return results
+
+
+def _user_key(alert: DlpAlert) -> str | None:
+    if alert.user is None:
+        return None
+    return alert.user.object_id or alert.user.upn
+
+
+def _alert_time(alert: DlpAlert, ctx: EnrichmentContext) -> datetime:
+    when = alert.created_at or alert.last_activity_at or alert.first_activity_at or ctx.now()
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _index_directory(data: bytes) -> dict[str, dict[str, Any]]:
+    index: dict[str, dict[str, Any]] = {}
+    for user in read_json_records(data):
+        for field in ("id", "userPrincipalName", "mail"):
+            value = user.get(field)
+            if isinstance(value, str) and value:
+                index[value.lower()] = user
+    return index
+
+
+def _index_hr(data: bytes, columns: HrColumns) -> dict[str, dict[str, Any]]:
+    rows = read_csv(data)
+    if rows and columns.email not in rows[0]:
+        raise ValueError(f"HR file has no column {columns.email!r}")
+    index: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        email = row.get(columns.email, "").lower()
+        if not email:
+            continue
+        entry = {
+            "resignation_date": parse_datetime(row.get(columns.resignation_date)),
+            "last_working_date": parse_datetime(row.get(columns.last_working_date)),
+        }
+        if entry["resignation_date"] is None and entry["last_working_date"] is None:
+            continue
+        previous = index.get(email)
+        if previous is None or (entry["resignation_date"] or entry["last_working_date"]) >= (previous["resignation_date"] or previous["last_working_date"]):
+            index[email] = entry
+    return index
+
+
+def _fragment(user: dict[str, Any] | None, hr: dict[str, Any] | None, sources: list[str], at: datetime) -> UserContext:
+    out = UserContext(found=bool(sources), sources=sources)
+    if user is not None:
+        org = user.get("employeeOrgData") if isinstance(user.get("employeeOrgData"), dict) else {}
+        manager = user.get("manager") if isinstance(user.get("manager"), dict) else None
+        out = out.model_copy(
+            update=dict(
+                display_name=user.get("displayName"),
+                department=user.get("department"),
+                job_title=user.get("jobTitle"),
+                employee_type=user.get("employeeType"),
+                company_name=user.get("companyName"),
+                office_location=user.get("officeLocation"),
+                division=org.get("division"),
+                cost_center=org.get("costCenter"),
+                account_enabled=user.get("accountEnabled") if isinstance(user.get("accountEnabled"), bool) else None,
+                hire_date=parse_datetime(user.get("employeeHireDate")),
+                leave_date=parse_datetime(user.get("employeeLeaveDateTime")),
+                manager=Manager(
+                    id=manager.get("id"),
+                    display_name=manager.get("displayName"),
+                    upn=(manager.get("userPrincipalName") or "").lower() or None,
+                    mail=manager.get("mail"),
+                    job_title=manager.get("jobTitle"),
+                )
+                if manager
+                else None,
+            )
+        )
+    if hr is not None:
+        out.resignation_date = hr["resignation_date"]
+        out.last_working_date = hr["last_working_date"]
+    leaving = out.last_working_date or out.leave_date or out.resignation_date
+    if leaving is not None:
+        days = (leaving.date() - at.date()).days
+        out.days_until_departure = days
+        out.departed = days < 0
+        out.departing = days >= 0
+    return out
+

@@ -1,0 +1,218 @@
+"""prior_incidents: history in SQLite (the state file) and in Azure Table Storage (Azurite), plus hunting."""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+
+import pytest
+from werkzeug import Response
+
+from enrichers.history import HistoryEntry, HistorySettings, TableHistoryStore
+from pipeline.runner import Runner
+from tests.support.alerts import StaticCredential, graph_alert, message
+
+SINK = """
+[[sinks]]
+name = "lake"
+kind = "jsonl"
+[sinks.settings]
+fsync = false
+"""
+
+
+def config(store: str = "", extra: str = "") -> str:
+    return f"""
+[assembly]
+settle_seconds = 0
+[[enrichers]]
+name = "prior_incidents"
+[enrichers.settings]
+max_recent = 2
+{extra}
+{store}
+""" + SINK
+
+
+def lake(runner: Runner) -> dict[str, dict]:
+    root = runner.loaded.data_path("lake")
+    return {json.loads(line)["alert"]["alert_id"]: json.loads(line) for path in root.rglob("*.jsonl") for line in path.read_text().splitlines()}
+
+
+def history_alerts():
+    upn = "megan.bowen@contoso.com"
+    return [
+        graph_alert("old-100d", upn=upn, created="2024-12-04T10:00:00Z", policy="Finance PII", sits="Credit Card Number (2)"),
+        graph_alert("p-40d", upn=upn, created="2025-02-02T10:00:00Z", policy="HR Data", sits="U.S. Social Security Number (SSN) (4)"),
+        graph_alert("p-20d", upn=upn, created="2025-02-22T10:00:00Z", policy="Finance PII", sits="Credit Card Number (1)"),
+        graph_alert("p-3d", upn=upn, created="2025-03-11T10:00:00Z", policy="Finance PII", sits="IBAN (1)"),
+        graph_alert("now", upn=upn, created="2025-03-14T10:00:00Z", policy="Finance PII", sits="Credit Card Number (9)"),
+        graph_alert("later", upn=upn, created="2025-03-20T10:00:00Z", policy="Finance PII"),
+        graph_alert("other-user", upn="adele.vance@contoso.com", created="2025-03-13T10:00:00Z"),
+    ]
+
+
+def check_history(records: dict[str, dict]) -> None:
+    now = records["now"]["enrichments"]["prior_incidents"]
+    assert (now["last_7_days"], now["last_30_days"], now["last_90_days"]) == (1, 2, 3)
+    assert now["same_policy_90_days"] == 2
+    assert now["sensitive_types"] == ["Credit Card Number", "IBAN", "U.S. Social Security Number (SSN)"]
+    assert now["last_alert_at"].startswith("2025-03-11T10:00:00")
+    assert [p["alert_id"] for p in now["recent"]] == ["p-3d", "p-20d"]  # bounded by max_recent, newest first
+    first = records["old-100d"]["enrichments"]["prior_incidents"]
+    assert first["last_90_days"] == 0 and first["last_alert_at"] is None and first["recent"] == []
+    assert records["other-user"]["enrichments"]["prior_incidents"]["last_90_days"] == 0
+    later = records["later"]["enrichments"]["prior_incidents"]
+    assert (later["last_7_days"], later["last_30_days"]) == (1, 3)  # now; now, p-3d, p-20d
+
+
+async def test_history_of_one_batch_in_the_sqlite_state_file(write_config):
+    loaded = write_config(config())
+    async with Runner(loaded) as runner:
+        await runner.process_batch([message(*history_alerts())])
+        records = lake(runner)
+        tables = {row[0] for row in runner.state.connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "history_alerts" in tables
+    check_history(records)
+
+
+async def test_alerts_across_batches_and_reruns_count_once(write_config):
+    alerts = history_alerts()
+    loaded = write_config(config())
+    async with Runner(loaded) as runner:
+        for alert in alerts[:4]:
+            await runner.process_batch([message(alert)])
+        await runner.process_batch([message(*alerts[:4])])  # redelivery of the same alerts
+        revised = dict(alerts[3], severity="high")  # same alert id, new content: still one alert
+        await runner.process_batch([message(revised)])
+        await runner.process_batch([message(alerts[4])])
+        now = lake(runner)["now"]["enrichments"]["prior_incidents"]
+    assert (now["last_7_days"], now["last_30_days"], now["last_90_days"]) == (1, 2, 3)
+
+
+async def test_activities_see_prior_alerts_but_are_not_counted_as_alerts(write_config, fixture_bytes):
+    loaded = write_config(config())
+    from pipeline.runner import Message
+
+    async with Runner(loaded) as runner:
+        earlier = graph_alert("earlier", upn="megan.bowen@contoso.com", created="2025-03-13T10:00:00Z")
+        await runner.process_batch([Message(fixture_bytes("mgmt_api_dlp_rule_match.json")), message(earlier, graph_alert("nobody"))])
+        await runner.process_batch([message(graph_alert("after", upn="megan.bowen@contoso.com", created="2025-03-14T12:00:00Z"))])
+        records = lake(runner)
+    (activity,) = [r for r in records.values() if r["alert"]["kind"] == "activity"]
+    assert activity["enrichments"]["prior_incidents"]["last_7_days"] == 1  # "earlier"
+    assert [p["alert_id"] for p in records["after"]["enrichments"]["prior_incidents"]["recent"]] == ["earlier"]  # not the activity
+    assert records["nobody"]["enrichment_status"]["prior_incidents"]["state"] == "skipped"
+
+
+class HuntingServer:
+    def __init__(self, httpserver, rows):
+        self.rows = rows
+        self.queries: list[dict] = []
+        httpserver.expect_request("/v1.0/security/runHuntingQuery", method="POST").respond_with_handler(self.handle)
+        self.url = httpserver.url_for("/v1.0")
+
+    def handle(self, request):
+        body = request.get_json()
+        self.queries.append(body)
+        return Response(json.dumps({"schema": [{"name": "AlertId", "type": "String"}, {"name": "Timestamp", "type": "DateTime"}], "results": self.rows}), content_type="application/json")
+
+
+async def test_hunting_adds_alerts_older_than_the_pipeline(httpserver, write_config):
+    hunting = HuntingServer(
+        httpserver,
+        [
+            {"AlertId": "hunted-1", "Timestamp": "2025-03-10T08:00:00Z", "Severity": "High"},
+            {"AlertId": "p-3d", "Timestamp": "2025-03-11T10:00:00Z", "Severity": "Medium"},  # also seen by the pipeline
+            {"AlertId": "too-old", "Timestamp": "2024-01-01T00:00:00Z", "Severity": "Low"},
+        ],
+    )
+    extra = f'[enrichers.settings.hunting]\nurl = "{hunting.url}"\nallow_private_hosts = ["localhost", "127.0.0.1"]'
+    runner = Runner(write_config(config(extra=extra)))
+    runner.chain.slots[0].plugin.credential = StaticCredential()
+    alerts = history_alerts()
+    async with runner:
+        await runner.process_batch([message(alerts[3], alerts[4])])
+        records = lake(runner)
+    now = records["now"]["enrichments"]["prior_incidents"]
+    assert now["last_7_days"] == 2 and now["last_90_days"] == 2 and now["sources"] == ["sqlite", "hunting"]
+    assert {p["alert_id"]: p["source"] for p in now["recent"]} == {"p-3d": "pipeline", "hunted-1": "hunting"}
+    query = hunting.queries[0]
+    assert query["Timespan"] == "P30D" and '"megan.bowen@contoso.com"' in query["Query"] and "AlertEvidence" in query["Query"]
+    assert len(hunting.queries) == 1  # one user, cached
+
+
+# -- Azure Table Storage (Azurite) ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_table_store_is_idempotent_and_reads_a_time_window(azurite, monkeypatch):
+    monkeypatch.setenv("TEST_TABLES", azurite.connection_string)
+    table = "hist" + uuid.uuid4().hex[:12]
+    store = TableHistoryStore(HistorySettings(kind="azure_table", connection_string_env="TEST_TABLES", table_name=table))
+    try:
+        entries = [HistoryEntry(entry_id=f"a{i}", content_id="c", user="user#ext#@contoso.com", at=1000.0 + i, policy="P") for i in range(5)]
+        await store.record("alert", entries)
+        await store.record("alert", entries)  # again: nothing new
+        await store.record("alert", [HistoryEntry(entry_id="x", content_id="c", user="someone@else.com", at=1002.0)])
+        found = await store.entries("alert", "user#ext#@contoso.com", since=1001.0, until=1003.0)
+        assert [e.entry_id for e in found] == ["a3", "a2", "a1"]
+        assert await store.entries("activity", "user#ext#@contoso.com", since=0, until=5000) == []
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.integration
+async def test_prior_incidents_on_azure_table_storage(azurite, monkeypatch, write_config):
+    monkeypatch.setenv("TEST_TABLES", azurite.connection_string)
+    table = "hist" + uuid.uuid4().hex[:12]
+    store = f'[enrichers.settings.store]\nkind = "azure_table"\nconnection_string_env = "TEST_TABLES"\ntable_name = "{table}"'
+    async with Runner(write_config(config(store))) as runner:
+        await runner.process_batch([message(*history_alerts())])
+        records = lake(runner)
+    check_history(records)
+    # a second instance (another Functions host) sees the same history
+    loaded = write_config(config(store), name="second.toml")
+    loaded.data_dir = loaded.data_dir.parent / "second"
+    async with Runner(loaded) as runner:
+        await runner.process_batch([message(graph_alert("next", upn="megan.bowen@contoso.com", created="2025-03-15T10:00:00Z"))])
+        assert lake(runner)["next"]["enrichments"]["prior_incidents"]["last_7_days"] == 2  # p-3d and now; not itself, not "later"
+
+
+async def test_table_store_down_fails_the_enricher_and_the_alert_is_delivered(monkeypatch, write_config):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv(
+        "DOWN_TABLES",
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Zm9v;TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;",
+    )
+    store = '[enrichers.settings.store]\nkind = "azure_table"\nconnection_string_env = "DOWN_TABLES"'
+    loaded = write_config(config(store).replace('name = "prior_incidents"', 'name = "prior_incidents"\ntimeout_seconds = 2'))
+    runner = Runner(loaded)
+    async with runner:
+        report = await runner.process_batch([message(graph_alert("a", upn="x@contoso.com"))])
+        records = lake(runner)
+    assert report.delivered["lake"] == 1
+    assert records["a"]["enrichment_status"]["prior_incidents"]["state"] in ("failed", "timed_out")
+
+
+async def test_enrich_alone_records_and_reads_history(tmp_path):
+    """Without the runner's prepare_batch (e.g. it failed), each alert records itself and reads its history."""
+    import time
+
+    from enrichers.prior_incidents import PriorIncidentsEnricher
+    from pipeline.enricher import EnrichmentContext
+    from pipeline.formats import decode_message
+
+    settings = PriorIncidentsEnricher.Settings.model_validate({"store": {"path": str(tmp_path / "history.sqlite")}})
+    enricher = PriorIncidentsEnricher(settings)
+    await enricher.start()
+    alerts = decode_message(message(*history_alerts()[:5]).body).alerts
+    try:
+        for alert in alerts:  # in time order: each sees the ones before it
+            fragment = await enricher.enrich(alert, EnrichmentContext(alert, fragments={}, statuses={}, cache=None, clock=time.time))
+    finally:
+        await enricher.aclose()
+    assert (fragment.last_7_days, fragment.last_30_days, fragment.last_90_days) == (1, 2, 3)
