@@ -96,7 +96,8 @@ class EnricherConfig(StrictModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
-USER_IDENTIFIERS = ("alert.user.upn", "alert.user.object_id", "alert.user.display_name")
+# User identifiers, plus file paths: OneDrive URLs and endpoint paths (C:\\Users\\<name>\\…) carry the user's name.
+USER_IDENTIFIERS = ("alert.user.upn", "alert.user.object_id", "alert.user.display_name", "alert.files.path")
 
 
 class PseudonymiseSettings(StrictModel):

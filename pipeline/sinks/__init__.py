@@ -23,6 +23,8 @@ from pipeline.models import EnrichedRecord
 
 BUILTIN_SINKS: dict[str, str] = {
     "jsonl": "pipeline.sinks.jsonl_lake:JsonlLakeSink",
+    "sentinel": "pipeline.sinks.sentinel:SentinelSink",
+    "blob": "pipeline.sinks.blob_lake:BlobLakeSink",
 }
 
 
