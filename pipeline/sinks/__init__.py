@@ -25,6 +25,8 @@ BUILTIN_SINKS: dict[str, str] = {
     "jsonl": "pipeline.sinks.jsonl_lake:JsonlLakeSink",
     "sentinel": "pipeline.sinks.sentinel:SentinelSink",
     "blob": "pipeline.sinks.blob_lake:BlobLakeSink",
+    "servicenow": "pipeline.sinks.servicenow:ServiceNowSink",
+    "jira": "pipeline.sinks.jira:JiraSink",
 }
 
 
