@@ -27,6 +27,7 @@ BUILTIN_SINKS: dict[str, str] = {
     "blob": "pipeline.sinks.blob_lake:BlobLakeSink",
     "servicenow": "pipeline.sinks.servicenow:ServiceNowSink",
     "jira": "pipeline.sinks.jira:JiraSink",
+    "eventhub": "pipeline.sinks.eventhub:EventHubSink",
 }
 
 

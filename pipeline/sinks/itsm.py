@@ -72,10 +72,13 @@ def check(response: httpx.Response, *, ok: Sequence[int], action: str) -> httpx.
     raise TicketError(Outcome.rejected(f"{action}: HTTP {status}"))
 
 
-def render(template: str, document: dict[str, Any]) -> str:
-    """`"DLP {alert.severity}: {alert.title}"` with values from the (projected) record; absent → ""."""
+def render(template: str, document: dict[str, Any], *, summary: str = "") -> str:
+    """`"DLP {alert.severity}: {alert.title}"` with values from the (projected) record; absent → "".
+    `{summary}` is the enrichment summary (summary_lines)."""
 
     def value(match: re.Match[str]) -> str:
+        if match.group(1) == "summary":
+            return summary
         found = get_path(document, match.group(1))
         if found is None:
             return ""
@@ -95,6 +98,7 @@ def summary_lines(document: dict[str, Any], *, record_id: str) -> list[str]:
         if value not in (None, "", [], {}):
             lines.append(f"{label}: {value}")
 
+    add("Alert id", alert.get("alert_id"))
     add("Severity", alert.get("severity"))
     add("Policy", " / ".join(p for p in (alert.get("policy_name"), alert.get("rule_name")) if p) or None)
     add("Workload", alert.get("workload"))

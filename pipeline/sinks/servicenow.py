@@ -3,7 +3,7 @@
 For each record: `GET /api/now/table/<table>?sysparm_query=correlation_id=<alert key>` (any state: a
 closed ticket is updated, not duplicated), then `PATCH /api/now/table/<table>/<sys_id>` or
 `POST /api/now/table/<table>` (201). Fields come from `field_map` templates over the record *as
-projected for this sink* plus `severity_map`; a work note carries the enrichment summary.
+projected for this sink* (`{summary}` is the enrichment summary) plus `severity_map`; a work note carries the enrichment summary.
 Auth: basic (`username` + password from `password_env`) or OAuth client credentials (`client_id` +
 secret from `client_secret_env`, token from `<instance>/oauth_token.do`). 408/429/5xx are retryable
 with Retry-After; other 4xx rejected.
@@ -27,7 +27,7 @@ log = logging.getLogger("pipeline.sinks.servicenow")
 
 DEFAULT_FIELDS = {
     "short_description": "DLP {alert.severity}: {alert.title}",
-    "description": "Purview DLP alert {alert.alert_id} ({alert.source_format}). Policy: {alert.policy_name} / {alert.rule_name}. Workload: {alert.workload}. {alert.alert_url}",
+    "description": "{summary}",
     "contact_type": "Integration",
 }
 DEFAULT_SEVERITY = {
@@ -93,13 +93,14 @@ class ServiceNowSink:
     def ticket(self, record: Any) -> dict[str, str]:
         document = record_document(record)
         key = alert_key(record)
+        summary = "\n".join(summary_lines(document, record_id=record.record_id))
         body: dict[str, str] = {"correlation_id": key, "correlation_display": self.settings.correlation_display}
         for field, template in self.settings.field_map.items():
-            body[field] = render(template, document)
+            body[field] = render(template, document, summary=summary)
         severity = (document.get("alert") or {}).get("severity")
         body.update(self.settings.severity_map.get(severity or "unknown", {}))
         if self.settings.work_notes:
-            body["work_notes"] = "DLP pipeline enrichment summary\n" + "\n".join(summary_lines(document, record_id=record.record_id))
+            body["work_notes"] = "DLP pipeline enrichment summary\n" + summary
         for field, limit in LIMITS.items():
             if field in body and len(body[field]) > limit:
                 body[field] = body[field][: limit - 1] + "…"
