@@ -134,6 +134,15 @@ password_env = "TEST_SNOW_PASSWORD"
     assert rejected.dead_lettered == {"deliver": 1} and entry.reason == "sink_rejected" and "HTTP 400" in entry.detail
 
 
+async def test_servicenow_never_updates_a_ticket_that_lacks_the_key(httpserver, snow):
+    await publish(snow_sink(httpserver), [make_record("other-alert")])
+    (before,) = [dict(t) for t in snow.tickets.values()]
+    snow.ignore_query = True  # the query is silently ignored: every ticket comes back
+    (outcome,) = await publish(snow_sink(httpserver), [make_record("a-1", severity="high")])
+    assert outcome.status == "rejected" and "ignored the correlation_id query" in outcome.reason
+    assert list(snow.tickets.values()) == [before] and [m for m, _, _ in snow.requests].count("PATCH") == 0
+
+
 async def test_servicenow_oauth_client_credentials(httpserver, snow):
     sink = snow_sink(httpserver, auth="oauth", client_id="cid", client_secret_env="TEST_SNOW_SECRET", username=None, password_env=None)
     outcomes = await publish(sink, [make_record("a-1"), make_record("b-2")])

@@ -125,3 +125,39 @@ async def test_itsm_ticket_carries_only_the_allow_list_while_the_lake_keeps_ever
     assert by_id["high-one"]["alert"]["user"]["upn"] == "megan.bowen@contoso.com"
     assert by_id["high-one"]["alert"]["files"][0]["path"].endswith("Payroll")
     assert ticket["correlation_id"] == alert_key(make_record("high-one"))  # keyed by the alert, computed before projection
+
+
+def test_the_azure_example_config_builds_every_sink(monkeypatch, tmp_path):
+    from pipeline.config import load_config
+    from tests.conftest import ROOT
+
+    env = {
+        "SENTINEL_INGESTION_ENDPOINT": "https://dcr-x.westeurope-1.ingest.monitor.azure.com",
+        "SENTINEL_DCR_IMMUTABLE_ID": "dcr-00000000000000000000000000000000",
+        "LAKE_ACCOUNT_URL": "https://account.blob.core.windows.net",
+        "LAKE_PSEUDONYM_KEY": "k" * 32,
+        "SNOW_INSTANCE_URL": "https://example.service-now.com",
+        "SNOW_CLIENT_ID": "cid",
+        "SNOW_CLIENT_SECRET": "secret-from-key-vault",
+        "JIRA_SITE_URL": "https://example.atlassian.net",
+        "JIRA_EMAIL": "dlp-bot@example.com",
+        "JIRA_API_TOKEN": "token-from-key-vault",
+        "FANOUT_EVENTHUB_NAMESPACE": "example.servicebus.windows.net",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    loaded = load_config(ROOT / "samples" / "azure.toml", data_dir=tmp_path)
+    runner = Runner(loaded)
+    try:
+        kinds = {entry.name: type(getattr(sink, "inner", sink)).__name__ for entry, sink in runner.sinks}
+    finally:
+        import asyncio
+
+        asyncio.run(runner.aclose())
+    assert kinds == {
+        "sentinel": "SentinelSink", "lake": "BlobLakeSink", "lake-pseudonymised": "BlobLakeSink",
+        "servicenow": "ServiceNowSink", "jira": "JiraSink", "fanout": "EventHubSink",
+    }
+    text = (ROOT / "samples" / "azure.toml").read_text()
+    for secret in ("secret-from-key-vault", "token-from-key-vault"):
+        assert secret not in text

@@ -111,11 +111,11 @@ class JiraSink:
     async def _find(self, key: str) -> str | None:
         jql = f'project = "{self.settings.project_key}" AND labels = "{key}" ORDER BY created ASC'
         response = check(
-            await self.client.post(f"{self.base}/rest/api/3/search/jql", json={"jql": jql, "fields": ["summary"], "maxResults": 1}),
+            await self.client.post(f"{self.base}/rest/api/3/search/jql", json={"jql": jql, "fields": ["labels"], "maxResults": 1}),
             ok=(200,),
             action="search issues",
         )
-        issues = response.json().get("issues") or []
+        issues = [i for i in response.json().get("issues") or [] if key in ((i.get("fields") or {}).get("labels") or [])]
         return issues[0]["key"] if issues else None
 
     async def aclose(self) -> None:

@@ -12,6 +12,7 @@ second row with the same RecordId; the KQL function in deploy/sentinel/ keeps th
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.sinks.shaping import get_path
@@ -75,6 +76,8 @@ def to_row(document: dict[str, Any]) -> dict[str, Any]:
             value = None
         if value is not None and value != [] and value != {}:
             row[column] = value
+    if "TimeGenerated" not in row:  # processed_at projected away: ingestion time
+        row["TimeGenerated"] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
     return row
 
 

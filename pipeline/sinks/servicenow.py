@@ -131,12 +131,17 @@ class ServiceNowSink:
     async def _find(self, key: str) -> str | None:
         params = {
             "sysparm_query": f"correlation_id={key}^ORDERBYsys_created_on",
-            "sysparm_fields": "sys_id,number",
+            "sysparm_fields": "sys_id,number,correlation_id",
             "sysparm_limit": "1",
         }
         response = check(await self._request("GET", self._table_url, params=params), ok=(200,), action="find incident")
         results = response.json().get("result") or []
-        return results[0]["sys_id"] if results else None
+        # ServiceNow silently ignores an invalid query part (e.g. no correlation_id on a custom table)
+        # and then returns any row: never update a ticket that does not carry our key.
+        matching = [row for row in results if row.get("correlation_id") == key]
+        if results and not matching:
+            raise TicketError(Outcome.rejected(f"find incident: the {self.settings.table} table ignored the correlation_id query"))
+        return matching[0]["sys_id"] if matching else None
 
     async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         headers = {}
