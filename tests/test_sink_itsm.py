@@ -143,6 +143,29 @@ async def test_servicenow_never_updates_a_ticket_that_lacks_the_key(httpserver, 
     assert list(snow.tickets.values()) == [before] and [m for m, _, _ in snow.requests].count("PATCH") == 0
 
 
+async def test_concurrent_calls_for_one_alert_open_one_ticket(httpserver, snow, jira):
+    import asyncio
+
+    first, revised = make_record("a-1"), make_record("a-1", severity="high")
+    for sink, tickets in ((snow_sink(httpserver), snow.tickets), (jira_sink(httpserver), jira.issues)):
+        try:
+            # Two Event Hub partitions' batches in one worker, both carrying the same new alert.
+            results = await asyncio.gather(sink.publish([first]), sink.publish([revised]), sink.publish([first]))
+        finally:
+            await sink.aclose()
+        assert all(o.status == "delivered" for r in results for o in r)
+        assert len(tickets) == 1 and len(sink._locks) == 0
+
+
+async def test_servicenow_update_keeps_create_only_fields(httpserver, snow):
+    fields = {"short_description": "DLP {alert.severity}", "assignment_group": "Security Operations"}
+    await publish(snow_sink(httpserver, field_map=fields), [make_record("a-1")])
+    (ticket,) = snow.tickets.values()
+    ticket["assignment_group"] = "Tier 2"  # a responder reassigns it
+    await publish(snow_sink(httpserver, field_map=fields), [make_record("a-1", severity="high")])
+    assert ticket["assignment_group"] == "Tier 2" and ticket["short_description"] == "DLP high"
+
+
 async def test_servicenow_oauth_client_credentials(httpserver, snow):
     sink = snow_sink(httpserver, auth="oauth", client_id="cid", client_secret_env="TEST_SNOW_SECRET", username=None, password_env=None)
     outcomes = await publish(sink, [make_record("a-1"), make_record("b-2")])

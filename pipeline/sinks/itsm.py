@@ -5,17 +5,19 @@ Tickets are keyed by the *alert* (pipeline.sinks.shaping.alert_key): a redeliver
 revised record of the same alert, update the one ticket instead of opening another. Neither service
 has an idempotency key, so an upsert is "find by key, then update or create". Records of one call
 are handled one after another (two revisions of one alert in a batch find the ticket the first one
-created), and a sink remembers the tickets it created, so the search index's lag cannot make it
-create a second one. Two pipeline instances racing on the same new alert within a second could
+created), concurrent calls hold a per-alert lock, and a sink remembers the tickets it created, so
+the search index's lag cannot make it create a second one. Two pipeline instances racing on the same new alert within a second could
 still both create: see the README ("ITSM tickets").
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
-from typing import Any, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 from urllib.parse import urlparse
 
 import httpx
@@ -27,6 +29,33 @@ from pipeline.sinks.shaping import get_path
 log = logging.getLogger("pipeline.sinks.itsm")
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+
+
+class KeyLocks:
+    """One asyncio lock per alert key: concurrent publish calls of one process (several Event Hub
+    partitions in one worker) never search-then-create the same alert's ticket at the same time."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 class TicketError(Exception):

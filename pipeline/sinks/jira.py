@@ -18,7 +18,7 @@ from pydantic import Field
 
 from pipeline.config import StrictModel
 from pipeline.sinks import Outcome
-from pipeline.sinks.itsm import check, check_url, render, secret, summary_lines, upsert_each
+from pipeline.sinks.itsm import KeyLocks, check, check_url, render, secret, summary_lines, upsert_each
 from pipeline.sinks.shaping import alert_key, record_document
 
 log = logging.getLogger("pipeline.sinks.jira")
@@ -60,6 +60,7 @@ class JiraSink:
             verify=settings.ca_bundle or True,
             headers={"Accept": "application/json", "Content-Type": "application/json"},
         )
+        self._locks = KeyLocks()
         self._issues: dict[str, str] = {}  # alert key → issue key found or created by this sink
 
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
@@ -79,6 +80,10 @@ class JiraSink:
         return fields
 
     async def _upsert(self, record: Any) -> None:
+        async with self._locks.hold(alert_key(record)):
+            await self._upsert_locked(record)
+
+    async def _upsert_locked(self, record: Any) -> None:
         key = alert_key(record)
         fields = self.fields(record)
         issue = self._issues.get(key) or await self._find(key)

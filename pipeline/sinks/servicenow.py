@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel
 from pipeline.sinks import Outcome
-from pipeline.sinks.itsm import TicketError, check, check_url, render, secret, summary_lines, upsert_each
+from pipeline.sinks.itsm import KeyLocks, TicketError, check, check_url, render, secret, summary_lines, upsert_each
 from pipeline.sinks.shaping import alert_key, record_document
 
 log = logging.getLogger("pipeline.sinks.servicenow")
@@ -28,7 +28,6 @@ log = logging.getLogger("pipeline.sinks.servicenow")
 DEFAULT_FIELDS = {
     "short_description": "DLP {alert.severity}: {alert.title}",
     "description": "{summary}",
-    "contact_type": "Integration",
 }
 DEFAULT_SEVERITY = {
     "high": {"impact": "1", "urgency": "1"},
@@ -53,6 +52,10 @@ class ServiceNowSink:
         correlation_display: str = "Purview DLP"
         field_map: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_FIELDS), description="incident field → template")
         severity_map: dict[str, dict[str, str]] = Field(default_factory=lambda: {k: dict(v) for k, v in DEFAULT_SEVERITY.items()})
+        create_only_fields: list[str] = Field(
+            default_factory=lambda: ["assignment_group", "assigned_to", "caller_id"],
+            description="mapped fields set when the ticket is created, never overwritten by an update",
+        )
         work_notes: bool = Field(True, description="add a work note with the enrichment summary on every delivery")
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = Field(None, description="CA bundle to verify the instance with (default: system CAs)")
@@ -81,6 +84,7 @@ class ServiceNowSink:
             verify=settings.ca_bundle or True,
             headers={"Accept": "application/json", "Content-Type": "application/json"},
         )
+        self._locks = KeyLocks()
         self._tickets: dict[str, str] = {}  # alert key → sys_id of tickets this sink found or created
 
     @property
@@ -107,11 +111,16 @@ class ServiceNowSink:
         return body
 
     async def _upsert(self, record: Any) -> None:
+        async with self._locks.hold(alert_key(record)):
+            await self._upsert_locked(record)
+
+    async def _upsert_locked(self, record: Any) -> None:
         key = alert_key(record)
         body = self.ticket(record)
+        update = {k: v for k, v in body.items() if k not in self.settings.create_only_fields}
         sys_id = self._tickets.get(key) or await self._find(key)
         if sys_id is not None:
-            response = await self._request("PATCH", f"{self._table_url}/{sys_id}", json=body)
+            response = await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update)
             if response.status_code != 404:
                 check(response, ok=(200,), action="update incident")
                 self._tickets[key] = sys_id
@@ -120,7 +129,7 @@ class ServiceNowSink:
             self._tickets.pop(key, None)  # deleted meanwhile: look again, else create
             sys_id = await self._find(key)
             if sys_id is not None:
-                check(await self._request("PATCH", f"{self._table_url}/{sys_id}", json=body), ok=(200,), action="update incident")
+                check(await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update), ok=(200,), action="update incident")
                 self._tickets[key] = sys_id
                 return
         response = check(await self._request("POST", self._table_url, json=body), ok=(200, 201), action="create incident")
