@@ -161,3 +161,10 @@ def test_the_azure_example_config_builds_every_sink(monkeypatch, tmp_path):
     text = (ROOT / "samples" / "azure.toml").read_text()
     for secret in ("secret-from-key-vault", "token-from-key-vault"):
         assert secret not in text
+
+
+def test_a_typo_in_an_allow_list_fails_at_start(write_config):
+    config = '[[sinks]]\nname = "lake"\nkind = "jsonl"\nfields = ["alert.alert_id", "alert.severty"]\n'
+    with pytest.raises(ConfigError) as caught:
+        Runner(write_config(config))
+    assert "key 'sinks[0].fields'" in str(caught.value) and "alert has no field 'severty'" in str(caught.value)

@@ -141,10 +141,56 @@ class ProjectedRecord:
         return orjson.dumps(self._data)
 
 
+def check_path(path: str) -> None:
+    """Raise ValueError for a path that cannot exist in an enriched record (a typo in an allow-list).
+    Dict keys (`enrichments.<name>`, `enrichment_status.<name>`) are free; below an enrichment
+    fragment anything goes."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from pipeline.models import EnrichedRecord
+
+    def resolve(annotation: Any) -> tuple[Any, bool]:
+        """(the model reached, whether a free dict key comes first); (None, False) for free-form."""
+        origin = typing.get_origin(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation, False
+        if origin is dict:
+            value, _ = resolve(typing.get_args(annotation)[1])
+            return value, True
+        for arg in typing.get_args(annotation):  # Optional[...], list[...]
+            if arg is not type(None):
+                found, keyed = resolve(arg)
+                if found is not None or keyed:
+                    return found, keyed
+        return None, False
+
+    model: Any = EnrichedRecord
+    parts = path.split(".")
+    index = 0
+    while index < len(parts) and model is not None:
+        part = parts[index]
+        if part not in model.model_fields:
+            raise ValueError(f"'{path}': {'.'.join(parts[:index]) or 'the record'} has no field '{part}'")
+        model, keyed = resolve(model.model_fields[part].annotation)
+        index += 2 if keyed else 1
+
+
 class Minimiser:
     """Projection plus pseudonymisation of one sink, built once from its config entry."""
 
     def __init__(self, fields: Sequence[str] | None, pseudonymise: PseudonymiseSettings | None, *, environ: dict[str, str] | None = None) -> None:
+        for path in fields or ():
+            try:
+                check_path(path)
+            except ValueError as exc:
+                raise ValueError(f"fields: {exc}") from None
+        for path in pseudonymise.fields if pseudonymise is not None else ():
+            try:
+                check_path(path)
+            except ValueError as exc:
+                raise ValueError(f"pseudonymise.fields: {exc}") from None
         self.tree = _tree(["record_id", *fields]) if fields is not None else None
         self.key: bytes | None = None
         self.pseudonymised: list[list[str]] = []
