@@ -177,3 +177,26 @@ async def test_a_pipeline_run_writes_the_expected_blobs_and_a_rerun_adds_none(co
     async with Runner(loaded) as runner:
         await runner.process_batch(messages, flush=True)
     assert blobs(container).keys() == stored.keys()
+
+
+def test_the_cli_run_with_the_lake_in_azurite(container, tmp_path, monkeypatch):
+    import os
+
+    from tests.test_cli import run_cli, summary
+
+    config = tmp_path / "azurite.toml"
+    config.write_text(
+        "[assembly]\nsettle_seconds = 0\n\n[[enrichers]]\nname = \"sensitive_info\"\n\n"
+        f"[[sinks]]\nname = \"lake\"\nkind = \"blob\"\n[sinks.settings]\nconnection_string_env = \"TEST_LAKE_CONNECTION\"\n"
+        f"container = \"{container.container_name}\"\ncreate_container = true\n"
+    )
+    assert os.environ["TEST_LAKE_CONNECTION"]  # set by the fixture; the subprocess inherits it
+    result = run_cli("run", "--config", str(config), "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    counts = summary(result.stdout)
+    stored = blobs(container)
+    records = [line for data in stored.values() for line in lines(data)]
+    assert counts["delivered"] == f"lake={len(records)}" and len(records) == int(counts["alerts enriched"]) > 0
+    assert {r["alert"]["source_format"] for r in records} == {"defender_streaming", "graph_alert", "management_activity", "sentinel_alert"}
+    assert all(name.startswith("enriched/tenant=") and "/date=" in name and "/hour=" in name and name.endswith(".jsonl.gz") for name in stored)
+    assert all(r["enrichments"]["sensitive_info"]["total_count"] >= 0 for r in records if r["alert"]["sensitive_info"])
