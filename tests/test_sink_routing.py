@@ -168,3 +168,26 @@ def test_a_typo_in_an_allow_list_fails_at_start(write_config):
     with pytest.raises(ConfigError) as caught:
         Runner(write_config(config))
     assert "key 'sinks[0].fields'" in str(caught.value) and "alert has no field 'severty'" in str(caught.value)
+
+
+async def test_the_local_jsonl_lake_can_be_minimised_too(write_config, fixture_bytes, monkeypatch):
+    monkeypatch.setenv("TEST_PSEUDONYM_KEY", "k" * 32)
+    config = """
+[assembly]
+settle_seconds = 0
+[[sinks]]
+name = "lake"
+kind = "jsonl"
+fields = ["alert.alert_id", "alert.tenant_id", "alert.created_at", "alert.user", "alert.severity"]
+pseudonymise = { key_env = "TEST_PSEUDONYM_KEY" }
+[sinks.settings]
+fsync = false
+"""
+    async with Runner(write_config(config)) as runner:
+        report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+        (path,) = runner.loaded.data_path("lake").rglob("*.jsonl")
+    (line,) = [json.loads(text) for text in path.read_text().splitlines()]
+    assert report.delivered == {"lake": 1} and not report.dead_lettered
+    assert set(line) == {"record_id", "alert"} and set(line["alert"]) == {"alert_id", "tenant_id", "created_at", "user", "severity"}
+    assert line["alert"]["user"]["upn"].startswith("hmac:")
+    assert "date=2025-03-14" in str(path) and f"tenant={line['alert']['tenant_id']}" in str(path)

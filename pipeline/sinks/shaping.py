@@ -26,6 +26,7 @@ import copy
 import hashlib
 import hmac
 import os
+from datetime import datetime
 from typing import Any, Sequence
 
 import orjson
@@ -103,8 +104,20 @@ def _rewrite(value: Any, parts: list[str], transform) -> Any:
     return value
 
 
+def _attribute(value: Any, name: str) -> Any:
+    if isinstance(value, dict):
+        return _View(value)
+    if isinstance(value, str) and name.endswith("_at"):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return value
+    return value
+
+
 class _View:
-    """Read-only attribute access over a projected dict; absent fields read as None."""
+    """Read-only attribute access over a projected dict, as on the models: absent fields read as
+    None, `*_at` fields as datetimes."""
 
     __slots__ = ("_data",)
 
@@ -112,27 +125,35 @@ class _View:
         self._data = data
 
     def __getattr__(self, name: str) -> Any:
-        value = self._data.get(name)
-        return _View(value) if isinstance(value, dict) else value
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _attribute(self._data.get(name), name)
 
 
 class ProjectedRecord:
-    """What a minimised sink receives instead of an EnrichedRecord."""
+    """What a minimised sink receives instead of an EnrichedRecord.
 
-    __slots__ = ("record_id", "alert_key", "_data")
+    `record_id`, `alert_key` and `processed_at` are always there (pipeline metadata a sink may need
+    for keys and partitions); everything else only if the allow-list kept it.
+    """
 
-    def __init__(self, record_id: str, alert_key: str, data: dict[str, Any]) -> None:
+    __slots__ = ("record_id", "alert_key", "processed_at", "_data")
+
+    def __init__(self, record_id: str, alert_key: str, data: dict[str, Any], processed_at: datetime | None = None) -> None:
         self.record_id = record_id
         self.alert_key = alert_key
+        self.processed_at = processed_at
         self._data = data
 
-    @property
-    def alert(self) -> _View:
-        return _View(self._data.get("alert") or {})
-
-    @property
-    def enrichments(self) -> dict[str, Any]:
-        return self._data.get("enrichments") or {}
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = self._data.get(name)
+        if name == "alert":
+            return _View(value or {})
+        if name in ("enrichments", "enrichment_status"):
+            return value or {}
+        return _attribute(value, name)
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._data)
@@ -215,7 +236,7 @@ class Minimiser:
             document = _project(document, self.tree)
         for parts in self.pseudonymised:
             _rewrite(document, parts, self.pseudonym)
-        return ProjectedRecord(record.record_id, alert_key(record), document)
+        return ProjectedRecord(record.record_id, alert_key(record), document, getattr(record, "processed_at", None))
 
 
 class MinimisedSink:
