@@ -244,6 +244,16 @@ async def test_jira_429_with_retry_after_then_success_and_lost_create_response(h
     assert results[3].status == "delivered" and len(jira.issues) == 1
 
 
+async def test_retry_after_as_an_http_date(httpserver, jira):
+    from datetime import datetime, timedelta, timezone
+    from email.utils import format_datetime
+
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    jira.failures.append(Failure("POST", 503, {"Retry-After": when}, path="/rest/api/3/search/jql"))
+    (outcome,) = await publish(jira_sink(httpserver), [make_record("a-1")])
+    assert outcome.status == "retryable" and 25 <= outcome.retry_after <= 31
+
+
 async def test_jira_rejects_a_bad_request(httpserver, jira):
     (outcome,) = await publish(jira_sink(httpserver, project_key="OPS"), [make_record("a-1")])
     assert outcome.status == "rejected" and "HTTP 400" in outcome.reason and not jira.issues
