@@ -166,6 +166,17 @@ async def test_servicenow_update_keeps_create_only_fields(httpserver, snow):
     assert ticket["assignment_group"] == "Tier 2" and ticket["short_description"] == "DLP high"
 
 
+async def test_a_ticket_deleted_meanwhile_is_recreated_once(httpserver, snow, jira):
+    for sink, store in ((snow_sink(httpserver), snow.tickets), (jira_sink(httpserver), jira.issues)):
+        try:
+            await sink.publish([make_record("a-1")])
+            store.clear()  # someone deleted the ticket the sink remembers
+            (outcome,) = await sink.publish([make_record("a-1", severity="high")])
+        finally:
+            await sink.aclose()
+        assert outcome.status == "delivered" and len(store) == 1
+
+
 async def test_servicenow_oauth_client_credentials(httpserver, snow):
     sink = snow_sink(httpserver, auth="oauth", client_id="cid", client_secret_env="TEST_SNOW_SECRET", username=None, password_env=None)
     outcomes = await publish(sink, [make_record("a-1"), make_record("b-2")])

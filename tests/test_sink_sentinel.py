@@ -81,7 +81,7 @@ def endpoint(tls):
 
 def make_sink(endpoint, **settings) -> SentinelSink:
     server, ca_path, _ = endpoint
-    values = {"endpoint": server.url_for("/").rstrip("/"), "rule_id": RULE, "connection_verify": ca_path, "timeout_seconds": 5, **settings}
+    values = {"endpoint": server.url_for("/").rstrip("/"), "rule_id": RULE, "ca_bundle": ca_path, "timeout_seconds": 5, **settings}
     return SentinelSink(SentinelSink.Settings(**values), None, credential=StaticToken())
 
 
@@ -183,7 +183,7 @@ async def test_429_is_reported_promptly_not_retried_inside_the_sdk(endpoint):
 async def test_an_untrusted_certificate_is_refused(endpoint, tmp_path):
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
-    sink = make_sink(endpoint, connection_verify=str(other))
+    sink = make_sink(endpoint, ca_bundle=str(other))
     try:
         (outcome,) = await sink.publish([make_record("x")])
     finally:

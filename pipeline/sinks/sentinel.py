@@ -42,7 +42,7 @@ class SentinelSink:
         max_request_bytes: int = Field(MAX_REQUEST_BYTES, gt=1000, le=MAX_REQUEST_BYTES, description="uncompressed JSON per request")
         timeout_seconds: float = Field(30.0, gt=0, description="per request")
         managed_identity_client_id: str | None = Field(None, description="user-assigned managed identity (DefaultAzureCredential)")
-        connection_verify: str | None = Field(None, description="CA bundle to verify the endpoint with (tests, proxies); default: system CAs")
+        ca_bundle: str | None = Field(None, description="CA bundle to verify the endpoint with (tests, proxies); default: system CAs")
 
     def __init__(self, settings: "SentinelSink.Settings", services: Any, *, credential: Any = None) -> None:
         from azure.monitor.ingestion.aio import LogsIngestionClient
@@ -55,8 +55,8 @@ class SentinelSink:
             credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
         self._credential = credential
         options: dict[str, Any] = {"retry_total": 0, "connection_timeout": min(settings.timeout_seconds, 10), "read_timeout": settings.timeout_seconds}
-        if settings.connection_verify:
-            options["connection_verify"] = settings.connection_verify
+        if settings.ca_bundle:
+            options["connection_verify"] = settings.ca_bundle
         self.client = LogsIngestionClient(endpoint=settings.endpoint, credential=credential, **options)
         self.requests = 0  # requests sent, for measurements
 
