@@ -96,12 +96,25 @@ class EnricherConfig(StrictModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+# User identifiers, plus file paths: OneDrive URLs and endpoint paths (C:\\Users\\<name>\\…) carry the user's name.
+USER_IDENTIFIERS = ("alert.user.upn", "alert.user.object_id", "alert.user.display_name", "alert.files.path")
+
+
+class PseudonymiseSettings(StrictModel):
+    """Keyed pseudonymisation of a sink's output (see pipeline/sinks/shaping.py)."""
+
+    key_env: str = Field(min_length=1, description="environment variable holding the HMAC key (at least 16 bytes)")
+    fields: list[str] = Field(default_factory=lambda: list(USER_IDENTIFIERS), description="dotted paths whose values are pseudonymised")
+
+
 class SinkConfig(StrictModel):
     name: str = Field(min_length=1)
     kind: str = Field(min_length=1, description="a built-in sink kind, an entry-point name, or module:Class")
     enabled: bool = True
     when: When = Field(default_factory=When)
     settings: dict[str, Any] = Field(default_factory=dict)
+    fields: list[str] | None = Field(None, description="allow-list of dotted paths the sink receives (default: the full record)")
+    pseudonymise: PseudonymiseSettings | None = Field(None, description="HMAC-pseudonymise user identifiers in what this sink receives")
 
 
 class PipelineConfig(StrictModel):

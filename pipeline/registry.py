@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline.cache import TTLCache
 from pipeline.config import EnricherConfig, LoadedConfig, SinkConfig, config_error_from_validation
 from pipeline.errors import ConfigError
+from pipeline.sinks.shaping import minimised
 
 ENRICHER_GROUP = "dlp_pipeline.enrichers"
 SINK_GROUP = "dlp_pipeline.sinks"
@@ -216,7 +217,8 @@ def build_sinks(configs: list[SinkConfig], services: Services) -> list[tuple[Sin
         cls = load_plugin_class(entry.kind, group=SINK_GROUP, builtins=builtins, config=config, key=f"{key}.kind")
         if not inspect.iscoroutinefunction(getattr(cls, "publish", None)):
             raise config.error(f"{cls.__module__}.{cls.__qualname__} is not a sink: it needs `async def publish(self, records)`", key)
-        built.append((entry, instantiate(cls, entry.settings, services, key=key)))
+        sink = instantiate(cls, entry.settings, services, key=key)
+        built.append((entry, minimised(entry, sink, config, key)))
     if not built:
         raise config.error("no sink is configured: every alert would be lost", "sinks")
     return built

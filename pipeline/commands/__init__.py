@@ -10,5 +10,6 @@ and is listed in COMMANDS below, in the order `--help` shows them.
 
 COMMANDS: list[str] = [
     "pipeline.commands.run",
+    "pipeline.commands.schema",
     "pipeline.commands.validate",
 ]

@@ -23,6 +23,11 @@ from pipeline.models import EnrichedRecord
 
 BUILTIN_SINKS: dict[str, str] = {
     "jsonl": "pipeline.sinks.jsonl_lake:JsonlLakeSink",
+    "sentinel": "pipeline.sinks.sentinel:SentinelSink",
+    "blob": "pipeline.sinks.blob_lake:BlobLakeSink",
+    "servicenow": "pipeline.sinks.servicenow:ServiceNowSink",
+    "jira": "pipeline.sinks.jira:JiraSink",
+    "eventhub": "pipeline.sinks.eventhub:EventHubSink",
 }
 
 

@@ -1,0 +1,220 @@
+"""In-memory ServiceNow Table API and Jira Cloud REST v3 servers for pytest-httpserver.
+
+They follow the documented contracts closely enough that "never a second ticket" is tested for real:
+tickets live in memory, searches filter them, and failures can be injected before (or after!) the
+server has acted, as a lost response would look to the client.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+from werkzeug import Request, Response
+
+
+@dataclass
+class Failure:
+    method: str
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    after_acting: bool = False  # act (create/update) first, then answer with the failure
+    path: str | None = None  # only for this path (else any path of the method)
+
+    def applies(self, request: Request) -> bool:
+        return self.method == request.method and (self.path is None or self.path == request.path)
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(body), status=status, headers=headers or {}, content_type="application/json")
+
+
+class ServiceNow:
+    """`/api/now/table/incident` and `/oauth_token.do`."""
+
+    def __init__(self, *, username: str = "svc-dlp", password: str = "pw-test", client_id: str = "cid", client_secret: str = "cs-test") -> None:
+        self.tickets: dict[str, dict[str, Any]] = {}
+        self.work_notes: dict[str, list[str]] = {}
+        self.requests: list[tuple[str, str, Any]] = []  # method, path, body
+        self.failures: deque[Failure] = deque()
+        self.tokens_issued = 0
+        self.ignore_query = False  # as ServiceNow does with a query on a field the table lacks
+        self.basic = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+        self.client = (client_id, client_secret)
+        self._numbers = itertools.count(10001)
+
+    def install(self, server) -> None:
+        server.expect_request(re.compile(r"^/api/now/table/incident(/[0-9a-f]+)?$")).respond_with_handler(self.table)
+        server.expect_request("/oauth_token.do", method="POST").respond_with_handler(self.token)
+
+    def token(self, request: Request) -> Response:
+        form = parse_qs(request.get_data(as_text=True))
+        if form.get("grant_type") != ["client_credentials"] or (form.get("client_id", [""])[0], form.get("client_secret", [""])[0]) != self.client:
+            return _json({"error": "access_denied"}, 401)
+        self.tokens_issued += 1
+        return _json({"access_token": f"token-{self.tokens_issued}", "token_type": "Bearer", "expires_in": 1799})
+
+    def _authorised(self, request: Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        return header == self.basic or (header.startswith("Bearer token-") and int(header.rsplit("-", 1)[1]) <= self.tokens_issued)
+
+    def table(self, request: Request) -> Response:
+        body = request.get_json(silent=True)
+        self.requests.append((request.method, request.path, body))
+        if not self._authorised(request):
+            return _json({"error": {"message": "User Not Authenticated"}, "status": "failure"}, 401)
+        failure = self.failures.popleft() if self.failures and self.failures[0].applies(request) else None
+        if failure is not None and not failure.after_acting:
+            return self._failure(failure)
+        response = self._act(request, body)
+        return self._failure(failure) if failure is not None else response
+
+    @staticmethod
+    def _failure(failure: Failure) -> Response:
+        message = "Rate limit exceeded" if failure.status == 429 else "failure"
+        return _json({"error": {"message": message, "detail": "injected"}, "status": "failure"}, failure.status, failure.headers)
+
+    def _act(self, request: Request, body: Any) -> Response:
+        sys_id = request.path.rsplit("/", 1)[1] if request.path.count("/") == 5 else None
+        if request.method == "GET" and sys_id is None:
+            conditions = [part.split("=", 1) for part in request.args.get("sysparm_query", "").split("^") if "=" in part and not part.startswith("ORDERBY")]
+            found = [t for t in self.tickets.values() if self.ignore_query or all(str(t.get(k)) == v for k, v in conditions)]
+            limit = int(request.args.get("sysparm_limit", "10000"))
+            fields = request.args.get("sysparm_fields")
+            rows = [{k: t[k] for k in fields.split(",")} if fields else t for t in found[:limit]]
+            return _json({"result": rows}, headers={"X-Total-Count": str(len(found))})
+        if request.method == "POST" and sys_id is None:
+            if not isinstance(body, dict):
+                return _json({"error": {"message": "invalid body"}}, 400)
+            sys_id = uuid.uuid4().hex
+            ticket = {k: v for k, v in body.items() if k != "work_notes"}
+            ticket.update(sys_id=sys_id, number=f"INC{next(self._numbers):07d}", state="1")
+            self.tickets[sys_id] = ticket
+            self.work_notes[sys_id] = [body["work_notes"]] if body.get("work_notes") else []
+            return _json({"result": ticket}, 201, {"Location": f"/api/now/table/incident/{sys_id}"})
+        if request.method == "PATCH" and sys_id is not None:
+            if sys_id not in self.tickets:
+                return _json({"error": {"message": "No Record found"}, "status": "failure"}, 404)
+            self.tickets[sys_id].update({k: v for k, v in body.items() if k != "work_notes"})
+            if body.get("work_notes"):
+                self.work_notes[sys_id].append(body["work_notes"])
+            return _json({"result": self.tickets[sys_id]})
+        return _json({"error": {"message": "not supported by the test server"}}, 405)
+
+
+class Jira:
+    """`/rest/api/3/search/jql`, `/rest/api/3/issue`, `/rest/api/3/issue/{key}`.
+
+    `index_lag`: a created issue is not found by search until `catch_up()` (Jira's search index is
+    eventually consistent).
+    """
+
+    def __init__(self, *, email: str = "dlp-bot@contoso.com", token: str = "jira-token-test", project: str = "SEC") -> None:
+        self.issues: dict[str, dict[str, Any]] = {}
+        self.requests: list[tuple[str, str, Any]] = []
+        self.failures: deque[Failure] = deque()
+        self.auth = "Basic " + base64.b64encode(f"{email}:{token}".encode()).decode()
+        self.project = project
+        self.index_lag = False
+        self._indexed: set[str] = set()
+        self._ids = itertools.count(10001)
+
+    def install(self, server) -> None:
+        server.expect_request(re.compile(r"^/rest/api/3/(search/jql|issue(/[A-Z]+-\d+)?)$")).respond_with_handler(self.handle)
+
+    def catch_up(self) -> None:
+        self._indexed = set(self.issues)
+
+    def handle(self, request: Request) -> Response:
+        body = request.get_json(silent=True)
+        self.requests.append((request.method, request.path, body))
+        if request.headers.get("Authorization") != self.auth:
+            return _json({"errorMessages": ["Unauthorized"]}, 401)
+        failure = self.failures.popleft() if self.failures and self.failures[0].applies(request) else None
+        if failure is not None and not failure.after_acting:
+            return _json({"errorMessages": ["injected"]}, failure.status, failure.headers)
+        response = self._act(request, body)
+        return _json({"errorMessages": ["injected"]}, failure.status, failure.headers) if failure is not None else response
+
+    def _act(self, request: Request, body: Any) -> Response:
+        path = request.path
+        if path == "/rest/api/3/search/jql" and request.method == "POST":
+            if not isinstance(body, dict) or "jql" not in body or "startAt" in body:
+                return _json({"errorMessages": ["Invalid request payload. Refer to the REST API documentation and try again."]}, 400)
+            project = re.search(r'project = "([^"]+)"', body["jql"])
+            label = re.search(r'labels = "([^"]+)"', body["jql"])
+            visible = [k for k in self.issues if not self.index_lag or k in self._indexed]
+            found = [
+                k for k in visible
+                if (not project or k.startswith(project.group(1) + "-")) and (not label or label.group(1) in self.issues[k]["fields"].get("labels", []))
+            ]
+            found = found[: body.get("maxResults", 50)]
+            wanted = body.get("fields") or []
+            return _json({"issues": [{"id": self.issues[k]["id"], "key": k, "fields": {f: self.issues[k]["fields"].get(f) for f in wanted}} for k in found]})
+        if path == "/rest/api/3/issue" and request.method == "POST":
+            fields = (body or {}).get("fields") or {}
+            problems = self._check_fields(fields, creating=True)
+            if problems:
+                return _json({"errorMessages": [], "errors": problems}, 400)
+            number = next(self._ids)
+            key = f"{fields['project']['key']}-{number - 10000}"
+            self.issues[key] = {"id": str(number), "key": key, "fields": fields}
+            if not self.index_lag:
+                self._indexed.add(key)
+            return _json({"id": str(number), "key": key, "self": f"{request.host_url}rest/api/3/issue/{number}"}, 201)
+        if path.startswith("/rest/api/3/issue/") and request.method == "PUT":
+            key = path.rsplit("/", 1)[1]
+            if key not in self.issues:
+                return _json({"errorMessages": ["Issue does not exist or you do not have permission to see it."]}, 404)
+            fields = (body or {}).get("fields") or {}
+            problems = self._check_fields(fields, creating=False)
+            if problems:
+                return _json({"errorMessages": [], "errors": problems}, 400)
+            self.issues[key]["fields"].update(fields)
+            return Response(status=204)
+        return _json({"errorMessages": ["not supported by the test server"]}, 405)
+
+    def _check_fields(self, fields: dict[str, Any], *, creating: bool) -> dict[str, str]:
+        problems = {}
+        if creating:
+            if (fields.get("project") or {}).get("key") != self.project:
+                problems["project"] = "valid project is required"
+            if not (fields.get("issuetype") or {}).get("name"):
+                problems["issuetype"] = "Specify an issue type"
+            if not fields.get("summary"):
+                problems["summary"] = "You must specify a summary of the issue."
+            for label in fields.get("labels", []):
+                if " " in label or len(label) > 255:
+                    problems["labels"] = "label cannot contain spaces"
+        if "description" in fields and not _is_adf(fields["description"]):
+            problems["description"] = "Operation value must be an Atlassian Document (see the Atlassian Document Format)"
+        if "summary" in fields and len(fields["summary"]) > 255:
+            problems["summary"] = "Summary must be less than 255 characters."
+        return problems
+
+
+def _is_adf(node: Any) -> bool:
+    if not isinstance(node, dict) or node.get("type") != "doc" or node.get("version") != 1 or not isinstance(node.get("content"), list):
+        return False
+
+    def ok(n: Any) -> bool:
+        if not isinstance(n, dict) or not isinstance(n.get("type"), str):
+            return False
+        if n["type"] == "text":
+            return isinstance(n.get("text"), str) and n["text"] != ""
+        return all(ok(c) for c in n.get("content", []))
+
+    return all(ok(c) for c in node["content"])
+
+
+def adf_text(node: Any) -> str:
+    if isinstance(node, dict):
+        return (node.get("text") or "") + "\n".join(adf_text(c) for c in node.get("content", []))
+    return ""
