@@ -47,18 +47,23 @@ CONNECTION_STRING_SETTING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
 log = logging.getLogger("pipeline.telemetry")
 
 
+# Bucket boundaries in seconds (the SDK's defaults suit milliseconds).
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LAG_BUCKETS = (0.5, 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0, 86400.0)
+
+
 class _Instruments:
     def __init__(self, meter: Any) -> None:
         self.messages_in = meter.create_counter("dlp.messages.in", unit="{message}", description="message bodies received")
         self.alerts_in = meter.create_counter("dlp.alerts.in", unit="{record}", description="records read from messages (DLP or not)")
         self.skipped = meter.create_counter("dlp.records.skipped", unit="{record}", description="records of a known format that are not DLP")
         self.enriched = meter.create_counter("dlp.alerts.enriched", unit="{alert}", description="alerts that went through the enricher chain")
-        self.enricher_duration = meter.create_histogram("dlp.enricher.duration", unit="s", description="one enricher on one alert")
+        self.enricher_duration = meter.create_histogram("dlp.enricher.duration", unit="s", description="one enricher on one alert", explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
         self.enricher_failures = meter.create_counter("dlp.enricher.failures", unit="{alert}", description="enricher outcomes failed or timed_out")
         self.sink_delivered = meter.create_counter("dlp.sink.delivered", unit="{record}", description="records a sink accepted")
         self.sink_failed = meter.create_counter("dlp.sink.failed", unit="{record}", description="records a sink rejected or never took")
         self.dead_lettered = meter.create_counter("dlp.dead_lettered", unit="{entry}", description="dead-letter entries written")
-        self.lag = meter.create_histogram("dlp.lag", unit="s", description="from Event Hub enqueued time to processing")
+        self.lag = meter.create_histogram("dlp.lag", unit="s", description="from Event Hub enqueued time to processing", explicit_bucket_boundaries_advisory=LAG_BUCKETS)
 
 
 class _NoInstrument:

@@ -103,6 +103,9 @@ async def test_runner_reports_every_metric(metrics, write_config, fixture_bytes)
     assert total(points["dlp.dead_lettered"], stage="deliver", reason="sink_rejected") == 2
     (lag,) = points["dlp.lag"]
     assert lag.count == 2 and lag.sum == pytest.approx(44) and lag.max == pytest.approx(42)
+    assert tuple(lag.explicit_bounds) == telemetry.LAG_BUCKETS  # seconds, not the SDK's millisecond defaults
+    assert lag.bucket_counts[telemetry.LAG_BUCKETS.index(1.0) + 1] == 1  # 2 s: in (1, 5]
+    assert tuple(durations[0].explicit_bounds) == telemetry.DURATION_BUCKETS
 
 
 async def test_without_a_configured_provider_the_hooks_are_no_ops(write_config, fixture_bytes):
