@@ -6,6 +6,7 @@ shows files done out of total, messages, alerts and the message rate.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,11 @@ class Progress:
         self._started = clock()
         self._last = float("-inf")
         self._width = 0
+        self._filter: _ClearLine | None = None
+        if self.enabled:  # a log line first wipes the progress line, which is redrawn on the next update
+            self._filter = _ClearLine(self)
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(self._filter)
 
     def file_started(self, path: Path) -> None:
         self.files += 1
@@ -57,8 +63,29 @@ class Progress:
         self.stream.flush()
         self._width = len(text)
 
+    def clear(self) -> None:
+        if self.enabled and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+            self._last = float("-inf")
+
     def close(self) -> None:
         if self.enabled:
             self._maybe_draw(force=True)
             self.stream.write("\n")
             self.stream.flush()
+        if self._filter is not None:
+            for handler in logging.getLogger().handlers:
+                handler.removeFilter(self._filter)
+            self._filter = None
+
+
+class _ClearLine(logging.Filter):
+    def __init__(self, progress: Progress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.progress.clear()
+        return True

@@ -163,3 +163,23 @@ def test_progress_is_drawn_only_on_a_terminal():
     quiet.file_started(Path("a"))
     quiet.close()
     assert piped.getvalue() == ""
+
+
+def test_a_log_line_wipes_the_progress_line_first():
+    import logging
+
+    terminal = FakeTerminal(True)
+    handler = logging.StreamHandler(terminal)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        progress = Progress(2, stream=terminal, interval=0)
+        progress.file_started(Path("a"))
+        drawn = len(progress.line())
+        logging.getLogger("pipeline").warning("message 3 dead-lettered")
+        progress.close()
+    finally:
+        root.removeHandler(handler)
+    text = terminal.getvalue()
+    assert "\r" + " " * drawn + "\rmessage 3 dead-lettered\n" in text
+    assert not any(isinstance(f, logging.Filter) and type(f).__name__ == "_ClearLine" for f in handler.filters)
