@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline import __version__, telemetry
+from pipeline import __version__
+from pipeline import telemetry
 from pipeline.assemble import assemble, merge_parts
 from pipeline.config import LoadedConfig, SinkConfig
 from pipeline.deadletter import DeadLetter, DeadLetterStore, LocalDeadLetterStore

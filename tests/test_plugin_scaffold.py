@@ -18,6 +18,7 @@ from tests.conftest import ROOT, SAMPLES
 from tests.test_cli import run_cli
 
 PROJECT_FILES = ("pyproject.toml", "README.md", "requirements.txt", "pipeline", "enrichers")
+COPY_IGNORE = (".git", ".venv", ".tools", "node_modules", "tests", "out", ".azurite", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis", "__azurite_db*", "__blobstorage__", "__queuestorage__")
 
 
 def test_generated_plugin_passes_its_tests_and_is_picked_up_once_installed(tmp_path):
@@ -29,13 +30,8 @@ def test_generated_plugin_passes_its_tests_and_is_picked_up_once_installed(tmp_p
 
     # 2. install this project (from a copy, so no build files land in the checkout) and the plugin
     project = tmp_path / "project"
-    for name in PROJECT_FILES:
-        source = ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, project / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        else:
-            project.mkdir(exist_ok=True)
-            shutil.copy2(source, project / name)
+    shutil.copytree(ROOT, project, symlinks=True, ignore=shutil.ignore_patterns(*COPY_IGNORE))
+    assert all((project / name).exists() for name in PROJECT_FILES)
     site = tmp_path / "site"
     install = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(project), str(package)],
