@@ -38,3 +38,8 @@ test: setup-dev
 
 clean:
 	rm -rf $(OUT) .pytest_cache
+
+## Start Azurite for `func start` (docs/deploy.md, "Run the Functions app locally").
+.PHONY: azurite
+azurite: $(AZURITE)
+	scripts/start-azurite.sh

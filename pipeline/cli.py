@@ -25,6 +25,7 @@ EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="Enrich Microsoft Purview DLP alerts and deliver them.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-v info, -vv debug: debug may show payload content)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text", help="log lines as text, or one JSON object per line with alert_id and record_id")
     subparsers = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for path in COMMANDS:
@@ -39,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else (logging.INFO if args.verbose == 1 else logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _configure_telemetry(args.log_format)
     try:
         return asyncio.run(modules[args.command].main(args))
     except (ConfigError, InputError) as exc:
@@ -50,3 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing is lost, run again to finish", file=sys.stderr)
         return EXIT_INCOMPLETE
+
+
+def _configure_telemetry(log_format: str) -> None:
+    """Alert ids on every log record, JSON lines if asked, Azure Monitor if its connection string is set."""
+    from pipeline import telemetry
+
+    root = logging.getLogger()
+    if log_format == "json":
+        for handler in root.handlers:
+            handler.setFormatter(telemetry.JsonFormatter())
+    telemetry.install_log_context(root)
+    telemetry.configure_from_env()

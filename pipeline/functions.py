@@ -46,8 +46,10 @@ async def get_runner() -> Runner:
         _lock = asyncio.Lock()
     async with _lock:
         if _runner is None or _runner[0] is not loop:
+            from pipeline import telemetry
             from pipeline.config import load_config
 
+            telemetry.configure_from_env()  # Azure Monitor only when APPLICATIONINSIGHTS_CONNECTION_STRING is set
             settings = FunctionSettings()
             runner = Runner(load_config(settings.config, data_dir=settings.data_dir))
             await runner.start()

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 from pydantic import BaseModel, ValidationError
 
 from pipeline import __version__
+from pipeline import telemetry
 from pipeline.assemble import assemble, merge_parts
 from pipeline.config import LoadedConfig, SinkConfig
 from pipeline.deadletter import DeadLetter, DeadLetterStore, LocalDeadLetterStore
@@ -174,6 +175,7 @@ class Runner:
         alerts: list[DlpAlert] = []
         parts = []
         for index, message in enumerate(messages):
+            telemetry.record_lag(message.enqueued_time, now)
             try:
                 decoded = decode_message(message.body)
             except DecodeError as err:
@@ -200,6 +202,7 @@ class Runner:
         await self.state.mark_emitted(emitted, now=self.clock())
         report.pending = await self.state.pending_count()
         await self._maybe_purge(now)
+        telemetry.record_batch(report)
         return report
 
     async def flush(self) -> BatchReport:
@@ -256,6 +259,7 @@ class Runner:
 
     async def _enrich_bounded(self, alert: DlpAlert, processed_at: datetime) -> EnrichedRecord:
         async with self._semaphore:
+            telemetry.bind_alert(alert)  # this task's log records carry alert_id / record_id
             return await self.enrich(alert, processed_at=processed_at)
 
     async def enrich(self, alert: DlpAlert, *, processed_at: datetime | None = None) -> EnrichedRecord:
@@ -301,6 +305,7 @@ class Runner:
         if error is not None:
             log.warning("enricher %s %s for alert %s: %s", slot.name, state, alert.alert_id, error)
         statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=round((perf_counter() - started) * 1000, 3))
+        telemetry.record_enricher(slot.name, state, statuses[slot.name].duration_ms / 1000)
 
     # -- delivery ------------------------------------------------------------------------------
 
@@ -366,6 +371,7 @@ class Runner:
         if entries:
             await self.dead_letter.put(entries)
             report.dead_lettered.update(entry.stage for entry in entries)
+            telemetry.record_dead_letters(entries)
 
     async def _maybe_purge(self, now: float) -> None:
         if now - self._last_purge < _PURGE_EVERY_SECONDS:

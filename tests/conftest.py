@@ -7,6 +7,10 @@ import pytest
 
 from pipeline.config import load_config
 
+# The plugin-author fixtures (dlp_alert, run_enricher, ...), which an installed dlp-pipeline registers
+# through its pytest11 entry point; named here so that a plain checkout gets them too.
+pytest_plugins = ["pipeline.pytest_plugin"]
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "formats"
 SAMPLES = ROOT / "samples" / "messages"

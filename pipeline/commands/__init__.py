@@ -12,4 +12,5 @@ COMMANDS: list[str] = [
     "pipeline.commands.run",
     "pipeline.commands.schema",
     "pipeline.commands.validate",
+    "pipeline.commands.new_enricher",
 ]

@@ -1,0 +1,177 @@
+"""Metrics through OpenTelemetry (read with the SDK's InMemoryMetricReader) and structured logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import orjson
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from pipeline import telemetry
+from pipeline.runner import Message, Runner
+from tests.conftest import ROOT, SAMPLES
+
+
+@pytest.fixture
+def metrics():
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    telemetry.use_meter_provider(provider)
+    try:
+        yield reader
+    finally:
+        telemetry.use_meter_provider(None)
+        provider.shutdown()
+
+
+def collected(reader: InMemoryMetricReader) -> dict[str, list]:
+    """metric name -> data points"""
+    out: dict[str, list] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                out.setdefault(metric.name, []).extend(metric.data.data_points)
+    return out
+
+
+def total(points, **attributes) -> float:
+    return sum(p.value for p in points if all(p.attributes.get(k) == v for k, v in attributes.items()))
+
+
+CONFIG = """
+[assembly]
+settle_seconds = 0
+
+[[enrichers]]
+name = "sensitive_info"
+
+[[enrichers]]
+name = "explodes"
+use = "tests.plugins:Explodes"
+
+[[sinks]]
+name = "lake"
+kind = "jsonl"
+[sinks.settings]
+fsync = false
+
+[[sinks]]
+name = "picky"
+kind = "tests.plugins:FlakySink"
+[sinks.settings]
+reject_alert_ids = ["{reject}"]
+"""
+
+
+async def test_runner_reports_every_metric(metrics, write_config, fixture_bytes):
+    graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
+    loaded = write_config(CONFIG.replace("{reject}", graph["id"]))
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    messages = [
+        Message(body=orjson.dumps(graph), source="a", enqueued_time=now - timedelta(seconds=42)),
+        Message(body=fixture_bytes("sentinel_securityalert_dlp.json"), source="b", enqueued_time=now - timedelta(seconds=2)),
+        Message(body=b"not json", source="c"),
+        Message(body=orjson.dumps({"records": [{"time": "x", "category": "AdvancedHunting-DeviceEvents", "properties": {}}]}), source="d"),
+    ]
+    async with Runner(loaded, clock=lambda: now.timestamp()) as runner:
+        report = await runner.process_batch(messages, flush=True)
+    assert report.alerts == 2
+    points = collected(metrics)
+    assert total(points["dlp.messages.in"]) == 4
+    assert total(points["dlp.alerts.in"]) == report.records == 3
+    assert total(points["dlp.records.skipped"]) == 1
+    assert total(points["dlp.alerts.enriched"]) == 2
+    durations = points["dlp.enricher.duration"]
+    assert sum(p.count for p in durations if p.attributes == {"enricher": "sensitive_info", "state": "ok"}) == 2
+    assert sum(p.count for p in durations if p.attributes == {"enricher": "explodes", "state": "failed"}) == 2
+    assert total(points["dlp.enricher.failures"], enricher="explodes", state="failed") == 2
+    assert "sensitive_info" not in {p.attributes["enricher"] for p in points["dlp.enricher.failures"]}
+    assert total(points["dlp.sink.delivered"], sink="lake") == 2
+    # both fixtures describe the same alert (one id): the picky sink rejects both records
+    assert total(points["dlp.sink.delivered"], sink="picky") == 0
+    assert total(points["dlp.sink.failed"], sink="picky", reason="sink_rejected") == 2
+    assert total(points["dlp.sink.failed"], sink="lake") == 0
+    assert total(points["dlp.dead_lettered"], stage="decode", reason="invalid_json") == 1
+    assert total(points["dlp.dead_lettered"], stage="deliver", reason="sink_rejected") == 2
+    (lag,) = points["dlp.lag"]
+    assert lag.count == 2 and lag.sum == pytest.approx(44) and lag.max == pytest.approx(42)
+    assert tuple(lag.explicit_bounds) == telemetry.LAG_BUCKETS  # seconds, not the SDK's millisecond defaults
+    assert lag.bucket_counts[telemetry.LAG_BUCKETS.index(1.0) + 1] == 1  # 2 s: in (1, 5]
+    assert tuple(durations[0].explicit_bounds) == telemetry.DURATION_BUCKETS
+
+
+async def test_without_a_configured_provider_the_hooks_are_no_ops(write_config, fixture_bytes):
+    telemetry.use_meter_provider(None)
+    loaded = write_config(CONFIG.replace("{reject}", "none"))
+    async with Runner(loaded) as runner:
+        report = await runner.process_batch([Message(body=fixture_bytes("graph_alert_v2_dlp.json"), enqueued_time=datetime.now(timezone.utc))])
+    assert report.alerts == 1
+
+
+def test_configure_from_env_does_nothing_without_a_connection_string():
+    assert telemetry.configure_from_env({}) is False
+
+
+async def test_log_records_of_an_alert_carry_its_ids(write_config, fixture_bytes, caplog):
+    loaded = write_config(CONFIG.replace("{reject}", "none"))
+    caplog.handler.addFilter(telemetry.AlertContextFilter())
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        async with Runner(loaded) as runner:
+            report = await runner.process_batch([Message(body=fixture_bytes("graph_alert_v2_dlp.json"))])
+    warnings = [r for r in caplog.records if "explodes failed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert warnings[0].alert_id == json.loads(fixture_bytes("graph_alert_v2_dlp.json"))["id"]
+    assert warnings[0].record_id == report.record_ids[0]
+
+
+def test_cli_json_logs_carry_alert_and_record_ids_and_no_payload(tmp_path):
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG.replace("{reject}", "none").replace('[[sinks]]\nname = "picky"', '[[sinks]]\nenabled = false\nname = "picky"'))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop(telemetry.CONNECTION_STRING_SETTING, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--log-format", "json", "run", str(SAMPLES / "03-graph-alert.json"), "--config", str(config), "--out", "out"],
+        cwd=tmp_path, env=env, capture_output=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    lines = [json.loads(line) for line in result.stderr.decode().splitlines() if line.strip()]
+    failures = [line for line in lines if "explodes failed" in line["message"]]
+    assert failures and failures[0]["level"] == "WARNING" and failures[0]["logger"] == "pipeline"
+    lake = [json.loads(x) for p in (tmp_path / "out" / "lake").rglob("*.jsonl") for x in p.read_text().splitlines()]
+    assert failures[0]["alert_id"] == lake[0]["alert"]["alert_id"]
+    assert failures[0]["record_id"] == lake[0]["record_id"]
+    assert b"megan.bowen@contoso.com" not in result.stderr  # the exception text is not logged above DEBUG
+
+
+def test_azure_monitor_is_imported_only_when_its_connection_string_is_set(tmp_path):
+    code = """
+import sys, time
+started = time.perf_counter()
+import function_app
+elapsed = time.perf_counter() - started
+assert "azure.monitor.opentelemetry" not in sys.modules and "opentelemetry" not in sys.modules, "imported at start-up"
+from pipeline import telemetry
+assert telemetry.configure_from_env() is True
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+assert isinstance(metrics.get_meter_provider(), MeterProvider)
+print(round(elapsed, 3))
+"""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        telemetry.CONNECTION_STRING_SETTING: "InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:9/",
+        "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+    }
+    pytest.importorskip("azure.monitor.opentelemetry")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert float(result.stdout.decode()) < 1.5  # importing function_app stays fast
