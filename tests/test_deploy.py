@@ -179,8 +179,17 @@ def test_app_settings_cover_what_the_code_reads():
 
 
 def table_columns() -> dict[str, str]:
+    """The columns the Bicep creates: it loads them from the Sentinel sink's table definition."""
     text = (INFRA / "modules" / "monitoring.bicep").read_text()
-    return dict(re.findall(r"\{ name: '(\w+)', type: '(\w+)' \}", text))
+    assert "loadJsonContent('../../deploy/sentinel/table.json', '$.properties.schema.columns')" in text
+    table = json.loads((ROOT / "deploy" / "sentinel" / "table.json").read_text())
+    return {c["name"]: c["type"] for c in table["properties"]["schema"]["columns"]}
+
+
+def test_table_definition_is_the_one_the_sentinel_sink_writes():
+    from pipeline.sinks.sentinel_schema import table_schema
+
+    assert json.loads((ROOT / "deploy" / "sentinel" / "table.json").read_text()) == table_schema()
 
 
 def test_dcr_stream_table_and_columns_follow_the_shared_naming():
@@ -189,7 +198,7 @@ def test_dcr_stream_table_and_columns_follow_the_shared_naming():
     assert "outputStream: 'Custom-${tableName}'" in text and "dataCollectionEndpointId: dce.id" in text
     columns = table_columns()
     assert columns["TimeGenerated"] == "datetime" and columns["RecordId"] == "string"
-    assert "TenantId" not in columns  # a reserved column name in Log Analytics
+    assert not {"TenantId", "Title", "Type", "id"} & set(columns)  # reserved column names in Log Analytics
     assert "loadTextContent('../../deploy/sentinel/workbook.json')" in text and WORKBOOK.exists()
 
 

@@ -16,35 +16,9 @@ var monitoringMetricsPublisher = '3913510d-42f4-4e42-8a64-420c390055eb'
 var tableName = 'DLPEnrichedAlerts_CL'
 var streamName = 'Custom-DLPEnrichedAlerts'
 
-// One row per enriched record (the Sentinel sink maps an EnrichedRecord to these columns).
-var columns = [
-  { name: 'TimeGenerated', type: 'datetime' }
-  { name: 'RecordId', type: 'string' }
-  { name: 'AlertId', type: 'string' }
-  { name: 'AlertTenantId', type: 'string' }
-  { name: 'SourceFormat', type: 'string' }
-  { name: 'Kind', type: 'string' }
-  { name: 'Title', type: 'string' }
-  { name: 'Severity', type: 'string' }
-  { name: 'Status', type: 'string' }
-  { name: 'Category', type: 'string' }
-  { name: 'PolicyName', type: 'string' }
-  { name: 'RuleName', type: 'string' }
-  { name: 'Workload', type: 'string' }
-  { name: 'UserPrincipalName', type: 'string' }
-  { name: 'UserObjectId', type: 'string' }
-  { name: 'UserDisplayName', type: 'string' }
-  { name: 'Files', type: 'dynamic' }
-  { name: 'SensitiveInfo', type: 'dynamic' }
-  { name: 'IncidentId', type: 'string' }
-  { name: 'AlertUrl', type: 'string' }
-  { name: 'CreatedAt', type: 'datetime' }
-  { name: 'TriageScore', type: 'real' }
-  { name: 'Enrichments', type: 'dynamic' }
-  { name: 'EnrichmentStatus', type: 'dynamic' }
-  { name: 'PipelineVersion', type: 'string' }
-  { name: 'ProcessedAt', type: 'datetime' }
-]
+// One row per enriched record. The columns are the Sentinel sink's own table definition
+// (pipeline/sinks/sentinel_schema.py writes deploy/sentinel/table.json), so they cannot drift apart.
+var columns = loadJsonContent('../../deploy/sentinel/table.json', '$.properties.schema.columns')
 
 resource workspace 'Microsoft.OperationalInsights/workspaces@2023-09-01' = {
   name: 'log-dlp-${resourceToken}'
