@@ -34,7 +34,7 @@ class HuntingSettings(BaseModel):
 
 
 def kql_string(value: str) -> str:
-    """A KQL string literal for `value`; ValueError for characters that have no business in it."""
+    """A KQL string literal for `value`; EnricherUnavailable for characters that have no business in it."""
     if not _SAFE.match(value):
         raise EnricherUnavailable("value not usable in a hunting query")
     return orjson.dumps(value).decode()
