@@ -226,13 +226,11 @@ async def test_graph_down_fails_the_enricher_and_the_alert_is_delivered(write_co
     assert records["a"]["enrichment_status"]["user_context"]["state"] == "failed"
 
 
-async def test_plain_http_to_a_host_not_allowed_is_refused(write_config):
-    _, report, records = await run(
-        write_config(config("http://graph.example.test/v1.0").replace('allow_private_hosts = ["localhost", "127.0.0.1"]', "")),
-        [graph_alert("a", object_id="oid-1", upn="user1@contoso.com")],
-    )
-    assert records["a"]["enrichment_status"]["user_context"]["state"] == "failed"
-    assert "only https" in records["a"]["enrichment_status"]["user_context"]["error"]
+def test_plain_http_to_a_host_not_allowed_is_a_config_error(write_config):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="only https"):
+        Runner(write_config(config("http://graph.example.test/v1.0").replace('allow_private_hosts = ["localhost", "127.0.0.1"]', "")))
 
 
 HR_CSV = """EmailAddress,ResignationDate,LastWorkingDate
