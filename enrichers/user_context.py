@@ -339,11 +339,13 @@ def _fragment(user: dict[str, Any] | None, hr: dict[str, Any] | None, sources: l
     if hr is not None:
         out.resignation_date = hr["resignation_date"]
         out.last_working_date = hr["last_working_date"]
-    leaving = out.last_working_date or out.leave_date or out.resignation_date
+    leaving = out.last_working_date or out.leave_date
     if leaving is not None:
         days = (leaving.date() - at.date()).days
         out.days_until_departure = days
         out.departed = days < 0
         out.departing = days >= 0
+    elif out.resignation_date is not None:  # resigned, last day not known yet
+        out.departing = True
     return out
 

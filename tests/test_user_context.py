@@ -236,6 +236,7 @@ def test_plain_http_to_a_host_not_allowed_is_a_config_error(write_config):
 HR_CSV = """EmailAddress,ResignationDate,LastWorkingDate
 user1@contoso.com,2025-03-01T15:18:02.4675041+05:30,2025-03-28T15:18:02.4675041+05:30
 Leaver@Contoso.com,2025-01-10T09:15:49Z,2025-02-01T00:00:00Z
+notice@contoso.com,2025-03-10T09:15:49Z,
 """
 
 
@@ -255,6 +256,9 @@ async def test_hr_file_marks_departing_users_and_is_reloaded_when_it_changes(htt
         assert records["a2"]["enrichments"]["user_context"]["departing"] is False
         gone = records["a3"]["enrichments"]["user_context"]
         assert gone["found"] is True and gone["sources"] == ["hr"] and gone["departed"] is True and gone["days_until_departure"] == -41
+        await runner.process_batch([message(graph_alert("a5", upn="notice@contoso.com", created="2025-03-14T09:00:00Z"))])
+        notice = lake(runner)["a5"]["enrichments"]["user_context"]
+        assert notice["departing"] is True and notice["departed"] is False and notice["days_until_departure"] is None
         (tmp_path / "hr.csv").write_text(HR_CSV + "user2@contoso.com,2025-03-10,2025-03-20\n")
         os.utime(tmp_path / "hr.csv", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
         await runner.process_batch([message(graph_alert("a4", upn="user2@contoso.com", object_id="oid-2", created="2025-03-14T09:00:00Z"))])
