@@ -11,10 +11,10 @@ import re
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import EnricherUnavailable
-from pipeline.http import BearerToken, HttpClient, azure_credential
+from pipeline.http import BearerToken, HttpClient, azure_credential, check_base_url
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 _SAFE = re.compile(r"^[\w@.\-+#' ()\[\]~,&$%=!]{1,400}$")
@@ -32,9 +32,14 @@ class HuntingSettings(BaseModel):
     max_retry_after_seconds: float = Field(5.0, ge=0)
     allow_private_hosts: list[str] = Field(default_factory=list, description="hosts allowed over http/private addresses (tests)")
 
+    @model_validator(mode="after")
+    def _https(self):
+        check_base_url(self.url, self.allow_private_hosts)
+        return self
+
 
 def kql_string(value: str) -> str:
-    """A KQL string literal for `value`; ValueError for characters that have no business in it."""
+    """A KQL string literal for `value`; EnricherUnavailable for characters that have no business in it."""
     if not _SAFE.match(value):
         raise EnricherUnavailable("value not usable in a hunting query")
     return orjson.dumps(value).decode()

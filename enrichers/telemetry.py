@@ -36,7 +36,7 @@ from enrichers._hunting import kql_string
 from pipeline.cache import CachePolicy
 from pipeline.enricher import BaseEnricher, EnrichmentContext
 from pipeline.errors import EnricherError, EnricherTimeout, EnricherUnavailable, PipelineError
-from pipeline.http import HttpClient, host_matches
+from pipeline.http import HttpClient, check_base_url, host_matches
 from pipeline.models import DlpAlert
 
 log = logging.getLogger("pipeline.enrichers.telemetry")
@@ -90,6 +90,12 @@ class LogAnalyticsQuery(_Strict):
     max_retries: int = Field(1, ge=0, le=5)
     max_rows: int = Field(20, ge=1, le=1000)
     fields: list[str] | None = Field(None, description="columns of the first row to output (default: all)")
+    allow_private_hosts: list[str] = Field(default_factory=list, description="endpoint hosts allowed over http (tests)")
+
+    @model_validator(mode="after")
+    def _https(self) -> "LogAnalyticsQuery":
+        check_base_url(self.endpoint, self.allow_private_hosts)
+        return self
 
 
 class SourceResult(BaseModel):

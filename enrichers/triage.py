@@ -80,6 +80,8 @@ class TriageEnricher(BaseEnricher):
             days = user.get("days_until_departure")
             if user.get("departed"):
                 add("departing_user", w.departing_user, f"left {-days} day(s) before the alert" if days is not None else "has left")
+            elif user.get("departing") and days is None:
+                add("departing_user", w.departing_user, "resigned, last working day unknown")
             elif user.get("departing") and days is not None and days <= s.departing_within_days:
                 add("departing_user", w.departing_user, f"leaves in {days} day(s)")
             if user.get("account_enabled") is False:

@@ -23,14 +23,14 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from enrichers._files import WatchedFile, parse_datetime, read_csv, read_json_records
 from pipeline.batching import MicroBatcher
 from pipeline.cache import CachePolicy, TTLCache
 from pipeline.enricher import BaseEnricher, EnrichmentContext
 from pipeline.errors import EnricherUnavailable
-from pipeline.http import BearerToken, HttpClient, azure_credential, parse_retry_after
+from pipeline.http import BearerToken, HttpClient, azure_credential, check_base_url, parse_retry_after
 from pipeline.models import DlpAlert
 
 log = logging.getLogger("pipeline.enrichers.user_context")
@@ -66,6 +66,11 @@ class GraphSettings(BaseModel):
     max_retries: int = Field(3, ge=0, le=10, description="retries of a throttled $batch or inner request")
     max_retry_after_seconds: float = Field(5.0, ge=0, description="a longer Retry-After fails the lookup instead of waiting")
     allow_private_hosts: list[str] = Field(default_factory=list, description="hosts allowed over http/private addresses (tests)")
+
+    @model_validator(mode="after")
+    def _https(self):
+        check_base_url(self.url, self.allow_private_hosts)
+        return self
 
 
 class HrColumns(BaseModel):
@@ -334,11 +339,13 @@ def _fragment(user: dict[str, Any] | None, hr: dict[str, Any] | None, sources: l
     if hr is not None:
         out.resignation_date = hr["resignation_date"]
         out.last_working_date = hr["last_working_date"]
-    leaving = out.last_working_date or out.leave_date or out.resignation_date
+    leaving = out.last_working_date or out.leave_date
     if leaving is not None:
         days = (leaving.date() - at.date()).days
         out.days_until_departure = days
         out.departed = days < 0
         out.departing = days >= 0
+    elif out.resignation_date is not None:  # resigned, last day not known yet
+        out.departing = True
     return out
 

@@ -5,6 +5,7 @@ deduplicated and handed to `fetch(keys)` in chunks of at most `max_size`; every 
 value (or the error) of its own key. Combined with the enricher's TTL single-flight cache, N alerts
 of M distinct users cost ceil(M / max_size) backend calls when they arrive together.
 
+At most `max_concurrent` fetch calls run at once; the others wait their turn.
 `fetch` returns a mapping key -> value or exception; a key it leaves out gets `missing(key)`
 (default: None). If `fetch` itself raises, every key of that chunk gets the error.
 """
@@ -25,6 +26,7 @@ class MicroBatcher(Generic[K, V]):
         *,
         max_size: int = 20,
         window_seconds: float = 0.005,
+        max_concurrent: int = 4,
     ) -> None:
         self._fetch = fetch
         self.max_size = max_size
@@ -33,6 +35,7 @@ class MicroBatcher(Generic[K, V]):
         self._inflight: dict[K, asyncio.Future[V]] = {}  # sent, not answered yet: joined, not sent again
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._concurrency = asyncio.Semaphore(max_concurrent)  # fetch calls at once (backend throttling)
         self.calls = 0  # fetch calls made
 
     async def load(self, key: K) -> V:
@@ -60,9 +63,10 @@ class MicroBatcher(Generic[K, V]):
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, chunk: dict[K, asyncio.Future[V]]) -> None:
-        self.calls += 1
         try:
-            await self._answer(chunk)
+            async with self._concurrency:
+                self.calls += 1
+                await self._answer(chunk)
         finally:
             for key, future in chunk.items():
                 if self._inflight.get(key) is future:

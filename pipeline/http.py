@@ -74,6 +74,16 @@ def host_matches(host: str, patterns: list[str] | tuple[str, ...]) -> bool:
     return False
 
 
+def check_base_url(url: str, allow_private_hosts: list[str] | tuple[str, ...] = ()) -> str:
+    """For settings validators: an https URL, or http only to a host allowed as private (tests)."""
+    parsed = httpx.URL(url)
+    if not parsed.host:
+        raise ValueError("the URL has no host")
+    if parsed.scheme != "https" and not (parsed.scheme == "http" and host_matches(parsed.host, allow_private_hosts)):
+        raise ValueError(f"{parsed.scheme}://{parsed.host}: only https is allowed")
+    return url
+
+
 class HttpClient:
     """An async HTTP client for one enricher. Build it in `start()`, close it in `aclose()`."""
 

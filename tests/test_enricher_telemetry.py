@@ -236,6 +236,7 @@ query = "CommonSecurityLog | where SourceUserName =~ {{upn}} and TimeGenerated b
 window_minutes = 15
 max_retries = 1
 timeout_seconds = 2
+allow_private_hosts = ["localhost", "127.0.0.1"]
 """
 
 
@@ -267,3 +268,8 @@ async def test_values_that_could_change_a_query_are_refused(httpserver, write_co
     _, records = await run(write_config(config(log_analytics(server.endpoint))), graph_alert("a", upn='x"or 1==1@contoso.com'))
     assert server.bodies == []
     assert records["a"]["enrichment_status"]["telemetry"]["state"] == "failed"
+
+
+def test_log_analytics_over_plain_http_is_a_config_error(write_config):
+    with pytest.raises(ConfigError, match="only https"):
+        Runner(write_config(config(log_analytics("http://logs.example.com/v1").replace('allow_private_hosts = ["localhost", "127.0.0.1"]', ""))))

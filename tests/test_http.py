@@ -88,3 +88,19 @@ async def test_micro_batcher_dedupes_and_chunks():
     with pytest.raises(RuntimeError):
         await batcher.load("boom")
     await batcher.aclose()
+
+
+async def test_micro_batcher_bounds_concurrent_fetches():
+    running, peak = 0, 0
+
+    async def fetch(keys):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return {k: k for k in keys}
+
+    batcher = MicroBatcher(fetch, max_size=20, window_seconds=0.001, max_concurrent=2)
+    values = await asyncio.gather(*(batcher.load(f"k{i}") for i in range(200)))
+    assert values[199] == "k199" and batcher.calls == 10 and peak == 2

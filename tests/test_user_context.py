@@ -226,18 +226,17 @@ async def test_graph_down_fails_the_enricher_and_the_alert_is_delivered(write_co
     assert records["a"]["enrichment_status"]["user_context"]["state"] == "failed"
 
 
-async def test_plain_http_to_a_host_not_allowed_is_refused(write_config):
-    _, report, records = await run(
-        write_config(config("http://graph.example.test/v1.0").replace('allow_private_hosts = ["localhost", "127.0.0.1"]', "")),
-        [graph_alert("a", object_id="oid-1", upn="user1@contoso.com")],
-    )
-    assert records["a"]["enrichment_status"]["user_context"]["state"] == "failed"
-    assert "only https" in records["a"]["enrichment_status"]["user_context"]["error"]
+def test_plain_http_to_a_host_not_allowed_is_a_config_error(write_config):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="only https"):
+        Runner(write_config(config("http://graph.example.test/v1.0").replace('allow_private_hosts = ["localhost", "127.0.0.1"]', "")))
 
 
 HR_CSV = """EmailAddress,ResignationDate,LastWorkingDate
 user1@contoso.com,2025-03-01T15:18:02.4675041+05:30,2025-03-28T15:18:02.4675041+05:30
 Leaver@Contoso.com,2025-01-10T09:15:49Z,2025-02-01T00:00:00Z
+notice@contoso.com,2025-03-10T09:15:49Z,
 """
 
 
@@ -257,6 +256,9 @@ async def test_hr_file_marks_departing_users_and_is_reloaded_when_it_changes(htt
         assert records["a2"]["enrichments"]["user_context"]["departing"] is False
         gone = records["a3"]["enrichments"]["user_context"]
         assert gone["found"] is True and gone["sources"] == ["hr"] and gone["departed"] is True and gone["days_until_departure"] == -41
+        await runner.process_batch([message(graph_alert("a5", upn="notice@contoso.com", created="2025-03-14T09:00:00Z"))])
+        notice = lake(runner)["a5"]["enrichments"]["user_context"]
+        assert notice["departing"] is True and notice["departed"] is False and notice["days_until_departure"] is None
         (tmp_path / "hr.csv").write_text(HR_CSV + "user2@contoso.com,2025-03-10,2025-03-20\n")
         os.utime(tmp_path / "hr.csv", ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
         await runner.process_batch([message(graph_alert("a4", upn="user2@contoso.com", object_id="oid-2", created="2025-03-14T09:00:00Z"))])
