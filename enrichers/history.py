@@ -20,7 +20,7 @@ import logging
 import os
 import sqlite3
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
@@ -161,7 +161,7 @@ class SqliteHistoryStore:
     async def record(self, kind: Kind, entries: Sequence[HistoryEntry]) -> None:
         if not entries:
             return
-        rows = [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(asdict(e))) for e in entries]
+        rows = [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(e)) for e in entries]
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -258,7 +258,7 @@ class TableHistoryStore:
                     "PartitionKey": _partition(kind, entry.user),
                     "RowKey": _row(entry),
                     "At": float(entry.at),
-                    "Data": orjson.dumps(asdict(entry)).decode(),
+                    "Data": orjson.dumps(entry).decode(),
                 },
                 mode=UpdateMode.REPLACE,
             )

@@ -133,34 +133,39 @@ class PriorIncidentsEnricher(BaseEnricher):
             await self._record([entry])
         until = entry.at
         rows = await self._history(entry.user, until)
-        prior: dict[str, PriorAlert] = {}
-        types: dict[str, set[str]] = {}
+        # Count on plain tuples; build models only for the bounded `recent` list.
+        prior: dict[str, tuple[float, str | None, str | None, str]] = {}  # id -> (at, policy, severity, source)
+        types: set[str] = set()
         for row in rows:  # newest first; a revised alert counts once
-            if row.entry_id == alert.alert_id or row.entry_id in prior:
-                if row.entry_id in types:
-                    types[row.entry_id].update(s["name"] for s in row.sensitive_info if s.get("name"))
+            if row.entry_id == alert.alert_id:
                 continue
-            prior[row.entry_id] = PriorAlert(alert_id=row.entry_id, at=datetime.fromtimestamp(row.at, tz=timezone.utc), policy=row.policy, severity=row.severity)
-            types[row.entry_id] = {s["name"] for s in row.sensitive_info if s.get("name")}
+            types.update(s["name"] for s in row.sensitive_info if s.get("name"))
+            if row.entry_id not in prior:
+                prior[row.entry_id] = (row.at, row.policy, row.severity, "pipeline")
         sources = [self.settings.store.kind]
         if self.hunting is not None:
             for found in await ctx.cached(("hunting", entry.user), lambda: self._hunt(alert)):
-                if found.alert_id != alert.alert_id and found.alert_id not in prior and found.at.timestamp() <= until and found.at.timestamp() >= until - 90 * DAY:
-                    prior[found.alert_id] = found
+                at = found.at.timestamp()
+                if found.alert_id != alert.alert_id and found.alert_id not in prior and until - 90 * DAY <= at <= until:
+                    prior[found.alert_id] = (at, found.policy, found.severity, found.source)
             sources.append("hunting")
-        ordered = sorted(prior.values(), key=lambda p: p.at, reverse=True)
+        ordered = sorted(prior.items(), key=lambda item: item[1][0], reverse=True)
 
         def within(days: int) -> int:
-            return sum(1 for p in ordered if p.at.timestamp() >= until - days * DAY)
+            return sum(1 for _, (at, *_rest) in ordered if at >= until - days * DAY)
 
+        recent = [
+            PriorAlert(alert_id=alert_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=policy, severity=severity, source=source)
+            for alert_id, (at, policy, severity, source) in ordered[: self.settings.max_recent]
+        ]
         return PriorIncidents(
             last_7_days=within(7),
             last_30_days=within(30),
             last_90_days=len(ordered),
-            same_policy_90_days=sum(1 for p in ordered if alert.policy_name and p.policy == alert.policy_name),
-            sensitive_types=sorted({name for p in ordered for name in types.get(p.alert_id, ())}),
-            last_alert_at=ordered[0].at if ordered else None,
-            recent=ordered[: self.settings.max_recent],
+            same_policy_90_days=sum(1 for _, (_at, policy, *_rest) in ordered if alert.policy_name and policy == alert.policy_name),
+            sensitive_types=sorted(types),
+            last_alert_at=datetime.fromtimestamp(ordered[0][1][0], tz=timezone.utc) if ordered else None,
+            recent=recent,
             sources=sources,
         )
 

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 SourceFormat = Literal["defender_streaming", "graph_alert", "management_activity", "sentinel_alert"]
 Severity = Literal["informational", "low", "medium", "high", "unknown"]
@@ -87,11 +87,17 @@ class DlpAlert(_Model):
     alert_url: str | None = None
     incident_url: str | None = None
 
+    _content_id: str | None = PrivateAttr(default=None)
+
     def content_id(self) -> str:
-        """A stable id of this alert's content: the same content always gives the same id."""
-        # Field order is fixed by the model and no field is a free-form dict, so the JSON
-        # serialisation is canonical without sorting.
-        return hashlib.sha256(self.__pydantic_serializer__.to_json(self)).hexdigest()[:32]
+        """A stable id of this alert's content: the same content always gives the same id.
+
+        Computed once: an alert is not changed after it is decoded (copy it to change it)."""
+        if self._content_id is None:
+            # Field order is fixed by the model and no field is a free-form dict, so the JSON
+            # serialisation is canonical without sorting.
+            self._content_id = hashlib.sha256(self.__pydantic_serializer__.to_json(self)).hexdigest()[:32]
+        return self._content_id
 
 
 class EnrichmentStatus(_Model):
