@@ -36,7 +36,7 @@ def floor_alerts_per_s(bodies: list[bytes]) -> float:
     return best
 
 
-def bench_config(data_dir: Path):
+def bench_config(data_dir: Path, *, sink: str = "benchmarks.sinks:SerialiseSink"):
     """The embedded default config (every built-in enricher on local data), delivering to a serialising sink."""
     from pipeline.config import SinkConfig, load_config
 
@@ -44,7 +44,7 @@ def bench_config(data_dir: Path):
     loaded.config = loaded.config.model_copy(
         update={
             "assembly": loaded.config.assembly.model_copy(update={"settle_seconds": 0.0}),
-            "sinks": [SinkConfig(name="serialise", kind="benchmarks.sinks:SerialiseSink")],
+            "sinks": [SinkConfig(name="serialise", kind=sink)],
         }
     )
     return loaded
@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     results["ratio_to_floor"] = round(results["pipeline_alerts_per_s"] / results["floor_alerts_per_s"], 3)
     results["naive_alerts_per_s"] = round(asyncio.run(naive_alerts_per_s(bodies, warmup)))
     results["pipeline_to_naive"] = round(results["pipeline_alerts_per_s"] / results["naive_alerts_per_s"], 2)
+    from benchmarks import io
+
+    results.update({k: round(v, 3) for k, v in asyncio.run(io.io_batch()).items()})
+    results.update(asyncio.run(io.sentinel(2_000 if args.quick else 10_000)))
     results["peak_rss_mb"] = round(peak_rss_mb(10_000 if args.quick else 100_000), 1)
     results["peak_rss_alerts"] = 10_000 if args.quick else 100_000
     results["import_function_app_s"] = round(import_function_app_seconds(), 3)

@@ -21,3 +21,15 @@ class SerialiseSink:
 
     async def aclose(self) -> None:
         return None
+
+
+class CollectSink(SerialiseSink):
+    """Keeps the records it is given (to feed a sink benchmark with real enriched records)."""
+
+    def __init__(self, settings, services) -> None:
+        super().__init__(settings, services)
+        self.records: list[EnrichedRecord] = []
+
+    async def publish(self, records: Sequence[EnrichedRecord]) -> list[Outcome]:
+        self.records.extend(records)
+        return [Outcome.delivered()] * len(records)
