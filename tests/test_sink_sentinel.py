@@ -115,7 +115,7 @@ async def test_requests_stay_under_one_megabyte_with_near_minimal_count(endpoint
         await sink.aclose()
     requests = endpoint[2].requests
     assert all(o.status == "delivered" for o in outcomes)
-    assert max(r["size"] for r in requests) <= 1_000_000
+    assert max(r["size"] for r in requests) == sink.largest_request_bytes <= 1_000_000 and sink.requests == len(requests)
     total = sum(r["size"] for r in requests)
     assert len(requests) <= math.ceil(total / 1_000_000) + 1
     assert sorted(row["RecordId"] for r in requests for row in r["rows"]) == sorted(r.record_id for r in records)
