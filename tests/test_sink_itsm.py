@@ -177,6 +177,31 @@ async def test_a_ticket_deleted_meanwhile_is_recreated_once(httpserver, snow, ji
         assert outcome.status == "delivered" and len(store) == 1
 
 
+async def test_a_record_already_on_its_ticket_is_not_sent_again_by_the_same_process(httpserver, snow, jira):
+    first, revised = make_record("a-1"), make_record("a-1", severity="high")
+    for sink, server in ((snow_sink(httpserver), snow), (jira_sink(httpserver), jira)):
+        try:
+            await sink.publish([first])
+            before = len(server.requests)
+            assert [o.status for o in await sink.publish([first, first])] == ["delivered"] * 2  # a redelivered batch
+            assert len(server.requests) == before
+            await sink.publish([revised])
+            assert len(server.requests) == before + 1  # the revision updates the known ticket directly
+        finally:
+            await sink.aclose()
+    (ticket,) = snow.tickets.values()
+    assert len(snow.work_notes[ticket["sys_id"]]) == 2
+
+
+def test_ticket_memory_is_bounded():
+    from pipeline.sinks.itsm import TicketMemory
+
+    memory = TicketMemory(maxsize=3)
+    for i in range(5):
+        memory.remember(f"k{i}", f"t{i}", f"r{i}")
+    assert len(memory) == 3 and memory.ticket("k0") is None and memory.ticket("k4") == "t4" and memory.delivered("k4", "r4")
+
+
 async def test_servicenow_oauth_client_credentials(httpserver, snow):
     sink = snow_sink(httpserver, auth="oauth", client_id="cid", client_secret_env="TEST_SNOW_SECRET", username=None, password_env=None)
     outcomes = await publish(sink, [make_record("a-1"), make_record("b-2")])
