@@ -293,3 +293,19 @@ async def test_retry_after_as_an_http_date(httpserver, jira):
 async def test_jira_rejects_a_bad_request(httpserver, jira):
     (outcome,) = await publish(jira_sink(httpserver, project_key="OPS"), [make_record("a-1")])
     assert outcome.status == "rejected" and "HTTP 400" in outcome.reason and not jira.issues
+
+
+async def test_logs_above_debug_carry_no_payload(httpserver, snow, jira, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    record = make_record("a-1")
+    snow.failures.extend([Failure("POST", 400), Failure("GET", 503)])
+    jira.failures.append(Failure("POST", 400, path="/rest/api/3/issue"))
+    for sink in (snow_sink(httpserver), jira_sink(httpserver)):
+        await publish(sink, [record])
+        await publish(sink, [record])
+    await publish(snow_sink(httpserver), [record])  # and a success
+    assert "not delivered" in caplog.text and "HTTP 400" in caplog.text
+    for value in ("megan", "Megan", "Q1-payroll", "Finance PII", "Credit Card", record.alert.title):
+        assert value not in caplog.text, value
