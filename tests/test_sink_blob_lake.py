@@ -117,6 +117,15 @@ async def test_unreachable_storage_is_retryable(monkeypatch):
     assert outcome.status == "retryable"
 
 
+async def test_a_missing_container_is_retryable_not_rejected(container):
+    sink = make_sink(container, create_container=False)  # the fixture's container does not exist yet
+    try:
+        (outcome,) = await sink.publish([make_record("x")])
+    finally:
+        await sink.aclose()
+    assert outcome.status == "retryable" and "not found" in outcome.reason
+
+
 def test_settings_need_exactly_one_way_to_connect():
     with pytest.raises(ValueError, match="exactly one"):
         BlobLakeSink.Settings()
@@ -144,6 +153,7 @@ pseudonymise = {{ key_env = "TEST_PSEUDONYM_KEY" }}
 connection_string_env = "TEST_LAKE_CONNECTION"
 container = "{container}"
 prefix = "pseudonymised"
+create_container = true
 """
 
 
@@ -155,7 +165,8 @@ async def test_a_pipeline_run_writes_the_expected_blobs_and_a_rerun_adds_none(co
     messages: list[Message] = list(read_messages([str(SAMPLES)]))
     async with Runner(loaded) as runner:
         report = await runner.process_batch(messages, flush=True)
-    assert report.delivered["lake"] == report.alerts == report.delivered["pseudonymised"] > 0
+        failures = [(e.sink, e.reason, e.detail) for e in await runner.dead_letter.list() if e.stage == "deliver"]
+    assert report.delivered["lake"] == report.alerts == report.delivered["pseudonymised"] > 0, (report.delivered, failures)
     stored = blobs(container)
     full = {n: d for n, d in stored.items() if n.startswith("enriched/")}
     masked = {n: d for n, d in stored.items() if n.startswith("pseudonymised/")}

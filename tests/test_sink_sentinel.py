@@ -115,7 +115,7 @@ async def test_requests_stay_under_one_megabyte_with_near_minimal_count(endpoint
         await sink.aclose()
     requests = endpoint[2].requests
     assert all(o.status == "delivered" for o in outcomes)
-    assert max(r["size"] for r in requests) <= 1_000_000
+    assert max(r["size"] for r in requests) == sink.largest_request_bytes <= 1_000_000 and sink.requests == len(requests)
     total = sum(r["size"] for r in requests)
     assert len(requests) <= math.ceil(total / 1_000_000) + 1
     assert sorted(row["RecordId"] for r in requests for row in r["rows"]) == sorted(r.record_id for r in records)
@@ -216,3 +216,43 @@ def test_schema_command_prints_columns_and_a_sample_row(tmp_path):
     assert set(row) <= {name for name, _, _ in COLUMNS} and row["RecordId"] and row["TimeGenerated"]
     table = json.loads(run_cli("schema", "sentinel", "--table", cwd=tmp_path).stdout)
     assert table == table_schema()
+
+
+async def test_through_the_runner_a_too_large_record_is_dead_lettered_and_a_429_retried(endpoint, write_config, fixture_bytes):
+    import orjson
+
+    from pipeline.runner import Message, Runner
+
+    server, ca_path, ingestion = endpoint
+    config = f"""
+[assembly]
+settle_seconds = 0
+[delivery]
+max_attempts = 3
+backoff_initial_seconds = 0.01
+budget_seconds = 5
+[[enrichers]]
+name = "padding"
+use = "tests.support.sentinel_local:Padding"
+settings = {{ alert_ids = ["too-large"], size = 1000500 }}
+[[sinks]]
+name = "sentinel"
+kind = "tests.support.sentinel_local:LocalSentinelSink"
+[sinks.settings]
+endpoint = "{server.url_for('/').rstrip('/')}"
+rule_id = "{RULE}"
+ca_bundle = "{ca_path}"
+"""
+    graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
+    body = orjson.dumps([dict(graph, id="fits"), dict(graph, id="too-large"), dict(graph, id="also-fits")])
+    ingestion.script.append((429, {"Retry-After": "1"}))
+    async with Runner(write_config(config)) as runner:
+        started = time.monotonic()
+        report = await runner.process_batch([Message(body)])
+        elapsed = time.monotonic() - started
+        (entry,) = await runner.dead_letter.list()
+    assert report.delivered == {"sentinel": 2} and report.dead_lettered == {"deliver": 1}
+    assert entry.alert_id == "too-large" and entry.reason == "sink_rejected" and "exceeds the Logs Ingestion limit" in entry.detail
+    assert elapsed >= 1.0  # Retry-After honoured by the router
+    assert len(ingestion.requests) == 2 and all(r["size"] <= 1_000_000 for r in ingestion.requests)
+    assert sorted(row["AlertId"] for row in ingestion.requests[1]["rows"]) == ["also-fits", "fits"]

@@ -142,7 +142,7 @@ class BlobLakeSink:
         return gzip.compress(lines, compresslevel=6, mtime=0)
 
     async def _write(self, name: str, documents: list[dict[str, Any]]) -> Outcome:
-        from azure.core.exceptions import ResourceExistsError
+        from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
         from azure.storage.blob import ContentSettings
 
         data = self.encode(documents)
@@ -152,6 +152,11 @@ class BlobLakeSink:
         except ResourceExistsError:
             log.info("blob lake: %s already exists (a retried batch): nothing written", name)
             return Outcome.delivered()
+        except ResourceNotFoundError:
+            # The container is missing: being created (another sink or instance), or not deployed yet.
+            # Retryable, so a race heals; a container that never appears ends in the dead letters.
+            log.warning("blob lake: container %s not found", self.settings.container)
+            return Outcome.retryable(f"container {self.settings.container} not found")
         except Exception as exc:
             error = translate(exc, role="sink")
             log.warning("blob lake: writing %d record(s) failed: %s", len(documents), error)

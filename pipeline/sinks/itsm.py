@@ -60,6 +60,39 @@ class KeyLocks:
         return len(self._locks)
 
 
+class TicketMemory:
+    """What a sink learnt in this process: alert key → (ticket id, record_id last delivered to it).
+
+    Bounded (oldest entries go first). A record already delivered to its ticket is not sent again
+    (a redelivered batch costs no API calls and adds no second work note); a ticket created here is
+    found without the search index.
+    """
+
+    def __init__(self, maxsize: int = 50_000) -> None:
+        self.maxsize = maxsize
+        self._entries: dict[str, tuple[str, str | None]] = {}
+
+    def ticket(self, key: str) -> str | None:
+        entry = self._entries.get(key)
+        return entry[0] if entry else None
+
+    def delivered(self, key: str, record_id: str) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry[1] == record_id
+
+    def remember(self, key: str, ticket: str, record_id: str | None) -> None:
+        self._entries.pop(key, None)
+        self._entries[key] = (ticket, record_id)
+        while len(self._entries) > self.maxsize:
+            del self._entries[next(iter(self._entries))]
+
+    def forget(self, key: str) -> None:
+        self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class TicketError(Exception):
     """An HTTP answer that is not success; carries the Outcome for the record."""
 

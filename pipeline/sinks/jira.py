@@ -18,7 +18,7 @@ from pydantic import Field
 
 from pipeline.config import StrictModel
 from pipeline.sinks import Outcome
-from pipeline.sinks.itsm import KeyLocks, check, check_url, render, secret, summary_lines, upsert_each
+from pipeline.sinks.itsm import KeyLocks, TicketMemory, check, check_url, render, secret, summary_lines, upsert_each
 from pipeline.sinks.shaping import alert_key, record_document
 
 log = logging.getLogger("pipeline.sinks.jira")
@@ -61,7 +61,7 @@ class JiraSink:
             headers={"Accept": "application/json", "Content-Type": "application/json"},
         )
         self._locks = KeyLocks()
-        self._issues: dict[str, str] = {}  # alert key → issue key found or created by this sink
+        self._issues = TicketMemory()  # alert key → issue key and the record last delivered to it
 
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
         return await upsert_each(records, self._upsert, name="jira")
@@ -85,20 +85,20 @@ class JiraSink:
 
     async def _upsert_locked(self, record: Any) -> None:
         key = alert_key(record)
+        if self._issues.delivered(key, record.record_id):
+            return  # this very record is on its issue already (a redelivered batch)
         fields = self.fields(record)
-        issue = self._issues.get(key) or await self._find(key)
+        issue = self._issues.ticket(key) or await self._find(key)
         if issue is not None:
             response = await self.client.put(f"{self.base}/rest/api/3/issue/{issue}", json={"fields": fields})
-            if response.status_code != 404:
+            if response.status_code == 404:  # deleted meanwhile: look again, else create
+                self._issues.forget(key)
+                issue = await self._find(key)
+                response = await self.client.put(f"{self.base}/rest/api/3/issue/{issue}", json={"fields": fields}) if issue else None
+            if response is not None:
                 check(response, ok=(200, 204), action="update issue")
-                self._issues[key] = issue
+                self._issues.remember(key, issue, record.record_id)
                 log.info("jira: updated %s for alert key %s", issue, key)
-                return
-            self._issues.pop(key, None)
-            issue = await self._find(key)
-            if issue is not None:
-                check(await self.client.put(f"{self.base}/rest/api/3/issue/{issue}", json={"fields": fields}), ok=(200, 204), action="update issue")
-                self._issues[key] = issue
                 return
         body = {
             "fields": {
@@ -110,7 +110,7 @@ class JiraSink:
         }
         response = check(await self.client.post(f"{self.base}/rest/api/3/issue", json=body), ok=(201,), action="create issue")
         created = response.json()["key"]
-        self._issues[key] = created
+        self._issues.remember(key, created, record.record_id)
         log.info("jira: created %s for alert key %s", created, key)
 
     async def _find(self, key: str) -> str | None:

@@ -58,18 +58,24 @@ class SentinelSink:
         if settings.ca_bundle:
             options["connection_verify"] = settings.ca_bundle
         self.client = LogsIngestionClient(endpoint=settings.endpoint, credential=credential, **options)
-        self.requests = 0  # requests sent, for measurements
+        self.requests = 0  # requests sent, and the largest body (uncompressed JSON bytes): for measurements
+        self.largest_request_bytes = 0
 
     # -- packing -------------------------------------------------------------------------------
 
-    def pack(self, rows: list[dict[str, Any]]) -> tuple[list[list[int]], list[int]]:
+    @staticmethod
+    def costs(rows: list[dict[str, Any]]) -> list[int]:
+        """Bytes each row adds to a request body: its JSON as the SDK writes it, plus ", "."""
+        return [len(json.dumps(row).encode("utf-8")) + 2 for row in rows]
+
+    def pack(self, rows: list[dict[str, Any]], costs: list[int] | None = None) -> tuple[list[list[int]], list[int]]:
         """Group row indexes into requests of at most max_request_bytes; also the indexes too large alone.
 
         A request body is `json.dumps(rows)`: "[" + rows joined by ", " + "]", i.e. the sum over its
         rows of (row size + 2) bytes.
         """
         limit = self.settings.max_request_bytes
-        costs = [len(json.dumps(row).encode("utf-8")) + 2 for row in rows]
+        costs = costs if costs is not None else self.costs(rows)
         too_large = [i for i, cost in enumerate(costs) if cost > limit]
         order = sorted((i for i, cost in enumerate(costs) if cost <= limit), key=lambda i: -costs[i])
         bins: list[list[int]] = []
@@ -91,9 +97,10 @@ class SentinelSink:
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
         rows = [to_row(record_document(record)) for record in records]
         outcomes: list[Outcome | None] = [None] * len(records)
-        requests, too_large = self.pack(rows)
+        costs = self.costs(rows)
+        requests, too_large = self.pack(rows, costs)
         for index in too_large:
-            size = len(json.dumps(rows[index]).encode("utf-8"))
+            size = costs[index] - 2
             outcomes[index] = Outcome.rejected(
                 f"row of {size} bytes exceeds the Logs Ingestion limit of {self.settings.max_request_bytes} bytes per request"
             )
@@ -103,6 +110,7 @@ class SentinelSink:
                 for index in members:
                     outcomes[index] = stop
                 continue
+            self.largest_request_bytes = max(self.largest_request_bytes, sum(costs[i] for i in members))
             outcome = await self._send([rows[i] for i in members])
             for index in members:
                 outcomes[index] = outcome

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel
 from pipeline.sinks import Outcome
-from pipeline.sinks.itsm import KeyLocks, TicketError, check, check_url, render, secret, summary_lines, upsert_each
+from pipeline.sinks.itsm import KeyLocks, TicketMemory, TicketError, check, check_url, render, secret, summary_lines, upsert_each
 from pipeline.sinks.shaping import alert_key, record_document
 
 log = logging.getLogger("pipeline.sinks.servicenow")
@@ -85,7 +85,7 @@ class ServiceNowSink:
             headers={"Accept": "application/json", "Content-Type": "application/json"},
         )
         self._locks = KeyLocks()
-        self._tickets: dict[str, str] = {}  # alert key → sys_id of tickets this sink found or created
+        self._tickets = TicketMemory()  # alert key → sys_id and the record last delivered to it
 
     @property
     def _table_url(self) -> str:
@@ -116,25 +116,25 @@ class ServiceNowSink:
 
     async def _upsert_locked(self, record: Any) -> None:
         key = alert_key(record)
+        if self._tickets.delivered(key, record.record_id):
+            return  # this very record is on its ticket already (a redelivered batch)
         body = self.ticket(record)
         update = {k: v for k, v in body.items() if k not in self.settings.create_only_fields}
-        sys_id = self._tickets.get(key) or await self._find(key)
+        sys_id = self._tickets.ticket(key) or await self._find(key)
         if sys_id is not None:
             response = await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update)
-            if response.status_code != 404:
+            if response.status_code == 404:  # deleted meanwhile: look again, else create
+                self._tickets.forget(key)
+                sys_id = await self._find(key)
+                response = await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update) if sys_id else None
+            if response is not None:
                 check(response, ok=(200,), action="update incident")
-                self._tickets[key] = sys_id
+                self._tickets.remember(key, sys_id, record.record_id)
                 log.info("servicenow: updated ticket %s for alert key %s", sys_id, key)
-                return
-            self._tickets.pop(key, None)  # deleted meanwhile: look again, else create
-            sys_id = await self._find(key)
-            if sys_id is not None:
-                check(await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update), ok=(200,), action="update incident")
-                self._tickets[key] = sys_id
                 return
         response = check(await self._request("POST", self._table_url, json=body), ok=(200, 201), action="create incident")
         created = response.json()["result"]
-        self._tickets[key] = created["sys_id"]
+        self._tickets.remember(key, created["sys_id"], record.record_id)
         log.info("servicenow: created %s for alert key %s", created.get("number", created["sys_id"]), key)
 
     async def _find(self, key: str) -> str | None:
