@@ -227,6 +227,27 @@ class Runner:
         await self._maybe_purge(now)
         return report
 
+    async def process_alerts(self, alerts: Sequence[DlpAlert]) -> BatchReport:
+        """Enrich and deliver alerts that were built elsewhere (replay of assemble-stage dead letters)."""
+        await self.start()
+        report = BatchReport()
+        records = await self._enrich_all(list(alerts), report)
+        await self._deliver(records, report)
+        return report
+
+    async def deliver_records(self, records: Sequence[EnrichedRecord], *, sink: str) -> BatchReport:
+        """Offer enriched records to the one sink named (replay of deliver-stage dead letters); never to the others.
+
+        What that sink still does not take is dead-lettered again; no outage is raised here.
+        """
+        await self.start()
+        report = BatchReport()
+        for entry, plugin in self.sinks:
+            if entry.name == sink:
+                await self._dead_letter(await self._deliver_to(entry.name, plugin, list(records), report), report)
+                return report
+        raise KeyError(sink)
+
     async def flush(self) -> BatchReport:
         """Emit every pending split alert now (end of a CLI run, or the Functions timer)."""
         return await self.process_batch([], flush=True)

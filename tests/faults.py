@@ -19,7 +19,7 @@ import httpx
 from pydantic import BaseModel
 
 from pipeline.enricher import BaseEnricher
-from pipeline.errors import SinkUnavailable
+from pipeline.errors import SinkUnavailable, translate
 from pipeline.sinks import Outcome
 
 INSTANCES: dict[str, object] = {}
@@ -67,7 +67,7 @@ class ScriptedSink:
 
 
 class HttpTicketSink:
-    """One PUT per record to an ITSM-like endpoint; any HTTP error is raised for the runner to classify."""
+    """One PUT per record to an ITSM-like endpoint; each record's HTTP error becomes its own outcome."""
 
     class Settings(BaseModel):
         model_config = {"extra": "forbid"}
@@ -82,8 +82,16 @@ class HttpTicketSink:
     async def publish(self, records: Sequence) -> list[Outcome]:
         outcomes = []
         for record in records:
-            response = await self.client.put(f"/tickets/{record.record_id}", content=record.to_json(), headers={"content-type": "application/json"})
-            response.raise_for_status()
+            try:
+                response = await self.client.put(f"/tickets/{record.record_id}", content=record.to_json(), headers={"content-type": "application/json"})
+                response.raise_for_status()
+            except httpx.HTTPError as exc:  # per record, classified as every sink must: through translate
+                error = translate(exc, role="sink")
+                if isinstance(error, SinkUnavailable):
+                    outcomes.append(Outcome.retryable(str(error), error.retry_after))
+                else:
+                    outcomes.append(Outcome.rejected(str(error)))
+                continue
             outcomes.append(Outcome.delivered())
         return outcomes
 
@@ -112,3 +120,103 @@ class CountingHangs(BaseEnricher):
     async def enrich(self, alert, ctx):
         type(self).calls += 1
         await asyncio.sleep(30)
+
+
+class TicketServer:
+    """An ITSM-like HTTP endpoint on pytest-httpserver: `PUT /tickets/<record_id>` creates or updates.
+
+    `faults` is a queue of what the next requests meet, one per request:
+    - an int status (413, 429, 500, ...): answered without writing (429 carries Retry-After: 0);
+    - "500-after-write": the ticket is written, then 500 is answered (the client cannot know);
+    - "timeout": the server sleeps past the client's timeout, then writes (a slow success the client gave up on);
+    - "drop": the connection is closed without an answer, nothing written.
+    `created[record_id]` counts creations: more than 1 would be a duplicate ticket.
+    """
+
+    def __init__(self, httpserver, *, sleep: float = 1.0) -> None:
+        import re
+        import threading
+
+        self.httpserver = httpserver
+        self.sleep = sleep
+        self.faults: list[object] = []
+        self.created: Counter[str] = Counter()
+        self.updated: Counter[str] = Counter()
+        self.requests = 0
+        self._lock = threading.Lock()
+        httpserver.expect_request(re.compile(r"^/tickets/[0-9a-f]+$"), method="PUT").respond_with_handler(self._handle)
+
+    @property
+    def url(self) -> str:
+        return self.httpserver.url_for("/")
+
+    def _write(self, record_id: str) -> None:
+        with self._lock:
+            if record_id in self.created:
+                self.updated[record_id] += 1
+            else:
+                self.created[record_id] += 1
+
+    def _handle(self, request):
+        import socket
+        import time
+
+        from werkzeug import Response
+
+        record_id = request.path.rsplit("/", 1)[1]
+        with self._lock:
+            self.requests += 1
+            fault = self.faults.pop(0) if self.faults else None
+        if fault is None:
+            self._write(record_id)
+            return Response("{}", status=201, content_type="application/json")
+        if fault == "500-after-write":
+            self._write(record_id)
+            return Response("oops", status=500)
+        if fault == "timeout":
+            time.sleep(self.sleep)
+            self._write(record_id)
+            return Response("{}", status=201)
+        if fault == "drop":
+            sock = request.environ.get("werkzeug.socket")
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+            return Response("", status=500)
+        headers = {"Retry-After": "0"} if fault == 429 else {}
+        return Response("no", status=int(fault), headers=headers)
+
+
+BLOCKERS: list = []
+
+
+class HttpTicketSinkThenStateDown(HttpTicketSink):
+    """Writes its tickets, then another connection takes an exclusive lock on the state store:
+    the store fails right after a sink write, before the runner marks the alerts emitted."""
+
+    class Settings(HttpTicketSink.Settings):
+        state_path: str = "state.sqlite"
+
+    def __init__(self, settings, services):
+        super().__init__(settings, services)
+        self.state_path = services.data_path(settings.state_path)
+        self.locked = False
+
+    async def publish(self, records: Sequence) -> list[Outcome]:
+        import sqlite3
+
+        outcomes = await super().publish(records)
+        if self.locked:
+            return outcomes
+        self.locked = True  # once: the rerun finds the store back
+        blocker = sqlite3.connect(self.state_path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        BLOCKERS.append(blocker)
+        return outcomes
+
+
+def release_blockers() -> None:
+    while BLOCKERS:
+        blocker = BLOCKERS.pop()
+        blocker.execute("ROLLBACK")
+        blocker.close()

@@ -11,4 +11,5 @@ and is listed in COMMANDS below, in the order `--help` shows them.
 COMMANDS: list[str] = [
     "pipeline.commands.run",
     "pipeline.commands.validate",
+    "pipeline.commands.replay",
 ]
