@@ -12,4 +12,5 @@ COMMANDS: list[str] = [
     "pipeline.commands.run",
     "pipeline.commands.validate",
     "pipeline.commands.replay",
+    "pipeline.commands.consume",
 ]
