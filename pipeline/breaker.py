@@ -28,7 +28,7 @@ class CircuitBreaker:
         self.clock = clock
         self.failures = 0
         self.opened_at: float | None = None
-        self._trial_running = False
+        self._trial_started: float | None = None
         self.short_circuited = 0
 
     @property
@@ -50,8 +50,10 @@ class CircuitBreaker:
         state = self.state
         if state == "closed":
             return True
-        if state == "half_open" and not self._trial_running:
-            self._trial_running = True
+        now = self.clock()
+        # One trial at a time; a trial that never reported back (its task was cancelled) expires after a cool-down.
+        if state == "half_open" and (self._trial_started is None or now - self._trial_started >= self.cooldown_seconds):
+            self._trial_started = now
             return True
         self.short_circuited += 1
         return False
@@ -59,10 +61,10 @@ class CircuitBreaker:
     def record_success(self) -> None:
         self.failures = 0
         self.opened_at = None
-        self._trial_running = False
+        self._trial_started = None
 
     def record_failure(self) -> None:
-        self._trial_running = False
+        self._trial_started = None
         if self.opened_at is not None:  # a failed trial: open again for a whole cool-down
             self.opened_at = self.clock()
             return

@@ -46,6 +46,17 @@ def test_breaker_opens_after_threshold_refuses_then_allows_one_trial():
     assert breaker.state == "closed" and breaker.allow()
 
 
+def test_a_trial_that_never_reports_back_expires_after_a_cooldown():
+    clock = Tick()
+    breaker = CircuitBreaker("s", failure_threshold=1, cooldown_seconds=10, clock=clock)
+    breaker.record_failure()
+    clock.now += 10
+    assert breaker.allow()  # the trial's task is cancelled and never records an outcome
+    assert not breaker.allow()
+    clock.now += 10
+    assert breaker.allow()
+
+
 CONFIG = """
 [assembly]
 settle_seconds = 0
@@ -160,3 +171,59 @@ async def test_open_enricher_breaker_fails_fast_with_circuit_open_and_alerts_sti
     assert report.delivered == {"lake": 10, "itsm": 10}
     errors = [line["enrichment_status"]["counting_explodes"]["error"] for line in lines]
     assert errors.count("circuit open") == 7 and all(line["enrichment_status"]["counting_hangs"]["state"] in ("timed_out", "failed") for line in lines)
+
+
+def test_cli_run_with_a_sink_down_exits_1_saying_run_again_then_the_rerun_delivers(tmp_path, fixture_bytes):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "in.jsonl").write_bytes(b"\n".join(m.body for m in graph_alerts(fixture_bytes, 5)) + b"\n")
+    config = tmp_path / "pipeline.toml"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "pipeline", "run", "in.jsonl", "--config", "pipeline.toml", "--out", "out"]
+    config.write_text(CONFIG.format(delivery="", settings='{ label = "cli", fail_first_calls = 999 }'))
+    down = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert down.returncode == 1
+    (line,) = down.stderr.decode().strip().splitlines()[-1:]
+    assert "sink(s) itsm unavailable for the whole batch" in line and line.endswith("nothing is lost: run again")
+    assert not list((tmp_path / "out" / "dead-letter").glob("*.json"))
+    config.write_text(CONFIG.format(delivery="", settings='{ label = "cli" }'))
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert again.returncode == 0, again.stderr.decode()
+    assert "delivered:           itsm=5, lake=5" in again.stdout.decode()
+
+
+async def test_functions_trigger_raises_for_an_outage_and_its_last_retry_dead_letters(tmp_path, monkeypatch, fixture_bytes):
+    """As the host runs it: 1 execution + max_retry_count retries; the last one must return (and checkpoint) with everything dead-lettered."""
+    from datetime import datetime, timezone
+
+    import azure.functions as func
+
+    from pipeline import functions
+    from tests.test_functions import FUNCTIONS
+
+    retry = FUNCTIONS["dlp_alerts"].get_setting("retry_policy").get_dict_repr()
+    max_retry_count = int(retry["max_retry_count"])
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG.format(delivery=f"max_batch_redeliveries = {max_retry_count}", settings='{ label = "fn", fail_first_calls = 9999 }'))
+    monkeypatch.setenv("DLP_PIPELINE_CONFIG", str(config))
+    monkeypatch.setenv("DLP_PIPELINE_DATA_DIR", str(tmp_path / "data"))
+    await functions.reset_runner()
+    events = [
+        func.EventHubEvent(body=m.body, sequence_number=i, offset=str(i), enqueued_time=datetime.now(timezone.utc), partition_key=None)
+        for i, m in enumerate(graph_alerts(fixture_bytes, 3))
+    ]
+    trigger = FUNCTIONS["dlp_alerts"].get_user_function()
+    try:
+        for _ in range(max_retry_count):
+            with pytest.raises(SinkOutage):
+                await trigger(events)
+        await trigger(events)  # the last retry: returns, so the host's checkpoint moves over accounted records only
+        runner = await functions.get_runner()
+        entries = await runner.dead_letter.list()
+    finally:
+        await functions.reset_runner()
+    assert sorted(e.alert_id for e in entries) == ["alert-0", "alert-1", "alert-2"] and {e.sink for e in entries} == {"itsm"}

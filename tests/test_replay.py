@@ -183,3 +183,13 @@ async def test_replay_from_the_blob_store(write_config, fixture_bytes, ticket_se
         (left,) = await runner.dead_letter.list()
         assert left.stage == "decode" and left.attempts == 2
         await runner.dead_letter.container.delete_container()
+
+
+def test_blob_dead_letter_store_needs_an_account(write_config):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        write_config('[dead_letter]\nkind = "blob"\ncontainer = "dl"\n')
+    assert "key 'dead_letter'" in str(caught.value) and "account_url or connection_string_env" in str(caught.value)
+    with pytest.raises(ConfigError, match="key 'delivery.on_outage'"):
+        write_config('[delivery]\non_outage = "ignore"\n')
