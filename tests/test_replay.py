@@ -193,3 +193,23 @@ def test_blob_dead_letter_store_needs_an_account(write_config):
     assert "key 'dead_letter'" in str(caught.value) and "account_url or connection_string_env" in str(caught.value)
     with pytest.raises(ConfigError, match="key 'delivery.on_outage'"):
         write_config('[delivery]\non_outage = "ignore"\n')
+
+
+@pytest.mark.integration
+async def test_blob_store_concurrent_writers_never_lose_a_count(azurite):
+    import asyncio
+
+    from azure.storage.blob.aio import ContainerClient
+
+    container = f"dl-{uuid.uuid4().hex[:8]}"
+    stores = [BlobDeadLetterStore(ContainerClient.from_connection_string(azurite.connection_string, container)) for _ in range(4)]
+    try:
+        await stores[0].put([])  # creates the container
+        entries = [DeadLetter(stage="deliver", reason="retries_exhausted", detail="", body=b"{}", sink="itsm", record_id="r1") for _ in range(8)]
+        await asyncio.gather(*(stores[i % 4].put([entry]) for i, entry in enumerate(entries)))
+        (stored,) = await stores[0].list()
+        assert stored.attempts == 8
+    finally:
+        await stores[0].container.delete_container()
+        for store in stores:
+            await store.aclose()
