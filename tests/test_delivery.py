@@ -227,3 +227,15 @@ async def test_functions_trigger_raises_for_an_outage_and_its_last_retry_dead_le
     finally:
         await functions.reset_runner()
     assert sorted(e.alert_id for e in entries) == ["alert-0", "alert-1", "alert-2"] and {e.sink for e in entries} == {"itsm"}
+
+
+async def test_retry_waits_at_least_the_sinks_retry_after(write_config, fixture_bytes):
+    import time
+
+    loaded = write_config(CONFIG.format(delivery="", settings='{ label = "throttled", fail_first_calls = 1, retry_after = 0.3 }'))
+    async with Runner(loaded) as runner:
+        started = time.monotonic()
+        report = await runner.process_batch(graph_alerts(fixture_bytes, 2))
+        elapsed = time.monotonic() - started
+    assert report.delivered == {"lake": 2, "itsm": 2} and faults.INSTANCES["throttled"].calls == 2
+    assert elapsed >= 0.3  # the backoff alone would have waited about a millisecond
