@@ -22,12 +22,13 @@ import time
 from typing import Any, Awaitable, Callable, Sequence
 
 from pipeline.config import ConsumerSettings
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, StoreUnavailable
 from pipeline.runner import BatchReport, Message, Runner
 
 log = logging.getLogger("pipeline.consumer")
 
 _FLUSH_EVERY_SECONDS = 30.0
+_STOP_GRACE_SECONDS = 5.0  # after close(), then the receiving task is cancelled (a batch cut short is not checkpointed)
 
 
 def event_body(event: Any) -> bytes:
@@ -148,22 +149,26 @@ def build_client(settings: ConsumerSettings) -> tuple[Any, list[Any]]:
 
 
 async def ensure_container(settings: ConsumerSettings) -> None:
-    """Create the checkpoint container when it is missing (the checkpoint store does not)."""
-    from azure.core.exceptions import ResourceExistsError
+    """Create the checkpoint container when it is missing (the checkpoint store does not).
+
+    A start-up probe: it fails fast (no retries), so a wrong account shows at once as one line."""
+    from azure.core.exceptions import AzureError, ResourceExistsError
     from azure.storage.blob.aio import ContainerClient
 
     credential = None
     if settings.checkpoint_connection_string_env:
-        container = ContainerClient.from_connection_string(_secret(settings.checkpoint_connection_string_env, "checkpoint storage"), settings.checkpoint_container)
+        container = ContainerClient.from_connection_string(_secret(settings.checkpoint_connection_string_env, "checkpoint storage"), settings.checkpoint_container, retry_total=0)
     else:
         from azure.identity.aio import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
-        container = ContainerClient(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential)
+        container = ContainerClient(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential, retry_total=0)
     try:
         await container.create_container()
     except ResourceExistsError:
         pass
+    except AzureError as exc:
+        raise StoreUnavailable(f"checkpoint store: cannot reach container {settings.checkpoint_container}: {type(exc).__name__}") from exc
     finally:
         await container.close()
         if credential is not None:
@@ -213,7 +218,7 @@ async def consume(runner: Runner, settings: ConsumerSettings, *, idle_exit_secon
         flushing.cancel()
         await client.close()  # stops receive_batch; a batch not checkpointed yet is read again next time
         try:
-            await asyncio.wait_for(receiving, timeout=30)
+            await asyncio.wait_for(receiving, timeout=_STOP_GRACE_SECONDS)
         except (asyncio.TimeoutError, asyncio.CancelledError):
             receiving.cancel()
         for closable in closables:

@@ -212,3 +212,44 @@ def test_consume_without_a_consumer_table_exits_2_in_one_line(tmp_path):
     assert result.returncode == 2
     (line,) = result.stderr.decode().strip().splitlines()
     assert "pipeline.toml, key 'consumer'" in line and "[consumer]" in line
+
+
+def _consume_config(tmp_path) -> str:
+    config = tmp_path / "pipeline.toml"
+    config.write_text(textwrap.dedent("""
+        [consumer]
+        connection_string_env = "HUB_CONN"
+        checkpoint_connection_string_env = "STORAGE_CONN"
+        eventhub_name = "dlp"
+        checkpoint_container = "cp-idle"
+        [[sinks]]
+        name = "lake"
+        kind = "jsonl"
+    """))
+    return str(config)
+
+
+UNREACHABLE_HUB = "Endpoint=sb://127.0.0.1:9;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=x;UseDevelopmentEmulator=true;"
+
+
+def test_consume_with_an_unreachable_checkpoint_store_exits_1_in_one_line(tmp_path):
+    storage = "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=a2V5;BlobEndpoint=http://127.0.0.1:9/devstoreaccount1;"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HUB_CONN": UNREACHABLE_HUB, "STORAGE_CONN": storage}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "consume", "--config", _consume_config(tmp_path), "--out", "out"], cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert result.returncode == 1
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert "checkpoint store: cannot reach container cp-idle" in line and "Traceback" not in line
+
+
+@pytest.mark.integration
+def test_consume_starts_creates_its_checkpoint_container_and_stops_when_idle(tmp_path, azurite):
+    """The client's lifecycle without a hub to read: the hub is unreachable, so nothing is read or checkpointed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HUB_CONN": UNREACHABLE_HUB, "STORAGE_CONN": azurite.connection_string}
+    command = [sys.executable, "-m", "pipeline", "consume", "--config", _consume_config(tmp_path), "--out", "out", "--idle-exit", "1"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"batches checkpointed: 0" in result.stdout and b"Traceback" not in result.stderr
+    from azure.storage.blob import BlobServiceClient
+
+    with BlobServiceClient.from_connection_string(azurite.connection_string) as service:
+        assert service.get_container_client("cp-idle").exists()
