@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out
 
-.PHONY: setup setup-dev run test validate clean
+.PHONY: setup setup-dev run test soak validate clean
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ validate: setup
 ## Set up, then run the whole test suite.
 test: setup-dev
 	$(PY) -m pytest
+
+## The long soak run of docs/delivery.md: 100,000 alerts, one sink failing a fifth of its calls.
+soak: setup-dev
+	$(PY) -m tests.soak --alerts 100000
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PipelineError as exc:
-        print(f"error: run stopped, not every message is accounted for: {exc}", file=sys.stderr)
+        print(f"error: run stopped, not every message is accounted for: {exc}; nothing is lost: run again", file=sys.stderr)
         return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         print("interrupted: nothing is lost, run again to finish", file=sys.stderr)

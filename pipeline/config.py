@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
 from pipeline.models import SEVERITY_RANK, AlertKind, EnrichedRecord, Severity, SourceFormat
@@ -33,6 +33,8 @@ class StrictModel(BaseModel):
 class RunnerSettings(StrictModel):
     max_concurrent_alerts: int = Field(64, ge=1, description="alerts of one batch enriched at the same time")
     batch_size: int = Field(100, ge=1, description="messages per batch in the CLI")
+    enricher_breaker_threshold: int = Field(5, ge=1, description="consecutive failures or timeouts of one enricher that open its circuit breaker")
+    enricher_breaker_cooldown_seconds: float = Field(30.0, ge=0, description="how long an open enricher breaker refuses calls before one trial")
 
 
 class AssemblySettings(StrictModel):
@@ -48,8 +50,17 @@ class StateSettings(StrictModel):
 
 
 class DeadLetterSettings(StrictModel):
-    kind: Literal["local"] = "local"
-    path: str = "dead-letter"
+    kind: Literal["local", "blob"] = "local"
+    path: str = Field("dead-letter", description="local: folder under the data dir; blob: name prefix inside the container")
+    container: str = Field("dead-letter", description="blob: the container (created if missing)")
+    account_url: str | None = Field(None, description="blob: https://<account>.blob.core.windows.net, signed in with DefaultAzureCredential")
+    connection_string_env: str | None = Field(None, description="blob: name of the environment variable holding a connection string")
+
+    @model_validator(mode="after")
+    def _blob_needs_an_account(self) -> "DeadLetterSettings":
+        if self.kind == "blob" and not (self.account_url or self.connection_string_env):
+            raise ValueError("kind 'blob' needs account_url or connection_string_env")
+        return self
 
 
 class DeliverySettings(StrictModel):
@@ -57,6 +68,37 @@ class DeliverySettings(StrictModel):
     backoff_initial_seconds: float = Field(0.5, ge=0)
     backoff_max_seconds: float = Field(10.0, ge=0)
     budget_seconds: float = Field(60.0, ge=0, description="time a batch may spend retrying one sink")
+    on_outage: Literal["raise", "dead_letter"] = Field(
+        "raise", description="a sink that took none of a batch's records within the budget: raise so the batch is run again, or dead-letter them"
+    )
+    max_batch_redeliveries: int = Field(5, ge=0, description="runs of the same batch that may raise for a sink outage before its records are dead-lettered")
+    breaker_threshold: int = Field(5, ge=1, description="consecutive failed calls of one sink that open its circuit breaker")
+    breaker_cooldown_seconds: float = Field(30.0, ge=0, description="how long an open sink breaker refuses calls before one trial")
+
+
+class ConsumerSettings(StrictModel):
+    """`python -m pipeline consume`: the standalone Event Hub consumer."""
+
+    fully_qualified_namespace: str | None = Field(None, description="<namespace>.servicebus.windows.net, signed in with DefaultAzureCredential")
+    connection_string_env: str | None = Field(None, description="name of the environment variable holding the Event Hubs connection string")
+    eventhub_name: str = Field(min_length=1)
+    consumer_group: str = "$Default"
+    checkpoint_container: str = Field("checkpoints", min_length=3)
+    checkpoint_account_url: str | None = Field(None, description="Blob account of the checkpoint store, signed in with DefaultAzureCredential")
+    checkpoint_connection_string_env: str | None = Field(None, description="name of the environment variable holding the storage connection string")
+    max_batch_size: int = Field(100, ge=1)
+    max_wait_seconds: float = Field(5.0, gt=0)
+    starting_position: str = Field("-1", description="where a partition without checkpoint starts: -1 (beginning) or @latest")
+    retry_initial_seconds: float = Field(1.0, ge=0, description="first wait before a batch that could not be accounted for is run again")
+    retry_max_seconds: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _needs_endpoints(self) -> "ConsumerSettings":
+        if not (self.fully_qualified_namespace or self.connection_string_env):
+            raise ValueError("needs fully_qualified_namespace or connection_string_env")
+        if not (self.checkpoint_account_url or self.checkpoint_connection_string_env):
+            raise ValueError("needs checkpoint_account_url or checkpoint_connection_string_env")
+        return self
 
 
 class When(StrictModel):
@@ -124,6 +166,7 @@ class PipelineConfig(StrictModel):
     state: StateSettings = Field(default_factory=StateSettings)
     dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    consumer: ConsumerSettings | None = None
     enrichers: list[EnricherConfig] = Field(default_factory=list)
     sinks: list[SinkConfig] = Field(default_factory=list)
 

@@ -9,6 +9,10 @@ Three stages put entries here:
 Entry ids are deterministic (stage, sink and content), so a redelivered message or a replayed record
 that fails again updates its entry (attempts, last failure) instead of adding a second one.
 A store that cannot write raises StoreUnavailable: the batch must then be retried, never skipped.
+
+Two stores hold entries in the same format (one JSON document per entry id): `LocalDeadLetterStore`
+(files under the data dir) and `BlobDeadLetterStore` (pipeline/deadletter_blob.py, one blob per
+entry). `open_dead_letter_store` builds the one `[dead_letter]` names.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
 
 import orjson
 
 from pipeline.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from pipeline.config import LoadedConfig
 
 Stage = Literal["decode", "assemble", "deliver"]
 
@@ -149,3 +156,13 @@ class LocalDeadLetterStore:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
+
+
+def open_dead_letter_store(config: "LoadedConfig") -> DeadLetterStore:
+    """The dead-letter store `[dead_letter]` names: local files (default) or Blob storage."""
+    settings = config.config.dead_letter
+    if settings.kind == "blob":
+        from pipeline.deadletter_blob import BlobDeadLetterStore
+
+        return BlobDeadLetterStore.from_settings(settings)
+    return LocalDeadLetterStore(config.data_path(settings.path))

@@ -8,6 +8,7 @@
     │   └── EnricherTimeout          the backend did not answer in time
     ├── SinkError                a sink could not take a record
     │   ├── SinkUnavailable          transient (5xx, 408, 429, network): retried, then dead-lettered
+    │   │   └── SinkOutage               a sink took none of a batch's records: the whole batch is run again
     │   └── SinkRejected             permanent (other 4xx, too large): dead-lettered at once
     └── StoreUnavailable         the state or dead-letter store failed: the whole batch is retried
 
@@ -66,6 +67,18 @@ class SinkUnavailable(SinkError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class SinkOutage(SinkUnavailable):
+    """A sink took none of the records a batch offered it within the delivery budget: it is down.
+
+    Raised by the runner (not by sinks) so that the caller runs the whole batch again before it
+    checkpoints; see docs/delivery.md for the rule and its bound.
+    """
+
+    def __init__(self, message: str, *, sinks: tuple[str, ...] = (), retry_after: float | None = None) -> None:
+        self.sinks = sinks
+        super().__init__(message, retry_after=retry_after)
 
 
 class SinkRejected(SinkError):
@@ -132,7 +145,8 @@ def translate(exc: BaseException, *, role: str = "sink") -> PipelineError:
         return SinkRejected(f"HTTP {status}")
     if timed_out or isinstance(exc, (ConnectionError, OSError, sqlite3.OperationalError)):
         return SinkUnavailable(f"{name}: {_first_line(exc)}")
-    if "Connect" in name or "Network" in name or "Transport" in name or "ServiceRequest" in name:
+    lineage = " ".join(cls.__name__ for cls in type(exc).__mro__)  # httpx.RemoteProtocolError is a TransportError
+    if any(word in lineage for word in ("Connect", "Network", "Transport", "ServiceRequest", "ServiceResponse", "Disconnect")):
         return SinkUnavailable(f"{name}: {_first_line(exc)}")
     return SinkRejected(f"{name}: {_first_line(exc)}")
 

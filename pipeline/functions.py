@@ -2,8 +2,10 @@
 
 - `dlp_alerts`: Event Hub trigger, cardinality many, binary bodies. One invocation is one batch.
   Bad messages are dead-lettered by the runner and never fail the batch. The function raises only
-  when the batch as a whole cannot be accounted for (state or dead-letter store down); the
-  function-level retry policy then runs the same batch again before the checkpoint moves.
+  when the batch as a whole cannot be accounted for (state or dead-letter store down, or a sink that
+  took none of the batch: SinkOutage); the function-level retry policy then runs the same batch
+  again before the checkpoint moves. Keep `delivery.max_batch_redeliveries` at most the policy's
+  `max_retry_count`, so the last run dead-letters instead of raising (docs/delivery.md).
 - `flush_pending_alerts`: a one-minute timer that emits split alerts whose parts have settled,
   so that they do not wait for the next message on a quiet hub.
 

@@ -15,13 +15,19 @@ guarantees, in this order:
 5. only then are the claimed alerts marked emitted in the state store.
 If the state or dead-letter store fails, `process_batch` raises StoreUnavailable: nothing can be
 accounted for, so the caller must retry the batch (the Functions host does, before checkpointing).
+If a sink took none of the records the batch offered it (every call failed transiently until the
+budget ran out: the sink is down, not a record), `process_batch` raises SinkOutage without
+dead-lettering them and releases its claimed split alerts, so the caller runs the batch again; after
+`delivery.max_batch_redeliveries` such runs of the same records (counted in the state store), or
+with `delivery.on_outage = "dead_letter"`, they are dead-lettered instead (docs/delivery.md).
+Every sink and enricher sits behind a circuit breaker (pipeline/breaker.py): an open one is not
+called; its records stay retryable, its enrichment is `failed` with "circuit open".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -35,12 +41,14 @@ from pipeline import __version__
 from pipeline import telemetry
 from pipeline.assemble import assemble, merge_parts
 from pipeline.config import LoadedConfig, SinkConfig
-from pipeline.deadletter import DeadLetter, DeadLetterStore, LocalDeadLetterStore
+from pipeline.breaker import CircuitBreaker
+from pipeline.deadletter import DeadLetter, DeadLetterStore, open_dead_letter_store
 from pipeline.enricher import EnrichmentContext
-from pipeline.errors import DecodeError, EnricherTimeout, PipelineError, SinkUnavailable, translate
+from pipeline.errors import DecodeError, EnricherTimeout, PipelineError, SinkOutage, SinkUnavailable, translate
 from pipeline.formats import decode_message, scrubbed_body, validation_summary
 from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
 from pipeline.registry import EnricherChain, EnricherSlot, Services, build_enricher_chain, build_sinks
+from pipeline.retry import RedeliveryCounter, backoff_wait, fingerprint
 from pipeline.sinks import Outcome
 from pipeline.state import StateStore, open_state_store
 
@@ -125,16 +133,29 @@ class Runner:
         clock: Callable[[], float] = time.time,
         state: StateStore | None = None,
         dead_letter: DeadLetterStore | None = None,
+        breaker_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.loaded = config
         self.config = config.config
         self.clock = clock
         self.state: StateStore = state or open_state_store(_resolved_state(config))
-        self.dead_letter: DeadLetterStore = dead_letter or LocalDeadLetterStore(config.data_path(self.config.dead_letter.path))
+        self.dead_letter: DeadLetterStore = dead_letter or open_dead_letter_store(config)
         self.services = Services(state=self.state, config=config, clock=clock)
         self.chain: EnricherChain = build_enricher_chain(self.config.enrichers, self.services)
         self.sinks: list[tuple[SinkConfig, Any]] = build_sinks(self.config.sinks, self.services)
         self._semaphore = asyncio.Semaphore(self.config.runner.max_concurrent_alerts)
+        delivery, runner_settings = self.config.delivery, self.config.runner
+        self.sink_breakers: dict[str, CircuitBreaker] = {
+            entry.name: CircuitBreaker(entry.name, failure_threshold=delivery.breaker_threshold, cooldown_seconds=delivery.breaker_cooldown_seconds, clock=breaker_clock)
+            for entry, _ in self.sinks
+        }
+        self.enricher_breakers: dict[str, CircuitBreaker] = {
+            slot.name: CircuitBreaker(
+                slot.name, failure_threshold=runner_settings.enricher_breaker_threshold, cooldown_seconds=runner_settings.enricher_breaker_cooldown_seconds, clock=breaker_clock
+            )
+            for slot in self.chain.slots
+        }
+        self._redeliveries = RedeliveryCounter(self.state)
         self._last_purge = 0.0
         self._started = False
 
@@ -198,12 +219,37 @@ class Runner:
         report.duplicate_parts += added.duplicate
         emitted = await self._claim_assembled(alerts, now=now, force=flush, report=report)
         records = await self._enrich_all(alerts, report)
-        await self._deliver(records, report)
+        try:
+            await self._deliver(records, report)
+        except SinkOutage:
+            await self._release(emitted)
+            raise
         await self.state.mark_emitted(emitted, now=self.clock())
         report.pending = await self.state.pending_count()
         await self._maybe_purge(now)
         telemetry.record_batch(report)
         return report
+
+    async def process_alerts(self, alerts: Sequence[DlpAlert]) -> BatchReport:
+        """Enrich and deliver alerts that were built elsewhere (replay of assemble-stage dead letters)."""
+        await self.start()
+        report = BatchReport()
+        records = await self._enrich_all(list(alerts), report)
+        await self._deliver(records, report)
+        return report
+
+    async def deliver_records(self, records: Sequence[EnrichedRecord], *, sink: str) -> BatchReport:
+        """Offer enriched records to the one sink named (replay of deliver-stage dead letters); never to the others.
+
+        What that sink still does not take is dead-lettered again; no outage is raised here.
+        """
+        await self.start()
+        report = BatchReport()
+        for entry, plugin in self.sinks:
+            if entry.name == sink:
+                await self._dead_letter(await self._deliver_to(entry.name, plugin, list(records), report), report)
+                return report
+        raise KeyError(sink)
 
     async def flush(self) -> BatchReport:
         """Emit every pending split alert now (end of a CLI run, or the Functions timer)."""
@@ -281,6 +327,10 @@ class Runner:
         )
 
     async def _run_enricher(self, slot: EnricherSlot, alert: DlpAlert, fragments: dict[str, BaseModel], statuses: dict[str, EnrichmentStatus]) -> None:
+        breaker = self.enricher_breakers.get(slot.name)
+        if breaker is not None and not breaker.allow():
+            statuses[slot.name] = EnrichmentStatus.model_construct(state="failed", error="circuit open", duration_ms=0.0)
+            return
         ctx = EnrichmentContext(alert, fragments=fragments, statuses=statuses, cache=slot.cache, clock=self.clock)
         error: str | None = None
         started = perf_counter()
@@ -304,6 +354,8 @@ class Runner:
                 state, error = "failed", f"returned {type(fragment).__name__}, expected a pydantic model or None"
         if error is not None:
             log.warning("enricher %s %s for alert %s: %s", slot.name, state, alert.alert_id, error)
+        if breaker is not None:
+            breaker.record_failure() if state in ("failed", "timed_out") else breaker.record_success()
         statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=round((perf_counter() - started) * 1000, 3))
         telemetry.record_enricher(slot.name, state, statuses[slot.name].duration_ms / 1000)
 
@@ -313,15 +365,44 @@ class Runner:
         if not records:
             return
         routed: set[str] = set()
-        jobs = []
+        jobs, offered = [], []
         for entry, sink in self.sinks:
             selected = [record for record in records if entry.when.matches(record)]
             routed.update(record.record_id for record in selected)
             if selected:
                 jobs.append(self._deliver_to(entry.name, sink, selected, report))
+                offered.append((entry.name, selected))
         report.unrouted += sum(1 for record in records if record.record_id not in routed)
         failures = await asyncio.gather(*jobs)
+        await self._check_outage(offered, failures)
         await self._dead_letter([entry for batch in failures for entry in batch], report)
+
+    async def _check_outage(self, offered: list[tuple[str, list[EnrichedRecord]]], failures: list[list[DeadLetter]]) -> None:
+        """Raise SinkOutage when a sink took none of its records and the batch may still run again."""
+        down = [
+            (name, selected)
+            for (name, selected), dead in zip(offered, failures)
+            if len(dead) == len(selected) and all(entry.reason == "retries_exhausted" for entry in dead)
+        ]
+        if not down:
+            return
+        settings = self.config.delivery
+        key = fingerprint((name, record.record_id) for name, selected in down for record in selected)
+        names = tuple(name for name, _ in down)
+        if settings.on_outage == "raise" and settings.max_batch_redeliveries > 0:
+            runs = self._redeliveries.increment(key, now=self.clock())
+            if runs <= settings.max_batch_redeliveries:
+                log.warning("sink(s) %s took none of the batch's records: batch to be run again (%d of %d)", ", ".join(names), runs, settings.max_batch_redeliveries)
+                retry_after = max(self.sink_breakers[name].remaining_cooldown() for name in names)
+                raise SinkOutage(f"sink(s) {', '.join(names)} unavailable for the whole batch (run {runs} of {settings.max_batch_redeliveries})", sinks=names, retry_after=retry_after or None)
+            self._redeliveries.forget(key)
+        log.warning("sink(s) %s took none of the batch's records: dead-lettering them", ", ".join(names))
+
+    async def _release(self, alert_ids: list[str]) -> None:
+        """Give claimed split alerts back (their batch raised), so that running it again claims them."""
+        release = getattr(self.state, "release", None)
+        if alert_ids and release is not None:
+            await release(alert_ids)
 
     async def _deliver_to(self, name: str, sink: Any, records: list[EnrichedRecord], report: BatchReport) -> list[DeadLetter]:
         settings = self.config.delivery
@@ -341,7 +422,7 @@ class Runner:
                     retry.append((record, outcome))
             if not retry:
                 break
-            wait = max([delay * (0.5 + random.random() / 2)] + [o.retry_after or 0.0 for _, o in retry])
+            wait = backoff_wait(delay, [o.retry_after for _, o in retry])
             if attempt >= settings.max_attempts or time.monotonic() + wait > deadline:
                 for record, outcome in retry:
                     dead.append(_delivery_dead_letter(record, name, "retries_exhausted", f"{attempt} attempts; last: {outcome.reason}", attempt))
@@ -354,6 +435,15 @@ class Runner:
         return dead
 
     async def _publish(self, name: str, sink: Any, records: list[EnrichedRecord]) -> list[Outcome]:
+        breaker = self.sink_breakers.get(name)
+        if breaker is not None and not breaker.allow():
+            return [Outcome.retryable("circuit open", breaker.remaining_cooldown() or None)] * len(records)
+        outcomes = await self._call_sink(name, sink, records)
+        if breaker is not None:
+            breaker.record_failure() if all(o.status == "retryable" for o in outcomes) else breaker.record_success()
+        return outcomes
+
+    async def _call_sink(self, name: str, sink: Any, records: list[EnrichedRecord]) -> list[Outcome]:
         try:
             outcomes = list(await sink.publish(records))
         except Exception as exc:

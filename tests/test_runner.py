@@ -325,7 +325,8 @@ async def test_retries_exhausted_and_rejections_are_dead_lettered_per_sink(write
     assert entry.stage == "deliver" and entry.sink == "flaky" and entry.reason == "sink_rejected" and entry.alert_id == "rejected-one"
     assert json.loads(entry.body)["alert"]["alert_id"] == "rejected-one"
 
-    async with Runner(write_config(SINKS.format(settings="{ failures = 99 }", when=""), name="down.toml")) as runner:
+    down = SINKS.format(settings="{ failures = 99 }", when="").replace("budget_seconds = 5", 'budget_seconds = 5\non_outage = "dead_letter"')
+    async with Runner(write_config(down, name="down.toml")) as runner:
         report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
         entries = [e for e in await runner.dead_letter.list() if e.reason == "retries_exhausted"]
     assert flaky(runner).calls == 3 and report.delivered == {"lake": 1}
@@ -333,12 +334,24 @@ async def test_retries_exhausted_and_rejections_are_dead_lettered_per_sink(write
 
 
 async def test_retry_after_longer_than_the_budget_dead_letters_without_waiting(write_config, fixture_bytes):
-    config = SINKS.format(settings="{ failures = 1, retry_after = 120 }", when="")
+    config = SINKS.format(settings="{ failures = 1, retry_after = 120 }", when="").replace("budget_seconds = 5", 'budget_seconds = 5\non_outage = "dead_letter"')
     async with Runner(write_config(config)) as runner:
         started = asyncio.get_running_loop().time()
         report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
         assert asyncio.get_running_loop().time() - started < 2
     assert report.dead_lettered == {"deliver": 1}
+
+
+async def test_retry_after_longer_than_the_budget_for_the_whole_batch_raises_without_waiting(write_config, fixture_bytes):
+    from pipeline.errors import SinkOutage
+
+    config = SINKS.format(settings="{ failures = 1, retry_after = 120 }", when="")
+    async with Runner(write_config(config)) as runner:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(SinkOutage):
+            await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+        assert asyncio.get_running_loop().time() - started < 2
+        assert await runner.dead_letter.list() == []
 
 
 async def test_when_filter_routes_by_severity_and_kind(write_config, fixture_bytes):

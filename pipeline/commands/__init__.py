@@ -13,4 +13,6 @@ COMMANDS: list[str] = [
     "pipeline.commands.schema",
     "pipeline.commands.validate",
     "pipeline.commands.new_enricher",
+    "pipeline.commands.replay",
+    "pipeline.commands.consume",
 ]

@@ -139,6 +139,16 @@ class SqliteStateStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"state store write failed: {exc}") from exc
 
+    async def release(self, alert_ids: Sequence[str]) -> None:
+        """End the lease of claimed alerts that were not emitted (their batch raised), so they can be claimed again now."""
+        if not alert_ids:
+            return
+        try:
+            with self._transaction() as db:
+                db.executemany("UPDATE alerts SET lease_until = 0 WHERE alert_id = ? AND state = 'pending'", [(i,) for i in alert_ids])
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+
     async def pending_count(self) -> int:
         return self._db.execute("SELECT count(*) FROM alerts WHERE state = 'pending'").fetchone()[0]
 
