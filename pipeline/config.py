@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ConfigError
+from pipeline.limits import Limits
 from pipeline.models import SEVERITY_RANK, AlertKind, EnrichedRecord, Severity, SourceFormat
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "samples" / "pipeline.toml"
@@ -111,6 +112,7 @@ class PipelineConfig(StrictModel):
     state: StateSettings = Field(default_factory=StateSettings)
     dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    limits: Limits = Field(default_factory=Limits)
     enrichers: list[EnricherConfig] = Field(default_factory=list)
     sinks: list[SinkConfig] = Field(default_factory=list)
 

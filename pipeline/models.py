@@ -65,7 +65,8 @@ class DlpAlert(_Model):
     """One Purview DLP alert (kind "alert") or DLP rule-match activity (kind "activity")."""
 
     alert_id: str = Field(min_length=1)
-    tenant_id: str | None = None
+    # An identifier, never a path: sinks build folder and blob names from it (docs/security.md).
+    tenant_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     source_format: SourceFormat
     kind: AlertKind = "alert"
     title: str | None = None

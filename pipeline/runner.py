@@ -37,7 +37,7 @@ from pipeline.config import LoadedConfig, SinkConfig
 from pipeline.deadletter import DeadLetter, DeadLetterStore, LocalDeadLetterStore
 from pipeline.enricher import EnrichmentContext
 from pipeline.errors import DecodeError, EnricherTimeout, PipelineError, SinkUnavailable, translate
-from pipeline.formats import decode_message, scrubbed_body, validation_summary
+from pipeline.formats import decode_message, stored_body, validation_summary
 from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
 from pipeline.registry import EnricherChain, EnricherSlot, Services, build_enricher_chain, build_sinks
 from pipeline.sinks import Outcome
@@ -175,10 +175,10 @@ class Runner:
         parts = []
         for index, message in enumerate(messages):
             try:
-                decoded = decode_message(message.body)
+                decoded = decode_message(message.body, limits=self.config.limits)
             except DecodeError as err:
                 log.warning("message %s (%s) dead-lettered: %s", index, message.source, err)
-                body = message.body if err.reason == "invalid_json" else scrubbed_body(message.body)
+                body = stored_body(message.body, err.reason)  # scrubbed, or withheld (docs/security.md)
                 dead.append(DeadLetter(stage="decode", reason=err.reason, detail=err.detail, body=body, source=message.source, message_index=index))
                 continue
             report.records += decoded.records
@@ -192,8 +192,9 @@ class Runner:
                 )
         # Bad input is made durable first: from here on, a crash loses nothing that was read.
         await self._dead_letter(dead, report)
-        added = await self.state.add_parts(parts, now=now)
+        added = await self.state.add_parts(parts, now=now, max_parts_per_alert=self.config.limits.max_evidence_per_alert)
         report.duplicate_parts += added.duplicate
+        await self._dead_letter(_over_limit_dead_letters(added.over_limit, self.config.limits.max_evidence_per_alert), report)
         emitted = await self._claim_assembled(alerts, now=now, force=flush, report=report)
         records = await self._enrich_all(alerts, report)
         await self._deliver(records, report)
@@ -359,6 +360,20 @@ class Runner:
 
 def _delivery_dead_letter(record: EnrichedRecord, sink: str, reason: str, detail: str, attempts: int) -> DeadLetter:
     return DeadLetter(stage="deliver", reason=reason, detail=detail, body=record.to_json(), sink=sink, alert_id=record.alert.alert_id, record_id=record.record_id, attempts=attempts)
+
+
+def _over_limit_dead_letters(parts: list[Any], limit: int) -> list[DeadLetter]:
+    """One dead letter per alert whose split parts exceeded the evidence limit (parts are canonical, scrubbed)."""
+    by_alert: dict[str, list[Any]] = {}
+    for part in parts:
+        by_alert.setdefault(part.alert_id, []).append(part)
+    entries = []
+    for alert_id, extra in by_alert.items():
+        log.warning("alert %s: %d part(s) over the limit of %d parts per alert dead-lettered", alert_id, len(extra), limit)
+        body = _json_bytes([{"rank": p.rank, "digest": p.digest, "data": p.data} for p in extra])
+        detail = f"{len(extra)} part(s) refused: the alert already holds {limit} parts, limit {limit}"
+        entries.append(DeadLetter(stage="assemble", reason="too_many_evidence", detail=detail, body=body, alert_id=alert_id))
+    return entries
 
 
 def _json_bytes(value: Any) -> bytes:

@@ -58,13 +58,20 @@ class SqliteStateStore:
         """The open connection, for stores that keep more tables in the same file."""
         return self._db
 
-    async def add_parts(self, parts: Sequence[AlertPart], *, now: float) -> PartsAdded:
+    async def add_parts(self, parts: Sequence[AlertPart], *, now: float, max_parts_per_alert: int | None = None) -> PartsAdded:
         added = PartsAdded()
         if not parts:
             return added
         try:
             with self._transaction() as db:
                 for part in parts:
+                    if max_parts_per_alert is not None:
+                        known = db.execute("SELECT 1 FROM alert_parts WHERE alert_id = ? AND digest = ?", (part.alert_id, part.digest)).fetchone()
+                        if known is None:
+                            (count,) = db.execute("SELECT count(*) FROM alert_parts WHERE alert_id = ?", (part.alert_id,)).fetchone()
+                            if count >= max_parts_per_alert:
+                                added.over_limit.append(part)
+                                continue
                     cursor = db.execute(
                         "INSERT OR IGNORE INTO alert_parts (alert_id, digest, rank, data) VALUES (?, ?, ?, ?)",
                         (part.alert_id, part.digest, part.rank, orjson.dumps(part.data)),
