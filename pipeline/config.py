@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import ConfigError
 from pipeline.limits import Limits
+from pipeline.secrets import check_config_secrets, check_resolved
 from pipeline.models import SEVERITY_RANK, AlertKind, EnrichedRecord, Severity, SourceFormat
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "samples" / "pipeline.toml"
@@ -171,6 +172,7 @@ def substitute_env(value: Any, *, file: str, location: tuple[Any, ...] = (), env
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         if name in env:
+            check_resolved(name, env[name], file=file, key=key_path(location))
             return env[name]
         if default is not None:
             return default
@@ -194,6 +196,7 @@ def load_config(path: str | Path | None = None, *, data_dir: str | Path | None =
         document = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=name) from None
+    check_config_secrets(document, file=name)  # on the raw document: no secret written in the file
     document = substitute_env(document, file=name)
     try:
         config = PipelineConfig.model_validate(document)

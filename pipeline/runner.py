@@ -174,19 +174,29 @@ class Runner:
         alerts: list[DlpAlert] = []
         parts = []
         for index, message in enumerate(messages):
+            error: DecodeError | None = None
             try:
                 decoded = decode_message(message.body, limits=self.config.limits)
             except DecodeError as err:
-                log.warning("message %s (%s) dead-lettered: %s", index, message.source, err)
-                body = stored_body(message.body, err.reason)  # scrubbed, or withheld (docs/security.md)
-                dead.append(DeadLetter(stage="decode", reason=err.reason, detail=err.detail, body=body, source=message.source, message_index=index))
+                error = err.with_traceback(None)  # drop the decoder's frames (and the parsed document) now
+                error.__context__ = None
+            if error is not None:
+                log.warning("message %s (%s) dead-lettered: %s", index, message.source, str(error))
+                body = stored_body(message.body, error.reason)  # scrubbed, or withheld (docs/security.md)
+                dead.append(DeadLetter(stage="decode", reason=error.reason, detail=error.detail, body=body, source=message.source, message_index=index))
                 continue
             report.records += decoded.records
             report.skipped += decoded.skipped
             alerts.extend(decoded.alerts)
             parts.extend(decoded.parts)
+            if decoded.rejected:  # one line per message, not per record: hostile input cannot flood the log
+                reasons = Counter(rejected.reason for rejected in decoded.rejected)
+                first = ", ".join(str(rejected.index) for rejected in decoded.rejected[:5]) + (", ..." if len(decoded.rejected) > 5 else "")
+                log.warning(
+                    "message %s (%s): %d record(s) dead-lettered (%s; records %s)",
+                    index, message.source, len(decoded.rejected), ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())), first,
+                )
             for rejected in decoded.rejected:
-                log.warning("record %s of message %s (%s) dead-lettered: %s", rejected.index, index, message.source, rejected.reason)
                 dead.append(
                     DeadLetter(stage="decode", reason=rejected.reason, detail=rejected.detail, body=rejected.record, source=message.source, message_index=index, record_index=rejected.index)
                 )

@@ -124,11 +124,12 @@ def stored_body(body: bytes, reason: str) -> bytes:
     (partition, sequence number, offset).
     """
     if reason != limits_module.BODY_TOO_LARGE:
+        if not common.mentions_removed_key(body):
+            return body  # nothing to remove: kept as it is, without parsing it again
         try:
             return orjson.dumps(common.scrub(orjson.loads(body)))
         except orjson.JSONDecodeError:
-            if not common.mentions_removed_key(body):
-                return body
+            pass
     note = {"withheld": reason, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     return orjson.dumps(note)
 
