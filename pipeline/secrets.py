@@ -116,8 +116,9 @@ def _only_references(value: Any) -> bool:
 def _embedded_credential(value: str) -> str | None:
     if KEY_VAULT_REFERENCE.match(value):
         return "a Key Vault reference, which only app settings resolve"
+    literal = _REFERENCE.sub(lambda match: match.group(2) or "", value) if "${" in value else value  # defaults are literal
     for pattern, what in _EMBEDDED:
-        if pattern.search(_REFERENCE.sub("", value) if "${" in value else value):
+        if pattern.search(literal):
             return what
     return None
 
