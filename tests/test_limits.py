@@ -202,3 +202,21 @@ def test_scrub_removes_matched_content_inside_json_held_in_strings():
     assert common.scrub(unchanged)["AdditionalFields"] is unchanged["AdditionalFields"]  # untouched when nothing is removed
     broken = {"AdditionalFields": '{"DetectedValues": ["4111 1111 1111 1111"'}  # names a removed key, cannot be parsed
     assert common.scrub(broken)["AdditionalFields"] == common.WITHHELD_TEXT
+
+
+@pytest.mark.parametrize("alert_id", ["a\nWARNING pipeline: forged line", "x" * 257, "\x1b[31mred"])
+def test_an_alert_id_cannot_forge_log_lines_or_grow_unbounded(fixture_bytes, alert_id):
+    alert = graph(fixture_bytes)
+    alert["id"] = alert_id
+    decoded = decode_message(orjson.dumps(alert))
+    assert not decoded.alerts and decoded.rejected[0].reason == "invalid_record" and "alert_id" in decoded.rejected[0].detail
+
+
+def test_a_partition_key_is_sanitised_before_it_is_logged():
+    import azure.functions as func
+
+    from pipeline.functions import to_message
+
+    event = func.EventHubEvent(body=b"{}", partition_key="k\nERROR forged\x00" + "z" * 500, sequence_number=1, offset="1")
+    source = to_message(event).source
+    assert "\n" not in source and "\x00" not in source and source.endswith("k?ERROR forged?" + "z" * 113)
