@@ -6,11 +6,13 @@ Each violation has its own dead-letter reason code:
 |----------------------------|----------------------|---------------------------------------------------------|
 | `max_body_bytes`           | `body_too_large`     | the whole message; the body is never parsed             |
 | `max_records_per_message`  | `too_many_records`   | the whole message (one entry, not one per record)       |
-| `max_nesting_depth`        | `too_deep`           | the offending record only (the message when the         |
-|                            |                      | envelope itself is too deep)                            |
+| `max_nesting_depth`        | `too_deep`           | the offending record only                               |
 | `max_string_length`        | `string_too_long`    | the offending record only                               |
-| `max_evidence_per_alert`   | `too_many_evidence`  | the offending record only; in the split-alert assembler |
-|                            |                      | the extra parts of one alert (pipeline/assemble.py)     |
+| `max_evidence_per_alert`   | `too_many_evidence`  | the offending record only; for split alerts, the parts  |
+|                            |                      | beyond the limit (state store `add_parts`, runner)      |
+
+Envelope keys outside the records (`@odata.context`, …) are never read by a decoder and are not
+checked; a record is checked from its own root.
 
 Depth counts containers: `{}` is depth 1, `{"a": []}` depth 2. JSON held in a string (AdditionalFields,
 Entities, ExtendedProperties, RawEventData) is walked too, its depth added to the string's own, so a

@@ -44,7 +44,7 @@ SECRET_SUFFIXES = ("connection_string", "connectionstring", "conn_str", "sas_tok
 NOT_SECRET_KEYS = frozenset(
     {
         "key", "partition_key", "row_key", "sort_key", "idempotency_key", "dedup_key", "dedupe_key", "correlation_key",
-        "cache_key", "lookup_key", "join_key", "match_key", "group_key", "project_key", "issue_key", "primary_key_field",
+        "cache_key", "lookup_key", "join_key", "match_key", "group_key", "project_key", "issue_key",
     }
 )
 SCHEME_WORDS = frozenset({"", "bearer", "basic", "token", "sharedaccesssignature"})
