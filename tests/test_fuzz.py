@@ -282,3 +282,41 @@ def test_memory_of_a_whole_hostile_batch_is_bounded(tmp_path):
     # Bodies are decoded one at a time; what a batch keeps is alerts and scrubbed rejected records.
     # Measured: ~40 MiB for these five 1 MiB bodies and two good ones (the parse of 350k objects dominates).
     assert peak < 64 * MiB, round(peak / MiB, 1)
+
+
+# -- scrub -----------------------------------------------------------------------------------------
+
+MARKER = "4111-MARKER-1111"
+REMOVED_NAMES = st.sampled_from(sorted(common.REMOVED_KEYS)).flatmap(
+    lambda key: st.sampled_from([key, key.upper(), key.title(), key[0].upper() + key[1:]])
+)
+
+
+@st.composite
+def with_removed_keys(draw) -> Any:
+    """JSON where some objects hold a removed key (in any casing) whose value carries MARKER, and where
+    some subtrees are turned into JSON strings, as AdditionalFields and Entities are."""
+    tree = draw(st.recursive(
+        SCALARS.filter(lambda v: not (isinstance(v, str) and MARKER in v)),
+        lambda children: st.one_of(
+            st.lists(children, max_size=4),
+            st.dictionaries(st.text(max_size=8), children, max_size=4),
+            st.tuples(REMOVED_NAMES, st.dictionaries(st.text(max_size=8), children, max_size=3)).map(
+                lambda pair: {**pair[1], pair[0]: [MARKER, {"Value": f"context {MARKER}"}]}
+            ),
+            st.tuples(REMOVED_NAMES, children).map(lambda pair: orjson.dumps({pair[0]: MARKER, "x": pair[1]}).decode()),
+        ),
+        max_leaves=25,
+    ))
+    return tree
+
+
+@FUZZ
+@given(with_removed_keys())
+def test_scrub_leaves_no_removed_key_and_no_marker_anywhere(tree):
+    scrubbed = common.scrub(tree)
+    assert MARKER not in orjson.dumps(scrubbed).decode()
+    for node in walk(scrubbed):
+        if isinstance(node, dict):
+            assert not {k.lower() for k in node if isinstance(k, str)} & common.REMOVED_KEYS
+    assert common.scrub(scrubbed) == scrubbed  # idempotent
