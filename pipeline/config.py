@@ -121,6 +121,9 @@ class PipelineConfig(StrictModel):
 class LoadedConfig:
     """A validated config plus where it came from, for resolving paths and naming errors."""
 
+    # Environment variables that hold secrets (see pipeline/secrets.py); their values are redacted from logs.
+    secret_env_names: frozenset[str] = frozenset()
+
     def __init__(self, config: PipelineConfig, *, file: Path | None, data_dir: Path) -> None:
         self.config = config
         self.file = file
@@ -196,11 +199,13 @@ def load_config(path: str | Path | None = None, *, data_dir: str | Path | None =
         document = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=name) from None
-    check_config_secrets(document, file=name)  # on the raw document: no secret written in the file
+    secret_env_names = check_config_secrets(document, file=name)  # on the raw document: no secret written in the file
     document = substitute_env(document, file=name)
     try:
         config = PipelineConfig.model_validate(document)
     except ValidationError as exc:
         raise config_error_from_validation(exc, file=name) from None
     resolved_data_dir = Path(data_dir) if data_dir is not None else Path(config.data_dir)
-    return LoadedConfig(config, file=file.resolve(), data_dir=resolved_data_dir.resolve())
+    loaded = LoadedConfig(config, file=file.resolve(), data_dir=resolved_data_dir.resolve())
+    loaded.secret_env_names = secret_env_names
+    return loaded

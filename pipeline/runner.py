@@ -39,6 +39,7 @@ from pipeline.enricher import EnrichmentContext
 from pipeline.errors import DecodeError, EnricherTimeout, PipelineError, SinkUnavailable, translate
 from pipeline.formats import decode_message, stored_body, validation_summary
 from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
+from pipeline.secrets import install_log_redaction
 from pipeline.registry import EnricherChain, EnricherSlot, Services, build_enricher_chain, build_sinks
 from pipeline.sinks import Outcome
 from pipeline.state import StateStore, open_state_store
@@ -127,6 +128,7 @@ class Runner:
     ) -> None:
         self.loaded = config
         self.config = config.config
+        install_log_redaction(config.secret_env_names)  # secrets never reach a log line (docs/security.md)
         self.clock = clock
         self.state: StateStore = state or open_state_store(_resolved_state(config))
         self.dead_letter: DeadLetterStore = dead_letter or LocalDeadLetterStore(config.data_path(self.config.dead_letter.path))

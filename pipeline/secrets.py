@@ -19,6 +19,9 @@ never the value:
 - a Key Vault reference written in the config file: only app settings are resolved by the platform.
 - a `*_env` key whose value is not the name of an environment variable.
 
+`install_log_redaction` (called when a Runner is built) adds a filter to the root logger's handlers
+that replaces the values of those variables with `[redacted]` in every record, whoever logs it.
+
 `check_resolved` runs on every substituted variable: a value still starting with
 `@Microsoft.KeyVault(` means the platform could not resolve the reference (identity, access
 policy / RBAC, network rules or syntax); starting with it would send the reference as a password.
@@ -26,6 +29,7 @@ policy / RBAC, network rules or syntax); starting with it would send the referen
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Any
@@ -76,10 +80,15 @@ def is_secret_key(key: str) -> bool:
     return words[-1] in SECRET_WORDS or name.endswith(SECRET_SUFFIXES) or (len(words) > 1 and words[-1] == "key")
 
 
-def check_config_secrets(document: Any, *, file: str) -> None:
-    """Refuse secrets written in the config file (see the module docstring). Never echoes a value."""
+def check_config_secrets(document: Any, *, file: str) -> frozenset[str]:
+    """Refuse secrets written in the config file (see the module docstring). Never echoes a value.
+
+    Returns the names of the environment variables that hold secrets (referenced under secret-like
+    keys, or named by `*_env` keys), for `install_log_redaction`.
+    """
     from pipeline.config import key_path
 
+    names: set[str] = set()
     stack: list[tuple[tuple[Any, ...], Any, bool]] = [((), document, False)]
     while stack:
         location, value, secret = stack.pop()
@@ -95,6 +104,7 @@ def check_config_secrets(document: Any, *, file: str) -> None:
         if isinstance(name, str) and normalised(name).endswith("_env") and not isinstance(value, bool):
             if not isinstance(value, str) or not _ENV_NAME.match(value):
                 raise ConfigError("a *_env key names an environment variable (letters, digits, _), not a value", file=file, key=key)
+            names.add(value)
             continue
         if isinstance(value, str):
             problem = _embedded_credential(value)
@@ -102,6 +112,9 @@ def check_config_secrets(document: Any, *, file: str) -> None:
                 raise ConfigError(f"holds {problem}: secrets must not be written in the config file; {HOW}", file=file, key=key)
         if secret and not isinstance(value, bool) and not _only_references(value):
             raise ConfigError(f"looks like a secret written in the config file; {HOW}, or use {name}_env = \"ENV_VAR\"", file=file, key=key)
+        if secret and isinstance(value, str):
+            names.update(match.group(1) for match in _REFERENCE.finditer(value))
+    return frozenset(names)
 
 
 def _only_references(value: Any) -> bool:
@@ -146,4 +159,53 @@ def secret_from_env(name: str, *, file: str | None = None, key: str | None = Non
     return SecretStr(value)
 
 
-__all__ = ["check_config_secrets", "check_resolved", "is_secret_key", "secret_from_env"]
+REDACTED = "[redacted]"
+_MIN_REDACTED_LENGTH = 6  # shorter values would redact ordinary words
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces known secret values in every log record a handler emits, third-party loggers included
+    (an HTTP client logging a URL with a key in its query string, an exception quoting a token)."""
+
+    def __init__(self, values: set[str]) -> None:
+        super().__init__("redact-secrets")
+        self.values = sorted((v for v in values if len(v) >= _MIN_REDACTED_LENGTH), key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for value in self.values:
+            if value in text:
+                text = text.replace(value, REDACTED)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.values:
+            return True
+        message = record.getMessage()
+        redacted = self.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+def install_log_redaction(names: frozenset[str] | set[str], *, environ: dict[str, str] | None = None) -> RedactSecrets:
+    """Redact the values of the environment variables `names` from every handler of the root logger.
+
+    Replaces a filter installed before (one per handler), so calling it again (a second runner,
+    a config reload) does not stack filters. Handlers added later are not covered.
+    """
+    env = os.environ if environ is None else environ
+    redactor = RedactSecrets({env[name] for name in names if env.get(name)})
+    for handler in logging.getLogger().handlers:
+        for existing in [f for f in handler.filters if isinstance(f, RedactSecrets)]:
+            handler.removeFilter(existing)
+        handler.addFilter(redactor)
+    return redactor
+
+
+__all__ = ["RedactSecrets", "check_config_secrets", "check_resolved", "install_log_redaction", "is_secret_key", "secret_from_env"]

@@ -203,3 +203,26 @@ def test_no_secret_in_logs_of_a_run(tmp_path, monkeypatch, caplog, fixture_bytes
 
     asyncio.run(run())
     assert caplog.records and SECRET not in caplog.text
+
+
+def test_secret_values_are_redacted_from_every_log_line_third_party_included(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("API_KEY", SECRET)
+    monkeypatch.setenv("SN_PASSWORD", "pw-" + SECRET[::-1])
+    caplog.set_level(logging.INFO)
+    loaded = load_config(config(tmp_path, 'api_key = "${API_KEY}"\npassword_env = "SN_PASSWORD"'), data_dir=tmp_path / "out")
+    assert loaded.secret_env_names == {"API_KEY", "SN_PASSWORD"}
+    runner = Runner(loaded)
+    logging.getLogger("httpx").info('HTTP Request: GET https://api.example.invalid/v1?key=%s "HTTP/1.1 200 OK"', SECRET)
+    try:
+        raise RuntimeError(f"auth failed with pw-{SECRET[::-1]}")
+    except RuntimeError:
+        logging.getLogger("some.plugin").exception("call failed")
+    second = Runner(loaded)  # a second runner replaces the filter instead of stacking another
+    assert sum(1 for h in logging.getLogger().handlers for f in h.filters if type(f).__name__ == "RedactSecrets") == len(logging.getLogger().handlers)
+    text = "\n".join(caplog.handler.format(r) for r in caplog.records)
+    assert "key=[redacted]" in text and "auth failed with [redacted]" in text
+    assert SECRET not in text and SECRET[::-1] not in text
+    import asyncio
+
+    asyncio.run(runner.aclose())
+    asyncio.run(second.aclose())
