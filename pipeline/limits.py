@@ -100,33 +100,44 @@ def embedded_json(value: str) -> Any | None:
 
 
 def check_record(record: Any, limits: Limits, *, base_depth: int = 0) -> None:
-    """Raise LimitExceeded when `record` is too deep or holds a too-long string. Iterative."""
+    """Raise LimitExceeded when `record` is too deep or holds a too-long string. Iterative.
+
+    Only containers go on the stack; strings are checked where they are met (the hot path).
+    """
     max_depth, max_len = limits.max_nesting_depth, limits.max_string_length
-    # (value, depth of the container holding it, embedded-JSON level)
-    stack: list[tuple[Any, int, int]] = [(record, base_depth, 0)]
+    if isinstance(record, str):
+        record = [record]
+        base_depth -= 1
+    elif not isinstance(record, (dict, list)):
+        return
+    # (container, depth of the container itself, embedded-JSON level)
+    stack: list[tuple[Any, int, int]] = [(record, base_depth + 1, 0)]
+    pop, push = stack.pop, stack.append
     while stack:
-        value, depth, level = stack.pop()
-        if isinstance(value, dict):
-            depth += 1
-            if depth > max_depth:
-                raise LimitExceeded(TOO_DEEP, f"nesting deeper than {max_depth}")
-            for key, item in value.items():
-                if isinstance(key, str) and len(key) > max_len:
+        value, depth, level = pop()
+        if depth > max_depth:
+            raise LimitExceeded(TOO_DEEP, f"nesting deeper than {max_depth}")
+        if type(value) is dict:
+            for key in value:
+                if len(key) > max_len:
                     raise LimitExceeded(STRING_TOO_LONG, f"a key of {len(key)} characters, limit {max_len}")
-                stack.append((item, depth, level))
-        elif isinstance(value, list):
-            depth += 1
-            if depth > max_depth:
-                raise LimitExceeded(TOO_DEEP, f"nesting deeper than {max_depth}")
-            stack.extend((item, depth, level) for item in value)
-        elif isinstance(value, str):
-            if len(value) > max_len:
-                raise LimitExceeded(STRING_TOO_LONG, f"a string of {len(value)} characters, limit {max_len}")
-            inner = embedded_json(value)
-            if inner is not None:
-                if level >= MAX_EMBEDDED_JSON_LEVELS:
-                    raise LimitExceeded(TOO_DEEP, f"JSON embedded in strings more than {MAX_EMBEDDED_JSON_LEVELS} levels deep")
-                stack.append((inner, depth, level + 1))
+            items: Any = value.values()
+        else:
+            items = value
+        for item in items:
+            kind = type(item)
+            if kind is str:
+                if len(item) > max_len:
+                    raise LimitExceeded(STRING_TOO_LONG, f"a string of {len(item)} characters, limit {max_len}")
+                head = item[:1]
+                if head == "{" or head == "[" or (head.isspace() and looks_like_json(item)):
+                    inner = embedded_json(item)
+                    if inner is not None:
+                        if level >= MAX_EMBEDDED_JSON_LEVELS:
+                            raise LimitExceeded(TOO_DEEP, f"JSON embedded in strings more than {MAX_EMBEDDED_JSON_LEVELS} levels deep")
+                        push((inner, depth + 1, level + 1))
+            elif kind is dict or kind is list:
+                push((item, depth + 1, level))
 
 
 def depth_exceeds(value: Any, limit: int) -> bool:

@@ -85,8 +85,10 @@ def decode_message(body: bytes, *, limits: Limits | None = None) -> Decoded:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise DecodeError("invalid_json", f"{exc.msg} at byte {exc.pos}") from None
+    # A body that never spells a removed key (nor a \u escape that could) has nothing to scrub.
+    clean = not common.mentions_removed_key(body)
     if defender_streaming.looks_like(document):
-        return _decode_streaming(_counted(document["records"], limits), limits)
+        return _decode_streaming(_counted(document["records"], limits), limits, clean=clean)
     if isinstance(document, dict) and isinstance(document.get("value"), list):
         items = document["value"]
     elif isinstance(document, list):
@@ -97,7 +99,7 @@ def decode_message(body: bytes, *, limits: Limits | None = None) -> Decoded:
         items = [document]
     else:
         raise DecodeError("unrecognised_shape", f"top-level JSON {type(document).__name__} is not an object or array")
-    return _decode_items(_counted(items, limits), limits)
+    return _decode_items(_counted(items, limits), limits, clean=clean)
 
 
 def scrubbed_body(body: bytes) -> bytes:
@@ -190,7 +192,7 @@ def _format_of(record: Any) -> str | None:
     return None
 
 
-def _decode_items(items: list[Any], limits: Limits = DEFAULT_LIMITS) -> Decoded:
+def _decode_items(items: list[Any], limits: Limits = DEFAULT_LIMITS, *, clean: bool = False) -> Decoded:
     out = Decoded(records=len(items))
     formats: set[str] = set()
     for index, item in enumerate(items):
@@ -201,7 +203,7 @@ def _decode_items(items: list[Any], limits: Limits = DEFAULT_LIMITS) -> Decoded:
             out.rejected.append(_reject(index, "unrecognised_record", "record matches none of the supported formats", item))
             continue
         formats.add(fmt)
-        item = common.scrub(item)
+        item = item if clean else common.scrub(item)
         try:
             if fmt == "graph_alert":
                 dlp, build = graph_alert.is_dlp(item), graph_alert.to_alert
@@ -221,12 +223,12 @@ def _decode_items(items: list[Any], limits: Limits = DEFAULT_LIMITS) -> Decoded:
     return out
 
 
-def _decode_streaming(records: list[Any], limits: Limits = DEFAULT_LIMITS) -> Decoded:
+def _decode_streaming(records: list[Any], limits: Limits = DEFAULT_LIMITS, *, clean: bool = False) -> Decoded:
     out = Decoded(format="defender_streaming", records=len(records))
     for index, record in enumerate(records):
         if not _within_limits(out, index, record, limits):
             continue
-        record = common.scrub(record)
+        record = record if clean else common.scrub(record)
         try:
             _decode_streaming_record(out, index, record, limits)
         except Exception as exc:  # a decoder bug must cost one record, never the message

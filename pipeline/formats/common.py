@@ -96,26 +96,30 @@ def _scrub(value: Any, level: int) -> tuple[Any, bool]:
     stack: list[tuple[Any, Any, int]] = [(value, result, 1)]
     while stack:
         source, target, depth = stack.pop()
-        pairs = source.items() if isinstance(source, dict) else enumerate(source)
-        for key, item in pairs:
-            if isinstance(source, dict) and isinstance(key, str) and key.lower() in REMOVED_KEYS:
+        is_dict = type(source) is dict
+        for key, item in (source.items() if is_dict else enumerate(source)):
+            if is_dict and type(key) is str and key.lower() in REMOVED_KEYS:
                 changed = True
                 continue
-            if isinstance(item, (dict, list)):
+            kind = type(item)
+            if kind is dict or kind is list:
                 if depth >= SCRUB_MAX_DEPTH:
                     item, changed = TRUNCATED_TEXT, True
                 else:
-                    copy: Any = {} if isinstance(item, dict) else []
+                    copy: Any = {} if kind is dict else []
                     stack.append((item, copy, depth + 1))
                     item = copy
-            elif isinstance(item, str):
+            elif kind is str and item[:1] in _JSON_HEADS:
                 item, string_changed = _scrub_string(item, level)
                 changed = changed or string_changed
-            if isinstance(target, dict):
+            if is_dict:
                 target[key] = item
             else:
                 target.append(item)
     return result, changed
+
+
+_JSON_HEADS = ("{", "[", " ", "\t", "\n", "\r")
 
 
 def _scrub_string(value: str, level: int) -> tuple[str, bool]:
