@@ -17,7 +17,8 @@ never the value:
   SharedAccessKey / SharedAccessSignature / Password, a URL with a SAS `sig=` or a password, a
   private key, a JSON Web Token;
 - a Key Vault reference written in the config file: only app settings are resolved by the platform.
-- a `*_env` key whose value is not the name of an environment variable.
+- a `<secret name>_env` key (`password_env`, `api_key_env`) whose value is not the name of an
+  environment variable.
 
 `install_log_redaction` (called when a Runner is built) adds a filter to the root logger's handlers
 that replaces the values of those variables with `[redacted]` in every record, whoever logs it.
@@ -101,7 +102,7 @@ def check_config_secrets(document: Any, *, file: str) -> frozenset[str]:
             continue
         key = key_path(location)
         name = next((part for part in reversed(location) if isinstance(part, str)), "")
-        if isinstance(name, str) and normalised(name).endswith("_env") and not isinstance(value, bool):
+        if _names_a_secret_variable(name) and not isinstance(value, bool):
             if not isinstance(value, str) or not _ENV_NAME.match(value):
                 raise ConfigError("a *_env key names an environment variable (letters, digits, _), not a value", file=file, key=key)
             names.add(value)
@@ -115,6 +116,12 @@ def check_config_secrets(document: Any, *, file: str) -> frozenset[str]:
         if secret and isinstance(value, str):
             names.update(match.group(1) for match in _REFERENCE.finditer(value))
     return frozenset(names)
+
+
+def _names_a_secret_variable(name: str) -> bool:
+    """`password_env`, `apiKeyEnv`, `hmac_key_env`: a `*_env` key whose stem is a secret-like name."""
+    stem = normalised(name)
+    return stem.endswith("_env") and is_secret_key(stem[: -len("_env")])
 
 
 def _only_references(value: Any) -> bool:

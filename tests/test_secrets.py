@@ -137,6 +137,11 @@ def test_a_secret_from_the_environment_may_look_like_anything(tmp_path, monkeypa
     assert load_config(path).config.enrichers[0].settings["endpoint"].endswith(SECRET)
 
 
+def test_other_env_suffixed_keys_are_ordinary_settings():
+    check_config_secrets({"sinks": [{"settings": {"target_env": "prod-eu", "azure_env": "AzureUSGovernment"}}]}, file="c.toml")
+    assert check_config_secrets({"x": {"api_key_env": "K", "hmac_key_env": "H"}}, file="c.toml") == {"K", "H"}
+
+
 def test_env_names_must_be_names(tmp_path):
     path = config(tmp_path, f'password_env = "{SECRET}!"')
     with pytest.raises(ConfigError, match=r"key 'enrichers\[0\]\.settings\.password_env': a \*_env key names an environment variable") as caught:

@@ -8,6 +8,8 @@ from urllib.parse import unquote
 
 import orjson
 
+from pipeline.limits import MAX_EMBEDDED_JSON_LEVELS
+
 # Keys that hold matched values or the text around a match, in any of the input formats.
 # Compared case-insensitively; the whole value under such a key is dropped.
 MATCHED_CONTENT_KEYS = frozenset(
@@ -83,7 +85,6 @@ def mentions_removed_key(text: str | bytes) -> bool:
 
 
 WITHHELD_TEXT = "[withheld: unparseable text naming matched content]"
-_MAX_EMBEDDED_LEVELS = 3  # same as pipeline.limits.MAX_EMBEDDED_JSON_LEVELS
 
 
 def _scrub(value: Any, level: int) -> tuple[Any, bool]:
@@ -126,7 +127,7 @@ def _scrub_string(value: str, level: int) -> tuple[str, bool]:
     head = value[:64].lstrip()[:1]
     if head not in ("{", "[") or not mentions_removed_key(value):
         return value, False
-    if level < _MAX_EMBEDDED_LEVELS:
+    if level < MAX_EMBEDDED_JSON_LEVELS:
         try:
             parsed = orjson.loads(value)
         except orjson.JSONDecodeError:
