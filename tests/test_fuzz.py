@@ -210,6 +210,10 @@ async def _run_batch(root: Path, bodies: list[bytes]) -> None:
     assert report.messages == len(messages)
     entries = [orjson.loads(p.read_bytes()) for p in (root / "out" / "dead-letter").glob("*.json")]
     whole = {e["source"] for e in entries if e["stage"] == "decode" and e["record_index"] is None}
+    lake_lines = [orjson.loads(line) for p in (root / "out" / "lake").rglob("*.jsonl") for line in p.read_bytes().splitlines()]
+    delivered = {line["alert"]["alert_id"] for line in lake_lines}
+    assembled_or_dead = delivered | {e["alert_id"] for e in entries if e["stage"] == "assemble"}
+    records = skipped = 0
     for index, body in enumerate(bodies):
         source = f"fuzz:{index}"
         try:
@@ -217,9 +221,13 @@ async def _run_batch(root: Path, bodies: list[bytes]) -> None:
         except DecodeError:
             assert source in whole  # a message that cannot be decoded is dead-lettered as a whole
             continue
+        records, skipped = records + decoded.records, skipped + decoded.skipped
         rejected = {e["record_index"] for e in entries if e["source"] == source and e["record_index"] is not None}
         assert rejected == {r.index for r in decoded.rejected}  # each rejected record has its own entry
-    lake = b"".join(p.read_bytes() for p in (root / "out" / "lake").rglob("*.jsonl"))
+        assert {a.alert_id for a in decoded.alerts} <= delivered  # each alert reached the sink
+        assert {p.alert_id for p in decoded.parts} <= assembled_or_dead  # each split alert was emitted or dead-lettered
+    assert report.records == records + 2 and report.skipped == skipped  # + the two good messages
+    lake = b"\n".join(orjson.dumps(line) for line in lake_lines)
     assert GOOD_ID.encode() in lake  # the rest of the batch went on
     for value in MATCHED_VALUES:
         assert value.encode() not in lake
