@@ -10,6 +10,10 @@ Strategy (documented in docs/assembly.md):
   produces a revised record holding all parts; its content changed, so its record_id does too.
 
 Merging is order-independent: parts are sorted by (rank, digest) before merging, AlertInfo first.
+
+Hostile input: the state store keeps at most `limits.max_evidence_per_alert` parts per alert; new
+parts beyond it are dead-lettered as `too_many_evidence` (pipeline/runner.py) and the alert is
+emitted from the parts it holds, so one alert id cannot grow the store or a claim without bound.
 """
 
 from __future__ import annotations

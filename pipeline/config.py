@@ -20,6 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.limits import Limits
+from pipeline.secrets import check_config_secrets, check_resolved
 from pipeline.models import SEVERITY_RANK, AlertKind, EnrichedRecord, Severity, SourceFormat
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "samples" / "pipeline.toml"
@@ -167,12 +169,16 @@ class PipelineConfig(StrictModel):
     dead_letter: DeadLetterSettings = Field(default_factory=DeadLetterSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     consumer: ConsumerSettings | None = None
+    limits: Limits = Field(default_factory=Limits)
     enrichers: list[EnricherConfig] = Field(default_factory=list)
     sinks: list[SinkConfig] = Field(default_factory=list)
 
 
 class LoadedConfig:
     """A validated config plus where it came from, for resolving paths and naming errors."""
+
+    # Environment variables that hold secrets (see pipeline/secrets.py); their values are redacted from logs.
+    secret_env_names: frozenset[str] = frozenset()
 
     def __init__(self, config: PipelineConfig, *, file: Path | None, data_dir: Path) -> None:
         self.config = config
@@ -225,6 +231,7 @@ def substitute_env(value: Any, *, file: str, location: tuple[Any, ...] = (), env
     def replace(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
         if name in env:
+            check_resolved(name, env[name], file=file, key=key_path(location))
             return env[name]
         if default is not None:
             return default
@@ -248,10 +255,13 @@ def load_config(path: str | Path | None = None, *, data_dir: str | Path | None =
         document = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"not valid TOML: {exc}", file=name) from None
+    secret_env_names = check_config_secrets(document, file=name)  # on the raw document: no secret written in the file
     document = substitute_env(document, file=name)
     try:
         config = PipelineConfig.model_validate(document)
     except ValidationError as exc:
         raise config_error_from_validation(exc, file=name) from None
     resolved_data_dir = Path(data_dir) if data_dir is not None else Path(config.data_dir)
-    return LoadedConfig(config, file=file.resolve(), data_dir=resolved_data_dir.resolve())
+    loaded = LoadedConfig(config, file=file.resolve(), data_dir=resolved_data_dir.resolve())
+    loaded.secret_env_names = secret_env_names
+    return loaded

@@ -1,9 +1,11 @@
 """The dead-letter store: what could not be decoded or delivered, with why and where it came from.
 
 Three stages put entries here:
-- `decode`: a whole message body that is not usable (original bytes; JSON bodies are stored with
-  matched sensitive content removed), or one bad record of a message (that record, scrubbed);
-- `assemble`: the parts of a split alert that do not make a valid alert;
+- `decode`: a whole message body that is not usable (JSON bodies are stored with matched sensitive
+  content removed; bodies that cannot be scrubbed are withheld, see `pipeline.formats.stored_body`
+  and docs/security.md), or one bad record of a message (that record, scrubbed);
+- `assemble`: the parts of a split alert that do not make a valid alert, or parts refused because
+  their alert already holds `limits.max_evidence_per_alert` parts (`too_many_evidence`);
 - `deliver`: an enriched record a sink rejected, or that was still failing when retries ran out.
 
 Entry ids are deterministic (stage, sink and content), so a redelivered message or a replayed record

@@ -69,8 +69,8 @@ async def reset_runner() -> None:
 
 def to_message(event: func.EventHubEvent) -> Message:
     where = f"eventhub:sequence={event.sequence_number};offset={event.offset}"
-    if event.partition_key:
-        where += f";partition_key={event.partition_key}"
+    if event.partition_key:  # chosen by the sender: printable characters only, bounded (it is logged)
+        where += ";partition_key=" + "".join(ch if ch.isprintable() else "?" for ch in str(event.partition_key)[:128])
     return Message(body=event.get_body(), source=where, enqueued_time=event.enqueued_time)
 
 

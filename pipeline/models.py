@@ -64,8 +64,10 @@ class SensitiveInfo(_Model):
 class DlpAlert(_Model):
     """One Purview DLP alert (kind "alert") or DLP rule-match activity (kind "activity")."""
 
-    alert_id: str = Field(min_length=1)
-    tenant_id: str | None = None
+    # Logged and used as a key by sinks: bounded, and no control characters (no forged log lines).
+    alert_id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+    # An identifier, never a path: sinks build folder and blob names from it (docs/security.md).
+    tenant_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
     source_format: SourceFormat
     kind: AlertKind = "alert"
     title: str | None = None

@@ -45,8 +45,9 @@ from pipeline.breaker import CircuitBreaker
 from pipeline.deadletter import DeadLetter, DeadLetterStore, open_dead_letter_store
 from pipeline.enricher import EnrichmentContext
 from pipeline.errors import DecodeError, EnricherTimeout, PipelineError, SinkOutage, SinkUnavailable, translate
-from pipeline.formats import decode_message, scrubbed_body, validation_summary
+from pipeline.formats import decode_message, stored_body, validation_summary
 from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
+from pipeline.secrets import install_log_redaction
 from pipeline.registry import EnricherChain, EnricherSlot, Services, build_enricher_chain, build_sinks
 from pipeline.retry import RedeliveryCounter, backoff_wait, fingerprint
 from pipeline.sinks import Outcome
@@ -137,6 +138,7 @@ class Runner:
     ) -> None:
         self.loaded = config
         self.config = config.config
+        install_log_redaction(config.secret_env_names)  # secrets never reach a log line (docs/security.md)
         self.clock = clock
         self.state: StateStore = state or open_state_store(_resolved_state(config))
         self.dead_letter: DeadLetterStore = dead_letter or open_dead_letter_store(config)
@@ -197,26 +199,37 @@ class Runner:
         parts = []
         for index, message in enumerate(messages):
             telemetry.record_lag(message.enqueued_time, now)
+            error: DecodeError | None = None
             try:
-                decoded = decode_message(message.body)
+                decoded = decode_message(message.body, limits=self.config.limits)
             except DecodeError as err:
-                log.warning("message %s (%s) dead-lettered: %s", index, message.source, err)
-                body = message.body if err.reason == "invalid_json" else scrubbed_body(message.body)
-                dead.append(DeadLetter(stage="decode", reason=err.reason, detail=err.detail, body=body, source=message.source, message_index=index))
+                error = err.with_traceback(None)  # drop the decoder's frames (and the parsed document) now
+                error.__context__ = None
+            if error is not None:
+                log.warning("message %s (%s) dead-lettered: %s", index, message.source, str(error))
+                body = stored_body(message.body, error.reason)  # scrubbed, or withheld (docs/security.md)
+                dead.append(DeadLetter(stage="decode", reason=error.reason, detail=error.detail, body=body, source=message.source, message_index=index))
                 continue
             report.records += decoded.records
             report.skipped += decoded.skipped
             alerts.extend(decoded.alerts)
             parts.extend(decoded.parts)
+            if decoded.rejected:  # one line per message, not per record: hostile input cannot flood the log
+                reasons = Counter(rejected.reason for rejected in decoded.rejected)
+                first = ", ".join(str(rejected.index) for rejected in decoded.rejected[:5]) + (", ..." if len(decoded.rejected) > 5 else "")
+                log.warning(
+                    "message %s (%s): %d record(s) dead-lettered (%s; records %s)",
+                    index, message.source, len(decoded.rejected), ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())), first,
+                )
             for rejected in decoded.rejected:
-                log.warning("record %s of message %s (%s) dead-lettered: %s", rejected.index, index, message.source, rejected.reason)
                 dead.append(
                     DeadLetter(stage="decode", reason=rejected.reason, detail=rejected.detail, body=rejected.record, source=message.source, message_index=index, record_index=rejected.index)
                 )
         # Bad input is made durable first: from here on, a crash loses nothing that was read.
         await self._dead_letter(dead, report)
-        added = await self.state.add_parts(parts, now=now)
+        added = await self.state.add_parts(parts, now=now, max_parts_per_alert=self.config.limits.max_evidence_per_alert)
         report.duplicate_parts += added.duplicate
+        await self._dead_letter(_over_limit_dead_letters(added.over_limit, self.config.limits.max_evidence_per_alert), report)
         emitted = await self._claim_assembled(alerts, now=now, force=flush, report=report)
         records = await self._enrich_all(alerts, report)
         try:
@@ -327,37 +340,7 @@ class Runner:
         )
 
     async def _run_enricher(self, slot: EnricherSlot, alert: DlpAlert, fragments: dict[str, BaseModel], statuses: dict[str, EnrichmentStatus]) -> None:
-        breaker = self.enricher_breakers.get(slot.name)
-        if breaker is not None and not breaker.allow():
-            statuses[slot.name] = EnrichmentStatus.model_construct(state="failed", error="circuit open", duration_ms=0.0)
-            return
-        ctx = EnrichmentContext(alert, fragments=fragments, statuses=statuses, cache=slot.cache, clock=self.clock)
-        error: str | None = None
-        started = perf_counter()
-        try:
-            async with asyncio.timeout(slot.timeout):
-                fragment = await slot.plugin.enrich(alert, ctx)
-        except TimeoutError:
-            state, error = "timed_out", f"no result within {slot.timeout:g}s"
-        except Exception as exc:
-            translated = translate(exc, role="enricher")
-            state = "timed_out" if isinstance(translated, EnricherTimeout) else "failed"
-            error = str(translated) if isinstance(exc, PipelineError) else type(exc).__name__
-            log.debug("enricher %s failed for alert %s", slot.name, alert.alert_id, exc_info=exc)
-        else:
-            if fragment is None:
-                state = "skipped"
-            elif isinstance(fragment, BaseModel):
-                state = "ok"
-                fragments[slot.name] = fragment
-            else:
-                state, error = "failed", f"returned {type(fragment).__name__}, expected a pydantic model or None"
-        if error is not None:
-            log.warning("enricher %s %s for alert %s: %s", slot.name, state, alert.alert_id, error)
-        if breaker is not None:
-            breaker.record_failure() if state in ("failed", "timed_out") else breaker.record_success()
-        statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=round((perf_counter() - started) * 1000, 3))
-        telemetry.record_enricher(slot.name, state, statuses[slot.name].duration_ms / 1000)
+        await run_enricher_step(slot, alert, fragments, statuses, clock=self.clock, breaker=self.enricher_breakers.get(slot.name))
 
     # -- delivery ------------------------------------------------------------------------------
 
@@ -470,8 +453,67 @@ class Runner:
         await self.state.purge(emitted_before=now - self.config.assembly.retention_hours * 3600)
 
 
+
+async def run_enricher_step(
+    slot: EnricherSlot,
+    alert: DlpAlert,
+    fragments: dict[str, BaseModel],
+    statuses: dict[str, EnrichmentStatus],
+    *,
+    clock: Callable[[], float],
+    breaker: Any = None,
+) -> None:
+    """Run one enricher on one alert, as the runner does: under its timeout and circuit breaker,
+    recording ok / skipped / failed / timed_out with the duration in `statuses[slot.name]` and the
+    fragment in `fragments[slot.name]`. Never raises for the enricher's failure.
+    (Also used by pipeline.testing.run_enricher, so plugin tests exercise this exact path.)"""
+    if breaker is not None and not breaker.allow():
+        statuses[slot.name] = EnrichmentStatus.model_construct(state="failed", error="circuit open", duration_ms=0.0)
+        return
+    ctx = EnrichmentContext(alert, fragments=fragments, statuses=statuses, cache=slot.cache, clock=clock)
+    error: str | None = None
+    started = perf_counter()
+    try:
+        async with asyncio.timeout(slot.timeout):
+            fragment = await slot.plugin.enrich(alert, ctx)
+    except TimeoutError:
+        state, error = "timed_out", f"no result within {slot.timeout:g}s"
+    except Exception as exc:
+        translated = translate(exc, role="enricher")
+        state = "timed_out" if isinstance(translated, EnricherTimeout) else "failed"
+        error = str(translated) if isinstance(exc, PipelineError) else type(exc).__name__
+        log.debug("enricher %s failed for alert %s", slot.name, alert.alert_id, exc_info=exc)
+    else:
+        if fragment is None:
+            state = "skipped"
+        elif isinstance(fragment, BaseModel):
+            state = "ok"
+            fragments[slot.name] = fragment
+        else:
+            state, error = "failed", f"returned {type(fragment).__name__}, expected a pydantic model or None"
+    if error is not None:
+        log.warning("enricher %s %s for alert %s: %s", slot.name, state, alert.alert_id, error)
+    if breaker is not None:
+        breaker.record_failure() if state in ("failed", "timed_out") else breaker.record_success()
+    statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=round((perf_counter() - started) * 1000, 3))
+    telemetry.record_enricher(slot.name, state, statuses[slot.name].duration_ms / 1000)
+
 def _delivery_dead_letter(record: EnrichedRecord, sink: str, reason: str, detail: str, attempts: int) -> DeadLetter:
     return DeadLetter(stage="deliver", reason=reason, detail=detail, body=record.to_json(), sink=sink, alert_id=record.alert.alert_id, record_id=record.record_id, attempts=attempts)
+
+
+def _over_limit_dead_letters(parts: list[Any], limit: int) -> list[DeadLetter]:
+    """One dead letter per alert whose split parts exceeded the evidence limit (parts are canonical, scrubbed)."""
+    by_alert: dict[str, list[Any]] = {}
+    for part in parts:
+        by_alert.setdefault(part.alert_id, []).append(part)
+    entries = []
+    for alert_id, extra in by_alert.items():
+        log.warning("alert %s: %d part(s) over the limit of %d parts per alert dead-lettered", alert_id, len(extra), limit)
+        body = _json_bytes([{"rank": p.rank, "digest": p.digest, "data": p.data} for p in extra])
+        detail = f"{len(extra)} part(s) refused: the alert already holds {limit} parts, limit {limit}"
+        entries.append(DeadLetter(stage="assemble", reason="too_many_evidence", detail=detail, body=body, alert_id=alert_id))
+    return entries
 
 
 def _json_bytes(value: Any) -> bytes:

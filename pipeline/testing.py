@@ -170,7 +170,7 @@ async def run_enricher(
     """
     from pipeline.config import LoadedConfig, PipelineConfig
     from pipeline.registry import ENRICHER_GROUP, EnricherSlot, Services, builtin_enrichers, instantiate, load_plugin_class
-    from pipeline.runner import Runner
+    from pipeline.runner import run_enricher_step
 
     clock = now if isinstance(now, FakeClock) else FakeClock(now)
     alert = alert if alert is not None else make_alert()
@@ -203,19 +203,12 @@ async def run_enricher(
     if built_here and getattr(plugin, "start", None) is not None:
         await plugin.start()
     try:
-        # The runner's own per-enricher step (timeout, outcome, duration): it only needs a clock.
-        await Runner._run_enricher(_RunnerView(clock), slot, alert, fragments, statuses)
+        # The runner's own per-enricher step (timeout, outcome, duration).
+        await run_enricher_step(slot, alert, fragments, statuses, clock=clock)
     finally:
         if built_here and getattr(plugin, "aclose", None) is not None:
             await plugin.aclose()
     return EnricherResult(fragments.get(slot.name), statuses[slot.name])
-
-
-class _RunnerView:
-    """What `Runner._run_enricher` reads from the runner: its clock."""
-
-    def __init__(self, clock: FakeClock) -> None:
-        self.clock = clock
 
 
 def _is_instance(enricher: Any) -> bool:

@@ -8,6 +8,8 @@ from urllib.parse import unquote
 
 import orjson
 
+from pipeline.limits import MAX_EMBEDDED_JSON_LEVELS
+
 # Keys that hold matched values or the text around a match, in any of the input formats.
 # Compared case-insensitively; the whole value under such a key is dropped.
 MATCHED_CONTENT_KEYS = frozenset(
@@ -19,6 +21,15 @@ MATCHED_CONTENT_KEYS = frozenset(
         "evidencetext",
     }
 )
+
+# Free text typed by a user or copied from the message that DLP inspected: it can repeat the matched
+# values (an override justification quoting the card number, an email subject holding it). No decoder
+# reads these keys; they are removed like matched content, so that rejected records and dead-lettered
+# bodies do not carry them either. See docs/security.md.
+FREE_TEXT_KEYS = frozenset({"justification", "subject"})
+
+# Every key `scrub` removes, compared case-insensitively.
+REMOVED_KEYS = MATCHED_CONTENT_KEYS | FREE_TEXT_KEYS
 
 DLP_SERVICE = "data loss prevention"
 
@@ -48,12 +59,88 @@ _WORKLOADS = (
 
 
 def scrub(value: Any) -> Any:
-    """Return `value` with every matched-content key removed, at any depth. Does not mutate."""
-    if isinstance(value, dict):
-        return {k: scrub(v) for k, v in value.items() if not (isinstance(k, str) and k.lower() in MATCHED_CONTENT_KEYS)}
-    if isinstance(value, list):
-        return [scrub(v) for v in value]
-    return value
+    """Return `value` with every removed key (`REMOVED_KEYS`) dropped, at any depth. Does not mutate.
+
+    JSON held in a string (AdditionalFields, Entities, ExtendedProperties, RawEventData) is scrubbed
+    too and re-serialised when something was removed; a string that names a removed key but cannot
+    be parsed (or is embedded too deep) is replaced by a placeholder. Iterative: no input can raise
+    RecursionError.
+    """
+    return _scrub(value, 0)[0]
+
+
+# Containers nested deeper than this are replaced by TRUNCATED_TEXT in scrubbed copies, so that a
+# copy can always be serialised (orjson refuses deeper than 254 levels). Records that pass the
+# nesting limit (at most 128, pipeline/limits.py) are never that deep.
+SCRUB_MAX_DEPTH = 200
+TRUNCATED_TEXT = "[truncated: nested too deep]"
+
+
+def mentions_removed_key(text: str | bytes) -> bool:
+    """True when `text` may spell a removed key: it names one (any casing) or holds a \\u escape."""
+    lowered = text.lower()
+    if isinstance(lowered, bytes):
+        return b"\\u" in lowered or any(key.encode() in lowered for key in REMOVED_KEYS)
+    return "\\u" in lowered or any(key in lowered for key in REMOVED_KEYS)
+
+
+WITHHELD_TEXT = "[withheld: unparseable text naming matched content]"
+
+
+def _scrub(value: Any, level: int) -> tuple[Any, bool]:
+    if isinstance(value, str):
+        return _scrub_string(value, level)
+    if not isinstance(value, (dict, list)):
+        return value, False
+    changed = False
+    result: Any = {} if isinstance(value, dict) else []
+    stack: list[tuple[Any, Any, int]] = [(value, result, 1)]
+    while stack:
+        source, target, depth = stack.pop()
+        is_dict = type(source) is dict
+        for key, item in (source.items() if is_dict else enumerate(source)):
+            if is_dict and type(key) is str and key.lower() in REMOVED_KEYS:
+                changed = True
+                continue
+            kind = type(item)
+            if kind is dict or kind is list:
+                if depth >= SCRUB_MAX_DEPTH:
+                    item, changed = TRUNCATED_TEXT, True
+                else:
+                    copy: Any = {} if kind is dict else []
+                    stack.append((item, copy, depth + 1))
+                    item = copy
+            elif kind is str and item[:1] in _JSON_HEADS:
+                item, string_changed = _scrub_string(item, level)
+                changed = changed or string_changed
+            if is_dict:
+                target[key] = item
+            else:
+                target.append(item)
+    return result, changed
+
+
+_JSON_HEADS = ("{", "[", " ", "\t", "\n", "\r")
+
+
+def _scrub_string(value: str, level: int) -> tuple[str, bool]:
+    head = value[:64].lstrip()[:1]
+    if head not in ("{", "[") or not mentions_removed_key(value):
+        return value, False
+    if level < MAX_EMBEDDED_JSON_LEVELS:
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, (dict, list)):
+            scrubbed, changed = _scrub(parsed, level + 1)
+            return (orjson.dumps(scrubbed).decode() if changed else value), changed
+    return WITHHELD_TEXT, True
+
+
+def as_list(value: Any) -> list[Any]:
+    """`value` when it is a list, else an empty list (input fields of the wrong type are ignored)."""
+    return value if isinstance(value, list) else []
 
 
 def is_dlp_service(*values: Any) -> bool:

@@ -31,7 +31,7 @@ def to_alert(record: dict[str, Any]) -> dict[str, Any]:
     files: list[dict[str, Any]] = []
     device: dict[str, Any] | None = None
     app_name: str | None = None
-    for evidence in record.get("evidence") or []:
+    for evidence in c.as_list(record.get("evidence")):
         if not isinstance(evidence, dict):
             continue
         kind = str(evidence.get("@odata.type") or "")
@@ -42,7 +42,7 @@ def to_alert(record: dict[str, Any]) -> dict[str, Any]:
                 "object_id": c.text(account.get("azureAdUserId")),
                 "display_name": c.text(account.get("displayName")) or c.text(evidence.get("displayName")),
             }
-            if user is None or "policyViolator" in (evidence.get("roles") or []):
+            if user is None or "policyViolator" in c.as_list(evidence.get("roles")):
                 user = candidate
         elif kind.endswith("fileEvidence"):
             details = evidence.get("fileDetails") if isinstance(evidence.get("fileDetails"), dict) else {}

@@ -28,8 +28,8 @@ def is_dlp(record: dict[str, Any]) -> bool:
 
 def to_alert(record: dict[str, Any], *, source_format: str = "management_activity", tenant_id: str | None = None) -> dict[str, Any]:
     """The canonical alert fields of one DLPRuleMatch record. Matched values are never read."""
-    policies = [p for p in record.get("PolicyDetails") or [] if isinstance(p, dict)]
-    rules = [r for p in policies for r in (p.get("Rules") or []) if isinstance(r, dict)]
+    policies = [p for p in c.as_list(record.get("PolicyDetails")) if isinstance(p, dict)]
+    rules = [r for p in policies for r in c.as_list(p.get("Rules")) if isinstance(r, dict)]
     sensitive: list[dict[str, Any]] = []
     shared_externally: bool | None = None
     severities = []
@@ -38,17 +38,17 @@ def to_alert(record: dict[str, Any], *, source_format: str = "management_activit
         matched = rule.get("ConditionsMatched") or {}
         if not isinstance(matched, dict):
             continue
-        for sit in matched.get("SensitiveInformation") or []:
+        for sit in c.as_list(matched.get("SensitiveInformation")):
             if isinstance(sit, dict):
                 c.add_sensitive_info(sensitive, sit.get("SensitiveInformationTypeName"), sit.get("SensitiveType"), sit.get("Count"), sit.get("Confidence"))
-        for condition in matched.get("OtherConditions") or []:
+        for condition in c.as_list(matched.get("OtherConditions")):
             if isinstance(condition, dict) and condition.get("Name") == "AccessScope":
                 shared_externally = condition.get("Value") == "IncludeExternalUsers" or shared_externally
 
     sharepoint = record.get("SharePointMetaData") if isinstance(record.get("SharePointMetaData"), dict) else {}
     exchange = record.get("ExchangeMetaData") if isinstance(record.get("ExchangeMetaData"), dict) else {}
     endpoint = record.get("EndpointMetaData") if isinstance(record.get("EndpointMetaData"), dict) else {}
-    for sit in endpoint.get("SensitiveInfoTypeData") or []:
+    for sit in c.as_list(endpoint.get("SensitiveInfoTypeData")):
         if isinstance(sit, dict):
             c.add_sensitive_info(sensitive, sit.get("SensitiveInfoTypeName"), sit.get("SensitiveInfoTypeId"), sit.get("Count"), sit.get("Confidence"))
     if isinstance(sharepoint.get("IsViewableByExternalUsers"), bool):

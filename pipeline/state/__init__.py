@@ -6,7 +6,7 @@ An implementation must be safe to call again after a crash: every write is idemp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 class PartsAdded:
     new: int = 0
     duplicate: int = 0
+    # Parts not stored because their alert already holds `max_parts_per_alert` parts (hostile input).
+    over_limit: list["AlertPart"] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -32,7 +34,9 @@ class StateStore(Protocol):
 
     - `add_parts` stores each part once (keyed by alert id and part digest); a part seen before is
       counted as duplicate and changes nothing. A new part of an alert already emitted makes that
-      alert pending again, so late evidence produces a revised record.
+      alert pending again, so late evidence produces a revised record. With `max_parts_per_alert`,
+      a new part of an alert that already holds that many parts is not stored but returned in
+      `over_limit` (the runner dead-letters it as `too_many_evidence`).
     - `claim_due` returns the pending alerts whose parts have settled (no new part for
       `settle_seconds`, or first part older than `max_hold_seconds`, or every one with `force`), and
       leases them for `lease_seconds` so that a second consumer does not take them too.
@@ -40,7 +44,7 @@ class StateStore(Protocol):
       whose lease runs out without it is claimed again (at-least-once).
     """
 
-    async def add_parts(self, parts: Sequence["AlertPart"], *, now: float) -> PartsAdded: ...
+    async def add_parts(self, parts: Sequence["AlertPart"], *, now: float, max_parts_per_alert: int | None = None) -> PartsAdded: ...
 
     async def claim_due(
         self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False

@@ -8,6 +8,7 @@ instances sharing state, use a shared store instead.
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -58,20 +59,25 @@ class SqliteStateStore:
         """The open connection, for stores that keep more tables in the same file."""
         return self._db
 
-    async def add_parts(self, parts: Sequence[AlertPart], *, now: float) -> PartsAdded:
+    async def add_parts(self, parts: Sequence[AlertPart], *, now: float, max_parts_per_alert: int | None = None) -> PartsAdded:
         added = PartsAdded()
         if not parts:
             return added
         try:
             with self._transaction() as db:
                 known = self._known_digests(db, {part.alert_id for part in parts})
+                per_alert = Counter(alert_id for alert_id, _ in known)
                 fresh: dict[tuple[str, str], AlertPart] = {}
                 for part in parts:
                     key = (part.alert_id, part.digest)
                     if key in known or key in fresh:
                         added.duplicate += 1
-                    else:
-                        fresh[key] = part
+                        continue
+                    if max_parts_per_alert is not None and per_alert[part.alert_id] >= max_parts_per_alert:
+                        added.over_limit.append(part)
+                        continue
+                    per_alert[part.alert_id] += 1
+                    fresh[key] = part
                 added.new = len(fresh)
                 db.executemany(
                     "INSERT OR IGNORE INTO alert_parts (alert_id, digest, rank, data) VALUES (?, ?, ?, ?)",
