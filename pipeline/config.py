@@ -44,6 +44,7 @@ class AssemblySettings(StrictModel):
     max_hold_seconds: float = Field(600.0, ge=0, description="emit a split alert at the latest this long after its first part")
     lease_seconds: float = Field(300.0, gt=0, description="how long a claimed alert is reserved for one consumer")
     retention_hours: float = Field(72.0, gt=0, description="how long emitted parts are kept to recognise redeliveries")
+    emit_batch_size: int = Field(500, ge=1, description="settled split alerts emitted by one batch at most (bounds memory after a backlog)")
 
 
 class StateSettings(StrictModel):

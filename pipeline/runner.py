@@ -76,6 +76,7 @@ class BatchReport:
     skipped: int = 0
     alerts: int = 0
     duplicate_parts: int = 0
+    emitted_split: int = 0
     pending: int = 0
     unrouted: int = 0
     delivered: Counter[str] = field(default_factory=Counter)
@@ -84,7 +85,7 @@ class BatchReport:
     record_ids: list[str] = field(default_factory=list)
 
     def merge(self, other: "BatchReport") -> None:
-        for name in ("messages", "records", "skipped", "alerts", "duplicate_parts", "unrouted"):
+        for name in ("messages", "records", "skipped", "alerts", "duplicate_parts", "emitted_split", "unrouted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.pending = other.pending
         self.delivered.update(other.delivered)
@@ -265,14 +266,22 @@ class Runner:
         raise KeyError(sink)
 
     async def flush(self) -> BatchReport:
-        """Emit every pending split alert now (end of a CLI run, or the Functions timer)."""
-        return await self.process_batch([], flush=True)
+        """Emit every pending split alert now (end of a CLI run), in chunks of `assembly.emit_batch_size`
+        so that a large backlog never becomes one huge batch in memory."""
+        total = BatchReport()
+        while True:
+            report = await self.process_batch([], flush=True)
+            total.merge(report)
+            if report.pending == 0 or report.emitted_split == 0:
+                return total
 
     async def _claim_assembled(self, alerts: list[DlpAlert], *, now: float, force: bool, report: BatchReport) -> list[str]:
         settings = self.config.assembly
         claimed = await self.state.claim_due(
-            now=now, settle_seconds=settings.settle_seconds, max_hold_seconds=settings.max_hold_seconds, lease_seconds=settings.lease_seconds, force=force
+            now=now, settle_seconds=settings.settle_seconds, max_hold_seconds=settings.max_hold_seconds, lease_seconds=settings.lease_seconds,
+            force=force, limit=settings.emit_batch_size,
         )
+        report.emitted_split += len(claimed)
         broken: list[DeadLetter] = []
         for pending in claimed:
             try:

@@ -373,3 +373,21 @@ async def test_unwritable_dead_letter_store_stops_the_batch(write_config, tmp_pa
     async with Runner(loaded, dead_letter=store) as runner:
         with pytest.raises(StoreUnavailable):
             await runner.process_batch([Message(b"not json")])
+
+
+async def test_flush_emits_a_backlog_in_bounded_chunks(write_config, fixture_bytes):
+    config = SINKS.format(settings="{}", when="").replace("settle_seconds = 0", "settle_seconds = 30\nemit_batch_size = 3")
+    info, user, file_, app, _ = streaming_records(fixture_bytes)
+    messages = []
+    for i in range(7):
+        parts = json.loads(json.dumps([info, user, file_]))
+        for part in parts:
+            part["properties"]["AlertId"] = f"dl-backlog-{i}"
+        messages.append(envelope(*parts))
+    async with Runner(write_config(config)) as runner:
+        first = await runner.process_batch(messages)
+        assert first.alerts == 0 and first.pending == 7  # nothing has settled yet
+        report = await runner.flush()
+        sink = flaky(runner)
+    assert report.alerts == 7 and report.pending == 0 and report.delivered == {"lake": 7, "flaky": 7}
+    assert sink.calls == 3  # 3 + 3 + 1: never the whole backlog in one batch

@@ -39,7 +39,8 @@ class StateStore(Protocol):
       `over_limit` (the runner dead-letters it as `too_many_evidence`).
     - `claim_due` returns the pending alerts whose parts have settled (no new part for
       `settle_seconds`, or first part older than `max_hold_seconds`, or every one with `force`), and
-      leases them for `lease_seconds` so that a second consumer does not take them too.
+      leases them for `lease_seconds` so that a second consumer does not take them too; at most
+      `limit` of them, oldest first, so a backlog is emitted in bounded chunks.
     - `mark_emitted` is called only after each claimed alert was delivered or dead-lettered; an alert
       whose lease runs out without it is claimed again (at-least-once).
     """
@@ -47,7 +48,7 @@ class StateStore(Protocol):
     async def add_parts(self, parts: Sequence["AlertPart"], *, now: float, max_parts_per_alert: int | None = None) -> PartsAdded: ...
 
     async def claim_due(
-        self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False
+        self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False, limit: int | None = None
     ) -> list[PendingAlert]: ...
 
     async def mark_emitted(self, alert_ids: Sequence[str], *, now: float) -> None: ...

@@ -106,17 +106,18 @@ class SqliteStateStore:
         return known
 
     async def claim_due(
-        self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False
+        self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False, limit: int | None = None
     ) -> list[PendingAlert]:
+        most = -1 if limit is None else limit  # SQLite: LIMIT -1 is no limit
         try:
             with self._transaction() as db:
                 if force:
-                    rows = db.execute("SELECT alert_id FROM alerts WHERE state = 'pending' ORDER BY first_part_at").fetchall()
+                    rows = db.execute("SELECT alert_id FROM alerts WHERE state = 'pending' ORDER BY first_part_at LIMIT ?", (most,)).fetchall()
                 else:
                     rows = db.execute(
                         """SELECT alert_id FROM alerts WHERE state = 'pending' AND lease_until <= ?
-                           AND (last_part_at <= ? OR first_part_at <= ?) ORDER BY first_part_at""",
-                        (now, now - settle_seconds, now - max_hold_seconds),
+                           AND (last_part_at <= ? OR first_part_at <= ?) ORDER BY first_part_at LIMIT ?""",
+                        (now, now - settle_seconds, now - max_hold_seconds, most),
                     ).fetchall()
                 ids = [row[0] for row in rows]
                 db.executemany("UPDATE alerts SET lease_until = ? WHERE alert_id = ?", [(now + lease_seconds, i) for i in ids])
