@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out
 
-.PHONY: setup setup-dev run test soak validate clean
+.PHONY: setup setup-dev run test soak validate clean bench bench-quick
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ validate: setup
 ## Set up, then run the whole test suite.
 test: setup-dev
 	$(PY) -m pytest
+
+## Benchmarks (figures, not pass/fail): `make bench` for the README figures, `make bench-quick` in CI.
+bench: setup-dev
+	$(PY) -m benchmarks --json
+
+bench-quick: setup-dev
+	$(PY) -m benchmarks --quick --json
 
 ## The long soak run of docs/delivery.md: 100,000 alerts, one sink failing a fifth of its calls.
 soak: setup-dev
