@@ -15,7 +15,6 @@ import math
 import ssl
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 from aiohttp import web

@@ -20,6 +20,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
@@ -90,6 +91,27 @@ class HistoryStore(Protocol):
         ...
 
     async def aclose(self) -> None: ...
+
+
+class HistoryWriter:
+    """Writes entries to a store once per process: remembers the last `remember` (entry id, content id)
+    pairs written, so an alert seen again (prepare_batch, then enrich; a redelivery) costs no write.
+    The store's own writes are idempotent anyway; this only saves the round trips."""
+
+    def __init__(self, store: HistoryStore, *, remember: int = 50_000) -> None:
+        self.store = store
+        self.remember = remember
+        self._written: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    async def write(self, kind: Kind, entries: Sequence[HistoryEntry]) -> None:
+        fresh = [e for e in entries if (e.entry_id, e.content_id) not in self._written]
+        if not fresh:
+            return
+        await self.store.record(kind, fresh)
+        for entry in fresh:
+            self._written[(entry.entry_id, entry.content_id)] = None
+        while len(self._written) > self.remember:
+            self._written.popitem(last=False)
 
 
 class HistorySettings(BaseModel):

@@ -11,7 +11,6 @@ Activities (kind "activity") get their user's prior alerts too, but are not reco
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from enrichers._files import parse_datetime
 from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
-from enrichers.history import HistoryEntry, HistorySettings, entry_of, open_history_store
+from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, entry_of, open_history_store
 from pipeline.cache import CachePolicy, TTLCache
 from pipeline.enricher import BaseEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
@@ -64,7 +63,7 @@ class PriorIncidentsEnricher(BaseEnricher):
         super().__init__(settings, services)
         self.store = open_history_store(self.settings.store, services)
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
-        self._recorded: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.writer = HistoryWriter(self.store)
         self._clock = services.clock if services is not None else None
         self._batch_history: dict[str, tuple[float, float, list[HistoryEntry]]] = {}
         self._batch_expires = 0.0
@@ -86,14 +85,7 @@ class PriorIncidentsEnricher(BaseEnricher):
         return self._clock() if self._clock is not None else time.time()
 
     async def _record(self, entries: list[HistoryEntry]) -> None:
-        fresh = [e for e in entries if (e.entry_id, e.content_id) not in self._recorded]
-        if not fresh:
-            return
-        await self.store.record("alert", fresh)
-        for e in fresh:
-            self._recorded[(e.entry_id, e.content_id)] = None
-        while len(self._recorded) > 50_000:
-            self._recorded.popitem(last=False)
+        await self.writer.write("alert", entries)
 
     async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
         """Write every alert of the batch first, so alerts of one batch see each other; then read each

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
@@ -19,7 +18,7 @@ import orjson
 from pydantic import BaseModel, Field
 
 from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
-from enrichers.history import HistoryEntry, HistorySettings, entry_of, event_time, open_history_store, user_key
+from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, entry_of, event_time, open_history_store, user_key
 from pipeline.cache import CachePolicy, TTLCache
 from pipeline.enricher import BaseEnricher, EnrichmentContext
 from pipeline.models import DlpAlert, SensitiveInfo
@@ -91,7 +90,7 @@ class SensitiveInfoEnricher(BaseEnricher):
         self.store = open_history_store(self.settings.store, services) if self.settings.correlate else None
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
         self._clock = services.clock if services is not None else time.time
-        self._recorded: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.writer = HistoryWriter(self.store) if self.store is not None else None
 
     async def start(self) -> None:
         if self.store is not None:
@@ -107,18 +106,10 @@ class SensitiveInfoEnricher(BaseEnricher):
             await self.hunting.aclose()
 
     async def _record(self, alerts: list[DlpAlert]) -> None:
-        if self.store is None:
+        if self.writer is None:
             return
         now = self._clock()
-        entries = [e for a in alerts if a.kind == "activity" and a.sensitive_info and (e := entry_of(a, now=now)) is not None]
-        fresh = [e for e in entries if (e.entry_id, e.content_id) not in self._recorded]
-        if not fresh:
-            return
-        await self.store.record("activity", fresh)
-        for e in fresh:
-            self._recorded[(e.entry_id, e.content_id)] = None
-        while len(self._recorded) > 50_000:
-            self._recorded.popitem(last=False)
+        await self.writer.write("activity", [e for a in alerts if a.kind == "activity" and a.sensitive_info and (e := entry_of(a, now=now)) is not None])
 
     async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
         """Store the batch's rule-match activities before any alert of it is correlated."""

@@ -10,7 +10,6 @@ import hashlib
 from datetime import datetime
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 SourceFormat = Literal["defender_streaming", "graph_alert", "management_activity", "sentinel_alert"]
