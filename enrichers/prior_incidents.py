@@ -65,7 +65,7 @@ class PriorIncidentsEnricher(BaseEnricher):
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
         self.writer = HistoryWriter(self.store)
         self._clock = services.clock if services is not None else None
-        self._batch_history: dict[str, tuple[float, float, list[HistoryEntry]]] = {}
+        self._batch_history: dict[str, tuple[float, float, list[_Row]]] = {}
         self._batch_expires = 0.0
 
     async def start(self) -> None:
@@ -104,18 +104,18 @@ class PriorIncidentsEnricher(BaseEnricher):
 
         async def load(user: str, low: float, high: float) -> None:
             rows = await self.store.entries("alert", user, since=low - 90 * DAY, until=high, limit=5000)
-            self._batch_history[user] = (low, high, rows)
+            self._batch_history[user] = (low, high, _rows(rows))
 
         await asyncio.gather(*(load(u, lo, hi) for u, (lo, hi) in spans.items()))
         self._batch_expires = time.monotonic() + 30
 
-    async def _history(self, user: str, until: float) -> list[HistoryEntry]:
+    async def _history(self, user: str, until: float) -> list["_Row"]:
         import time
 
         cached = self._batch_history.get(user)
         if cached is not None and time.monotonic() < self._batch_expires and cached[0] <= until <= cached[1]:
-            return [row for row in cached[2] if until - 90 * DAY <= row.at <= until]
-        return await self.store.entries("alert", user, since=until - 90 * DAY, until=until)
+            return [row for row in cached[2] if until - 90 * DAY <= row[1] <= until]
+        return _rows(await self.store.entries("alert", user, since=until - 90 * DAY, until=until))
 
     async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> PriorIncidents | None:
         entry = entry_of(alert, now=self._now())
@@ -128,12 +128,12 @@ class PriorIncidentsEnricher(BaseEnricher):
         # Count on plain tuples; build models only for the bounded `recent` list.
         prior: dict[str, tuple[float, str | None, str | None, str]] = {}  # id -> (at, policy, severity, source)
         types: set[str] = set()
-        for row in rows:  # newest first; a revised alert counts once
-            if row.entry_id == alert.alert_id:
+        for entry_id, at, policy, severity, names in rows:  # newest first; a revised alert counts once
+            if entry_id == alert.alert_id:
                 continue
-            types.update(s["name"] for s in row.sensitive_info if s.get("name"))
-            if row.entry_id not in prior:
-                prior[row.entry_id] = (row.at, row.policy, row.severity, "pipeline")
+            types.update(names)
+            if entry_id not in prior:
+                prior[entry_id] = (at, policy, severity, "pipeline")
         sources = [self.settings.store.kind]
         if self.hunting is not None:
             for found in await ctx.cached(("hunting", entry.user), lambda: self._hunt(alert)):
@@ -181,3 +181,11 @@ class PriorIncidentsEnricher(BaseEnricher):
                 severity = str(row.get("Severity") or "").lower() or None
                 found.append(PriorAlert(alert_id=row["AlertId"], at=at, severity=severity, source="hunting"))
         return found
+
+
+# (entry id, at, policy, severity, sensitive type names): what the counting needs of a history entry.
+_Row = tuple[str, float, str | None, str | None, tuple[str, ...]]
+
+
+def _rows(entries: list[HistoryEntry]) -> list[_Row]:
+    return [(e.entry_id, e.at, e.policy, e.severity, tuple(s["name"] for s in e.sensitive_info if s.get("name"))) for e in entries]

@@ -42,7 +42,10 @@ def info_part(record: dict[str, Any], properties: dict[str, Any]) -> dict[str, A
 
 def evidence_part(record: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
     """Entity fields of one AlertEvidence row (user, file, device or cloud app)."""
-    extra = c.scrub(c.json_object(properties.get("AdditionalFields")))
+    raw_extra = properties.get("AdditionalFields")
+    extra = c.json_object(raw_extra)
+    if not isinstance(raw_extra, str) or c.mentions_removed_key(raw_extra):  # the text cannot spell a removed key otherwise
+        extra = c.scrub(extra)
     entity = str(properties.get("EntityType") or "").lower()
     title = c.text(properties.get("Title"))
     categories = c.json_list(properties.get("Categories"))

@@ -26,7 +26,7 @@ import hashlib
 import io
 import logging
 import os
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from datetime import datetime, timezone
 from typing import Any, Literal, Sequence
 
@@ -39,6 +39,9 @@ from pipeline.sinks import Outcome
 from pipeline.sinks.shaping import get_path, record_document
 
 log = logging.getLogger("pipeline.sinks.blob_lake")
+
+
+DELIVERED_MEMORY = 200_000  # record ids remembered per process (about 20 MB at most)
 
 
 class BlobLakeSink:
@@ -62,6 +65,9 @@ class BlobLakeSink:
         from azure.storage.blob.aio import BlobServiceClient
 
         self.settings = settings
+        # Record ids this process wrote: a redelivered batch whose record set differs (its split
+        # alerts were already assembled) must not put the same records into a second blob.
+        self._delivered: OrderedDict[str, None] = OrderedDict()
         if settings.format == "parquet":
             try:
                 import pyarrow  # noqa: F401
@@ -119,8 +125,8 @@ class BlobLakeSink:
         documents = [record_document(record) for record in records]
         seen: set[str] = set()
         for index, (record, document) in enumerate(zip(records, documents)):
-            if record.record_id in seen:
-                continue  # the same record twice in one call: written once
+            if record.record_id in seen or record.record_id in self._delivered:
+                continue  # the same record twice in one call, or already written by this process: written once
             seen.add(record.record_id)
             groups[self.partition_of(document)].append(index)
         outcomes: list[Outcome] = [Outcome.delivered()] * len(records)
@@ -129,11 +135,19 @@ class BlobLakeSink:
             outcome = await self._write(name, [documents[i] for i in members])
             for index in members:
                 outcomes[index] = outcome
+            if outcome.status == "delivered":
+                self._remember(records[i].record_id for i in members)
         # Duplicates inside the call share the outcome of their first occurrence.
         first = {}
         for index, record in enumerate(records):
             first.setdefault(record.record_id, index)
         return [outcomes[first[record.record_id]] for record in records]
+
+    def _remember(self, record_ids: Any) -> None:
+        for record_id in record_ids:
+            self._delivered[record_id] = None
+        while len(self._delivered) > DELIVERED_MEMORY:
+            self._delivered.popitem(last=False)
 
     def encode(self, documents: list[dict[str, Any]]) -> bytes:
         if self.settings.format == "parquet":
