@@ -103,15 +103,17 @@ class HistoryWriter:
         self.remember = remember
         self._written: OrderedDict[tuple[str, str], None] = OrderedDict()
 
-    async def write(self, kind: Kind, entries: Sequence[HistoryEntry]) -> None:
+    async def write(self, kind: Kind, entries: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+        """Write the entries not written before by this process; returns those."""
         fresh = [e for e in entries if (e.entry_id, e.content_id) not in self._written]
         if not fresh:
-            return
+            return fresh
         await self.store.record(kind, fresh)
         for entry in fresh:
             self._written[(entry.entry_id, entry.content_id)] = None
         while len(self._written) > self.remember:
             self._written.popitem(last=False)
+        return fresh
 
 
 class HistorySettings(BaseModel):

@@ -11,6 +11,8 @@ Activities (kind "activity") get their user's prior alerts too, but are not reco
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -65,8 +67,9 @@ class PriorIncidentsEnricher(BaseEnricher):
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
         self.writer = HistoryWriter(self.store)
         self._clock = services.clock if services is not None else None
-        self._batch_history: dict[str, tuple[float, float, list[_Row]]] = {}
-        self._batch_expires = 0.0
+        # Per-user history read from the store, reused across batches for HISTORY_TTL seconds and
+        # kept current with this process's own writes (other hosts' writes show up within the TTL).
+        self._histories: OrderedDict[str, _UserHistory] = OrderedDict()
 
     async def start(self) -> None:
         await self.store.start()
@@ -84,37 +87,49 @@ class PriorIncidentsEnricher(BaseEnricher):
 
         return self._clock() if self._clock is not None else time.time()
 
-    async def _record(self, entries: list[HistoryEntry]) -> None:
-        await self.writer.write("alert", entries)
+    async def _record(self, entries: list[HistoryEntry]) -> list[HistoryEntry]:
+        return await self.writer.write("alert", entries)
 
     async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
-        """Write every alert of the batch first, so alerts of one batch see each other; then read each
-        distinct user's history once for the whole batch (one query per user, not per alert)."""
+        """Write every alert of the batch first, so alerts of one batch see each other; then make
+        sure each distinct user's history is at hand: read once per user and reused across batches
+        for HISTORY_TTL seconds (one query per user, not per alert or per batch)."""
         import asyncio
         import time
 
         now = self._now()
         pairs = [(a, e) for a in alerts if (e := entry_of(a, now=now)) is not None]
-        await self._record([e for a, e in pairs if a.kind == "alert"])
-        spans: dict[str, tuple[float, float]] = {}
+        written = await self._record([e for a, e in pairs if a.kind == "alert"])
+        since: dict[str, float] = {}
         for _, e in pairs:
-            low, high = spans.get(e.user, (e.at, e.at))
-            spans[e.user] = (min(low, e.at), max(high, e.at))
-        self._batch_history = {}
+            since[e.user] = min(since.get(e.user, e.at), e.at) - 90 * DAY
+        loaded_at = time.monotonic()
+        stale = [user for user, start in since.items() if not self._fresh(user, start, loaded_at)]
+        for entry in written:  # keep the histories that stay current with what this batch wrote
+            history = self._histories.get(entry.user)
+            if history is not None and entry.user not in stale:
+                history.rows.extend(_rows([entry]))
+                history.rows.sort(key=lambda row: row[1], reverse=True)
 
-        async def load(user: str, low: float, high: float) -> None:
-            rows = await self.store.entries("alert", user, since=low - 90 * DAY, until=high, limit=5000)
-            self._batch_history[user] = (low, high, _rows(rows))
+        async def load(user: str) -> None:
+            rows = await self.store.entries("alert", user, since=since[user], until=_FAR_FUTURE, limit=5000)
+            self._histories[user] = _UserHistory(since=since[user], loaded_at=loaded_at, rows=_rows(rows))
 
-        await asyncio.gather(*(load(u, lo, hi) for u, (lo, hi) in spans.items()))
-        self._batch_expires = time.monotonic() + 30
+        await asyncio.gather(*(load(user) for user in stale))
+        for user in since:
+            self._histories.move_to_end(user)
+        while len(self._histories) > HISTORY_USERS:
+            self._histories.popitem(last=False)
+
+    def _fresh(self, user: str, since: float, at: float) -> bool:
+        history = self._histories.get(user)
+        return history is not None and at - history.loaded_at < HISTORY_TTL and history.since <= since
 
     async def _history(self, user: str, until: float) -> list["_Row"]:
         import time
 
-        cached = self._batch_history.get(user)
-        if cached is not None and time.monotonic() < self._batch_expires and cached[0] <= until <= cached[1]:
-            return [row for row in cached[2] if until - 90 * DAY <= row[1] <= until]
+        if self._fresh(user, until - 90 * DAY, time.monotonic()):
+            return [row for row in self._histories[user].rows if until - 90 * DAY <= row[1] <= until]
         return _rows(await self.store.entries("alert", user, since=until - 90 * DAY, until=until))
 
     async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> PriorIncidents | None:
@@ -189,3 +204,15 @@ _Row = tuple[str, float, str | None, str | None, tuple[str, ...]]
 
 def _rows(entries: list[HistoryEntry]) -> list[_Row]:
     return [(e.entry_id, e.at, e.policy, e.severity, tuple(s["name"] for s in e.sensitive_info if s.get("name"))) for e in entries]
+
+
+HISTORY_TTL = 30.0  # seconds a user's history read from the store is reused
+HISTORY_USERS = 5_000  # users whose history is kept in memory (least recently seen dropped first)
+_FAR_FUTURE = 1e12  # an `until` past any alert: the history up to now
+
+
+@dataclass(slots=True)
+class _UserHistory:
+    since: float  # the rows cover every entry at or after this time
+    loaded_at: float  # time.monotonic() of the read
+    rows: list[_Row]  # newest first
