@@ -38,7 +38,7 @@ param enableSentinel bool = true
 param maximumInstanceCount int = 40
 
 @description('Pipeline config file, relative to the app root (see samples/pipeline.toml).')
-param pipelineConfig string = 'samples/pipeline.toml'
+param pipelineConfig string = 'deploy/function.toml'
 
 param tags object = {}
 

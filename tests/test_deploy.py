@@ -169,6 +169,10 @@ def test_app_settings_cover_what_the_code_reads():
     # Flex Consumption sets the runtime in functionAppConfig and refuses FUNCTIONS_WORKER_RUNTIME;
     # worker indexing is the default; AzureWebJobsStorage is identity-based (__accountName, ...).
     local_only = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsFeatureFlags", "AzureWebJobsStorage"}
+    # Settings of the optional sinks of samples/azure.toml (ITSM, fan-out, pseudonymised lake): set
+    # them as app settings (secrets as Key Vault references) when those sinks are enabled.
+    local_only |= {"SNOW_INSTANCE_URL", "SNOW_CLIENT_ID", "SNOW_CLIENT_SECRET", "SNOW_ASSIGNMENT_GROUP", "JIRA_SITE_URL", "JIRA_EMAIL", "JIRA_API_TOKEN",
+                   "FANOUT_EVENTHUB_NAMESPACE", "LAKE_PSEUDONYM_KEY"}
     assert local - local_only <= settings, local - local_only - settings
     assert {"AzureWebJobsStorage__accountName", "AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId", "APPLICATIONINSIGHTS_CONNECTION_STRING"} <= settings
     assert not settings & {"FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION", "AzureWebJobsStorage"}
@@ -255,3 +259,41 @@ def test_the_column_check_catches_a_typo():
     text = "DLPEnrichedAlerts_CL\n| summarize Alerts = dcount(AlertId) by PolicyNmae"
     used = set(re.findall(r"(?<![.\w'\"])([A-Z]\w*)\b", text)) - {"DLPEnrichedAlerts_CL"}
     assert used - columns - {"Alerts"} == {"PolicyNmae"}
+
+
+def test_local_settings_sample_lists_every_variable_the_example_configs_read():
+    """Every `${NAME}` and `*_env = "NAME"` of the shipped configs is an app setting in local.settings.sample.json."""
+    local = set(json.loads((ROOT / "local.settings.sample.json").read_text())["Values"])
+    for config in ("samples/pipeline.toml", "samples/azure.toml", "deploy/function.toml"):
+        text = (ROOT / config).read_text()
+        names = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text)) | set(re.findall(r'_env\s*=\s*"([A-Z_][A-Z0-9_]*)"', text))
+        assert names <= local, f"{config} reads {sorted(names - local)}, missing from local.settings.sample.json"
+
+
+def test_the_deployed_config_builds_with_the_app_settings_the_template_sets(monkeypatch, tmp_path):
+    """deploy/function.toml (the app's DLP_PIPELINE_CONFIG) reads only settings infra/ defines, and builds."""
+    import asyncio
+
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+
+    (app,) = [body for kind, body, _ in all_resources().values() if kind == "Microsoft.Web/sites"]
+    settings = set(re.findall(r"\{ name: '([^']+)', value:", app))
+    text = (ROOT / "deploy" / "function.toml").read_text()
+    assert set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text)) <= settings
+    assert "param pipelineConfig string = 'deploy/function.toml'" in (INFRA / "main.bicep").read_text()
+    for name, value in {
+        "DLP_STORAGE_BLOB_URL": "https://account.blob.core.windows.net",
+        "DLP_STORAGE_TABLE_URL": "https://account.table.core.windows.net",
+        "DLP_SENTINEL_DCE_ENDPOINT": "https://dcr-x.westeurope-1.ingest.monitor.azure.com",
+        "DLP_SENTINEL_DCR_IMMUTABLE_ID": "dcr-00000000000000000000000000000000",
+        "DLP_PIPELINE_DATA_DIR": str(tmp_path),
+    }.items():
+        monkeypatch.setenv(name, value)
+    runner = Runner(load_config(ROOT / "deploy" / "function.toml"))
+    try:
+        assert runner.chain.names == ["sensitive_info", "user_context", "prior_incidents", "triage"]
+        assert {entry.name: type(getattr(sink, "inner", sink)).__name__ for entry, sink in runner.sinks} == {"sentinel": "SentinelSink", "lake": "BlobLakeSink"}
+        assert type(runner.dead_letter).__name__ == "BlobDeadLetterStore"
+    finally:
+        asyncio.run(runner.aclose())

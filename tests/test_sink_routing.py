@@ -132,9 +132,9 @@ def test_the_azure_example_config_builds_every_sink(monkeypatch, tmp_path):
     from tests.conftest import ROOT
 
     env = {
-        "SENTINEL_INGESTION_ENDPOINT": "https://dcr-x.westeurope-1.ingest.monitor.azure.com",
-        "SENTINEL_DCR_IMMUTABLE_ID": "dcr-00000000000000000000000000000000",
-        "LAKE_ACCOUNT_URL": "https://account.blob.core.windows.net",
+        "DLP_SENTINEL_DCE_ENDPOINT": "https://dcr-x.westeurope-1.ingest.monitor.azure.com",
+        "DLP_SENTINEL_DCR_IMMUTABLE_ID": "dcr-00000000000000000000000000000000",
+        "DLP_STORAGE_BLOB_URL": "https://account.blob.core.windows.net",
         "LAKE_PSEUDONYM_KEY": "k" * 32,
         "SNOW_INSTANCE_URL": "https://example.service-now.com",
         "SNOW_CLIENT_ID": "cid",

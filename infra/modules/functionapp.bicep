@@ -89,6 +89,9 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
         // The pipeline.
         { name: 'DLP_PIPELINE_CONFIG', value: pipelineConfig }
         { name: 'DLP_PIPELINE_DATA_DIR', value: '/tmp/dlp-pipeline' }
+        // The storage account's endpoints for dead letters, the lake and the shared history (deploy/function.toml).
+        { name: 'DLP_STORAGE_BLOB_URL', value: 'https://${storageAccountName}.blob.${environment().suffixes.storage}' }
+        { name: 'DLP_STORAGE_TABLE_URL', value: 'https://${storageAccountName}.table.${environment().suffixes.storage}' }
         // For the Sentinel sink's settings (${DLP_SENTINEL_...} in the config file).
         { name: 'DLP_SENTINEL_DCE_ENDPOINT', value: logsIngestionEndpoint }
         { name: 'DLP_SENTINEL_DCR_IMMUTABLE_ID', value: dcrImmutableId }
