@@ -84,6 +84,9 @@ def check_base_url(url: str, allow_private_hosts: list[str] | tuple[str, ...] = 
     return url
 
 
+POOL_CONNECTIONS = 16  # requests in flight per client (per source): more wait in an asyncio queue
+
+
 class HttpClient:
     """An async HTTP client for one enricher. Build it in `start()`, close it in `aclose()`."""
 
@@ -110,6 +113,9 @@ class HttpClient:
         self.requests_sent = 0  # every request on the wire, retries included
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout),
+            # Few connections, all kept alive, and requests queued here rather than in httpcore's pool,
+            # whose bookkeeping grows with (connections x queued requests) on every answer.
+            limits=httpx.Limits(max_connections=POOL_CONNECTIONS, max_keepalive_connections=POOL_CONNECTIONS),
             verify=True,
             follow_redirects=False,
             headers=dict(headers or {}),
@@ -117,6 +123,7 @@ class HttpClient:
             trust_env=False,
         )
         self._checked: dict[str, float] = {}
+        self._in_flight = asyncio.Semaphore(POOL_CONNECTIONS)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -207,7 +214,7 @@ class HttpClient:
             raise EnricherTimeout(f"{url.host}: no answer within {self.total_seconds:g}s")
         self.requests_sent += 1
         try:
-            async with asyncio.timeout(remaining):
+            async with asyncio.timeout(remaining), self._in_flight:
                 async with self._client.stream(method, url, content=body, headers=headers) as response:
                     declared = response.headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > self.max_response_bytes:
