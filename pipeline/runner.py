@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from time import perf_counter
 from typing import Any, Callable, Sequence
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 from pipeline import __version__
@@ -287,7 +288,7 @@ class Runner:
             try:
                 alerts.append(assemble(pending.parts))
             except ValidationError as exc:
-                body = _json_bytes(merge_parts(pending.parts))
+                body = orjson.dumps(merge_parts(pending.parts))
                 broken.append(DeadLetter(stage="assemble", reason="invalid_alert", detail=validation_summary(exc), body=body, alert_id=pending.alert_id))
         await self._dead_letter(broken, report)
         return [pending.alert_id for pending in claimed]
@@ -519,16 +520,10 @@ def _over_limit_dead_letters(parts: list[Any], limit: int) -> list[DeadLetter]:
     entries = []
     for alert_id, extra in by_alert.items():
         log.warning("alert %s: %d part(s) over the limit of %d parts per alert dead-lettered", alert_id, len(extra), limit)
-        body = _json_bytes([{"rank": p.rank, "digest": p.digest, "data": p.data} for p in extra])
+        body = orjson.dumps([{"rank": p.rank, "digest": p.digest, "data": p.data} for p in extra])
         detail = f"{len(extra)} part(s) refused: the alert already holds {limit} parts, limit {limit}"
         entries.append(DeadLetter(stage="assemble", reason="too_many_evidence", detail=detail, body=body, alert_id=alert_id))
     return entries
-
-
-def _json_bytes(value: Any) -> bytes:
-    import orjson
-
-    return orjson.dumps(value)
 
 
 def _resolved_state(config: LoadedConfig):
