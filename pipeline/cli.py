@@ -2,8 +2,8 @@
 
 Exit codes: 0 every message accounted for; 1 a run stopped before it could account for every
 message (e.g. the dead-letter store is unwritable; nothing is lost, run again); 2 a bad config or an
-unreadable path, reported in one line before any message is read. No stack trace reaches the user
-unless -vv is given.
+unreadable path (or any file the command cannot write), reported in one line. No stack trace reaches
+the user unless -vv is given.
 """
 
 from __future__ import annotations
@@ -51,6 +51,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         print("interrupted: nothing is lost, run again to finish", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    except OSError as exc:  # a path the user gave (stores and sinks map their own I/O errors)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:
+        if args.verbose >= 2:
+            raise
+        print(f"error: unexpected {type(exc).__name__} (run again with -vv for the details)", file=sys.stderr)
         return EXIT_INCOMPLETE
 
 

@@ -112,7 +112,8 @@ def translate(exc: BaseException, *, role: str = "sink") -> PipelineError:
     """Map any exception raised by a library to one of the pipeline's errors.
 
     `role` says who raised it: "sink" gives SinkUnavailable/SinkRejected, "enricher" gives
-    EnricherUnavailable/EnricherTimeout, "store" gives StoreUnavailable, "decode" gives DecodeError.
+    EnricherUnavailable/EnricherTimeout. (Stores raise StoreUnavailable and decoders DecodeError
+    themselves.)
     Pipeline errors pass through unchanged. Callers `raise translate(exc) from exc`.
     """
     if isinstance(exc, PipelineError):
@@ -128,10 +129,6 @@ def translate(exc: BaseException, *, role: str = "sink") -> PipelineError:
         status = getattr(exc, "status_code", None)
     timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or "Timeout" in name
 
-    if role == "decode":
-        return DecodeError("malformed", f"{name}")
-    if role == "store":
-        return StoreUnavailable(f"state store failed: {name}: {_first_line(exc)}")
     if role == "enricher":
         if timed_out:
             return EnricherTimeout(f"timed out ({name})")

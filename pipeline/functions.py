@@ -35,7 +35,7 @@ class FunctionSettings(BaseSettings):
 
 
 _runner: tuple[asyncio.AbstractEventLoop, Runner] | None = None
-_lock: asyncio.Lock | None = None
+_lock: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
 
 async def get_runner() -> Runner:
@@ -44,9 +44,9 @@ async def get_runner() -> Runner:
     loop = asyncio.get_running_loop()
     if _runner is not None and _runner[0] is loop:
         return _runner[1]
-    if _lock is None or _lock._loop is not loop:  # type: ignore[attr-defined]
-        _lock = asyncio.Lock()
-    async with _lock:
+    if _lock is None or _lock[0] is not loop:
+        _lock = (loop, asyncio.Lock())
+    async with _lock[1]:
         if _runner is None or _runner[0] is not loop:
             from pipeline import telemetry
             from pipeline.config import load_config

@@ -41,8 +41,11 @@ def _files(path: Path) -> Iterator[Path]:
         raise InputError(f"{path}: no such file or folder")
 
 
-def check_paths(paths: Iterable[str]) -> None:
-    """Fail early, before any message is processed, on a path that does not exist or cannot be read."""
+def check_paths(paths: Iterable[str]) -> list[Path]:
+    """Fail early, before any message is processed, on a path that does not exist or cannot be read.
+
+    Returns the files that `read_messages` will read (stdin excluded), e.g. for a progress display."""
+    files: list[Path] = []
     for raw in paths:
         if raw == "-":
             continue
@@ -57,11 +60,8 @@ def check_paths(paths: Iterable[str]) -> None:
                 raise InputError(f"{file}: cannot read ({exc.strerror})") from None
             if file.suffix.lower() == ".avro":
                 _check_avro(file)
-
-
-def list_files(paths: Iterable[str]) -> list[Path]:
-    """The files `read_messages` will read (stdin excluded), for a progress display."""
-    return [file for raw in paths if raw != "-" for file in _files(Path(raw))]
+            files.append(file)
+    return files
 
 
 def read_messages(paths: Iterable[str], on_file: Callable[[Path], None] | None = None) -> Iterator[Message]:

@@ -140,19 +140,6 @@ def check_record(record: Any, limits: Limits, *, base_depth: int = 0) -> None:
                 push((item, depth + 1, level))
 
 
-def depth_exceeds(value: Any, limit: int) -> bool:
-    """True when `value` nests more than `limit` containers (embedded JSON not counted). Iterative."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            depth += 1
-            if depth > limit:
-                return True
-            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
-    return False
-
-
 def walk(value: Any) -> Iterator[Any]:
     """Every node of a parsed JSON value, iteratively (for tests and diagnostics)."""
     stack = [value]
@@ -178,7 +165,6 @@ __all__ = [
     "check_evidence_count",
     "check_record",
     "check_record_count",
-    "depth_exceeds",
     "embedded_json",
     "looks_like_json",
 ]

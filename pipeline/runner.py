@@ -393,9 +393,8 @@ class Runner:
 
     async def _release(self, alert_ids: list[str]) -> None:
         """Give claimed split alerts back (their batch raised), so that running it again claims them."""
-        release = getattr(self.state, "release", None)
-        if alert_ids and release is not None:
-            await release(alert_ids)
+        if alert_ids:
+            await self.state.release(alert_ids)
 
     async def _deliver_to(self, name: str, sink: Any, records: list[EnrichedRecord], report: BatchReport) -> list[DeadLetter]:
         settings = self.config.delivery

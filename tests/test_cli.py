@@ -79,3 +79,11 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path):
 def test_validate_reports_the_plugins(tmp_path):
     result = run_cli("validate", cwd=tmp_path)
     assert result.returncode == 0 and b"ok (enrichers:" in result.stdout
+
+
+def test_a_path_a_command_cannot_write_is_one_line_not_a_stack_trace(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("new-enricher", "geo", "--dir", str(blocker / "sub"), cwd=tmp_path)
+    lines = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0]

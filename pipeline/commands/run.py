@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.config import DEFAULT_CONFIG, load_config
-from pipeline.inputs import check_paths, list_files, read_messages
+from pipeline.inputs import check_paths, read_messages
 from pipeline.progress import Progress
 from pipeline.runner import BatchReport, Message, Runner
 
@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     paths = args.paths or [str(SAMPLES)]
-    check_paths(paths)
+    files = check_paths(paths)
     loaded = load_config(args.config, data_dir=args.out if args.out is not None else ("out" if args.config is None else None))
     total = BatchReport()
-    progress = Progress(len(list_files(paths)))  # drawn only when stderr is a terminal
+    progress = Progress(len(files))  # drawn only when stderr is a terminal
     async with Runner(loaded) as runner:
         for batch in batches(read_messages(paths, on_file=progress.file_started), runner.config.runner.batch_size):
             report = await runner.process_batch(batch)
