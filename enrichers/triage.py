@@ -131,5 +131,34 @@ class TriageEnricher(BaseEnricher):
         return Triage(score=score, band=band, reasons=reasons, missing_inputs=missing)
 
 
-def _as_dict(fragment: BaseModel | None) -> dict[str, Any] | None:
-    return fragment.model_dump(mode="json") if fragment is not None else None
+def _as_dict(fragment: BaseModel | None) -> "_View | None":
+    """Read a fragment's fields by name, tolerating any model (a plugin may replace a built-in)."""
+    return _View(fragment) if fragment is not None else None
+
+
+class _View:
+    """`.get(field)` over a pydantic model, nested models viewed the same way; no dump, no copy."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: BaseModel) -> None:
+        self._model = model
+
+    def __bool__(self) -> bool:
+        return True
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return _viewed(getattr(self._model, key, default))
+
+    def __getitem__(self, key: str) -> Any:
+        return _viewed(getattr(self._model, key))
+
+
+def _viewed(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return _View(value)
+    if isinstance(value, list):
+        return [_viewed(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _viewed(item) for key, item in value.items()}
+    return value

@@ -45,7 +45,7 @@ from pipeline.config import LoadedConfig, SinkConfig
 from pipeline.breaker import CircuitBreaker
 from pipeline.deadletter import DeadLetter, DeadLetterStore, open_dead_letter_store
 from pipeline.enricher import EnrichmentContext
-from pipeline.errors import DecodeError, EnricherTimeout, PipelineError, SinkOutage, SinkUnavailable, translate
+from pipeline.errors import DecodeError, EnricherError, EnricherTimeout, PipelineError, SinkOutage, SinkUnavailable, translate
 from pipeline.formats import decode_message, stored_body, validation_summary
 from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
 from pipeline.secrets import install_log_redaction
@@ -296,15 +296,32 @@ class Runner:
     # -- enrichment ----------------------------------------------------------------------------
 
     async def _enrich_all(self, alerts: list[DlpAlert], report: BatchReport) -> list[EnrichedRecord]:
+        """Run the chain over the whole batch, wave by wave: each enricher of a wave sees every alert
+        of the batch (one `enrich_batch` call, or `enrich` per alert), then the next wave runs."""
         if not alerts:
             return []
         processed_at = datetime.fromtimestamp(self.clock(), tz=timezone.utc)
         await self._prepare_batch(alerts)
-        records = await asyncio.gather(*(self._enrich_bounded(alert, processed_at) for alert in alerts))
+        fragments: list[dict[str, BaseModel]] = [{} for _ in alerts]
+        statuses: list[dict[str, EnrichmentStatus]] = [{} for _ in alerts]
+        for wave in self.chain.waves:
+            jobs = [
+                run_enricher(slot, alerts, fragments, statuses, clock=self.clock, breaker=self.enricher_breakers.get(slot.name), concurrency=self._semaphore)
+                for slot in wave
+            ]
+            await (jobs[0] if len(jobs) == 1 else asyncio.gather(*jobs))
         unique: dict[str, EnrichedRecord] = {}
-        for record in records:
+        for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses):
+            record = EnrichedRecord.model_construct(
+                record_id=alert.content_id(),
+                alert=alert,
+                enrichments={name: fragment.model_dump(mode="json") for name, fragment in alert_fragments.items()},
+                enrichment_status=alert_statuses,
+                pipeline_version=__version__,
+                processed_at=processed_at,
+            )
             unique.setdefault(record.record_id, record)
-            for name, status in record.enrichment_status.items():
+            for name, status in alert_statuses.items():
                 report.enrichment[(name, status.state)] += 1
         report.alerts += len(unique)
         report.record_ids.extend(unique)
@@ -325,32 +342,6 @@ class Runner:
         except Exception as exc:
             log.warning("enricher %s: batch preparation failed: %s", slot.name, type(translate(exc, role="enricher")).__name__)
             log.debug("enricher %s: batch preparation failed", slot.name, exc_info=exc)
-
-    async def _enrich_bounded(self, alert: DlpAlert, processed_at: datetime) -> EnrichedRecord:
-        async with self._semaphore:
-            telemetry.bind_alert(alert)  # this task's log records carry alert_id / record_id
-            return await self.enrich(alert, processed_at=processed_at)
-
-    async def enrich(self, alert: DlpAlert, *, processed_at: datetime | None = None) -> EnrichedRecord:
-        """Run the whole chain on one alert. Never raises for an enricher's failure."""
-        fragments: dict[str, BaseModel] = {}
-        statuses: dict[str, EnrichmentStatus] = {}
-        for wave in self.chain.waves:
-            if len(wave) == 1:
-                await self._run_enricher(wave[0], alert, fragments, statuses)
-            else:
-                await asyncio.gather(*(self._run_enricher(slot, alert, fragments, statuses) for slot in wave))
-        return EnrichedRecord.model_construct(
-            record_id=alert.content_id(),
-            alert=alert,
-            enrichments={name: fragment.model_dump(mode="json") for name, fragment in fragments.items()},
-            enrichment_status=statuses,
-            pipeline_version=__version__,
-            processed_at=processed_at or datetime.fromtimestamp(self.clock(), tz=timezone.utc),
-        )
-
-    async def _run_enricher(self, slot: EnricherSlot, alert: DlpAlert, fragments: dict[str, BaseModel], statuses: dict[str, EnrichmentStatus]) -> None:
-        await run_enricher_step(slot, alert, fragments, statuses, clock=self.clock, breaker=self.enricher_breakers.get(slot.name))
 
     # -- delivery ------------------------------------------------------------------------------
 
@@ -463,6 +454,39 @@ class Runner:
 
 
 
+async def run_enricher(
+    slot: EnricherSlot,
+    alerts: Sequence[DlpAlert],
+    fragments: Sequence[dict[str, BaseModel]],
+    statuses: Sequence[dict[str, EnrichmentStatus]],
+    *,
+    clock: Callable[[], float],
+    breaker: Any = None,
+    concurrency: asyncio.Semaphore | None = None,
+) -> None:
+    """Run one enricher on a batch of alerts, as the runner does; `fragments[i]` and `statuses[i]`
+    belong to `alerts[i]`. A plugin with `enrich_batch` gets one call for the whole batch under its
+    timeout (`run_enricher_batch`); any other gets one `enrich` per alert, each under its own timeout
+    (`run_enricher_step`), at most `concurrency` at a time. Never raises for the enricher's failure.
+    (Also used by pipeline.testing.run_enricher, so plugin tests exercise this exact path.)"""
+    if getattr(slot.plugin, "enrich_batch", None) is not None:
+        await run_enricher_batch(slot, alerts, fragments, statuses, clock=clock, breaker=breaker)
+        return
+
+    async def one(index: int) -> None:
+        if concurrency is None:
+            await run_enricher_step(slot, alerts[index], fragments[index], statuses[index], clock=clock, breaker=breaker)
+            return
+        async with concurrency:
+            telemetry.bind_alert(alerts[index])  # this task's log records carry alert_id / record_id
+            await run_enricher_step(slot, alerts[index], fragments[index], statuses[index], clock=clock, breaker=breaker)
+
+    if len(alerts) == 1:
+        await one(0)
+    else:
+        await asyncio.gather(*(one(index) for index in range(len(alerts))))
+
+
 async def run_enricher_step(
     slot: EnricherSlot,
     alert: DlpAlert,
@@ -472,40 +496,99 @@ async def run_enricher_step(
     clock: Callable[[], float],
     breaker: Any = None,
 ) -> None:
-    """Run one enricher on one alert, as the runner does: under its timeout and circuit breaker,
-    recording ok / skipped / failed / timed_out with the duration in `statuses[slot.name]` and the
-    fragment in `fragments[slot.name]`. Never raises for the enricher's failure.
-    (Also used by pipeline.testing.run_enricher, so plugin tests exercise this exact path.)"""
+    """Run one enricher's `enrich` on one alert: under its timeout and circuit breaker, recording
+    ok / skipped / failed / timed_out with the duration in `statuses[slot.name]` and the fragment in
+    `fragments[slot.name]`. Never raises for the enricher's failure."""
     if breaker is not None and not breaker.allow():
-        statuses[slot.name] = EnrichmentStatus.model_construct(state="failed", error="circuit open", duration_ms=0.0)
+        statuses[slot.name] = _circuit_open()
         return
     ctx = EnrichmentContext(alert, fragments=fragments, statuses=statuses, cache=slot.cache, clock=clock)
-    error: str | None = None
     started = perf_counter()
+    result: Any
     try:
         async with asyncio.timeout(slot.timeout):
-            fragment = await slot.plugin.enrich(alert, ctx)
-    except TimeoutError:
-        state, error = "timed_out", f"no result within {slot.timeout:g}s"
-    except Exception as exc:
-        translated = translate(exc, role="enricher")
-        state = "timed_out" if isinstance(translated, EnricherTimeout) else "failed"
-        error = str(translated) if isinstance(exc, PipelineError) else type(exc).__name__
-        log.debug("enricher %s failed for alert %s", slot.name, alert.alert_id, exc_info=exc)
-    else:
-        if fragment is None:
-            state = "skipped"
-        elif isinstance(fragment, BaseModel):
-            state = "ok"
-            fragments[slot.name] = fragment
-        else:
-            state, error = "failed", f"returned {type(fragment).__name__}, expected a pydantic model or None"
+            result = await slot.plugin.enrich(alert, ctx)
+    except Exception as exc:  # TimeoutError included: _outcome tells them apart
+        result = exc
+    state, error = _outcome(slot, alert, result, fragments)
     if error is not None:
         log.warning("enricher %s %s for alert %s: %s", slot.name, state, alert.alert_id, error)
     if breaker is not None:
         breaker.record_failure() if state in ("failed", "timed_out") else breaker.record_success()
-    statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=round((perf_counter() - started) * 1000, 3))
-    telemetry.record_enricher(slot.name, state, statuses[slot.name].duration_ms / 1000)
+    duration_ms = round((perf_counter() - started) * 1000, 3)
+    statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=duration_ms)
+    telemetry.record_enricher(slot.name, state, duration_ms / 1000)
+
+
+async def run_enricher_batch(
+    slot: EnricherSlot,
+    alerts: Sequence[DlpAlert],
+    fragments: Sequence[dict[str, BaseModel]],
+    statuses: Sequence[dict[str, EnrichmentStatus]],
+    *,
+    clock: Callable[[], float],
+    breaker: Any = None,
+) -> None:
+    """Run one enricher's `enrich_batch` on a batch: one call under the enricher's timeout and circuit
+    breaker. Each alert gets its own outcome from its own element of the answer (a fragment, None or
+    an exception); a call that raises or times out fails (or times out) every alert of the batch; an
+    answer of the wrong length fails them all. `duration_ms` is the batch call's. Never raises for
+    the enricher's failure."""
+    if breaker is not None and not breaker.allow():
+        for alert_statuses in statuses:
+            alert_statuses[slot.name] = _circuit_open()
+        return
+    contexts = [
+        EnrichmentContext(alert, fragments=alert_fragments, statuses=alert_statuses, cache=slot.cache, clock=clock)
+        for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses)
+    ]
+    started = perf_counter()
+    results: list[Any]
+    try:
+        async with asyncio.timeout(slot.timeout):
+            results = list(await slot.plugin.enrich_batch(list(alerts), contexts))
+        if len(results) != len(alerts):
+            results = [EnricherError(f"enrich_batch returned {len(results)} results for {len(alerts)} alerts")] * len(alerts)
+    except Exception as exc:  # TimeoutError included: _outcome tells them apart
+        results = [exc] * len(alerts)
+    duration_ms = round((perf_counter() - started) * 1000, 3)
+    failed: list[tuple[DlpAlert, str, str]] = []
+    counts: Counter[str] = Counter()
+    for alert, result, alert_fragments, alert_statuses in zip(alerts, results, fragments, statuses):
+        state, error = _outcome(slot, alert, result, alert_fragments)
+        counts[state] += 1
+        if error is not None:
+            failed.append((alert, state, error))
+        alert_statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=duration_ms)
+    if failed:  # one line per batch, not per alert
+        alert, state, error = failed[0]
+        log.warning("enricher %s %s for %d of %d alert(s) (first: alert %s): %s", slot.name, state, len(failed), len(alerts), alert.alert_id, error)
+    if breaker is not None and alerts:
+        breaker.record_failure() if len(failed) == len(alerts) else breaker.record_success()
+    for state, count in counts.items():
+        telemetry.record_enricher(slot.name, state, duration_ms / 1000, count=count)
+
+
+def _outcome(slot: EnricherSlot, alert: DlpAlert, result: Any, fragments: dict[str, BaseModel]) -> tuple[str, str | None]:
+    """(state, error) of one alert's result; a fragment is stored in `fragments[slot.name]`."""
+    if result is None:
+        return "skipped", None
+    if isinstance(result, BaseModel):
+        fragments[slot.name] = result
+        return "ok", None
+    if isinstance(result, TimeoutError):
+        return "timed_out", f"no result within {slot.timeout:g}s"
+    if isinstance(result, Exception):
+        translated = translate(result, role="enricher")
+        state = "timed_out" if isinstance(translated, EnricherTimeout) else "failed"
+        log.debug("enricher %s failed for alert %s", slot.name, alert.alert_id, exc_info=result)
+        return state, (str(translated) if isinstance(result, PipelineError) else type(result).__name__)
+    return "failed", f"returned {type(result).__name__}, expected a pydantic model or None"
+
+
+def _circuit_open() -> EnrichmentStatus:
+    return EnrichmentStatus.model_construct(state="failed", error="circuit open", duration_ms=0.0)
+
 
 def _delivery_dead_letter(record: EnrichedRecord, sink: str, reason: str, detail: str, attempts: int) -> DeadLetter:
     return DeadLetter(stage="deliver", reason=reason, detail=detail, body=record.to_json(), sink=sink, alert_id=record.alert.alert_id, record_id=record.record_id, attempts=attempts)

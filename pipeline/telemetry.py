@@ -58,7 +58,7 @@ class _Instruments:
         self.alerts_in = meter.create_counter("dlp.alerts.in", unit="{record}", description="records read from messages (DLP or not)")
         self.skipped = meter.create_counter("dlp.records.skipped", unit="{record}", description="records of a known format that are not DLP")
         self.enriched = meter.create_counter("dlp.alerts.enriched", unit="{alert}", description="alerts that went through the enricher chain")
-        self.enricher_duration = meter.create_histogram("dlp.enricher.duration", unit="s", description="one enricher on one alert", explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.enricher_duration = meter.create_histogram("dlp.enricher.duration", unit="s", description="one enricher call: one alert, or a batch for enrich_batch", explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
         self.enricher_failures = meter.create_counter("dlp.enricher.failures", unit="{alert}", description="enricher outcomes failed or timed_out")
         self.sink_delivered = meter.create_counter("dlp.sink.delivered", unit="{record}", description="records a sink accepted")
         self.sink_failed = meter.create_counter("dlp.sink.failed", unit="{record}", description="records a sink rejected or never took")
@@ -149,12 +149,13 @@ def record_lag(enqueued_time: datetime | None, now: float) -> None:
     _get().lag.record(max(0.0, now - enqueued_time.timestamp()))
 
 
-def record_enricher(name: str, state: str, seconds: float) -> None:
+def record_enricher(name: str, state: str, seconds: float, count: int = 1) -> None:
+    """One enricher call that gave `count` alerts the outcome `state` (`count` > 1: an `enrich_batch` call)."""
     instruments = _get()
     attributes = {"enricher": name, "state": state}
     instruments.enricher_duration.record(seconds, attributes)
     if state in ("failed", "timed_out"):
-        instruments.enricher_failures.add(1, attributes)
+        instruments.enricher_failures.add(count, attributes)
 
 
 def record_dead_letters(entries: "Iterable[DeadLetter]") -> None:

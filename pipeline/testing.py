@@ -170,7 +170,7 @@ async def run_enricher(
     """
     from pipeline.config import LoadedConfig, PipelineConfig
     from pipeline.registry import ENRICHER_GROUP, EnricherSlot, Services, builtin_enrichers, instantiate, load_plugin_class
-    from pipeline.runner import run_enricher_step
+    from pipeline.runner import run_enricher
 
     clock = now if isinstance(now, FakeClock) else FakeClock(now)
     alert = alert if alert is not None else make_alert()
@@ -203,8 +203,8 @@ async def run_enricher(
     if built_here and getattr(plugin, "start", None) is not None:
         await plugin.start()
     try:
-        # The runner's own per-enricher step (timeout, outcome, duration).
-        await run_enricher_step(slot, alert, fragments, statuses, clock=clock)
+        # The runner's own enricher step (enrich_batch or enrich, timeout, outcome, duration).
+        await run_enricher(slot, [alert], [fragments], [statuses], clock=clock)
     finally:
         if built_here and getattr(plugin, "aclose", None) is not None:
             await plugin.aclose()
