@@ -10,7 +10,9 @@ Activities (kind "activity") get their user's prior alerts too, but are not reco
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,8 +23,8 @@ from pydantic import BaseModel, Field
 from enrichers._files import parse_datetime
 from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
 from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, entry_of, open_history_store
-from pipeline.cache import CachePolicy, TTLCache
-from pipeline.enricher import BaseEnricher, EnrichmentContext
+from pipeline.cache import CachePolicy, load_many
+from pipeline.enricher import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
 
 log = logging.getLogger("pipeline.enrichers.prior_incidents")
@@ -49,12 +51,12 @@ class PriorIncidents(BaseModel):
     sources: list[str]
 
 
-class PriorIncidentsEnricher(BaseEnricher):
+class PriorIncidentsEnricher(BatchEnricher):
     name = "prior_incidents"
     timeout = 5.0
     cache_policy = CachePolicy(ttl_seconds=600, max_entries=20_000)  # hunting results only
 
-    class Settings(BaseEnricher.Settings):
+    class Settings(BatchEnricher.Settings):
         store: HistorySettings = Field(default_factory=HistorySettings)
         max_recent: int = Field(5, ge=0, le=50)
         hunting: HuntingSettings | None = Field(None, description="also ask Advanced Hunting for alerts older than the pipeline")
@@ -83,26 +85,22 @@ class PriorIncidentsEnricher(BaseEnricher):
             await self.hunting.aclose()
 
     def _now(self) -> float:
-        import time
-
         return self._clock() if self._clock is not None else time.time()
 
     async def _record(self, entries: list[HistoryEntry]) -> list[HistoryEntry]:
         return await self.writer.write("alert", entries)
 
-    async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
+    async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[PriorIncidents | None | Exception]:
         """Write every alert of the batch first, so alerts of one batch see each other; then make
         sure each distinct user's history is at hand: read once per user and reused across batches
         for HISTORY_TTL seconds (one query per user, not per alert or per batch)."""
-        import asyncio
-        import time
-
         now = self._now()
-        pairs = [(a, e) for a in alerts if (e := entry_of(a, now=now)) is not None]
-        written = await self._record([e for a, e in pairs if a.kind == "alert"])
+        entries = [entry_of(alert, now=now) for alert in alerts]
+        pairs = [(alert, entry) for alert, entry in zip(alerts, entries) if entry is not None]
+        written = await self._record([entry for alert, entry in pairs if alert.kind == "alert"])
         since: dict[str, float] = {}
-        for _, e in pairs:
-            since[e.user] = min(since.get(e.user, e.at), e.at) - 90 * DAY
+        for _, entry in pairs:
+            since[entry.user] = min(since.get(entry.user, entry.at), entry.at) - 90 * DAY
         loaded_at = time.monotonic()
         stale = [user for user, start in since.items() if not self._fresh(user, start, loaded_at)]
         for entry in written:  # keep the histories that stay current with what this batch wrote
@@ -118,28 +116,28 @@ class PriorIncidentsEnricher(BaseEnricher):
         await asyncio.gather(*(load(user) for user in stale))
         for user in since:
             self._histories.move_to_end(user)
+        hunted: dict[Any, Any] = {}
+        if self.hunting is not None:
+            first = {entry.user: alert for alert, entry in pairs}
+            cache = contexts[0].cache if contexts else None
+            hunted = await load_many(cache, (("hunting", user) for user in first), lambda key: self._hunt(first[key[1]]))
+        results: list[PriorIncidents | None | Exception] = [None] * len(alerts)
+        for index, (alert, entry) in enumerate(zip(alerts, entries)):
+            if entry is None:
+                continue
+            history = self._histories[entry.user]  # loaded above: the least recently seen are dropped only below
+            rows = [row for row in history.rows if entry.at - 90 * DAY <= row[1] <= entry.at]
+            found = hunted.get(("hunting", entry.user)) if self.hunting is not None else None
+            results[index] = found if isinstance(found, Exception) else self._summary(alert, entry.at, rows, found)
         while len(self._histories) > HISTORY_USERS:
             self._histories.popitem(last=False)
+        return results
 
     def _fresh(self, user: str, since: float, at: float) -> bool:
         history = self._histories.get(user)
         return history is not None and at - history.loaded_at < HISTORY_TTL and history.since <= since
 
-    async def _history(self, user: str, until: float) -> list["_Row"]:
-        import time
-
-        if self._fresh(user, until - 90 * DAY, time.monotonic()):
-            return [row for row in self._histories[user].rows if until - 90 * DAY <= row[1] <= until]
-        return _rows(await self.store.entries("alert", user, since=until - 90 * DAY, until=until))
-
-    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> PriorIncidents | None:
-        entry = entry_of(alert, now=self._now())
-        if entry is None:
-            return None
-        if alert.kind == "alert":  # rule-match activities get the user's history but are not alerts
-            await self._record([entry])
-        until = entry.at
-        rows = await self._history(entry.user, until)
+    def _summary(self, alert: DlpAlert, until: float, rows: list["_Row"], hunted: list[PriorAlert] | None) -> PriorIncidents:
         # Count on plain tuples; build models only for the bounded `recent` list.
         prior: dict[str, tuple[float, str | None, str | None, str]] = {}  # id -> (at, policy, severity, source)
         types: set[str] = set()
@@ -150,8 +148,8 @@ class PriorIncidentsEnricher(BaseEnricher):
             if entry_id not in prior:
                 prior[entry_id] = (at, policy, severity, "pipeline")
         sources = [self.settings.store.kind]
-        if self.hunting is not None:
-            for found in await ctx.cached(("hunting", entry.user), lambda: self._hunt(alert)):
+        if hunted is not None:
+            for found in hunted:
                 at = found.at.timestamp()
                 if found.alert_id != alert.alert_id and found.alert_id not in prior and until - 90 * DAY <= at <= until:
                     prior[found.alert_id] = (at, found.policy, found.severity, found.source)

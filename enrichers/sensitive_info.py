@@ -9,6 +9,7 @@ Advanced Hunting. Activities of one batch are stored before any alert of it is l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import datetime, timedelta, timezone
@@ -19,8 +20,8 @@ from pydantic import BaseModel, Field
 
 from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
 from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, entry_of, event_time, open_history_store, user_key
-from pipeline.cache import CachePolicy, TTLCache
-from pipeline.enricher import BaseEnricher, EnrichmentContext
+from pipeline.cache import CachePolicy, load_many
+from pipeline.enricher import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert, SensitiveInfo
 
 log = logging.getLogger("pipeline.enrichers.sensitive_info")
@@ -71,12 +72,12 @@ class SensitiveInfoSummary(BaseModel):
     correlated_ids: list[str] = Field(default_factory=list, description="ids of the rule-match activities used")
 
 
-class SensitiveInfoEnricher(BaseEnricher):
+class SensitiveInfoEnricher(BatchEnricher):
     name = "sensitive_info"
     timeout = 5.0
     cache_policy = CachePolicy(ttl_seconds=300, max_entries=20_000)  # hunting results only
 
-    class Settings(BaseEnricher.Settings):
+    class Settings(BatchEnricher.Settings):
         high_confidence_threshold: int = Field(85, ge=0, le=100)
         correlate: bool = Field(True, description="fill alerts without SIT data from rule-match activities seen by the pipeline")
         window_minutes: float = Field(60, gt=0, le=7 * 24 * 60, description="an activity matches within this time of the alert")
@@ -111,31 +112,40 @@ class SensitiveInfoEnricher(BaseEnricher):
         now = self._clock()
         await self.writer.write("activity", [e for a in alerts if a.kind == "activity" and a.sensitive_info and (e := entry_of(a, now=now)) is not None])
 
-    async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
-        """Store the batch's rule-match activities before any alert of it is correlated."""
+    async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[SensitiveInfoSummary | None | Exception]:
+        """Store the batch's rule-match activities first (alerts of one batch see them), then read
+        each user's activities once for the batch and correlate every alert that needs it."""
         await self._record(alerts)
-
-    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> SensitiveInfoSummary | None:
-        if alert.kind == "activity":
-            await self._record([alert])
-        labels = sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id})
-        infos, source, ids = list(alert.sensitive_info), "alert", []
-        # no counts (Sentinel: names only) or no confidence (Graph: "Name (count)") -> look for the rule match
-        if alert.kind == "alert" and not (any(s.count is not None for s in infos) and any(s.confidence is not None for s in infos)):
-            found = await self._correlate(alert)
-            if found is None and self.hunting is not None:
-                found = await ctx.cached(("hunting", alert.alert_id), lambda: self._hunt(alert))
-                source = "hunting"
-            else:
+        cache = contexts[0].cache if contexts else None
+        needing = [alert for alert in alerts if _needs_correlation(alert)]
+        found: dict[str, Any] = {}
+        if needing:
+            activities = await self._activities(needing)
+            found = {alert.alert_id: self._correlate(alert, activities.get(user_key(alert) or "", [])) for alert in needing}
+            hunt = [alert for alert in needing if found[alert.alert_id] is None and self.hunting is not None]
+            if hunt:
+                by_id = {alert.alert_id: alert for alert in hunt}
+                hunted = await load_many(cache, (("hunting", alert_id) for alert_id in by_id), lambda key: self._hunt(by_id[key[1]]))
+                found.update((key[1], ("hunting", value)) for key, value in hunted.items())
+        results: list[SensitiveInfoSummary | None | Exception] = []
+        for alert in alerts:
+            labels = sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id})
+            infos, source, ids = list(alert.sensitive_info), "alert", []
+            match = found.get(alert.alert_id)
+            if isinstance(match, tuple) and match and match[0] == "hunting":
+                if isinstance(match[1], Exception):
+                    results.append(match[1])
+                    continue
+                source, match = "hunting", match[1]
+            elif match is not None:
                 source = "correlated"
-            if found:
-                infos, ids = found[0], found[1]
-                labels = sorted(set(labels) | set(found[2]))
+            if match:
+                infos, ids = match[0], match[1]
+                labels = sorted(set(labels) | set(match[2]))
             else:
                 source = "alert"  # nothing matched: the alert's own types, as they are
-        if not infos and not labels:
-            return None
-        return self.summarize(infos, labels, source=source, ids=ids)
+            results.append(self.summarize(infos, labels, source=source, ids=ids) if infos or labels else None)
+        return results
 
     def summarize(self, infos: list[SensitiveInfo], labels: list[str], *, source: str = "alert", ids: list[str] | None = None) -> SensitiveInfoSummary:
         threshold = self.settings.high_confidence_threshold
@@ -154,20 +164,31 @@ class SensitiveInfoEnricher(BaseEnricher):
             correlated_ids=sorted(ids or []),
         )
 
-    async def _correlate(self, alert: DlpAlert) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
-        """Rule-match activities of the same user near the alert's time, on the same file and policy."""
+    async def _activities(self, alerts: list[DlpAlert]) -> dict[str, list[HistoryEntry]]:
+        """Each user's stored rule-match activities around the batch's alerts: one read per user."""
         if self.store is None:
-            return None
-        user = user_key(alert)
-        if user is None:
-            return None
+            return {}
+        window = self.settings.window_minutes * 60
+        spans: dict[str, tuple[float, float]] = {}
+        for alert in alerts:
+            user = user_key(alert)
+            if user is not None:
+                at = event_time(alert, self._clock())
+                low, high = spans.get(user, (at, at))
+                spans[user] = (min(low, at), max(high, at))
+        rows = await asyncio.gather(*(self.store.entries("activity", user, since=low - window, until=high + window) for user, (low, high) in spans.items()))
+        return dict(zip(spans, rows))
+
+    def _correlate(self, alert: DlpAlert, activities: list[HistoryEntry]) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
+        """Rule-match activities of the same user near the alert's time, on the same file and policy."""
         at = event_time(alert, self._clock())
         window = self.settings.window_minutes * 60
-        rows = await self.store.entries("activity", user, since=at - window, until=at + window)
         files = {f.name.lower() for f in alert.files if f.name}
         names = {s.name.lower() for s in alert.sensitive_info if s.name}
         matched: dict[str, HistoryEntry] = {}
-        for row in rows:
+        for row in activities:
+            if not at - window <= row.at <= at + window:
+                continue
             if files and row.files and not files & set(row.files):
                 continue
             if alert.policy_name and row.policy and alert.policy_name != row.policy:
@@ -222,6 +243,12 @@ class SensitiveInfoEnricher(BaseEnricher):
         if not infos:
             return None
         return merge_types(infos), sorted(i for i in ids if i), sorted(labels)
+
+
+def _needs_correlation(alert: DlpAlert) -> bool:
+    """An alert without counts (Sentinel: names only) or without confidence (Graph: "Name (count)")."""
+    infos = alert.sensitive_info
+    return alert.kind == "alert" and user_key(alert) is not None and not (any(s.count is not None for s in infos) and any(s.confidence is not None for s in infos))
 
 
 def merge_types(groups: Any) -> list[SensitiveInfo]:

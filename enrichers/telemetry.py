@@ -22,6 +22,7 @@ in `errors` (reason only, never content).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import string
@@ -33,8 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from enrichers._files import WatchedFile, read_csv, read_json_records
 from enrichers._hunting import kql_string
-from pipeline.cache import CachePolicy
-from pipeline.enricher import BaseEnricher, EnrichmentContext
+from pipeline.cache import CachePolicy, load_many
+from pipeline.enricher import BatchEnricher, EnrichmentContext
 from pipeline.errors import EnricherError, EnricherTimeout, EnricherUnavailable, PipelineError
 from pipeline.http import HttpClient, check_base_url, host_matches
 from pipeline.models import DlpAlert
@@ -111,12 +112,12 @@ class Telemetry(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict)
 
 
-class TelemetryEnricher(BaseEnricher):
+class TelemetryEnricher(BatchEnricher):
     name = "telemetry"
     timeout = 10.0
     cache_policy = CachePolicy(ttl_seconds=120, max_entries=20_000)
 
-    class Settings(BaseEnricher.Settings):
+    class Settings(BatchEnricher.Settings):
         window_minutes: float = Field(60, gt=0, description="{start}/{end}: this long before and after the alert")
         http: list[HttpLookup] = Field(default_factory=list)
         log_analytics: list[LogAnalyticsQuery] = Field(default_factory=list)
@@ -187,64 +188,47 @@ class TelemetryEnricher(BaseEnricher):
         if closer is not None and self._logs:
             await closer()
 
-    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> Telemetry | None:
-        values = _variables(alert, ctx, self.settings.window_minutes)
-        results: dict[str, SourceResult] = {}
-        errors: dict[str, str] = {}
-        timeouts = 0
-        applicable = 0
-
-        def learn(result: SourceResult) -> None:
-            for key in ("ip", "device"):
-                value = result.fields.get(key)
-                if isinstance(value, str) and value and key not in values:
-                    values[key] = value
-
+    async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[Telemetry | None | Exception]:
+        """Source by source over the whole batch: each distinct HTTP request is sent once (through the
+        cache), the batch's Log Analytics queries run together, tables are read in memory."""
+        cache = contexts[0].cache if contexts else None
+        progress = [_Progress(_variables(alert, ctx, self.settings.window_minutes)) for alert, ctx in zip(alerts, contexts)]
         for lookup in self.settings.http:
-            try:
-                request = _render_http(lookup, values)
-            except KeyError:
-                continue
-            applicable += 1
-            try:
-                result = await ctx.cached(("http", lookup.name, repr(request)), lambda lookup=lookup, request=request: self._call_http(lookup, request))
-            except (EnricherError, PipelineError) as exc:
-                errors[lookup.name] = str(exc)
-                timeouts += isinstance(exc, EnricherTimeout)
-                continue
-            results[lookup.name] = result
-            learn(result)
+            requests: dict[int, tuple[str, str, str]] = {}
+            planned: dict[tuple[str, str, str], dict[str, Any]] = {}
+            for index, item in enumerate(progress):
+                try:
+                    request = _render_http(lookup, item.values)
+                except KeyError:
+                    continue
+                key = ("http", lookup.name, repr(request))
+                requests[index] = key
+                planned[key] = request
+            answers = await load_many(cache, planned, lambda key, lookup=lookup: self._call_http(lookup, planned[key]))
+            for index, key in requests.items():
+                progress[index].take(lookup.name, answers[key])
         for query in self.settings.log_analytics:
-            try:
-                kql = _render_kql(query.query, values)
-            except KeyError:
-                continue
-            applicable += 1
-            try:
-                result = await self._query_logs(query, kql, values["_at"])
-            except (EnricherError, PipelineError) as exc:
-                errors[query.name] = str(exc)
-                timeouts += isinstance(exc, EnricherTimeout)
-                continue
-            results[query.name] = result
-            learn(result)
+            queries: dict[int, str] = {}
+            for index, item in enumerate(progress):
+                try:
+                    queries[index] = _render_kql(query.query, item.values)
+                except KeyError:
+                    continue
+            answers = await asyncio.gather(*(self._query_logs(query, kql, progress[index].values["_at"]) for index, kql in queries.items()), return_exceptions=True)
+            for index, answer in zip(queries, answers):
+                progress[index].take(query.name, answer)
         for table in self.settings.tables:
-            key = values.get(table.key)
-            if not key:
-                continue
-            applicable += 1
-            row = self._tables[table.name].get().get(str(key).lower())
-            if row is None and table.key == "device":
-                row = self._tables[table.name].get().get(str(key).lower().split(".", 1)[0])
-            fields = {} if row is None else {k: v for k, v in row.items() if k != table.key_column and (table.columns is None or k in table.columns)}
-            results[table.name] = SourceResult(kind="table", found=row is not None, fields=fields)
-        if applicable == 0:
-            return None
-        if errors and not results:
-            first = next(iter(errors.values()))
-            error = EnricherTimeout if timeouts == len(errors) else EnricherUnavailable
-            raise error(f"every telemetry source failed ({len(errors)}); first: {first}")
-        return Telemetry(sources=results, found_any=any(r.found for r in results.values()), errors=errors)
+            rows = self._tables[table.name].get()
+            for item in progress:
+                key = item.values.get(table.key)
+                if not key:
+                    continue
+                row = rows.get(str(key).lower())
+                if row is None and table.key == "device":
+                    row = rows.get(str(key).lower().split(".", 1)[0])
+                fields = {} if row is None else {k: v for k, v in row.items() if k != table.key_column and (table.columns is None or k in table.columns)}
+                item.take(table.name, SourceResult(kind="table", found=row is not None, fields=fields))
+        return [item.result() for item in progress]
 
     async def _call_http(self, lookup: HttpLookup, request: dict[str, Any]) -> SourceResult:
         client = self._http[lookup.name]
@@ -299,6 +283,45 @@ class TelemetryEnricher(BaseEnricher):
         first = rows[0] if rows else {}
         fields = {k: _scalar(v) for k, v in first.items() if query.fields is None or k in query.fields}
         return SourceResult(kind="log_analytics", found=bool(rows), count=len(table.rows), fields={k: v for k, v in fields.items() if v is not None})
+
+
+class _Progress:
+    """One alert's way through the sources: template values (learning `ip` / `device`), results, errors."""
+
+    __slots__ = ("values", "results", "errors", "timeouts", "applicable", "failure")
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+        self.results: dict[str, SourceResult] = {}
+        self.errors: dict[str, str] = {}
+        self.timeouts = 0
+        self.applicable = 0
+        self.failure: Exception | None = None  # not a source's documented failure: fails the alert
+
+    def take(self, name: str, answer: "SourceResult | BaseException") -> None:
+        self.applicable += 1
+        if isinstance(answer, (EnricherError, PipelineError)):
+            self.errors[name] = str(answer)
+            self.timeouts += isinstance(answer, EnricherTimeout)
+        elif isinstance(answer, Exception):
+            self.failure = self.failure or answer
+        elif isinstance(answer, SourceResult):
+            self.results[name] = answer
+            for key in ("ip", "device"):
+                value = answer.fields.get(key)
+                if isinstance(value, str) and value and key not in self.values:
+                    self.values[key] = value
+
+    def result(self) -> "Telemetry | None | Exception":
+        if self.failure is not None:
+            return self.failure
+        if self.applicable == 0:
+            return None
+        if self.errors and not self.results:
+            first = next(iter(self.errors.values()))
+            error = EnricherTimeout if self.timeouts == len(self.errors) else EnricherUnavailable
+            return error(f"every telemetry source failed ({len(self.errors)}); first: {first}")
+        return Telemetry(sources=self.results, found_any=any(r.found for r in self.results.values()), errors=self.errors)
 
 
 # -- templates -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.enricher import BaseEnricher, EnrichmentContext
+from pipeline.enricher import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
 
 INPUTS = ("user_context", "sensitive_info", "prior_incidents", "telemetry")
@@ -50,12 +50,12 @@ class Triage(BaseModel):
     missing_inputs: list[str]
 
 
-class TriageEnricher(BaseEnricher):
+class TriageEnricher(BatchEnricher):
     name = "triage"
     runs_after = INPUTS
     timeout = 1.0
 
-    class Settings(BaseEnricher.Settings):
+    class Settings(BatchEnricher.Settings):
         weights: Weights = Field(default_factory=Weights)
         high_confidence_threshold: int = Field(85, ge=0, le=100)
         departing_within_days: int = Field(30, ge=0)
@@ -64,7 +64,16 @@ class TriageEnricher(BaseEnricher):
         medium_at: int = Field(40, ge=0, le=100, description="band 'medium' from this score")
         high_at: int = Field(70, ge=0, le=100, description="band 'high' from this score")
 
-    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> Triage:
+    async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[Triage | None | Exception]:
+        results: list[Triage | None | Exception] = []
+        for alert, ctx in zip(alerts, contexts):
+            try:
+                results.append(self.score(alert, ctx))
+            except Exception as exc:  # one alert's surprise fails that alert only
+                results.append(exc)
+        return results
+
+    def score(self, alert: DlpAlert, ctx: EnrichmentContext) -> Triage:
         s, w = self.settings, self.settings.weights
         reasons: list[Reason] = []
 

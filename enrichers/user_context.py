@@ -27,8 +27,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from enrichers._files import WatchedFile, parse_datetime, read_csv, read_json_records
 from pipeline.batching import MicroBatcher
-from pipeline.cache import CachePolicy, TTLCache
-from pipeline.enricher import BaseEnricher, EnrichmentContext
+from pipeline.cache import CachePolicy, load_many
+from pipeline.enricher import BatchEnricher, EnrichmentContext
 from pipeline.errors import EnricherUnavailable
 from pipeline.http import BearerToken, HttpClient, azure_credential, check_base_url, parse_retry_after
 from pipeline.models import DlpAlert
@@ -119,12 +119,12 @@ class UserContext(BaseModel):
     days_until_departure: int | None = Field(None, description="from the alert's time to the last working day; negative once gone")
 
 
-class UserContextEnricher(BaseEnricher):
+class UserContextEnricher(BatchEnricher):
     name = "user_context"
     timeout = 10.0
     cache_policy = CachePolicy(ttl_seconds=900, max_entries=50_000)
 
-    class Settings(BaseEnricher.Settings):
+    class Settings(BatchEnricher.Settings):
         graph: GraphSettings | None = Field(None, description="look users up in Microsoft Graph (`graph = {}` for the defaults)")
         directory: str | None = Field(None, description="local users file (Graph user JSON), used when graph is not configured")
         hr: HrSettings | None = None
@@ -176,32 +176,38 @@ class UserContextEnricher(BaseEnricher):
 
     # -- the contract --------------------------------------------------------------------------
 
-    async def prepare_batch(self, alerts: list[DlpAlert], cache: TTLCache[Any] | None) -> None:
-        """Look up every distinct user of the batch at once: ceil(M/20) `$batch` calls for M users."""
-        if self._batcher is None or cache is None:
-            return
-        keys = {key for alert in alerts if (key := _user_key(alert)) is not None}
-        await asyncio.gather(*(cache.get_or_load(key, lambda key=key: self._lookup_directory(key)) for key in keys), return_exceptions=True)
-
-    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> UserContext | None:
-        key = _user_key(alert)
-        if key is None:
-            return None
-        user = None
-        sources: list[str] = []
+    async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[UserContext | None | Exception]:
+        """Every distinct user of the batch is looked up once (ceil(M/20) Graph `$batch` calls for M
+        users not cached yet); an alert whose lookup failed gets that failure, the others go on."""
+        cache = contexts[0].cache if contexts else None
+        keys = [_user_key(alert) for alert in alerts]
+        users: dict[str, Any] = {}
         if self._batcher is not None or self._directory is not None:
-            user = await ctx.cached(key, lambda: self._lookup_directory(key))
-            if user is None and alert.user and alert.user.upn and key != alert.user.upn:
-                user = await ctx.cached(alert.user.upn, lambda: self._lookup_directory(alert.user.upn))
-            if user is not None:
-                sources.append("graph" if self._batcher is not None else "directory")
-        hr = None
-        if self._hr is not None:
-            upn = (alert.user.upn if alert.user else None) or (str(user.get("userPrincipalName") or "").lower() if user else None)
-            hr = self._hr.get().get(upn) if upn else None
-            if hr is not None:
-                sources.append("hr")
-        return _fragment(user, hr, sources, _alert_time(alert, ctx))
+            users = await load_many(cache, (key for key in keys if key is not None), self._lookup_directory)
+            # Not found by object id: try the UPN the alert also names.
+            fallback = [alert.user.upn for alert, key in zip(alerts, keys) if key is not None and users[key] is None and alert.user and alert.user.upn and key != alert.user.upn]
+            if fallback:
+                users.update((f"upn:{upn}", value) for upn, value in (await load_many(cache, fallback, self._lookup_directory)).items())
+        results: list[UserContext | None | Exception] = []
+        for alert, key, ctx in zip(alerts, keys, contexts):
+            if key is None:
+                results.append(None)
+                continue
+            user = users.get(key)
+            if user is None and alert.user and alert.user.upn:
+                user = users.get(f"upn:{alert.user.upn}")
+            if isinstance(user, Exception):
+                results.append(user)
+                continue
+            sources = ["graph" if self._batcher is not None else "directory"] if user is not None else []
+            hr = None
+            if self._hr is not None:
+                upn = (alert.user.upn if alert.user else None) or (str(user.get("userPrincipalName") or "").lower() if user else None)
+                hr = self._hr.get().get(upn) if upn else None
+                if hr is not None:
+                    sources.append("hr")
+            results.append(_fragment(user, hr, sources, _alert_time(alert, ctx)))
+        return results
 
     # -- sources -------------------------------------------------------------------------------
 

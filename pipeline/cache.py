@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generic, Hashable, TypeVar
+from typing import Any, Awaitable, Callable, Generic, Hashable, Iterable, TypeVar
 
 V = TypeVar("V")
 
@@ -90,6 +90,36 @@ class TTLCache(Generic[V]):
 
     def __len__(self) -> int:
         return len(self._values)
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+async def load_many(cache: "TTLCache[V] | None", keys: "Iterable[K]", loader: Callable[[K], Awaitable[V]]) -> "dict[K, V | Exception]":
+    """Each distinct key's value through `cache` (single-flight, as `get_or_load`), or the exception
+    its load raised. Values still fresh in the cache are taken without a task or a wait; only the
+    misses are loaded, all at once. Without a cache, every key is loaded."""
+    found: dict[K, V | Exception] = {}
+    missing: list[K] = []
+    now = cache._clock() if cache is not None else 0.0
+    for key in dict.fromkeys(keys):
+        entry = cache._values.get(key) if cache is not None else None
+        if entry is not None and entry[0] > now:
+            cache.stats.hits += 1  # type: ignore[union-attr]
+            cache._values.move_to_end(key)  # type: ignore[union-attr]
+            found[key] = entry[1]
+        else:
+            missing.append(key)
+    if missing:
+        if cache is None:
+            loads = [loader(key) for key in missing]
+        else:
+            loads = [cache.get_or_load(key, lambda key=key: loader(key)) for key in missing]
+        for key, value in zip(missing, await asyncio.gather(*loads, return_exceptions=True)):
+            if isinstance(value, BaseException) and not isinstance(value, Exception):
+                raise value  # cancellation and the like end the batch, as they would a single load
+            found[key] = value
+    return found
 
 
 def _retrieve_exception(task: asyncio.Task[Any]) -> None:

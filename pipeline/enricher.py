@@ -23,6 +23,12 @@ Write one by subclassing `BaseEnricher` (or by matching the `Enricher` protocol)
                 return None                       # "skipped": nothing to add
             return self.Fragment(country=await ctx.cached(alert.user.upn, lambda: self.lookup(...)))
 
+An enricher that looks things up per user, device or file gains from seeing the whole batch at once:
+subclass `BatchEnricher` and write `enrich_batch(alerts, contexts)` instead, returning one result per
+alert (a fragment, None, or the exception that alert failed with). The runner then calls it once per
+batch, under the enricher's timeout; `enrich` of a `BatchEnricher` is a batch of one.
+`pipeline.cache.load_many` loads each distinct key once through the enricher's cache.
+
 Register it with the entry point group `dlp_pipeline.enrichers`, or name it as `module:Class`.
 """
 
@@ -77,6 +83,24 @@ class BaseEnricher:
 
     async def enrich(self, alert: DlpAlert, ctx: "EnrichmentContext") -> BaseModel | None:
         raise NotImplementedError
+
+
+class BatchEnricher(BaseEnricher):
+    """Base of an enricher that works on the whole batch: write `enrich_batch`, get `enrich` for free.
+
+    Guarantees the runner gives `enrich_batch`: `alerts` and `contexts` have the same length and
+    order; it is called once per batch and wave, under the enricher's timeout (a timeout or a raise
+    fails every alert of the batch; an exception *returned* for one alert fails that alert only).
+    """
+
+    async def enrich_batch(self, alerts: list[DlpAlert], contexts: list["EnrichmentContext"]) -> list[BaseModel | None | Exception]:
+        raise NotImplementedError
+
+    async def enrich(self, alert: DlpAlert, ctx: "EnrichmentContext") -> BaseModel | None:
+        (result,) = await self.enrich_batch([alert], [ctx])
+        if isinstance(result, Exception):
+            raise result
+        return result
 
 
 class EnrichmentContext:
