@@ -99,6 +99,23 @@ def embedded_json(value: str) -> Any | None:
     return parsed if isinstance(parsed, (dict, list)) else None
 
 
+def records_surely_within(body: bytes, limits: Limits) -> bool:
+    """True when the bytes alone prove that no record of `body` breaks the depth or string limits, so
+    `check_record` need not walk them (most real bodies: a few KB, a few dozen brackets). Sound because:
+    - a string (or key), embedded JSON's included, has no more characters than the body has bytes;
+    - every container on a path, embedded JSON's included, has its own literal `{` or `[` in the body,
+      unless spelled with a \\u escape (then no proof);
+    - JSON embedded two or more levels deep shows as a run of three backslashes (then no proof), so
+      the embedding limit cannot be reached either.
+    When this is False, nothing is wrong yet: `check_record` decides."""
+    return (
+        len(body) <= limits.max_string_length
+        and body.count(b"{") + body.count(b"[") <= limits.max_nesting_depth
+        and b"\\u" not in body
+        and b"\\\\\\" not in body
+    )
+
+
 def check_record(record: Any, limits: Limits, *, base_depth: int = 0) -> None:
     """Raise LimitExceeded when `record` is too deep or holds a too-long string. Iterative.
 
@@ -164,6 +181,7 @@ __all__ = [
     "check_body_size",
     "check_evidence_count",
     "check_record",
+    "records_surely_within",
     "check_record_count",
     "embedded_json",
     "looks_like_json",

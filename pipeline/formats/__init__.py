@@ -87,8 +87,10 @@ def decode_message(body: bytes, *, limits: Limits | None = None) -> Decoded:
         raise DecodeError("invalid_json", f"{exc.msg} at byte {exc.pos}") from None
     # A body that never spells a removed key (nor a \u escape that could) has nothing to scrub.
     clean = not common.mentions_removed_key(body)
+    # Most bodies are small enough for their bytes to prove every record within the depth and string limits.
+    checked = limits_module.records_surely_within(body, limits)
     if defender_streaming.looks_like(document):
-        return _decode_streaming(_counted(document["records"], limits), limits, clean=clean)
+        return _decode_streaming(_counted(document["records"], limits), limits, clean=clean, checked=checked)
     if isinstance(document, dict) and isinstance(document.get("value"), list):
         items = document["value"]
     elif isinstance(document, list):
@@ -99,7 +101,7 @@ def decode_message(body: bytes, *, limits: Limits | None = None) -> Decoded:
         items = [document]
     else:
         raise DecodeError("unrecognised_shape", f"top-level JSON {type(document).__name__} is not an object or array")
-    return _decode_items(_counted(items, limits), limits, clean=clean)
+    return _decode_items(_counted(items, limits), limits, clean=clean, checked=checked)
 
 
 def scrubbed_body(body: bytes) -> bytes:
@@ -192,11 +194,13 @@ def _format_of(record: Any) -> str | None:
     return None
 
 
-def _decode_items(items: list[Any], limits: Limits = DEFAULT_LIMITS, *, clean: bool = False) -> Decoded:
+def _decode_items(items: list[Any], limits: Limits = DEFAULT_LIMITS, *, clean: bool = False, checked: bool = False) -> Decoded:
+    """`clean`: the body names no removed key (nothing to scrub); `checked`: its records are known to be
+    within the depth and string limits (`limits.records_surely_within`)."""
     out = Decoded(records=len(items))
     formats: set[str] = set()
     for index, item in enumerate(items):
-        if not _within_limits(out, index, item, limits):
+        if not checked and not _within_limits(out, index, item, limits):
             continue
         fmt = _format_of(item)
         if fmt is None:
@@ -223,10 +227,10 @@ def _decode_items(items: list[Any], limits: Limits = DEFAULT_LIMITS, *, clean: b
     return out
 
 
-def _decode_streaming(records: list[Any], limits: Limits = DEFAULT_LIMITS, *, clean: bool = False) -> Decoded:
+def _decode_streaming(records: list[Any], limits: Limits = DEFAULT_LIMITS, *, clean: bool = False, checked: bool = False) -> Decoded:
     out = Decoded(format="defender_streaming", records=len(records))
     for index, record in enumerate(records):
-        if not _within_limits(out, index, record, limits):
+        if not checked and not _within_limits(out, index, record, limits):
             continue
         record = record if clean else common.scrub(record)
         try:

@@ -77,11 +77,20 @@ TRUNCATED_TEXT = "[truncated: nested too deep]"
 
 
 def mentions_removed_key(text: str | bytes) -> bool:
-    """True when `text` may spell a removed key: it names one (any casing) or holds a \\u escape."""
+    """True when `text` (JSON, or JSON embedded in strings) may hold a removed key: it spells one as
+    a JSON key token (`"Subject"`, or `\\"Subject\\"` inside an embedded document), in any casing, or
+    holds a \\u escape (which could spell one). `"EmailSubject"` is not a mention: only whole keys
+    are removed, and a key is a JSON string, so its letters are enclosed in quotes (escaped once per
+    level of embedding); a removed key has no character JSON must escape, so only \\u could spell
+    it otherwise."""
     lowered = text.lower()
     if isinstance(lowered, bytes):
-        return b"\\u" in lowered or any(key.encode() in lowered for key in REMOVED_KEYS)
-    return "\\u" in lowered or any(key in lowered for key in REMOVED_KEYS)
+        return b"\\u" in lowered or any(opening in lowered and (opening + b'"' in lowered or opening + b"\\" in lowered) for opening in _OPENINGS_BYTES)
+    return "\\u" in lowered or any(opening in lowered and (opening + '"' in lowered or opening + "\\" in lowered) for opening in _OPENINGS_TEXT)
+
+
+_OPENINGS_TEXT = tuple('"' + key for key in sorted(REMOVED_KEYS))
+_OPENINGS_BYTES = tuple(opening.encode() for opening in _OPENINGS_TEXT)
 
 
 WITHHELD_TEXT = "[withheld: unparseable text naming matched content]"
