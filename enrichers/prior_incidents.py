@@ -155,21 +155,24 @@ class PriorIncidentsEnricher(BatchEnricher):
                     prior[found.alert_id] = (at, found.policy, found.severity, found.source)
             sources.append("hunting")
         ordered = sorted(prior.items(), key=lambda item: item[1][0], reverse=True)
-
-        def within(days: int) -> int:
-            return sum(1 for _, (at, *_rest) in ordered if at >= until - days * DAY)
-
+        # One pass over the (newest first) prior alerts for every count.
+        week, month, same_policy = until - 7 * DAY, until - 30 * DAY, 0
+        last_7 = last_30 = 0
+        for _, (at, policy, *_rest) in ordered:
+            last_7 += at >= week
+            last_30 += at >= month
+            same_policy += policy is not None and policy == alert.policy_name
         recent = [
             PriorAlert(alert_id=alert_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=policy, severity=severity, source=source)
             for alert_id, (at, policy, severity, source) in ordered[: self.settings.max_recent]
         ]
         return PriorIncidents(
-            last_7_days=within(7),
-            last_30_days=within(30),
+            last_7_days=last_7,
+            last_30_days=last_30,
             last_90_days=len(ordered),
-            same_policy_90_days=sum(1 for _, (_at, policy, *_rest) in ordered if alert.policy_name and policy == alert.policy_name),
+            same_policy_90_days=same_policy if alert.policy_name else 0,
             sensitive_types=sorted(types),
-            last_alert_at=datetime.fromtimestamp(ordered[0][1][0], tz=timezone.utc) if ordered else None,
+            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(ordered[0][1][0], tz=timezone.utc) if ordered else None),
             recent=recent,
             sources=sources,
         )

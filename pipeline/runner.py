@@ -27,6 +27,7 @@ called; its records stay retryable, its enrichment is `failed` with "circuit ope
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import Counter
@@ -166,6 +167,7 @@ class Runner:
     async def start(self) -> None:
         if self._started:
             return
+        raise_gc_threshold()
         for slot in self.chain.slots:
             starter = getattr(slot.plugin, "start", None)
             if starter is not None:
@@ -588,6 +590,20 @@ def _outcome(slot: EnricherSlot, alert: DlpAlert, result: Any, fragments: dict[s
 
 def _circuit_open() -> EnrichmentStatus:
     return EnrichmentStatus.model_construct(state="failed", error="circuit open", duration_ms=0.0)
+
+
+# Python collects its youngest generation every 700 allocations by default; a batch allocates
+# hundreds of thousands of short-lived objects (parsed JSON, models), and each collection also
+# scans the long-lived caches it reaches. 20,000 measured 10-20 % more alerts/s (README, Performance).
+GC_GEN0_THRESHOLD = 20_000
+
+
+def raise_gc_threshold(gen0: int = GC_GEN0_THRESHOLD) -> None:
+    """Raise the garbage collector's first threshold to `gen0` for this process (every entry point
+    runs a Runner); a host that set a higher one keeps it. Collection itself stays on."""
+    current = gc.get_threshold()
+    if current[0] < gen0:
+        gc.set_threshold(gen0, *current[1:])
 
 
 def _delivery_dead_letter(record: EnrichedRecord, sink: str, reason: str, detail: str, attempts: int) -> DeadLetter:

@@ -8,7 +8,7 @@ from typing import Sequence
 from pydantic import BaseModel
 
 from pipeline.cache import CachePolicy
-from pipeline.enricher import BaseEnricher
+from pipeline.enricher import BaseEnricher, BatchEnricher
 from pipeline.errors import SinkUnavailable
 from pipeline.sinks import Outcome
 
@@ -87,6 +87,30 @@ class CachedLookup(BaseEnricher):
             return alert.user.upn.upper()
 
         return Value(value=await ctx.cached(alert.user.upn, load))
+
+
+class PerBatch(BatchEnricher):
+    """Works on the whole batch; `mode` chooses how it misbehaves. Counts its calls and their sizes."""
+
+    name = "per_batch"
+    runs_after = ("first",)
+    timeout = 0.2
+    calls: list[int] = []
+
+    class Settings(BatchEnricher.Settings):
+        mode: str = "ok"  # ok | fail_second | raise | hang | short
+
+    async def enrich_batch(self, alerts, contexts):
+        type(self).calls.append(len(alerts))
+        mode = self.settings.mode
+        if mode == "raise":
+            raise RuntimeError("backend down")
+        if mode == "hang":
+            await asyncio.sleep(30)
+        results = [Value(value=alert.alert_id, seen_upstream=sorted(ctx.fragments)) for alert, ctx in zip(alerts, contexts)]
+        if mode == "fail_second" and len(results) > 1:
+            results[1] = LookupError("no such user")
+        return results[:-1] if mode == "short" else results
 
 
 class FlakySink:

@@ -328,3 +328,41 @@ def test_scrub_leaves_no_removed_key_and_no_marker_anywhere(tree):
         if isinstance(node, dict):
             assert not {k.lower() for k in node if isinstance(k, str)} & common.REMOVED_KEYS
     assert common.scrub(scrubbed) == scrubbed  # idempotent
+
+
+# -- the decoder's shortcuts are sound -------------------------------------------------------------
+
+KEYS = st.one_of(
+    st.text(max_size=8),
+    st.sampled_from(sorted(common.REMOVED_KEYS)).flatmap(lambda key: st.sampled_from([key, key.upper(), key.title(), "x" + key, key + "s"])),
+)
+EMBEDDING = st.recursive(
+    st.one_of(SCALARS, st.sampled_from(["{", "[", "]]]]", "}}", "\\", "\\u0041"])),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4),
+        st.dictionaries(KEYS, children, max_size=4),
+        children.map(lambda value: orjson.dumps(value).decode()),  # JSON held in a string, at any level
+    ),
+    max_leaves=30,
+)
+
+
+@FUZZ
+@given(EMBEDDING)
+def test_a_body_proven_within_the_limits_passes_the_record_walk(document):
+    from pipeline.limits import Limits, check_record, records_surely_within
+
+    limits = Limits(max_nesting_depth=4, max_string_length=256, max_body_bytes=1024)
+    body = orjson.dumps(document)
+    if records_surely_within(body, limits):
+        check_record(document, limits)  # must not raise: the proof skipped exactly this walk
+
+
+@FUZZ
+@given(EMBEDDING)
+def test_a_body_that_needs_scrubbing_is_always_seen_to_mention_a_removed_key(document):
+    body = orjson.dumps(document)
+    scrubbed = common.scrub(document)
+    if orjson.dumps(scrubbed) != body:
+        assert common.mentions_removed_key(body)
+        assert common.mentions_removed_key(body.decode())

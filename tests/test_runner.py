@@ -391,3 +391,71 @@ async def test_flush_emits_a_backlog_in_bounded_chunks(write_config, fixture_byt
         sink = flaky(runner)
     assert report.alerts == 7 and report.pending == 0 and report.delivered == {"lake": 7, "flaky": 7}
     assert sink.calls == 3  # 3 + 3 + 1: never the whole backlog in one batch
+
+
+def per_batch_config(mode: str) -> str:
+    return LAKE_ONLY + f"""
+[[enrichers]]
+name = "first"
+use = "tests.plugins:Recorder"
+[enrichers.settings]
+label = "first"
+
+[[enrichers]]
+name = "per_batch"
+use = "tests.plugins:PerBatch"
+[enrichers.settings]
+mode = "{mode}"
+"""
+
+
+def three_graph_alerts(fixture_bytes) -> list[Message]:
+    graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
+    return [Message(body=orjson.dumps({**graph, "id": f"{graph['id']}-{n}"}), source=str(n)) for n in range(3)]
+
+
+async def test_a_batch_enricher_gets_one_call_per_batch_after_the_waves_before_it(write_config, fixture_bytes):
+    plugins.PerBatch.calls = []
+    async with Runner(write_config(per_batch_config("ok"))) as runner:
+        report = await runner.process_batch(three_graph_alerts(fixture_bytes))
+        lines = lake_lines(runner)
+    assert plugins.PerBatch.calls == [3]
+    assert report.enrichment[("per_batch", "ok")] == 3
+    for line in lines:  # each alert got its own fragment, and saw the earlier wave's fragment
+        assert line["enrichments"]["per_batch"] == {"value": line["alert"]["alert_id"], "seen_upstream": ["first"]}
+
+
+@pytest.mark.parametrize(
+    ("mode", "states", "error"),
+    [
+        ("fail_second", ["ok", "failed", "ok"], "LookupError"),  # a returned exception fails that alert only
+        ("raise", ["failed"] * 3, "RuntimeError"),  # a raise fails the whole batch
+        ("hang", ["timed_out"] * 3, "no result within 0.2s"),  # the timeout covers the batch call
+        ("short", ["failed"] * 3, "enrich_batch returned 2 results for 3 alerts"),
+    ],
+)
+async def test_a_batch_enricher_failure_is_recorded_per_alert_and_never_drops_one(write_config, fixture_bytes, mode, states, error):
+    async with Runner(write_config(per_batch_config(mode))) as runner:
+        report = await runner.process_batch(three_graph_alerts(fixture_bytes))
+        lines = sorted(lake_lines(runner), key=lambda line: line["alert"]["alert_id"])
+    assert report.delivered["lake"] == 3
+    assert [line["enrichment_status"]["per_batch"]["state"] for line in lines] == states
+    assert {line["enrichment_status"]["per_batch"]["error"] for line in lines} - {None} == {error}
+    assert all(line["enrichment_status"]["first"]["state"] == "ok" for line in lines)
+
+
+async def test_the_runner_raises_the_gc_threshold_and_keeps_a_higher_one(write_config):
+    import gc
+
+    from pipeline.runner import GC_GEN0_THRESHOLD
+
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, *before[1:])
+        async with Runner(write_config(LAKE_ONLY)):
+            assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD
+        gc.set_threshold(GC_GEN0_THRESHOLD * 2, *before[1:])
+        async with Runner(write_config(LAKE_ONLY)):
+            assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD * 2
+    finally:
+        gc.set_threshold(*before)

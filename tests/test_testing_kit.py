@@ -58,6 +58,16 @@ async def test_run_enricher_uses_the_runners_outcomes():
     assert status.state == "skipped"
 
 
+async def test_run_enricher_takes_a_batch_enricher_through_its_batch_call():
+    plugins.PerBatch.calls = []
+    alert = make_alert()
+    fragment, status = await run_enricher(plugins.PerBatch, alert, upstream={"first": plugins.Value(value="1")})
+    assert plugins.PerBatch.calls == [1]  # enrich_batch with a batch of one, as the runner would call it
+    assert status.state == "ok" and fragment.value == alert.alert_id and fragment.seen_upstream == ["first"]
+    _, status = await run_enricher(plugins.PerBatch, alert, settings={"mode": "raise"})
+    assert status.state == "failed" and status.error == "RuntimeError"
+
+
 async def test_run_enricher_validates_settings_and_passes_upstream_fragments():
     fragment, status = await run_enricher(plugins.NeedsA, settings={"label": "x", "upstream": ["a"]}, upstream={"a": plugins.Value(value="1")})
     assert status.state == "ok" and fragment.value == "x" and fragment.seen_upstream == ["a"]
