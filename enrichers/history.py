@@ -22,6 +22,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal, Protocol, Sequence
 
@@ -114,6 +115,69 @@ class HistoryWriter:
         while len(self._written) > self.remember:
             self._written.popitem(last=False)
         return fresh
+
+
+class UserHistories:
+    """Each user's history of one kind, read from the store once and reused across batches.
+
+    Guarantees: `rows(user)` after `ensure({user: since})` holds every entry of the user at or after
+    `since` that this process wrote (`add`) or that the store held when it was read, newest first;
+    a read is reused for `ttl` seconds, so other hosts' writes show up within `ttl`. At most
+    `max_users` users are kept, the least recently needed dropped first. `convert` turns the store's
+    entries into the rows the reader counts on (once per entry, not once per alert); `at` reads a
+    row's time.
+    """
+
+    def __init__(
+        self, store: HistoryStore, kind: Kind, *, convert: Any = list, at: Any = attrgetter("at"), ttl: float = 30.0, max_users: int = 5_000, limit: int = 5_000
+    ) -> None:
+        self.store, self.kind, self.convert, self.at = store, kind, convert, at
+        self.ttl, self.max_users, self.limit = ttl, max_users, limit
+        self._users: OrderedDict[str, _Held] = OrderedDict()
+
+    async def ensure(self, since: dict[str, float]) -> None:
+        """Make every user's history from `since[user]` on available to `rows` (one read per stale user)."""
+        now = time.monotonic()
+        stale = [user for user, start in since.items() if not self._fresh(user, start, now)]
+
+        async def load(user: str) -> None:
+            entries = await self.store.entries(self.kind, user, since=since[user], until=FAR_FUTURE, limit=self.limit)
+            self._users[user] = _Held(since=since[user], loaded_at=now, rows=self.convert(entries))
+
+        await asyncio.gather(*(load(user) for user in stale))
+        for user in since:
+            self._users.move_to_end(user)
+        while len(self._users) > max(self.max_users, len(since)):
+            self._users.popitem(last=False)
+
+    def rows(self, user: str) -> list[Any]:
+        held = self._users.get(user)
+        return held.rows if held is not None else []
+
+    def add(self, entries: Sequence[HistoryEntry]) -> None:
+        """Entries this process just wrote: kept in the histories already held, newest first."""
+        touched = set()
+        for entry in entries:
+            held = self._users.get(entry.user)
+            if held is not None and entry.at >= held.since:
+                held.rows.extend(self.convert([entry]))
+                touched.add(entry.user)
+        for user in touched:
+            self._users[user].rows.sort(key=self.at, reverse=True)
+
+    def _fresh(self, user: str, since: float, now: float) -> bool:
+        held = self._users.get(user)
+        return held is not None and now - held.loaded_at < self.ttl and held.since <= since
+
+
+FAR_FUTURE = 1e12  # an `until` past any event: the history up to now
+
+
+@dataclass(slots=True)
+class _Held:
+    since: float  # the rows cover every entry at or after this time
+    loaded_at: float  # time.monotonic() of the read
+    rows: list[Any]  # newest first
 
 
 class HistorySettings(BaseModel):

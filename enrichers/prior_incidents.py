@@ -10,11 +10,9 @@ Activities (kind "activity") get their user's prior alerts too, but are not reco
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from operator import itemgetter
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from enrichers._files import parse_datetime
 from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
-from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, entry_of, open_history_store
+from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, entry_of, open_history_store
 from pipeline.cache import CachePolicy, load_many
 from pipeline.enricher import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
@@ -69,9 +67,9 @@ class PriorIncidentsEnricher(BatchEnricher):
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
         self.writer = HistoryWriter(self.store)
         self._clock = services.clock if services is not None else None
-        # Per-user history read from the store, reused across batches for HISTORY_TTL seconds and
-        # kept current with this process's own writes (other hosts' writes show up within the TTL).
-        self._histories: OrderedDict[str, _UserHistory] = OrderedDict()
+        # Per-user history read from the store, reused across batches for 30 s and kept current with
+        # this process's own writes (other hosts' writes show up within that time).
+        self.histories = UserHistories(self.store, "alert", convert=_rows, at=itemgetter(1))
 
     async def start(self) -> None:
         await self.store.start()
@@ -93,29 +91,16 @@ class PriorIncidentsEnricher(BatchEnricher):
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[PriorIncidents | None | Exception]:
         """Write every alert of the batch first, so alerts of one batch see each other; then make
         sure each distinct user's history is at hand: read once per user and reused across batches
-        for HISTORY_TTL seconds (one query per user, not per alert or per batch)."""
+        for 30 seconds (one query per user, not per alert or per batch)."""
         now = self._now()
         entries = [entry_of(alert, now=now) for alert in alerts]
         pairs = [(alert, entry) for alert, entry in zip(alerts, entries) if entry is not None]
         written = await self._record([entry for alert, entry in pairs if alert.kind == "alert"])
+        self.histories.add(written)  # the histories held stay current with what this batch wrote
         since: dict[str, float] = {}
         for _, entry in pairs:
             since[entry.user] = min(since.get(entry.user, entry.at), entry.at) - 90 * DAY
-        loaded_at = time.monotonic()
-        stale = [user for user, start in since.items() if not self._fresh(user, start, loaded_at)]
-        for entry in written:  # keep the histories that stay current with what this batch wrote
-            history = self._histories.get(entry.user)
-            if history is not None and entry.user not in stale:
-                history.rows.extend(_rows([entry]))
-                history.rows.sort(key=lambda row: row[1], reverse=True)
-
-        async def load(user: str) -> None:
-            rows = await self.store.entries("alert", user, since=since[user], until=_FAR_FUTURE, limit=5000)
-            self._histories[user] = _UserHistory(since=since[user], loaded_at=loaded_at, rows=_rows(rows))
-
-        await asyncio.gather(*(load(user) for user in stale))
-        for user in since:
-            self._histories.move_to_end(user)
+        await self.histories.ensure(since)
         hunted: dict[Any, Any] = {}
         if self.hunting is not None:
             first = {entry.user: alert for alert, entry in pairs}
@@ -125,17 +110,10 @@ class PriorIncidentsEnricher(BatchEnricher):
         for index, (alert, entry) in enumerate(zip(alerts, entries)):
             if entry is None:
                 continue
-            history = self._histories[entry.user]  # loaded above: the least recently seen are dropped only below
-            rows = [row for row in history.rows if entry.at - 90 * DAY <= row[1] <= entry.at]
+            rows = [row for row in self.histories.rows(entry.user) if entry.at - 90 * DAY <= row[1] <= entry.at]
             found = hunted.get(("hunting", entry.user)) if self.hunting is not None else None
             results[index] = found if isinstance(found, Exception) else self._summary(alert, entry.at, rows, found)
-        while len(self._histories) > HISTORY_USERS:
-            self._histories.popitem(last=False)
         return results
-
-    def _fresh(self, user: str, since: float, at: float) -> bool:
-        history = self._histories.get(user)
-        return history is not None and at - history.loaded_at < HISTORY_TTL and history.since <= since
 
     def _summary(self, alert: DlpAlert, until: float, rows: list["_Row"], hunted: list[PriorAlert] | None) -> PriorIncidents:
         # Count on plain tuples; build models only for the bounded `recent` list.
@@ -205,15 +183,3 @@ _Row = tuple[str, float, str | None, str | None, tuple[str, ...]]
 
 def _rows(entries: list[HistoryEntry]) -> list[_Row]:
     return [(e.entry_id, e.at, e.policy, e.severity, tuple(s["name"] for s in e.sensitive_info if s.get("name"))) for e in entries]
-
-
-HISTORY_TTL = 30.0  # seconds a user's history read from the store is reused
-HISTORY_USERS = 5_000  # users whose history is kept in memory (least recently seen dropped first)
-_FAR_FUTURE = 1e12  # an `until` past any alert: the history up to now
-
-
-@dataclass(slots=True)
-class _UserHistory:
-    since: float  # the rows cover every entry at or after this time
-    loaded_at: float  # time.monotonic() of the read
-    rows: list[_Row]  # newest first

@@ -9,7 +9,6 @@ Advanced Hunting. Activities of one batch are stored before any alert of it is l
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from datetime import datetime, timedelta, timezone
@@ -19,7 +18,7 @@ import orjson
 from pydantic import BaseModel, Field
 
 from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
-from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, entry_of, event_time, open_history_store, user_key
+from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, entry_of, event_time, open_history_store, user_key
 from pipeline.cache import CachePolicy, load_many
 from pipeline.enricher import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert, SensitiveInfo
@@ -92,6 +91,9 @@ class SensitiveInfoEnricher(BatchEnricher):
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
         self._clock = services.clock if services is not None else time.time
         self.writer = HistoryWriter(self.store) if self.store is not None else None
+        # Each user's activities, read once and reused across batches for 30 s, kept current with
+        # this process's own writes (other hosts' writes show up within that time).
+        self.activities = UserHistories(self.store, "activity") if self.store is not None else None
 
     async def start(self) -> None:
         if self.store is not None:
@@ -110,7 +112,9 @@ class SensitiveInfoEnricher(BatchEnricher):
         if self.writer is None:
             return
         now = self._clock()
-        await self.writer.write("activity", [e for a in alerts if a.kind == "activity" and a.sensitive_info and (e := entry_of(a, now=now)) is not None])
+        written = await self.writer.write("activity", [e for a in alerts if a.kind == "activity" and a.sensitive_info and (e := entry_of(a, now=now)) is not None])
+        if self.activities is not None:
+            self.activities.add(written)
 
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[SensitiveInfoSummary | None | Exception]:
         """Store the batch's rule-match activities first (alerts of one batch see them), then read
@@ -165,19 +169,18 @@ class SensitiveInfoEnricher(BatchEnricher):
         )
 
     async def _activities(self, alerts: list[DlpAlert]) -> dict[str, list[HistoryEntry]]:
-        """Each user's stored rule-match activities around the batch's alerts: one read per user."""
-        if self.store is None:
+        """Each user's stored rule-match activities around the batch's alerts: one read per user,
+        reused across batches (`UserHistories`)."""
+        if self.activities is None:
             return {}
         window = self.settings.window_minutes * 60
-        spans: dict[str, tuple[float, float]] = {}
+        since: dict[str, float] = {}
         for alert in alerts:
             user = user_key(alert)
             if user is not None:
-                at = event_time(alert, self._clock())
-                low, high = spans.get(user, (at, at))
-                spans[user] = (min(low, at), max(high, at))
-        rows = await asyncio.gather(*(self.store.entries("activity", user, since=low - window, until=high + window) for user, (low, high) in spans.items()))
-        return dict(zip(spans, rows))
+                since[user] = min(since.get(user, float("inf")), event_time(alert, self._clock()) - window)
+        await self.activities.ensure(since)
+        return {user: self.activities.rows(user) for user in since}
 
     def _correlate(self, alert: DlpAlert, activities: list[HistoryEntry]) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
         """Rule-match activities of the same user near the alert's time, on the same file and policy."""

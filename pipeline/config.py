@@ -33,7 +33,7 @@ class StrictModel(BaseModel):
 
 
 class RunnerSettings(StrictModel):
-    max_concurrent_alerts: int = Field(64, ge=1, description="alerts of one batch enriched at the same time")
+    max_concurrent_alerts: int = Field(64, ge=1, description="alerts of one batch in flight at once in an enricher without enrich_batch")
     batch_size: int = Field(100, ge=1, description="messages per batch in the CLI")
     enricher_breaker_threshold: int = Field(5, ge=1, description="consecutive failures or timeouts of one enricher that open its circuit breaker")
     enricher_breaker_cooldown_seconds: float = Field(30.0, ge=0, description="how long an open enricher breaker refuses calls before one trial")

@@ -6,9 +6,10 @@ guarantees, in this order:
    position, and the rest of the batch goes on; non-DLP records are counted as skipped;
 2. parts of split alerts are stored in the state store before anything else, and alerts whose
    parts have settled are claimed (see pipeline/assemble.py);
-3. every alert runs through the enricher chain: dependency-ordered waves, each enricher under its
-   own timeout, a failure recorded in `enrichment_status` and never dropping the alert; at most
-   `max_concurrent_alerts` alerts are in flight;
+3. every alert runs through the enricher chain: dependency-ordered waves over the whole batch, each
+   enricher under its own timeout (per batch call for `enrich_batch`, per alert for `enrich`, at most
+   `max_concurrent_alerts` alerts in flight), a failure recorded in `enrichment_status` and never
+   dropping the alert;
 4. every record is offered to every sink whose `when` matches; transient failures are retried
    with jittered exponential backoff honouring Retry-After, within the delivery budget; what is
    rejected or still failing is dead-lettered with the sink and the reason;

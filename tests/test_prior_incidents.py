@@ -199,7 +199,7 @@ async def test_table_store_down_fails_the_enricher_and_the_alert_is_delivered(mo
 
 
 async def test_enrich_alone_records_and_reads_history(tmp_path):
-    """Without the runner's prepare_batch (e.g. it failed), each alert records itself and reads its history."""
+    """`enrich` alone (a batch of one, as the testing kit and the naive benchmark call it): each alert records itself and reads its history."""
     import time
 
     from enrichers.prior_incidents import PriorIncidentsEnricher
@@ -216,3 +216,46 @@ async def test_enrich_alone_records_and_reads_history(tmp_path):
     finally:
         await enricher.aclose()
     assert (fragment.last_7_days, fragment.last_30_days, fragment.last_90_days) == (1, 2, 3)
+
+
+async def test_user_histories_are_read_once_kept_current_and_read_again_after_their_ttl(tmp_path, monkeypatch):
+    """UserHistories over the real SQLite store: one read per user, this process's writes seen at
+    once, another writer's entries seen once the TTL has passed."""
+    from enrichers import history as history_module
+    from enrichers.history import SqliteHistoryStore, UserHistories
+
+    store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
+    reads: list[str] = []
+    entries = store.entries
+
+    async def counted(kind, user, **kwargs):
+        reads.append(user)
+        return await entries(kind, user, **kwargs)
+
+    monkeypatch.setattr(store, "entries", counted)
+    now = [1000.0]
+    monkeypatch.setattr(history_module.time, "monotonic", lambda: now[0])
+
+    def entry(entry_id: str, at: float, user: str = "u@contoso.com") -> HistoryEntry:
+        return HistoryEntry(entry_id=entry_id, content_id="c" + entry_id, user=user, at=at)
+
+    await store.record("alert", [entry("old", 50.0), entry("a", 100.0)])
+    histories = UserHistories(store, "alert", ttl=30.0)
+    await histories.ensure({"u@contoso.com": 60.0})
+    assert [e.entry_id for e in histories.rows("u@contoso.com")] == ["a"]  # since 60: "old" is not needed
+    await histories.ensure({"u@contoso.com": 70.0})  # fresh and covering: no second read
+    assert reads == ["u@contoso.com"]
+
+    mine = entry("b", 200.0)
+    await store.record("alert", [mine])
+    histories.add([mine])  # this process's own write: seen at once, newest first
+    await store.record("alert", [entry("c", 150.0)])  # another instance's write: not seen yet
+    assert [e.entry_id for e in histories.rows("u@contoso.com")] == ["b", "a"]
+
+    await histories.ensure({"u@contoso.com": 0.0})  # needs older entries than held: read again
+    assert [e.entry_id for e in histories.rows("u@contoso.com")] == ["b", "c", "a", "old"]
+    assert len(reads) == 2
+    now[0] += 31  # past the TTL: read again
+    await histories.ensure({"u@contoso.com": 0.0})
+    assert len(reads) == 3
+    await store.aclose()

@@ -77,20 +77,26 @@ TRUNCATED_TEXT = "[truncated: nested too deep]"
 
 
 def mentions_removed_key(text: str | bytes) -> bool:
-    """True when `text` (JSON, or JSON embedded in strings) may hold a removed key: it spells one as
-    a JSON key token (`"Subject"`, or `\\"Subject\\"` inside an embedded document), in any casing, or
-    holds a \\u escape (which could spell one). `"EmailSubject"` is not a mention: only whole keys
-    are removed, and a key is a JSON string, so its letters are enclosed in quotes (escaped once per
-    level of embedding); a removed key has no character JSON must escape, so only \\u could spell
-    it otherwise."""
+    """True when `text` may name a removed key: it holds one (any casing) that is not the tail of a
+    longer word (`EmailSubject` does not name `Subject`; `"Subject"`, `{Subject:` and `\\"subject\\"`
+    do), or a \\u escape (which could spell one)."""
     lowered = text.lower()
     if isinstance(lowered, bytes):
-        return b"\\u" in lowered or any(opening in lowered and (opening + b'"' in lowered or opening + b"\\" in lowered) for opening in _OPENINGS_BYTES)
-    return "\\u" in lowered or any(opening in lowered and (opening + '"' in lowered or opening + "\\" in lowered) for opening in _OPENINGS_TEXT)
+        return b"\\u" in lowered or any(_named(lowered, key) for key in _KEYS_BYTES)
+    return "\\u" in lowered or any(_named(lowered, key) for key in _KEYS_TEXT)
 
 
-_OPENINGS_TEXT = tuple('"' + key for key in sorted(REMOVED_KEYS))
-_OPENINGS_BYTES = tuple(opening.encode() for opening in _OPENINGS_TEXT)
+def _named(lowered: Any, key: Any) -> bool:
+    at = lowered.find(key)
+    while at != -1:
+        if at == 0 or not lowered[at - 1 : at].isalnum():
+            return True
+        at = lowered.find(key, at + 1)
+    return False
+
+
+_KEYS_TEXT = tuple(sorted(REMOVED_KEYS))
+_KEYS_BYTES = tuple(key.encode() for key in _KEYS_TEXT)
 
 
 WITHHELD_TEXT = "[withheld: unparseable text naming matched content]"
