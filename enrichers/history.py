@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import EnricherUnavailable
 from pipeline.models import DlpAlert
+from pipeline.state.sqlite import WAL_CHECKPOINT_PAGES
 
 log = logging.getLogger("pipeline.enrichers.history")
 
@@ -234,6 +235,8 @@ class SqliteHistoryStore:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
                 connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=NORMAL")  # as the state store: durable across a crash of the process
+                connection.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
                 connection.execute("PRAGMA busy_timeout=5000")
             self._db = connection
             for kind in ("alert", "activity"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left, bisect_right
 from operator import itemgetter
 from datetime import datetime, timezone
 from typing import Any
@@ -110,29 +111,29 @@ class PriorIncidentsEnricher(BatchEnricher):
         for index, (alert, entry) in enumerate(zip(alerts, entries)):
             if entry is None:
                 continue
-            rows = [row for row in self.histories.rows(entry.user) if entry.at - 90 * DAY <= row[1] <= entry.at]
+            rows = _window(self.histories.rows(entry.user), entry.at - 90 * DAY, entry.at)
             found = hunted.get(("hunting", entry.user)) if self.hunting is not None else None
             results[index] = found if isinstance(found, Exception) else self._summary(alert, entry.at, rows, found)
         return results
 
     def _summary(self, alert: DlpAlert, until: float, rows: list["_Row"], hunted: list[PriorAlert] | None) -> PriorIncidents:
         # Count on plain tuples; build models only for the bounded `recent` list.
+        own = alert.alert_id
+        others = [row for row in rows if row[0] != own]  # the alert never counts in its own history
+        types: set[str] = set().union(*[row[4] for row in others])
         prior: dict[str, tuple[float, str | None, str | None, str]] = {}  # id -> (at, policy, severity, source)
-        types: set[str] = set()
-        for entry_id, at, policy, severity, names in rows:  # newest first; a revised alert counts once
-            if entry_id == alert.alert_id:
-                continue
-            types.update(names)
+        for entry_id, at, policy, severity, _names in others:  # newest first; a revised alert counts once
             if entry_id not in prior:
                 prior[entry_id] = (at, policy, severity, "pipeline")
         sources = [self.settings.store.kind]
+        ordered = list(prior.items())  # newest first already
         if hunted is not None:
             for found in hunted:
                 at = found.at.timestamp()
-                if found.alert_id != alert.alert_id and found.alert_id not in prior and until - 90 * DAY <= at <= until:
+                if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= at <= until:
                     prior[found.alert_id] = (at, found.policy, found.severity, found.source)
             sources.append("hunting")
-        ordered = sorted(prior.items(), key=lambda item: item[1][0], reverse=True)
+            ordered = sorted(prior.items(), key=lambda item: item[1][0], reverse=True)
         # One pass over the (newest first) prior alerts for every count.
         week, month, same_policy = until - 7 * DAY, until - 30 * DAY, 0
         last_7 = last_30 = 0
@@ -179,6 +180,16 @@ class PriorIncidentsEnricher(BatchEnricher):
 
 # (entry id, at, policy, severity, sensitive type names): what the counting needs of a history entry.
 _Row = tuple[str, float, str | None, str | None, tuple[str, ...]]
+
+
+def _window(rows: list[_Row], since: float, until: float) -> list[_Row]:
+    """The rows (newest first) with since <= at <= until, found by bisection."""
+    first = bisect_left(rows, -until, key=_minus_at)
+    return rows[first : bisect_right(rows, -since, lo=first, key=_minus_at)]
+
+
+def _minus_at(row: _Row) -> float:
+    return -row[1]
 
 
 def _rows(entries: list[HistoryEntry]) -> list[_Row]:

@@ -557,12 +557,16 @@ async def run_enricher_batch(
     duration_ms = round((perf_counter() - started) * 1000, 3)
     failed: list[tuple[DlpAlert, str, str]] = []
     counts: Counter[str] = Counter()
+    made: dict[tuple[str, str | None], EnrichmentStatus] = {}  # alerts of one outcome share one (never changed) status
     for alert, result, alert_fragments, alert_statuses in zip(alerts, results, fragments, statuses):
         state, error = _outcome(slot, alert, result, alert_fragments)
         counts[state] += 1
         if error is not None:
             failed.append((alert, state, error))
-        alert_statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=duration_ms)
+        status = made.get((state, error))
+        if status is None:
+            status = made[(state, error)] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=duration_ms)
+        alert_statuses[slot.name] = status
     if failed:  # one line per batch, not per alert
         alert, state, error = failed[0]
         log.warning("enricher %s %s for %d of %d alert(s) (first: alert %s): %s", slot.name, state, len(failed), len(alerts), alert.alert_id, error)
