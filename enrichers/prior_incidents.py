@@ -106,7 +106,7 @@ class PriorIncidentsEnricher(BatchEnricher):
         if self.hunting is not None:
             first = {entry.user: alert for alert, entry in pairs}
             cache = contexts[0].cache if contexts else None
-            hunted = await load_many(cache, (("hunting", user) for user in first), lambda key: self._hunt(first[key[1]]))
+            hunted = await load_many(cache, (("hunting", user) for user in first), lambda key: self._hunt(first[key[1]]), timeout=self.lookup_timeout)
         results: list[PriorIncidents | None | Exception] = [None] * len(alerts)
         for index, (alert, entry) in enumerate(zip(alerts, entries)):
             if entry is None:

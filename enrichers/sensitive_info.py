@@ -129,7 +129,7 @@ class SensitiveInfoEnricher(BatchEnricher):
             hunt = [alert for alert in needing if found[alert.alert_id] is None and self.hunting is not None]
             if hunt:
                 by_id = {alert.alert_id: alert for alert in hunt}
-                hunted = await load_many(cache, (("hunting", alert_id) for alert_id in by_id), lambda key: self._hunt(by_id[key[1]]))
+                hunted = await load_many(cache, (("hunting", alert_id) for alert_id in by_id), lambda key: self._hunt(by_id[key[1]]), timeout=self.lookup_timeout)
                 found.update((key[1], ("hunting", value)) for key, value in hunted.items())
         results: list[SensitiveInfoSummary | None | Exception] = []
         for alert in alerts:

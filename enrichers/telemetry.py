@@ -22,7 +22,6 @@ in `errors` (reason only, never content).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import string
@@ -204,7 +203,7 @@ class TelemetryEnricher(BatchEnricher):
                 key = ("http", lookup.name, repr(request))
                 requests[index] = key
                 planned[key] = request
-            answers = await load_many(cache, planned, lambda key, lookup=lookup: self._call_http(lookup, planned[key]))
+            answers = await load_many(cache, planned, lambda key, lookup=lookup: self._call_http(lookup, planned[key]), timeout=self.lookup_timeout)
             for index, key in requests.items():
                 progress[index].take(lookup.name, answers[key])
         for query in self.settings.log_analytics:
@@ -214,8 +213,8 @@ class TelemetryEnricher(BatchEnricher):
                     queries[index] = _render_kql(query.query, item.values)
                 except KeyError:
                     continue
-            answers = await asyncio.gather(*(self._query_logs(query, kql, progress[index].values["_at"]) for index, kql in queries.items()), return_exceptions=True)
-            for index, answer in zip(queries, answers):
+            answered = await load_many(None, queries, lambda index, query=query: self._query_logs(query, queries[index], progress[index].values["_at"]), timeout=self.lookup_timeout)
+            for index, answer in answered.items():
                 progress[index].take(query.name, answer)
         for table in self.settings.tables:
             rows = self._tables[table.name].get()
@@ -300,6 +299,8 @@ class _Progress:
 
     def take(self, name: str, answer: "SourceResult | BaseException") -> None:
         self.applicable += 1
+        if isinstance(answer, TimeoutError):  # the enricher's lookup budget ran out for this source
+            answer = EnricherTimeout(f"{name}: no answer in time")
         if isinstance(answer, (EnricherError, PipelineError)):
             self.errors[name] = str(answer)
             self.timeouts += isinstance(answer, EnricherTimeout)

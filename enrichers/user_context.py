@@ -183,11 +183,11 @@ class UserContextEnricher(BatchEnricher):
         keys = [_user_key(alert) for alert in alerts]
         users: dict[str, Any] = {}
         if self._batcher is not None or self._directory is not None:
-            users = await load_many(cache, (key for key in keys if key is not None), self._lookup_directory)
+            users = await load_many(cache, (key for key in keys if key is not None), self._lookup_directory, timeout=self.lookup_timeout)
             # Not found by object id: try the UPN the alert also names.
             fallback = [alert.user.upn for alert, key in zip(alerts, keys) if key is not None and users[key] is None and alert.user and alert.user.upn and key != alert.user.upn]
             if fallback:
-                users.update((f"upn:{upn}", value) for upn, value in (await load_many(cache, fallback, self._lookup_directory)).items())
+                users.update((f"upn:{upn}", value) for upn, value in (await load_many(cache, fallback, self._lookup_directory, timeout=self.lookup_timeout)).items())
         results: list[UserContext | None | Exception] = []
         for alert, key, ctx in zip(alerts, keys, contexts):
             if key is None:

@@ -95,10 +95,16 @@ class TTLCache(Generic[V]):
 K = TypeVar("K", bound=Hashable)
 
 
-async def load_many(cache: "TTLCache[V] | None", keys: "Iterable[K]", loader: Callable[[K], Awaitable[V]]) -> "dict[K, V | Exception]":
+async def load_many(
+    cache: "TTLCache[V] | None", keys: "Iterable[K]", loader: Callable[[K], Awaitable[V]], *, timeout: float | None = None
+) -> "dict[K, V | Exception]":
     """Each distinct key's value through `cache` (single-flight, as `get_or_load`), or the exception
     its load raised. Values still fresh in the cache are taken without a task or a wait; only the
-    misses are loaded, all at once. Without a cache, every key is loaded."""
+    misses are loaded, all at once. Without a cache, every key is loaded.
+
+    `timeout`: a key whose load takes longer gets a TimeoutError of its own, and the others keep
+    their values, so one slow lookup fails only the alerts that need it (the load itself goes on
+    in the cache and is kept when it ends). Cancellation is never swallowed."""
     found: dict[K, V | Exception] = {}
     missing: list[K] = []
     now = cache._clock() if cache is not None else 0.0
@@ -110,15 +116,18 @@ async def load_many(cache: "TTLCache[V] | None", keys: "Iterable[K]", loader: Ca
             found[key] = entry[1]
         else:
             missing.append(key)
+
+    async def load(key: K) -> V | Exception:
+        try:
+            async with asyncio.timeout(timeout):
+                if cache is None:
+                    return await loader(key)
+                return await cache.get_or_load(key, lambda: loader(key))
+        except Exception as exc:  # TimeoutError included; CancelledError is not an Exception
+            return exc
+
     if missing:
-        if cache is None:
-            loads = [loader(key) for key in missing]
-        else:
-            loads = [cache.get_or_load(key, lambda key=key: loader(key)) for key in missing]
-        for key, value in zip(missing, await asyncio.gather(*loads, return_exceptions=True)):
-            if isinstance(value, BaseException) and not isinstance(value, Exception):
-                raise value  # cancellation and the like end the batch, as they would a single load
-            found[key] = value
+        found.update(zip(missing, await asyncio.gather(*(load(key) for key in missing))))
     return found
 
 

@@ -91,7 +91,14 @@ class BatchEnricher(BaseEnricher):
     Guarantees the runner gives `enrich_batch`: `alerts` and `contexts` have the same length and
     order; it is called once per batch and wave, under the enricher's timeout (a timeout or a raise
     fails every alert of the batch; an exception *returned* for one alert fails that alert only).
+    Give lookups `lookup_timeout` (`load_many(..., timeout=self.lookup_timeout)`): a slow key then
+    fails only the alerts that need it, before the batch's own timeout would fail them all.
     """
+
+    @property
+    def lookup_timeout(self) -> float:
+        """The share of the enricher's timeout one lookup may take (80 %)."""
+        return self.timeout * 0.8
 
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list["EnrichmentContext"]) -> list[BaseModel | None | Exception]:
         raise NotImplementedError

@@ -165,6 +165,8 @@ def build_enricher_chain(configs: list[EnricherConfig], services: Services) -> E
             raise config.error(f"{cls.__module__}.{cls.__qualname__} is not an enricher: it needs `async def enrich(self, alert, ctx)`", key)
         plugin = instantiate(cls, entry.settings, services, key=key)
         timeout = entry.timeout_seconds or float(getattr(plugin, "timeout", 5.0))
+        if entry.timeout_seconds:
+            plugin.timeout = timeout  # the enricher sizes its own budgets (HTTP retries, lookups) from it
         policy = getattr(plugin, "cache_policy", None)
         slots.append(
             EnricherSlot(

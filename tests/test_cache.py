@@ -89,3 +89,19 @@ async def test_load_many_lets_cancellation_through():
 
     with pytest.raises(asyncio.CancelledError):
         await load_many(TTLCache(CachePolicy()), ["k"], loader)
+
+
+async def test_load_many_gives_a_slow_key_its_own_timeout_and_keeps_its_late_value():
+    cache: TTLCache[str] = TTLCache(CachePolicy(ttl_seconds=60))
+    release = asyncio.Event()
+
+    async def loader(key: str) -> str:
+        if key == "slow":
+            await release.wait()
+        return key.upper()
+
+    found = await load_many(cache, ["fast", "slow"], loader, timeout=0.05)
+    assert found["fast"] == "FAST" and isinstance(found["slow"], TimeoutError)
+    release.set()
+    await asyncio.sleep(0.01)  # the load went on in the cache and finished
+    assert cache.get("slow") == "SLOW"

@@ -144,6 +144,35 @@ async def test_slow_source_is_cut_by_its_timeout(httpserver, write_config, okta_
     done.wait(2)  # the local server answers one request at a time: let it finish before the next test
 
 
+async def test_one_slow_lookup_fails_only_the_alert_that_needs_it(write_config, okta_auth):
+    """The batch's lookups run together; one that outlives the enricher's lookup budget (80 % of its
+    timeout) fails its own alert only, and the batch call ends within the enricher's timeout."""
+    from pytest_httpserver import HTTPServer
+
+    server = HTTPServer(threaded=True)  # answers the slow and the fast request at the same time
+    server.start()
+
+    def handle(request):
+        if "slow@" in request.args["filter"]:
+            time.sleep(1.0)
+        return Response(json.dumps(EVENTS), content_type="application/json")
+
+    server.expect_request("/api/v1/logs").respond_with_handler(handle)
+    try:
+        source = okta(server.url_for("").rstrip("/")).replace("timeout_seconds = 0.5", "timeout_seconds = 3")
+        started = time.monotonic()
+        _, records = await run(write_config(config(source, timeout=0.5)), graph_alert("fast", upn="fast@contoso.com"), graph_alert("slow", upn="slow@contoso.com"))
+        assert time.monotonic() - started < 0.9
+    finally:
+        time.sleep(0.7)  # let the slow handler finish before the server stops
+        server.clear()
+        server.stop()
+    assert records["fast"]["enrichment_status"]["telemetry"]["state"] == "ok"
+    assert records["fast"]["enrichments"]["telemetry"]["sources"]["okta"]["found"] is True
+    slow = records["slow"]["enrichment_status"]["telemetry"]
+    assert slow["state"] == "timed_out" and "okta: no answer in time" in slow["error"]
+
+
 async def test_redirect_to_another_host_is_refused(httpserver, write_config, okta_auth):
     httpserver.expect_request("/api/v1/logs").respond_with_data("", status=302, headers={"Location": "https://attacker.example/steal"})
     _, records = await run(write_config(config(okta(httpserver.url_for("").rstrip("/")))), graph_alert("a", upn="x@contoso.com"))
