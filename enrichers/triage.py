@@ -81,46 +81,48 @@ class TriageEnricher(BatchEnricher):
             if points > 0:
                 reasons.append(Reason(code=code, points=points, detail=detail))
 
-        fragments = {name: _as_dict(ctx.fragment(name)) for name in INPUTS}
+        # Fields are read by name (`_field`), so a plugin that replaces a built-in input is read the same way.
+        fragments = {name: ctx.fragment(name) for name in INPUTS}
         missing = [name for name in INPUTS if fragments[name] is None and name in ctx.statuses and ctx.statuses[name].state != "skipped"]
 
         user = fragments["user_context"]
-        if user:
-            days = user.get("days_until_departure")
-            if user.get("departed"):
+        if user is not None:
+            days = _field(user, "days_until_departure")
+            if _field(user, "departed"):
                 add("departing_user", w.departing_user, f"left {-days} day(s) before the alert" if days is not None else "has left")
-            elif user.get("departing") and days is None:
+            elif _field(user, "departing") and days is None:
                 add("departing_user", w.departing_user, "resigned, last working day unknown")
-            elif user.get("departing") and days is not None and days <= s.departing_within_days:
+            elif _field(user, "departing") and days is not None and days <= s.departing_within_days:
                 add("departing_user", w.departing_user, f"leaves in {days} day(s)")
-            if user.get("account_enabled") is False:
+            if _field(user, "account_enabled") is False:
                 add("account_disabled", w.account_disabled, "the account is disabled")
 
         info = fragments["sensitive_info"]
-        if info:
+        if info is not None:
             by_category: dict[str, int] = {}
-            for item in info.get("types") or []:
-                if item.get("category") == "credentials" and (item.get("count") or 0) > 0:
-                    by_category["credentials"] = by_category.get("credentials", 0) + item["count"]
-                confidence = item.get("confidence")
+            for item in _field(info, "types") or []:
+                if _field(item, "category") == "credentials" and (_field(item, "count") or 0) > 0:
+                    by_category["credentials"] = by_category.get("credentials", 0) + _field(item, "count")
+                confidence = _field(item, "confidence")
                 if confidence is not None and confidence >= s.high_confidence_threshold:
-                    by_category[item["category"]] = by_category.get(item["category"], 0) + (item.get("count") or 0)
+                    by_category[_field(item, "category")] = by_category.get(_field(item, "category"), 0) + (_field(item, "count") or 0)
             for category, weight in (("financial", w.high_confidence_financial), ("health", w.high_confidence_health), ("personal", w.high_confidence_personal)):
                 if by_category.get(category):
                     add(f"high_confidence_{category}", weight, f"{by_category[category]} high-confidence {category} match(es)")
             if by_category.get("credentials"):
                 add("credentials", w.credentials, f"{by_category['credentials']} credential match(es)")
-            total = info.get("total_count") or 0
+            total = _field(info, "total_count") or 0
             if total >= s.volume_threshold:
                 add("volume", w.volume, f"{total} matches (threshold {s.volume_threshold})")
 
         prior = fragments["prior_incidents"]
-        if prior:
-            recent = prior.get("last_30_days") or 0
+        if prior is not None:
+            recent = _field(prior, "last_30_days") or 0
             if recent >= s.repeat_threshold:
                 add("repeat_offender", w.repeat_offender, f"{recent} prior DLP alert(s) in 30 days")
-            if prior.get("same_policy_90_days"):
-                add("same_policy_repeat", w.same_policy_repeat, f"{prior['same_policy_90_days']} prior alert(s) of the same policy in 90 days")
+            same_policy = _field(prior, "same_policy_90_days")
+            if same_policy:
+                add("same_policy_repeat", w.same_policy_repeat, f"{same_policy} prior alert(s) of the same policy in 90 days")
 
         if alert.shared_externally:
             add("external_sharing", w.external_sharing, "shared with people outside the organisation")
@@ -130,8 +132,8 @@ class TriageEnricher(BatchEnricher):
             add("severity", w.severity_medium, "alert severity medium")
 
         telemetry = fragments["telemetry"]
-        if telemetry and telemetry.get("found_any"):
-            known = sorted(name for name, result in (telemetry.get("sources") or {}).items() if result.get("found"))
+        if telemetry is not None and _field(telemetry, "found_any"):
+            known = sorted(name for name, result in (_field(telemetry, "sources") or {}).items() if _field(result, "found"))
             add("telemetry_hit", w.telemetry_hit, "known to " + ", ".join(known))
 
         score = min(100, sum(r.points for r in reasons))
@@ -140,34 +142,6 @@ class TriageEnricher(BatchEnricher):
         return Triage(score=score, band=band, reasons=reasons, missing_inputs=missing)
 
 
-def _as_dict(fragment: BaseModel | None) -> "_View | None":
-    """Read a fragment's fields by name, tolerating any model (a plugin may replace a built-in)."""
-    return _View(fragment) if fragment is not None else None
-
-
-class _View:
-    """`.get(field)` over a pydantic model, nested models viewed the same way; no dump, no copy."""
-
-    __slots__ = ("_model",)
-
-    def __init__(self, model: BaseModel) -> None:
-        self._model = model
-
-    def __bool__(self) -> bool:
-        return True
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return _viewed(getattr(self._model, key, default))
-
-    def __getitem__(self, key: str) -> Any:
-        return _viewed(getattr(self._model, key))
-
-
-def _viewed(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return _View(value)
-    if isinstance(value, list):
-        return [_viewed(item) for item in value]
-    if isinstance(value, dict):
-        return {key: _viewed(item) for key, item in value.items()}
-    return value
+def _field(fragment: Any, name: str) -> Any:
+    """A fragment's field by name, or None when it has no such field."""
+    return getattr(fragment, name, None)

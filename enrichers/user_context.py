@@ -314,44 +314,39 @@ def _index_hr(data: bytes, columns: HrColumns) -> dict[str, dict[str, Any]]:
 
 
 def _fragment(user: dict[str, Any] | None, hr: dict[str, Any] | None, sources: list[str], at: datetime) -> UserContext:
-    out = UserContext(found=bool(sources), sources=sources)
+    fields: dict[str, Any] = {"found": bool(sources), "sources": sources}
     if user is not None:
         org = user.get("employeeOrgData") if isinstance(user.get("employeeOrgData"), dict) else {}
         manager = user.get("manager") if isinstance(user.get("manager"), dict) else None
-        out = out.model_copy(
-            update=dict(
-                display_name=user.get("displayName"),
-                department=user.get("department"),
-                job_title=user.get("jobTitle"),
-                employee_type=user.get("employeeType"),
-                company_name=user.get("companyName"),
-                office_location=user.get("officeLocation"),
-                division=org.get("division"),
-                cost_center=org.get("costCenter"),
-                account_enabled=user.get("accountEnabled") if isinstance(user.get("accountEnabled"), bool) else None,
-                hire_date=parse_datetime(user.get("employeeHireDate")),
-                leave_date=parse_datetime(user.get("employeeLeaveDateTime")),
-                manager=Manager(
-                    id=manager.get("id"),
-                    display_name=manager.get("displayName"),
-                    upn=(manager.get("userPrincipalName") or "").lower() or None,
-                    mail=manager.get("mail"),
-                    job_title=manager.get("jobTitle"),
-                )
-                if manager
-                else None,
+        fields.update(
+            display_name=user.get("displayName"),
+            department=user.get("department"),
+            job_title=user.get("jobTitle"),
+            employee_type=user.get("employeeType"),
+            company_name=user.get("companyName"),
+            office_location=user.get("officeLocation"),
+            division=org.get("division"),
+            cost_center=org.get("costCenter"),
+            account_enabled=user.get("accountEnabled") if isinstance(user.get("accountEnabled"), bool) else None,
+            hire_date=parse_datetime(user.get("employeeHireDate")),
+            leave_date=parse_datetime(user.get("employeeLeaveDateTime")),
+            manager=Manager(
+                id=manager.get("id"),
+                display_name=manager.get("displayName"),
+                upn=(manager.get("userPrincipalName") or "").lower() or None,
+                mail=manager.get("mail"),
+                job_title=manager.get("jobTitle"),
             )
+            if manager
+            else None,
         )
     if hr is not None:
-        out.resignation_date = hr["resignation_date"]
-        out.last_working_date = hr["last_working_date"]
-    leaving = out.last_working_date or out.leave_date
+        fields["resignation_date"] = hr["resignation_date"]
+        fields["last_working_date"] = hr["last_working_date"]
+    leaving = fields.get("last_working_date") or fields.get("leave_date")
     if leaving is not None:
         days = (leaving.date() - at.date()).days
-        out.days_until_departure = days
-        out.departed = days < 0
-        out.departing = days >= 0
-    elif out.resignation_date is not None:  # resigned, last day not known yet
-        out.departing = True
-    return out
-
+        fields.update(days_until_departure=days, departed=days < 0, departing=days >= 0)
+    elif fields.get("resignation_date") is not None:  # resigned, last day not known yet
+        fields["departing"] = True
+    return UserContext(**fields)
