@@ -456,7 +456,6 @@ class Runner:
         await self.state.purge(emitted_before=now - self.config.assembly.retention_hours * 3600)
 
 
-
 async def run_enricher(
     slot: EnricherSlot,
     alerts: Sequence[DlpAlert],
@@ -469,20 +468,20 @@ async def run_enricher(
 ) -> None:
     """Run one enricher on a batch of alerts, as the runner does; `fragments[i]` and `statuses[i]`
     belong to `alerts[i]`. A plugin with `enrich_batch` gets one call for the whole batch under its
-    timeout (`run_enricher_batch`); any other gets one `enrich` per alert, each under its own timeout
-    (`run_enricher_step`), at most `concurrency` at a time. Never raises for the enricher's failure.
+    timeout (`_run_batch`); any other gets one `enrich` per alert, each under its own timeout
+    (`_run_step`), at most `concurrency` at a time. Never raises for the enricher's failure.
     (Also used by pipeline.testing.run_enricher, so plugin tests exercise this exact path.)"""
     if getattr(slot.plugin, "enrich_batch", None) is not None:
-        await run_enricher_batch(slot, alerts, fragments, statuses, clock=clock, breaker=breaker)
+        await _run_batch(slot, alerts, fragments, statuses, clock=clock, breaker=breaker)
         return
 
     async def one(index: int) -> None:
         if concurrency is None:
-            await run_enricher_step(slot, alerts[index], fragments[index], statuses[index], clock=clock, breaker=breaker)
+            await _run_step(slot, alerts[index], fragments[index], statuses[index], clock=clock, breaker=breaker)
             return
         async with concurrency:
             telemetry.bind_alert(alerts[index])  # this task's log records carry alert_id / record_id
-            await run_enricher_step(slot, alerts[index], fragments[index], statuses[index], clock=clock, breaker=breaker)
+            await _run_step(slot, alerts[index], fragments[index], statuses[index], clock=clock, breaker=breaker)
 
     if len(alerts) == 1:
         await one(0)
@@ -490,7 +489,7 @@ async def run_enricher(
         await asyncio.gather(*(one(index) for index in range(len(alerts))))
 
 
-async def run_enricher_step(
+async def _run_step(
     slot: EnricherSlot,
     alert: DlpAlert,
     fragments: dict[str, BaseModel],
@@ -523,7 +522,7 @@ async def run_enricher_step(
     telemetry.record_enricher(slot.name, state, duration_ms / 1000)
 
 
-async def run_enricher_batch(
+async def _run_batch(
     slot: EnricherSlot,
     alerts: Sequence[DlpAlert],
     fragments: Sequence[dict[str, BaseModel]],
