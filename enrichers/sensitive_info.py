@@ -121,33 +121,31 @@ class SensitiveInfoEnricher(BatchEnricher):
         each user's activities once for the batch and correlate every alert that needs it."""
         await self._record(alerts)
         cache = contexts[0].cache if contexts else None
-        needing = [alert for alert in alerts if _needs_correlation(alert)]
-        found: dict[str, Any] = {}
+        needing = [index for index, alert in enumerate(alerts) if _needs_correlation(alert)]
+        correlated: dict[int, Any] = {}  # alert index -> (types, activity ids, labels) or None
+        hunted: dict[int, Any] = {}  # alert index -> the same from Advanced Hunting, or the exception
         if needing:
-            activities = await self._activities(needing)
-            found = {alert.alert_id: self._correlate(alert, activities.get(user_key(alert) or "", [])) for alert in needing}
-            hunt = [alert for alert in needing if found[alert.alert_id] is None and self.hunting is not None]
+            activities = await self._activities([alerts[index] for index in needing])
+            for index in needing:
+                correlated[index] = self._correlate(alerts[index], activities.get(user_key(alerts[index]) or "", []))
+            hunt = [index for index in needing if correlated[index] is None] if self.hunting is not None else []
             if hunt:
-                by_id = {alert.alert_id: alert for alert in hunt}
-                hunted = await load_many(cache, (("hunting", alert_id) for alert_id in by_id), lambda key: self._hunt(by_id[key[1]]), timeout=self.lookup_timeout)
-                found.update((key[1], ("hunting", value)) for key, value in hunted.items())
+                by_id = {alerts[index].alert_id: alerts[index] for index in hunt}
+                answers = await load_many(cache, (("hunting", alert_id) for alert_id in by_id), lambda key: self._hunt(by_id[key[1]]), timeout=self.lookup_timeout)
+                hunted = {index: answers[("hunting", alerts[index].alert_id)] for index in hunt}
         results: list[SensitiveInfoSummary | None | Exception] = []
-        for alert in alerts:
+        for index, alert in enumerate(alerts):
             labels = sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id})
-            infos, source, ids = list(alert.sensitive_info), "alert", []
-            match = found.get(alert.alert_id)
-            if isinstance(match, tuple) and match and match[0] == "hunting":
-                if isinstance(match[1], Exception):
-                    results.append(match[1])
+            infos, ids, source = list(alert.sensitive_info), [], "alert"
+            match, source_if_found = correlated.get(index), "correlated"
+            if index in hunted:
+                match, source_if_found = hunted[index], "hunting"
+                if isinstance(match, Exception):
+                    results.append(match)
                     continue
-                source, match = "hunting", match[1]
-            elif match is not None:
-                source = "correlated"
             if match:
-                infos, ids = match[0], match[1]
-                labels = sorted(set(labels) | set(match[2]))
-            else:
-                source = "alert"  # nothing matched: the alert's own types, as they are
+                (infos, ids, found_labels), source = match, source_if_found
+                labels = sorted(set(labels) | set(found_labels))
             results.append(self.summarize(infos, labels, source=source, ids=ids) if infos or labels else None)
         return results
 
