@@ -97,7 +97,7 @@ class HistoryStore(Protocol):
 
 class HistoryWriter:
     """Writes entries to a store once per process: remembers the last `remember` (entry id, content id)
-    pairs written, so an alert seen again (prepare_batch, then enrich; a redelivery) costs no write.
+    pairs written, so an alert seen again (a redelivery, a re-run) costs no write.
     The store's own writes are idempotent anyway; this only saves the round trips."""
 
     def __init__(self, store: HistoryStore, *, remember: int = 50_000) -> None:

@@ -304,7 +304,6 @@ class Runner:
         if not alerts:
             return []
         processed_at = datetime.fromtimestamp(self.clock(), tz=timezone.utc)
-        await self._prepare_batch(alerts)
         fragments: list[dict[str, BaseModel]] = [{} for _ in alerts]
         statuses: list[dict[str, EnrichmentStatus]] = [{} for _ in alerts]
         for wave in self.chain.waves:
@@ -329,22 +328,6 @@ class Runner:
         report.alerts += len(unique)
         report.record_ids.extend(unique)
         return list(unique.values())
-
-    async def _prepare_batch(self, alerts: list[DlpAlert]) -> None:
-        """Show the whole batch first to enrichers that have `prepare_batch(alerts, cache)`: they batch
-        their lookups (Graph `$batch`) and write history before any alert is enriched. Best effort:
-        a failure is logged, and each alert's `enrich` then does its own lookup."""
-        jobs = [self._prepare_slot(slot, alerts) for slot in self.chain.slots if getattr(slot.plugin, "prepare_batch", None) is not None]
-        if jobs:
-            await asyncio.gather(*jobs)
-
-    async def _prepare_slot(self, slot: EnricherSlot, alerts: list[DlpAlert]) -> None:
-        try:
-            async with asyncio.timeout(slot.timeout):
-                await slot.plugin.prepare_batch(alerts, slot.cache)
-        except Exception as exc:
-            log.warning("enricher %s: batch preparation failed: %s", slot.name, type(translate(exc, role="enricher")).__name__)
-            log.debug("enricher %s: batch preparation failed", slot.name, exc_info=exc)
 
     # -- delivery ------------------------------------------------------------------------------
 

@@ -297,7 +297,7 @@ def test_missing_hr_file_is_a_config_error(write_config):
         Runner(write_config(config("https://graph.microsoft.com/v1.0", hr="missing.csv")))
 
 
-async def test_without_prepare_batch_concurrent_lookups_are_still_batched(httpserver, tmp_path):
+async def test_concurrent_enrich_calls_of_one_alert_each_are_still_batched(httpserver, tmp_path):
     """The micro-batching loader alone (no runner): 30 concurrent alerts of 25 users -> 2 $batch calls."""
     import asyncio
 
