@@ -28,6 +28,7 @@ called; its records stay retryable, its enrichment is `failed` with "circuit ope
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
@@ -458,18 +459,14 @@ async def run_enricher(
         await _run_batch(slot, alerts, fragments, statuses, clock=clock, breaker=breaker)
         return
 
-    async def one(index: int) -> None:
-        if concurrency is None:
-            await _run_step(slot, alerts[index], fragments[index], statuses[index], clock=clock, breaker=breaker)
-            return
-        async with concurrency:
-            telemetry.bind_alert(alerts[index])  # this task's log records carry alert_id / record_id
+    limit = concurrency or contextlib.nullcontext()
+
+    async def one(index: int) -> None:  # its own task: its log records carry this alert's ids
+        async with limit:
+            telemetry.bind_alert(alerts[index])
             await _run_step(slot, alerts[index], fragments[index], statuses[index], clock=clock, breaker=breaker)
 
-    if len(alerts) == 1:
-        await one(0)
-    else:
-        await asyncio.gather(*(one(index) for index in range(len(alerts))))
+    await asyncio.gather(*(one(index) for index in range(len(alerts))))
 
 
 async def _run_step(
