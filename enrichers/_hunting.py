@@ -45,6 +45,16 @@ def kql_string(value: str) -> str:
     return orjson.dumps(value).decode()
 
 
+def user_filter(user: Any, *, upn_column: str, object_id_column: str) -> str:
+    """A KQL condition matching the alert's user by UPN (case-insensitive) or object id, values quoted."""
+    conditions = []
+    if user.upn:
+        conditions.append(f"{upn_column} =~ {kql_string(user.upn)}")
+    if user.object_id:
+        conditions.append(f"{object_id_column} == {kql_string(user.object_id)}")
+    return " or ".join(conditions)
+
+
 class HuntingClient:
     def __init__(self, settings: HuntingSettings, *, credential: Any = None) -> None:
         self.settings = settings

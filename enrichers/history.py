@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import EnricherUnavailable
 from pipeline.models import DlpAlert
-from pipeline.state.sqlite import WAL_CHECKPOINT_PAGES
+from pipeline.state.sqlite import WAL_CHECKPOINT_PAGES, Transaction
 
 log = logging.getLogger("pipeline.enrichers.history")
 
@@ -254,17 +254,12 @@ class SqliteHistoryStore:
             return
         rows = [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(e)) for e in entries]
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)
+            with Transaction(self._db) as db:
+                db.executemany(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)
                 if time.monotonic() >= self._next_purge:
                     self._next_purge = time.monotonic() + 600
                     newest = max(e.at for e in entries)
-                    self._db.execute(f"DELETE FROM history_{kind}s WHERE at < ?", (newest - self.retention_seconds,))
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                    db.execute(f"DELETE FROM history_{kind}s WHERE at < ?", (newest - self.retention_seconds,))
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store write failed: {type(exc).__name__}") from exc
 

@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from enrichers._files import parse_datetime
-from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
+from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
 from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, entry_of, open_history_store
 from pipeline.cache import CachePolicy, load_many
 from pipeline.enricher import BatchEnricher, EnrichmentContext
@@ -158,13 +158,9 @@ class PriorIncidentsEnricher(BatchEnricher):
 
     async def _hunt(self, alert: DlpAlert) -> list[PriorAlert]:
         assert self.hunting is not None and alert.user is not None
-        conditions = []
-        if alert.user.upn:
-            conditions.append(f"AccountUpn =~ {kql_string(alert.user.upn)}")
-        if alert.user.object_id:
-            conditions.append(f"AccountObjectId == {kql_string(alert.user.object_id)}")
+        who = user_filter(alert.user, upn_column="AccountUpn", object_id_column="AccountObjectId")
         kql = (
-            'AlertEvidence | where EntityType == "User" and (' + " or ".join(conditions) + ")"
+            'AlertEvidence | where EntityType == "User" and (' + who + ")"
             ' | join kind=inner (AlertInfo | where ServiceSource == "Microsoft Data Loss Prevention") on AlertId'
             " | summarize Timestamp = min(Timestamp), Severity = take_any(Severity) by AlertId"
             " | order by Timestamp desc | take 500"

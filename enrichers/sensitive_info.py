@@ -17,7 +17,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, Field
 
-from enrichers._hunting import HuntingClient, HuntingSettings, kql_string
+from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
 from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, entry_of, event_time, open_history_store, user_key
 from pipeline.cache import CachePolicy, load_many
 from pipeline.enricher import BatchEnricher, EnrichmentContext
@@ -209,15 +209,11 @@ class SensitiveInfoEnricher(BatchEnricher):
 
         at = datetime.fromtimestamp(event_time(alert, self._clock()), tz=timezone.utc)
         window = timedelta(minutes=self.settings.window_minutes)
-        who = []
-        if alert.user.upn:
-            who.append(f"tostring(RawEventData.UserId) =~ {kql_string(alert.user.upn)}")
-        if alert.user.object_id:
-            who.append(f"AccountObjectId == {kql_string(alert.user.object_id)}")
+        who = user_filter(alert.user, upn_column="tostring(RawEventData.UserId)", object_id_column="AccountObjectId")
         kql = (
             f"CloudAppEvents | where Timestamp between (datetime({(at - window).isoformat()}) .. datetime({(at + window).isoformat()}))"
             ' | where ActionType =~ "DLPRuleMatch" or tostring(RawEventData.Operation) =~ "DLPRuleMatch"'
-            f" | where {' or '.join(who)}"
+            f" | where {who}"
             " | project Timestamp, ReportId, RawEventData | take 50"
         )
         files = {f.name.lower() for f in alert.files if f.name}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Generic, Hashable, Iterable, TypeVar
 
 V = TypeVar("V")
+_MISS = object()  # "not cached", where None is a value that can be cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +62,19 @@ class TTLCache(Generic[V]):
         while len(self._values) > self.policy.max_entries:
             self._values.popitem(last=False)
 
-    async def get_or_load(self, key: Hashable, loader: Callable[[], Awaitable[V]]) -> V:
+    def _hit(self, key: Hashable) -> Any:
+        """The value when fresh (counted as a hit, kept as most recently used), else `_MISS`."""
         entry = self._values.get(key)
-        if entry is not None and entry[0] > self._clock():
-            self.stats.hits += 1
-            self._values.move_to_end(key)
-            return entry[1]
+        if entry is None or entry[0] <= self._clock():
+            return _MISS
+        self.stats.hits += 1
+        self._values.move_to_end(key)
+        return entry[1]
+
+    async def get_or_load(self, key: Hashable, loader: Callable[[], Awaitable[V]]) -> V:
+        value = self._hit(key)
+        if value is not _MISS:
+            return value
         self.stats.misses += 1
         task = self._inflight.get(key)
         if task is None:
@@ -107,15 +115,12 @@ async def load_many(
     in the cache and is kept when it ends). Cancellation is never swallowed."""
     found: dict[K, V | Exception] = {}
     missing: list[K] = []
-    now = cache._clock() if cache is not None else 0.0
     for key in dict.fromkeys(keys):
-        entry = cache._values.get(key) if cache is not None else None
-        if entry is not None and entry[0] > now:
-            cache.stats.hits += 1  # type: ignore[union-attr]
-            cache._values.move_to_end(key)  # type: ignore[union-attr]
-            found[key] = entry[1]
-        else:
+        value = cache._hit(key) if cache is not None else _MISS
+        if value is _MISS:
             missing.append(key)
+        else:
+            found[key] = value
 
     async def load(key: K) -> V | Exception:
         try:

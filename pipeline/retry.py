@@ -15,6 +15,7 @@ import sqlite3
 from typing import Iterable
 
 from pipeline.errors import StoreUnavailable
+from pipeline.state.sqlite import Transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batch_redeliveries (
@@ -62,19 +63,14 @@ class RedeliveryCounter:
             self._memory[key] = self._memory.get(key, 0) + 1
             return self._memory[key]
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM batch_redeliveries WHERE last_at < ?", (now - _FORGET_AFTER_SECONDS,))
-                self._db.execute(
+            with Transaction(self._db) as db:
+                db.execute("DELETE FROM batch_redeliveries WHERE last_at < ?", (now - _FORGET_AFTER_SECONDS,))
+                db.execute(
                     """INSERT INTO batch_redeliveries (fingerprint, attempts, last_at) VALUES (?, 1, ?)
                        ON CONFLICT (fingerprint) DO UPDATE SET attempts = attempts + 1, last_at = excluded.last_at""",
                     (key, now),
                 )
-                (count,) = self._db.execute("SELECT attempts FROM batch_redeliveries WHERE fingerprint = ?", (key,)).fetchone()
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                (count,) = db.execute("SELECT attempts FROM batch_redeliveries WHERE fingerprint = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"state store write failed: {exc}") from exc
         return int(count)

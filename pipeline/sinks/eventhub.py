@@ -45,25 +45,27 @@ async def pack(records: Sequence[Any], new_batch: Callable[[], Awaitable[Any]]) 
         event = make_event(record)
         if batch is None:
             batch, members = await new_batch(), []
-        try:
-            batch.add(event)
-            members.append(index)
-            continue
-        except ValueError:
-            pass
-        if members:  # full: start another
+        added = _add(batch, event)
+        if not added and members:  # full: start another and try there
             batches.append((batch, members))
             batch, members = await new_batch(), []
-            try:
-                batch.add(event)
-                members.append(index)
-                continue
-            except ValueError:
-                pass
-        too_large[index] = f"event of {len(record.to_json())} bytes does not fit an Event Hub batch of {batch.max_size_in_bytes} bytes"
+            added = _add(batch, event)
+        if added:
+            members.append(index)
+        else:
+            too_large[index] = f"event of {len(record.to_json())} bytes does not fit an Event Hub batch of {batch.max_size_in_bytes} bytes"
     if batch is not None and members:
         batches.append((batch, members))
     return batches, too_large
+
+
+def _add(batch: Any, event: Any) -> bool:
+    """Add `event` to `batch`; False when it does not fit (the SDK raises ValueError)."""
+    try:
+        batch.add(event)
+    except ValueError:
+        return False
+    return True
 
 
 class EventHubSink:

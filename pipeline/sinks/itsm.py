@@ -26,7 +26,7 @@ import httpx
 
 from pipeline.errors import SinkUnavailable, is_retryable_status, translate
 from pipeline.sinks import Outcome
-from pipeline.sinks.shaping import get_path
+from pipeline.sinks.shaping import alert_key, get_path
 
 log = logging.getLogger("pipeline.sinks.itsm")
 
@@ -198,8 +198,9 @@ def summary_lines(document: dict[str, Any], *, record_id: str) -> list[str]:
     return lines
 
 
-async def upsert_each(records: Sequence[Any], upsert: Callable[[Any], Awaitable[None]], *, name: str) -> list[Outcome]:
-    """Run `upsert` for each record in order; map failures to outcomes.
+async def upsert_each(records: Sequence[Any], upsert: Callable[[Any], Awaitable[None]], *, locks: KeyLocks, name: str) -> list[Outcome]:
+    """Run `upsert` for each record in order, holding its alert's lock (one ticket per alert, even
+    when two batches carry the same alert at once); map failures to outcomes.
 
     After a retryable failure (throttling, server error) the remaining records are reported
     retryable with the same Retry-After, without calling the service again.
@@ -211,7 +212,8 @@ async def upsert_each(records: Sequence[Any], upsert: Callable[[Any], Awaitable[
             outcomes.append(stop)
             continue
         try:
-            await upsert(record)
+            async with locks.hold(alert_key(record)):
+                await upsert(record)
         except TicketError as err:
             outcome = err.outcome
         except Exception as exc:  # network errors, timeouts, bad JSON answers

@@ -64,7 +64,7 @@ class JiraSink:
         self._issues = TicketMemory()  # alert key → issue key and the record last delivered to it
 
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
-        return await upsert_each(records, self._upsert, name="jira")
+        return await upsert_each(records, self._upsert, locks=self._locks, name="jira")
 
     def fields(self, record: Any) -> dict[str, Any]:
         document = record_document(record)
@@ -79,11 +79,7 @@ class JiraSink:
             fields["priority"] = {"name": priority}
         return fields
 
-    async def _upsert(self, record: Any) -> None:
-        async with self._locks.hold(alert_key(record)):
-            await self._upsert_locked(record)
-
-    async def _upsert_locked(self, record: Any) -> None:
+    async def _upsert(self, record: Any) -> None:  # under the alert's lock (upsert_each)
         key = alert_key(record)
         if self._issues.delivered(key, record.record_id):
             return  # this very record is on its issue already (a redelivered batch)

@@ -92,7 +92,7 @@ class ServiceNowSink:
         return f"{self.base}/api/now/table/{self.settings.table}"
 
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
-        return await upsert_each(records, self._upsert, name="servicenow")
+        return await upsert_each(records, self._upsert, locks=self._locks, name="servicenow")
 
     def ticket(self, record: Any) -> dict[str, str]:
         document = record_document(record)
@@ -110,11 +110,7 @@ class ServiceNowSink:
                 body[field] = body[field][: limit - 1] + "…"
         return body
 
-    async def _upsert(self, record: Any) -> None:
-        async with self._locks.hold(alert_key(record)):
-            await self._upsert_locked(record)
-
-    async def _upsert_locked(self, record: Any) -> None:
+    async def _upsert(self, record: Any) -> None:  # under the alert's lock (upsert_each)
         key = alert_key(record)
         if self._tickets.delivered(key, record.record_id):
             return  # this very record is on its ticket already (a redelivered batch)

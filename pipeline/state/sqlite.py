@@ -179,11 +179,14 @@ class SqliteStateStore:
     async def aclose(self) -> None:
         self._db.close()
 
-    def _transaction(self) -> "_Transaction":
-        return _Transaction(self._db)
+    def _transaction(self) -> "Transaction":
+        return Transaction(self._db)
 
 
-class _Transaction:
+class Transaction:
+    """`with Transaction(db) as db:` one write transaction (BEGIN IMMEDIATE), committed when the block
+    ends, rolled back when it raises. For every store that keeps tables in a SQLite file."""
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
 
