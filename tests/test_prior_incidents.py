@@ -259,3 +259,40 @@ async def test_user_histories_are_read_once_kept_current_and_read_again_after_th
     await histories.ensure({"u@contoso.com": 0.0})
     assert len(reads) == 3
     await store.aclose()
+
+
+async def test_a_history_file_of_an_earlier_version_is_converted_and_keeps_its_entries(tmp_path):
+    """Earlier versions kept the history in WITHOUT ROWID tables; opening such a file converts it once
+    (twice opened, still one conversion) and every entry is still read, still written idempotently."""
+    import sqlite3
+
+    import orjson
+
+    from enrichers.history import SqliteHistoryStore
+
+    path = tmp_path / "history.sqlite"
+    old = sqlite3.connect(path)
+    for kind in ("alert", "activity"):
+        old.executescript(
+            f"CREATE TABLE history_{kind}s (user TEXT NOT NULL, entry_id TEXT NOT NULL, content_id TEXT NOT NULL, at REAL NOT NULL,"
+            f" data BLOB NOT NULL, PRIMARY KEY (user, entry_id, content_id)) WITHOUT ROWID;"
+            f" CREATE INDEX history_{kind}s_user_at ON history_{kind}s (user, at);"
+        )
+    kept = [HistoryEntry(entry_id=f"a{i}", content_id=f"c{i}", user="u@contoso.com", at=100.0 + i, policy="Finance PII") for i in range(3)]
+    old.executemany("INSERT INTO history_alerts VALUES (?, ?, ?, ?, ?)", [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(e)) for e in kept])
+    old.commit()
+    old.close()
+
+    for _ in range(2):
+        store = SqliteHistoryStore(path=path)
+        await store.aclose()
+    store = SqliteHistoryStore(path=path)
+    tables = dict(store._db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    assert set(tables) == {"history_alerts", "history_activitys"}
+    assert not any("WITHOUT ROWID" in sql.upper() for sql in tables.values())
+    found = await store.entries("alert", "u@contoso.com", since=0, until=1e12)
+    assert [(e.entry_id, e.policy) for e in found] == [("a2", "Finance PII"), ("a1", "Finance PII"), ("a0", "Finance PII")]
+    await store.record("alert", kept[:1] + [HistoryEntry(entry_id="a9", content_id="c9", user="u@contoso.com", at=200.0)])
+    assert [e.entry_id for e in await store.entries("alert", "u@contoso.com", since=0, until=1e12)] == ["a9", "a2", "a1", "a0"]
+    assert store._db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'history_alerts_user_at'").fetchone() == (1,)
+    await store.aclose()
