@@ -120,7 +120,9 @@ class PriorIncidentsEnricher(BatchEnricher):
         # Count on plain tuples; build models only for the bounded `recent` list.
         own = alert.alert_id
         others = [row for row in rows if row[0] != own]  # the alert never counts in its own history
-        types: set[str] = set().union(*[row[4] for row in others])
+        types: set[str] = set().union(*map(_TYPES, others))
+        if hunted is None and len(set(map(_ID, others))) == len(others):
+            return self._counted(alert, until, others, types)
         prior: dict[str, tuple[float, str | None, str | None, str]] = {}  # id -> (at, policy, severity, source)
         for entry_id, at, policy, severity, _names in others:  # newest first; a revised alert counts once
             if entry_id not in prior:
@@ -156,6 +158,28 @@ class PriorIncidentsEnricher(BatchEnricher):
             sources=sources,
         )
 
+    def _counted(self, alert: DlpAlert, until: float, others: list["_Row"], types: set[str]) -> PriorIncidents:
+        """`_summary` when every prior alert has one row (no revision, no hunting): the rows are
+        newest first, so each window's count is a bisection and the policy count a C-level pass."""
+        last_7 = bisect_right(others, -(until - 7 * DAY), key=_minus_at)
+        last_30 = bisect_right(others, -(until - 30 * DAY), key=_minus_at)
+        policy = alert.policy_name
+        same_policy = list(map(_POLICY, others)).count(policy) if policy else 0
+        recent = [
+            PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=row_policy, severity=severity)
+            for entry_id, at, row_policy, severity, _names in others[: self.settings.max_recent]
+        ]
+        return PriorIncidents(
+            last_7_days=last_7,
+            last_30_days=last_30,
+            last_90_days=len(others),
+            same_policy_90_days=same_policy,
+            sensitive_types=sorted(types),
+            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(others[0][1], tz=timezone.utc) if others else None),
+            recent=recent,
+            sources=[self.settings.store.kind],
+        )
+
     async def _hunt(self, alert: DlpAlert) -> list[PriorAlert]:
         assert self.hunting is not None and alert.user is not None
         who = user_filter(alert.user, upn_column="AccountUpn", object_id_column="AccountObjectId")
@@ -186,6 +210,9 @@ def _window(rows: list[_Row], since: float, until: float) -> list[_Row]:
 
 def _minus_at(row: _Row) -> float:
     return -row[1]
+
+
+_ID, _POLICY, _TYPES = itemgetter(0), itemgetter(2), itemgetter(4)
 
 
 def _rows(entries: list[HistoryEntry]) -> list[_Row]:

@@ -296,3 +296,41 @@ async def test_a_history_file_of_an_earlier_version_is_converted_and_keeps_its_e
     assert [e.entry_id for e in await store.entries("alert", "u@contoso.com", since=0, until=1e12)] == ["a9", "a2", "a1", "a0"]
     assert store._db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'history_alerts_user_at'").fetchone() == (1,)
     await store.aclose()
+
+
+def test_the_counting_shortcut_agrees_with_counting_every_row():
+    """`_summary` counts by bisection when every prior alert has one row; a brute-force count over the
+    same rows (revisions included, where the shortcut is not taken) must give the same figures."""
+    from hypothesis import given, settings, strategies as st
+
+    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _window
+    from pipeline.models import DlpAlert
+
+    enricher = PriorIncidentsEnricher()
+    until = 1_750_000_000.0
+    row = st.tuples(
+        st.sampled_from(["a1", "a2", "a3", "a4", "a5", "a6", "own"]),
+        st.one_of(st.sampled_from([0, 1, 6.5, 7, 7.5, 29.5, 30, 30.5, 89.5, 90, 95]), st.floats(0, 100)).map(lambda days: until - days * DAY),
+        st.sampled_from([None, "Finance PII", "HR Data"]),
+        st.sampled_from([None, "high", "low"]),
+        st.sets(st.sampled_from(["IBAN", "Credit Card Number"])).map(tuple),
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(rows=st.lists(row, max_size=12), policy=st.sampled_from([None, "Finance PII"]))
+    def agree(rows, policy):
+        rows = _window(sorted(rows, key=lambda r: -r[1]), until - 90 * DAY, until)
+        alert = DlpAlert(alert_id="own", source_format="graph_alert", policy_name=policy)
+        got = enricher._summary(alert, until, rows, None)
+        newest: dict[str, tuple] = {}
+        for r in rows:
+            if r[0] != "own":
+                newest.setdefault(r[0], r)
+        assert got.last_90_days == len(newest)
+        assert got.last_7_days == sum(r[1] >= until - 7 * DAY for r in newest.values())
+        assert got.last_30_days == sum(r[1] >= until - 30 * DAY for r in newest.values())
+        assert got.same_policy_90_days == (sum(r[2] == policy for r in newest.values()) if policy else 0)
+        assert got.sensitive_types == sorted({t for r in rows if r[0] != "own" for t in r[4]})
+        assert [p.alert_id for p in got.recent] == list(newest)[: enricher.settings.max_recent]
+
+    agree()
