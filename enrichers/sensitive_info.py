@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
@@ -93,7 +95,7 @@ class SensitiveInfoEnricher(BatchEnricher):
         self.writer = HistoryWriter(self.store) if self.store is not None else None
         # Each user's activities, read once and reused across batches for 30 s, kept current with
         # this process's own writes (other hosts' writes show up within that time).
-        self.activities = UserHistories(self.store, "activity") if self.store is not None else None
+        self.activities = UserHistories(self.store, "activity", convert=_prepared) if self.store is not None else None
 
     async def start(self) -> None:
         if self.store is not None:
@@ -166,7 +168,7 @@ class SensitiveInfoEnricher(BatchEnricher):
             correlated_ids=sorted(ids or []),
         )
 
-    async def _activities(self, alerts: list[DlpAlert]) -> dict[str, list[HistoryEntry]]:
+    async def _activities(self, alerts: list[DlpAlert]) -> dict[str, list["_Activity"]]:
         """Each user's stored rule-match activities around the batch's alerts: one read per user,
         reused across batches (`UserHistories`)."""
         if self.activities is None:
@@ -180,23 +182,23 @@ class SensitiveInfoEnricher(BatchEnricher):
         await self.activities.ensure(since)
         return {user: self.activities.rows(user) for user in since}
 
-    def _correlate(self, alert: DlpAlert, activities: list[HistoryEntry]) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
+    def _correlate(self, alert: DlpAlert, activities: list["_Activity"]) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
         """Rule-match activities of the same user near the alert's time, on the same file and policy."""
         at = event_time(alert, self._clock())
         window = self.settings.window_minutes * 60
         files = {f.name.lower() for f in alert.files if f.name}
         names = {s.name.lower() for s in alert.sensitive_info if s.name}
         matched: dict[str, HistoryEntry] = {}
-        for row in activities:
-            if not at - window <= row.at <= at + window:
-                continue
-            if files and row.files and not files & set(row.files):
+        # Newest first: the rows within the window are one slice, found by bisection.
+        first = bisect_left(activities, -(at + window), key=_minus_at)
+        for row in activities[first : bisect_right(activities, -(at - window), lo=first, key=_minus_at)]:
+            if files and row.files and not files & row.files:
                 continue
             if alert.policy_name and row.policy and alert.policy_name != row.policy:
                 continue
-            if names and not names & {str(s.get("name", "")).lower() for s in row.sensitive_info}:
+            if names and not names & row.names:
                 continue
-            matched.setdefault(row.entry_id, row)  # newest content of an activity first
+            matched.setdefault(row.entry.entry_id, row.entry)  # newest content of an activity first
         if not matched:
             return None
         return merge_types(e.sensitive_info for e in matched.values()), sorted(matched), sorted({l for e in matched.values() for l in e.labels})
@@ -246,6 +248,28 @@ def _needs_correlation(alert: DlpAlert) -> bool:
     """An alert without counts (Sentinel: names only) or without confidence (Graph: "Name (count)")."""
     infos = alert.sensitive_info
     return alert.kind == "alert" and user_key(alert) is not None and not (any(s.count is not None for s in infos) and any(s.confidence is not None for s in infos))
+
+
+@dataclass(slots=True, frozen=True)
+class _Activity:
+    """A stored activity with what `_correlate` compares prepared once (not once per alert)."""
+
+    at: float
+    files: frozenset[str]
+    policy: str | None
+    names: frozenset[str]
+    entry: HistoryEntry
+
+
+def _prepared(entries: list[HistoryEntry]) -> list[_Activity]:
+    return [
+        _Activity(e.at, frozenset(e.files), e.policy, frozenset(str(s.get("name", "")).lower() for s in e.sensitive_info), e)
+        for e in entries
+    ]
+
+
+def _minus_at(row: _Activity) -> float:
+    return -row.at
 
 
 def merge_types(groups: Any) -> list[SensitiveInfo]:

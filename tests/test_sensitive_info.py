@@ -137,3 +137,31 @@ async def test_hunting_malformed_answer_fails_only_this_enricher(httpserver, wri
         records = lake(runner)
     assert report.delivered["lake"] == 1
     assert records["a"]["enrichment_status"]["sensitive_info"]["state"] == "failed"
+
+
+def test_correlation_window_is_inclusive_on_both_sides_and_picks_the_newest_content():
+    """Activities are held newest first and the window found by bisection: an activity exactly
+    `window_minutes` before or after the alert counts, one a second further does not; of two
+    contents of one activity, the newest is used."""
+    from datetime import datetime, timezone
+
+    from enrichers.history import HistoryEntry
+    from enrichers.sensitive_info import SensitiveInfoEnricher, _prepared
+    from pipeline.models import DlpAlert
+
+    enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings(window_minutes=30, correlate=False))
+    at = datetime(2025, 3, 14, 9, 0, tzinfo=timezone.utc)
+    alert = DlpAlert(alert_id="a", source_format="graph_alert", created_at=at, user={"upn": MEGAN}, files=[{"name": "Q1.xlsx"}])
+
+    def activity(entry_id: str, offset_seconds: float, count: int = 1, content: str = "c") -> HistoryEntry:
+        return HistoryEntry(
+            entry_id=entry_id, content_id=content + entry_id, user=MEGAN, at=at.timestamp() + offset_seconds,
+            files=["q1.xlsx"], sensitive_info=[{"name": "IBAN", "count": count}],
+        )
+
+    entries = [activity("late-out", 1801), activity("late-in", 1800), activity("revised", 60, count=2, content="new"),
+               activity("revised", 30, count=7), activity("early-in", -1800), activity("early-out", -1801)]
+    infos, ids, _labels = enricher._correlate(alert, _prepared(sorted(entries, key=lambda e: -e.at)))
+    assert ids == ["early-in", "late-in", "revised"]
+    assert [(i.name, i.count) for i in infos] == [("IBAN", 2)]  # only the newest content of "revised"
+    assert enricher._correlate(alert, _prepared([activity("far", 7200)])) is None
