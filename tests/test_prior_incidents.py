@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import uuid
@@ -298,7 +299,7 @@ async def test_a_history_file_of_an_earlier_version_is_converted_and_keeps_its_e
     await store.aclose()
 
 
-def test_the_counting_shortcut_agrees_with_counting_every_row():
+def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
     """`_summary` counts by bisection when every prior alert has one row; a brute-force count over the
     same rows (revisions included, where the shortcut is not taken) must give the same figures."""
     from hypothesis import given, settings, strategies as st
@@ -306,7 +307,7 @@ def test_the_counting_shortcut_agrees_with_counting_every_row():
     from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _window
     from pipeline.models import DlpAlert
 
-    enricher = PriorIncidentsEnricher()
+    enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings(store={"path": str(tmp_path / "history.sqlite")}))
     until = 1_750_000_000.0
     row = st.tuples(
         st.sampled_from(["a1", "a2", "a3", "a4", "a5", "a6", "own"]),
@@ -334,3 +335,4 @@ def test_the_counting_shortcut_agrees_with_counting_every_row():
         assert [p.alert_id for p in got.recent] == list(newest)[: enricher.settings.max_recent]
 
     agree()
+    asyncio.run(enricher.aclose())
