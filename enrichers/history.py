@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from bisect import bisect_left, bisect_right
 import logging
 import os
 import sqlite3
@@ -172,6 +173,17 @@ class UserHistories:
 
 
 FAR_FUTURE = 1e12  # an `until` past any event: the history up to now
+
+
+def between(rows: list[Any], since: float, until: float, *, at: Any = attrgetter("at")) -> list[Any]:
+    """The rows with since <= at(row) <= until of `rows` held newest first (as `UserHistories` holds
+    them): one slice, found by bisection."""
+
+    def minus_at(row: Any) -> float:
+        return -at(row)
+
+    first = bisect_left(rows, -until, key=minus_at)
+    return rows[first : bisect_right(rows, -since, lo=first, key=minus_at)]
 
 
 @dataclass(slots=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left, bisect_right
 from operator import itemgetter
 from datetime import datetime, timezone
 from typing import Any
@@ -21,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from enrichers._files import parse_datetime
 from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
-from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, entry_of, open_history_store
+from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, open_history_store
 from pipeline.cache import CachePolicy, load_many
 from pipeline.enricher import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
@@ -70,7 +69,7 @@ class PriorIncidentsEnricher(BatchEnricher):
         self._clock = services.clock if services is not None else None
         # Per-user history read from the store, reused across batches for 30 s and kept current with
         # this process's own writes (other hosts' writes show up within that time).
-        self.histories = UserHistories(self.store, "alert", convert=_rows, at=itemgetter(1))
+        self.histories = UserHistories(self.store, "alert", convert=_rows, at=_AT)
 
     async def start(self) -> None:
         await self.store.start()
@@ -111,7 +110,7 @@ class PriorIncidentsEnricher(BatchEnricher):
         for index, (alert, entry) in enumerate(zip(alerts, entries)):
             if entry is None:
                 continue
-            rows = _window(self.histories.rows(entry.user), entry.at - 90 * DAY, entry.at)
+            rows = between(self.histories.rows(entry.user), entry.at - 90 * DAY, entry.at, at=_AT)
             found = hunted.get(("hunting", entry.user)) if self.hunting is not None else None
             results[index] = found if isinstance(found, Exception) else self._summary(alert, entry.at, rows, found)
         return results
@@ -119,65 +118,36 @@ class PriorIncidentsEnricher(BatchEnricher):
     def _summary(self, alert: DlpAlert, until: float, rows: list["_Row"], hunted: list[PriorAlert] | None) -> PriorIncidents:
         # Count on plain tuples; build models only for the bounded `recent` list.
         own = alert.alert_id
-        others = [row for row in rows if row[0] != own]  # the alert never counts in its own history
-        types: set[str] = set().union(*map(_TYPES, others))
-        if hunted is None and len(set(map(_ID, others))) == len(others):
-            return self._counted(alert, until, others, types)
-        prior: dict[str, tuple[float, str | None, str | None, str]] = {}  # id -> (at, policy, severity, source)
-        for entry_id, at, policy, severity, _names in others:  # newest first; a revised alert counts once
-            if entry_id not in prior:
-                prior[entry_id] = (at, policy, severity, "pipeline")
+        ordered = [row for row in rows if row[0] != own]  # the alert never counts in its own history
+        types: set[str] = set().union(*map(_TYPES, ordered))
         sources = [self.settings.store.kind]
-        ordered = list(prior.items())  # newest first already
-        if hunted is not None:
-            for found in hunted:
-                at = found.at.timestamp()
-                if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= at <= until:
-                    prior[found.alert_id] = (at, found.policy, found.severity, found.source)
-            sources.append("hunting")
-            ordered = sorted(prior.items(), key=lambda item: item[1][0], reverse=True)
-        # One pass over the (newest first) prior alerts for every count.
-        week, month, same_policy = until - 7 * DAY, until - 30 * DAY, 0
-        last_7 = last_30 = 0
-        for _, (at, policy, *_rest) in ordered:
-            last_7 += at >= week
-            last_30 += at >= month
-            same_policy += policy is not None and policy == alert.policy_name
+        if hunted is not None or len(set(map(_ID, ordered))) != len(ordered):
+            prior: dict[str, _Row] = {}
+            for row in ordered:  # newest first: a revised alert counts once, as its newest content
+                prior.setdefault(row[0], row)
+            if hunted is not None:
+                for found in hunted:
+                    at = found.at.timestamp()
+                    if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= at <= until:
+                        prior[found.alert_id] = (found.alert_id, at, found.policy, found.severity, (), found.source)
+                sources.append("hunting")
+            ordered = sorted(prior.values(), key=_AT, reverse=True)
+        # One row per prior alert, newest first: each window's count is a bisection, the policy count
+        # one C-level pass (no Python loop over a history of hundreds of alerts).
+        policy = alert.policy_name
         recent = [
-            PriorAlert(alert_id=alert_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=policy, severity=severity, source=source)
-            for alert_id, (at, policy, severity, source) in ordered[: self.settings.max_recent]
+            PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=row_policy, severity=severity, source=source)
+            for entry_id, at, row_policy, severity, _names, source in ordered[: self.settings.max_recent]
         ]
         return PriorIncidents(
-            last_7_days=last_7,
-            last_30_days=last_30,
+            last_7_days=len(between(ordered, until - 7 * DAY, until, at=_AT)),
+            last_30_days=len(between(ordered, until - 30 * DAY, until, at=_AT)),
             last_90_days=len(ordered),
-            same_policy_90_days=same_policy if alert.policy_name else 0,
+            same_policy_90_days=list(map(_POLICY, ordered)).count(policy) if policy else 0,
             sensitive_types=sorted(types),
-            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(ordered[0][1][0], tz=timezone.utc) if ordered else None),
+            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(ordered[0][1], tz=timezone.utc) if ordered else None),
             recent=recent,
             sources=sources,
-        )
-
-    def _counted(self, alert: DlpAlert, until: float, others: list["_Row"], types: set[str]) -> PriorIncidents:
-        """`_summary` when every prior alert has one row (no revision, no hunting): the rows are
-        newest first, so each window's count is a bisection and the policy count a C-level pass."""
-        last_7 = bisect_right(others, -(until - 7 * DAY), key=_minus_at)
-        last_30 = bisect_right(others, -(until - 30 * DAY), key=_minus_at)
-        policy = alert.policy_name
-        same_policy = list(map(_POLICY, others)).count(policy) if policy else 0
-        recent = [
-            PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=row_policy, severity=severity)
-            for entry_id, at, row_policy, severity, _names in others[: self.settings.max_recent]
-        ]
-        return PriorIncidents(
-            last_7_days=last_7,
-            last_30_days=last_30,
-            last_90_days=len(others),
-            same_policy_90_days=same_policy,
-            sensitive_types=sorted(types),
-            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(others[0][1], tz=timezone.utc) if others else None),
-            recent=recent,
-            sources=[self.settings.store.kind],
         )
 
     async def _hunt(self, alert: DlpAlert) -> list[PriorAlert]:
@@ -198,22 +168,12 @@ class PriorIncidentsEnricher(BatchEnricher):
         return found
 
 
-# (entry id, at, policy, severity, sensitive type names): what the counting needs of a history entry.
-_Row = tuple[str, float, str | None, str | None, tuple[str, ...]]
+# (entry id, at, policy, severity, sensitive type names, source): what the counting needs of a history entry.
+_Row = tuple[str, float, str | None, str | None, tuple[str, ...], str]
 
 
-def _window(rows: list[_Row], since: float, until: float) -> list[_Row]:
-    """The rows (newest first) with since <= at <= until, found by bisection."""
-    first = bisect_left(rows, -until, key=_minus_at)
-    return rows[first : bisect_right(rows, -since, lo=first, key=_minus_at)]
-
-
-def _minus_at(row: _Row) -> float:
-    return -row[1]
-
-
-_ID, _POLICY, _TYPES = itemgetter(0), itemgetter(2), itemgetter(4)
+_ID, _AT, _POLICY, _TYPES = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(4)
 
 
 def _rows(entries: list[HistoryEntry]) -> list[_Row]:
-    return [(e.entry_id, e.at, e.policy, e.severity, tuple(s["name"] for s in e.sensitive_info if s.get("name"))) for e in entries]
+    return [(e.entry_id, e.at, e.policy, e.severity, tuple(s["name"] for s in e.sensitive_info if s.get("name")), "pipeline") for e in entries]

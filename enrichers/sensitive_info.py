@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -20,7 +19,7 @@ import orjson
 from pydantic import BaseModel, Field
 
 from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
-from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, entry_of, event_time, open_history_store, user_key
+from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, event_time, open_history_store, user_key
 from pipeline.cache import CachePolicy, load_many
 from pipeline.enricher import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert, SensitiveInfo
@@ -189,9 +188,7 @@ class SensitiveInfoEnricher(BatchEnricher):
         files = {f.name.lower() for f in alert.files if f.name}
         names = {s.name.lower() for s in alert.sensitive_info if s.name}
         matched: dict[str, HistoryEntry] = {}
-        # Newest first: the rows within the window are one slice, found by bisection.
-        first = bisect_left(activities, -(at + window), key=_minus_at)
-        for row in activities[first : bisect_right(activities, -(at - window), lo=first, key=_minus_at)]:
+        for row in between(activities, at - window, at + window):
             if files and row.files and not files & row.files:
                 continue
             if alert.policy_name and row.policy and alert.policy_name != row.policy:
@@ -266,10 +263,6 @@ def _prepared(entries: list[HistoryEntry]) -> list[_Activity]:
         _Activity(e.at, frozenset(e.files), e.policy, frozenset(str(s.get("name", "")).lower() for s in e.sensitive_info), e)
         for e in entries
     ]
-
-
-def _minus_at(row: _Activity) -> float:
-    return -row.at
 
 
 def merge_types(groups: Any) -> list[SensitiveInfo]:

@@ -300,11 +300,14 @@ async def test_a_history_file_of_an_earlier_version_is_converted_and_keeps_its_e
 
 
 def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
-    """`_summary` counts by bisection when every prior alert has one row; a brute-force count over the
-    same rows (revisions included, where the shortcut is not taken) must give the same figures."""
+    """`_summary` counts by bisection over one row per prior alert (a revised alert's newest content);
+    a brute-force count over the same rows, revisions included, must give the same figures."""
     from hypothesis import given, settings, strategies as st
 
-    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _window
+    from operator import itemgetter
+
+    from enrichers.history import between
+    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher
     from pipeline.models import DlpAlert
 
     enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings(store={"path": str(tmp_path / "history.sqlite")}))
@@ -315,12 +318,13 @@ def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
         st.sampled_from([None, "Finance PII", "HR Data"]),
         st.sampled_from([None, "high", "low"]),
         st.sets(st.sampled_from(["IBAN", "Credit Card Number"])).map(tuple),
+        st.just("pipeline"),
     )
 
     @settings(max_examples=300, deadline=None)
     @given(rows=st.lists(row, max_size=12), policy=st.sampled_from([None, "Finance PII"]))
     def agree(rows, policy):
-        rows = _window(sorted(rows, key=lambda r: -r[1]), until - 90 * DAY, until)
+        rows = between(sorted(rows, key=lambda r: -r[1]), until - 90 * DAY, until, at=itemgetter(1))
         alert = DlpAlert(alert_id="own", source_format="graph_alert", policy_name=policy)
         got = enricher._summary(alert, until, rows, None)
         newest: dict[str, tuple] = {}
