@@ -4,7 +4,7 @@ stdlib `json`, plain dicts, one alert at a time and one `await` after another: n
 lookups, no cache, no concurrency, per-alert writes. It reuses the project's field extraction
 (`pipeline.formats.*.to_alert`) and enricher classes, so the comparison measures orchestration,
 parsing and serialisation — not different business logic. The harness switches the enrichers'
-history reuse off for it (`UserHistories.ttl = 0`): each alert reads its user's history, as
+history reuse off for it (`store.reuse_seconds = 0`): each alert reads its user's history, as
 straightforward code would.
 """
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from bisect import bisect_left, bisect_right
 import logging
 import os
 import sqlite3
 import time
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -126,14 +126,14 @@ class UserHistories:
     `since` that this process wrote (`add`) or that the store held when it was read, newest first;
     a read is reused for `ttl` seconds, so other hosts' writes show up within `ttl`. At most
     `max_users` users are kept, the least recently needed dropped first. `convert` turns the store's
-    entries into the rows the reader counts on (once per entry, not once per alert); `at` reads a
-    row's time.
+    entries into the rows the reader counts on (once per entry, not once per alert); a row has the
+    entry's time as `at`.
     """
 
     def __init__(
-        self, store: HistoryStore, kind: Kind, *, convert: Any = list, at: Any = attrgetter("at"), ttl: float = 30.0, max_users: int = 5_000, limit: int = 5_000
+        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 5_000, limit: int = 5_000
     ) -> None:
-        self.store, self.kind, self.convert, self.at = store, kind, convert, at
+        self.store, self.kind, self.convert = store, kind, convert
         self.ttl, self.max_users, self.limit = ttl, max_users, limit
         self._users: OrderedDict[str, _Held] = OrderedDict()
 
@@ -165,7 +165,7 @@ class UserHistories:
                 held.rows.extend(self.convert([entry]))
                 touched.add(entry.user)
         for user in touched:
-            self._users[user].rows.sort(key=self.at, reverse=True)
+            self._users[user].rows.sort(key=_AT, reverse=True)
 
     def _fresh(self, user: str, since: float, now: float) -> bool:
         held = self._users.get(user)
@@ -175,15 +175,18 @@ class UserHistories:
 FAR_FUTURE = 1e12  # an `until` past any event: the history up to now
 
 
-def between(rows: list[Any], since: float, until: float, *, at: Any = attrgetter("at")) -> list[Any]:
-    """The rows with since <= at(row) <= until of `rows` held newest first (as `UserHistories` holds
+def between(rows: list[Any], since: float, until: float) -> list[Any]:
+    """The rows with since <= row.at <= until of `rows` held newest first (as `UserHistories` holds
     them): one slice, found by bisection."""
+    first = bisect_left(rows, -until, key=_minus_at)
+    return rows[first : bisect_right(rows, -since, lo=first, key=_minus_at)]
 
-    def minus_at(row: Any) -> float:
-        return -at(row)
 
-    first = bisect_left(rows, -until, key=minus_at)
-    return rows[first : bisect_right(rows, -since, lo=first, key=minus_at)]
+_AT = attrgetter("at")
+
+
+def _minus_at(row: Any) -> float:
+    return -row.at
 
 
 @dataclass(slots=True)
@@ -205,6 +208,9 @@ class HistorySettings(BaseModel):
     connection_string_env: str | None = Field(None, description="azure_table: environment variable holding a connection string")
     managed_identity_client_id: str | None = None
     retention_days: float = Field(120, gt=0, description="sqlite: entries older than this are purged")
+    reuse_seconds: float = Field(
+        30, ge=0, description="each user's history is read once and reused this long; other instances' writes show up within it (0: read for every batch)"
+    )
 
 
 def open_history_store(settings: HistorySettings, services: Any) -> HistoryStore:
@@ -225,7 +231,7 @@ def open_history_store(settings: HistorySettings, services: Any) -> HistoryStore
 
 # A rowid table: its rows carry a ~0.5 KB `data` blob, too large for WITHOUT ROWID (SQLite's own
 # advice), which inserted ~40 % slower. Files written by earlier versions are converted on open.
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE IF NOT EXISTS history_{kind}s (
     user        TEXT NOT NULL,
     entry_id    TEXT NOT NULL,
@@ -233,14 +239,14 @@ CREATE TABLE IF NOT EXISTS history_{kind}s (
     at          REAL NOT NULL,
     data        BLOB NOT NULL,
     UNIQUE (user, entry_id, content_id)
-);
-CREATE INDEX IF NOT EXISTS history_{kind}s_user_at ON history_{kind}s (user, at);
-"""
+)"""
+_INDEX = "CREATE INDEX IF NOT EXISTS history_{kind}s_user_at ON history_{kind}s (user, at)"
 
 
 def _convert_without_rowid(db: sqlite3.Connection, kind: str) -> None:
-    """Rebuild a history table written by an earlier version (WITHOUT ROWID) as a rowid table, rows kept.
-    One transaction, re-checked inside it, so two processes opening the same file convert it once."""
+    """Rebuild a history table written by an earlier version (WITHOUT ROWID) as a rowid table, rows kept
+    (its index is made again by the caller, after the copy). One transaction, re-checked inside it,
+    so two processes opening the same file convert it once."""
     table = f"history_{kind}s"
     with Transaction(db):
         found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
@@ -248,9 +254,7 @@ def _convert_without_rowid(db: sqlite3.Connection, kind: str) -> None:
             return
         db.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
         db.execute(f"DROP INDEX IF EXISTS {table}_user_at")
-        for statement in _SCHEMA.format(kind=kind).split(";"):
-            if statement.strip():
-                db.execute(statement)
+        db.execute(_TABLE.format(kind=kind))
         db.execute(f"INSERT INTO {table} (user, entry_id, content_id, at, data) SELECT user, entry_id, content_id, at, data FROM {table}_old")
         db.execute(f"DROP TABLE {table}_old")
     log.info("history table %s converted to a rowid table", table)
@@ -273,7 +277,8 @@ class SqliteHistoryStore:
             self._db = connection
             for kind in ("alert", "activity"):
                 _convert_without_rowid(self._db, kind)
-                self._db.executescript(_SCHEMA.format(kind=kind))
+                self._db.execute(_TABLE.format(kind=kind))
+                self._db.execute(_INDEX.format(kind=kind))
         except (OSError, sqlite3.Error) as exc:
             raise OSError(f"cannot open the history store: {exc}") from exc
         self.retention_seconds = retention_days * 86400

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
-from operator import itemgetter
+from operator import attrgetter
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -67,9 +67,9 @@ class PriorIncidentsEnricher(BatchEnricher):
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
         self.writer = HistoryWriter(self.store)
         self._clock = services.clock if services is not None else None
-        # Per-user history read from the store, reused across batches for 30 s and kept current with
-        # this process's own writes (other hosts' writes show up within that time).
-        self.histories = UserHistories(self.store, "alert", convert=_rows, at=_AT)
+        # Per-user history read from the store, reused across batches for `store.reuse_seconds` and kept
+        # current with this process's own writes (other hosts' writes show up within that time).
+        self.histories = UserHistories(self.store, "alert", convert=_rows, ttl=self.settings.store.reuse_seconds)
 
     async def start(self) -> None:
         await self.store.start()
@@ -110,7 +110,7 @@ class PriorIncidentsEnricher(BatchEnricher):
         for index, (alert, entry) in enumerate(zip(alerts, entries)):
             if entry is None:
                 continue
-            rows = between(self.histories.rows(entry.user), entry.at - 90 * DAY, entry.at, at=_AT)
+            rows = between(self.histories.rows(entry.user), entry.at - 90 * DAY, entry.at)
             found = hunted.get(("hunting", entry.user)) if self.hunting is not None else None
             results[index] = found if isinstance(found, Exception) else self._summary(alert, entry.at, rows, found)
         return results
@@ -129,7 +129,7 @@ class PriorIncidentsEnricher(BatchEnricher):
                 for found in hunted:
                     at = found.at.timestamp()
                     if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= at <= until:
-                        prior[found.alert_id] = (found.alert_id, at, found.policy, found.severity, (), found.source)
+                        prior[found.alert_id] = _Row(found.alert_id, at, found.policy, found.severity, (), found.source)
                 sources.append("hunting")
             ordered = sorted(prior.values(), key=_AT, reverse=True)
         # One row per prior alert, newest first: each window's count is a bisection, the policy count
@@ -140,8 +140,8 @@ class PriorIncidentsEnricher(BatchEnricher):
             for entry_id, at, row_policy, severity, _names, source in ordered[: self.settings.max_recent]
         ]
         return PriorIncidents(
-            last_7_days=len(between(ordered, until - 7 * DAY, until, at=_AT)),
-            last_30_days=len(between(ordered, until - 30 * DAY, until, at=_AT)),
+            last_7_days=len(between(ordered, until - 7 * DAY, until)),
+            last_30_days=len(between(ordered, until - 30 * DAY, until)),
             last_90_days=len(ordered),
             same_policy_90_days=list(map(_POLICY, ordered)).count(policy) if policy else 0,
             sensitive_types=sorted(types),
@@ -168,12 +168,19 @@ class PriorIncidentsEnricher(BatchEnricher):
         return found
 
 
-# (entry id, at, policy, severity, sensitive type names, source): what the counting needs of a history entry.
-_Row = tuple[str, float, str | None, str | None, tuple[str, ...], str]
+class _Row(NamedTuple):
+    """What the counting needs of one prior alert (a history entry, or an alert found by hunting)."""
+
+    entry_id: str
+    at: float
+    policy: str | None
+    severity: str | None
+    names: tuple[str, ...]  # sensitive information type names
+    source: str
 
 
-_ID, _AT, _POLICY, _TYPES = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(4)
+_ID, _AT, _POLICY, _TYPES = attrgetter("entry_id"), attrgetter("at"), attrgetter("policy"), attrgetter("names")
 
 
 def _rows(entries: list[HistoryEntry]) -> list[_Row]:
-    return [(e.entry_id, e.at, e.policy, e.severity, tuple(s["name"] for s in e.sensitive_info if s.get("name")), "pipeline") for e in entries]
+    return [_Row(e.entry_id, e.at, e.policy, e.severity, tuple(s["name"] for s in e.sensitive_info if s.get("name")), "pipeline") for e in entries]

@@ -92,9 +92,9 @@ class SensitiveInfoEnricher(BatchEnricher):
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
         self._clock = services.clock if services is not None else time.time
         self.writer = HistoryWriter(self.store) if self.store is not None else None
-        # Each user's activities, read once and reused across batches for 30 s, kept current with
-        # this process's own writes (other hosts' writes show up within that time).
-        self.activities = UserHistories(self.store, "activity", convert=_prepared) if self.store is not None else None
+        # Each user's activities, read once and reused across batches for `store.reuse_seconds`, kept
+        # current with this process's own writes (other hosts' writes show up within that time).
+        self.activities = UserHistories(self.store, "activity", convert=_prepared, ttl=self.settings.store.reuse_seconds) if self.store is not None else None
 
     async def start(self) -> None:
         if self.store is not None:

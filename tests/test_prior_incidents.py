@@ -219,6 +219,35 @@ async def test_enrich_alone_records_and_reads_history(tmp_path):
     assert (fragment.last_7_days, fragment.last_30_days, fragment.last_90_days) == (1, 2, 3)
 
 
+async def test_store_reuse_seconds_decides_when_another_instances_writes_are_seen(tmp_path):
+    """`store.reuse_seconds`: with the default, a history read is reused and another instance's write
+    is not seen by the next alert yet; with 0, the next alert reads the history again and counts it."""
+    import time
+
+    from enrichers.history import entry_of
+    from enrichers.prior_incidents import PriorIncidentsEnricher
+    from pipeline.enricher import EnrichmentContext
+    from pipeline.formats import decode_message
+
+    alerts = decode_message(message(*history_alerts()).body).alerts
+    by_id = {alert.alert_id: alert for alert in alerts}
+    counts = {}
+    for reuse in (None, 0):
+        store = {"path": str(tmp_path / f"history-{reuse}.sqlite")} | ({} if reuse is None else {"reuse_seconds": reuse})
+        enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings.model_validate({"store": store}))
+        await enricher.start()
+        try:
+            for alert_id in ("p-40d", "now"):
+                alert = by_id[alert_id]
+                fragment = await enricher.enrich(alert, EnrichmentContext(alert, fragments={}, statuses={}, cache=None, clock=time.time))
+                if alert_id == "p-40d":  # another instance records p-20d in the shared store meanwhile
+                    await enricher.store.record("alert", [entry_of(by_id["p-20d"], now=time.time())])
+            counts[reuse] = fragment.last_90_days
+        finally:
+            await enricher.aclose()
+    assert counts == {None: 1, 0: 2}  # p-40d only; p-40d and the other instance's p-20d
+
+
 async def test_user_histories_are_read_once_kept_current_and_read_again_after_their_ttl(tmp_path, monkeypatch):
     """UserHistories over the real SQLite store: one read per user, this process's writes seen at
     once, another writer's entries seen once the TTL has passed."""
@@ -304,10 +333,8 @@ def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
     a brute-force count over the same rows, revisions included, must give the same figures."""
     from hypothesis import given, settings, strategies as st
 
-    from operator import itemgetter
-
     from enrichers.history import between
-    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher
+    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _Row
     from pipeline.models import DlpAlert
 
     enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings(store={"path": str(tmp_path / "history.sqlite")}))
@@ -324,7 +351,7 @@ def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
     @settings(max_examples=300, deadline=None)
     @given(rows=st.lists(row, max_size=12), policy=st.sampled_from([None, "Finance PII"]))
     def agree(rows, policy):
-        rows = between(sorted(rows, key=lambda r: -r[1]), until - 90 * DAY, until, at=itemgetter(1))
+        rows = between(sorted((_Row(*r) for r in rows), key=lambda r: -r.at), until - 90 * DAY, until)
         alert = DlpAlert(alert_id="own", source_format="graph_alert", policy_name=policy)
         got = enricher._summary(alert, until, rows, None)
         newest: dict[str, tuple] = {}
