@@ -7,10 +7,13 @@ around them: the decoders drop those before a model is built, and the model has 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic_core import to_jsonable_python
 
 SourceFormat = Literal["defender_streaming", "graph_alert", "management_activity", "sentinel_alert"]
 Severity = Literal["informational", "low", "medium", "high", "unknown"]
@@ -88,17 +91,28 @@ class DlpAlert(_Model):
     alert_url: str | None = None
     incident_url: str | None = None
 
+    _json: bytes | None = PrivateAttr(default=None)
     _content_id: str | None = PrivateAttr(default=None)
 
-    def content_id(self) -> str:
-        """A stable id of this alert's content: the same content always gives the same id.
+    def to_json(self) -> bytes:
+        """The alert's JSON. Computed once: an alert is not changed after it is decoded (copy it to
+        change it; `model_copy` forgets what was computed)."""
+        if self._json is None:
+            self._json = self.__pydantic_serializer__.to_json(self)
+        return self._json
 
-        Computed once: an alert is not changed after it is decoded (copy it to change it)."""
+    def content_id(self) -> str:
+        """A stable id of this alert's content: the same content always gives the same id."""
         if self._content_id is None:
             # Field order is fixed by the model and no field is a free-form dict, so the JSON
             # serialisation is canonical without sorting.
-            self._content_id = hashlib.sha256(self.__pydantic_serializer__.to_json(self)).hexdigest()[:32]
+            self._content_id = hashlib.sha256(self.to_json()).hexdigest()[:32]
         return self._content_id
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> "DlpAlert":
+        copied = super().model_copy(update=update, deep=deep)
+        copied._json = copied._content_id = None
+        return copied
 
 
 class EnrichmentStatus(_Model):
@@ -122,7 +136,26 @@ class EnrichedRecord(_Model):
     processed_at: datetime
 
     def to_json(self) -> bytes:
-        return self.__pydantic_serializer__.to_json(self)
+        """The record's JSON, byte for byte what pydantic writes for it, built with orjson around the
+        alert's JSON (computed once per alert, for its content id): no per-record re-serialisation."""
+        try:
+            return orjson.dumps(
+                {
+                    "record_id": self.record_id,
+                    "alert": orjson.Fragment(self.alert.to_json()),
+                    "enrichments": self.enrichments,
+                    "enrichment_status": {
+                        name: {"state": status.state, "error": status.error, "duration_ms": status.duration_ms}
+                        for name, status in self.enrichment_status.items()
+                    },
+                    "pipeline_version": self.pipeline_version,
+                    "processed_at": self.processed_at,
+                },
+                default=to_jsonable_python,
+                option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS,
+            )
+        except TypeError:  # what orjson cannot write (a non-string key, an int beyond 64 bits): pydantic's own way
+            return self.__pydantic_serializer__.to_json(self)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
