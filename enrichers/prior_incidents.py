@@ -14,7 +14,7 @@ import logging
 import time
 from operator import attrgetter
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 from pydantic import BaseModel, Field
 
@@ -116,36 +116,44 @@ class PriorIncidentsEnricher(BatchEnricher):
         return results
 
     def _summary(self, alert: DlpAlert, until: float, rows: list["_Row"], hunted: list[PriorAlert] | None) -> PriorIncidents:
-        # Count on plain tuples; build models only for the bounded `recent` list.
+        # Count on plain tuples with C-level passes (map, count, set); build models only for the
+        # bounded `recent` list.
         own = alert.alert_id
-        ordered = [row for row in rows if row[0] != own]  # the alert never counts in its own history
-        types: set[str] = set().union(*map(_TYPES, ordered))
+        ids = list(map(_ID, rows))
+        mine = ids.count(own)  # the alert never counts in its own history
+        if mine == 0:
+            ordered = rows
+        elif mine == 1:
+            at = ids.index(own)
+            ordered = rows[:at] + rows[at + 1 :]
+        else:
+            ordered = [row for row in rows if row.entry_id != own]
+        distinct = set(ids)
+        distinct.discard(own)
+        types: set[str] = set().union(*set(map(_TYPES, ordered)))  # few distinct sets, each hashed once
         sources = [self.settings.store.kind]
-        if hunted is not None or len(set(map(_ID, ordered))) != len(ordered):
+        if hunted is not None or len(distinct) != len(ordered):
             prior: dict[str, _Row] = {}
             for row in ordered:  # newest first: a revised alert counts once, as its newest content
-                prior.setdefault(row[0], row)
+                prior.setdefault(row.entry_id, row)
             if hunted is not None:
                 for found in hunted:
-                    at = found.at.timestamp()
-                    if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= at <= until:
-                        prior[found.alert_id] = _Row(found.alert_id, at, found.policy, found.severity, (), found.source)
+                    found_at = found.at.timestamp()
+                    if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= found_at <= until:
+                        prior[found.alert_id] = _Row(found.alert_id, found_at, found.policy, frozenset(), found)
                 sources.append("hunting")
             ordered = sorted(prior.values(), key=_AT, reverse=True)
         # One row per prior alert, newest first: each window's count is a bisection, the policy count
         # one C-level pass (no Python loop over a history of hundreds of alerts).
         policy = alert.policy_name
-        recent = [
-            PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=row_policy, severity=severity, source=source)
-            for entry_id, at, row_policy, severity, _names, source in ordered[: self.settings.max_recent]
-        ]
+        recent = [row.prior for row in ordered[: self.settings.max_recent]]
         return PriorIncidents(
             last_7_days=len(between(ordered, until - 7 * DAY, until)),
             last_30_days=len(between(ordered, until - 30 * DAY, until)),
             last_90_days=len(ordered),
             same_policy_90_days=list(map(_POLICY, ordered)).count(policy) if policy else 0,
             sensitive_types=sorted(types),
-            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(ordered[0][1], tz=timezone.utc) if ordered else None),
+            last_alert_at=ordered[0].prior.at if ordered else None,
             recent=recent,
             sources=sources,
         )
@@ -169,18 +177,24 @@ class PriorIncidentsEnricher(BatchEnricher):
 
 
 class _Row(NamedTuple):
-    """What the counting needs of one prior alert (a history entry, or an alert found by hunting)."""
+    """What the counting needs of one prior alert (a history entry, or an alert found by hunting),
+    made once per entry: rows are held across batches (`UserHistories`), so an alert's `recent` list
+    reuses their `PriorAlert`s (fragments are read-only)."""
 
     entry_id: str
     at: float
     policy: str | None
-    severity: str | None
-    names: tuple[str, ...]  # sensitive information type names
-    source: str
+    names: frozenset[str]  # sensitive information type names
+    prior: PriorAlert
 
 
 _ID, _AT, _POLICY, _TYPES = attrgetter("entry_id"), attrgetter("at"), attrgetter("policy"), attrgetter("names")
 
 
+def _row(entry_id: str, at: float, policy: str | None, severity: str | None, names: Iterable[str], source: str = "pipeline") -> _Row:
+    prior = PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=policy, severity=severity, source=source)
+    return _Row(entry_id, at, policy, frozenset(names), prior)
+
+
 def _rows(entries: list[HistoryEntry]) -> list[_Row]:
-    return [_Row(e.entry_id, e.at, e.policy, e.severity, tuple(s["name"] for s in e.sensitive_info if s.get("name")), "pipeline") for e in entries]
+    return [_row(e.entry_id, e.at, e.policy, e.severity, (s["name"] for s in e.sensitive_info if s.get("name"))) for e in entries]

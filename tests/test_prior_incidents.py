@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 from werkzeug import Response
@@ -334,7 +335,7 @@ def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
     from hypothesis import given, settings, strategies as st
 
     from enrichers.history import between
-    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _Row
+    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _row
     from pipeline.models import DlpAlert
 
     enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings(store={"path": str(tmp_path / "history.sqlite")}))
@@ -351,19 +352,24 @@ def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
     @settings(max_examples=300, deadline=None)
     @given(rows=st.lists(row, max_size=12), policy=st.sampled_from([None, "Finance PII"]))
     def agree(rows, policy):
-        rows = between(sorted((_Row(*r) for r in rows), key=lambda r: -r.at), until - 90 * DAY, until)
+        raw = sorted(rows, key=lambda r: -r[1])  # (entry_id, at, policy, severity, names, source), newest first
+        rows = between([_row(*r) for r in raw], until - 90 * DAY, until)
         alert = DlpAlert(alert_id="own", source_format="graph_alert", policy_name=policy)
         got = enricher._summary(alert, until, rows, None)
         newest: dict[str, tuple] = {}
-        for r in rows:
-            if r[0] != "own":
+        for r in raw:
+            if r[0] != "own" and until - 90 * DAY <= r[1] <= until:
                 newest.setdefault(r[0], r)
         assert got.last_90_days == len(newest)
         assert got.last_7_days == sum(r[1] >= until - 7 * DAY for r in newest.values())
         assert got.last_30_days == sum(r[1] >= until - 30 * DAY for r in newest.values())
         assert got.same_policy_90_days == (sum(r[2] == policy for r in newest.values()) if policy else 0)
-        assert got.sensitive_types == sorted({t for r in rows if r[0] != "own" for t in r[4]})
-        assert [p.alert_id for p in got.recent] == list(newest)[: enricher.settings.max_recent]
+        in_window = [r for r in raw if r[0] != "own" and until - 90 * DAY <= r[1] <= until]
+        assert got.sensitive_types == sorted({t for r in in_window for t in r[4]})
+        expected_recent = list(newest.values())[: enricher.settings.max_recent]
+        assert [(p.alert_id, p.policy, p.severity) for p in got.recent] == [(r[0], r[2], r[3]) for r in expected_recent]
+        assert all(abs(p.at.timestamp() - r[1]) < 1e-3 for p, r in zip(got.recent, expected_recent))
+        assert got.last_alert_at == (datetime.fromtimestamp(max(r[1] for r in newest.values()), tz=timezone.utc) if newest else None)
 
     agree()
     asyncio.run(enricher.aclose())
