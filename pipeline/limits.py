@@ -99,7 +99,7 @@ def embedded_json(value: str) -> Any | None:
     return parsed if isinstance(parsed, (dict, list)) else None
 
 
-def records_surely_within(body: bytes, limits: Limits) -> bool:
+def records_surely_within(body: bytes, limits: Limits, *, has_escape: bool | None = None) -> bool:
     """True when the bytes alone prove that no record of `body` breaks the depth or string limits, so
     `check_record` need not walk them (most real bodies: a few KB, a few dozen brackets). Sound because:
     - a string (or key), embedded JSON's included, has no more characters than the body has bytes;
@@ -107,11 +107,12 @@ def records_surely_within(body: bytes, limits: Limits) -> bool:
       unless spelled with a \\u escape (then no proof);
     - JSON embedded two or more levels deep shows as a run of three backslashes (then no proof), so
       the embedding limit cannot be reached either.
-    When this is False, nothing is wrong yet: `check_record` decides."""
+    When this is False, nothing is wrong yet: `check_record` decides. `has_escape`: whether the
+    body holds a \\u escape, when the caller already knows."""
     return (
         len(body) <= limits.max_string_length
+        and not (b"\\u" in body if has_escape is None else has_escape)
         and body.count(b"{") + body.count(b"[") <= limits.max_nesting_depth
-        and b"\\u" not in body
         and b"\\\\\\" not in body
     )
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -354,7 +355,9 @@ def test_a_body_proven_within_the_limits_passes_the_record_walk(document):
 
     limits = Limits(max_nesting_depth=4, max_string_length=256, max_body_bytes=1024)
     body = orjson.dumps(document)
-    if records_surely_within(body, limits):
+    proven = records_surely_within(body, limits)
+    assert records_surely_within(body, limits, has_escape=b"\\u" in body) == proven  # as decode_message calls it
+    if proven:
         check_record(document, limits)  # must not raise: the proof skipped exactly this walk
 
 
@@ -365,4 +368,17 @@ def test_a_body_that_needs_scrubbing_is_always_seen_to_mention_a_removed_key(doc
     scrubbed = common.scrub(document)
     if orjson.dumps(scrubbed) != body:
         assert common.mentions_removed_key(body)
+        assert common.mentions_removed_key(body, has_escape=b"\\u" in body)  # as decode_message calls it
         assert common.mentions_removed_key(body.decode())
+
+
+@pytest.mark.parametrize("key", sorted(common.REMOVED_KEYS))
+def test_every_removed_key_is_seen_in_any_casing_and_embedding(key):
+    # The search skips keys found through a shorter one (a prefix): each key must still be seen.
+    for spelled in (key, key.upper(), key.title()):
+        for document in ({spelled: 1}, {"a": [{spelled: 1}]}, {"a": orjson.dumps({spelled: 1}).decode()}):
+            body = orjson.dumps(document)
+            assert common.scrub(document) != document
+            assert common.mentions_removed_key(body) and common.mentions_removed_key(body.decode())
+            assert common.mentions_removed_key(body, has_escape=False)
+    assert not common.mentions_removed_key(orjson.dumps({"x" + key: 1}))  # the tail of a longer word is not the key

@@ -85,10 +85,11 @@ def decode_message(body: bytes, *, limits: Limits | None = None) -> Decoded:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise DecodeError("invalid_json", f"{exc.msg} at byte {exc.pos}") from None
+    has_escape = b"\\u" in body  # a \u escape can spell anything: neither shortcut below then holds
     # A body that never spells a removed key (nor a \u escape that could) has nothing to scrub.
-    clean = not common.mentions_removed_key(body)
+    clean = not common.mentions_removed_key(body, has_escape=has_escape)
     # Most bodies are small enough for their bytes to prove every record within the depth and string limits.
-    checked = limits_module.records_surely_within(body, limits)
+    checked = limits_module.records_surely_within(body, limits, has_escape=has_escape)
     if defender_streaming.looks_like(document):
         return _decode_streaming(_counted(document["records"], limits), limits, clean=clean, checked=checked)
     if isinstance(document, dict) and isinstance(document.get("value"), list):

@@ -76,14 +76,17 @@ SCRUB_MAX_DEPTH = 200
 TRUNCATED_TEXT = "[truncated: nested too deep]"
 
 
-def mentions_removed_key(text: str | bytes) -> bool:
+def mentions_removed_key(text: str | bytes, *, has_escape: bool | None = None) -> bool:
     """True when `text` may name a removed key: it holds one (any casing) that is not the tail of a
     longer word (`EmailSubject` does not name `Subject`; `"Subject"`, `{Subject:` and `\\"subject\\"`
-    do), or a \\u escape (which could spell one)."""
+    do), or a \\u escape (which could spell one). `has_escape`: whether valid JSON `text` holds a
+    \\u escape, when the caller already knows (JSON escapes are lowercase)."""
+    if has_escape:
+        return True
     lowered = text.lower()
-    if isinstance(lowered, bytes):
-        return b"\\u" in lowered or any(_named(lowered, key) for key in _KEYS_BYTES)
-    return "\\u" in lowered or any(_named(lowered, key) for key in _KEYS_TEXT)
+    if has_escape is None and ("\\u" if isinstance(lowered, str) else b"\\u") in lowered:
+        return True
+    return any(_named(lowered, key) for key in (_KEYS_BYTES if isinstance(lowered, bytes) else _KEYS_TEXT))
 
 
 def _named(lowered: Any, key: Any) -> bool:
@@ -95,7 +98,9 @@ def _named(lowered: Any, key: Any) -> bool:
     return False
 
 
-_KEYS_TEXT = tuple(sorted(REMOVED_KEYS))
+# The keys searched for: a key that starts with another is found through the shorter one (same
+# start, same character before it), so only the shortest of such keys are searched.
+_KEYS_TEXT = tuple(sorted(key for key in REMOVED_KEYS if not any(key != other and key.startswith(other) for other in REMOVED_KEYS)))
 _KEYS_BYTES = tuple(key.encode() for key in _KEYS_TEXT)
 
 
