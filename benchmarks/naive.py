@@ -2,10 +2,12 @@
 
 stdlib `json`, plain dicts, one alert at a time and one `await` after another: no batching of
 lookups, no cache, no concurrency, per-alert writes. It reuses the project's field extraction
-(`pipeline.formats.*.to_alert`) and enricher classes, so the comparison measures orchestration,
-parsing and serialisation — not different business logic. The harness switches the enrichers'
-history reuse off for it (`store.reuse_seconds = 0`): each alert reads its user's history, as
-straightforward code would.
+(`pipeline.formats.*.to_alert`), its removal of matched content and input limits (`common.scrub`,
+`limits.check_record`: required work, done on every record — without the pipeline's shortcut of
+proving from the body's bytes that a record needs neither) and its enricher classes, so the
+comparison measures orchestration, parsing and serialisation — not different business logic.
+The harness switches the enrichers' history reuse off for it (`store.reuse_seconds = 0`): each
+alert reads its user's history, as straightforward code would.
 """
 
 from __future__ import annotations
@@ -20,7 +22,15 @@ from typing import Any
 from pipeline.assemble import merge_parts
 from pipeline.enricher import EnrichmentContext
 from pipeline.formats import AlertPart, defender_streaming as ds, graph_alert, management_activity, sentinel_alert
+from pipeline.formats.common import scrub
+from pipeline.limits import DEFAULT_LIMITS, check_record
 from pipeline.models import DlpAlert
+
+
+def _safe(record: Any) -> Any:
+    """Limits checked, matched content removed: before any field is read (the pipeline's rules)."""
+    check_record(record, DEFAULT_LIMITS)
+    return scrub(record)
 
 
 def naive_alerts(body: bytes, db: sqlite3.Connection) -> list[DlpAlert]:
@@ -28,7 +38,7 @@ def naive_alerts(body: bytes, db: sqlite3.Connection) -> list[DlpAlert]:
     alerts: list[dict[str, Any]] = []
     if isinstance(document, dict) and "records" in document:
         parts: dict[str, list[AlertPart]] = {}
-        for record in document["records"]:
+        for record in map(_safe, document["records"]):
             properties = record.get("properties") or {}
             if not ds.is_dlp_row(properties):
                 continue
@@ -48,7 +58,7 @@ def naive_alerts(body: bytes, db: sqlite3.Connection) -> list[DlpAlert]:
             alerts.append(merge_parts(AlertPart(alert_id=alert_id, rank=r, data=json.loads(d), digest=g) for g, r, d in rows))
     else:
         items = document if isinstance(document, list) else [document]
-        for item in items:
+        for item in map(_safe, items):
             if graph_alert.looks_like(item) and graph_alert.is_dlp(item):
                 alerts.append(graph_alert.to_alert(item))
             elif sentinel_alert.looks_like(item) and sentinel_alert.is_dlp(item):
