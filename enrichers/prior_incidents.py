@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import lru_cache
 from operator import attrgetter
 from datetime import datetime, timezone
 from typing import Any, Iterable, NamedTuple
@@ -140,20 +141,20 @@ class PriorIncidentsEnricher(BatchEnricher):
                 for found in hunted:
                     found_at = found.at.timestamp()
                     if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= found_at <= until:
-                        prior[found.alert_id] = _Row(found.alert_id, found_at, found.policy, frozenset(), found)
+                        prior[found.alert_id] = _Row(found.alert_id, found_at, found.policy, found.severity, frozenset(), found.source)
                 sources.append("hunting")
             ordered = sorted(prior.values(), key=_AT, reverse=True)
         # One row per prior alert, newest first: each window's count is a bisection, the policy count
         # one C-level pass (no Python loop over a history of hundreds of alerts).
         policy = alert.policy_name
-        recent = [row.prior for row in ordered[: self.settings.max_recent]]
+        recent = [_prior_alert(*row[:4], row.source) for row in ordered[: self.settings.max_recent]]
         return PriorIncidents(
             last_7_days=len(between(ordered, until - 7 * DAY, until)),
             last_30_days=len(between(ordered, until - 30 * DAY, until)),
             last_90_days=len(ordered),
             same_policy_90_days=list(map(_POLICY, ordered)).count(policy) if policy else 0,
             sensitive_types=sorted(types),
-            last_alert_at=ordered[0].prior.at if ordered else None,
+            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(ordered[0].at, tz=timezone.utc) if ordered else None),
             recent=recent,
             sources=sources,
         )
@@ -177,23 +178,34 @@ class PriorIncidentsEnricher(BatchEnricher):
 
 
 class _Row(NamedTuple):
-    """What the counting needs of one prior alert (a history entry, or an alert found by hunting),
-    made once per entry: rows are held across batches (`UserHistories`), so an alert's `recent` list
-    reuses their `PriorAlert`s (fragments are read-only)."""
+    """What the counting needs of one prior alert (a history entry, or an alert found by hunting).
+    Rows are held for every user's whole history (`UserHistories`): kept small."""
 
     entry_id: str
     at: float
     policy: str | None
-    names: frozenset[str]  # sensitive information type names
-    prior: PriorAlert
+    severity: str | None
+    names: frozenset[str]  # sensitive information type names (one shared set per distinct set)
+    source: str
 
 
 _ID, _AT, _POLICY, _TYPES = attrgetter("entry_id"), attrgetter("at"), attrgetter("policy"), attrgetter("names")
 
 
+@lru_cache(maxsize=8192)
+def _prior_alert(entry_id: str, at: float, policy: str | None, severity: str | None, source: str) -> PriorAlert:
+    """The `recent` entry of a row. Each user's newest rows are in every one of their alerts' `recent`
+    lists: made once, shared (fragments are read-only)."""
+    return PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=policy, severity=severity, source=source)
+
+
+@lru_cache(maxsize=1024)
+def _names(names: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(names)
+
+
 def _row(entry_id: str, at: float, policy: str | None, severity: str | None, names: Iterable[str], source: str = "pipeline") -> _Row:
-    prior = PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=policy, severity=severity, source=source)
-    return _Row(entry_id, at, policy, frozenset(names), prior)
+    return _Row(entry_id, at, policy, severity, _names(tuple(names)), source)
 
 
 def _rows(entries: list[HistoryEntry]) -> list[_Row]:
