@@ -131,7 +131,8 @@ class EnrichmentContext:
         self._clock = clock
 
     def fragment(self, name: str) -> BaseModel | None:
-        """The fragment an earlier enricher produced for this alert, or None."""
+        """The fragment an earlier enricher produced for this alert, or None. Read it, do not change
+        it: a fragment, or a model inside it, may be shared by several alerts' fragments."""
         return self.fragments.get(name)
 
     def now(self) -> datetime:
