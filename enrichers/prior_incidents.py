@@ -92,7 +92,7 @@ class PriorIncidentsEnricher(BatchEnricher):
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[PriorIncidents | None | Exception]:
         """Write every alert of the batch first, so alerts of one batch see each other; then make
         sure each distinct user's history is at hand: read once per user and reused across batches
-        for 30 seconds (one query per user, not per alert or per batch)."""
+        for `store.reuse_seconds` (one query per user, not per alert or per batch)."""
         now = self._now()
         entries = [entry_of(alert, now=now) for alert in alerts]
         pairs = [(alert, entry) for alert, entry in zip(alerts, entries) if entry is not None]
@@ -147,7 +147,7 @@ class PriorIncidentsEnricher(BatchEnricher):
         # One row per prior alert, newest first: each window's count is a bisection, the policy count
         # one C-level pass (no Python loop over a history of hundreds of alerts).
         policy = alert.policy_name
-        recent = [_prior_alert(*row[:4], row.source) for row in ordered[: self.settings.max_recent]]
+        recent = [_prior_alert(row.entry_id, row.at, row.policy, row.severity, row.source) for row in ordered[: self.settings.max_recent]]
         return PriorIncidents(
             last_7_days=len(between(ordered, until - 7 * DAY, until)),
             last_30_days=len(between(ordered, until - 30 * DAY, until)),

@@ -172,12 +172,12 @@ class SensitiveInfoEnricher(BatchEnricher):
         reused across batches (`UserHistories`)."""
         if self.activities is None:
             return {}
-        window = self.settings.window_minutes * 60
+        window, now = self.settings.window_minutes * 60, self._clock()
         since: dict[str, float] = {}
         for alert in alerts:
             user = user_key(alert)
             if user is not None:
-                since[user] = min(since.get(user, float("inf")), event_time(alert, self._clock()) - window)
+                since[user] = min(since.get(user, float("inf")), event_time(alert, now) - window)
         await self.activities.ensure(since)
         return {user: self.activities.rows(user) for user in since}
 

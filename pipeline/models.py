@@ -121,6 +121,9 @@ class EnrichmentStatus(_Model):
     duration_ms: float = 0.0
 
 
+_STATUS_FIELDS = tuple(EnrichmentStatus.model_fields)  # in the model's order, as pydantic writes them
+
+
 class EnrichedRecord(_Model):
     """What every sink receives: one line of the lake.
 
@@ -145,8 +148,7 @@ class EnrichedRecord(_Model):
                     "alert": orjson.Fragment(self.alert.to_json()),
                     "enrichments": self.enrichments,
                     "enrichment_status": {
-                        name: {"state": status.state, "error": status.error, "duration_ms": status.duration_ms}
-                        for name, status in self.enrichment_status.items()
+                        name: {field: getattr(status, field) for field in _STATUS_FIELDS} for name, status in self.enrichment_status.items()
                     },
                     "pipeline_version": self.pipeline_version,
                     "processed_at": self.processed_at,
