@@ -1,15 +1,19 @@
 # The two commands of the README:  `make run`  and  `make test`.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out
 
 .PHONY: setup setup-dev run test soak validate clean bench bench-quick
 
-$(VENV)/.runtime: requirements.txt
+# The project itself is installed editable (its dependencies are requirements.txt, already there):
+# that registers the `dlp-pipeline` command, the built-in plugins' entry points and the pytest plugin,
+# so docs/plugins.md works from any folder.
+$(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt

@@ -43,7 +43,7 @@ def floor_alerts_per_s(bodies: list[bytes]) -> float:
 def decode_alerts_per_s(bodies: list[bytes]) -> float:
     """`decode_message` alone (parse, limits, scrub, field extraction, validation; no state, no
     enrichment, no serialisation), measured like the floor: what the decoder leaves of the budget."""
-    from pipeline.formats import decode_message
+    from pipeline.ingest.formats import decode_message
 
     return best_of_passes(bodies, decode_message)
 
@@ -51,7 +51,7 @@ def decode_alerts_per_s(bodies: list[bytes]) -> float:
 def decode_by_format(bodies: list[bytes]) -> dict[str, dict[str, float]]:
     """Microseconds per body of the floor and of `decode_message`, for each input format of the dataset
     (each body holds one alert): where the decoder's time goes, format by format."""
-    from pipeline.formats import decode_message
+    from pipeline.ingest.formats import decode_message
 
     groups: dict[str, list[bytes]] = {}
     for body in bodies:
@@ -66,7 +66,7 @@ def validate_us(bodies: list[bytes]) -> float:
     """Microseconds per alert of a step that stays whatever else is made faster: validating the
     canonical alert (`DlpAlert`, from the JSON-typed fields a decoder extracts) and writing its JSON."""
     from pipeline.models import DlpAlert
-    from pipeline.testing import make_alerts
+    from pipeline.plugin_kit.testing import make_alerts
 
     fields = [alert.model_dump(mode="json") for body in bodies for alert in make_alerts(body)]
     return round(1e6 / best_of_passes(fields, lambda item: DlpAlert(**item).to_json()), 1)
@@ -95,7 +95,7 @@ def bench_config(data_dir: Path, *, sink: str = "benchmarks.sinks:SerialiseSink"
     return loaded
 
 
-HISTORY_ENRICHERS = ("prior_incidents", "sensitive_info")  # the built-ins with a `store` (enrichers/history.py)
+HISTORY_ENRICHERS = ("prior_incidents", "sensitive_info")  # the built-ins with a `store` (pipeline/state/history.py)
 
 
 async def pipeline_alerts_per_s(bodies: list[bytes], warmup: list[bytes], batch_size: int = 100) -> float:

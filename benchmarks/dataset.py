@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "messages"
+SAMPLES = Path(__file__).resolve().parent.parent / "pipeline" / "samples" / "messages"
 
 
 def _load(name: str):

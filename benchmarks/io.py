@@ -104,7 +104,7 @@ async def sentinel(records: int = 10_000) -> dict[str, float]:
     import trustme
 
     from pipeline.runner import Message, Runner
-    from pipeline.sinks.sentinel import SentinelSink
+    from pipeline.deliver.sinks.sentinel import SentinelSink
 
     sizes: list[int] = []
 

@@ -2,7 +2,7 @@
 
 stdlib `json`, plain dicts, one alert at a time and one `await` after another: no batching of
 lookups, no cache, no concurrency, per-alert writes. It reuses the project's field extraction
-(`pipeline.formats.*.to_alert`), its removal of matched content and input limits (`common.scrub`,
+(`pipeline.ingest.formats.*.to_alert`), its removal of matched content and input limits (`common.scrub`,
 `limits.check_record`: required work, done on every record — without the pipeline's shortcut of
 proving from the body's bytes that a record needs neither) and its enricher classes, so the
 comparison measures orchestration, parsing and serialisation — not different business logic.
@@ -19,11 +19,11 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from pipeline.assemble import merge_parts
-from pipeline.enricher import EnrichmentContext
-from pipeline.formats import AlertPart, defender_streaming as ds, graph_alert, management_activity, sentinel_alert
-from pipeline.formats.common import scrub
-from pipeline.limits import DEFAULT_LIMITS, check_record
+from pipeline.assemble.join import merge_parts
+from pipeline.enrich.contract import EnrichmentContext
+from pipeline.ingest.formats import AlertPart, defender_streaming as ds, graph_alert, management_activity, sentinel_alert
+from pipeline.ingest.formats.common import scrub
+from pipeline.ingest.limits import DEFAULT_LIMITS, check_record
 from pipeline.models import DlpAlert
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from pipeline.models import EnrichedRecord
-from pipeline.sinks import Outcome
+from pipeline.deliver.sinks import Outcome
 
 
 class SerialiseSink:

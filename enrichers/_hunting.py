@@ -14,7 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.errors import EnricherUnavailable
-from pipeline.http import BearerToken, HttpClient, azure_credential, check_base_url
+from pipeline.enrich.http import BearerToken, HttpClient, azure_credential, check_base_url
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 _SAFE = re.compile(r"^[\w@.\-+#' ()\[\]~,&$%=!]{1,400}$")

@@ -1,6 +1,6 @@
 """prior_incidents: this user's earlier DLP alerts (7/30/90 days, same policy, types, the latest ones).
 
-Every alert the pipeline sees (kind "alert") is written to the history store (enrichers/history.py:
+Every alert the pipeline sees (kind "alert") is written to the history store (pipeline/state/history.py:
 SQLite by default, Azure Table Storage to share it between Functions instances), idempotently: a
 re-run or a redelivery does not count twice, and the alert never counts in its own history. The
 windows end at the alert's own time, so the result does not depend on processing order. With a
@@ -21,9 +21,9 @@ from pydantic import BaseModel, Field
 
 from enrichers._files import parse_datetime
 from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
-from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, open_history_store
-from pipeline.cache import CachePolicy, load_many
-from pipeline.enricher import BatchEnricher, EnrichmentContext
+from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, open_history_store
+from pipeline.enrich.cache import CachePolicy, load_many
+from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
 
 log = logging.getLogger("pipeline.enrichers.prior_incidents")
@@ -50,7 +50,7 @@ class PriorIncidents(BaseModel):
     sources: list[str]
 
 
-class PriorIncidentsEnricher(BatchEnricher):
+class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
     name = "prior_incidents"
     timeout = 5.0
     cache_policy = CachePolicy(ttl_seconds=600, max_entries=20_000)  # hunting results only

@@ -19,9 +19,9 @@ import orjson
 from pydantic import BaseModel, Field
 
 from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
-from enrichers.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, event_time, open_history_store, user_key
-from pipeline.cache import CachePolicy, load_many
-from pipeline.enricher import BatchEnricher, EnrichmentContext
+from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, event_time, open_history_store, user_key
+from pipeline.enrich.cache import CachePolicy, load_many
+from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert, SensitiveInfo
 
 log = logging.getLogger("pipeline.enrichers.sensitive_info")
@@ -72,7 +72,7 @@ class SensitiveInfoSummary(BaseModel):
     correlated_ids: list[str] = Field(default_factory=list, description="ids of the rule-match activities used")
 
 
-class SensitiveInfoEnricher(BatchEnricher):
+class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
     name = "sensitive_info"
     timeout = 5.0
     cache_policy = CachePolicy(ttl_seconds=300, max_entries=20_000)  # hunting results only
@@ -204,7 +204,7 @@ class SensitiveInfoEnricher(BatchEnricher):
         assert self.hunting is not None
         if alert.user is None:
             return None
-        from pipeline.formats import management_activity
+        from pipeline.ingest.formats import management_activity
 
         at = datetime.fromtimestamp(event_time(alert, self._clock()), tz=timezone.utc)
         window = timedelta(minutes=self.settings.window_minutes)

@@ -4,7 +4,7 @@ Three kinds of source, any number of each, every one named (its name is its key 
 - `http`: a generic JSON lookup (Okta System Log, CrowdStrike, a proxy API...): URL, query and body
   templated from alert fields, only the mapped response fields kept, hosts restricted to an
   allow-list, auth headers read from environment variables named in the settings, timeouts and
-  Retry-After-aware retries (pipeline/http.py);
+  Retry-After-aware retries (pipeline/enrich/http.py);
 - `tables`: lookup tables from CSV or JSON lines keyed by upn, ip or device, reloaded when the file
   changes (the embedded default);
 - `log_analytics`: a KQL query (azure-monitor-query) over third-party logs already in the Sentinel
@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import string
+from pathlib import Path
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 from urllib.parse import quote
@@ -33,11 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from enrichers._files import WatchedFile, read_csv, read_json_records
 from enrichers._hunting import kql_string
-from pipeline.cache import CachePolicy, load_many
-from pipeline.enricher import BatchEnricher, EnrichmentContext
+from pipeline.enrich.cache import CachePolicy, load_many
+from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.errors import EnricherError, EnricherTimeout, EnricherUnavailable, PipelineError
-from pipeline.http import HttpClient, check_base_url, host_matches
+from pipeline.enrich.http import HttpClient, check_base_url, host_matches
 from pipeline.models import DlpAlert
+from pipeline.secrets import SecretEnv
 
 log = logging.getLogger("pipeline.enrichers.telemetry")
 _FORMATTER = string.Formatter()
@@ -53,7 +55,7 @@ class HttpLookup(_Strict):
     url: str = Field(description="template, e.g. https://{{okta}}/api/v1/logs?filter=actor.alternateId eq \"{upn}\"")
     params: dict[str, str] = Field(default_factory=dict, description="query parameters (templates)")
     body: dict[str, Any] | None = Field(None, description="JSON body; its strings are templates")
-    headers_from_env: dict[str, str] = Field(default_factory=dict, description="header name -> environment variable holding its value")
+    headers_from_env: dict[str, SecretEnv] = Field(default_factory=dict, description="header name -> environment variable holding its value")
     allowed_hosts: list[str] = Field(min_length=1, description="hosts this lookup may call (exact or *.suffix)")
     allow_private_hosts: list[str] = Field(default_factory=list, description="hosts allowed over http/private addresses (tests)")
     results_path: str | None = Field(None, description="dotted path to the list of results; none: the whole answer is one result")
@@ -111,7 +113,7 @@ class Telemetry(BaseModel):
     errors: dict[str, str] = Field(default_factory=dict)
 
 
-class TelemetryEnricher(BatchEnricher):
+class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
     name = "telemetry"
     timeout = 10.0
     cache_policy = CachePolicy(ttl_seconds=120, max_entries=20_000)
@@ -124,7 +126,7 @@ class TelemetryEnricher(BatchEnricher):
 
         @model_validator(mode="after")
         def _unique(self) -> "TelemetryEnricher.Settings":
-            names = [s.name for s in (*self.http, *self.log_analytics, *self.tables)]
+            names = [*(s.name for s in self.http), *(s.name for s in self.log_analytics), *(s.name for s in self.tables)]
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"source names must be unique: {', '.join(duplicates)}")
@@ -141,7 +143,7 @@ class TelemetryEnricher(BatchEnricher):
                     raise ValueError(f"http lookup {lookup.name}: environment variable {variable} (header {header}) is not set")
         self._tables: dict[str, WatchedFile[dict[str, dict[str, Any]]]] = {}
         for table in s.tables:
-            path = services.input_path(table.path) if services is not None else table.path
+            path = services.input_path(table.path) if services is not None else Path(table.path)
             self._tables[table.name] = WatchedFile(path, lambda data, t=table: _index_table(data, t), check_seconds=table.check_seconds)
             self._tables[table.name].get()
         self._http: dict[str, HttpClient] = {}
@@ -165,7 +167,7 @@ class TelemetryEnricher(BatchEnricher):
                 if query.name in self._logs:
                     continue
                 if self.credential is None:
-                    from pipeline.http import azure_credential
+                    from pipeline.enrich.http import azure_credential
 
                     self.credential = azure_credential(query.managed_identity_client_id)
                 self._logs[query.name] = LogsQueryClient(
@@ -238,7 +240,7 @@ class TelemetryEnricher(BatchEnricher):
         )
         if response.status_code in lookup.not_found_statuses:
             return SourceResult(kind="http", found=False, count=0)
-        from pipeline.http import parse_json
+        from pipeline.enrich.http import parse_json
 
         payload = parse_json(response)
         items: Any = payload if lookup.results_path is None else _path(payload, lookup.results_path)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.enricher import BatchEnricher, EnrichmentContext
+from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
 
 INPUTS = ("user_context", "sensitive_info", "prior_incidents", "telemetry")
@@ -50,7 +50,7 @@ class Triage(BaseModel):
     missing_inputs: list[str]
 
 
-class TriageEnricher(BatchEnricher):
+class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
     name = "triage"
     runs_after = INPUTS
     timeout = 1.0

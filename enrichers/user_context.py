@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -26,11 +27,11 @@ from urllib.parse import quote
 from pydantic import BaseModel, Field, model_validator
 
 from enrichers._files import WatchedFile, parse_datetime, read_csv, read_json_records
-from pipeline.batching import MicroBatcher
-from pipeline.cache import CachePolicy, load_many
-from pipeline.enricher import BatchEnricher, EnrichmentContext
+from pipeline.enrich.batching import MicroBatcher
+from pipeline.enrich.cache import CachePolicy, load_many
+from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.errors import EnricherUnavailable
-from pipeline.http import BearerToken, HttpClient, azure_credential, check_base_url, parse_retry_after
+from pipeline.enrich.http import BearerToken, HttpClient, azure_credential, check_base_url, parse_retry_after
 from pipeline.models import DlpAlert
 
 log = logging.getLogger("pipeline.enrichers.user_context")
@@ -119,7 +120,7 @@ class UserContext(BaseModel):
     days_until_departure: int | None = Field(None, description="from the alert's time to the last working day; negative once gone")
 
 
-class UserContextEnricher(BatchEnricher):
+class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
     name = "user_context"
     timeout = 10.0
     cache_policy = CachePolicy(ttl_seconds=900, max_entries=50_000)
@@ -137,11 +138,11 @@ class UserContextEnricher(BatchEnricher):
         self._directory: WatchedFile[dict[str, dict[str, Any]]] | None = None
         self._hr: WatchedFile[dict[str, dict[str, Any]]] | None = None
         if s.directory and s.graph is None:
-            path = services.input_path(s.directory) if services else s.directory
+            path = services.input_path(s.directory) if services else Path(s.directory)
             self._directory = WatchedFile(path, _index_directory)
             self._directory.get()  # a missing or broken file is a start-up error
         if s.hr is not None:
-            path = services.input_path(s.hr.path) if services else s.hr.path
+            path = services.input_path(s.hr.path) if services else Path(s.hr.path)
             columns = s.hr.columns
             self._hr = WatchedFile(path, lambda data: _index_hr(data, columns), check_seconds=s.hr.check_seconds)
             self._hr.get()
@@ -219,8 +220,8 @@ class UserContextEnricher(BatchEnricher):
 
     async def _fetch_graph(self, keys: list[str]) -> dict[str, Any]:
         """One `$batch` of at most 20 user lookups; throttled inner requests are sent again."""
-        assert self._http is not None and self._token is not None
         g = self.settings.graph
+        assert self._http is not None and self._token is not None and g is not None  # only called with a [graph] table
         query = "$select=" + ",".join(HR_FIELDS) + "&$expand=manager($select=" + ",".join(MANAGER_FIELDS) + ")"
         results: dict[str, Any] = {}
         todo = list(keys)

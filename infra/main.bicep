@@ -37,7 +37,7 @@ param enableSentinel bool = true
 @description('Maximum instances of the Flex Consumption app.')
 param maximumInstanceCount int = 40
 
-@description('Pipeline config file, relative to the app root (see samples/pipeline.toml).')
+@description('Pipeline config file, relative to the app root (see pipeline/samples/pipeline.toml).')
 param pipelineConfig string = 'deploy/function.toml'
 
 param tags object = {}

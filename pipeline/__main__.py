@@ -1,5 +1,5 @@
 import sys
 
-from pipeline.cli import main
+from pipeline.entrypoints.cli import MODULE_PROG, main
 
-sys.exit(main())
+sys.exit(main(prog=MODULE_PROG))

@@ -6,7 +6,7 @@
 - Relative paths of inputs (HR files, lookup tables) are relative to the config file's folder;
   relative paths of outputs (state, lake, dead letters) are relative to `data_dir` (`--out`).
 - Plugin `settings` tables are validated by each plugin's own Settings model when the pipeline is
-  built (pipeline/registry.py), still before any event is read.
+  built (pipeline/plugins.py), still before any event is read.
 """
 
 from __future__ import annotations
@@ -14,17 +14,19 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.deliver.routing import When
 from pipeline.errors import ConfigError
-from pipeline.limits import Limits
-from pipeline.secrets import check_config_secrets, check_resolved
-from pipeline.models import SEVERITY_RANK, AlertKind, EnrichedRecord, Severity, SourceFormat
+from pipeline.ingest.limits import Limits
+from pipeline.secrets import SecretEnv, check_config_secrets, check_resolved
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "samples" / "pipeline.toml"
+#: The embedded default config, package data beside the bundled samples it reads (importlib.resources).
+DEFAULT_CONFIG = Path(str(files("pipeline").joinpath("samples", "pipeline.toml")))
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -57,7 +59,7 @@ class DeadLetterSettings(StrictModel):
     path: str = Field("dead-letter", description="local: folder under the data dir; blob: name prefix inside the container")
     container: str = Field("dead-letter", description="blob: the container (created if missing)")
     account_url: str | None = Field(None, description="blob: https://<account>.blob.core.windows.net, signed in with DefaultAzureCredential")
-    connection_string_env: str | None = Field(None, description="blob: name of the environment variable holding a connection string")
+    connection_string_env: SecretEnv | None = Field(None, description="blob: name of the environment variable holding a connection string")
 
     @model_validator(mode="after")
     def _blob_needs_an_account(self) -> "DeadLetterSettings":
@@ -83,12 +85,12 @@ class ConsumerSettings(StrictModel):
     """`python -m pipeline consume`: the standalone Event Hub consumer."""
 
     fully_qualified_namespace: str | None = Field(None, description="<namespace>.servicebus.windows.net, signed in with DefaultAzureCredential")
-    connection_string_env: str | None = Field(None, description="name of the environment variable holding the Event Hubs connection string")
+    connection_string_env: SecretEnv | None = Field(None, description="name of the environment variable holding the Event Hubs connection string")
     eventhub_name: str = Field(min_length=1)
     consumer_group: str = "$Default"
     checkpoint_container: str = Field("checkpoints", min_length=3)
     checkpoint_account_url: str | None = Field(None, description="Blob account of the checkpoint store, signed in with DefaultAzureCredential")
-    checkpoint_connection_string_env: str | None = Field(None, description="name of the environment variable holding the storage connection string")
+    checkpoint_connection_string_env: SecretEnv | None = Field(None, description="name of the environment variable holding the storage connection string")
     max_batch_size: int = Field(100, ge=1)
     max_wait_seconds: float = Field(5.0, gt=0)
     starting_position: str = Field("-1", description="where a partition without checkpoint starts: -1 (beginning) or @latest")
@@ -104,35 +106,6 @@ class ConsumerSettings(StrictModel):
         return self
 
 
-class When(StrictModel):
-    """A sink's filter over the enriched record: every condition given must hold."""
-
-    severity_at_least: Severity | None = None
-    triage_score_at_least: float | None = None
-    policy_in: list[str] | None = None
-    workload_in: list[str] | None = None
-    source_format_in: list[SourceFormat] | None = None
-    kind_in: list[AlertKind] | None = None
-
-    def matches(self, record: EnrichedRecord) -> bool:
-        alert = record.alert
-        if self.severity_at_least and SEVERITY_RANK[alert.severity] < SEVERITY_RANK[self.severity_at_least]:
-            return False
-        if self.policy_in is not None and alert.policy_name not in self.policy_in:
-            return False
-        if self.workload_in is not None and alert.workload not in self.workload_in:
-            return False
-        if self.source_format_in is not None and alert.source_format not in self.source_format_in:
-            return False
-        if self.kind_in is not None and alert.kind not in self.kind_in:
-            return False
-        if self.triage_score_at_least is not None:
-            score = (record.enrichments.get("triage") or {}).get("score")
-            if not isinstance(score, (int, float)) or score < self.triage_score_at_least:
-                return False
-        return True
-
-
 class EnricherConfig(StrictModel):
     name: str = Field(min_length=1, description="name in the record's enrichments; also the plugin to load unless `use` is given")
     use: str | None = Field(None, description="plugin: a built-in or entry-point name, or module:Class")
@@ -146,9 +119,9 @@ USER_IDENTIFIERS = ("alert.user.upn", "alert.user.object_id", "alert.user.displa
 
 
 class PseudonymiseSettings(StrictModel):
-    """Keyed pseudonymisation of a sink's output (see pipeline/sinks/shaping.py)."""
+    """Keyed pseudonymisation of a sink's output (see pipeline/deliver/minimise.py)."""
 
-    key_env: str = Field(min_length=1, description="environment variable holding the HMAC key (at least 16 bytes)")
+    key_env: SecretEnv = Field(description="environment variable holding the HMAC key (at least 16 bytes)")
     fields: list[str] = Field(default_factory=lambda: list(USER_IDENTIFIERS), description="dotted paths whose values are pseudonymised")
 
 
@@ -264,5 +237,18 @@ def load_config(path: str | Path | None = None, *, data_dir: str | Path | None =
         raise config_error_from_validation(exc, file=name) from None
     resolved_data_dir = Path(data_dir) if data_dir is not None else Path(config.data_dir)
     loaded = LoadedConfig(config, file=file.resolve(), data_dir=resolved_data_dir.resolve())
-    loaded.secret_env_names = secret_env_names
+    loaded.secret_env_names = secret_env_names | secret_env_values(config)
     return loaded
+
+
+def secret_env_values(value: Any) -> frozenset[str]:
+    """The variables named by every `SecretEnv` field of a validated model (`pseudonymise.key_env`, ...)."""
+    if isinstance(value, SecretEnv):
+        return frozenset({str(value)})
+    if isinstance(value, BaseModel):
+        return frozenset().union(*(secret_env_values(getattr(value, field)) for field in type(value).model_fields))
+    if isinstance(value, dict):
+        return frozenset().union(*(secret_env_values(item) for item in value.values()))
+    if isinstance(value, (list, tuple)):
+        return frozenset().union(*(secret_env_values(item) for item in value))
+    return frozenset()

@@ -1,18 +1,20 @@
 """Secrets come from the environment only: never written in the config file, never logged.
 
-Where a secret lives:
-- in an app setting of the Functions app (an environment variable), whose value may be a Key Vault
-  reference `@Microsoft.KeyVault(SecretUri=https://<vault>.vault.azure.net/secrets/<name>/)`: the
-  platform resolves it with the app's managed identity before the worker starts;
-- the config file names it: `password = "${SERVICENOW_PASSWORD}"`, or `password_env = "SERVICENOW_PASSWORD"`
-  for a plugin that reads the variable itself (`secret_from_env`).
+The one way (docs/security.md, "Secrets"): a setting that needs a secret is named `<what>_env` and
+its value is the NAME of the environment variable that holds the secret:
+
+    password_env = "SNOW_PASSWORD"          # not password = "..." and not password = "${SNOW_PASSWORD}"
+
+The variable is an app setting of the Functions app, whose value may be a Key Vault reference
+`@Microsoft.KeyVault(SecretUri=https://<vault>.vault.azure.net/secrets/<name>/)`: the platform
+resolves it with the app's managed identity before the worker starts. A plugin declares such a
+setting with the `SecretEnv` type and reads the secret with `settings.password_env.resolve()`.
 
 `check_config_secrets` runs on the raw TOML document, before `${...}` substitution, over every
 table including plugin `settings`. It refuses, with a ConfigError naming the file and the key and
 never the value:
-- a literal value under a secret-like key name (`SECRET_KEY_NAMES`): it must be exactly one
-  `${NAME}` reference (a default `${NAME:-...}` would be a literal secret), optionally after an
-  authentication scheme word (`"Bearer ${TOKEN}"`);
+- any value but a boolean under a secret-like key name (`is_secret_key`), a `${NAME}` reference
+  included; the message names the `<key>_env` setting to write instead;
 - under any key, a value that embeds a credential: a connection string with AccountKey /
   SharedAccessKey / SharedAccessSignature / Password, a URL with a SAS `sig=` or a password, a
   private key, a JSON Web Token;
@@ -23,9 +25,9 @@ never the value:
 `install_log_redaction` (called when a Runner is built) adds a filter to the root logger's handlers
 that replaces the values of those variables with `[redacted]` in every record, whoever logs it.
 
-`check_resolved` runs on every substituted variable: a value still starting with
-`@Microsoft.KeyVault(` means the platform could not resolve the reference (identity, access
-policy / RBAC, network rules or syntax); starting with it would send the reference as a password.
+`check_resolved` runs on every substituted variable and every resolved `SecretEnv`: a value still
+starting with `@Microsoft.KeyVault(` means the platform could not resolve the reference (identity,
+access policy / RBAC, network rules or syntax); starting with it would send the reference as a password.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ import os
 import re
 from typing import Any
 
-from pydantic import SecretStr
+from pydantic import GetCoreSchemaHandler, SecretStr
+from pydantic_core import core_schema
 
 from pipeline.errors import ConfigError
 
@@ -52,7 +55,6 @@ NOT_SECRET_KEYS = frozenset(
         "cache_key", "lookup_key", "join_key", "match_key", "group_key", "project_key", "issue_key",
     }
 )
-SCHEME_WORDS = frozenset({"", "bearer", "basic", "token", "sharedaccesssignature"})
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -65,7 +67,13 @@ _EMBEDDED: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"), "a private key"),
     (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\."), "a JSON Web Token"),
 )
-HOW = 'write "${ENV_VAR}" and set ENV_VAR as an app setting (it may be a Key Vault reference @Microsoft.KeyVault(SecretUri=...))'
+HOW = "set it as an app setting (its value may be a Key Vault reference @Microsoft.KeyVault(SecretUri=...)); see docs/security.md, Secrets"
+
+
+def how_to_name(key: str, variable: str | None = None) -> str:
+    """What to write instead of a secret under `key`: `password_env = "PASSWORD"`, then where the value goes."""
+    variable = variable or normalised(key).upper() or "ENV_VAR"
+    return f'name the environment variable that holds it: {key}_env = "{variable}", and {HOW}'
 
 
 def normalised(key: str) -> str:
@@ -104,7 +112,9 @@ def check_config_secrets(document: Any, *, file: str) -> frozenset[str]:
             continue
         key = key_path(location)
         name = next((part for part in reversed(location) if isinstance(part, str)), "")
-        if env_table or (_names_a_secret_variable(name) and not isinstance(value, bool)):
+        # Inside a secret-like table (`credentials = { client_secret_env = "..." }`) every `*_env` key names a variable.
+        names_variable = _names_a_secret_variable(name) or (secret and normalised(name).endswith("_env"))
+        if env_table or (names_variable and not isinstance(value, bool)):
             # `headers_from_env = { Authorization = "OKTA_AUTH" }`: the values name variables.
             if not isinstance(value, str) or not _ENV_NAME.match(value):
                 raise ConfigError("a *_env key names an environment variable (letters, digits, _), not a value", file=file, key=key)
@@ -114,26 +124,26 @@ def check_config_secrets(document: Any, *, file: str) -> frozenset[str]:
             problem = _embedded_credential(value)
             if problem:
                 raise ConfigError(f"holds {problem}: secrets must not be written in the config file; {HOW}", file=file, key=key)
-        if secret and not isinstance(value, bool) and not _only_references(value):
-            raise ConfigError(f"looks like a secret written in the config file; {HOW}, or use {name}_env = \"ENV_VAR\"", file=file, key=key)
-        if secret and isinstance(value, str):
-            names.update(match.group(1) for match in _REFERENCE.finditer(value))
+        if secret and not isinstance(value, bool) and not _a_count(name, value):
+            reference = _REFERENCE.fullmatch(value.strip()) if isinstance(value, str) else None
+            variable = reference.group(1) if reference and reference.group(2) is None else None
+            raise ConfigError(f"secrets are not written in the config; {how_to_name(name, variable)}", file=file, key=key)
     return frozenset(names)
+
+
+# Category words that are also secret words: a number under them counts or weighs matches (the triage
+# enricher's `weights.credentials = 20`), where a number under `password` or `api_key` may be a PIN.
+COUNTED_CATEGORIES = frozenset({"credential", "credentials"})
+
+
+def _a_count(name: str, value: Any) -> bool:
+    return isinstance(value, (int, float)) and normalised(name) in COUNTED_CATEGORIES
 
 
 def _names_a_secret_variable(name: str) -> bool:
     """`password_env`, `apiKeyEnv`, `hmac_key_env`: a `*_env` key whose stem is a secret-like name."""
     stem = normalised(name)
     return stem.endswith("_env") and is_secret_key(stem[: -len("_env")])
-
-
-def _only_references(value: Any) -> bool:
-    if not isinstance(value, str):
-        return False
-    references = list(_REFERENCE.finditer(value))
-    if not references or any(match.group(2) for match in references):
-        return False
-    return _REFERENCE.sub("", value).strip().lower() in SCHEME_WORDS
 
 
 def _embedded_credential(value: str) -> str | None:
@@ -167,6 +177,67 @@ def secret_from_env(name: str, *, file: str | None = None, key: str | None = Non
         raise ConfigError(f"environment variable {name} is not set", file=file, key=key)
     check_resolved(name, value, file=file or "(environment)", key=key or name)
     return SecretStr(value)
+
+
+class SecretNotSet(ValueError):
+    """A `SecretEnv` setting names a variable that is not set (or holds an unresolved Key Vault reference).
+
+    A ValueError, so that a plugin raising it from its constructor is reported by the plugin loader
+    as a ConfigError naming the config file and the plugin's `settings` table."""
+
+
+class SecretEnv(str):
+    """A setting that names the environment variable holding a secret: the one way to take a secret.
+
+    Declare it on a settings field named `<what>_env` and read the secret when the plugin is built:
+
+        class Settings(BaseEnricher.Settings):
+            api_key_env: SecretEnv                     # api_key_env = "VT_API_KEY" in the config
+
+        def __init__(self, settings, services):
+            super().__init__(settings, services)
+            self.api_key = settings.api_key_env.resolve()   # SecretStr; SecretNotSet if unset
+
+    Validation guarantees the value is a variable name (letters, digits, `_`), never a secret; the
+    value is a `str`, so code that reads `os.environ[settings.password_env]` keeps working.
+    """
+
+    __slots__ = ("setting",)
+    setting: str | None  # the settings field it was validated for, for error messages
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.with_info_after_validator_function(
+            cls._validate, core_schema.str_schema(), serialization=core_schema.plain_serializer_function_ser_schema(str)
+        )
+
+    @classmethod
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "SecretEnv":
+        if not _ENV_NAME.match(value):
+            raise ValueError("names an environment variable (letters, digits, _), not a value")
+        return cls.named(value, setting=info.field_name)
+
+    @classmethod
+    def named(cls, name: str, *, setting: str | None = None) -> "SecretEnv":
+        variable = cls(name)
+        variable.setting = setting
+        return variable
+
+    def resolve(self, *, environ: dict[str, str] | None = None) -> SecretStr:
+        """The secret the variable holds, as a SecretStr that never prints.
+
+        Raises SecretNotSet (naming the setting and the variable, never a value) when the variable is
+        unset or empty, or still holds an unresolved Key Vault reference."""
+        env = os.environ if environ is None else environ
+        what = getattr(self, "setting", None) or "secret"
+        value = env.get(str(self))
+        if not value:
+            raise SecretNotSet(f"{what}: environment variable {self} is not set")
+        if KEY_VAULT_REFERENCE.match(value):
+            raise SecretNotSet(f"{what}: environment variable {self} holds an unresolved Key Vault reference: check that the app's "
+                               "managed identity may read the secret (Key Vault Secrets User or an access policy), the vault's "
+                               "network rules and the reference syntax")
+        return SecretStr(value)
 
 
 REDACTED = "[redacted]"
@@ -218,4 +289,7 @@ def install_log_redaction(names: frozenset[str] | set[str], *, environ: dict[str
     return redactor
 
 
-__all__ = ["RedactSecrets", "check_config_secrets", "check_resolved", "install_log_redaction", "is_secret_key", "secret_from_env"]
+__all__ = [
+    "RedactSecrets", "SecretEnv", "SecretNotSet", "check_config_secrets", "check_resolved", "how_to_name", "install_log_redaction",
+    "is_secret_key", "secret_from_env",
+]

@@ -9,11 +9,11 @@ from pipeline.config import load_config
 
 # The plugin-author fixtures (dlp_alert, run_enricher, ...), which an installed dlp-pipeline registers
 # through its pytest11 entry point; named here so that a plain checkout gets them too.
-pytest_plugins = ["pipeline.pytest_plugin"]
+pytest_plugins = ["pipeline.plugin_kit.pytest_plugin"]
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "formats"
-SAMPLES = ROOT / "samples" / "messages"
+SAMPLES = ROOT / "pipeline" / "samples" / "messages"
 
 # Test card numbers and context strings present in the shared samples' DetectedValues.
 MATCHED_VALUES = ("4111 1111 1111 1111", "5555 5555 5555 4444", "SYNTHETIC TEST DATA", "card on file")

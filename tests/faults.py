@@ -18,9 +18,9 @@ from typing import Sequence
 import httpx
 from pydantic import BaseModel
 
-from pipeline.enricher import BaseEnricher
+from pipeline.enrich.contract import BaseEnricher
 from pipeline.errors import SinkUnavailable, translate
-from pipeline.sinks import Outcome
+from pipeline.deliver.sinks import Outcome
 
 INSTANCES: dict[str, object] = {}
 

@@ -7,10 +7,10 @@ from typing import Sequence
 
 from pydantic import BaseModel
 
-from pipeline.cache import CachePolicy
-from pipeline.enricher import BaseEnricher, BatchEnricher
+from pipeline.enrich.cache import CachePolicy
+from pipeline.enrich.contract import BaseEnricher, BatchEnricher
 from pipeline.errors import SinkUnavailable
-from pipeline.sinks import Outcome
+from pipeline.deliver.sinks import Outcome
 
 CALLS: list[tuple[str, str]] = []
 

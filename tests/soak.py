@@ -5,7 +5,7 @@
 Input: N Graph DLP alerts with distinct ids, one split Streaming API alert, and one poison message
 per 1,000 alerts, as JSON lines. Sinks: the JSONL lake and `tests.faults:ScriptedSink`, which raises
 a transient 503 on `--fail-ratio` of its calls (seeded). The run goes through the CLI's own code
-(`pipeline.cli.main`) in this process, so the flaky sink's counters can be read afterwards.
+(`pipeline.entrypoints.cli.main`) in this process, so the flaky sink's counters can be read afterwards.
 
 It prints the run's summary, the time taken, and the accounting it checks; it exits 1 when any alert
 is not accounted for: every alert must be in the lake exactly once and taken by the flaky sink or
@@ -76,7 +76,7 @@ def write_input(path: Path, alerts: int) -> tuple[set[str], int]:
 
 def soak(alerts: int, out: Path, *, batch_size: int = 100, fail_ratio: float = 0.2) -> dict:
     """Run the soak; returns the figures and the checks (see the module docstring)."""
-    from pipeline.cli import main as cli_main
+    from pipeline.entrypoints.cli import main as cli_main
 
     out.mkdir(parents=True, exist_ok=True)
     config = out / "soak.toml"

@@ -11,8 +11,8 @@ from pathlib import Path
 import fastavro
 import orjson
 
-from pipeline.inputs import parse_capture_time, read_messages, read_storage_export
-from pipeline.progress import Progress
+from pipeline.ingest.inputs import parse_capture_time, read_messages, read_storage_export
+from pipeline.entrypoints.progress import Progress
 from tests.conftest import FIXTURES, SAMPLES
 from tests.test_cli import run_cli, summary
 

@@ -1,4 +1,4 @@
-"""pipeline.cache: the TTL cache's single-flight loads and load_many's batch loads."""
+"""pipeline.enrich.cache: the TTL cache's single-flight loads and load_many's batch loads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from pipeline.cache import CachePolicy, TTLCache, load_many
+from pipeline.enrich.cache import CachePolicy, TTLCache, load_many
 
 
 class Clock:

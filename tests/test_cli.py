@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.entrypoints.cli import program_name
 from tests.conftest import MATCHED_VALUES, ROOT, SAMPLES
 
 
@@ -87,3 +88,14 @@ def test_a_path_a_command_cannot_write_is_one_line_not_a_stack_trace(tmp_path):
     result = run_cli("new-enricher", "geo", "--dir", str(blocker / "sub"), cwd=tmp_path)
     lines = result.stderr.decode().strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in lines[0]
+
+
+def test_usage_names_the_command_the_user_typed(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.decode().startswith("usage: python -m pipeline [-h]")
+    assert run_cli("validate", "--help", cwd=tmp_path).stdout.decode().startswith("usage: python -m pipeline validate ")
+    # an installed console script is named by its file (tests/test_packaging.py runs the real one)
+    assert program_name("/opt/venv/bin/dlp-pipeline") == "dlp-pipeline"
+    assert program_name(r"C:\venv\Scripts\dlp-pipeline.exe".replace("\\", "/")) == "dlp-pipeline"
+    assert program_name(str(ROOT / "pipeline" / "__main__.py")) == "python -m pipeline"
+    assert program_name("-m") == program_name("") == "python -m pipeline"

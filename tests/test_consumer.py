@@ -23,7 +23,7 @@ import pytest
 from azure.eventhub import EventData
 from azure.eventhub.aio import PartitionContext
 
-from pipeline.consumer import BatchHandler
+from pipeline.entrypoints.consumer import BatchHandler
 from pipeline.errors import SinkOutage
 from pipeline.runner import Runner
 from tests import faults

@@ -7,7 +7,7 @@ import json
 import orjson
 import pytest
 
-from pipeline.breaker import CircuitBreaker
+from pipeline.resilience.breaker import CircuitBreaker
 from pipeline.errors import SinkOutage
 from pipeline.runner import Message, Runner
 from tests import faults
@@ -202,7 +202,7 @@ async def test_functions_trigger_raises_for_an_outage_and_its_last_retry_dead_le
 
     import azure.functions as func
 
-    from pipeline import functions
+    from pipeline.entrypoints import functions
     from tests.test_functions import FUNCTIONS
 
     retry = FUNCTIONS["dlp_alerts"].get_setting("retry_policy").get_dict_repr()

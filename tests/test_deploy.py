@@ -169,14 +169,14 @@ def test_app_settings_cover_what_the_code_reads():
     # Flex Consumption sets the runtime in functionAppConfig and refuses FUNCTIONS_WORKER_RUNTIME;
     # worker indexing is the default; AzureWebJobsStorage is identity-based (__accountName, ...).
     local_only = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsFeatureFlags", "AzureWebJobsStorage"}
-    # Settings of the optional sinks of samples/azure.toml (ITSM, fan-out, pseudonymised lake): set
+    # Settings of the optional sinks of pipeline/samples/azure.toml (ITSM, fan-out, pseudonymised lake): set
     # them as app settings (secrets as Key Vault references) when those sinks are enabled.
     local_only |= {"SNOW_INSTANCE_URL", "SNOW_CLIENT_ID", "SNOW_CLIENT_SECRET", "SNOW_ASSIGNMENT_GROUP", "JIRA_SITE_URL", "JIRA_EMAIL", "JIRA_API_TOKEN",
                    "FANOUT_EVENTHUB_NAMESPACE", "LAKE_PSEUDONYM_KEY"}
     assert local - local_only <= settings, local - local_only - settings
     assert {"AzureWebJobsStorage__accountName", "AzureWebJobsStorage__credential", "AzureWebJobsStorage__clientId", "APPLICATIONINSIGHTS_CONNECTION_STRING"} <= settings
     assert not settings & {"FUNCTIONS_WORKER_RUNTIME", "FUNCTIONS_EXTENSION_VERSION", "AzureWebJobsStorage"}
-    trigger = (ROOT / "pipeline" / "functions.py").read_text()
+    trigger = (ROOT / "pipeline" / "entrypoints" / "functions.py").read_text()
     for name in ("EventHubName", "EventHubConsumerGroup"):
         assert f"%{name}%" in trigger
     assert 'connection="EventHubConnection"' in trigger
@@ -191,7 +191,7 @@ def table_columns() -> dict[str, str]:
 
 
 def test_table_definition_is_the_one_the_sentinel_sink_writes():
-    from pipeline.sinks.sentinel_schema import table_schema
+    from pipeline.deliver.sinks.sentinel_schema import table_schema
 
     assert json.loads((ROOT / "deploy" / "sentinel" / "table.json").read_text()) == table_schema()
 
@@ -264,7 +264,7 @@ def test_the_column_check_catches_a_typo():
 def test_local_settings_sample_lists_every_variable_the_example_configs_read():
     """Every `${NAME}` and `*_env = "NAME"` of the shipped configs is an app setting in local.settings.sample.json."""
     local = set(json.loads((ROOT / "local.settings.sample.json").read_text())["Values"])
-    for config in ("samples/pipeline.toml", "samples/azure.toml", "deploy/function.toml"):
+    for config in ("pipeline/samples/pipeline.toml", "pipeline/samples/azure.toml", "deploy/function.toml"):
         text = (ROOT / config).read_text()
         names = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text)) | set(re.findall(r'_env\s*=\s*"([A-Z_][A-Z0-9_]*)"', text))
         assert names <= local, f"{config} reads {sorted(names - local)}, missing from local.settings.sample.json"

@@ -22,7 +22,7 @@ def test_plugins_md_worked_example_passes_its_tests(tmp_path):
         (tmp_path / name).write_text(code)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "pipeline.pytest_plugin", "-p", "no:cacheprovider", "-o", "asyncio_mode=auto", "test_file_reputation.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "pipeline.plugin_kit.pytest_plugin", "-p", "no:cacheprovider", "-o", "asyncio_mode=auto", "test_file_reputation.py"],
         cwd=tmp_path, env=env, capture_output=True, timeout=120,
     )
     assert result.returncode == 0, result.stdout.decode()[-3000:] + result.stderr.decode()[-1000:]

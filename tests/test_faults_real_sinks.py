@@ -14,7 +14,7 @@ import uuid
 import pytest
 from azure.storage.blob import ContainerClient
 
-from pipeline.inputs import read_messages
+from pipeline.ingest.inputs import read_messages
 from pipeline.runner import Runner
 from tests.conftest import SAMPLES
 from tests.support.itsm_servers import Failure, Jira, ServiceNow

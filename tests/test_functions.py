@@ -9,7 +9,7 @@ import azure.functions as func
 import pytest
 
 import function_app
-from pipeline import functions
+from pipeline.entrypoints import functions
 from tests.conftest import SAMPLES
 
 

@@ -31,8 +31,8 @@ from hypothesis import strategies as st
 
 from pipeline.config import load_config
 from pipeline.errors import DecodeError
-from pipeline.formats import common, decode_message
-from pipeline.limits import walk
+from pipeline.ingest.formats import common, decode_message
+from pipeline.ingest.limits import walk
 from pipeline.runner import Message, Runner
 from tests.conftest import FIXTURES, LAKE_ONLY, MATCHED_VALUES, SAMPLES
 
@@ -351,7 +351,7 @@ EMBEDDING = st.recursive(
 @FUZZ
 @given(EMBEDDING)
 def test_a_body_proven_within_the_limits_passes_the_record_walk(document):
-    from pipeline.limits import Limits, check_record, records_surely_within
+    from pipeline.ingest.limits import Limits, check_record, records_surely_within
 
     limits = Limits(max_nesting_depth=4, max_string_length=256, max_body_bytes=1024)
     body = orjson.dumps(document)

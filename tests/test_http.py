@@ -1,4 +1,4 @@
-"""pipeline/http.py against a local server: retries, redirects, size limits, host rules; and the micro-batcher."""
+"""pipeline/enrich/http.py against a local server: retries, redirects, size limits, host rules; and the micro-batcher."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from email.utils import formatdate
 import pytest
 from werkzeug import Response
 
-from pipeline.batching import MicroBatcher
+from pipeline.enrich.batching import MicroBatcher
 from pipeline.errors import EnricherTimeout, EnricherUnavailable
-from pipeline.http import HttpClient, parse_retry_after
+from pipeline.enrich.http import HttpClient, parse_retry_after
 
 LOCAL = ["localhost", "127.0.0.1"]
 

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from pipeline.errors import ConfigError, DecodeError
-from pipeline.formats import common, decode_message, stored_body
-from pipeline.limits import Limits, check_record
+from pipeline.ingest.formats import common, decode_message, stored_body
+from pipeline.ingest.limits import Limits, check_record
 from pipeline.runner import Message, Runner
 from tests.conftest import LAKE_ONLY, MATCHED_VALUES
 
@@ -215,7 +215,7 @@ def test_an_alert_id_cannot_forge_log_lines_or_grow_unbounded(fixture_bytes, ale
 def test_a_partition_key_is_sanitised_before_it_is_logged():
     import azure.functions as func
 
-    from pipeline.functions import to_message
+    from pipeline.entrypoints.functions import to_message
 
     event = func.EventHubEvent(body=b"{}", partition_key="k\nERROR forged\x00" + "z" * 500, sequence_number=1, offset="1")
     source = to_message(event).source

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from benchmarks.dataset import make_bodies
-from pipeline.assemble import assemble
-from pipeline.formats import decode_message
+from pipeline.assemble.join import assemble
+from pipeline.ingest.formats import decode_message
 from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
 
 

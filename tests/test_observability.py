@@ -14,7 +14,7 @@ import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from pipeline import telemetry
+from pipeline import observability
 from pipeline.runner import Message, Runner
 from tests.conftest import ROOT, SAMPLES
 
@@ -23,11 +23,11 @@ from tests.conftest import ROOT, SAMPLES
 def metrics():
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    telemetry.use_meter_provider(provider)
+    observability.use_meter_provider(provider)
     try:
         yield reader
     finally:
-        telemetry.use_meter_provider(None)
+        observability.use_meter_provider(None)
         provider.shutdown()
 
 
@@ -104,13 +104,13 @@ async def test_runner_reports_every_metric(metrics, write_config, fixture_bytes)
     assert total(points["dlp.dead_lettered"], stage="deliver", reason="sink_rejected") == 2
     (lag,) = points["dlp.lag"]
     assert lag.count == 2 and lag.sum == pytest.approx(44) and lag.max == pytest.approx(42)
-    assert tuple(lag.explicit_bounds) == telemetry.LAG_BUCKETS  # seconds, not the SDK's millisecond defaults
-    assert lag.bucket_counts[telemetry.LAG_BUCKETS.index(1.0) + 1] == 1  # 2 s: in (1, 5]
-    assert tuple(durations[0].explicit_bounds) == telemetry.DURATION_BUCKETS
+    assert tuple(lag.explicit_bounds) == observability.LAG_BUCKETS  # seconds, not the SDK's millisecond defaults
+    assert lag.bucket_counts[observability.LAG_BUCKETS.index(1.0) + 1] == 1  # 2 s: in (1, 5]
+    assert tuple(durations[0].explicit_bounds) == observability.DURATION_BUCKETS
 
 
 async def test_without_a_configured_provider_the_hooks_are_no_ops(write_config, fixture_bytes):
-    telemetry.use_meter_provider(None)
+    observability.use_meter_provider(None)
     loaded = write_config(CONFIG.replace("{reject}", "none"))
     async with Runner(loaded) as runner:
         report = await runner.process_batch([Message(body=fixture_bytes("graph_alert_v2_dlp.json"), enqueued_time=datetime.now(timezone.utc))])
@@ -118,12 +118,12 @@ async def test_without_a_configured_provider_the_hooks_are_no_ops(write_config, 
 
 
 def test_configure_from_env_does_nothing_without_a_connection_string():
-    assert telemetry.configure_from_env({}) is False
+    assert observability.configure_from_env({}) is False
 
 
 async def test_log_records_of_an_alert_carry_its_ids(write_config, fixture_bytes, caplog):
     loaded = write_config(CONFIG.replace("{reject}", "none"))
-    caplog.handler.addFilter(telemetry.AlertContextFilter())
+    caplog.handler.addFilter(observability.AlertContextFilter())
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         async with Runner(loaded) as runner:
             report = await runner.process_batch([Message(body=fixture_bytes("graph_alert_v2_dlp.json"))])
@@ -137,7 +137,7 @@ def test_cli_json_logs_carry_alert_and_record_ids_and_no_payload(tmp_path):
     config = tmp_path / "pipeline.toml"
     config.write_text(CONFIG.replace("{reject}", "none").replace('[[sinks]]\nname = "picky"', '[[sinks]]\nenabled = false\nname = "picky"'))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop(telemetry.CONNECTION_STRING_SETTING, None)
+    env.pop(observability.CONNECTION_STRING_SETTING, None)
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "--log-format", "json", "run", str(SAMPLES / "03-graph-alert.json"), "--config", str(config), "--out", "out"],
         cwd=tmp_path, env=env, capture_output=True, timeout=120,
@@ -159,8 +159,8 @@ started = time.perf_counter()
 import function_app
 elapsed = time.perf_counter() - started
 assert "azure.monitor.opentelemetry" not in sys.modules and "opentelemetry" not in sys.modules, "imported at start-up"
-from pipeline import telemetry
-assert telemetry.configure_from_env() is True
+from pipeline import observability
+assert observability.configure_from_env() is True
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 assert isinstance(metrics.get_meter_provider(), MeterProvider)
@@ -169,7 +169,7 @@ print(round(elapsed, 3))
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
-        telemetry.CONNECTION_STRING_SETTING: "InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:9/",
+        observability.CONNECTION_STRING_SETTING: "InstrumentationKey=00000000-0000-0000-0000-000000000000;IngestionEndpoint=http://127.0.0.1:9/",
         "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
     }
     pytest.importorskip("azure.monitor.opentelemetry")

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import pytest
 from werkzeug import Response
 
-from enrichers.history import HistoryEntry, HistorySettings, TableHistoryStore
+from pipeline.state.history import HistoryEntry, HistorySettings, TableHistoryStore
 from pipeline.runner import Runner
 from tests.support.alerts import StaticCredential, graph_alert, message
 
@@ -205,8 +205,8 @@ async def test_enrich_alone_records_and_reads_history(tmp_path):
     import time
 
     from enrichers.prior_incidents import PriorIncidentsEnricher
-    from pipeline.enricher import EnrichmentContext
-    from pipeline.formats import decode_message
+    from pipeline.enrich.contract import EnrichmentContext
+    from pipeline.ingest.formats import decode_message
 
     settings = PriorIncidentsEnricher.Settings.model_validate({"store": {"path": str(tmp_path / "history.sqlite")}})
     enricher = PriorIncidentsEnricher(settings)
@@ -225,10 +225,10 @@ async def test_store_reuse_seconds_decides_when_another_instances_writes_are_see
     is not seen by the next alert yet; with 0, the next alert reads the history again and counts it."""
     import time
 
-    from enrichers.history import entry_of
+    from pipeline.state.history import entry_of
     from enrichers.prior_incidents import PriorIncidentsEnricher
-    from pipeline.enricher import EnrichmentContext
-    from pipeline.formats import decode_message
+    from pipeline.enrich.contract import EnrichmentContext
+    from pipeline.ingest.formats import decode_message
 
     alerts = decode_message(message(*history_alerts()).body).alerts
     by_id = {alert.alert_id: alert for alert in alerts}
@@ -252,8 +252,8 @@ async def test_store_reuse_seconds_decides_when_another_instances_writes_are_see
 async def test_user_histories_are_read_once_kept_current_and_read_again_after_their_ttl(tmp_path, monkeypatch):
     """UserHistories over the real SQLite store: one read per user, this process's writes seen at
     once, another writer's entries seen once the TTL has passed."""
-    from enrichers import history as history_module
-    from enrichers.history import SqliteHistoryStore, UserHistories
+    from pipeline.state import history as history_module
+    from pipeline.state.history import SqliteHistoryStore, UserHistories
 
     store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
     reads: list[str] = []
@@ -299,7 +299,7 @@ async def test_a_history_file_of_an_earlier_version_is_converted_and_keeps_its_e
 
     import orjson
 
-    from enrichers.history import SqliteHistoryStore
+    from pipeline.state.history import SqliteHistoryStore
 
     path = tmp_path / "history.sqlite"
     old = sqlite3.connect(path)
@@ -334,7 +334,7 @@ def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
     a brute-force count over the same rows, revisions included, must give the same figures."""
     from hypothesis import given, settings, strategies as st
 
-    from enrichers.history import between
+    from pipeline.state.history import between
     from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _row
     from pipeline.models import DlpAlert
 

@@ -12,8 +12,8 @@ import orjson
 import pytest
 
 from pipeline.deadletter import DeadLetter, LocalDeadLetterStore
-from pipeline.deadletter_blob import BlobDeadLetterStore
-from pipeline.replay import replay_dead_letters
+from pipeline.deadletter.blob import BlobDeadLetterStore
+from pipeline.entrypoints.replay import replay_dead_letters
 from pipeline.runner import Message, Runner
 from tests import faults
 from tests.conftest import ROOT
@@ -108,8 +108,8 @@ async def test_decode_and_assemble_entries_that_now_make_alerts_are_delivered_to
     store = LocalDeadLetterStore(loaded.data_path("dead-letter"))
     good_message = graph(fixture_bytes, "from-decode")
     good_record = json.loads(graph(fixture_bytes, "from-record"))
-    from pipeline.assemble import merge_parts
-    from pipeline.formats import decode_message
+    from pipeline.assemble.join import merge_parts
+    from pipeline.ingest.formats import decode_message
 
     # a valid alert's fields, as the assemble stage stores them
     merged = merge_parts(decode_message(fixture_bytes("streaming_dlp_batch.json")).parts)

@@ -447,7 +447,7 @@ async def test_a_batch_enricher_failure_is_recorded_per_alert_and_never_drops_on
 async def test_the_runner_raises_the_gc_threshold_and_keeps_a_higher_one(write_config):
     import gc
 
-    from pipeline.runner import GC_GEN0_THRESHOLD
+    from pipeline.process import GC_GEN0_THRESHOLD
 
     before = gc.get_threshold()
     try:

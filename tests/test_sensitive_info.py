@@ -145,7 +145,7 @@ def test_correlation_window_is_inclusive_on_both_sides_and_picks_the_newest_cont
     contents of one activity, the newest is used."""
     from datetime import datetime, timezone
 
-    from enrichers.history import HistoryEntry
+    from pipeline.state.history import HistoryEntry
     from enrichers.sensitive_info import SensitiveInfoEnricher, _prepared
     from pipeline.models import DlpAlert
 

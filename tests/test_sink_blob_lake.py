@@ -14,7 +14,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from pipeline.runner import Message, Runner
-from pipeline.sinks.blob_lake import BlobLakeSink
+from pipeline.deliver.sinks.blob_lake import BlobLakeSink
 from tests.conftest import MATCHED_VALUES, SAMPLES
 from tests.support.records import make_record
 
@@ -160,7 +160,7 @@ create_container = true
 async def test_a_pipeline_run_writes_the_expected_blobs_and_a_rerun_adds_none(container, write_config, monkeypatch):
     monkeypatch.setenv("TEST_PSEUDONYM_KEY", "k" * 32)
     loaded = write_config(LAKE_IN_AZURITE.format(container=container.container_name))
-    from pipeline.inputs import read_messages
+    from pipeline.ingest.inputs import read_messages
 
     messages: list[Message] = list(read_messages([str(SAMPLES)]))
     async with Runner(loaded) as runner:

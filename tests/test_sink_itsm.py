@@ -7,9 +7,9 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.runner import Message, Runner
-from pipeline.sinks.jira import JiraSink
-from pipeline.sinks.servicenow import ServiceNowSink
-from pipeline.sinks.shaping import alert_key
+from pipeline.deliver.sinks.jira import JiraSink
+from pipeline.deliver.sinks.servicenow import ServiceNowSink
+from pipeline.deliver.minimise import alert_key
 from tests.support.itsm_servers import Failure, Jira, ServiceNow, adf_text
 from tests.support.records import make_record
 
@@ -194,7 +194,7 @@ async def test_a_record_already_on_its_ticket_is_not_sent_again_by_the_same_proc
 
 
 def test_ticket_memory_is_bounded():
-    from pipeline.sinks.itsm import TicketMemory
+    from pipeline.deliver.sinks.itsm import TicketMemory
 
     memory = TicketMemory(maxsize=3)
     for i in range(5):

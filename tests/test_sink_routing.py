@@ -14,7 +14,7 @@ from azure.storage.blob import BlobServiceClient
 from pipeline.config import PseudonymiseSettings
 from pipeline.errors import ConfigError
 from pipeline.runner import Message, Runner
-from pipeline.sinks.shaping import Minimiser, alert_key
+from pipeline.deliver.minimise import Minimiser, alert_key
 from tests.support.itsm_servers import ServiceNow
 from tests.support.records import make_record
 
@@ -146,7 +146,7 @@ def test_the_azure_example_config_builds_every_sink(monkeypatch, tmp_path):
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    loaded = load_config(ROOT / "samples" / "azure.toml", data_dir=tmp_path)
+    loaded = load_config(ROOT / "pipeline" / "samples" / "azure.toml", data_dir=tmp_path)
     runner = Runner(loaded)
     try:
         kinds = {entry.name: type(getattr(sink, "inner", sink)).__name__ for entry, sink in runner.sinks}
@@ -158,7 +158,7 @@ def test_the_azure_example_config_builds_every_sink(monkeypatch, tmp_path):
         "sentinel": "SentinelSink", "lake": "BlobLakeSink", "lake-pseudonymised": "BlobLakeSink",
         "servicenow": "ServiceNowSink", "jira": "JiraSink", "fanout": "EventHubSink",
     }
-    text = (ROOT / "samples" / "azure.toml").read_text()
+    text = (ROOT / "pipeline" / "samples" / "azure.toml").read_text()
     for secret in ("secret-from-key-vault", "token-from-key-vault"):
         assert secret not in text
 

@@ -16,8 +16,8 @@ from azure.core.credentials import AccessToken
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from pipeline.sinks.sentinel import SentinelSink
-from pipeline.sinks.sentinel_schema import COLUMNS, RESERVED, TABLE, table_schema
+from pipeline.deliver.sinks.sentinel import SentinelSink
+from pipeline.deliver.sinks.sentinel_schema import COLUMNS, RESERVED, TABLE, table_schema
 from tests.support.records import make_record
 
 RULE = "dcr-00000000000000000000000000000000"

@@ -1,13 +1,13 @@
-"""pipeline.testing and its pytest fixtures, as a plugin author uses them."""
+"""pipeline.plugin_kit.testing and its pytest fixtures, as a plugin author uses them."""
 
 from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
 
-from pipeline.cache import CachePolicy
+from pipeline.enrich.cache import CachePolicy
 from pipeline.errors import ConfigError
-from pipeline.testing import DEFAULT_NOW, FakeClock, make_alert, make_alerts, make_context, run_enricher, sample_bytes
+from pipeline.plugin_kit.testing import DEFAULT_NOW, FakeClock, make_alert, make_alerts, make_context, run_enricher, sample_bytes
 from tests import plugins
 
 
@@ -92,7 +92,7 @@ async def test_make_context_has_a_fake_clock_and_a_cache():
     assert await ctx.cached("k", load) == 2 and ctx.now().timestamp() == DEFAULT_NOW.timestamp() + 61
 
 
-# -- the pytest fixtures (pipeline/pytest_plugin.py) ---------------------------------------------------
+# -- the pytest fixtures (pipeline/plugin_kit/pytest_plugin.py) ---------------------------------------------------
 
 
 def test_fixture_dlp_alert_any_format(dlp_alert_any_format):

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 if TYPE_CHECKING:
     from pipeline.config import StateSettings
-    from pipeline.formats import AlertPart
+    from pipeline.ingest.formats import AlertPart
 
 
 @dataclass(slots=True)

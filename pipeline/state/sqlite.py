@@ -15,7 +15,7 @@ from typing import Sequence
 import orjson
 
 from pipeline.errors import StoreUnavailable
-from pipeline.formats import AlertPart
+from pipeline.ingest.formats import AlertPart
 from pipeline.state import PartsAdded, PendingAlert
 
 _SCHEMA = """

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from azure.core.credentials import AccessToken
 
-from pipeline.runner import Message
+from pipeline.ingest.message import Message
 
 
 def graph_alert(

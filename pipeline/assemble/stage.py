@@ -1,0 +1,92 @@
+"""The assemble stage: parts of split Streaming API alerts stored, and alerts whose parts settled claimed.
+
+Guarantees:
+- parts are made durable in the state store before any alert of the batch is enriched: a crash after
+  this point loses no part that was read;
+- a part over `limits.max_evidence_per_alert` is not stored: it comes back as a dead letter
+  (`too_many_evidence`, stage "assemble"), one per alert;
+- an alert is claimed (leased) when its parts have settled (`assembly.settle_seconds`), or its first
+  part is older than `assembly.max_hold_seconds`, or `force` is given; at most
+  `assembly.emit_batch_size` per call, so a backlog becomes bounded batches;
+- claimed alerts are marked emitted only by `mark_emitted`, after delivery; `release` gives them back
+  when the batch raises, so running it again claims them again (at-least-once);
+- a claimed alert whose merged parts are not a valid alert is a dead letter (`invalid_alert`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from pipeline.assemble.join import assemble, merge_parts
+from pipeline.config import AssemblySettings
+from pipeline.deadletter import DeadLetter
+from pipeline.ingest.formats import AlertPart, validation_summary
+from pipeline.models import DlpAlert
+from pipeline.state import StateStore
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class Claimed:
+    """Split alerts claimed in one call: joined alerts, their ids (to mark emitted or release), dead letters."""
+
+    alerts: list[DlpAlert] = field(default_factory=list)
+    alert_ids: list[str] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+class Assembler:
+    """Joins split alerts through the state store (the only place their parts live)."""
+
+    def __init__(self, state: StateStore, settings: AssemblySettings, *, max_parts_per_alert: int) -> None:
+        self.state = state
+        self.settings = settings
+        self.max_parts_per_alert = max_parts_per_alert
+
+    async def store(self, parts: list[AlertPart], *, now: float) -> tuple[int, list[DeadLetter]]:
+        """Store the parts; returns (duplicates ignored, dead letters of the parts over the limit)."""
+        added = await self.state.add_parts(parts, now=now, max_parts_per_alert=self.max_parts_per_alert)
+        return added.duplicate, _over_limit_dead_letters(added.over_limit, self.max_parts_per_alert)
+
+    async def claim(self, *, now: float, force: bool) -> Claimed:
+        settings = self.settings
+        pending = await self.state.claim_due(
+            now=now, settle_seconds=settings.settle_seconds, max_hold_seconds=settings.max_hold_seconds, lease_seconds=settings.lease_seconds,
+            force=force, limit=settings.emit_batch_size,
+        )
+        claimed = Claimed(alert_ids=[alert.alert_id for alert in pending])
+        for alert in pending:
+            try:
+                claimed.alerts.append(assemble(alert.parts))
+            except ValidationError as exc:
+                body = orjson.dumps(merge_parts(alert.parts))
+                claimed.dead.append(DeadLetter(stage="assemble", reason="invalid_alert", detail=validation_summary(exc), body=body, alert_id=alert.alert_id))
+        return claimed
+
+    async def mark_emitted(self, alert_ids: list[str], *, now: float) -> None:
+        await self.state.mark_emitted(alert_ids, now=now)
+
+    async def release(self, alert_ids: list[str]) -> None:
+        """Give claimed split alerts back (their batch raised), so that running it again claims them."""
+        if alert_ids:
+            await self.state.release(alert_ids)
+
+
+def _over_limit_dead_letters(parts: list[Any], limit: int) -> list[DeadLetter]:
+    """One dead letter per alert whose split parts exceeded the evidence limit (parts are canonical, scrubbed)."""
+    by_alert: dict[str, list[Any]] = {}
+    for part in parts:
+        by_alert.setdefault(part.alert_id, []).append(part)
+    entries = []
+    for alert_id, extra in by_alert.items():
+        log.warning("alert %s: %d part(s) over the limit of %d parts per alert dead-lettered", alert_id, len(extra), limit)
+        body = orjson.dumps([{"rank": p.rank, "digest": p.digest, "data": p.data} for p in extra])
+        detail = f"{len(extra)} part(s) refused: the alert already holds {limit} parts, limit {limit}"
+        entries.append(DeadLetter(stage="assemble", reason="too_many_evidence", detail=detail, body=body, alert_id=alert_id))
+    return entries

@@ -1,0 +1,170 @@
+"""The dead-letter store: what could not be decoded or delivered, with why and where it came from.
+
+Three stages put entries here:
+- `decode`: a whole message body that is not usable (JSON bodies are stored with matched sensitive
+  content removed; bodies that cannot be scrubbed are withheld, see `pipeline.ingest.formats.stored_body`
+  and docs/security.md), or one bad record of a message (that record, scrubbed);
+- `assemble`: the parts of a split alert that do not make a valid alert, or parts refused because
+  their alert already holds `limits.max_evidence_per_alert` parts (`too_many_evidence`);
+- `deliver`: an enriched record a sink rejected, or that was still failing when retries ran out.
+
+Entry ids are deterministic (stage, sink and content), so a redelivered message or a replayed record
+that fails again updates its entry (attempts, last failure) instead of adding a second one.
+A store that cannot write raises StoreUnavailable: the batch must then be retried, never skipped.
+
+Two stores hold entries in the same format (one JSON document per entry id): `LocalDeadLetterStore`
+(files under the data dir) and `BlobDeadLetterStore` (pipeline/deadletter/blob.py, one blob per
+entry). `open_dead_letter_store` builds the one `[dead_letter]` names.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
+
+import orjson
+
+from pipeline.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from pipeline.config import LoadedConfig
+
+Stage = Literal["decode", "assemble", "deliver"]
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    stage: Stage
+    reason: str
+    detail: str
+    body: bytes
+    source: str = ""
+    message_index: int | None = None
+    record_index: int | None = None
+    sink: str | None = None
+    alert_id: str | None = None
+    record_id: str | None = None
+    attempts: int = 1
+    first_failure_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    last_failure_at: datetime | None = None
+
+    @property
+    def entry_id(self) -> str:
+        digest = hashlib.sha256()
+        for piece in (self.stage, self.sink or "", self.source if self.stage == "decode" else ""):
+            digest.update(piece.encode() + b"\0")
+        # A delivery failure is about one record: its id identifies it across runs (the body holds
+        # processing times that differ on every run).
+        digest.update(self.record_id.encode() if self.stage == "deliver" and self.record_id else self.body)
+        if self.record_index is not None:
+            digest.update(str(self.record_index).encode())
+        return digest.hexdigest()[:32]
+
+    def to_document(self) -> dict[str, Any]:
+        """The stored form. `body` is base64 of the exact bytes; `summary` never holds payload content."""
+        return {
+            "entry_id": self.entry_id,
+            "stage": self.stage,
+            "reason": self.reason,
+            "detail": self.detail,
+            "source": self.source,
+            "message_index": self.message_index,
+            "record_index": self.record_index,
+            "sink": self.sink,
+            "alert_id": self.alert_id,
+            "record_id": self.record_id,
+            "attempts": self.attempts,
+            "first_failure_at": self.first_failure_at.isoformat(),
+            "last_failure_at": (self.last_failure_at or self.first_failure_at).isoformat(),
+            "body_base64": base64.b64encode(self.body).decode("ascii"),
+        }
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> "DeadLetter":
+        return cls(
+            stage=document["stage"],
+            reason=document["reason"],
+            detail=document.get("detail", ""),
+            body=base64.b64decode(document["body_base64"]),
+            source=document.get("source", ""),
+            message_index=document.get("message_index"),
+            record_index=document.get("record_index"),
+            sink=document.get("sink"),
+            alert_id=document.get("alert_id"),
+            record_id=document.get("record_id"),
+            attempts=document.get("attempts", 1),
+            first_failure_at=datetime.fromisoformat(document["first_failure_at"]),
+            last_failure_at=datetime.fromisoformat(document["last_failure_at"]),
+        )
+
+
+class DeadLetterStore(Protocol):
+    async def put(self, entries: Sequence[DeadLetter]) -> None: ...
+
+    async def list(self) -> list[DeadLetter]: ...
+
+    async def remove(self, entry_ids: Sequence[str]) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class LocalDeadLetterStore:
+    """One JSON file per entry under a folder; each written to a temp file, then renamed."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create dead-letter folder {self.root}: {exc.strerror}") from exc
+
+    async def put(self, entries: Sequence[DeadLetter]) -> None:
+        for entry in entries:
+            path = self.root / f"{entry.entry_id}.json"
+            try:
+                if path.exists():
+                    previous = orjson.loads(path.read_bytes())
+                    entry.attempts = int(previous.get("attempts", 1)) + entry.attempts
+                    entry.first_failure_at = datetime.fromisoformat(previous["first_failure_at"])
+                    entry.last_failure_at = datetime.now(timezone.utc)
+                self._write_atomically(path, orjson.dumps(entry.to_document(), option=orjson.OPT_INDENT_2))
+            except (OSError, ValueError, KeyError) as exc:
+                raise StoreUnavailable(f"dead-letter write failed in {self.root}: {exc}") from exc
+
+    async def list(self) -> list[DeadLetter]:
+        return [DeadLetter.from_document(orjson.loads(p.read_bytes())) for p in sorted(self.root.glob("*.json"))]
+
+    async def remove(self, entry_ids: Sequence[str]) -> None:
+        for entry_id in entry_ids:
+            (self.root / f"{entry_id}.json").unlink(missing_ok=True)
+
+    async def aclose(self) -> None:
+        return None
+
+    def _write_atomically(self, path: Path, data: bytes) -> None:
+        handle, temp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+
+
+def open_dead_letter_store(config: "LoadedConfig") -> DeadLetterStore:
+    """The dead-letter store `[dead_letter]` names: local files (default) or Blob storage."""
+    settings = config.config.dead_letter
+    if settings.kind == "blob":
+        from pipeline.deadletter.blob import BlobDeadLetterStore
+
+        return BlobDeadLetterStore.from_settings(settings)
+    return LocalDeadLetterStore(config.data_path(settings.path))

@@ -1,0 +1,101 @@
+"""The local data lake: JSON lines under `<data_dir>/lake/tenant=<id>/date=<YYYY-MM-DD>/records.jsonl`.
+
+Idempotent by record_id: an index of delivered ids (SQLite, `<lake>/_delivered.sqlite`) is checked
+before appending, and written after the lines are flushed to disk. The window between the two is
+closed by a journal in the same index: before appending, the size of each file is recorded; the
+ids are inserted and the journal cleared in one transaction after the append. When the sink opens
+(or publishes after a failed append) and finds a journal, the append did not complete: the files are
+cut back to their recorded size, so the records are written again whole, once. A record is thus
+either in the index and its file exactly once, or in neither. One process writes a lake at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+from pydantic import Field
+
+from pipeline.config import StrictModel
+from pipeline.models import EnrichedRecord
+from pipeline.deliver.sinks import Outcome
+
+
+class JsonlLakeSink:
+    class Settings(StrictModel):
+        path: str = Field("lake", description="folder of the lake, relative to the data dir")
+        fsync: bool = Field(True, description="flush each batch to stable storage before reporting delivered")
+
+    def __init__(self, settings: "JsonlLakeSink.Settings", services) -> None:
+        self.settings = settings
+        self.root: Path = services.data_path(settings.path)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._index = sqlite3.connect(self.root / "_delivered.sqlite", isolation_level=None)
+        self._index.execute("PRAGMA journal_mode=WAL")
+        self._index.execute("CREATE TABLE IF NOT EXISTS delivered (record_id TEXT PRIMARY KEY) WITHOUT ROWID")
+        self._index.execute("CREATE TABLE IF NOT EXISTS pending_append (path TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
+        self._recover()
+
+    def _recover(self) -> None:
+        """Cut files back to their size before an append that did not complete (see the module docstring)."""
+        rows = self._index.execute("SELECT path, size FROM pending_append").fetchall()
+        for relative, size in rows:
+            path = self.root / relative
+            if path.exists() and path.stat().st_size > size:
+                with open(path, "r+b") as handle:
+                    handle.truncate(size)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        if rows:
+            self._index.execute("DELETE FROM pending_append")
+
+    def partition_of(self, record: EnrichedRecord) -> Path:
+        alert = record.alert
+        day = (alert.created_at or record.processed_at).strftime("%Y-%m-%d")
+        return self.root / f"tenant={alert.tenant_id or 'unknown'}" / f"date={day}" / "records.jsonl"
+
+    async def publish(self, records: Sequence[EnrichedRecord]) -> list[Outcome]:
+        known = self._known({r.record_id for r in records})
+        by_file: dict[Path, list[bytes]] = defaultdict(list)
+        fresh: list[str] = []
+        for record in records:
+            if record.record_id in known:
+                continue
+            known.add(record.record_id)
+            fresh.append(record.record_id)
+            by_file[self.partition_of(record)].append(record.to_json() + b"\n")
+        if self._index.execute("SELECT 1 FROM pending_append LIMIT 1").fetchone():
+            self._recover()  # an earlier append of this process failed part-way
+        self._index.execute("BEGIN")
+        self._index.executemany(
+            "INSERT OR REPLACE INTO pending_append (path, size) VALUES (?, ?)",
+            [(str(path.relative_to(self.root)), path.stat().st_size if path.exists() else 0) for path in by_file],
+        )
+        self._index.execute("COMMIT")
+        for path, lines in by_file.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as handle:
+                handle.write(b"".join(lines))
+                if self.settings.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        self._index.execute("BEGIN")
+        self._index.executemany("INSERT OR IGNORE INTO delivered (record_id) VALUES (?)", [(i,) for i in fresh])
+        self._index.execute("DELETE FROM pending_append")
+        self._index.execute("COMMIT")
+        return [Outcome.delivered()] * len(records)
+
+    def _known(self, ids: set[str]) -> set[str]:
+        found: set[str] = set()
+        pending = list(ids)
+        for start in range(0, len(pending), 500):
+            chunk = pending[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(row[0] for row in self._index.execute(f"SELECT record_id FROM delivered WHERE record_id IN ({marks})", chunk))
+        return found
+
+    async def aclose(self) -> None:
+        self._index.close()

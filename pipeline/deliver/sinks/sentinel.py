@@ -1,0 +1,141 @@
+"""Microsoft Sentinel through the Azure Monitor Logs Ingestion API (azure-monitor-ingestion, async).
+
+Rows go to the DCR stream `Custom-DLPEnrichedAlerts` → table `DLPEnrichedAlerts_CL` (see
+pipeline/deliver/sinks/sentinel_schema.py and deploy/sentinel/). Guarantees:
+- every request body is at most `max_request_bytes` (default and maximum 1,000,000) of uncompressed
+  JSON, measured exactly as the SDK serialises it; records are packed first-fit-decreasing, so a
+  batch takes close to the fewest requests possible;
+- a record whose row alone is larger than that is rejected (dead-lettered) with a reason saying so,
+  never sent to collect a 413;
+- a failed request fails exactly the records of that request: 408/429/5xx and network errors are
+  retryable (Retry-After carried to the router), other 4xx rejected; after a throttling or server
+  error the requests not yet sent are reported retryable without being sent;
+- the SDK's own retries are off (`retry_total=0`): the runner owns retries and backoff.
+Log Analytics has no deduplication: a retry after an ambiguous failure may add a second row with the
+same RecordId; query through the `DLPEnrichedAlerts` function, which keeps one row per RecordId.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Sequence
+
+from pydantic import Field
+
+from pipeline.config import StrictModel
+from pipeline.errors import SinkUnavailable, translate
+from pipeline.deliver.sinks import Outcome
+from pipeline.deliver.sinks.sentinel_schema import STREAM, to_row
+from pipeline.deliver.minimise import record_document
+
+log = logging.getLogger("pipeline.deliver.sinks.sentinel")
+
+MAX_REQUEST_BYTES = 1_000_000
+
+
+class SentinelSink:
+    class Settings(StrictModel):
+        endpoint: str = Field(description="logs ingestion endpoint of the DCR (or a DCE), https://…ingest.monitor.azure.com")
+        rule_id: str = Field(min_length=1, description="the DCR's immutable id, dcr-…")
+        stream_name: str = Field(STREAM, description="the DCR stream declaration")
+        max_request_bytes: int = Field(MAX_REQUEST_BYTES, gt=1000, le=MAX_REQUEST_BYTES, description="uncompressed JSON per request")
+        timeout_seconds: float = Field(30.0, gt=0, description="per request")
+        managed_identity_client_id: str | None = Field(None, description="user-assigned managed identity (DefaultAzureCredential)")
+        ca_bundle: str | None = Field(None, description="CA bundle to verify the endpoint with (tests, proxies); default: system CAs")
+
+    def __init__(self, settings: "SentinelSink.Settings", services: Any, *, credential: Any = None) -> None:
+        from azure.monitor.ingestion.aio import LogsIngestionClient
+
+        self.settings = settings
+        self._own_credential = credential is None
+        if credential is None:
+            from azure.identity.aio import DefaultAzureCredential
+
+            credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
+        self._credential = credential
+        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": min(settings.timeout_seconds, 10), "read_timeout": settings.timeout_seconds}
+        if settings.ca_bundle:
+            options["connection_verify"] = settings.ca_bundle
+        self.client = LogsIngestionClient(endpoint=settings.endpoint, credential=credential, **options)
+        self.requests = 0  # requests sent, and the largest body (uncompressed JSON bytes): for measurements
+        self.largest_request_bytes = 0
+
+    # -- packing -------------------------------------------------------------------------------
+
+    @staticmethod
+    def costs(rows: list[dict[str, Any]]) -> list[int]:
+        """Bytes each row adds to a request body: its JSON as the SDK writes it, plus ", "."""
+        return [len(json.dumps(row).encode("utf-8")) + 2 for row in rows]
+
+    def pack(self, rows: list[dict[str, Any]], costs: list[int] | None = None) -> tuple[list[list[int]], list[int]]:
+        """Group row indexes into requests of at most max_request_bytes; also the indexes too large alone.
+
+        A request body is `json.dumps(rows)`: "[" + rows joined by ", " + "]", i.e. the sum over its
+        rows of (row size + 2) bytes.
+        """
+        limit = self.settings.max_request_bytes
+        costs = costs if costs is not None else self.costs(rows)
+        too_large = [i for i, cost in enumerate(costs) if cost > limit]
+        order = sorted((i for i, cost in enumerate(costs) if cost <= limit), key=lambda i: -costs[i])
+        bins: list[list[int]] = []
+        free: list[int] = []
+        for index in order:
+            cost = costs[index]
+            for b, room in enumerate(free):
+                if cost <= room:
+                    bins[b].append(index)
+                    free[b] -= cost
+                    break
+            else:
+                bins.append([index])
+                free.append(limit - cost)
+        for members in bins:
+            members.sort()  # keep the batch's order inside a request
+        return bins, too_large
+
+    async def publish(self, records: Sequence[Any]) -> list[Outcome]:
+        rows = [to_row(record_document(record)) for record in records]
+        outcomes: list[Outcome | None] = [None] * len(records)
+        costs = self.costs(rows)
+        requests, too_large = self.pack(rows, costs)
+        for index in too_large:
+            size = costs[index] - 2
+            outcomes[index] = Outcome.rejected(
+                f"row of {size} bytes exceeds the Logs Ingestion limit of {self.settings.max_request_bytes} bytes per request"
+            )
+        stop: Outcome | None = None
+        for members in requests:
+            if stop is not None:
+                for index in members:
+                    outcomes[index] = stop
+                continue
+            self.largest_request_bytes = max(self.largest_request_bytes, sum(costs[i] for i in members))
+            outcome = await self._send([rows[i] for i in members])
+            for index in members:
+                outcomes[index] = outcome
+            if outcome.status == "retryable":
+                # The endpoint is throttling or failing: do not send the rest of the batch now.
+                stop = Outcome.retryable(f"not sent after an earlier request failed ({outcome.reason})", outcome.retry_after)
+        return [o if o is not None else Outcome.retryable("not attempted") for o in outcomes]
+
+    async def _send(self, rows: list[dict[str, Any]]) -> Outcome:
+        self.requests += 1
+        try:
+            await self.client.upload(rule_id=self.settings.rule_id, stream_name=self.settings.stream_name, logs=rows)
+        except Exception as exc:
+            if type(exc).__name__ == "ClientAuthenticationError":  # token endpoint down or not yet granted
+                error = SinkUnavailable(f"authentication failed: {type(exc).__name__}")
+            else:
+                error = translate(exc, role="sink")
+            log.warning("sentinel: request of %d row(s) failed: %s", len(rows), error)
+            log.debug("sentinel request failure", exc_info=exc)
+            if isinstance(error, SinkUnavailable):
+                return Outcome.retryable(str(error), error.retry_after)
+            return Outcome.rejected(str(error))
+        return Outcome.delivered()
+
+    async def aclose(self) -> None:
+        await self.client.close()
+        if self._own_credential:
+            await self._credential.close()

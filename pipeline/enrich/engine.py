@@ -1,0 +1,232 @@
+"""The enrich stage's engine: the enricher chain over a batch of alerts, wave by wave.
+
+Guarantees:
+- waves run in dependency order (`depends_on`, `runs_after`); the enrichers of one wave run
+  concurrently and each sees every alert of the batch;
+- an enricher with `enrich_batch` gets one call per batch under its timeout; one with only `enrich`
+  gets one call per alert, each under its own timeout, at most `max_concurrent_alerts` at a time;
+- every alert gets a status per enricher (ok / skipped / failed / timed_out, with `duration_ms`); an
+  enricher's failure, timeout, wrong answer or open circuit breaker never drops an alert;
+- records carry the alert's content id as `record_id`; alerts of one batch with the same content
+  become one record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from time import perf_counter
+from typing import Any, Callable, Sequence
+
+from pydantic import BaseModel
+
+from pipeline import __version__, observability
+from pipeline.enrich.contract import EnrichmentContext
+from pipeline.errors import EnricherError, EnricherTimeout, PipelineError, translate
+from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
+from pipeline.plugins import EnricherChain, EnricherSlot
+from pipeline.resilience.breaker import CircuitBreaker
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class Enriched:
+    """The records of one batch, one per distinct alert, and how often each enricher ended in each state."""
+
+    records: list[EnrichedRecord] = field(default_factory=list)
+    states: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+class EnrichmentEngine:
+    """Runs a built chain; holds one circuit breaker per enricher across batches."""
+
+    def __init__(self, chain: EnricherChain, *, max_concurrent_alerts: int, breaker_threshold: int, breaker_cooldown_seconds: float,
+                 clock: Callable[[], float], breaker_clock: Callable[[], float]) -> None:
+        self.chain = chain
+        self.clock = clock
+        self._semaphore = asyncio.Semaphore(max_concurrent_alerts)
+        self.breakers: dict[str, CircuitBreaker] = {
+            slot.name: CircuitBreaker(slot.name, failure_threshold=breaker_threshold, cooldown_seconds=breaker_cooldown_seconds, clock=breaker_clock)
+            for slot in chain.slots
+        }
+
+    async def start(self) -> None:
+        for slot in self.chain.slots:
+            starter = getattr(slot.plugin, "start", None)
+            if starter is not None:
+                await starter()
+
+    def closers(self) -> list[Callable[[], Any]]:
+        return [closer for closer in (getattr(slot.plugin, "aclose", None) for slot in self.chain.slots) if closer is not None]
+
+    async def enrich(self, alerts: list[DlpAlert]) -> Enriched:
+        """Run the chain over the whole batch, wave by wave: each enricher of a wave sees every alert
+        of the batch (one `enrich_batch` call, or `enrich` per alert), then the next wave runs."""
+        out = Enriched()
+        if not alerts:
+            return out
+        processed_at = datetime.fromtimestamp(self.clock(), tz=timezone.utc)
+        fragments: list[dict[str, BaseModel]] = [{} for _ in alerts]
+        statuses: list[dict[str, EnrichmentStatus]] = [{} for _ in alerts]
+        for wave in self.chain.waves:
+            jobs = [
+                run_enricher(slot, alerts, fragments, statuses, clock=self.clock, breaker=self.breakers.get(slot.name), concurrency=self._semaphore)
+                for slot in wave
+            ]
+            await (jobs[0] if len(jobs) == 1 else asyncio.gather(*jobs))
+        unique: dict[str, EnrichedRecord] = {}
+        for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses):
+            record = EnrichedRecord.model_construct(
+                record_id=alert.content_id(),
+                alert=alert,
+                enrichments={name: fragment.model_dump(mode="json") for name, fragment in alert_fragments.items()},
+                enrichment_status=alert_statuses,
+                pipeline_version=__version__,
+                processed_at=processed_at,
+            )
+            unique.setdefault(record.record_id, record)
+            for name, status in alert_statuses.items():
+                out.states[(name, status.state)] += 1
+        out.records = list(unique.values())
+        return out
+
+
+async def run_enricher(
+    slot: EnricherSlot,
+    alerts: Sequence[DlpAlert],
+    fragments: Sequence[dict[str, BaseModel]],
+    statuses: Sequence[dict[str, EnrichmentStatus]],
+    *,
+    clock: Callable[[], float],
+    breaker: Any = None,
+    concurrency: asyncio.Semaphore | None = None,
+) -> None:
+    """Run one enricher on a batch of alerts, as the runner does; `fragments[i]` and `statuses[i]`
+    belong to `alerts[i]`. A plugin with `enrich_batch` gets one call for the whole batch under its
+    timeout (`_run_batch`); any other gets one `enrich` per alert, each under its own timeout
+    (`_run_step`), at most `concurrency` at a time. Never raises for the enricher's failure.
+    (Also used by pipeline.plugin_kit.testing.run_enricher, so plugin tests exercise this exact path.)"""
+    if getattr(slot.plugin, "enrich_batch", None) is not None:
+        await _run_batch(slot, alerts, fragments, statuses, clock=clock, breaker=breaker)
+        return
+
+    limit = concurrency or contextlib.nullcontext()
+
+    async def one(index: int) -> None:  # its own task: its log records carry this alert's ids
+        async with limit:
+            observability.bind_alert(alerts[index])
+            await _run_step(slot, alerts[index], fragments[index], statuses[index], clock=clock, breaker=breaker)
+
+    await asyncio.gather(*(one(index) for index in range(len(alerts))))
+
+
+async def _run_step(
+    slot: EnricherSlot,
+    alert: DlpAlert,
+    fragments: dict[str, BaseModel],
+    statuses: dict[str, EnrichmentStatus],
+    *,
+    clock: Callable[[], float],
+    breaker: Any = None,
+) -> None:
+    """Run one enricher's `enrich` on one alert: under its timeout and circuit breaker, recording
+    ok / skipped / failed / timed_out with the duration in `statuses[slot.name]` and the fragment in
+    `fragments[slot.name]`. Never raises for the enricher's failure."""
+    if breaker is not None and not breaker.allow():
+        statuses[slot.name] = _circuit_open()
+        return
+    ctx = EnrichmentContext(alert, fragments=fragments, statuses=statuses, cache=slot.cache, clock=clock)
+    started = perf_counter()
+    result: Any
+    try:
+        async with asyncio.timeout(slot.timeout):
+            result = await slot.plugin.enrich(alert, ctx)
+    except Exception as exc:  # TimeoutError included: _outcome tells them apart
+        result = exc
+    state, error = _outcome(slot, alert, result, fragments)
+    if error is not None:
+        log.warning("enricher %s %s for alert %s: %s", slot.name, state, alert.alert_id, error)
+    if breaker is not None:
+        breaker.record_failure() if state in ("failed", "timed_out") else breaker.record_success()
+    duration_ms = round((perf_counter() - started) * 1000, 3)
+    statuses[slot.name] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=duration_ms)
+    observability.record_enricher(slot.name, state, duration_ms / 1000)
+
+
+async def _run_batch(
+    slot: EnricherSlot,
+    alerts: Sequence[DlpAlert],
+    fragments: Sequence[dict[str, BaseModel]],
+    statuses: Sequence[dict[str, EnrichmentStatus]],
+    *,
+    clock: Callable[[], float],
+    breaker: Any = None,
+) -> None:
+    """Run one enricher's `enrich_batch` on a batch: one call under the enricher's timeout and circuit
+    breaker. Each alert gets its own outcome from its own element of the answer (a fragment, None or
+    an exception); a call that raises or times out fails (or times out) every alert of the batch; an
+    answer of the wrong length fails them all. `duration_ms` is the batch call's. Never raises for
+    the enricher's failure."""
+    if breaker is not None and not breaker.allow():
+        for alert_statuses in statuses:
+            alert_statuses[slot.name] = _circuit_open()
+        return
+    contexts = [
+        EnrichmentContext(alert, fragments=alert_fragments, statuses=alert_statuses, cache=slot.cache, clock=clock)
+        for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses)
+    ]
+    started = perf_counter()
+    results: list[Any]
+    try:
+        async with asyncio.timeout(slot.timeout):
+            results = list(await slot.plugin.enrich_batch(list(alerts), contexts))
+        if len(results) != len(alerts):
+            results = [EnricherError(f"enrich_batch returned {len(results)} results for {len(alerts)} alerts")] * len(alerts)
+    except Exception as exc:  # TimeoutError included: _outcome tells them apart
+        results = [exc] * len(alerts)
+    duration_ms = round((perf_counter() - started) * 1000, 3)
+    failed: list[tuple[DlpAlert, str, str]] = []
+    counts: Counter[str] = Counter()
+    made: dict[tuple[str, str | None], EnrichmentStatus] = {}  # alerts of one outcome share one (never changed) status
+    for alert, result, alert_fragments, alert_statuses in zip(alerts, results, fragments, statuses):
+        state, error = _outcome(slot, alert, result, alert_fragments)
+        counts[state] += 1
+        if error is not None:
+            failed.append((alert, state, error))
+        status = made.get((state, error))
+        if status is None:
+            status = made[(state, error)] = EnrichmentStatus.model_construct(state=state, error=error, duration_ms=duration_ms)
+        alert_statuses[slot.name] = status
+    if failed:  # one line per batch, not per alert
+        alert, state, error = failed[0]
+        log.warning("enricher %s %s for %d of %d alert(s) (first: alert %s): %s", slot.name, state, len(failed), len(alerts), alert.alert_id, error)
+    if breaker is not None and alerts:
+        breaker.record_failure() if len(failed) == len(alerts) else breaker.record_success()
+    for state, count in counts.items():
+        observability.record_enricher(slot.name, state, duration_ms / 1000, count=count)
+
+
+def _outcome(slot: EnricherSlot, alert: DlpAlert, result: Any, fragments: dict[str, BaseModel]) -> tuple[str, str | None]:
+    """(state, error) of one alert's result; a fragment is stored in `fragments[slot.name]`."""
+    if result is None:
+        return "skipped", None
+    if isinstance(result, BaseModel):
+        fragments[slot.name] = result
+        return "ok", None
+    if isinstance(result, TimeoutError):
+        return "timed_out", f"no result within {slot.timeout:g}s"
+    if isinstance(result, Exception):
+        translated = translate(result, role="enricher")
+        state = "timed_out" if isinstance(translated, EnricherTimeout) else "failed"
+        log.debug("enricher %s failed for alert %s", slot.name, alert.alert_id, exc_info=result)
+        return state, (str(translated) if isinstance(result, PipelineError) else type(result).__name__)
+    return "failed", f"returned {type(result).__name__}, expected a pydantic model or None"
+
+
+def _circuit_open() -> EnrichmentStatus:
+    return EnrichmentStatus.model_construct(state="failed", error="circuit open", duration_ms=0.0)

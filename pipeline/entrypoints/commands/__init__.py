@@ -1,0 +1,18 @@
+"""CLI commands, one module each. A command module defines:
+
+    NAME = "run"
+    HELP = "one line"
+    def add_arguments(parser: argparse.ArgumentParser) -> None: ...
+    async def main(args: argparse.Namespace) -> int: ...      # returns the exit code
+
+and is listed in COMMANDS below, in the order `--help` shows them.
+"""
+
+COMMANDS: list[str] = [
+    "pipeline.entrypoints.commands.run",
+    "pipeline.entrypoints.commands.schema",
+    "pipeline.entrypoints.commands.validate",
+    "pipeline.entrypoints.commands.new_enricher",
+    "pipeline.entrypoints.commands.replay",
+    "pipeline.entrypoints.commands.consume",
+]

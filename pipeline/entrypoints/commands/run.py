@@ -1,0 +1,47 @@
+"""`python -m pipeline run [PATH ...] [--config FILE] [--out DIR]`."""
+
+from __future__ import annotations
+
+import argparse
+from itertools import islice
+from importlib.resources import files
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.config import DEFAULT_CONFIG, load_config
+from pipeline.ingest.inputs import check_paths, read_messages
+from pipeline.entrypoints.progress import Progress
+from pipeline.runner import BatchReport, Message, Runner
+
+NAME = "run"
+HELP = "run the pipeline over message files (default: the bundled samples)"
+SAMPLES = Path(str(files("pipeline").joinpath("samples", "messages")))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("paths", nargs="*", metavar="PATH", help=".json (one body), .jsonl (one body per line), .avro (Event Hubs Capture), PT1H.json (storage export), a folder, or - for stdin")
+    parser.add_argument("--config", help=f"config file (default: the embedded default, {DEFAULT_CONFIG.parent.name}/{DEFAULT_CONFIG.name})")
+    parser.add_argument("--out", default=None, help="data dir for state, lake and dead letters (default: ./out, or data_dir of the config)")
+
+
+async def main(args: argparse.Namespace) -> int:
+    paths = args.paths or [str(SAMPLES)]
+    files = check_paths(paths)
+    loaded = load_config(args.config, data_dir=args.out if args.out is not None else ("out" if args.config is None else None))
+    total = BatchReport()
+    progress = Progress(len(files))  # drawn only when stderr is a terminal
+    async with Runner(loaded) as runner:
+        for batch in batches(read_messages(paths, on_file=progress.file_started), runner.config.runner.batch_size):
+            report = await runner.process_batch(batch)
+            total.merge(report)
+            progress.batch_done(report.messages, report.alerts)
+        total.merge(await runner.flush())
+    progress.close()
+    print("\n".join(total.summary_lines()))
+    print(f"output:              {loaded.data_dir}")
+    return 0
+
+
+def batches(messages: Iterator[Message], size: int) -> Iterator[list[Message]]:
+    while batch := list(islice(messages, size)):
+        yield batch

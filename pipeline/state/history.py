@@ -1,0 +1,417 @@
+"""What the pipeline has seen, per user: DLP alerts (for prior_incidents) and DLP rule-match activities
+(for the sensitive_info correlation).
+
+Two implementations of one small protocol:
+- `SqliteHistoryStore` — the embedded default: tables `history_alerts` / `history_activitys` in the
+  runner's SQLite state file (or a file of its own under the data dir);
+- `TableHistoryStore` — Azure Table Storage (azure.data.tables.aio), shared by every Functions
+  instance. One table; PartitionKey is "<kind>-" + a hash of the user, so user names are never keys.
+
+Writes are idempotent: an entry is keyed by (user, entry id, content id), so a re-run or a
+redelivery changes nothing; readers count distinct entry ids, so a revised alert counts once.
+Entries hold no matched values: ids, times, policy, sensitive type names/ids/counts/confidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import sqlite3
+import time
+from bisect import bisect_left, bisect_right
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, Literal, Protocol, Sequence
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import EnricherUnavailable
+from pipeline.models import DlpAlert
+from pipeline.secrets import SecretEnv
+from pipeline.state.sqlite import WAL_CHECKPOINT_PAGES, Transaction
+
+log = logging.getLogger("pipeline.enrichers.history")
+
+
+@dataclass(slots=True)
+class HistoryEntry:
+    """One alert or activity of one user, reduced to what the enrichers need."""
+
+    entry_id: str
+    content_id: str
+    user: str
+    at: float  # epoch seconds of the event
+    policy: str | None = None
+    severity: str | None = None
+    files: list[str] = field(default_factory=list)
+    sensitive_info: list[dict[str, Any]] = field(default_factory=list)  # name, type_id, count, confidence
+    labels: list[str] = field(default_factory=list)
+
+
+def user_key(alert: DlpAlert) -> str | None:
+    """The history key of an alert's user: the UPN (lowercase), else the object id."""
+    if alert.user is None:
+        return None
+    return alert.user.upn or (alert.user.object_id.lower() if alert.user.object_id else None)
+
+
+def event_time(alert: DlpAlert, default: float) -> float:
+    when = alert.first_activity_at or alert.created_at or alert.last_activity_at
+    return when.timestamp() if when is not None else default
+
+
+def entry_of(alert: DlpAlert, *, now: float) -> HistoryEntry | None:
+    user = user_key(alert)
+    if user is None:
+        return None
+    return HistoryEntry(
+        entry_id=alert.alert_id,
+        content_id=alert.content_id(),
+        user=user,
+        at=event_time(alert, now),
+        policy=alert.policy_name,
+        severity=alert.severity,
+        files=sorted({f.name.lower() for f in alert.files if f.name}),
+        sensitive_info=[s.model_dump(exclude_none=True) for s in alert.sensitive_info],
+        labels=sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id}),
+    )
+
+
+Kind = Literal["alert", "activity"]
+
+
+class HistoryStore(Protocol):
+    async def start(self) -> None: ...
+
+    async def record(self, kind: Kind, entries: Sequence[HistoryEntry]) -> None: ...
+
+    async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
+        """Entries of `user` with since <= at <= until, newest first, at most `limit`."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class HistoryWriter:
+    """Writes entries to a store once per process: remembers the last `remember` (entry id, content id)
+    pairs written, so an alert seen again (a redelivery, a re-run) costs no write.
+    The store's own writes are idempotent anyway; this only saves the round trips."""
+
+    def __init__(self, store: HistoryStore, *, remember: int = 50_000) -> None:
+        self.store = store
+        self.remember = remember
+        self._written: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    async def write(self, kind: Kind, entries: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+        """Write the entries not written before by this process; returns those."""
+        fresh = [e for e in entries if (e.entry_id, e.content_id) not in self._written]
+        if not fresh:
+            return fresh
+        await self.store.record(kind, fresh)
+        for entry in fresh:
+            self._written[(entry.entry_id, entry.content_id)] = None
+        while len(self._written) > self.remember:
+            self._written.popitem(last=False)
+        return fresh
+
+
+class UserHistories:
+    """Each user's history of one kind, read from the store once and reused across batches.
+
+    Guarantees: `rows(user)` after `ensure({user: since})` holds every entry of the user at or after
+    `since` that this process wrote (`add`) or that the store held when it was read, newest first;
+    a read is reused for `ttl` seconds, so other hosts' writes show up within `ttl`. At most
+    `max_users` users are kept, the least recently needed dropped first. `convert` turns the store's
+    entries into the rows the reader counts on (once per entry, not once per alert); a row has the
+    entry's time as `at`.
+    """
+
+    def __init__(
+        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 5_000, limit: int = 5_000
+    ) -> None:
+        self.store, self.kind, self.convert = store, kind, convert
+        self.ttl, self.max_users, self.limit = ttl, max_users, limit
+        self._users: OrderedDict[str, _Held] = OrderedDict()
+
+    async def ensure(self, since: dict[str, float]) -> None:
+        """Make every user's history from `since[user]` on available to `rows` (one read per stale user)."""
+        now = time.monotonic()
+        stale = [user for user, start in since.items() if not self._fresh(user, start, now)]
+
+        async def load(user: str) -> None:
+            entries = await self.store.entries(self.kind, user, since=since[user], until=FAR_FUTURE, limit=self.limit)
+            self._users[user] = _Held(since=since[user], loaded_at=now, rows=self.convert(entries))
+
+        await asyncio.gather(*(load(user) for user in stale))
+        for user in since:
+            self._users.move_to_end(user)
+        while len(self._users) > max(self.max_users, len(since)):
+            self._users.popitem(last=False)
+
+    def rows(self, user: str) -> list[Any]:
+        held = self._users.get(user)
+        return held.rows if held is not None else []
+
+    def add(self, entries: Sequence[HistoryEntry]) -> None:
+        """Entries this process just wrote: kept in the histories already held, newest first."""
+        touched = set()
+        for entry in entries:
+            held = self._users.get(entry.user)
+            if held is not None and entry.at >= held.since:
+                held.rows.extend(self.convert([entry]))
+                touched.add(entry.user)
+        for user in touched:
+            self._users[user].rows.sort(key=_AT, reverse=True)
+
+    def _fresh(self, user: str, since: float, now: float) -> bool:
+        held = self._users.get(user)
+        return held is not None and now - held.loaded_at < self.ttl and held.since <= since
+
+
+FAR_FUTURE = 1e12  # an `until` past any event: the history up to now
+
+
+def between(rows: list[Any], since: float, until: float) -> list[Any]:
+    """The rows with since <= row.at <= until of `rows` held newest first (as `UserHistories` holds
+    them): one slice, found by bisection."""
+    first = bisect_left(rows, -until, key=_minus_at)
+    return rows[first : bisect_right(rows, -since, lo=first, key=_minus_at)]
+
+
+_AT = attrgetter("at")
+
+
+def _minus_at(row: Any) -> float:
+    return -row.at
+
+
+@dataclass(slots=True)
+class _Held:
+    since: float  # the rows cover every entry at or after this time
+    loaded_at: float  # time.monotonic() of the read
+    rows: list[Any]  # newest first
+
+
+class HistorySettings(BaseModel):
+    """Where the history lives. `sqlite` (default): the state file, or `path` under the data dir."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["sqlite", "azure_table"] = "sqlite"
+    path: str | None = Field(None, description="sqlite: a file of its own under the data dir (default: the state file)")
+    table_name: str = Field("dlphistory", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$")
+    account_url: str | None = Field(None, description="azure_table: https://<account>.table.core.windows.net (managed identity)")
+    connection_string_env: SecretEnv | None = Field(None, description="azure_table: environment variable holding a connection string")
+    managed_identity_client_id: str | None = None
+    retention_days: float = Field(120, gt=0, description="sqlite: entries older than this are purged")
+    reuse_seconds: float = Field(
+        30, ge=0, description="each user's history is read once and reused this long; other instances' writes show up within it (0: read for every batch)"
+    )
+
+
+def open_history_store(settings: HistorySettings, services: Any) -> HistoryStore:
+    if settings.kind == "azure_table":
+        return TableHistoryStore(settings)
+    if settings.path is None:
+        state = getattr(services, "state", None) if services is not None else None
+        connection = getattr(state, "connection", None)
+        if isinstance(connection, sqlite3.Connection):
+            return SqliteHistoryStore(connection=connection, retention_days=settings.retention_days)
+        path = services.data_path("history.sqlite") if services is not None else Path("history.sqlite")
+    else:
+        path = services.data_path(settings.path) if services is not None else Path(settings.path)
+    return SqliteHistoryStore(path=path, retention_days=settings.retention_days)
+
+
+# -- SQLite --------------------------------------------------------------------------------------
+
+# A rowid table: its rows carry a ~0.5 KB `data` blob, too large for WITHOUT ROWID (SQLite's own
+# advice), which inserted ~40 % slower. Files written by earlier versions are converted on open.
+_TABLE = """
+CREATE TABLE IF NOT EXISTS history_{kind}s (
+    user        TEXT NOT NULL,
+    entry_id    TEXT NOT NULL,
+    content_id  TEXT NOT NULL,
+    at          REAL NOT NULL,
+    data        BLOB NOT NULL,
+    UNIQUE (user, entry_id, content_id)
+)"""
+_INDEX = "CREATE INDEX IF NOT EXISTS history_{kind}s_user_at ON history_{kind}s (user, at)"
+
+
+def _convert_without_rowid(db: sqlite3.Connection, kind: str) -> None:
+    """Rebuild a history table written by an earlier version (WITHOUT ROWID) as a rowid table, rows kept
+    (its index is made again by the caller, after the copy). One transaction, re-checked inside it,
+    so two processes opening the same file convert it once."""
+    table = f"history_{kind}s"
+    with Transaction(db):
+        found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        if found is None or "WITHOUT ROWID" not in found[0].upper():
+            return
+        db.execute(f"ALTER TABLE {table} RENAME TO {table}_old")
+        db.execute(f"DROP INDEX IF EXISTS {table}_user_at")
+        db.execute(_TABLE.format(kind=kind))
+        db.execute(f"INSERT INTO {table} (user, entry_id, content_id, at, data) SELECT user, entry_id, content_id, at, data FROM {table}_old")
+        db.execute(f"DROP TABLE {table}_old")
+    log.info("history table %s converted to a rowid table", table)
+
+
+class SqliteHistoryStore:
+    """Short local transactions under an async signature, like the SQLite state store."""
+
+    def __init__(self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120) -> None:
+        self._owned = connection is None
+        try:
+            if connection is None:
+                assert path is not None
+                path.parent.mkdir(parents=True, exist_ok=True)
+                connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=NORMAL")  # as the state store: durable across a crash of the process
+                connection.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+                connection.execute("PRAGMA busy_timeout=5000")
+            self._db = connection
+            for kind in ("alert", "activity"):
+                _convert_without_rowid(self._db, kind)
+                self._db.execute(_TABLE.format(kind=kind))
+                self._db.execute(_INDEX.format(kind=kind))
+        except (OSError, sqlite3.Error) as exc:
+            raise OSError(f"cannot open the history store: {exc}") from exc
+        self.retention_seconds = retention_days * 86400
+        self._next_purge = 0.0
+
+    async def start(self) -> None:
+        return None
+
+    async def record(self, kind: Kind, entries: Sequence[HistoryEntry]) -> None:
+        if not entries:
+            return
+        rows = [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(e)) for e in entries]
+        try:
+            with Transaction(self._db) as db:
+                db.executemany(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)
+                if time.monotonic() >= self._next_purge:
+                    self._next_purge = time.monotonic() + 600
+                    newest = max(e.at for e in entries)
+                    db.execute(f"DELETE FROM history_{kind}s WHERE at < ?", (newest - self.retention_seconds,))
+        except sqlite3.Error as exc:
+            raise EnricherUnavailable(f"history store write failed: {type(exc).__name__}") from exc
+
+    async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
+        try:
+            rows = self._db.execute(
+                f"SELECT data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?", (user, since, until, limit)
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
+        return [HistoryEntry(**orjson.loads(row[0])) for row in rows]
+
+    async def aclose(self) -> None:
+        if self._owned:
+            self._db.close()
+
+
+# -- Azure Table Storage -------------------------------------------------------------------------
+
+
+def _partition(kind: str, user: str) -> str:
+    return f"{kind}-" + hashlib.sha256(user.encode()).hexdigest()[:40]
+
+
+def _row(entry: HistoryEntry) -> str:
+    return hashlib.sha256(f"{entry.entry_id}\x00{entry.content_id}".encode()).hexdigest()[:48]
+
+
+class TableHistoryStore:
+    """azure.data.tables.aio; many Functions instances share one table."""
+
+    def __init__(self, settings: HistorySettings, *, credential: Any = None) -> None:
+        if not settings.account_url and not settings.connection_string_env:
+            raise ValueError("history kind 'azure_table' needs account_url or connection_string_env")
+        if settings.connection_string_env and settings.connection_string_env not in os.environ:
+            raise ValueError(f"environment variable {settings.connection_string_env} is not set")
+        self.settings = settings
+        self.credential = credential
+        self._client: Any = None
+        self._table_ready = False
+
+    async def start(self) -> None:
+        """Build the client (no network call: a store that is down fails lookups, not start-up)."""
+        if self._client is not None:
+            return
+        from azure.data.tables.aio import TableClient
+
+        s = self.settings
+        options = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 3, "read_timeout": 5}
+        if s.connection_string_env:
+            self._client = TableClient.from_connection_string(os.environ[s.connection_string_env], table_name=s.table_name, **options)
+        else:
+            if self.credential is None:
+                from pipeline.enrich.http import azure_credential
+
+                self.credential = azure_credential(s.managed_identity_client_id)
+            self._client = TableClient(endpoint=s.account_url, table_name=s.table_name, credential=self.credential, **options)
+
+    async def _ready(self) -> None:
+        await self.start()
+        if self._table_ready:
+            return
+        from azure.core.exceptions import ResourceExistsError
+
+        try:
+            await self._client.create_table()
+        except ResourceExistsError:
+            pass
+        except Exception as exc:
+            raise EnricherUnavailable(f"history table unavailable: {type(exc).__name__}") from exc
+        self._table_ready = True
+
+    async def record(self, kind: Kind, entries: Sequence[HistoryEntry]) -> None:
+        if not entries:
+            return
+        await self._ready()
+        from azure.data.tables import UpdateMode
+
+        async def upsert(entry: HistoryEntry) -> None:
+            await self._client.upsert_entity(
+                {
+                    "PartitionKey": _partition(kind, entry.user),
+                    "RowKey": _row(entry),
+                    "At": float(entry.at),
+                    "Data": orjson.dumps(entry).decode(),
+                },
+                mode=UpdateMode.REPLACE,
+            )
+
+        try:
+            await asyncio.gather(*(upsert(e) for e in entries))
+        except Exception as exc:
+            raise EnricherUnavailable(f"history table write failed: {type(exc).__name__}") from exc
+
+    async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
+        await self._ready()
+        found: list[HistoryEntry] = []
+        try:
+            pages = self._client.query_entities(
+                "PartitionKey eq @pk and At ge @since and At le @until",
+                parameters={"pk": _partition(kind, user), "since": float(since), "until": float(until)},
+                select=["Data"],
+            )
+            async for entity in pages:
+                found.append(HistoryEntry(**orjson.loads(entity["Data"])))
+        except Exception as exc:
+            raise EnricherUnavailable(f"history table read failed: {type(exc).__name__}") from exc
+        found.sort(key=lambda e: e.at, reverse=True)
+        return found[:limit]
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+        closer = getattr(self.credential, "close", None)
+        if closer is not None:
+            await closer()
