@@ -103,8 +103,8 @@ async def io_batch(alerts: int = 1000, users: int = 200, latency: float = 0.05) 
 async def sentinel(records: int = 10_000) -> dict[str, float]:
     import trustme
 
-    from pipeline.runner import Message, Runner
     from pipeline.deliver.sinks.sentinel import SentinelSink
+    from pipeline.runner import Message, Runner
 
     sizes: list[int] = []
 

@@ -16,12 +16,13 @@ import hashlib
 import json
 import sqlite3
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.assemble.join import merge_parts
 from pipeline.enrich.contract import EnrichmentContext
-from pipeline.ingest.formats import AlertPart, defender_streaming as ds, graph_alert, management_activity, sentinel_alert
+from pipeline.ingest.formats import AlertPart, graph_alert, management_activity, sentinel_alert
+from pipeline.ingest.formats import defender_streaming as ds
 from pipeline.ingest.formats.common import scrub
 from pipeline.ingest.limits import DEFAULT_LIMITS, check_record
 from pipeline.models import DlpAlert
@@ -96,7 +97,7 @@ async def naive_run(bodies: list[bytes], enrichers: list[tuple[str, Any]], state
                 "alert": alert_json,
                 "enrichments": {name: fragment.model_dump(mode="json") for name, fragment in fragments.items()},
                 "enrichment_status": statuses,
-                "processed_at": datetime.now(timezone.utc).isoformat(),
+                "processed_at": datetime.now(UTC).isoformat(),
             }
             json.dumps(record)
             written += 1

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from pipeline.models import EnrichedRecord
 from pipeline.deliver.sinks import Outcome
+from pipeline.models import EnrichedRecord
 
 
 class SerialiseSink:

@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.errors import EnricherUnavailable
 from pipeline.enrich.http import BearerToken, HttpClient, azure_credential, check_base_url
+from pipeline.errors import EnricherUnavailable
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 _SAFE = re.compile(r"^[\w@.\-+#' ()\[\]~,&$%=!]{1,400}$")

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from functools import lru_cache
 from operator import attrgetter
-from datetime import datetime, timezone
-from typing import Any, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, Field
 
 from enrichers._files import parse_datetime
 from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
-from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, open_history_store
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
+from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, open_history_store
 
 log = logging.getLogger("pipeline.enrichers.prior_incidents")
 
@@ -116,7 +117,7 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
             results[index] = found if isinstance(found, Exception) else self._summary(alert, entry.at, rows, found)
         return results
 
-    def _summary(self, alert: DlpAlert, until: float, rows: list["_Row"], hunted: list[PriorAlert] | None) -> PriorIncidents:
+    def _summary(self, alert: DlpAlert, until: float, rows: list[_Row], hunted: list[PriorAlert] | None) -> PriorIncidents:
         # Count on plain tuples with C-level passes (map, count, set); build models only for the
         # bounded `recent` list.
         own = alert.alert_id
@@ -154,7 +155,7 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
             last_90_days=len(ordered),
             same_policy_90_days=list(map(_POLICY, ordered)).count(policy) if policy else 0,
             sensitive_types=sorted(types),
-            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(ordered[0].at, tz=timezone.utc) if ordered else None),
+            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(ordered[0].at, tz=UTC) if ordered else None),
             recent=recent,
             sources=sources,
         )
@@ -196,7 +197,7 @@ _ID, _AT, _POLICY, _TYPES = attrgetter("entry_id"), attrgetter("at"), attrgetter
 def _prior_alert(entry_id: str, at: float, policy: str | None, severity: str | None, source: str) -> PriorAlert:
     """The `recent` entry of a row. Each user's newest rows are in every one of their alerts' `recent`
     lists: made once, shared (fragments are read-only)."""
-    return PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=timezone.utc), policy=policy, severity=severity, source=source)
+    return PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=UTC), policy=policy, severity=severity, source=source)
 
 
 @lru_cache(maxsize=1024)

@@ -12,17 +12,17 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, Field
 
 from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
-from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, event_time, open_history_store, user_key
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert, SensitiveInfo
+from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, event_time, open_history_store, user_key
 
 log = logging.getLogger("pipeline.enrichers.sensitive_info")
 
@@ -167,7 +167,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             correlated_ids=sorted(ids or []),
         )
 
-    async def _activities(self, alerts: list[DlpAlert]) -> dict[str, list["_Activity"]]:
+    async def _activities(self, alerts: list[DlpAlert]) -> dict[str, list[_Activity]]:
         """Each user's stored rule-match activities around the batch's alerts: one read per user,
         reused across batches (`UserHistories`)."""
         if self.activities is None:
@@ -181,7 +181,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         await self.activities.ensure(since)
         return {user: self.activities.rows(user) for user in since}
 
-    def _correlate(self, alert: DlpAlert, activities: list["_Activity"]) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
+    def _correlate(self, alert: DlpAlert, activities: list[_Activity]) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
         """Rule-match activities of the same user near the alert's time, on the same file and policy."""
         at = event_time(alert, self._clock())
         window = self.settings.window_minutes * 60
@@ -198,7 +198,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             matched.setdefault(row.entry.entry_id, row.entry)  # newest content of an activity first
         if not matched:
             return None
-        return merge_types(e.sensitive_info for e in matched.values()), sorted(matched), sorted({l for e in matched.values() for l in e.labels})
+        return merge_types(e.sensitive_info for e in matched.values()), sorted(matched), sorted({label for e in matched.values() for label in e.labels})
 
     async def _hunt(self, alert: DlpAlert) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
         assert self.hunting is not None
@@ -206,7 +206,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             return None
         from pipeline.ingest.formats import management_activity
 
-        at = datetime.fromtimestamp(event_time(alert, self._clock()), tz=timezone.utc)
+        at = datetime.fromtimestamp(event_time(alert, self._clock()), tz=UTC)
         window = timedelta(minutes=self.settings.window_minutes)
         who = user_filter(alert.user, upn_column="tostring(RawEventData.UserId)", object_id_column="AccountObjectId")
         kql = (

@@ -25,8 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import string
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -36,8 +36,8 @@ from enrichers._files import WatchedFile, read_csv, read_json_records
 from enrichers._hunting import kql_string
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
-from pipeline.errors import EnricherError, EnricherTimeout, EnricherUnavailable, PipelineError
 from pipeline.enrich.http import HttpClient, check_base_url, host_matches
+from pipeline.errors import EnricherError, EnricherTimeout, EnricherUnavailable, PipelineError
 from pipeline.models import DlpAlert
 from pipeline.secrets import SecretEnv
 
@@ -65,7 +65,7 @@ class HttpLookup(_Strict):
     not_found_statuses: list[int] = Field(default_factory=lambda: [404], description="statuses that mean 'nothing known'")
 
     @model_validator(mode="after")
-    def _hosts(self) -> "HttpLookup":
+    def _hosts(self) -> HttpLookup:
         host = _static_host(self.url)
         if host is not None and not host_matches(host, self.allowed_hosts):
             raise ValueError(f"url host {host} is not in allowed_hosts")
@@ -95,7 +95,7 @@ class LogAnalyticsQuery(_Strict):
     allow_private_hosts: list[str] = Field(default_factory=list, description="endpoint hosts allowed over http (tests)")
 
     @model_validator(mode="after")
-    def _https(self) -> "LogAnalyticsQuery":
+    def _https(self) -> LogAnalyticsQuery:
         check_base_url(self.endpoint, self.allow_private_hosts)
         return self
 
@@ -125,7 +125,7 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
         tables: list[LookupTable] = Field(default_factory=list)
 
         @model_validator(mode="after")
-        def _unique(self) -> "TelemetryEnricher.Settings":
+        def _unique(self) -> TelemetryEnricher.Settings:
             names = [*(s.name for s in self.http), *(s.name for s in self.log_analytics), *(s.name for s in self.tables)]
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
@@ -205,7 +205,7 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
                 key = ("http", lookup.name, repr(request))
                 requests[index] = key
                 planned[key] = request
-            answers = await load_many(cache, planned, lambda key, lookup=lookup: self._call_http(lookup, planned[key]), timeout=self.lookup_timeout)
+            answers = await load_many(cache, planned, lambda key, lookup=lookup, planned=planned: self._call_http(lookup, planned[key]), timeout=self.lookup_timeout)
             for index, key in requests.items():
                 progress[index].take(lookup.name, answers[key])
         for query in self.settings.log_analytics:
@@ -215,7 +215,7 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
                     queries[index] = _render_kql(query.query, item.values)
                 except KeyError:
                     continue
-            answered = await load_many(None, queries, lambda index, query=query: self._query_logs(query, queries[index], progress[index].values["_at"]), timeout=self.lookup_timeout)
+            answered = await load_many(None, queries, lambda index, query=query, queries=queries: self._query_logs(query, queries[index], progress[index].values["_at"]), timeout=self.lookup_timeout)
             for index, answer in answered.items():
                 progress[index].take(query.name, answer)
         for table in self.settings.tables:
@@ -299,7 +299,7 @@ class _Progress:
         self.applicable = 0
         self.failure: Exception | None = None  # not a source's documented failure: fails the alert
 
-    def take(self, name: str, answer: "SourceResult | BaseException") -> None:
+    def take(self, name: str, answer: SourceResult | BaseException) -> None:
         self.applicable += 1
         if isinstance(answer, TimeoutError):  # the enricher's lookup budget ran out for this source
             answer = EnricherTimeout(f"{name}: no answer in time")
@@ -315,7 +315,7 @@ class _Progress:
                 if isinstance(value, str) and value and key not in self.values:
                     self.values[key] = value
 
-    def result(self) -> "Telemetry | None | Exception":
+    def result(self) -> Telemetry | None | Exception:
         if self.failure is not None:
             return self.failure
         if self.applicable == 0:
@@ -332,13 +332,13 @@ class _Progress:
 
 def _variables(alert: DlpAlert, ctx: EnrichmentContext, window_minutes: float) -> dict[str, Any]:
     at = alert.created_at or alert.last_activity_at or alert.first_activity_at or ctx.now()
-    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    at = at if at.tzinfo else at.replace(tzinfo=UTC)
     window = timedelta(minutes=window_minutes)
     upn = alert.user.upn if alert.user else None
     values: dict[str, Any] = {
         "_at": at,
-        "start": (at - window).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "end": (at + window).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "start": (at - window).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "end": (at + window).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "alert_id": alert.alert_id,
         "policy": alert.policy_name,
         "workload": alert.workload,

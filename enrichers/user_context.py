@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
-from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -30,8 +30,8 @@ from enrichers._files import WatchedFile, parse_datetime, read_csv, read_json_re
 from pipeline.enrich.batching import MicroBatcher
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
-from pipeline.errors import EnricherUnavailable
 from pipeline.enrich.http import BearerToken, HttpClient, azure_credential, check_base_url, parse_retry_after
+from pipeline.errors import EnricherUnavailable
 from pipeline.models import DlpAlert
 
 log = logging.getLogger("pipeline.enrichers.user_context")
@@ -280,7 +280,7 @@ def _user_key(alert: DlpAlert) -> str | None:
 
 def _alert_time(alert: DlpAlert, ctx: EnrichmentContext) -> datetime:
     when = alert.created_at or alert.last_activity_at or alert.first_activity_at or ctx.now()
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _index_directory(data: bytes) -> dict[str, dict[str, Any]]:

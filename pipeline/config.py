@@ -62,7 +62,7 @@ class DeadLetterSettings(StrictModel):
     connection_string_env: SecretEnv | None = Field(None, description="blob: name of the environment variable holding a connection string")
 
     @model_validator(mode="after")
-    def _blob_needs_an_account(self) -> "DeadLetterSettings":
+    def _blob_needs_an_account(self) -> DeadLetterSettings:
         if self.kind == "blob" and not (self.account_url or self.connection_string_env):
             raise ValueError("kind 'blob' needs account_url or connection_string_env")
         return self
@@ -98,7 +98,7 @@ class ConsumerSettings(StrictModel):
     retry_max_seconds: float = Field(60.0, ge=0)
 
     @model_validator(mode="after")
-    def _needs_endpoints(self) -> "ConsumerSettings":
+    def _needs_endpoints(self) -> ConsumerSettings:
         if not (self.fully_qualified_namespace or self.connection_string_env):
             raise ValueError("needs fully_qualified_namespace or connection_string_env")
         if not (self.checkpoint_account_url or self.checkpoint_connection_string_env):

@@ -109,7 +109,7 @@ class DlpAlert(_Model):
             self._content_id = hashlib.sha256(self.to_json()).hexdigest()[:32]
         return self._content_id
 
-    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> "DlpAlert":
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> DlpAlert:
         copied = super().model_copy(update=update, deep=deep)
         copied._json = copied._content_id = None
         return copied

@@ -18,15 +18,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline.enrich.cache import TTLCache
 from pipeline.config import EnricherConfig, LoadedConfig, SinkConfig, config_error_from_validation
+from pipeline.enrich.cache import TTLCache
 from pipeline.errors import ConfigError
 
 ENRICHER_GROUP = "dlp_pipeline.enrichers"

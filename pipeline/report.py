@@ -27,7 +27,7 @@ class BatchReport:
     enrichment: Counter[tuple[str, str]] = field(default_factory=Counter)
     record_ids: list[str] = field(default_factory=list)
 
-    def merge(self, other: "BatchReport") -> None:
+    def merge(self, other: BatchReport) -> None:
         for name in ("messages", "records", "skipped", "alerts", "duplicate_parts", "emitted_split", "unrouted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.pending = other.pending

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from pipeline import observability
 from pipeline.assemble.stage import Assembler
@@ -112,7 +113,7 @@ class Runner:
         await self.dead_letter.aclose()
         await self.state.aclose()
 
-    async def __aenter__(self) -> "Runner":
+    async def __aenter__(self) -> Runner:
         await self.start()
         return self
 

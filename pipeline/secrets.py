@@ -212,13 +212,13 @@ class SecretEnv(str):
         )
 
     @classmethod
-    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> "SecretEnv":
+    def _validate(cls, value: str, info: core_schema.ValidationInfo) -> SecretEnv:
         if not _ENV_NAME.match(value):
             raise ValueError("names an environment variable (letters, digits, _), not a value")
         return cls.named(value, setting=info.field_name)
 
     @classmethod
-    def named(cls, name: str, *, setting: str | None = None) -> "SecretEnv":
+    def named(cls, name: str, *, setting: str | None = None) -> SecretEnv:
         variable = cls(name)
         variable.setting = setting
         return variable

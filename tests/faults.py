@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import httpx
 from pydantic import BaseModel
 
+from pipeline.deliver.sinks import Outcome
 from pipeline.enrich.contract import BaseEnricher
 from pipeline.errors import SinkUnavailable, translate
-from pipeline.deliver.sinks import Outcome
 
 INSTANCES: dict[str, object] = {}
 

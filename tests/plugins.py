@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from collections.abc import Sequence
 
 from pydantic import BaseModel
 
+from pipeline.deliver.sinks import Outcome
 from pipeline.enrich.cache import CachePolicy
 from pipeline.enrich.contract import BaseEnricher, BatchEnricher
 from pipeline.errors import SinkUnavailable
-from pipeline.deliver.sinks import Outcome
 
 CALLS: list[tuple[str, str]] = []
 

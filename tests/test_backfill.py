@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import fastavro
 import orjson
 
-from pipeline.ingest.inputs import parse_capture_time, read_messages, read_storage_export
 from pipeline.entrypoints.progress import Progress
+from pipeline.ingest.inputs import parse_capture_time, read_messages, read_storage_export
 from tests.conftest import FIXTURES, SAMPLES
 from tests.test_cli import run_cli, summary
 
@@ -85,14 +85,14 @@ def test_capture_records_keep_their_enqueued_time(tmp_path):
     capture = tmp_path / "c.avro"
     write_capture(capture, [b"{}", None])
     first, second = read_messages([str(capture)])
-    assert first.enqueued_time == datetime(2025, 3, 14, 9, 15, 7, tzinfo=timezone.utc)
+    assert first.enqueued_time == datetime(2025, 3, 14, 9, 15, 7, tzinfo=UTC)
     assert first.source.endswith("c.avro:sequence=1000;offset=0") and first.body == b"{}"
     assert second.body == b""  # a null Body is still a message: the runner dead-letters it
 
 
 def test_capture_time_formats():
-    assert parse_capture_time("12/20/2017 5:52:40 PM") == datetime(2017, 12, 20, 17, 52, 40, tzinfo=timezone.utc)
-    assert parse_capture_time("2025-03-14T09:15:07.123Z") == datetime(2025, 3, 14, 9, 15, 7, 123000, tzinfo=timezone.utc)
+    assert parse_capture_time("12/20/2017 5:52:40 PM") == datetime(2017, 12, 20, 17, 52, 40, tzinfo=UTC)
+    assert parse_capture_time("2025-03-14T09:15:07.123Z") == datetime(2025, 3, 14, 9, 15, 7, 123000, tzinfo=UTC)
     assert parse_capture_time("yesterday") is None and parse_capture_time(None) is None
 
 

@@ -23,15 +23,15 @@ def test_bundled_run_fills_every_enrichment(tmp_path):
     for line in lines:
         by_id.setdefault(line["alert"]["alert_id"], []).append(line)
     # a departing user (HR connector CSV) and a repeat user (an earlier alert in 08-graph-alerts-history.json)
-    (adele,) = [l for l in lines if l["alert"]["alert_id"].startswith("dl9a8b7c6d")]
+    (adele,) = [line for line in lines if line["alert"]["alert_id"].startswith("dl9a8b7c6d")]
     assert adele["enrichments"]["user_context"]["departing"] is True and adele["enrichments"]["user_context"]["days_until_departure"] == 13
     assert adele["enrichments"]["prior_incidents"]["last_30_days"] == 1
     assert "departing_user" in {r["code"] for r in adele["enrichments"]["triage"]["reasons"]}
-    megan = [l for l in lines if l["alert"]["alert_id"].startswith("dl0c6f1e2a")]
+    megan = [line for line in lines if line["alert"]["alert_id"].startswith("dl0c6f1e2a")]
     assert len(megan) == 3  # the same alert from three sources: one alert in the history, never its own prior
     for line in megan:
         prior = line["enrichments"]["prior_incidents"]
         assert [p["alert_id"] for p in prior["recent"]] == ["dl5e4d3c2b-1a09-4f8e-8d7c-6b5a49382716"]
         assert line["enrichments"]["sensitive_info"]["total_count"] == 15
-    sentinel = next(l for l in megan if l["alert"]["source_format"] == "sentinel_alert")
+    sentinel = next(line for line in megan if line["alert"]["source_format"] == "sentinel_alert")
     assert sentinel["enrichments"]["sensitive_info"]["source"] == "correlated"

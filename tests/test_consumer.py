@@ -16,7 +16,7 @@ import sys
 import textwrap
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -59,7 +59,7 @@ def received_event(body: bytes, sequence: int) -> EventData:
     event = EventData(body)
     event.raw_amqp_message.annotations[b"x-opt-sequence-number"] = sequence
     event.raw_amqp_message.annotations[b"x-opt-offset"] = str(sequence * 1000).encode()
-    event.raw_amqp_message.annotations[b"x-opt-enqueued-time"] = int(datetime.now(timezone.utc).timestamp() * 1000)
+    event.raw_amqp_message.annotations[b"x-opt-enqueued-time"] = int(datetime.now(UTC).timestamp() * 1000)
     return event
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 
 import orjson
 import pytest
 
-from pipeline.resilience.breaker import CircuitBreaker
 from pipeline.errors import SinkOutage
+from pipeline.resilience.breaker import CircuitBreaker
 from pipeline.runner import Message, Runner
 from tests import faults
 
@@ -198,7 +199,7 @@ def test_cli_run_with_a_sink_down_exits_1_saying_run_again_then_the_rerun_delive
 
 async def test_functions_trigger_raises_for_an_outage_and_its_last_retry_dead_letters(tmp_path, monkeypatch, fixture_bytes):
     """As the host runs it: 1 execution + max_retry_count retries; the last one must return (and checkpoint) with everything dead-lettered."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import azure.functions as func
 
@@ -213,7 +214,7 @@ async def test_functions_trigger_raises_for_an_outage_and_its_last_retry_dead_le
     monkeypatch.setenv("DLP_PIPELINE_DATA_DIR", str(tmp_path / "data"))
     await functions.reset_runner()
     events = [
-        func.EventHubEvent(body=m.body, sequence_number=i, offset=str(i), enqueued_time=datetime.now(timezone.utc), partition_key=None)
+        func.EventHubEvent(body=m.body, sequence_number=i, offset=str(i), enqueued_time=datetime.now(UTC), partition_key=None)
         for i, m in enumerate(graph_alerts(fixture_bytes, 3))
     ]
     trigger = FUNCTIONS["dlp_alerts"].get_user_function()

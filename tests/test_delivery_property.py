@@ -11,7 +11,8 @@ import textwrap
 from pathlib import Path
 
 import orjson
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline.config import load_config
 from pipeline.errors import SinkOutage

@@ -126,10 +126,10 @@ def test_every_resource_of_the_design_is_declared():
 
 def test_role_assignments_are_the_four_of_the_design_each_on_the_narrowest_scope():
     assignments = []
-    for path, text in all_bicep().items():
+    for _path, text in all_bicep().items():
         found = resources(text)
         names = variables(text)
-        for name, (kind, body) in found.items():
+        for _name, (kind, body) in found.items():
             if kind != "Microsoft.Authorization/roleAssignments":
                 continue
             role_var = re.search(r"roleDefinitions', (\w+)\)", body).group(1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import azure.functions as func
 import pytest
@@ -11,7 +11,6 @@ import pytest
 import function_app
 from pipeline.entrypoints import functions
 from tests.conftest import SAMPLES
-
 
 # get_functions() indexes the app and may only be called once per process, as the host does.
 FUNCTIONS = {f.get_function_name(): f for f in function_app.app.get_functions()}
@@ -42,7 +41,7 @@ async def functions_env(tmp_path, monkeypatch):
 
 
 def event(body: bytes, sequence: int) -> func.EventHubEvent:
-    return func.EventHubEvent(body=body, sequence_number=sequence, offset=str(sequence * 100), enqueued_time=datetime.now(timezone.utc), partition_key=None)
+    return func.EventHubEvent(body=body, sequence_number=sequence, offset=str(sequence * 100), enqueued_time=datetime.now(UTC), partition_key=None)
 
 
 async def test_batch_of_events_is_delivered_and_bad_ones_dead_lettered(functions_env):
@@ -52,7 +51,7 @@ async def test_batch_of_events_is_delivered_and_bad_ones_dead_lettered(functions
         event((SAMPLES / "03-graph-alert.json").read_bytes(), 3),
     ]
     await user_function("dlp_alerts")(events)
-    lines = [json.loads(l) for p in (functions_env / "lake").rglob("*.jsonl") for l in p.read_text().splitlines()]
+    lines = [json.loads(text) for p in (functions_env / "lake").rglob("*.jsonl") for text in p.read_text().splitlines()]
     assert sorted(line["alert"]["source_format"] for line in lines) == ["defender_streaming", "graph_alert"]
     assert lines[0]["enrichments"]["sensitive_info"]["total_count"] == 15
     (dead,) = [json.loads(p.read_text()) for p in (functions_env / "dead-letter").glob("*.json")]
@@ -70,7 +69,7 @@ async def test_timer_emits_settled_split_alerts(functions_env, monkeypatch):
 
     await asyncio.sleep(0.3)
     await user_function("flush_pending_alerts")(None)
-    (line,) = [json.loads(l) for p in (functions_env / "lake").rglob("*.jsonl") for l in p.read_text().splitlines()]
+    (line,) = [json.loads(text) for p in (functions_env / "lake").rglob("*.jsonl") for text in p.read_text().splitlines()]
     assert line["alert"]["user"]["upn"] == "adele.vance@contoso.com" and line["alert"]["severity"] == "high"
 
 

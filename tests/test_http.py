@@ -10,8 +10,8 @@ import pytest
 from werkzeug import Response
 
 from pipeline.enrich.batching import MicroBatcher
-from pipeline.errors import EnricherTimeout, EnricherUnavailable
 from pipeline.enrich.http import HttpClient, parse_retry_after
+from pipeline.errors import EnricherTimeout, EnricherUnavailable
 
 LOCAL = ["localhost", "127.0.0.1"]
 

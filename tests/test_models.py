@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from benchmarks.dataset import make_bodies
 from pipeline.assemble.join import assemble
@@ -32,7 +33,7 @@ def _record(alert: DlpAlert, enrichments: dict) -> EnrichedRecord:
         enrichments=enrichments,
         enrichment_status={"a": EnrichmentStatus(state="ok", duration_ms=1.5), "b": EnrichmentStatus(state="failed", error="timeout")},
         pipeline_version="0.0.0",
-        processed_at=datetime(2026, 11, 23, 18, 1, 2, 345678, tzinfo=timezone.utc),
+        processed_at=datetime(2026, 11, 23, 18, 1, 2, 345678, tzinfo=UTC),
     )
 
 
@@ -59,7 +60,7 @@ def test_record_json_is_what_pydantic_writes(enrichments):
     "value",
     [
         datetime(2025, 1, 1, 1, 2, 3, 456789, tzinfo=timezone(timedelta(hours=2))),
-        datetime(2025, 1, 1, tzinfo=timezone.utc),
+        datetime(2025, 1, 1, tzinfo=UTC),
         datetime(2025, 1, 1),
         date(2025, 1, 2),
         Decimal("1.50"),

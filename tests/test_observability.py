@@ -7,7 +7,7 @@ import logging
 import os
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -74,7 +74,7 @@ reject_alert_ids = ["{reject}"]
 async def test_runner_reports_every_metric(metrics, write_config, fixture_bytes):
     graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
     loaded = write_config(CONFIG.replace("{reject}", graph["id"]))
-    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
     messages = [
         Message(body=orjson.dumps(graph), source="a", enqueued_time=now - timedelta(seconds=42)),
         Message(body=fixture_bytes("sentinel_securityalert_dlp.json"), source="b", enqueued_time=now - timedelta(seconds=2)),
@@ -113,7 +113,7 @@ async def test_without_a_configured_provider_the_hooks_are_no_ops(write_config, 
     observability.use_meter_provider(None)
     loaded = write_config(CONFIG.replace("{reject}", "none"))
     async with Runner(loaded) as runner:
-        report = await runner.process_batch([Message(body=fixture_bytes("graph_alert_v2_dlp.json"), enqueued_time=datetime.now(timezone.utc))])
+        report = await runner.process_batch([Message(body=fixture_bytes("graph_alert_v2_dlp.json"), enqueued_time=datetime.now(UTC))])
     assert report.alerts == 1
 
 

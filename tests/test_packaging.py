@@ -4,6 +4,7 @@ the bundled samples from any folder, and built-in and third-party plugins resolv
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -12,7 +13,6 @@ import sys
 import sysconfig
 import tomllib
 import zipfile
-import importlib
 from importlib.metadata import distributions
 from pathlib import Path
 

@@ -6,13 +6,13 @@ import asyncio
 import json
 import socket
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from werkzeug import Response
 
-from pipeline.state.history import HistoryEntry, HistorySettings, TableHistoryStore
 from pipeline.runner import Runner
+from pipeline.state.history import HistoryEntry, HistorySettings, TableHistoryStore
 from tests.support.alerts import StaticCredential, graph_alert, message
 
 SINK = """
@@ -225,10 +225,10 @@ async def test_store_reuse_seconds_decides_when_another_instances_writes_are_see
     is not seen by the next alert yet; with 0, the next alert reads the history again and counts it."""
     import time
 
-    from pipeline.state.history import entry_of
     from enrichers.prior_incidents import PriorIncidentsEnricher
     from pipeline.enrich.contract import EnrichmentContext
     from pipeline.ingest.formats import decode_message
+    from pipeline.state.history import entry_of
 
     alerts = decode_message(message(*history_alerts()).body).alerts
     by_id = {alert.alert_id: alert for alert in alerts}
@@ -332,11 +332,12 @@ async def test_a_history_file_of_an_earlier_version_is_converted_and_keeps_its_e
 def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
     """`_summary` counts by bisection over one row per prior alert (a revised alert's newest content);
     a brute-force count over the same rows, revisions included, must give the same figures."""
-    from hypothesis import given, settings, strategies as st
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
 
-    from pipeline.state.history import between
     from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _row
     from pipeline.models import DlpAlert
+    from pipeline.state.history import between
 
     enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings(store={"path": str(tmp_path / "history.sqlite")}))
     until = 1_750_000_000.0
@@ -369,7 +370,7 @@ def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
         expected_recent = list(newest.values())[: enricher.settings.max_recent]
         assert [(p.alert_id, p.policy, p.severity) for p in got.recent] == [(r[0], r[2], r[3]) for r in expected_recent]
         assert all(abs(p.at.timestamp() - r[1]) < 1e-3 for p, r in zip(got.recent, expected_recent))
-        assert got.last_alert_at == (datetime.fromtimestamp(max(r[1] for r in newest.values()), tz=timezone.utc) if newest else None)
+        assert got.last_alert_at == (datetime.fromtimestamp(max(r[1] for r in newest.values()), tz=UTC) if newest else None)
 
     agree()
     asyncio.run(enricher.aclose())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 
 from werkzeug import Response
 
@@ -143,14 +144,14 @@ def test_correlation_window_is_inclusive_on_both_sides_and_picks_the_newest_cont
     """Activities are held newest first and the window found by bisection: an activity exactly
     `window_minutes` before or after the alert counts, one a second further does not; of two
     contents of one activity, the newest is used."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    from pipeline.state.history import HistoryEntry
     from enrichers.sensitive_info import SensitiveInfoEnricher, _prepared
     from pipeline.models import DlpAlert
+    from pipeline.state.history import HistoryEntry
 
     enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings(window_minutes=30, correlate=False))
-    at = datetime(2025, 3, 14, 9, 0, tzinfo=timezone.utc)
+    at = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
     alert = DlpAlert(alert_id="a", source_format="graph_alert", created_at=at, user={"upn": MEGAN}, files=[{"name": "Q1.xlsx"}])
 
     def activity(entry_id: str, offset_seconds: float, count: int = 1, content: str = "c") -> HistoryEntry:

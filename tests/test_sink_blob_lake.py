@@ -8,13 +8,13 @@ import hashlib
 import io
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from pipeline.runner import Message, Runner
 from pipeline.deliver.sinks.blob_lake import BlobLakeSink
+from pipeline.runner import Message, Runner
 from tests.conftest import MATCHED_VALUES, SAMPLES
 from tests.support.records import make_record
 
@@ -49,7 +49,7 @@ def lines(data: bytes) -> list[dict]:
 
 
 async def test_batch_is_partitioned_by_tenant_date_hour_with_a_deterministic_name(container):
-    at = lambda h: datetime(2025, 3, 14, h, 5, tzinfo=timezone.utc)  # noqa: E731
+    at = lambda h: datetime(2025, 3, 14, h, 5, tzinfo=UTC)  # noqa: E731
     records = [
         make_record("a1", created_at=at(9)),
         make_record("a2", created_at=at(9)),
@@ -174,7 +174,7 @@ async def test_a_pipeline_run_writes_the_expected_blobs_and_a_rerun_adds_none(co
     assert sorted(r["record_id"] for r in records) == sorted(report.record_ids)
     for name, data in full.items():
         for line in lines(data):
-            created = datetime.fromisoformat(line["alert"]["created_at"].replace("Z", "+00:00")).astimezone(timezone.utc)
+            created = datetime.fromisoformat(line["alert"]["created_at"].replace("Z", "+00:00")).astimezone(UTC)
             assert f"/tenant={line['alert']['tenant_id']}/date={created:%Y-%m-%d}/hour={created:%H}/" in name
     raw = b"".join(gzip.decompress(d) for d in stored.values())
     assert not any(value.encode() in raw for value in MATCHED_VALUES)

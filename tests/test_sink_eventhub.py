@@ -10,8 +10,8 @@ import time
 import pytest
 from azure.eventhub import EventDataBatch
 
-from pipeline.deliver.sinks.eventhub import EventHubSink, make_event, pack
 from pipeline.deliver.minimise import alert_key
+from pipeline.deliver.sinks.eventhub import EventHubSink, make_event, pack
 from tests.support.azurite import docker_available
 from tests.support.records import make_record
 

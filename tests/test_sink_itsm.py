@@ -3,13 +3,15 @@ ticket per alert across redeliveries, revisions, throttling and lost responses."
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.runner import Message, Runner
+from pipeline.deliver.minimise import alert_key
 from pipeline.deliver.sinks.jira import JiraSink
 from pipeline.deliver.sinks.servicenow import ServiceNowSink
-from pipeline.deliver.minimise import alert_key
+from pipeline.errors import ConfigError
+from pipeline.runner import Message, Runner
 from tests.support.itsm_servers import Failure, Jira, ServiceNow, adf_text
 from tests.support.records import make_record
 
@@ -125,7 +127,9 @@ password_env = "TEST_SNOW_PASSWORD"
         report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
         again = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
         snow.failures.append(Failure("POST", 400))
-        import json, orjson
+        import json
+
+        import orjson
 
         other = dict(json.loads(fixture_bytes("graph_alert_v2_dlp.json")), id="other-alert")
         rejected = await runner.process_batch([Message(orjson.dumps(other))])
@@ -281,10 +285,10 @@ async def test_jira_429_with_retry_after_then_success_and_lost_create_response(h
 
 
 async def test_retry_after_as_an_http_date(httpserver, jira):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
     from email.utils import format_datetime
 
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     jira.failures.append(Failure("POST", 503, {"Retry-After": when}, path="/rest/api/3/search/jql"))
     (outcome,) = await publish(jira_sink(httpserver), [make_record("a-1")])
     assert outcome.status == "retryable" and 25 <= outcome.retry_after <= 31

@@ -12,9 +12,9 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from pipeline.config import PseudonymiseSettings
+from pipeline.deliver.minimise import Minimiser, alert_key
 from pipeline.errors import ConfigError
 from pipeline.runner import Message, Runner
-from pipeline.deliver.minimise import Minimiser, alert_key
 from tests.support.itsm_servers import ServiceNow
 from tests.support.records import make_record
 

@@ -14,7 +14,6 @@ from pipeline.runner import Runner
 from tests.support.alerts import StaticCredential, graph_alert, message
 
 
-
 class GraphServer:
     """A `$batch` handler that answers each inner `GET /users/{id}` on its own, per the documented contract."""
 

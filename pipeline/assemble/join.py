@@ -18,7 +18,8 @@ emitted from the parts it holds, so one alert id cannot grow the store or a clai
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from pipeline.ingest.formats import AlertPart
 from pipeline.models import DlpAlert

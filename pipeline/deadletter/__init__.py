@@ -23,10 +23,11 @@ import base64
 import hashlib
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
@@ -51,7 +52,7 @@ class DeadLetter:
     alert_id: str | None = None
     record_id: str | None = None
     attempts: int = 1
-    first_failure_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    first_failure_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     last_failure_at: datetime | None = None
 
     @property
@@ -86,7 +87,7 @@ class DeadLetter:
         }
 
     @classmethod
-    def from_document(cls, document: dict[str, Any]) -> "DeadLetter":
+    def from_document(cls, document: dict[str, Any]) -> DeadLetter:
         return cls(
             stage=document["stage"],
             reason=document["reason"],
@@ -132,7 +133,7 @@ class LocalDeadLetterStore:
                     previous = orjson.loads(path.read_bytes())
                     entry.attempts = int(previous.get("attempts", 1)) + entry.attempts
                     entry.first_failure_at = datetime.fromisoformat(previous["first_failure_at"])
-                    entry.last_failure_at = datetime.now(timezone.utc)
+                    entry.last_failure_at = datetime.now(UTC)
                 self._write_atomically(path, orjson.dumps(entry.to_document(), option=orjson.OPT_INDENT_2))
             except (OSError, ValueError, KeyError) as exc:
                 raise StoreUnavailable(f"dead-letter write failed in {self.root}: {exc}") from exc
@@ -160,7 +161,7 @@ class LocalDeadLetterStore:
             raise
 
 
-def open_dead_letter_store(config: "LoadedConfig") -> DeadLetterStore:
+def open_dead_letter_store(config: LoadedConfig) -> DeadLetterStore:
     """The dead-letter store `[dead_letter]` names: local files (default) or Blob storage."""
     settings = config.config.dead_letter
     if settings.kind == "blob":

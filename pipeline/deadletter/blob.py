@@ -13,8 +13,9 @@ lose each other's count. Any storage error raises StoreUnavailable: the batch is
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from azure.core import MatchConditions
@@ -35,7 +36,7 @@ class BlobDeadLetterStore:
         self._ready = False
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "BlobDeadLetterStore":
+    def from_settings(cls, settings: Any) -> BlobDeadLetterStore:
         if settings.connection_string_env:
             connection_string = os.environ.get(settings.connection_string_env)
             if not connection_string:
@@ -79,7 +80,7 @@ class BlobDeadLetterStore:
             if previous is not None:
                 entry.attempts = int(previous.get("attempts", 1)) + attempts
                 entry.first_failure_at = datetime.fromisoformat(previous["first_failure_at"])
-                entry.last_failure_at = datetime.now(timezone.utc)
+                entry.last_failure_at = datetime.now(UTC)
             else:
                 entry.attempts, entry.first_failure_at = attempts, first
             data = orjson.dumps(entry.to_document(), option=orjson.OPT_INDENT_2)

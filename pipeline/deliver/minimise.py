@@ -26,10 +26,12 @@ import copy
 import hashlib
 import hmac
 import os
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Sequence
+from typing import Any
 
 import orjson
+
 from pipeline.config import USER_IDENTIFIERS, PseudonymiseSettings
 from pipeline.errors import ConfigError
 

@@ -22,8 +22,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.config import DeliverySettings, LoadedConfig, SinkConfig
 from pipeline.deadletter import DeadLetter

@@ -13,7 +13,8 @@ At most `max_concurrent` fetch calls run at once; the others wait their turn.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable, Callable, Generic, Hashable, Mapping, TypeVar
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

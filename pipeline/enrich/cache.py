@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Generic, Hashable, Iterable, TypeVar
+from typing import Any, Generic, TypeVar
 
 V = TypeVar("V")
 _MISS = object()  # "not cached", where None is a value that can be cached
@@ -104,8 +105,8 @@ K = TypeVar("K", bound=Hashable)
 
 
 async def load_many(
-    cache: "TTLCache[V] | None", keys: "Iterable[K]", loader: Callable[[K], Awaitable[V]], *, timeout: float | None = None
-) -> "dict[K, V | Exception]":
+    cache: TTLCache[V] | None, keys: Iterable[K], loader: Callable[[K], Awaitable[V]], *, timeout: float | None = None
+) -> dict[K, V | Exception]:
     """Each distinct key's value through `cache` (single-flight, as `get_or_load`), or the exception
     its load raised. Values still fresh in the cache are taken without a task or a wait; only the
     misses are loaded, all at once. Without a cache, every key is loaded.

@@ -34,8 +34,9 @@ Register it with the entry point group `dlp_pipeline.enrichers`, or name it as `
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, ClassVar, Generic, Hashable, Protocol, Sequence, TypeVar, cast, runtime_checkable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -58,7 +59,7 @@ class Enricher(Protocol):
     timeout: float
     cache_policy: CachePolicy | None
 
-    async def enrich(self, alert: DlpAlert, ctx: "EnrichmentContext") -> BaseModel | None: ...
+    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> BaseModel | None: ...
 
 
 class BaseEnricher(Generic[SettingsT]):
@@ -81,7 +82,7 @@ class BaseEnricher(Generic[SettingsT]):
 
     settings: SettingsT
 
-    def __init__(self, settings: SettingsT | None = None, services: "Services | None" = None) -> None:
+    def __init__(self, settings: SettingsT | None = None, services: Services | None = None) -> None:
         # Without settings, the defaults of the subclass's Settings model: SettingsT by convention.
         self.settings = settings if settings is not None else cast(SettingsT, self.Settings())
         self.services = services
@@ -92,7 +93,7 @@ class BaseEnricher(Generic[SettingsT]):
     async def aclose(self) -> None:
         """Called once at shutdown."""
 
-    async def enrich(self, alert: DlpAlert, ctx: "EnrichmentContext") -> BaseModel | None:
+    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> BaseModel | None:
         raise NotImplementedError
 
 
@@ -111,10 +112,10 @@ class BatchEnricher(BaseEnricher[SettingsT]):
         """The share of the enricher's timeout one lookup may take (80 %)."""
         return self.timeout * 0.8
 
-    async def enrich_batch(self, alerts: list[DlpAlert], contexts: list["EnrichmentContext"]) -> Sequence[BaseModel | None | Exception]:
+    async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> Sequence[BaseModel | None | Exception]:
         raise NotImplementedError
 
-    async def enrich(self, alert: DlpAlert, ctx: "EnrichmentContext") -> BaseModel | None:
+    async def enrich(self, alert: DlpAlert, ctx: EnrichmentContext) -> BaseModel | None:
         (result,) = await self.enrich_batch([alert], [ctx])
         if isinstance(result, Exception):
             raise result
@@ -147,7 +148,7 @@ class EnrichmentContext:
         return self.fragments.get(name)
 
     def now(self) -> datetime:
-        return datetime.fromtimestamp(self._clock(), tz=timezone.utc)
+        return datetime.fromtimestamp(self._clock(), tz=UTC)
 
     async def cached(self, key: Hashable, loader: Callable[[], Awaitable[V]]) -> V:
         """Load through this enricher's TTL cache (single-flight); without a cache policy, just load."""

@@ -17,10 +17,11 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from time import perf_counter
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -70,7 +71,7 @@ class EnrichmentEngine:
         out = Enriched()
         if not alerts:
             return out
-        processed_at = datetime.fromtimestamp(self.clock(), tz=timezone.utc)
+        processed_at = datetime.fromtimestamp(self.clock(), tz=UTC)
         fragments: list[dict[str, BaseModel]] = [{} for _ in alerts]
         statuses: list[dict[str, EnrichmentStatus]] = [{} for _ in alerts]
         for wave in self.chain.waves:

@@ -14,8 +14,8 @@ import asyncio
 import importlib
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pipeline.entrypoints.commands import COMMANDS
 from pipeline.errors import ConfigError, PipelineError

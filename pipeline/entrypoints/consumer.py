@@ -19,7 +19,8 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from pipeline.config import ConsumerSettings
 from pipeline.errors import ConfigError, PipelineError, StoreUnavailable
@@ -219,7 +220,7 @@ async def consume(runner: Runner, settings: ConsumerSettings, *, idle_exit_secon
         await client.close()  # stops receive_batch; a batch not checkpointed yet is read again next time
         try:
             await asyncio.wait_for(receiving, timeout=_STOP_GRACE_SECONDS)
-        except (asyncio.TimeoutError, asyncio.CancelledError):
+        except (TimeoutError, asyncio.CancelledError):
             receiving.cancel()
         for closable in closables:
             await closable.close()

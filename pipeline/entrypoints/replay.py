@@ -17,9 +17,9 @@ record_id absorbs: replaying twice writes nothing twice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Sequence
+from datetime import UTC, datetime
 
 import orjson
 from pydantic import ValidationError
@@ -138,7 +138,7 @@ async def _redrive_deliveries(runner: Runner, real: DeadLetterStore, sink: str, 
 
 async def _settle(real: DeadLetterStore, originals: list[DeadLetter], failed_again: set[str], captured: list[DeadLetter], report: ReplayReport) -> None:
     """Count an attempt on what failed again, store new failures, then remove what is accounted for."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     again, done = [], []
     for entry in originals:
         if entry.entry_id in failed_again:

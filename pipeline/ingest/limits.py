@@ -22,7 +22,8 @@ iterative: no input can raise RecursionError.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from pipeline import observability
 from pipeline.deadletter import DeadLetter

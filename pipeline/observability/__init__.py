@@ -33,8 +33,9 @@ import contextvars
 import json
 import logging
 import os
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.deadletter import DeadLetter
@@ -145,7 +146,7 @@ def record_lag(enqueued_time: datetime | None, now: float) -> None:
     if enqueued_time is None:
         return
     if enqueued_time.tzinfo is None:
-        enqueued_time = enqueued_time.replace(tzinfo=timezone.utc)
+        enqueued_time = enqueued_time.replace(tzinfo=UTC)
     _get().lag.record(max(0.0, now - enqueued_time.timestamp()))
 
 
@@ -158,7 +159,7 @@ def record_enricher(name: str, state: str, seconds: float, count: int = 1) -> No
         instruments.enricher_failures.add(count, attributes)
 
 
-def record_dead_letters(entries: "Iterable[DeadLetter]") -> None:
+def record_dead_letters(entries: Iterable[DeadLetter]) -> None:
     instruments = _get()
     for entry in entries:
         instruments.dead_lettered.add(1, {"stage": entry.stage, "reason": entry.reason})
@@ -166,7 +167,7 @@ def record_dead_letters(entries: "Iterable[DeadLetter]") -> None:
             instruments.sink_failed.add(1, {"sink": entry.sink, "reason": entry.reason})
 
 
-def record_batch(report: "BatchReport") -> None:
+def record_batch(report: BatchReport) -> None:
     """The counters of one finished batch (messages, records, skipped, enriched, delivered)."""
     instruments = _get()
     if report.messages:
@@ -183,10 +184,10 @@ def record_batch(report: "BatchReport") -> None:
 
 # -- structured logs -----------------------------------------------------------------------------
 
-_current_alert: contextvars.ContextVar["DlpAlert | None"] = contextvars.ContextVar("dlp_current_alert", default=None)
+_current_alert: contextvars.ContextVar[DlpAlert | None] = contextvars.ContextVar("dlp_current_alert", default=None)
 
 
-def bind_alert(alert: "DlpAlert | None") -> None:
+def bind_alert(alert: DlpAlert | None) -> None:
     """Attach this alert to the current task's log records (the runner runs each alert in its own task)."""
     _current_alert.set(alert)
 
@@ -229,7 +230,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(timespec="milliseconds"),
+            "time": datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

@@ -21,10 +21,11 @@ With `pip install dlp-pipeline`, pytest gets these as fixtures (see `pipeline/pl
 from __future__ import annotations
 
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 from pydantic import BaseModel
@@ -49,7 +50,7 @@ __all__ = [
 SAMPLE_FORMATS: tuple[str, ...] = ("defender_streaming", "graph_alert", "management_activity", "sentinel_alert")
 
 #: The fake clock's default time: shortly after the bundled samples' alerts.
-DEFAULT_NOW = datetime(2025, 3, 14, 10, 0, 0, tzinfo=timezone.utc)
+DEFAULT_NOW = datetime(2025, 3, 14, 10, 0, 0, tzinfo=UTC)
 
 
 def sample_bytes(fmt: str) -> bytes:
@@ -121,7 +122,7 @@ class FakeClock:
 
     @property
     def datetime(self) -> datetime:
-        return datetime.fromtimestamp(self.now, tz=timezone.utc)
+        return datetime.fromtimestamp(self.now, tz=UTC)
 
 
 def make_context(

@@ -13,7 +13,8 @@ default) so tests control it.
 from __future__ import annotations
 
 import time
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 State = Literal["closed", "open", "half_open"]
 

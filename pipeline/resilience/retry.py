@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import random
 import sqlite3
-from typing import Iterable
+from collections.abc import Iterable
 
 from pipeline.errors import StoreUnavailable
 from pipeline.state.sqlite import Transaction

@@ -6,8 +6,9 @@ An implementation must be safe to call again after a crash: every write is idemp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pipeline.config import StateSettings
@@ -19,13 +20,13 @@ class PartsAdded:
     new: int = 0
     duplicate: int = 0
     # Parts not stored because their alert already holds `max_parts_per_alert` parts (hostile input).
-    over_limit: list["AlertPart"] = field(default_factory=list)
+    over_limit: list[AlertPart] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class PendingAlert:
     alert_id: str
-    parts: list["AlertPart"]
+    parts: list[AlertPart]
 
 
 @runtime_checkable
@@ -45,7 +46,7 @@ class StateStore(Protocol):
       whose lease runs out without it is claimed again (at-least-once).
     """
 
-    async def add_parts(self, parts: Sequence["AlertPart"], *, now: float, max_parts_per_alert: int | None = None) -> PartsAdded: ...
+    async def add_parts(self, parts: Sequence[AlertPart], *, now: float, max_parts_per_alert: int | None = None) -> PartsAdded: ...
 
     async def claim_due(
         self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False, limit: int | None = None
@@ -64,7 +65,7 @@ class StateStore(Protocol):
     async def aclose(self) -> None: ...
 
 
-def open_state_store(settings: "StateSettings") -> StateStore:
+def open_state_store(settings: StateSettings) -> StateStore:
     """Build the state store the settings name."""
     from pipeline.state.sqlite import SqliteStateStore
 

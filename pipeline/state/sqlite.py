@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import orjson
 
@@ -179,7 +179,7 @@ class SqliteStateStore:
     async def aclose(self) -> None:
         self._db.close()
 
-    def _transaction(self) -> "Transaction":
+    def _transaction(self) -> Transaction:
         return Transaction(self._db)
 
 

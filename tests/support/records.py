@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,7 @@ from pipeline.ingest.formats import decode_message
 from pipeline.models import EnrichedRecord, EnrichmentStatus
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "formats" / "graph_alert_v2_dlp.json"
-PROCESSED_AT = datetime(2025, 3, 14, 9, 30, tzinfo=timezone.utc)
+PROCESSED_AT = datetime(2025, 3, 14, 9, 30, tzinfo=UTC)
 
 
 def make_record(alert_id: str = "alert-1", *, padding: int = 0, enrichments: dict[str, Any] | None = None, **alert_changes: Any) -> EnrichedRecord:

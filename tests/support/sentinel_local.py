@@ -9,8 +9,8 @@ import time
 from azure.core.credentials import AccessToken
 from pydantic import BaseModel
 
-from pipeline.enrich.contract import BaseEnricher
 from pipeline.deliver.sinks.sentinel import SentinelSink
+from pipeline.enrich.contract import BaseEnricher
 
 
 class StaticToken:

@@ -16,8 +16,9 @@ group `dlp_pipeline.sinks`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from pipeline.models import EnrichedRecord
 
@@ -38,15 +39,15 @@ class Outcome:
     retry_after: float | None = None
 
     @classmethod
-    def delivered(cls) -> "Outcome":
+    def delivered(cls) -> Outcome:
         return _DELIVERED
 
     @classmethod
-    def rejected(cls, reason: str) -> "Outcome":
+    def rejected(cls, reason: str) -> Outcome:
         return cls("rejected", reason)
 
     @classmethod
-    def retryable(cls, reason: str, retry_after: float | None = None) -> "Outcome":
+    def retryable(cls, reason: str, retry_after: float | None = None) -> Outcome:
         return cls("retryable", reason, retry_after)
 
 

@@ -26,17 +26,18 @@ import hashlib
 import io
 import logging
 from collections import OrderedDict, defaultdict
-from datetime import datetime, timezone
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import orjson
 from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel
+from pipeline.deliver.minimise import get_path, record_document
+from pipeline.deliver.sinks import Outcome
 from pipeline.errors import SinkUnavailable, translate
 from pipeline.secrets import SecretEnv
-from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.minimise import get_path, record_document
 
 log = logging.getLogger("pipeline.deliver.sinks.blob_lake")
 
@@ -56,12 +57,12 @@ class BlobLakeSink:
         timeout_seconds: float = Field(30.0, gt=0)
 
         @model_validator(mode="after")
-        def _one_connection(self) -> "BlobLakeSink.Settings":
+        def _one_connection(self) -> BlobLakeSink.Settings:
             if (self.account_url is None) == (self.connection_string_env is None):
                 raise ValueError("give exactly one of account_url and connection_string_env")
             return self
 
-    def __init__(self, settings: "BlobLakeSink.Settings", services: Any, *, credential: Any = None) -> None:
+    def __init__(self, settings: BlobLakeSink.Settings, services: Any, *, credential: Any = None) -> None:
         from azure.storage.blob.aio import BlobServiceClient
 
         self.settings = settings
@@ -104,7 +105,7 @@ class BlobLakeSink:
     def partition_of(self, document: dict[str, Any]) -> str:
         tenant = get_path(document, "alert.tenant_id") or "unknown"
         when = self.partition_time(document)
-        when = when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when.astimezone(timezone.utc)
+        when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
         parts = [self.settings.prefix.strip("/")] if self.settings.prefix.strip("/") else []
         parts += [f"tenant={_safe(str(tenant))}", f"date={when:%Y-%m-%d}", f"hour={when:%H}"]
         return "/".join(parts)

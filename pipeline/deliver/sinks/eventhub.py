@@ -11,15 +11,16 @@ consumers deduplicate by `record_id`.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable, Literal, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel
+from pipeline.deliver.minimise import alert_key
+from pipeline.deliver.sinks import Outcome
 from pipeline.errors import SinkUnavailable, translate
 from pipeline.secrets import SecretEnv
-from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.minimise import alert_key
 
 log = logging.getLogger("pipeline.deliver.sinks.eventhub")
 
@@ -80,14 +81,14 @@ class EventHubSink:
         timeout_seconds: float = Field(30.0, gt=0)
 
         @model_validator(mode="after")
-        def _one_connection(self) -> "EventHubSink.Settings":
+        def _one_connection(self) -> EventHubSink.Settings:
             if (self.fully_qualified_namespace is None) == (self.connection_string_env is None):
                 raise ValueError("give exactly one of fully_qualified_namespace and connection_string_env")
             if self.fully_qualified_namespace is not None and not self.eventhub_name:
                 raise ValueError("eventhub_name is needed with fully_qualified_namespace")
             return self
 
-    def __init__(self, settings: "EventHubSink.Settings", services: Any, *, credential: Any = None) -> None:
+    def __init__(self, settings: EventHubSink.Settings, services: Any, *, credential: Any = None) -> None:
         from azure.eventhub.aio import EventHubProducerClient
 
         self.settings = settings
@@ -115,7 +116,7 @@ class EventHubSink:
         for key, indexes in groups.items():
             subset = [records[i] for i in indexes]
             try:
-                batches, too_large = await pack(subset, lambda: self._new_batch(key))
+                batches, too_large = await pack(subset, lambda key=key: self._new_batch(key))
             except Exception as exc:  # could not even open the producer
                 outcome = self._failure(exc, len(subset))
                 for i in indexes:

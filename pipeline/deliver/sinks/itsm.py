@@ -15,17 +15,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 
-from pipeline.errors import SinkUnavailable, is_retryable_status, translate
-from pipeline.deliver.sinks import Outcome
 from pipeline.deliver.minimise import alert_key, get_path
+from pipeline.deliver.sinks import Outcome
+from pipeline.errors import SinkUnavailable, is_retryable_status, translate
 
 log = logging.getLogger("pipeline.deliver.sinks.itsm")
 
@@ -122,8 +123,8 @@ def retry_after(response: httpx.Response) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def check(response: httpx.Response, *, ok: Sequence[int], action: str) -> httpx.Response:

@@ -11,15 +11,16 @@ projected for this sink*. Basic auth with an account e-mail and an API token fro
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import httpx
 from pydantic import Field
 
 from pipeline.config import StrictModel
+from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
 from pipeline.deliver.sinks.itsm import KeyLocks, TicketMemory, check, check_url, render, summary_lines, upsert_each
-from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.secrets import SecretEnv
 
 log = logging.getLogger("pipeline.deliver.sinks.jira")
@@ -51,7 +52,7 @@ class JiraSink:
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = None
 
-    def __init__(self, settings: "JiraSink.Settings", services: Any) -> None:
+    def __init__(self, settings: JiraSink.Settings, services: Any) -> None:
         self.settings = settings
         self.base = check_url(settings.site_url, "site_url")
         token = settings.api_token_env.resolve().get_secret_value()

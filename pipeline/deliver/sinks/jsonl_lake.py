@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pydantic import Field
 
 from pipeline.config import StrictModel
-from pipeline.models import EnrichedRecord
 from pipeline.deliver.sinks import Outcome
+from pipeline.models import EnrichedRecord
 
 
 class JsonlLakeSink:
@@ -29,7 +29,7 @@ class JsonlLakeSink:
         path: str = Field("lake", description="folder of the lake, relative to the data dir")
         fsync: bool = Field(True, description="flush each batch to stable storage before reporting delivered")
 
-    def __init__(self, settings: "JsonlLakeSink.Settings", services) -> None:
+    def __init__(self, settings: JsonlLakeSink.Settings, services) -> None:
         self.settings = settings
         self.root: Path = services.data_path(settings.path)
         self.root.mkdir(parents=True, exist_ok=True)

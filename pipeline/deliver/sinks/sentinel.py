@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from pydantic import Field
 
 from pipeline.config import StrictModel
-from pipeline.errors import SinkUnavailable, translate
+from pipeline.deliver.minimise import record_document
 from pipeline.deliver.sinks import Outcome
 from pipeline.deliver.sinks.sentinel_schema import STREAM, to_row
-from pipeline.deliver.minimise import record_document
+from pipeline.errors import SinkUnavailable, translate
 
 log = logging.getLogger("pipeline.deliver.sinks.sentinel")
 
@@ -44,7 +45,7 @@ class SentinelSink:
         managed_identity_client_id: str | None = Field(None, description="user-assigned managed identity (DefaultAzureCredential)")
         ca_bundle: str | None = Field(None, description="CA bundle to verify the endpoint with (tests, proxies); default: system CAs")
 
-    def __init__(self, settings: "SentinelSink.Settings", services: Any, *, credential: Any = None) -> None:
+    def __init__(self, settings: SentinelSink.Settings, services: Any, *, credential: Any = None) -> None:
         from azure.monitor.ingestion.aio import LogsIngestionClient
 
         self.settings = settings

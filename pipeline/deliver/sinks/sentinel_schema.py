@@ -12,7 +12,7 @@ second row with the same RecordId; the KQL function in deploy/sentinel/ keeps th
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.deliver.minimise import get_path
@@ -77,7 +77,7 @@ def to_row(document: dict[str, Any]) -> dict[str, Any]:
         if value is not None and value != [] and value != {}:
             row[column] = value
     if "TimeGenerated" not in row:  # processed_at projected away: ingestion time
-        row["TimeGenerated"] = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        row["TimeGenerated"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return row
 
 

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import httpx
 from pydantic import Field, model_validator
 
 from pipeline.config import StrictModel
-from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.sinks.itsm import KeyLocks, TicketMemory, TicketError, check, check_url, render, summary_lines, upsert_each
 from pipeline.deliver.minimise import alert_key, record_document
+from pipeline.deliver.sinks import Outcome
+from pipeline.deliver.sinks.itsm import KeyLocks, TicketError, TicketMemory, check, check_url, render, summary_lines, upsert_each
 from pipeline.secrets import SecretEnv
 
 log = logging.getLogger("pipeline.deliver.sinks.servicenow")
@@ -62,14 +63,14 @@ class ServiceNowSink:
         ca_bundle: str | None = Field(None, description="CA bundle to verify the instance with (default: system CAs)")
 
         @model_validator(mode="after")
-        def _auth(self) -> "ServiceNowSink.Settings":
+        def _auth(self) -> ServiceNowSink.Settings:
             if self.auth == "basic" and not (self.username and self.password_env):
                 raise ValueError("auth = 'basic' needs username and password_env")
             if self.auth == "oauth" and not (self.client_id and self.client_secret_env):
                 raise ValueError("auth = 'oauth' needs client_id and client_secret_env")
             return self
 
-    def __init__(self, settings: "ServiceNowSink.Settings", services: Any) -> None:
+    def __init__(self, settings: ServiceNowSink.Settings, services: Any) -> None:
         self.settings = settings
         self.base = check_url(settings.instance_url, "instance_url")
         self.token_url = check_url(settings.token_url or f"{self.base}/oauth_token.do", "token_url")

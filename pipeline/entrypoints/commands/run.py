@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from itertools import islice
+from collections.abc import Iterator
 from importlib.resources import files
+from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.config import DEFAULT_CONFIG, load_config
-from pipeline.ingest.inputs import check_paths, read_messages
 from pipeline.entrypoints.progress import Progress
+from pipeline.ingest.inputs import check_paths, read_messages
 from pipeline.runner import BatchReport, Message, Runner
 
 NAME = "run"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 
@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def sample_row() -> dict:
     from pipeline import __version__
+    from pipeline.deliver.sinks.sentinel_schema import to_row
     from pipeline.ingest.formats import decode_message
     from pipeline.models import EnrichedRecord, EnrichmentStatus
-    from pipeline.deliver.sinks.sentinel_schema import to_row
 
     alert = decode_message(SAMPLE.read_bytes()).alerts[0]
     record = EnrichedRecord(
@@ -33,7 +33,7 @@ def sample_row() -> dict:
         enrichments={"triage": {"score": 72.5}},
         enrichment_status={"triage": EnrichmentStatus(state="ok", duration_ms=1.2)},
         pipeline_version=__version__,
-        processed_at=datetime(2025, 3, 14, 9, 30, tzinfo=timezone.utc),
+        processed_at=datetime(2025, 3, 14, 9, 30, tzinfo=UTC),
     )
     return to_row(record.to_dict())
 

@@ -29,8 +29,8 @@ import orjson
 from pydantic import ValidationError
 
 from pipeline.errors import DecodeError
-from pipeline.ingest.formats import common, defender_streaming, graph_alert, management_activity, sentinel_alert
 from pipeline.ingest import limits as limits_module
+from pipeline.ingest.formats import common, defender_streaming, graph_alert, management_activity, sentinel_alert
 from pipeline.ingest.limits import DEFAULT_LIMITS, LimitExceeded, Limits, check_body_size, check_evidence_count, check_record, check_record_count
 from pipeline.models import DlpAlert
 
@@ -147,7 +147,7 @@ def _counted(items: list[Any], limits: Limits) -> list[Any]:
     return items
 
 
-def _within_limits(out: "Decoded", index: int, item: Any, limits: Limits, evidence: tuple[int, str] | None = None) -> bool:
+def _within_limits(out: Decoded, index: int, item: Any, limits: Limits, evidence: tuple[int, str] | None = None) -> bool:
     """Check one record's depth and strings (or, given `evidence`, its evidence count); a violation
     rejects it with the limit's own reason code."""
     try:
