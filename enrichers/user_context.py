@@ -251,7 +251,7 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
                     results[key] = None  # not in the directory: found=false, not a failure
                 elif status in (429, 503):
                     retry.append(key)
-                    headers = item.get("headers") if isinstance(item.get("headers"), dict) else {}
+                    headers = nested if isinstance(nested := item.get("headers"), dict) else {}
                     wait = parse_retry_after(next((v for k, v in headers.items() if k.lower() == "retry-after"), None))
                     waits.append(min(0.5 * 2**attempt, 4.0) if wait is None else wait)
                 else:
@@ -317,7 +317,7 @@ def _index_hr(data: bytes, columns: HrColumns) -> dict[str, dict[str, Any]]:
 def _fragment(user: dict[str, Any] | None, hr: dict[str, Any] | None, sources: list[str], at: datetime) -> UserContext:
     fields: dict[str, Any] = {"found": bool(sources), "sources": sources}
     if user is not None:
-        org = user.get("employeeOrgData") if isinstance(user.get("employeeOrgData"), dict) else {}
+        org = nested if isinstance(nested := user.get("employeeOrgData"), dict) else {}
         manager = user.get("manager") if isinstance(user.get("manager"), dict) else None
         fields.update(
             display_name=user.get("displayName"),

@@ -169,7 +169,7 @@ def summary_lines(document: dict[str, Any], *, record_id: str) -> list[str]:
     add("Workload", alert.get("workload"))
     user = alert.get("user") or {}
     add("User", user.get("upn") or user.get("display_name"))
-    files = [f.get("name") for f in alert.get("files") or [] if isinstance(f, dict) and f.get("name")]
+    files = [name for f in alert.get("files") or [] if isinstance(f, dict) and isinstance(name := f.get("name"), str) and name]
     add("Files", ", ".join(files[:10]) + (f" (+{len(files) - 10} more)" if len(files) > 10 else "") if files else None)
     infos = [
         f"{i.get('name') or i.get('type_id')} x{i.get('count')}" if i.get("count") is not None else str(i.get("name") or i.get("type_id"))

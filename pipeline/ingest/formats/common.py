@@ -84,7 +84,7 @@ def mentions_removed_key(text: str | bytes, *, has_escape: bool | None = None) -
     if has_escape:
         return True
     lowered = text.lower()
-    if has_escape is None and ("\\u" if isinstance(lowered, str) else b"\\u") in lowered:
+    if has_escape is None and (b"\\u" in lowered if isinstance(lowered, bytes) else "\\u" in lowered):
         return True
     return any(_named(lowered, key) for key in (_KEYS_BYTES if isinstance(lowered, bytes) else _KEYS_TEXT))
 

@@ -25,7 +25,7 @@ def is_dlp(record: dict[str, Any]) -> bool:
 
 
 def to_alert(record: dict[str, Any]) -> dict[str, Any]:
-    extra = record.get("additionalData") if isinstance(record.get("additionalData"), dict) else {}
+    extra = nested if isinstance(nested := record.get("additionalData"), dict) else {}
     title = c.text(record.get("title"))
     user: dict[str, Any] | None = None
     files: list[dict[str, Any]] = []
@@ -36,7 +36,7 @@ def to_alert(record: dict[str, Any]) -> dict[str, Any]:
             continue
         kind = str(evidence.get("@odata.type") or "")
         if kind.endswith("userEvidence") or kind.endswith("mailboxEvidence"):
-            account = evidence.get("userAccount") if isinstance(evidence.get("userAccount"), dict) else {}
+            account = nested if isinstance(nested := evidence.get("userAccount"), dict) else {}
             candidate = {
                 "upn": c.upn(account.get("userPrincipalName")) or c.upn(evidence.get("upn")) or c.upn(evidence.get("primaryAddress")),
                 "object_id": c.text(account.get("azureAdUserId")),
@@ -45,7 +45,7 @@ def to_alert(record: dict[str, Any]) -> dict[str, Any]:
             if user is None or "policyViolator" in c.as_list(evidence.get("roles")):
                 user = candidate
         elif kind.endswith("fileEvidence"):
-            details = evidence.get("fileDetails") if isinstance(evidence.get("fileDetails"), dict) else {}
+            details = nested if isinstance(nested := evidence.get("fileDetails"), dict) else {}
             files.append({
                 "name": c.text(details.get("fileName")),
                 "path": c.text(details.get("filePath")),

@@ -45,9 +45,9 @@ def to_alert(record: dict[str, Any], *, source_format: str = "management_activit
             if isinstance(condition, dict) and condition.get("Name") == "AccessScope":
                 shared_externally = condition.get("Value") == "IncludeExternalUsers" or shared_externally
 
-    sharepoint = record.get("SharePointMetaData") if isinstance(record.get("SharePointMetaData"), dict) else {}
-    exchange = record.get("ExchangeMetaData") if isinstance(record.get("ExchangeMetaData"), dict) else {}
-    endpoint = record.get("EndpointMetaData") if isinstance(record.get("EndpointMetaData"), dict) else {}
+    sharepoint = nested if isinstance(nested := record.get("SharePointMetaData"), dict) else {}
+    exchange = nested if isinstance(nested := record.get("ExchangeMetaData"), dict) else {}
+    endpoint = nested if isinstance(nested := record.get("EndpointMetaData"), dict) else {}
     for sit in c.as_list(endpoint.get("SensitiveInfoTypeData")):
         if isinstance(sit, dict):
             c.add_sensitive_info(sensitive, sit.get("SensitiveInfoTypeName"), sit.get("SensitiveInfoTypeId"), sit.get("Count"), sit.get("Confidence"))
@@ -76,7 +76,7 @@ def to_alert(record: dict[str, Any], *, source_format: str = "management_activit
         device = {
             "name": c.text(endpoint.get("DeviceName")),
             "device_id": c.text(endpoint.get("MDATPDeviceId")),
-            "platform": _PLATFORMS.get(endpoint.get("Platform")) if isinstance(endpoint.get("Platform"), int) else c.text(endpoint.get("Platform")),
+            "platform": _PLATFORMS.get(platform) if isinstance(platform := endpoint.get("Platform"), int) else c.text(platform),
         }
 
     user_upn = c.upn(record.get("UserId")) or c.upn(sharepoint.get("From")) or c.upn(exchange.get("From"))
