@@ -126,6 +126,7 @@ def build_client(settings: ConsumerSettings) -> tuple[Any, list[Any]]:
 
         credential = DefaultAzureCredential()
         closables.append(credential)
+        assert settings.checkpoint_account_url is not None  # ConsumerSettings._needs_endpoints
         store = BlobCheckpointStore(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential)
     if settings.connection_string_env:
         client = EventHubConsumerClient.from_connection_string(
@@ -139,6 +140,7 @@ def build_client(settings: ConsumerSettings) -> tuple[Any, list[Any]]:
 
         credential = DefaultAzureCredential()
         closables.append(credential)
+        assert settings.fully_qualified_namespace is not None  # ConsumerSettings._needs_endpoints
         client = EventHubConsumerClient(
             settings.fully_qualified_namespace,
             settings.eventhub_name,
@@ -163,6 +165,7 @@ async def ensure_container(settings: ConsumerSettings) -> None:
         from azure.identity.aio import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
+        assert settings.checkpoint_account_url is not None  # ConsumerSettings._needs_endpoints
         container = ContainerClient(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential, retry_total=0)
     try:
         await container.create_container()

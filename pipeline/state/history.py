@@ -348,7 +348,7 @@ class TableHistoryStore:
         from azure.data.tables.aio import TableClient
 
         s = self.settings
-        options = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 3, "read_timeout": 5}
+        options: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 3, "read_timeout": 5}
         if s.connection_string_env:
             self._client = TableClient.from_connection_string(os.environ[s.connection_string_env], table_name=s.table_name, **options)
         else:
@@ -356,6 +356,7 @@ class TableHistoryStore:
                 from pipeline.enrich.http import azure_credential
 
                 self.credential = azure_credential(s.managed_identity_client_id)
+            assert s.account_url is not None  # __init__ refused settings with neither
             self._client = TableClient(endpoint=s.account_url, table_name=s.table_name, credential=self.credential, **options)
 
     async def _ready(self) -> None:

@@ -75,7 +75,7 @@ class BlobLakeSink:
             except ImportError:
                 raise ValueError("format = 'parquet' needs pyarrow (pip install pyarrow)") from None
         self._credential = None
-        options = {"retry_total": 0, "connection_timeout": min(settings.timeout_seconds, 10), "read_timeout": settings.timeout_seconds}
+        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": min(settings.timeout_seconds, 10), "read_timeout": settings.timeout_seconds}
         if settings.connection_string_env is not None:
             value = settings.connection_string_env.resolve().get_secret_value()
             self.service = BlobServiceClient.from_connection_string(value, **options)
@@ -84,6 +84,7 @@ class BlobLakeSink:
                 from azure.identity.aio import DefaultAzureCredential
 
                 credential = self._credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
+            assert settings.account_url is not None  # Settings._one_connection
             self.service = BlobServiceClient(settings.account_url, credential=credential, **options)
         self.container = self.service.get_container_client(settings.container)
         self._container_ready = not settings.create_container
@@ -137,7 +138,7 @@ class BlobLakeSink:
             if outcome.status == "delivered":
                 self._remember(records[i].record_id for i in members)
         # Duplicates inside the call share the outcome of their first occurrence.
-        first = {}
+        first: dict[str, int] = {}
         for index, record in enumerate(records):
             first.setdefault(record.record_id, index)
         return [outcomes[first[record.record_id]] for record in records]

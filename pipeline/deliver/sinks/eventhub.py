@@ -10,6 +10,7 @@ consumers deduplicate by `record_id`.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
@@ -41,6 +42,7 @@ async def pack(records: Sequence[Any], new_batch: Callable[[], Awaitable[Any]]) 
     """Fill batches in order: (batch, record indexes) pairs, and the indexes too large for any batch."""
     batches: list[tuple[Any, list[int]]] = []
     too_large: dict[int, str] = {}
+    members: list[int]
     batch, members = None, []
     for index, record in enumerate(records):
         event = make_event(record)
@@ -104,6 +106,7 @@ class EventHubSink:
                 from azure.identity.aio import DefaultAzureCredential
 
                 credential = self._credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
+            assert settings.fully_qualified_namespace is not None and settings.eventhub_name is not None  # Settings._one_connection
             self.producer = EventHubProducerClient(settings.fully_qualified_namespace, settings.eventhub_name, credential, **options)
         self.batches_sent = 0
 
@@ -116,7 +119,7 @@ class EventHubSink:
         for key, indexes in groups.items():
             subset = [records[i] for i in indexes]
             try:
-                batches, too_large = await pack(subset, lambda key=key: self._new_batch(key))
+                batches, too_large = await pack(subset, functools.partial(self._new_batch, key))
             except Exception as exc:  # could not even open the producer
                 outcome = self._failure(exc, len(subset))
                 for i in indexes:

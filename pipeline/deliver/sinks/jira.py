@@ -88,12 +88,13 @@ class JiraSink:
         fields = self.fields(record)
         issue = self._issues.ticket(key) or await self._find(key)
         if issue is not None:
+            response: httpx.Response | None
             response = await self.client.put(f"{self.base}/rest/api/3/issue/{issue}", json={"fields": fields})
             if response.status_code == 404:  # deleted meanwhile: look again, else create
                 self._issues.forget(key)
                 issue = await self._find(key)
                 response = await self.client.put(f"{self.base}/rest/api/3/issue/{issue}", json={"fields": fields}) if issue else None
-            if response is not None:
+            if response is not None and issue is not None:  # issue is always set when response is
                 check(response, ok=(200, 204), action="update issue")
                 self._issues.remember(key, issue, record.record_id)
                 log.info("jira: updated %s for alert key %s", issue, key)

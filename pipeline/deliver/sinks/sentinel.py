@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from pydantic import Field
@@ -28,7 +28,7 @@ from pipeline.config import StrictModel
 from pipeline.deliver.minimise import record_document
 from pipeline.deliver.sinks import Outcome
 from pipeline.deliver.sinks.sentinel_schema import STREAM, to_row
-from pipeline.errors import SinkUnavailable, translate
+from pipeline.errors import PipelineError, SinkUnavailable, translate
 
 log = logging.getLogger("pipeline.deliver.sinks.sentinel")
 
@@ -120,11 +120,12 @@ class SentinelSink:
                 stop = Outcome.retryable(f"not sent after an earlier request failed ({outcome.reason})", outcome.retry_after)
         return [o if o is not None else Outcome.retryable("not attempted") for o in outcomes]
 
-    async def _send(self, rows: list[dict[str, Any]]) -> Outcome:
+    async def _send(self, rows: list[MutableMapping[str, Any]]) -> Outcome:
         self.requests += 1
         try:
             await self.client.upload(rule_id=self.settings.rule_id, stream_name=self.settings.stream_name, logs=rows)
         except Exception as exc:
+            error: PipelineError
             if type(exc).__name__ == "ClientAuthenticationError":  # token endpoint down or not yet granted
                 error = SinkUnavailable(f"authentication failed: {type(exc).__name__}")
             else:

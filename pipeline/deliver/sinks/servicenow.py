@@ -120,12 +120,13 @@ class ServiceNowSink:
         update = {k: v for k, v in body.items() if k not in self.settings.create_only_fields}
         sys_id = self._tickets.ticket(key) or await self._find(key)
         if sys_id is not None:
+            response: httpx.Response | None
             response = await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update)
             if response.status_code == 404:  # deleted meanwhile: look again, else create
                 self._tickets.forget(key)
                 sys_id = await self._find(key)
                 response = await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update) if sys_id else None
-            if response is not None:
+            if response is not None and sys_id is not None:  # sys_id is always set when response is
                 check(response, ok=(200,), action="update incident")
                 self._tickets.remember(key, sys_id, record.record_id)
                 log.info("servicenow: updated ticket %s for alert key %s", sys_id, key)
