@@ -11,14 +11,21 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, Literal, TypeVar
 
 V = TypeVar("V")
-_MISS = object()  # "not cached", where None is a value that can be cached
+
+
+class _Miss(enum.Enum):
+    MISS = enum.auto()
+
+
+_MISS: Final = _Miss.MISS  # "not cached", where None is a value that can be cached
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +70,7 @@ class TTLCache(Generic[V]):
         while len(self._values) > self.policy.max_entries:
             self._values.popitem(last=False)
 
-    def _hit(self, key: Hashable) -> Any:
+    def _hit(self, key: Hashable) -> V | Literal[_Miss.MISS]:
         """The value when fresh (counted as a hit, kept as most recently used), else `_MISS`."""
         entry = self._values.get(key)
         if entry is None or entry[0] <= self._clock():

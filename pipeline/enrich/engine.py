@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from pipeline import __version__, observability
 from pipeline.enrich.contract import EnrichmentContext
 from pipeline.errors import EnricherError, EnricherTimeout, PipelineError, translate
-from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
+from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentState, EnrichmentStatus
 from pipeline.plugins import EnricherChain, EnricherSlot
 from pipeline.resilience.breaker import CircuitBreaker
 
@@ -191,8 +191,8 @@ async def _run_batch(
     except Exception as exc:  # TimeoutError included: _outcome tells them apart
         results = [exc] * len(alerts)
     duration_ms = round((perf_counter() - started) * 1000, 3)
-    failed: list[tuple[DlpAlert, str, str]] = []
-    counts: Counter[str] = Counter()
+    failed: list[tuple[DlpAlert, EnrichmentState, str]] = []
+    counts: Counter[EnrichmentState] = Counter()
     made: dict[tuple[str, str | None], EnrichmentStatus] = {}  # alerts of one outcome share one (never changed) status
     for alert, result, alert_fragments, alert_statuses in zip(alerts, results, fragments, statuses):
         state, error = _outcome(slot, alert, result, alert_fragments)
@@ -212,7 +212,7 @@ async def _run_batch(
         observability.record_enricher(slot.name, state, duration_ms / 1000, count=count)
 
 
-def _outcome(slot: EnricherSlot, alert: DlpAlert, result: Any, fragments: dict[str, BaseModel]) -> tuple[str, str | None]:
+def _outcome(slot: EnricherSlot, alert: DlpAlert, result: Any, fragments: dict[str, BaseModel]) -> tuple[EnrichmentState, str | None]:
     """(state, error) of one alert's result; a fragment is stored in `fragments[slot.name]`."""
     if result is None:
         return "skipped", None
@@ -223,7 +223,7 @@ def _outcome(slot: EnricherSlot, alert: DlpAlert, result: Any, fragments: dict[s
         return "timed_out", f"no result within {slot.timeout:g}s"
     if isinstance(result, Exception):
         translated = translate(result, role="enricher")
-        state = "timed_out" if isinstance(translated, EnricherTimeout) else "failed"
+        state: EnrichmentState = "timed_out" if isinstance(translated, EnricherTimeout) else "failed"
         log.debug("enricher %s failed for alert %s", slot.name, alert.alert_id, exc_info=result)
         return state, (str(translated) if isinstance(result, PipelineError) else type(result).__name__)
     return "failed", f"returned {type(result).__name__}, expected a pydantic model or None"

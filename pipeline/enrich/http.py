@@ -158,7 +158,8 @@ class HttpClient:
             infos = await asyncio.get_running_loop().getaddrinfo(host, url.port or 443, type=socket.SOCK_STREAM)
         except OSError as exc:
             raise EnricherUnavailable(f"host {host} does not resolve") from exc
-        if any(_is_private(info[4][0]) for info in infos):
+        # An IP socket address starts with its address text; anything else is refused, not trusted.
+        if any(not isinstance(address := info[4][0], str) or _is_private(address) for info in infos):
             raise EnricherUnavailable(f"host {host} resolves to a private or local address")
         self._checked[host] = time.monotonic() + 300
 

@@ -137,7 +137,7 @@ def make_context(
     clock = now if isinstance(now, FakeClock) else FakeClock(now)
     upstream = _fragments(fragments)
     statuses = {name: EnrichmentStatus(state="ok") for name in upstream}
-    cache = TTLCache(cache_policy, clock=clock) if cache_policy is not None else None
+    cache: TTLCache[Any] | None = TTLCache(cache_policy, clock=clock) if cache_policy is not None else None
     return EnrichmentContext(alert, fragments=upstream, statuses=statuses, cache=cache, clock=clock)
 
 
