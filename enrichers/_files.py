@@ -52,7 +52,7 @@ class WatchedFile(Generic[T]):
             if self._value is None:
                 raise
             log.warning("keeping the previous content of %s: %s", self.path.name, type(exc).__name__)
-        return self._value  # type: ignore[return-value]
+        return self._value
 
 
 def read_csv(data: bytes) -> list[dict[str, str]]:

@@ -100,8 +100,8 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         written = await self._record([entry for alert, entry in pairs if alert.kind == "alert"])
         self.histories.add(written)  # the histories held stay current with what this batch wrote
         since: dict[str, float] = {}
-        for _, entry in pairs:
-            since[entry.user] = min(since.get(entry.user, entry.at), entry.at) - 90 * DAY
+        for _, paired in pairs:
+            since[paired.user] = min(since.get(paired.user, paired.at), paired.at) - 90 * DAY
         await self.histories.ensure(since)
         hunted: dict[Any, Any] = {}
         if self.hunting is not None:
@@ -133,7 +133,7 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         distinct = set(ids)
         distinct.discard(own)
         types: set[str] = set().union(*set(map(_TYPES, ordered)))  # few distinct sets, each hashed once
-        sources = [self.settings.store.kind]
+        sources: list[str] = [self.settings.store.kind]
         if hunted is not None or len(distinct) != len(ordered):
             prior: dict[str, _Row] = {}
             for row in ordered:  # newest first: a revised alert counts once, as its newest content

@@ -163,7 +163,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             high_confidence_count=sum(t.count or 0 for t in types if t.confidence is not None and t.confidence >= threshold),
             categories=sorted({t.category for t in types}),
             sensitivity_label_ids=labels,
-            source=source,  # type: ignore[arg-type]
+            source=source,
             correlated_ids=sorted(ids or []),
         )
 
@@ -217,7 +217,8 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         )
         files = {f.name.lower() for f in alert.files if f.name}
         infos: list[list[dict[str, Any]]] = []
-        ids, labels = [], set()
+        ids: list[str] = []
+        labels: set[str] = set()
         for row in await self.hunting.query(kql):
             raw = row.get("RawEventData")
             if isinstance(raw, str):

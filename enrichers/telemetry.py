@@ -22,6 +22,7 @@ in `errors` (reason only, never content).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import string
@@ -144,7 +145,7 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
         self._tables: dict[str, WatchedFile[dict[str, dict[str, Any]]]] = {}
         for table in s.tables:
             path = services.input_path(table.path) if services is not None else Path(table.path)
-            self._tables[table.name] = WatchedFile(path, lambda data, t=table: _index_table(data, t), check_seconds=table.check_seconds)
+            self._tables[table.name] = WatchedFile(path, functools.partial(_index_table, table=table), check_seconds=table.check_seconds)
             self._tables[table.name].get()
         self._http: dict[str, HttpClient] = {}
         self._logs: dict[str, Any] = {}
@@ -205,7 +206,11 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
                 key = ("http", lookup.name, repr(request))
                 requests[index] = key
                 planned[key] = request
-            answers = await load_many(cache, planned, lambda key, lookup=lookup, planned=planned: self._call_http(lookup, planned[key]), timeout=self.lookup_timeout)
+            # Loop values bound as defaults; a lambda with defaults cannot be typed.
+            async def call_http(key: tuple[str, str, str], lookup: HttpLookup = lookup, planned: dict[tuple[str, str, str], dict[str, Any]] = planned) -> SourceResult:
+                return await self._call_http(lookup, planned[key])
+
+            answers = await load_many(cache, planned, call_http, timeout=self.lookup_timeout)
             for index, key in requests.items():
                 progress[index].take(lookup.name, answers[key])
         for query in self.settings.log_analytics:
@@ -215,18 +220,21 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
                     queries[index] = _render_kql(query.query, item.values)
                 except KeyError:
                     continue
-            answered = await load_many(None, queries, lambda index, query=query, queries=queries: self._query_logs(query, queries[index], progress[index].values["_at"]), timeout=self.lookup_timeout)
+            async def query_logs(index: int, query: LogAnalyticsQuery = query, queries: dict[int, str] = queries) -> SourceResult:
+                return await self._query_logs(query, queries[index], progress[index].values["_at"])
+
+            answered = await load_many(None, queries, query_logs, timeout=self.lookup_timeout)
             for index, answer in answered.items():
                 progress[index].take(query.name, answer)
         for table in self.settings.tables:
             rows = self._tables[table.name].get()
             for item in progress:
-                key = item.values.get(table.key)
-                if not key:
+                value = item.values.get(table.key)
+                if not value:
                     continue
-                row = rows.get(str(key).lower())
+                row = rows.get(str(value).lower())
                 if row is None and table.key == "device":
-                    row = rows.get(str(key).lower().split(".", 1)[0])
+                    row = rows.get(str(value).lower().split(".", 1)[0])
                 fields = {} if row is None else {k: v for k, v in row.items() if k != table.key_column and (table.columns is None or k in table.columns)}
                 item.take(table.name, SourceResult(kind="table", found=row is not None, fields=fields))
         return [item.result() for item in progress]
