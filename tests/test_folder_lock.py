@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
+import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from pipeline.deadletter import DeadLetter, LocalDeadLetterStore
 from pipeline.state.folder_lock import LOCK_FILE, FolderLock
-from tests.support.processes import cli, lake_lines, write_alerts
+from tests.support.processes import ROOT, cli, lake_lines, write_alerts
 
 ALERTS_PER_RUN = 4000
 DEAD_LETTERS = 1000
@@ -148,6 +151,48 @@ def test_the_lock_of_a_sigkilled_run_does_not_block_the_next_run(tmp_path):
     first.communicate(timeout=30)
     assert first.returncode == -signal.SIGKILL, "the first run ended before it was killed"
     assert (out / LOCK_FILE).read_text().strip() == str(first.pid), "the killed run left no lock file behind"
+
+    code, stderr = finish(cli("run", "in", "--config", "pipeline.toml", "--out", "out", cwd=tmp_path))
+    assert code == 0, stderr
+    assert_each_alert_once(out, expected)
+
+
+# `python -m pipeline ARGS...` that SIGKILLs itself right after its `nth` fsync of a lake file
+# ("lines") or of a folder ("folder"): a crash between making lines durable and marking them delivered.
+KILLED_AFTER_FSYNC = """
+import os, signal, stat, sys
+real_fsync, kind, nth, seen = os.fsync, sys.argv[1], int(sys.argv[2]), [0]
+def fsync(fd):
+    real_fsync(fd)
+    is_folder = stat.S_ISDIR(os.fstat(fd).st_mode)
+    if (kind == "folder" and is_folder) or (kind == "lines" and os.readlink(f"/proc/self/fd/{fd}").endswith("records.jsonl")):
+        seen[0] += 1
+        if seen[0] == nth:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.fsync = fsync
+from pipeline.entrypoints.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="names open files through /proc")
+@pytest.mark.parametrize(("kind", "nth"), [("lines", 3), ("folder", 1)], ids=["after-the-lines", "after-a-new-file's-folder-entry"])
+def test_a_record_is_marked_delivered_only_after_its_line_is_durable_and_a_kill_between_loses_nothing(tmp_path, kind, nth):
+    """The lake's order: lines fsynced, then the folder entry of a file the append created (a new
+    file's lines are not durable before its name is), and only then the ids in the index."""
+    (tmp_path / "pipeline.toml").write_text(CONFIG)
+    expected = write_alerts(tmp_path / "in", 400, seed=7)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-c", KILLED_AFTER_FSYNC, kind, str(nth), "run", "in", "--config", "pipeline.toml", "--out", "out"]
+    killed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, f"no {kind} fsync #{nth} before the run ended: {killed.stderr.decode()}"
+
+    with closing(sqlite3.connect(out / "lake" / "_delivered.sqlite")) as index:
+        delivered = {row[0] for row in index.execute("SELECT record_id FROM delivered")}
+    in_lake = {line["record_id"] for line in lake_lines(out)}
+    assert delivered <= in_lake, f"{len(delivered - in_lake)} records marked delivered with no line in the lake"
+    assert len(in_lake) > len(delivered), "the kill did not fall between the lines and the index"
 
     code, stderr = finish(cli("run", "in", "--config", "pipeline.toml", "--out", "out", cwd=tmp_path))
     assert code == 0, stderr
