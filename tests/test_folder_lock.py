@@ -197,3 +197,17 @@ def test_a_record_is_marked_delivered_only_after_its_line_is_durable_and_a_kill_
     code, stderr = finish(cli("run", "in", "--config", "pipeline.toml", "--out", "out", cwd=tmp_path))
     assert code == 0, stderr
     assert_each_alert_once(out, expected)
+
+
+def test_a_store_configured_outside_the_data_folder_is_locked_too(tmp_path):
+    shared_lake = tmp_path / "shared-lake"
+    (tmp_path / "pipeline.toml").write_text(CONFIG + f'settings = {{ path = "{shared_lake}" }}\n')
+    write_alerts(tmp_path / "in", 10, seed=8)
+    holder = FolderLock(shared_lake)  # e.g. a run with another --out writing the same lake
+    holder.acquire()
+    try:
+        code, stderr = finish(cli("run", "in", "--config", "pipeline.toml", "--out", "out", cwd=tmp_path), timeout=30)
+    finally:
+        holder.release()
+    assert code == 2 and f"is using {shared_lake};" in stderr, stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.sqlite")), "the refused run opened its stores"
