@@ -11,6 +11,7 @@
     │   │   └── SinkOutage               a sink took none of a batch's records: the whole batch is run again
     │   └── SinkRejected             permanent (other 4xx, too large): dead-lettered at once
     └── StoreUnavailable         the state or dead-letter store failed: the whole batch is retried
+        └── DataFolderBusy           another process holds the local data folder (pipeline/state/folder_lock.py)
 
 Messages of these errors never carry payload content, so they are safe to log and to store.
 `translate` is the only function that looks at third-party exception types.
@@ -87,6 +88,20 @@ class SinkRejected(SinkError):
 
 class StoreUnavailable(PipelineError):
     """The state store or the dead-letter store failed; nothing can be accounted for safely."""
+
+
+class DataFolderBusy(StoreUnavailable):
+    """Another process holds the lock of a local data folder; its stores are not ours to write now.
+
+    The CLI refuses with this one line and exit 2; a Functions invocation raises it (after a bounded
+    wait) so the host runs the batch again. `pid` is the holder's, when its lock file records it.
+    """
+
+    def __init__(self, folder: str, pid: int | None, *, advice: str = "wait for it to finish or give this run its own --out") -> None:
+        self.folder = folder
+        self.pid = pid
+        holder = f"another dlp-pipeline process (pid {pid})" if pid is not None else "another dlp-pipeline process"
+        super().__init__(f"{holder} is using {folder}; {advice}")
 
 
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from datetime import UTC, datetime
 
 import azure.functions as func
@@ -10,6 +12,8 @@ import pytest
 
 import function_app
 from pipeline.entrypoints import functions
+from pipeline.errors import DataFolderBusy, StoreUnavailable
+from pipeline.state.folder_lock import LOCK_FILE, FolderLock
 from tests.conftest import SAMPLES
 
 # get_functions() indexes the app and may only be called once per process, as the host does.
@@ -79,3 +83,45 @@ async def test_store_outage_raises_so_the_host_retries_the_batch(functions_env):
     with pytest.raises(Exception) as caught:
         await user_function("dlp_alerts")([event(b"not json", 1)])
     assert type(caught.value).__name__ == "StoreUnavailable"
+
+
+async def test_an_invocation_waits_for_another_worker_on_the_local_folder_then_runs(functions_env, monkeypatch):
+    monkeypatch.setenv("DLP_PIPELINE_LOCK_WAIT_SECONDS", "10")
+    other_worker = FolderLock(functions_env)  # another open of the lock file: refused like another process
+    other_worker.acquire()
+    invocation = asyncio.create_task(user_function("dlp_alerts")([event((SAMPLES / "03-graph-alert.json").read_bytes(), 1)]))
+    await asyncio.sleep(0.3)
+    assert not invocation.done() and not (functions_env / "lake").exists(), "the invocation did not wait for the folder"
+    other_worker.release()
+    await asyncio.wait_for(invocation, timeout=10)
+    (line,) = [json.loads(text) for p in (functions_env / "lake").rglob("*.jsonl") for text in p.read_text().splitlines()]
+    assert line["alert"]["source_format"] == "graph_alert"
+
+
+async def test_an_invocation_that_cannot_get_the_local_folder_raises_for_a_retry_and_writes_nothing(functions_env, monkeypatch):
+    monkeypatch.setenv("DLP_PIPELINE_LOCK_WAIT_SECONDS", "0.2")
+    other_worker = FolderLock(functions_env)
+    other_worker.acquire()
+    try:
+        for name, arguments in (("dlp_alerts", [event((SAMPLES / "03-graph-alert.json").read_bytes(), 1)]), ("flush_pending_alerts", None)):
+            with pytest.raises(DataFolderBusy) as caught:
+                await user_function(name)(arguments)
+            assert isinstance(caught.value, StoreUnavailable)  # the batch is retried, as for a store outage
+            assert f"(pid {os.getpid()}) is using {functions_env}; waited 0.2 s" in str(caught.value)
+        assert sorted(p.name for p in functions_env.iterdir()) == [LOCK_FILE]
+    finally:
+        other_worker.release()
+    await user_function("dlp_alerts")([event((SAMPLES / "03-graph-alert.json").read_bytes(), 1)])  # the retry
+    assert len(list((functions_env / "lake").rglob("*.jsonl"))) == 1
+
+
+async def test_invocations_of_one_worker_take_turns_and_all_deliver(functions_env):
+    bodies = [graph_body(f"turn-{i}") for i in range(6)]
+    await asyncio.gather(*(user_function("dlp_alerts")([event(body, i)]) for i, body in enumerate(bodies)))
+    lines = [json.loads(text) for p in (functions_env / "lake").rglob("*.jsonl") for text in p.read_text().splitlines()]
+    assert sorted(line["alert"]["alert_id"] for line in lines) == [f"turn-{i}" for i in range(6)]
+
+
+def graph_body(alert_id: str) -> bytes:
+    """The bundled Graph alert under another id."""
+    return json.dumps(dict(json.loads((SAMPLES / "03-graph-alert.json").read_bytes()), id=alert_id)).encode()

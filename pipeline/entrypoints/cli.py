@@ -3,8 +3,8 @@
 
 Exit codes: 0 every message accounted for; 1 a run stopped before it could account for every
 message (e.g. the dead-letter store is unwritable; nothing is lost, run again); 2 a bad config or an
-unreadable path (or any file the command cannot write), reported in one line. No stack trace reaches
-the user unless -vv is given.
+unreadable path (or any file the command cannot write), or a data folder another process is writing
+(pipeline/state/folder_lock.py), reported in one line. No stack trace reaches the user unless -vv is given.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.entrypoints.commands import COMMANDS
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, DataFolderBusy, PipelineError
 from pipeline.ingest.inputs import InputError
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     _configure_telemetry(args.log_format)
     try:
         return asyncio.run(modules[args.command].main(args))
-    except (ConfigError, InputError) as exc:
+    except (ConfigError, InputError, DataFolderBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PipelineError as exc:

@@ -6,13 +6,24 @@ closed by a journal in the same index: before appending, the size of each file i
 ids are inserted and the journal cleared in one transaction after the append. When the sink opens
 (or publishes after a failed append) and finds a journal, the append did not complete: the files are
 cut back to their recorded size, so the records are written again whole, once. A record is thus
-either in the index and its file exactly once, or in neither. One process writes a lake at a time.
+either in the index and its file exactly once, or in neither.
+
+Order (with `fsync`, the default): journal committed; lines written and fsynced; for a file the
+append created, its folder (and each folder it created) fsynced, since a new file's lines are not
+durable before its name is; only then the ids committed to the index. A record is never marked
+delivered before its line is on stable storage. With `fsync = false` a power cut (not a crash of
+the process) can lose lines the index already holds.
+
+One process writes a lake at a time: the entry points hold the data folder's lock
+(pipeline/state/folder_lock.py) before they open this sink, whose recovery would otherwise cut off
+another writer's lines.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,13 +86,19 @@ class JsonlLakeSink:
             [(str(path.relative_to(self.root)), path.stat().st_size if path.exists() else 0) for path in by_file],
         )
         self._index.execute("COMMIT")
+        changed_folders: set[Path] = set()  # folders that gained an entry: a new file or folder
         for path, lines in by_file.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            changed_folders |= _make_folders(path.parent)
+            if not path.exists():
+                changed_folders.add(path.parent)
             with open(path, "ab") as handle:
                 handle.write(b"".join(lines))
                 if self.settings.fsync:
                     handle.flush()
                     os.fsync(handle.fileno())
+        if self.settings.fsync:
+            for folder in sorted(changed_folders, key=lambda p: len(p.parts), reverse=True):
+                _fsync_folder(folder)
         self._index.execute("BEGIN")
         self._index.executemany("INSERT OR IGNORE INTO delivered (record_id) VALUES (?)", [(i,) for i in fresh])
         self._index.execute("DELETE FROM pending_append")
@@ -99,3 +116,26 @@ class JsonlLakeSink:
 
     async def aclose(self) -> None:
         self._index.close()
+
+
+def _make_folders(folder: Path) -> set[Path]:
+    """Create `folder` and its missing parents; the folders that gained an entry by it."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    if missing:
+        missing[0].mkdir(parents=True, exist_ok=True)
+    return {created.parent for created in missing}
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a folder's entries durable (POSIX). Windows cannot open a folder for this; NTFS journals
+    its metadata itself."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

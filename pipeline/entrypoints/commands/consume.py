@@ -6,6 +6,7 @@ import argparse
 
 from pipeline.config import load_config
 from pipeline.entrypoints.consumer import consume
+from pipeline.state.folder_lock import held, local_folders
 
 NAME = "consume"
 HELP = "read the Event Hub named in [consumer]; checkpoint a partition only once its batch is delivered or dead-lettered"
@@ -24,9 +25,10 @@ async def main(args: argparse.Namespace) -> int:
     settings = loaded.config.consumer
     if settings is None:
         raise loaded.error("the consume command needs a [consumer] table", key="consumer")
-    async with Runner(loaded) as runner:
-        handler = await consume(runner, settings, idle_exit_seconds=args.idle_exit)
-        handler.total.merge(await runner.flush())
+    with held(local_folders(loaded)):
+        async with Runner(loaded) as runner:
+            handler = await consume(runner, settings, idle_exit_seconds=args.idle_exit)
+            handler.total.merge(await runner.flush())
     print(f"batches checkpointed: {handler.batches} (runs that raised and were run again: {handler.failed_runs})")
     print("\n".join(handler.total.summary_lines()))
     return 0

@@ -6,6 +6,7 @@ import argparse
 
 from pipeline.config import DEFAULT_CONFIG, load_config
 from pipeline.entrypoints.replay import replay_dead_letters
+from pipeline.state.folder_lock import held, local_folders
 
 NAME = "replay-dead-letters"
 HELP = "re-drive the dead-letter store through the pipeline; an entry is removed once delivered"
@@ -18,7 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     loaded = load_config(args.config, data_dir=args.out if args.out is not None else ("out" if args.config is None else None))
-    report = await replay_dead_letters(loaded)
+    with held(local_folders(loaded)):
+        report = await replay_dead_letters(loaded)
     print("\n".join(report.summary_lines()))
     print(f"output:              {loaded.data_dir}")
     return 0

@@ -12,6 +12,7 @@ from pipeline.config import DEFAULT_CONFIG, load_config
 from pipeline.entrypoints.progress import Progress
 from pipeline.ingest.inputs import check_paths, read_messages
 from pipeline.runner import BatchReport, Message, Runner
+from pipeline.state.folder_lock import held, local_folders
 
 NAME = "run"
 HELP = "run the pipeline over message files (default: the bundled samples)"
@@ -30,12 +31,13 @@ async def main(args: argparse.Namespace) -> int:
     loaded = load_config(args.config, data_dir=args.out if args.out is not None else ("out" if args.config is None else None))
     total = BatchReport()
     progress = Progress(len(files))  # drawn only when stderr is a terminal
-    async with Runner(loaded) as runner:
-        for batch in batches(read_messages(paths, on_file=progress.file_started), runner.config.runner.batch_size):
-            report = await runner.process_batch(batch)
-            total.merge(report)
-            progress.batch_done(report.messages, report.alerts)
-        total.merge(await runner.flush())
+    with held(local_folders(loaded)):  # before the stores open: the lake recovers its journal on open
+        async with Runner(loaded) as runner:
+            for batch in batches(read_messages(paths, on_file=progress.file_started), runner.config.runner.batch_size):
+                report = await runner.process_batch(batch)
+                total.merge(report)
+                progress.batch_done(report.messages, report.alerts)
+            total.merge(await runner.flush())
     progress.close()
     print("\n".join(total.summary_lines()))
     print(f"output:              {loaded.data_dir}")

@@ -1,0 +1,32 @@
+"""The CLI as separate processes on one data folder, and what they left in its JSONL lake."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.dataset import make_bodies
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, cwd: Path) -> subprocess.Popen:
+    """Start `python -m pipeline ARGS` in `cwd` on this checkout's code; stdout and stderr piped."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def write_alerts(folder: Path, count: int, *, seed: int) -> set[str]:
+    """`count` messages of one distinct DLP alert each (all four formats, split Streaming API alerts
+    among them) into `folder/messages.jsonl`; returns their alert ids. Seeds give disjoint ids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "messages.jsonl").write_bytes(b"\n".join(make_bodies(count, seed=seed)) + b"\n")
+    return {f"dl{seed:04d}{index:08d}-bench" for index in range(count)}
+
+
+def lake_lines(out: Path) -> list[dict]:
+    """Every line of the JSONL lake under `out/lake`, parsed (a torn line fails to parse)."""
+    return [json.loads(line) for path in sorted((out / "lake").rglob("*.jsonl")) for line in path.read_bytes().splitlines()]
