@@ -43,7 +43,7 @@ def floor_alerts_per_s(bodies: list[bytes]) -> float:
 def decode_alerts_per_s(bodies: list[bytes]) -> float:
     """`decode_message` alone (parse, limits, scrub, field extraction, validation; no state, no
     enrichment, no serialisation), measured like the floor: what the decoder leaves of the budget."""
-    from pipeline.ingest.formats import decode_message
+    from pipeline.ingest.decode import decode_message
 
     return best_of_passes(bodies, decode_message)
 
@@ -51,7 +51,7 @@ def decode_alerts_per_s(bodies: list[bytes]) -> float:
 def decode_by_format(bodies: list[bytes]) -> dict[str, dict[str, float]]:
     """Microseconds per body of the floor and of `decode_message`, for each input format of the dataset
     (each body holds one alert): where the decoder's time goes, format by format."""
-    from pipeline.ingest.formats import decode_message
+    from pipeline.ingest.decode import decode_message
 
     groups: dict[str, list[bytes]] = {}
     for body in bodies:

@@ -21,9 +21,10 @@ from typing import Any
 
 from pipeline.assemble.join import merge_parts
 from pipeline.enrich.contract import EnrichmentContext
-from pipeline.ingest.formats import AlertPart, graph_alert, management_activity, sentinel_alert
 from pipeline.ingest.formats import defender_streaming as ds
+from pipeline.ingest.formats import graph_alert, management_activity, sentinel_alert
 from pipeline.ingest.formats.common import scrub
+from pipeline.ingest.formats.contract import AlertPart
 from pipeline.ingest.limits import DEFAULT_LIMITS, check_record
 from pipeline.models import DlpAlert
 

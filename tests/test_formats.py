@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.assemble.join import assemble
 from pipeline.errors import DecodeError
-from pipeline.ingest.formats import decode_message
+from pipeline.ingest.decode import decode_message
 from tests.conftest import MATCHED_VALUES
 
 ALERT_ID = "dl0c6f1e2a-7b3d-4c5e-9f10-2a3b4c5d6e7f"

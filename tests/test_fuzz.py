@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 
 from pipeline.config import load_config
 from pipeline.errors import DecodeError
-from pipeline.ingest.formats import common, decode_message
+from pipeline.ingest.decode import decode_message
+from pipeline.ingest.formats import common
 from pipeline.ingest.limits import walk
 from pipeline.runner import Message, Runner
 from tests.conftest import FIXTURES, LAKE_ONLY, MATCHED_VALUES, SAMPLES

@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from pipeline.errors import ConfigError, DecodeError
-from pipeline.ingest.formats import common, decode_message, stored_body
+from pipeline.ingest.decode import decode_message, stored_body
+from pipeline.ingest.formats import common
 from pipeline.ingest.limits import Limits, check_record
 from pipeline.runner import Message, Runner
 from tests.conftest import LAKE_ONLY, MATCHED_VALUES

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from benchmarks.dataset import make_bodies
 from pipeline.assemble.join import assemble
-from pipeline.ingest.formats import decode_message
+from pipeline.ingest.decode import decode_message
 from pipeline.models import DlpAlert, EnrichedRecord, EnrichmentStatus
 
 

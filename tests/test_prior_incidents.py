@@ -206,7 +206,7 @@ async def test_enrich_alone_records_and_reads_history(tmp_path):
 
     from enrichers.prior_incidents import PriorIncidentsEnricher
     from pipeline.enrich.contract import EnrichmentContext
-    from pipeline.ingest.formats import decode_message
+    from pipeline.ingest.decode import decode_message
 
     settings = PriorIncidentsEnricher.Settings.model_validate({"store": {"path": str(tmp_path / "history.sqlite")}})
     enricher = PriorIncidentsEnricher(settings)
@@ -227,7 +227,7 @@ async def test_store_reuse_seconds_decides_when_another_instances_writes_are_see
 
     from enrichers.prior_incidents import PriorIncidentsEnricher
     from pipeline.enrich.contract import EnrichmentContext
-    from pipeline.ingest.formats import decode_message
+    from pipeline.ingest.decode import decode_message
     from pipeline.state.history import entry_of
 
     alerts = decode_message(message(*history_alerts()).body).alerts

@@ -109,7 +109,7 @@ async def test_decode_and_assemble_entries_that_now_make_alerts_are_delivered_to
     good_message = graph(fixture_bytes, "from-decode")
     good_record = json.loads(graph(fixture_bytes, "from-record"))
     from pipeline.assemble.join import merge_parts
-    from pipeline.ingest.formats import decode_message
+    from pipeline.ingest.decode import decode_message
 
     # a valid alert's fields, as the assemble stage stores them
     merged = merge_parts(decode_message(fixture_bytes("streaming_dlp_batch.json")).parts)

@@ -303,7 +303,7 @@ async def test_concurrent_enrich_calls_of_one_alert_each_are_still_batched(https
     from enrichers.user_context import UserContextEnricher
     from pipeline.enrich.cache import TTLCache
     from pipeline.enrich.contract import EnrichmentContext
-    from pipeline.ingest.formats import decode_message
+    from pipeline.ingest.decode import decode_message
 
     graph = GraphServer(httpserver, {f"oid-{i}": graph_user(i) for i in range(25)})
     enricher = UserContextEnricher(UserContextEnricher.Settings.model_validate({"graph": {"url": graph.url, "allow_private_hosts": ["localhost", "127.0.0.1"]}}))

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from pipeline.ingest.formats import AlertPart
+from pipeline.ingest.formats.contract import AlertPart
 from pipeline.models import DlpAlert
 
 _LIST_FIELDS = ("files", "sensitive_info")

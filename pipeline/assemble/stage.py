@@ -25,7 +25,8 @@ from pydantic import ValidationError
 from pipeline.assemble.join import assemble, merge_parts
 from pipeline.config import AssemblySettings
 from pipeline.deadletter import DeadLetter
-from pipeline.ingest.formats import AlertPart, validation_summary
+from pipeline.ingest.decode import validation_summary
+from pipeline.ingest.formats.contract import AlertPart
 from pipeline.models import DlpAlert
 from pipeline.state import StateStore
 

@@ -2,7 +2,7 @@
 
 Three stages put entries here:
 - `decode`: a whole message body that is not usable (JSON bodies are stored with matched sensitive
-  content removed; bodies that cannot be scrubbed are withheld, see `pipeline.ingest.formats.stored_body`
+  content removed; bodies that cannot be scrubbed are withheld, see `pipeline.ingest.decode.stored_body`
   and docs/security.md), or one bad record of a message (that record, scrubbed);
 - `assemble`: the parts of a split alert that do not make a valid alert, or parts refused because
   their alert already holds `limits.max_evidence_per_alert` parts (`too_many_evidence`);

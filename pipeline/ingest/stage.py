@@ -1,6 +1,7 @@
 """The ingest stage: a batch of message bodies in, DLP alerts, split-alert parts and dead letters out.
 
-Guarantees (the decoders' own rules are in pipeline/ingest/formats/):
+Guarantees (the decode loop's own rules are in pipeline/ingest/decode.py, the formats' contract in
+pipeline/ingest/formats/contract.py):
 - every message is decoded on its own: a body that is unusable as a whole becomes one dead letter
   (stage "decode") with its reason and its position; a bad record inside a usable body becomes a dead
   letter of its own and the rest of the body goes on;
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from pipeline import observability
 from pipeline.deadletter import DeadLetter
 from pipeline.errors import DecodeError
-from pipeline.ingest.formats import AlertPart, decode_message, stored_body
+from pipeline.ingest.decode import decode_message, stored_body
+from pipeline.ingest.formats.contract import AlertPart
 from pipeline.ingest.limits import Limits
 from pipeline.ingest.message import Message
 from pipeline.models import DlpAlert

@@ -68,7 +68,7 @@ def make_alerts(source: str | bytes | Mapping[str, Any] | list[Any] = "graph_ale
     Raises `pipeline.errors.DecodeError` for a body the pipeline would dead-letter.
     """
     from pipeline.assemble.join import assemble
-    from pipeline.ingest.formats import decode_message
+    from pipeline.ingest.decode import decode_message
 
     if isinstance(source, str) and source in SAMPLE_FORMATS:
         body = sample_bytes(source)

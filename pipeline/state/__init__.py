@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pipeline.config import StateSettings
-    from pipeline.ingest.formats import AlertPart
+    from pipeline.ingest.formats.contract import AlertPart
 
 
 @dataclass(slots=True)

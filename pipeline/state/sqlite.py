@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 
 from pipeline.errors import StoreUnavailable
-from pipeline.ingest.formats import AlertPart
+from pipeline.ingest.formats.contract import AlertPart
 from pipeline.state import PartsAdded, PendingAlert
 
 _SCHEMA = """

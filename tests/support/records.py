@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.ingest.formats import decode_message
+from pipeline.ingest.decode import decode_message
 from pipeline.models import EnrichedRecord, EnrichmentStatus
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "formats" / "graph_alert_v2_dlp.json"

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def sample_row() -> dict:
     from pipeline import __version__
     from pipeline.deliver.sinks.sentinel_schema import to_row
-    from pipeline.ingest.formats import decode_message
+    from pipeline.ingest.decode import decode_message
     from pipeline.models import EnrichedRecord, EnrichmentStatus
 
     alert = decode_message(SAMPLE.read_bytes()).alerts[0]

@@ -11,6 +11,9 @@ from typing import Any
 
 from pipeline.ingest.formats import common as c
 from pipeline.ingest.formats import management_activity
+from pipeline.ingest.formats.contract import RANK_ALERT_INFO, RANK_EVIDENCE, AlertPart, RecordOutput
+from pipeline.ingest.formats.registry import register
+from pipeline.models import SourceFormat
 
 ALERT_INFO = "AdvancedHunting-AlertInfo"
 ALERT_EVIDENCE = "AdvancedHunting-AlertEvidence"
@@ -86,13 +89,60 @@ def evidence_part(record: dict[str, Any], properties: dict[str, Any]) -> dict[st
     return _drop_none(part)
 
 
-def cloud_app_dlp_activity(record: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any] | None:
-    """The DLP rule match carried by a CloudAppEvents row, or None when the row is something else."""
-    raw = c.json_object(properties.get("RawEventData"))
-    if not management_activity.is_dlp(raw):
-        return None
+def cloud_app_dlp_activity(record: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    """The DLP rule match carried by a CloudAppEvents row, given its parsed RawEventData (`raw`, a
+    Management Activity record that `management_activity.is_dlp`)."""
     return management_activity.to_alert(raw, source_format="defender_streaming", tenant_id=c.text(record.get("tenantId")))
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None and v != [] and v != "unknown"}
+
+
+class DefenderStreamingDecoder:
+    """Streaming API envelopes: each row is an AlertInfo or AlertEvidence part, a CloudAppEvents DLP
+    activity, or something else (skipped)."""
+
+    name: SourceFormat = "defender_streaming"
+
+    def envelope_rows(self, body: Any) -> list[Any] | None:
+        return body["records"] if looks_like(body) else None
+
+    def owns_record(self, record: dict[str, Any]) -> bool:
+        return False
+
+    def decode(self, record: Any, out: RecordOutput) -> None:
+        properties = record.get("properties") if isinstance(record, dict) else None
+        category = record.get("category") if isinstance(record, dict) else None
+        if not isinstance(properties, dict) or not isinstance(category, str):
+            out.reject("malformed_record", "streaming record without category or properties")
+            return
+        if category == CLOUD_APP_EVENTS:
+            raw = c.json_object(properties.get("RawEventData"))
+            if not management_activity.is_dlp(raw):
+                out.skip()
+            elif out.within_evidence_limit(management_activity.sensitive_info_entries(raw), "sensitive information entries"):
+                out.alert(cloud_app_dlp_activity(record, raw))
+            return
+        if category == ALERT_INFO:
+            rank, build = RANK_ALERT_INFO, info_part
+        elif category == ALERT_EVIDENCE:
+            rank, build = RANK_EVIDENCE, evidence_part
+        else:
+            out.skip()
+            return
+        if not is_dlp_row(properties):
+            out.skip()
+            return
+        types = c.json_object(properties.get("AdditionalFields")).get("SensitiveInfoTypes")
+        if not out.within_evidence_limit(len(types) if isinstance(types, list) else 0, "sensitive information types"):
+            return
+        data = build(record, properties)
+        alert_id = data.get("alert_id")
+        if not alert_id:
+            out.reject("invalid_record", "alert row without AlertId")
+            return
+        out.part(AlertPart(alert_id=alert_id, rank=rank, data=data))
+
+
+register(DefenderStreamingDecoder())

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.ingest.formats import common as c
+from pipeline.ingest.formats.contract import RecordOutput
+from pipeline.ingest.formats.registry import register
+from pipeline.models import SourceFormat
 
 _MARKERS = ("serviceSource", "alertWebUrl", "providerAlertId", "detectionSource", "evidence")
 
@@ -82,3 +85,23 @@ def to_alert(record: dict[str, Any]) -> dict[str, Any]:
         "alert_url": c.text(record.get("alertWebUrl")),
         "incident_url": c.text(record.get("incidentWebUrl")),
     }
+
+
+class GraphAlertDecoder:
+    """Graph alerts, one record each; the evidence counted against the limit is `evidence`."""
+
+    name: SourceFormat = "graph_alert"
+
+    def envelope_rows(self, body: Any) -> list[Any] | None:
+        return None
+
+    owns_record = staticmethod(looks_like)
+
+    def decode(self, record: Any, out: RecordOutput) -> None:
+        if not is_dlp(record):
+            out.skip()
+        elif out.within_evidence_limit(len(c.as_list(record.get("evidence"))), "evidence items"):
+            out.alert(to_alert(record))
+
+
+register(GraphAlertDecoder())

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.ingest.formats import common as c
+from pipeline.ingest.formats.contract import RecordOutput
+from pipeline.ingest.formats.registry import register
+from pipeline.models import SourceFormat
 
 DLP_RULE_MATCH = "dlprulematch"
 _WORKLOAD_NAMES = {"microsoftteams": "Teams", "onedrive": "OneDrive", "sharepoint": "SharePoint", "exchange": "Exchange", "endpoint": "Endpoint"}
@@ -24,6 +27,20 @@ def looks_like(record: dict[str, Any]) -> bool:
 def is_dlp(record: dict[str, Any]) -> bool:
     operation = record.get("Operation")
     return isinstance(operation, str) and operation.lower() == DLP_RULE_MATCH
+
+
+def sensitive_info_entries(record: dict[str, Any]) -> int:
+    """How many sensitive information entries a record carries (what the evidence limit counts)."""
+    count = 0
+    for policy in c.as_list(record.get("PolicyDetails")):
+        for rule in c.as_list(policy.get("Rules") if isinstance(policy, dict) else None):
+            matched = rule.get("ConditionsMatched") if isinstance(rule, dict) else None
+            if isinstance(matched, dict):
+                count += len(c.as_list(matched.get("SensitiveInformation")))
+    endpoint = record.get("EndpointMetaData")
+    if isinstance(endpoint, dict):
+        count += len(c.as_list(endpoint.get("SensitiveInfoTypeData")))
+    return count
 
 
 def to_alert(record: dict[str, Any], *, source_format: str = "management_activity", tenant_id: str | None = None) -> dict[str, Any]:
@@ -103,3 +120,24 @@ def to_alert(record: dict[str, Any], *, source_format: str = "management_activit
         "shared_externally": shared_externally,
         "incident_id": c.text(record.get("IncidentId")),
     }
+
+
+class ManagementActivityDecoder:
+    """Management Activity DLP records, one record each; the evidence counted against the limit is
+    their sensitive information entries."""
+
+    name: SourceFormat = "management_activity"
+
+    def envelope_rows(self, body: Any) -> list[Any] | None:
+        return None
+
+    owns_record = staticmethod(looks_like)
+
+    def decode(self, record: Any, out: RecordOutput) -> None:
+        if not is_dlp(record):
+            out.skip()
+        elif out.within_evidence_limit(sensitive_info_entries(record), "sensitive information entries"):
+            out.alert(to_alert(record))
+
+
+register(ManagementActivityDecoder())

@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.ingest.formats import common as c
+from pipeline.ingest.formats.contract import RecordOutput
+from pipeline.ingest.formats.registry import register
+from pipeline.models import SourceFormat
 
 
 def looks_like(record: dict[str, Any]) -> bool:
@@ -66,3 +69,23 @@ def to_alert(record: dict[str, Any]) -> dict[str, Any]:
         "incident_id": c.text(extended.get("IncidentId")),
         "alert_url": c.text(record.get("AlertLink")),
     }
+
+
+class SentinelAlertDecoder:
+    """Sentinel SecurityAlert rows, one record each; the evidence counted against the limit is `Entities`."""
+
+    name: SourceFormat = "sentinel_alert"
+
+    def envelope_rows(self, body: Any) -> list[Any] | None:
+        return None
+
+    owns_record = staticmethod(looks_like)
+
+    def decode(self, record: Any, out: RecordOutput) -> None:
+        if not is_dlp(record):
+            out.skip()
+        elif out.within_evidence_limit(len(c.json_list(record.get("Entities"))), "entities"):
+            out.alert(to_alert(record))
+
+
+register(SentinelAlertDecoder())

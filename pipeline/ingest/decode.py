@@ -1,0 +1,241 @@
+"""Turn one Event Hub message body (bytes) into DLP alerts, recognising the format by its shape.
+
+The formats are the decoders in the registry (pipeline/ingest/formats/registry.py, which gives the
+order they are asked in); with no configuration:
+- Defender XDR Streaming API envelopes `{"records": [...]}` (AlertInfo, AlertEvidence, CloudAppEvents);
+- Microsoft Graph security alerts: one object, an array, or a `{"value": [...]}` page;
+- Office 365 Management Activity API DLP records: one object or an array;
+- Sentinel SecurityAlert rows: one object or an array.
+
+Guarantees of `decode_message`:
+- it raises only `DecodeError`, and only when the body as a whole is unusable (not JSON, or not a
+  shape above); one bad record inside a usable body is returned in `rejected`, the rest goes on;
+- records of a known format that are not DLP are counted in `skipped`, never rejected;
+- matched sensitive values and their context never reach an alert, a part or a rejected record:
+  every record is scrubbed (`common.scrub`) before a decoder reads it;
+- hostile input is bounded by `limits` (pipeline/ingest/limits.py): a body over `max_body_bytes` is not
+  parsed, one with more than `max_records_per_message` records is refused as a whole, and a record
+  that is too deep, holds a too-long string or too many evidence items is rejected on its own, each
+  with its own reason code;
+- no other exception escapes: a record a decoder cannot handle is rejected as `decoder_error`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from pipeline.errors import DecodeError
+from pipeline.ingest import limits as limits_module
+from pipeline.ingest.formats import common, registry
+from pipeline.ingest.formats.contract import AlertPart, Decoder
+from pipeline.ingest.limits import DEFAULT_LIMITS, LimitExceeded, Limits, check_body_size, check_evidence_count, check_record, check_record_count
+from pipeline.models import DlpAlert
+
+
+@dataclass(slots=True)
+class RejectedRecord:
+    """A record that could not be decoded; `record` is its JSON with matched content removed."""
+
+    index: int
+    reason: str
+    detail: str
+    record: bytes
+
+
+@dataclass(slots=True)
+class Decoded:
+    format: str | None = None
+    records: int = 0
+    alerts: list[DlpAlert] = field(default_factory=list)
+    parts: list[AlertPart] = field(default_factory=list)
+    skipped: int = 0
+    rejected: list[RejectedRecord] = field(default_factory=list)
+
+
+def decode_message(body: bytes, *, limits: Limits | None = None) -> Decoded:
+    """Decode one message body. See the module docstring for what is guaranteed."""
+    limits = limits or DEFAULT_LIMITS
+    try:
+        check_body_size(body, limits)  # before parsing: a too-large body is never parsed
+    except LimitExceeded as exc:
+        raise DecodeError(exc.reason, exc.detail) from None
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError("invalid_json", f"{exc.msg} at byte {exc.pos}") from None
+    has_escape = b"\\u" in body  # a \u escape can spell anything: neither shortcut below then holds
+    # A body that never spells a removed key (nor a \u escape that could) has nothing to scrub.
+    clean = not common.mentions_removed_key(body, has_escape=has_escape)
+    # Most bodies are small enough for their bytes to prove every record within the depth and string limits.
+    checked = limits_module.records_surely_within(body, limits, has_escape=has_escape)
+    decoders = registry.decoders()
+    for decoder in decoders:
+        rows = decoder.envelope_rows(document)
+        if rows is not None:
+            return _decode_envelope(decoder, _counted(rows, limits), limits, clean=clean, checked=checked)
+    if isinstance(document, dict) and isinstance(document.get("value"), list):
+        items = document["value"]
+    elif isinstance(document, list):
+        items = document
+    elif isinstance(document, dict):
+        if _owner(decoders, document) is None:
+            raise DecodeError("unrecognised_shape", "object matches none of the supported formats")
+        items = [document]
+    else:
+        raise DecodeError("unrecognised_shape", f"top-level JSON {type(document).__name__} is not an object or array")
+    return _decode_records(decoders, _counted(items, limits), limits, clean=clean, checked=checked)
+
+
+def scrubbed_body(body: bytes) -> bytes:
+    """The body with matched sensitive content removed when it is JSON; otherwise the bytes as they are.
+
+    Use `stored_body` for what the dead-letter store keeps: it also withholds unparseable bodies
+    that may hold matched content.
+    """
+    try:
+        return orjson.dumps(common.scrub(orjson.loads(body)))
+    except orjson.JSONDecodeError:
+        return body
+
+
+def stored_body(body: bytes, reason: str) -> bytes:
+    """What the dead-letter store keeps of a message body that could not be decoded as a whole.
+
+    - JSON: the body with matched content and free text removed (`common.scrub`), kept for replay;
+    - a body over the size limit is never parsed, so it cannot be scrubbed: it is withheld;
+    - not JSON: kept as it is unless it may name a removed key (then it cannot be scrubbed safely
+      and is withheld).
+    A withheld body is replaced by a small JSON note with its size and SHA-256; the original stays
+    in the Event Hub for the hub's retention period, found by the dead letter's `source`
+    (partition, sequence number, offset).
+    """
+    if reason != limits_module.BODY_TOO_LARGE:
+        if not common.mentions_removed_key(body):
+            return body  # nothing to remove: kept as it is, without parsing it again
+        try:
+            return orjson.dumps(common.scrub(orjson.loads(body)))
+        except orjson.JSONDecodeError:
+            pass
+    note = {"withheld": reason, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    return orjson.dumps(note)
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """Where and why validation failed, without the offending values (they may be sensitive)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False)[:5]:
+        location = ".".join(str(part) for part in error["loc"]) or "(root)"
+        problems.append(f"{location}: {error['msg']}")
+    return "; ".join(problems)
+
+
+class _Output:
+    """The `RecordOutput` decoders report to: collects into one message's `Decoded`, for the record
+    the loop is at (`index`, `record`)."""
+
+    __slots__ = ("decoded", "limits", "index", "record")
+
+    def __init__(self, decoded: Decoded, limits: Limits) -> None:
+        self.decoded = decoded
+        self.limits = limits
+        self.index = 0
+        self.record: Any = None
+
+    def skip(self) -> None:
+        self.decoded.skipped += 1
+
+    def reject(self, reason: str, detail: str) -> None:
+        self.decoded.rejected.append(_reject(self.index, reason, detail, self.record))
+
+    def within_evidence_limit(self, count: int, what: str) -> bool:
+        try:
+            check_evidence_count(count, self.limits, what)
+        except LimitExceeded as exc:
+            self.reject(exc.reason, exc.detail)
+            return False
+        return True
+
+    def alert(self, fields: dict[str, Any]) -> None:
+        try:
+            self.decoded.alerts.append(DlpAlert.model_validate(fields))
+        except ValidationError as exc:
+            self.reject("invalid_record", validation_summary(exc))
+
+    def part(self, part: AlertPart) -> None:
+        self.decoded.parts.append(part)
+
+
+def _counted(items: list[Any], limits: Limits) -> list[Any]:
+    try:
+        check_record_count(len(items), limits)
+    except LimitExceeded as exc:
+        raise DecodeError(exc.reason, exc.detail) from None
+    return items
+
+
+def _within_record_limits(out: Decoded, index: int, item: Any, limits: Limits) -> bool:
+    """Check one record's depth and strings; a violation rejects it with the limit's own reason code."""
+    try:
+        check_record(item, limits)
+    except LimitExceeded as exc:
+        out.rejected.append(_reject(index, exc.reason, exc.detail, item))
+        return False
+    return True
+
+
+def _owner(decoders: tuple[Decoder, ...], record: Any) -> Decoder | None:
+    """The first decoder, in detection order, that owns `record`."""
+    if not isinstance(record, dict):
+        return None
+    for decoder in decoders:
+        if decoder.owns_record(record):
+            return decoder
+    return None
+
+
+def _decode_records(decoders: tuple[Decoder, ...], items: list[Any], limits: Limits, *, clean: bool, checked: bool) -> Decoded:
+    """`clean`: the body names no removed key (nothing to scrub); `checked`: its records are known to be
+    within the depth and string limits (`limits.records_surely_within`)."""
+    out = Decoded(records=len(items))
+    output = _Output(out, limits)
+    formats: set[str] = set()
+    for index, item in enumerate(items):
+        if not checked and not _within_record_limits(out, index, item, limits):
+            continue
+        decoder = _owner(decoders, item)
+        if decoder is None:
+            out.rejected.append(_reject(index, "unrecognised_record", "record matches none of the supported formats", item))
+            continue
+        formats.add(decoder.name)
+        item = item if clean else common.scrub(item)
+        output.index, output.record = index, item
+        try:
+            decoder.decode(item, output)
+        except Exception as exc:  # a decoder bug must cost one record, never the message
+            out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, item))
+    out.format = formats.pop() if len(formats) == 1 else ("mixed" if formats else None)
+    return out
+
+
+def _decode_envelope(decoder: Decoder, rows: list[Any], limits: Limits, *, clean: bool, checked: bool) -> Decoded:
+    out = Decoded(format=decoder.name, records=len(rows))
+    output = _Output(out, limits)
+    for index, row in enumerate(rows):
+        if not checked and not _within_record_limits(out, index, row, limits):
+            continue
+        row = row if clean else common.scrub(row)
+        output.index, output.record = index, row
+        try:
+            decoder.decode(row, output)
+        except Exception as exc:  # a decoder bug must cost one record, never the message
+            out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, row))
+    return out
+
+
+def _reject(index: int, reason: str, detail: str, record: Any) -> RejectedRecord:
+    return RejectedRecord(index=index, reason=reason, detail=detail, record=orjson.dumps(common.scrub(record)))
