@@ -38,7 +38,6 @@ from pipeline.plugins import EnricherChain, Services, build_enricher_chain, buil
 from pipeline.process import raise_gc_threshold
 from pipeline.report import BatchReport
 from pipeline.resilience.breaker import CircuitBreaker
-from pipeline.resilience.retry import RedeliveryCounter
 from pipeline.secrets import install_log_redaction
 from pipeline.state import StateStore, open_state_store
 
@@ -76,7 +75,7 @@ class Runner:
             clock=clock, breaker_clock=breaker_clock,
         )
         self.delivery = Delivery(
-            build_sinks(settings.sinks, self.services), config, redeliveries=RedeliveryCounter(self.state), clock=clock, breaker_clock=breaker_clock,
+            build_sinks(settings.sinks, self.services), config, state=self.state, clock=clock, breaker_clock=breaker_clock,
         )
         self._last_purge = 0.0
         self._started = False

@@ -2,8 +2,9 @@
 (for the sensitive_info correlation).
 
 Two implementations of one small protocol:
-- `SqliteHistoryStore` — the embedded default: tables `history_alerts` / `history_activitys` in the
-  runner's SQLite state file (or a file of its own under the data dir);
+- `SqliteHistoryStore` — the embedded default: tables `history_alerts` / `history_activitys` beside
+  the runner's state (`StateStore.local_history`: the SQLite state file), or a file of its own
+  under the data dir;
 - `TableHistoryStore` — Azure Table Storage (azure.data.tables.aio), shared by every Functions
   instance. One table; PartitionKey is "<kind>-" + a hash of the user, so user names are never keys.
 
@@ -216,13 +217,15 @@ class HistorySettings(BaseModel):
 
 
 def open_history_store(settings: HistorySettings, services: Any) -> HistoryStore:
+    """The history the settings name. `sqlite` without a `path` lives beside the state store when the
+    store offers one (`StateStore.local_history`), else in `history.sqlite` under the data dir."""
     if settings.kind == "azure_table":
         return TableHistoryStore(settings)
     if settings.path is None:
-        state = getattr(services, "state", None) if services is not None else None
-        connection = getattr(state, "connection", None)
-        if isinstance(connection, sqlite3.Connection):
-            return SqliteHistoryStore(connection=connection, retention_days=settings.retention_days)
+        state = services.state if services is not None else None
+        local = state.local_history(retention_days=settings.retention_days) if state is not None else None
+        if local is not None:
+            return local
         path = services.data_path("history.sqlite") if services is not None else Path("history.sqlite")
     else:
         path = services.data_path(settings.path) if services is not None else Path(settings.path)
