@@ -220,7 +220,11 @@ def open_history_store(settings: HistorySettings, services: Any) -> HistoryStore
     """The history the settings name. `sqlite` without a `path` lives beside the state store when the
     store offers one (`StateStore.local_history`), else in `history.sqlite` under the data dir."""
     if settings.kind == "azure_table":
-        return TableHistoryStore(settings)
+        if settings.connection_string_env:
+            return TableHistoryStore(settings)
+        if services is None:
+            raise ValueError("history kind 'azure_table' with account_url is built with the runner's services (its credential)")
+        return TableHistoryStore(settings, credential=services.credential(settings.managed_identity_client_id))
     if settings.path is None:
         state = services.state if services is not None else None
         local = state.local_history(retention_days=settings.retention_days) if state is not None else None
@@ -332,7 +336,8 @@ def _row(entry: HistoryEntry) -> str:
 
 
 class TableHistoryStore:
-    """azure.data.tables.aio; many Functions instances share one table."""
+    """azure.data.tables.aio; many Functions instances share one table. With `account_url` it signs in
+    with `credential` (the services' shared one), which it does not close."""
 
     def __init__(self, settings: HistorySettings, *, credential: Any = None) -> None:
         if not settings.account_url and not settings.connection_string_env:
@@ -351,14 +356,12 @@ class TableHistoryStore:
         from azure.data.tables.aio import TableClient
 
         s = self.settings
-        options = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 3, "read_timeout": 5}
+        options: dict[str, Any] = {"retry_total": 2, "retry_backoff_factor": 0.2, "connection_timeout": 3, "read_timeout": 5}
         if s.connection_string_env:
             self._client = TableClient.from_connection_string(os.environ[s.connection_string_env], table_name=s.table_name, **options)
         else:
-            if self.credential is None:
-                from pipeline.enrich.http import azure_credential
-
-                self.credential = azure_credential(s.managed_identity_client_id)
+            if self.credential is None or s.account_url is None:
+                raise ValueError("history kind 'azure_table' with account_url needs a credential")
             self._client = TableClient(endpoint=s.account_url, table_name=s.table_name, credential=self.credential, **options)
 
     async def _ready(self) -> None:
@@ -416,6 +419,3 @@ class TableHistoryStore:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
-        closer = getattr(self.credential, "close", None)
-        if closer is not None:
-            await closer()
