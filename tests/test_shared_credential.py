@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from azure.core.credentials import AccessToken
 
+from pipeline.deadletter.blob import BlobDeadLetterStore
 from pipeline.plugins import Services, azure_identity_credential
 from pipeline.runner import Runner
 
@@ -135,6 +136,7 @@ async def test_every_azure_client_shares_one_credential_per_identity_closed_once
         assert holds(telemetry._logs["proxy"], identity) and not holds(telemetry._logs["proxy"], default)
         assert runner.services.credential(IDENTITY) is identity
 
+        assert isinstance(runner.dead_letter, BlobDeadLetterStore)
         assert runner.dead_letter.container.credential is default  # no identity named: the default one
         assert runner.services.credential() is default and runner.services.credential("") is default
     finally:
