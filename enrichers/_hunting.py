@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipeline.enrich.http import BearerToken, HttpClient, azure_credential, check_base_url
+from pipeline.enrich.http import BearerToken, HttpClient, check_base_url
 from pipeline.errors import EnricherUnavailable
 
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
@@ -56,6 +56,9 @@ def user_filter(user: Any, *, upn_column: str, object_id_column: str) -> str:
 
 
 class HuntingClient:
+    """Advanced Hunting over Graph. `credential` (the enricher sets it before `start`, from the
+    services) belongs to its maker: the client never closes it."""
+
     def __init__(self, settings: HuntingSettings, *, credential: Any = None) -> None:
         self.settings = settings
         self.credential = credential
@@ -68,7 +71,7 @@ class HuntingClient:
             return
         s = self.settings
         if self.credential is None:
-            self.credential = azure_credential(s.managed_identity_client_id)
+            raise ValueError("the hunting client needs a credential before it starts")
         self._token = BearerToken(self.credential, s.scope)
         self._http = HttpClient(
             timeout=s.timeout_seconds, max_retries=s.max_retries, max_retry_after=s.max_retry_after_seconds, allow_private_hosts=s.allow_private_hosts
@@ -88,5 +91,3 @@ class HuntingClient:
     async def aclose(self) -> None:
         if self._http is not None:
             await self._http.aclose()
-        if self._token is not None:
-            await self._token.aclose()

@@ -25,6 +25,7 @@ from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
+from pipeline.plugins import shared_credential
 from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, open_history_store
 
 log = logging.getLogger("pipeline.enrichers.prior_incidents")
@@ -61,7 +62,7 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         max_recent: int = Field(5, ge=0, le=50)
         hunting: HuntingSettings | None = Field(None, description="also ask Advanced Hunting for alerts older than the pipeline")
 
-    credential: Any = None  # for hunting; built in start() when None
+    credential: Any = None  # for hunting; the services' shared one (start()) unless given
 
     def __init__(self, settings=None, services=None) -> None:
         super().__init__(settings, services)
@@ -76,7 +77,8 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
     async def start(self) -> None:
         await self.store.start()
         if self.hunting is not None:
-            self.hunting.credential = self.hunting.credential or self.credential
+            if self.hunting.credential is None:
+                self.hunting.credential = self.credential or shared_credential(self.services, self.hunting.settings.managed_identity_client_id)
             await self.hunting.start()
 
     async def aclose(self) -> None:

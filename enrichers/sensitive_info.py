@@ -22,6 +22,7 @@ from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert, SensitiveInfo
+from pipeline.plugins import shared_credential
 from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, event_time, open_history_store, user_key
 
 log = logging.getLogger("pipeline.enrichers.sensitive_info")
@@ -84,7 +85,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         store: HistorySettings = Field(default_factory=HistorySettings)
         hunting: HuntingSettings | None = Field(None, description="else look for the rule match in CloudAppEvents via Advanced Hunting")
 
-    credential: Any = None  # for hunting; built in start() when None
+    credential: Any = None  # for hunting; the services' shared one (start()) unless given
 
     def __init__(self, settings=None, services=None) -> None:
         super().__init__(settings, services)
@@ -100,7 +101,8 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         if self.store is not None:
             await self.store.start()
         if self.hunting is not None:
-            self.hunting.credential = self.hunting.credential or self.credential
+            if self.hunting.credential is None:
+                self.hunting.credential = self.credential or shared_credential(self.services, self.hunting.settings.managed_identity_client_id)
             await self.hunting.start()
 
     async def aclose(self) -> None:

@@ -40,6 +40,7 @@ from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.enrich.http import HttpClient, check_base_url, host_matches
 from pipeline.errors import EnricherError, EnricherTimeout, EnricherUnavailable, PipelineError
 from pipeline.models import DlpAlert
+from pipeline.plugins import shared_credential
 from pipeline.secrets import SecretEnv
 
 log = logging.getLogger("pipeline.enrichers.telemetry")
@@ -133,7 +134,7 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
                 raise ValueError(f"source names must be unique: {', '.join(duplicates)}")
             return self
 
-    credential: Any = None  # for Log Analytics; built in start() when None
+    credential: Any = None  # for Log Analytics: given (tests), else each query's identity from the services
 
     def __init__(self, settings=None, services=None) -> None:
         super().__init__(settings, services)
@@ -167,12 +168,9 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
             for query in self.settings.log_analytics:
                 if query.name in self._logs:
                     continue
-                if self.credential is None:
-                    from pipeline.enrich.http import azure_credential
-
-                    self.credential = azure_credential(query.managed_identity_client_id)
+                credential = self.credential if self.credential is not None else shared_credential(self.services, query.managed_identity_client_id)
                 self._logs[query.name] = LogsQueryClient(
-                    self.credential,
+                    credential,
                     endpoint=query.endpoint,
                     retry_total=query.max_retries,
                     retry_backoff_factor=0.2,
@@ -186,9 +184,6 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
             await client.aclose()
         for client in self._logs.values():
             await client.close()
-        closer = getattr(self.credential, "close", None)
-        if closer is not None and self._logs:
-            await closer()
 
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[Telemetry | None | Exception]:
         """Source by source over the whole batch: each distinct HTTP request is sent once (through the

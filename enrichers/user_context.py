@@ -30,9 +30,10 @@ from enrichers._files import WatchedFile, parse_datetime, read_csv, read_json_re
 from pipeline.enrich.batching import MicroBatcher
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
-from pipeline.enrich.http import BearerToken, HttpClient, azure_credential, check_base_url, parse_retry_after
+from pipeline.enrich.http import BearerToken, HttpClient, check_base_url, parse_retry_after
 from pipeline.errors import EnricherUnavailable
 from pipeline.models import DlpAlert
+from pipeline.plugins import shared_credential
 
 log = logging.getLogger("pipeline.enrichers.user_context")
 
@@ -130,7 +131,7 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
         directory: str | None = Field(None, description="local users file (Graph user JSON), used when graph is not configured")
         hr: HrSettings | None = None
 
-    credential: Any = None  # an azure-core async credential; built in start() when None
+    credential: Any = None  # an azure-core async credential; the services' shared one (start()) unless given
 
     def __init__(self, settings=None, services=None) -> None:
         super().__init__(settings, services)
@@ -156,7 +157,7 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
             return
         g = self.settings.graph
         if self.credential is None:
-            self.credential = azure_credential(g.managed_identity_client_id)
+            self.credential = shared_credential(self.services, g.managed_identity_client_id)
         self._token = BearerToken(self.credential, g.scope)
         self._http = HttpClient(
             timeout=g.request_timeout_seconds,
@@ -172,8 +173,6 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
             await self._batcher.aclose()
         if self._http is not None:
             await self._http.aclose()
-        if self._token is not None:
-            await self._token.aclose()
 
     # -- the contract --------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,14 +38,39 @@ DISTRIBUTION = "dlp-pipeline"
 #: `provider()` of a built-in resolved from its table, where the distribution is not installed.
 BUILTIN_FALLBACK = "built-in table"
 
+log = logging.getLogger("pipeline.plugins")
+
+
+#: Builds one azure-core async credential for a user-assigned identity's client id (None: the default identity).
+CredentialFactory = Callable[[str | None], Any]
+
+
+def azure_identity_credential(managed_identity_client_id: str | None = None) -> Any:
+    """The production credential: `ManagedIdentityCredential` for a user-assigned identity when a client
+    id is given, else `DefaultAzureCredential` (managed identity in Azure, developer sign-in locally).
+    Building one makes no network call."""
+    from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential
+
+    if managed_identity_client_id:
+        return ManagedIdentityCredential(client_id=managed_identity_client_id)
+    return DefaultAzureCredential()
+
 
 @dataclass
 class Services:
-    """What the runner hands every plugin at construction time."""
+    """What the runner hands every plugin at construction time.
+
+    `credential(client_id)` is the one Azure credential of that identity for every client the runner
+    and its plugins build (sinks, enrichers, stores, the consumer): made on first use by
+    `credential_factory` (default `azure_identity_credential`; tests pass their own), cached, and
+    closed once by `aclose`, which the runner calls last. A plugin never closes it.
+    """
 
     state: Any
     config: LoadedConfig
     clock: Callable[[], float]
+    credential_factory: CredentialFactory = azure_identity_credential
+    _credentials: dict[str | None, Any] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def config_dir(self) -> Path:
@@ -61,6 +87,36 @@ class Services:
     def data_path(self, value: str | Path) -> Path:
         """An output location named in the config, relative to the data dir (`--out`)."""
         return self.config.data_path(value)
+
+    def credential(self, managed_identity_client_id: str | None = None) -> Any:
+        """The shared async credential of this identity (an empty client id is the default identity):
+        the same object on every call, until `aclose`."""
+        key = managed_identity_client_id or None
+        if key not in self._credentials:
+            self._credentials[key] = self.credential_factory(key)
+        return self._credentials[key]
+
+    async def aclose(self) -> None:
+        """Close every credential made here, once each; a failure to close one is logged, not raised."""
+        made, self._credentials = list(self._credentials.values()), {}
+        for credential in made:
+            closer = getattr(credential, "close", None)
+            if closer is None:
+                continue
+            try:
+                result = closer()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:  # closing must not hide the run's own result
+                log.warning("error while closing an Azure credential: %s", type(exc).__name__)
+
+
+def shared_credential(services: Services | None, managed_identity_client_id: str | None = None) -> Any:
+    """For plugins: `services.credential(...)`. A plugin built without the runner's services (a test,
+    a tool) must be given its credential instead."""
+    if services is None:
+        raise ValueError("built without the runner's services: give it a credential (an azure-core async credential)")
+    return services.credential(managed_identity_client_id)
 
 
 @dataclass

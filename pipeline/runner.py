@@ -34,11 +34,10 @@ from pipeline.errors import SinkOutage
 from pipeline.ingest.message import Message
 from pipeline.ingest.stage import ingest
 from pipeline.models import DlpAlert, EnrichedRecord
-from pipeline.plugins import EnricherChain, Services, build_enricher_chain, build_sinks
+from pipeline.plugins import CredentialFactory, EnricherChain, Services, azure_identity_credential, build_enricher_chain, build_sinks
 from pipeline.process import raise_gc_threshold
 from pipeline.report import BatchReport
 from pipeline.resilience.breaker import CircuitBreaker
-from pipeline.resilience.retry import RedeliveryCounter
 from pipeline.secrets import install_log_redaction
 from pipeline.state import StateStore, open_state_store
 
@@ -60,15 +59,18 @@ class Runner:
         state: StateStore | None = None,
         dead_letter: DeadLetterStore | None = None,
         breaker_clock: Callable[[], float] = time.monotonic,
+        credential_factory: CredentialFactory = azure_identity_credential,
     ) -> None:
+        """`credential_factory` builds the one Azure credential per identity that every client shares
+        (`Services.credential`); the default is azure-identity's."""
         self.loaded = config
         self.config = config.config
         install_log_redaction(config.secret_env_names)  # secrets never reach a log line (docs/security.md)
         self.clock = clock
         settings = self.config
         self.state: StateStore = state or open_state_store(settings.state.model_copy(update={"path": str(config.data_path(settings.state.path))}))
-        self.dead_letter: DeadLetterStore = dead_letter or open_dead_letter_store(config)
-        self.services = Services(state=self.state, config=config, clock=clock)
+        self.services = Services(state=self.state, config=config, clock=clock, credential_factory=credential_factory)
+        self.dead_letter: DeadLetterStore = dead_letter or open_dead_letter_store(config, self.services)
         self.assembler = Assembler(self.state, settings.assembly, max_parts_per_alert=settings.limits.max_evidence_per_alert)
         self.engine = EnrichmentEngine(
             build_enricher_chain(settings.enrichers, self.services), max_concurrent_alerts=settings.runner.max_concurrent_alerts,
@@ -76,7 +78,7 @@ class Runner:
             clock=clock, breaker_clock=breaker_clock,
         )
         self.delivery = Delivery(
-            build_sinks(settings.sinks, self.services), config, redeliveries=RedeliveryCounter(self.state), clock=clock, breaker_clock=breaker_clock,
+            build_sinks(settings.sinks, self.services), config, state=self.state, clock=clock, breaker_clock=breaker_clock,
         )
         self._last_purge = 0.0
         self._started = False
@@ -110,8 +112,11 @@ class Runner:
                 await closer()
             except Exception as exc:  # closing must not hide the run's own result
                 log.warning("error while closing a plugin: %s", type(exc).__name__)
-        await self.dead_letter.aclose()
-        await self.state.aclose()
+        try:
+            await self.dead_letter.aclose()
+            await self.state.aclose()
+        finally:
+            await self.services.aclose()  # last: the credentials every client above shared
 
     async def __aenter__(self) -> Runner:
         await self.start()

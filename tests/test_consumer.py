@@ -110,7 +110,7 @@ async def test_store_outage_retries_in_process_without_checkpointing(write_confi
     context = PartitionContext(NAMESPACE, HUB, GROUP, "1", checkpoint_store=checkpoint_store)
     seen_while_failing = []
     async with Runner(loaded) as runner:
-        runner.state.connection.execute("PRAGMA busy_timeout=50")
+        runner.state._db.execute("PRAGMA busy_timeout=50")  # the SQLite file itself: fail fast on its lock
         blocker = sqlite3.connect(runner.state.path, isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")  # the state store is unavailable
 

@@ -157,7 +157,7 @@ async def test_state_store_locked_raises_and_the_rerun_delivers_once(write_confi
     loaded = write_config(CONFIG.format(url=ticket_server.url, enrichers=""))
     batch = alerts(fixture_bytes, 6) + [Message(fixture_bytes("streaming_dlp_batch.json"), source="split")]
     async with Runner(loaded) as runner:
-        runner.state.connection.execute("PRAGMA busy_timeout=50")
+        runner.state._db.execute("PRAGMA busy_timeout=50")  # the SQLite file itself: fail fast on its lock
         blocker = sqlite3.connect(runner.state.path, isolation_level=None)
         blocker.execute("BEGIN EXCLUSIVE")  # another process holds the state store
         try:
@@ -179,7 +179,7 @@ async def test_state_store_failing_after_delivery_reruns_without_duplicates(writ
     clock = Tick()
     batch = [Message(fixture_bytes("streaming_dlp_batch.json"), source="split")] + alerts(fixture_bytes, 3)
     async with Runner(write_config(config), clock=clock) as runner:
-        runner.state.connection.execute("PRAGMA busy_timeout=50")
+        runner.state._db.execute("PRAGMA busy_timeout=50")  # the SQLite file itself: fail fast on its lock
         try:
             with pytest.raises(StoreUnavailable):
                 await runner.process_batch(batch)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sqlite3
 import uuid
+from contextlib import closing
 from datetime import UTC, datetime
 
 import pytest
@@ -74,7 +76,8 @@ async def test_history_of_one_batch_in_the_sqlite_state_file(write_config):
     async with Runner(loaded) as runner:
         await runner.process_batch([message(*history_alerts())])
         records = lake(runner)
-        tables = {row[0] for row in runner.state.connection.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        with closing(sqlite3.connect(runner.state.path)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "history_alerts" in tables
     check_history(records)
 

@@ -35,6 +35,7 @@ from pipeline.errors import StoreUnavailable
 
 if TYPE_CHECKING:
     from pipeline.config import LoadedConfig
+    from pipeline.plugins import Services
 
 Stage = Literal["decode", "assemble", "deliver"]
 
@@ -161,11 +162,12 @@ class LocalDeadLetterStore:
             raise
 
 
-def open_dead_letter_store(config: LoadedConfig) -> DeadLetterStore:
-    """The dead-letter store `[dead_letter]` names: local files (default) or Blob storage."""
+def open_dead_letter_store(config: LoadedConfig, services: Services) -> DeadLetterStore:
+    """The dead-letter store `[dead_letter]` names: local files (default) or Blob storage (signed in
+    with the services' default credential when it names an `account_url`)."""
     settings = config.config.dead_letter
     if settings.kind == "blob":
         from pipeline.deadletter.blob import BlobDeadLetterStore
 
-        return BlobDeadLetterStore.from_settings(settings)
+        return BlobDeadLetterStore.from_settings(settings, credential=None if settings.connection_string_env else services.credential())
     return LocalDeadLetterStore(config.data_path(settings.path))

@@ -1,7 +1,8 @@
 """The dead-letter store in Azure Blob storage: one JSON blob per entry, same document as the local store.
 
-`[dead_letter] kind = "blob"` with `container` and either `account_url` (signed in with
-DefaultAzureCredential: give the identity "Storage Blob Data Contributor" on the container) or
+`[dead_letter] kind = "blob"` with `container` and either `account_url` (signed in with the runner's
+shared default credential, `Services.credential()`: give the identity "Storage Blob Data
+Contributor" on the container) or
 `connection_string_env` (the name of an environment variable holding a connection string).
 Blob names are `<path>/<entry_id>.json`.
 
@@ -29,23 +30,22 @@ _CONFLICT_RETRIES = 8
 
 
 class BlobDeadLetterStore:
-    def __init__(self, container: ContainerClient, *, prefix: str = "", credential: Any = None) -> None:
+    def __init__(self, container: ContainerClient, *, prefix: str = "") -> None:
         self.container = container
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        self._credential = credential
         self._ready = False
 
     @classmethod
-    def from_settings(cls, settings: Any) -> BlobDeadLetterStore:
+    def from_settings(cls, settings: Any, *, credential: Any = None) -> BlobDeadLetterStore:
+        """From `[dead_letter]`: its connection string, or `account_url` with `credential` (not closed here)."""
         if settings.connection_string_env:
             connection_string = os.environ.get(settings.connection_string_env)
             if not connection_string:
                 raise StoreUnavailable(f"environment variable {settings.connection_string_env} (dead-letter connection string) is not set")
             return cls(ContainerClient.from_connection_string(connection_string, settings.container), prefix=settings.path)
-        from azure.identity.aio import DefaultAzureCredential
-
-        credential = DefaultAzureCredential()
-        return cls(ContainerClient(settings.account_url, settings.container, credential=credential), prefix=settings.path, credential=credential)
+        if credential is None:
+            raise ValueError("a Blob dead-letter store with account_url needs a credential")
+        return cls(ContainerClient(settings.account_url, settings.container, credential=credential), prefix=settings.path)
 
     def blob_name(self, entry_id: str) -> str:
         return f"{self.prefix}{entry_id}.json"
@@ -122,5 +122,3 @@ class BlobDeadLetterStore:
 
     async def aclose(self) -> None:
         await self.container.close()
-        if self._credential is not None:
-            await self._credential.close()

@@ -34,7 +34,8 @@ from pipeline.deliver.sinks import Outcome
 from pipeline.errors import SinkOutage, SinkUnavailable, translate
 from pipeline.models import EnrichedRecord
 from pipeline.resilience.breaker import CircuitBreaker
-from pipeline.resilience.retry import RedeliveryCounter, backoff_wait, fingerprint
+from pipeline.resilience.retry import backoff_wait, fingerprint
+from pipeline.state import StateStore
 
 log = logging.getLogger("pipeline")
 
@@ -66,11 +67,11 @@ class Delivery:
     """Delivers batches of records to the configured sinks; holds their breakers across batches."""
 
     def __init__(
-        self, sinks: list[tuple[SinkConfig, Any]], config: LoadedConfig, *, redeliveries: RedeliveryCounter,
+        self, sinks: list[tuple[SinkConfig, Any]], config: LoadedConfig, *, state: StateStore,
         clock: Callable[[], float], breaker_clock: Callable[[], float],
     ) -> None:
         self.settings: DeliverySettings = config.config.delivery
-        self.redeliveries = redeliveries
+        self.state = state  # counts the runs of a batch that raised for an outage
         self.clock = clock
         settings = self.settings
         self.slots: list[SinkSlot] = [
@@ -98,7 +99,7 @@ class Delivery:
         selected, out.unrouted = route([(slot.name, slot.entry.when) for slot in self.slots], records)
         offered = [(slot, selected[slot.name]) for slot in self.slots if slot.name in selected]
         failures = await asyncio.gather(*(self.deliver_to(slot, chosen, out.delivered) for slot, chosen in offered))
-        self._check_outage([(slot.name, chosen) for slot, chosen in offered], failures)
+        await self._check_outage([(slot.name, chosen) for slot, chosen in offered], failures)
         out.dead = [entry for batch in failures for entry in batch]
         return out
 
@@ -135,7 +136,7 @@ class Delivery:
             log.warning("sink %s: %d record(s) dead-lettered (%s)", slot.name, len(dead), dead[0].reason)
         return dead
 
-    def _check_outage(self, offered: list[tuple[str, list[EnrichedRecord]]], failures: list[list[DeadLetter]]) -> None:
+    async def _check_outage(self, offered: list[tuple[str, list[EnrichedRecord]]], failures: list[list[DeadLetter]]) -> None:
         """Raise SinkOutage when a sink took none of its records and the batch may still run again."""
         down = [
             (name, selected)
@@ -148,12 +149,12 @@ class Delivery:
         key = fingerprint((name, record.record_id) for name, selected in down for record in selected)
         names = tuple(name for name, _ in down)
         if settings.on_outage == "raise" and settings.max_batch_redeliveries > 0:
-            runs = self.redeliveries.increment(key, now=self.clock())
+            runs = await self.state.count_redelivery(key, now=self.clock())
             if runs <= settings.max_batch_redeliveries:
                 log.warning("sink(s) %s took none of the batch's records: batch to be run again (%d of %d)", ", ".join(names), runs, settings.max_batch_redeliveries)
                 retry_after = max(self.slot(name).breaker.remaining_cooldown() for name in names)
                 raise SinkOutage(f"sink(s) {', '.join(names)} unavailable for the whole batch (run {runs} of {settings.max_batch_redeliveries})", sinks=names, retry_after=retry_after or None)
-            self.redeliveries.forget(key)
+            await self.state.forget_redelivery(key)
         log.warning("sink(s) %s took none of the batch's records: dead-lettering them", ", ".join(names))
 
     async def _publish(self, slot: SinkSlot, records: list[Any]) -> list[Outcome]:

@@ -253,7 +253,8 @@ def parse_json(response: httpx.Response) -> Any:
 
 
 class BearerToken:
-    """Authorization headers from an azure-core async credential (`get_token(scope)`), refreshed early."""
+    """Authorization headers from an azure-core async credential (`get_token(scope)`), refreshed early.
+    The credential belongs to whoever made it (`Services.credential`): this never closes it."""
 
     def __init__(self, credential: Any, scope: str) -> None:
         self.credential = credential
@@ -272,20 +273,3 @@ class BearerToken:
                         raise EnricherUnavailable(f"no token for {self.scope}: {type(exc).__name__}") from exc
                     self._token, self._expires = token.token, float(token.expires_on)
         return {"Authorization": f"Bearer {self._token}"}
-
-    async def aclose(self) -> None:
-        closer = getattr(self.credential, "close", None)
-        if closer is not None:
-            result = closer()
-            if asyncio.iscoroutine(result):
-                await result
-
-
-def azure_credential(managed_identity_client_id: str | None = None) -> Any:
-    """The production credential: a user-assigned managed identity when a client id is given,
-    else DefaultAzureCredential (managed identity in Azure, developer sign-in locally)."""
-    from azure.identity.aio import DefaultAzureCredential, ManagedIdentityCredential
-
-    if managed_identity_client_id:
-        return ManagedIdentityCredential(client_id=managed_identity_client_id)
-    return DefaultAzureCredential()

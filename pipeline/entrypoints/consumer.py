@@ -113,21 +113,16 @@ def _secret(env_name: str, what: str) -> str:
     return value
 
 
-def build_client(settings: ConsumerSettings) -> tuple[Any, list[Any]]:
-    """The EventHubConsumerClient with its BlobCheckpointStore, and the credentials to close afterwards."""
+def build_client(settings: ConsumerSettings, credential: Callable[[], Any]) -> Any:
+    """The EventHubConsumerClient with its BlobCheckpointStore. `credential()` gives the shared Azure
+    credential (the runner's `Services.credential`), asked for only where no connection string is set."""
     from azure.eventhub.aio import EventHubConsumerClient
     from azure.eventhub.extensions.checkpointstoreblobaio import BlobCheckpointStore
 
-    closables: list[Any] = []
     if settings.checkpoint_connection_string_env:
         store = BlobCheckpointStore.from_connection_string(_secret(settings.checkpoint_connection_string_env, "checkpoint storage"), settings.checkpoint_container)
     else:
-        from azure.identity.aio import DefaultAzureCredential
-
-        credential = DefaultAzureCredential()
-        closables.append(credential)
-        assert settings.checkpoint_account_url is not None  # ConsumerSettings._needs_endpoints
-        store = BlobCheckpointStore(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential)
+        store = BlobCheckpointStore(_required(settings.checkpoint_account_url, "checkpoint_account_url"), settings.checkpoint_container, credential=credential())
     if settings.connection_string_env:
         client = EventHubConsumerClient.from_connection_string(
             _secret(settings.connection_string_env, "Event Hubs connection"),
@@ -136,37 +131,33 @@ def build_client(settings: ConsumerSettings) -> tuple[Any, list[Any]]:
             checkpoint_store=store,
         )
     else:
-        from azure.identity.aio import DefaultAzureCredential
-
-        credential = DefaultAzureCredential()
-        closables.append(credential)
-        assert settings.fully_qualified_namespace is not None  # ConsumerSettings._needs_endpoints
         client = EventHubConsumerClient(
-            settings.fully_qualified_namespace,
+            _required(settings.fully_qualified_namespace, "fully_qualified_namespace"),
             settings.eventhub_name,
             settings.consumer_group,
-            credential,
+            credential(),
             checkpoint_store=store,
         )
-    return client, closables
+    return client
 
 
-async def ensure_container(settings: ConsumerSettings) -> None:
+def _required(value: str | None, key: str) -> str:
+    if not value:  # the settings' own validator already insists on one of the pair
+        raise ConfigError(f"{key} is not set", key=f"consumer.{key}")
+    return value
+
+
+async def ensure_container(settings: ConsumerSettings, credential: Callable[[], Any]) -> None:
     """Create the checkpoint container when it is missing (the checkpoint store does not).
 
     A start-up probe: it fails fast (no retries), so a wrong account shows at once as one line."""
     from azure.core.exceptions import AzureError, ResourceExistsError
     from azure.storage.blob.aio import ContainerClient
 
-    credential = None
     if settings.checkpoint_connection_string_env:
         container = ContainerClient.from_connection_string(_secret(settings.checkpoint_connection_string_env, "checkpoint storage"), settings.checkpoint_container, retry_total=0)
     else:
-        from azure.identity.aio import DefaultAzureCredential
-
-        credential = DefaultAzureCredential()
-        assert settings.checkpoint_account_url is not None  # ConsumerSettings._needs_endpoints
-        container = ContainerClient(settings.checkpoint_account_url, settings.checkpoint_container, credential=credential, retry_total=0)
+        container = ContainerClient(_required(settings.checkpoint_account_url, "checkpoint_account_url"), settings.checkpoint_container, credential=credential(), retry_total=0)
     try:
         await container.create_container()
     except ResourceExistsError:
@@ -175,8 +166,6 @@ async def ensure_container(settings: ConsumerSettings) -> None:
         raise StoreUnavailable(f"checkpoint store: cannot reach container {settings.checkpoint_container}: {type(exc).__name__}") from exc
     finally:
         await container.close()
-        if credential is not None:
-            await credential.close()
 
 
 async def _flush_settled(runner: Runner, *, every: float) -> None:
@@ -193,9 +182,11 @@ async def _flush_settled(runner: Runner, *, every: float) -> None:
 
 
 async def consume(runner: Runner, settings: ConsumerSettings, *, idle_exit_seconds: float | None = None) -> BatchHandler:
-    """Receive until cancelled (or, with `idle_exit_seconds`, until no event came for that long)."""
-    await ensure_container(settings)
-    client, closables = build_client(settings)
+    """Receive until cancelled (or, with `idle_exit_seconds`, until no event came for that long).
+    Azure sign-in uses the runner's shared default credential, which the runner closes."""
+    credential = runner.services.credential
+    await ensure_container(settings, credential)
+    client = build_client(settings, credential)
     handler = BatchHandler(runner, retry_initial_seconds=settings.retry_initial_seconds, retry_max_seconds=settings.retry_max_seconds)
 
     async def on_error(partition_context: Any, error: Exception) -> None:
@@ -225,6 +216,4 @@ async def consume(runner: Runner, settings: ConsumerSettings, *, idle_exit_secon
             await asyncio.wait_for(receiving, timeout=_STOP_GRACE_SECONDS)
         except (TimeoutError, asyncio.CancelledError):
             receiving.cancel()
-        for closable in closables:
-            await closable.close()
     return handler

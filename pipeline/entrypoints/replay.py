@@ -75,11 +75,11 @@ async def replay_dead_letters(loaded: LoadedConfig, *, store: DeadLetterStore | 
     # While replaying, a sink that is still down leaves its entries dead instead of stopping the run.
     config = loaded.config.model_copy(update={"delivery": loaded.config.delivery.model_copy(update={"on_outage": "dead_letter"})})
     replay_config = LoadedConfig(config, file=loaded.file, data_dir=loaded.data_dir)
-    real = store or open_dead_letter_store(loaded)
     capture = CapturingStore()
     report = ReplayReport()
-    try:
-        async with Runner(replay_config, dead_letter=capture) as runner:
+    async with Runner(replay_config, dead_letter=capture) as runner:
+        real = store or open_dead_letter_store(loaded, runner.services)  # closed before the runner's credentials
+        try:
             entries = await real.list()
             report.entries = len(entries)
             by_sink: dict[str, list[DeadLetter]] = {}
@@ -95,9 +95,9 @@ async def replay_dead_letters(loaded: LoadedConfig, *, store: DeadLetterStore | 
             capture.entries.clear()
             report.pipeline.merge(await runner.flush())
             await _settle(real, [], set(), capture.entries, report)
-    finally:
-        if store is None:
-            await real.aclose()
+        finally:
+            if store is None:
+                await real.aclose()
     return report
 
 

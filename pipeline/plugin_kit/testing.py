@@ -209,6 +209,7 @@ async def run_enricher(
     finally:
         if built_here and getattr(plugin, "aclose", None) is not None:
             await plugin.aclose()
+        await services.aclose()  # any Azure credential the enricher asked the services for
     return EnricherResult(fragments.get(slot.name), statuses[slot.name])
 
 

@@ -1,30 +1,17 @@
-"""Retry helpers of the runner: the backoff wait and the durable count of batch redeliveries.
+"""Retry helpers of the runner: the backoff wait and the fingerprint of a batch's redeliveries.
 
 A batch whose sink is down raises (SinkOutage) so the caller runs it again before checkpointing.
-That must be bounded, or one dead sink blocks a partition for ever: `RedeliveryCounter` counts, in
-the state store's SQLite file, how often the same records met the same outage. Keyed by a
-fingerprint of (sink, record_id) pairs, it survives restarts and is shared by every process that
-shares the state store.
+That must be bounded, or one dead sink blocks a partition for ever: the state store counts
+(`StateStore.count_redelivery`) how often the same records met the same outage, keyed by
+`fingerprint` of the (sink, record_id) pairs, so the count survives restarts and is shared by
+every process that shares the state store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
-import sqlite3
 from collections.abc import Iterable
-
-from pipeline.errors import StoreUnavailable
-from pipeline.state.sqlite import Transaction
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS batch_redeliveries (
-    fingerprint TEXT PRIMARY KEY,
-    attempts    INTEGER NOT NULL,
-    last_at     REAL NOT NULL
-) WITHOUT ROWID;
-"""
-_FORGET_AFTER_SECONDS = 7 * 24 * 3600.0
 
 
 def backoff_wait(delay: float, retry_afters: Iterable[float | None], *, rng: random.Random | None = None) -> float:
@@ -39,47 +26,3 @@ def fingerprint(pairs: Iterable[tuple[str, str]]) -> str:
     for sink, record_id in sorted(set(pairs)):
         digest.update(f"{sink}\0{record_id}\n".encode())
     return digest.hexdigest()[:32]
-
-
-class RedeliveryCounter:
-    """How many times a batch with this fingerprint raised for an outage. Durable when the state store is SQLite."""
-
-    def __init__(self, state: object) -> None:
-        self._db: sqlite3.Connection | None = getattr(state, "connection", None)
-        self._memory: dict[str, int] = {}
-        if self._db is not None:
-            try:
-                self._db.executescript(_SCHEMA)
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(f"cannot create the redelivery table: {exc}") from exc
-
-    @property
-    def durable(self) -> bool:
-        return self._db is not None
-
-    def increment(self, key: str, *, now: float) -> int:
-        """Count one more run of this batch; returns the count including this one."""
-        if self._db is None:
-            self._memory[key] = self._memory.get(key, 0) + 1
-            return self._memory[key]
-        try:
-            with Transaction(self._db) as db:
-                db.execute("DELETE FROM batch_redeliveries WHERE last_at < ?", (now - _FORGET_AFTER_SECONDS,))
-                db.execute(
-                    """INSERT INTO batch_redeliveries (fingerprint, attempts, last_at) VALUES (?, 1, ?)
-                       ON CONFLICT (fingerprint) DO UPDATE SET attempts = attempts + 1, last_at = excluded.last_at""",
-                    (key, now),
-                )
-                (count,) = db.execute("SELECT attempts FROM batch_redeliveries WHERE fingerprint = ?", (key,)).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store write failed: {exc}") from exc
-        return int(count)
-
-    def forget(self, key: str) -> None:
-        if self._db is None:
-            self._memory.pop(key, None)
-            return
-        try:
-            self._db.execute("DELETE FROM batch_redeliveries WHERE fingerprint = ?", (key,))
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store write failed: {exc}") from exc

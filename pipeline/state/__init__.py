@@ -1,7 +1,10 @@
-"""State stores: where parts of split alerts wait to be joined (and, for the enrichers, history).
+"""State stores: where parts of split alerts wait to be joined, and how often a batch raised.
 
-The protocol is what the runner needs; `open_state_store` builds the configured implementation.
-An implementation must be safe to call again after a crash: every write is idempotent.
+The protocol is everything its callers need (the assemble stage, the outage rule of the deliver
+stage, the history enrichers); nobody reaches past it into an implementation's connection.
+`open_state_store` builds the configured implementation. An implementation must be safe to call
+again after a crash: every write is idempotent. The behaviour is pinned once, for every
+implementation, by tests/support/state_contract.py.
 """
 
 from __future__ import annotations
@@ -13,6 +16,10 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from pipeline.config import StateSettings
     from pipeline.ingest.formats.contract import AlertPart
+    from pipeline.state.history import HistoryStore
+
+#: A redelivery count not touched for this long is dropped (the outage that raised it is long over).
+REDELIVERY_FORGET_SECONDS = 7 * 24 * 3600.0
 
 
 @dataclass(slots=True)
@@ -31,7 +38,7 @@ class PendingAlert:
 
 @runtime_checkable
 class StateStore(Protocol):
-    """Durable home of pending alert parts.
+    """Durable home of pending alert parts and of batch redelivery counts.
 
     - `add_parts` stores each part once (keyed by alert id and part digest); a part seen before is
       counted as duplicate and changes nothing. A new part of an alert already emitted makes that
@@ -41,9 +48,23 @@ class StateStore(Protocol):
     - `claim_due` returns the pending alerts whose parts have settled (no new part for
       `settle_seconds`, or first part older than `max_hold_seconds`, or every one with `force`), and
       leases them for `lease_seconds` so that a second consumer does not take them too; at most
-      `limit` of them, oldest first, so a backlog is emitted in bounded chunks.
+      `limit` of them, oldest first (by first part), so a backlog is emitted in bounded chunks.
+      `force` (a flush at the end of a run) takes leased alerts too. Claimed parts come back
+      whole (rank, data, digest), ordered by rank.
     - `mark_emitted` is called only after each claimed alert was delivered or dead-lettered; an alert
-      whose lease runs out without it is claimed again (at-least-once).
+      whose lease runs out without it is claimed again (at-least-once). `release` ends the lease of
+      alerts still pending; an emitted alert stays emitted.
+    - A late part reopens an emitted alert: it settles again from that part, and `max_hold_seconds`
+      counts from it too; the claim returns every part, old and new.
+    - `purge` forgets alerts emitted before the cutoff (their parts count as new if seen again) and
+      returns how many; pending alerts are never purged.
+    - `count_redelivery` counts, durably and for every process sharing the store, one more run of the
+      batch with this fingerprint (the outage rule, pipeline/deliver/stage.py) and returns the count
+      including this one; counts not touched for `REDELIVERY_FORGET_SECONDS` are dropped.
+      `forget_redelivery` drops one (the batch was dead-lettered).
+    - `local_history` is a history store that lives beside this state (same file, same lifetime:
+      closing the history leaves the state open), or None when the store has none; the history
+      settings then decide where the history lives (pipeline/state/history.py).
     """
 
     async def add_parts(self, parts: Sequence[AlertPart], *, now: float, max_parts_per_alert: int | None = None) -> PartsAdded: ...
@@ -61,6 +82,12 @@ class StateStore(Protocol):
     async def pending_count(self) -> int: ...
 
     async def purge(self, *, emitted_before: float) -> int: ...
+
+    async def count_redelivery(self, fingerprint: str, *, now: float) -> int: ...
+
+    async def forget_redelivery(self, fingerprint: str) -> None: ...
+
+    def local_history(self, *, retention_days: float) -> HistoryStore | None: ...
 
     async def aclose(self) -> None: ...
 

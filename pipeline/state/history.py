@@ -2,8 +2,9 @@
 (for the sensitive_info correlation).
 
 Two implementations of one small protocol:
-- `SqliteHistoryStore` — the embedded default: tables `history_alerts` / `history_activitys` in the
-  runner's SQLite state file (or a file of its own under the data dir);
+- `SqliteHistoryStore` — the embedded default: tables `history_alerts` / `history_activitys` beside
+  the runner's state (`StateStore.local_history`: the SQLite state file), or a file of its own
+  under the data dir;
 - `TableHistoryStore` — Azure Table Storage (azure.data.tables.aio), shared by every Functions
   instance. One table; PartitionKey is "<kind>-" + a hash of the user, so user names are never keys.
 
@@ -216,13 +217,19 @@ class HistorySettings(BaseModel):
 
 
 def open_history_store(settings: HistorySettings, services: Any) -> HistoryStore:
+    """The history the settings name. `sqlite` without a `path` lives beside the state store when the
+    store offers one (`StateStore.local_history`), else in `history.sqlite` under the data dir."""
     if settings.kind == "azure_table":
-        return TableHistoryStore(settings)
+        if settings.connection_string_env:
+            return TableHistoryStore(settings)
+        if services is None:
+            raise ValueError("history kind 'azure_table' with account_url is built with the runner's services (its credential)")
+        return TableHistoryStore(settings, credential=services.credential(settings.managed_identity_client_id))
     if settings.path is None:
-        state = getattr(services, "state", None) if services is not None else None
-        connection = getattr(state, "connection", None)
-        if isinstance(connection, sqlite3.Connection):
-            return SqliteHistoryStore(connection=connection, retention_days=settings.retention_days)
+        state = services.state if services is not None else None
+        local = state.local_history(retention_days=settings.retention_days) if state is not None else None
+        if local is not None:
+            return local
         path = services.data_path("history.sqlite") if services is not None else Path("history.sqlite")
     else:
         path = services.data_path(settings.path) if services is not None else Path(settings.path)
@@ -329,7 +336,8 @@ def _row(entry: HistoryEntry) -> str:
 
 
 class TableHistoryStore:
-    """azure.data.tables.aio; many Functions instances share one table."""
+    """azure.data.tables.aio; many Functions instances share one table. With `account_url` it signs in
+    with `credential` (the services' shared one), which it does not close."""
 
     def __init__(self, settings: HistorySettings, *, credential: Any = None) -> None:
         if not settings.account_url and not settings.connection_string_env:
@@ -352,11 +360,8 @@ class TableHistoryStore:
         if s.connection_string_env:
             self._client = TableClient.from_connection_string(os.environ[s.connection_string_env], table_name=s.table_name, **options)
         else:
-            if self.credential is None:
-                from pipeline.enrich.http import azure_credential
-
-                self.credential = azure_credential(s.managed_identity_client_id)
-            assert s.account_url is not None  # __init__ refused settings with neither
+            if self.credential is None or s.account_url is None:
+                raise ValueError("history kind 'azure_table' with account_url needs a credential")
             self._client = TableClient(endpoint=s.account_url, table_name=s.table_name, credential=self.credential, **options)
 
     async def _ready(self) -> None:
@@ -414,6 +419,3 @@ class TableHistoryStore:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
-        closer = getattr(self.credential, "close", None)
-        if closer is not None:
-            await closer()

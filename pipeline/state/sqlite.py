@@ -11,12 +11,16 @@ import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 
 from pipeline.errors import StoreUnavailable
 from pipeline.ingest.formats.contract import AlertPart
-from pipeline.state import PartsAdded, PendingAlert
+from pipeline.state import REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
+
+if TYPE_CHECKING:
+    from pipeline.state.history import SqliteHistoryStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS alert_parts (
@@ -36,6 +40,11 @@ CREATE TABLE IF NOT EXISTS alerts (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (state, last_part_at);
 CREATE INDEX IF NOT EXISTS alerts_emitted ON alerts (emitted_at);
+CREATE TABLE IF NOT EXISTS batch_redeliveries (
+    fingerprint TEXT PRIMARY KEY,
+    attempts    INTEGER NOT NULL,
+    last_at     REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -60,11 +69,6 @@ class SqliteStateStore:
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open state store {self.path}: {exc}") from exc
-
-    @property
-    def connection(self) -> sqlite3.Connection:
-        """The open connection, for stores that keep more tables in the same file."""
-        return self._db
 
     async def add_parts(self, parts: Sequence[AlertPart], *, now: float, max_parts_per_alert: int | None = None) -> PartsAdded:
         added = PartsAdded()
@@ -175,6 +179,32 @@ class SqliteStateStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"state store purge failed: {exc}") from exc
         return len(ids)
+
+    async def count_redelivery(self, fingerprint: str, *, now: float) -> int:
+        try:
+            with self._transaction() as db:
+                db.execute("DELETE FROM batch_redeliveries WHERE last_at < ?", (now - REDELIVERY_FORGET_SECONDS,))
+                db.execute(
+                    """INSERT INTO batch_redeliveries (fingerprint, attempts, last_at) VALUES (?, 1, ?)
+                       ON CONFLICT (fingerprint) DO UPDATE SET attempts = attempts + 1, last_at = excluded.last_at""",
+                    (fingerprint, now),
+                )
+                (count,) = db.execute("SELECT attempts FROM batch_redeliveries WHERE fingerprint = ?", (fingerprint,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+        return int(count)
+
+    async def forget_redelivery(self, fingerprint: str) -> None:
+        try:
+            self._db.execute("DELETE FROM batch_redeliveries WHERE fingerprint = ?", (fingerprint,))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+
+    def local_history(self, *, retention_days: float) -> SqliteHistoryStore:
+        """The history tables in this same file, on this connection (closed with the state, not the history)."""
+        from pipeline.state.history import SqliteHistoryStore
+
+        return SqliteHistoryStore(connection=self._db, retention_days=retention_days)
 
     async def aclose(self) -> None:
         self._db.close()

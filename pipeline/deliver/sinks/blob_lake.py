@@ -15,8 +15,8 @@ One blob per batch and partition:
 A record delivered again later in a *different* batch lands in a second blob; lake readers deduplicate
 by `record_id` (every line has it).
 
-Authentication: `account_url` with DefaultAzureCredential (managed identity in Azure), or a connection
-string read from the environment variable named by `connection_string_env` (Azurite, development).
+Authentication: `account_url` with the runner's shared credential (`Services.credential`: managed
+identity in Azure, `managed_identity_client_id` for a user-assigned one), or a connection string read from the environment variable named by `connection_string_env` (Azurite, development).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from pipeline.config import StrictModel
 from pipeline.deliver.minimise import get_path, record_document
 from pipeline.deliver.sinks import Outcome
 from pipeline.errors import SinkUnavailable, translate
+from pipeline.plugins import shared_credential
 from pipeline.secrets import SecretEnv
 
 log = logging.getLogger("pipeline.deliver.sinks.blob_lake")
@@ -63,6 +64,7 @@ class BlobLakeSink:
             return self
 
     def __init__(self, settings: BlobLakeSink.Settings, services: Any, *, credential: Any = None) -> None:
+        """`credential`: one to use instead of the services' shared one (tests); never closed here."""
         from azure.storage.blob.aio import BlobServiceClient
 
         self.settings = settings
@@ -74,18 +76,15 @@ class BlobLakeSink:
                 import pyarrow  # noqa: F401
             except ImportError:
                 raise ValueError("format = 'parquet' needs pyarrow (pip install pyarrow)") from None
-        self._credential = None
+        self.credential: Any = None
         options: dict[str, Any] = {"retry_total": 0, "connection_timeout": min(settings.timeout_seconds, 10), "read_timeout": settings.timeout_seconds}
         if settings.connection_string_env is not None:
             value = settings.connection_string_env.resolve().get_secret_value()
             self.service = BlobServiceClient.from_connection_string(value, **options)
         else:
-            if credential is None:
-                from azure.identity.aio import DefaultAzureCredential
-
-                credential = self._credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
+            self.credential = credential if credential is not None else shared_credential(services, settings.managed_identity_client_id)
             assert settings.account_url is not None  # Settings._one_connection
-            self.service = BlobServiceClient(settings.account_url, credential=credential, **options)
+            self.service = BlobServiceClient(settings.account_url, credential=self.credential, **options)
         self.container = self.service.get_container_client(settings.container)
         self._container_ready = not settings.create_container
         self.blobs_written = 0  # for measurements and tests
@@ -192,8 +191,6 @@ class BlobLakeSink:
 
     async def aclose(self) -> None:
         await self.service.close()
-        if self._credential is not None:
-            await self._credential.close()
 
 
 def _safe(value: str) -> str:

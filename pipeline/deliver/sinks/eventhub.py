@@ -21,6 +21,7 @@ from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key
 from pipeline.deliver.sinks import Outcome
 from pipeline.errors import SinkUnavailable, translate
+from pipeline.plugins import shared_credential
 from pipeline.secrets import SecretEnv
 
 log = logging.getLogger("pipeline.deliver.sinks.eventhub")
@@ -73,7 +74,7 @@ def _add(batch: Any, event: Any) -> bool:
 
 class EventHubSink:
     class Settings(StrictModel):
-        fully_qualified_namespace: str | None = Field(None, description="<namespace>.servicebus.windows.net (DefaultAzureCredential)")
+        fully_qualified_namespace: str | None = Field(None, description="<namespace>.servicebus.windows.net (the shared credential)")
         eventhub_name: str | None = Field(None, description="the event hub (optional when the connection string names it)")
         connection_string_env: SecretEnv | None = Field(None, description="environment variable with a connection string (emulator, dev)")
         managed_identity_client_id: str | None = None
@@ -91,10 +92,11 @@ class EventHubSink:
             return self
 
     def __init__(self, settings: EventHubSink.Settings, services: Any, *, credential: Any = None) -> None:
+        """`credential`: one to use instead of the services' shared one (tests); never closed here."""
         from azure.eventhub.aio import EventHubProducerClient
 
         self.settings = settings
-        self._credential = None
+        self.credential: Any = None
         options: dict[str, Any] = {"retry_total": settings.sdk_retries}
         if settings.connection_string_env is not None:
             value = settings.connection_string_env.resolve().get_secret_value()
@@ -102,12 +104,9 @@ class EventHubSink:
                 options["eventhub_name"] = settings.eventhub_name
             self.producer = EventHubProducerClient.from_connection_string(value, **options)
         else:
-            if credential is None:
-                from azure.identity.aio import DefaultAzureCredential
-
-                credential = self._credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
+            self.credential = credential if credential is not None else shared_credential(services, settings.managed_identity_client_id)
             assert settings.fully_qualified_namespace is not None and settings.eventhub_name is not None  # Settings._one_connection
-            self.producer = EventHubProducerClient(settings.fully_qualified_namespace, settings.eventhub_name, credential, **options)
+            self.producer = EventHubProducerClient(settings.fully_qualified_namespace, settings.eventhub_name, self.credential, **options)
         self.batches_sent = 0
 
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
@@ -163,5 +162,3 @@ class EventHubSink:
 
     async def aclose(self) -> None:
         await self.producer.close()
-        if self._credential is not None:
-            await self._credential.close()

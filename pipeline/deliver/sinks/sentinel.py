@@ -29,6 +29,7 @@ from pipeline.deliver.minimise import record_document
 from pipeline.deliver.sinks import Outcome
 from pipeline.deliver.sinks.sentinel_schema import STREAM, to_row
 from pipeline.errors import PipelineError, SinkUnavailable, translate
+from pipeline.plugins import shared_credential
 
 log = logging.getLogger("pipeline.deliver.sinks.sentinel")
 
@@ -42,23 +43,20 @@ class SentinelSink:
         stream_name: str = Field(STREAM, description="the DCR stream declaration")
         max_request_bytes: int = Field(MAX_REQUEST_BYTES, gt=1000, le=MAX_REQUEST_BYTES, description="uncompressed JSON per request")
         timeout_seconds: float = Field(30.0, gt=0, description="per request")
-        managed_identity_client_id: str | None = Field(None, description="user-assigned managed identity (DefaultAzureCredential)")
+        managed_identity_client_id: str | None = Field(None, description="user-assigned managed identity (else DefaultAzureCredential)")
         ca_bundle: str | None = Field(None, description="CA bundle to verify the endpoint with (tests, proxies); default: system CAs")
 
     def __init__(self, settings: SentinelSink.Settings, services: Any, *, credential: Any = None) -> None:
+        """`credential`: one to use instead of the services' shared one (local endpoints, tests). Either
+        way the sink does not close it."""
         from azure.monitor.ingestion.aio import LogsIngestionClient
 
         self.settings = settings
-        self._own_credential = credential is None
-        if credential is None:
-            from azure.identity.aio import DefaultAzureCredential
-
-            credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
-        self._credential = credential
+        self.credential = credential if credential is not None else shared_credential(services, settings.managed_identity_client_id)
         options: dict[str, Any] = {"retry_total": 0, "connection_timeout": min(settings.timeout_seconds, 10), "read_timeout": settings.timeout_seconds}
         if settings.ca_bundle:
             options["connection_verify"] = settings.ca_bundle
-        self.client = LogsIngestionClient(endpoint=settings.endpoint, credential=credential, **options)
+        self.client = LogsIngestionClient(endpoint=settings.endpoint, credential=self.credential, **options)
         self.requests = 0  # requests sent, and the largest body (uncompressed JSON bytes): for measurements
         self.largest_request_bytes = 0
 
@@ -139,5 +137,3 @@ class SentinelSink:
 
     async def aclose(self) -> None:
         await self.client.close()
-        if self._own_credential:
-            await self._credential.close()
