@@ -26,7 +26,7 @@ import httpx
 
 from pipeline.deliver.minimise import alert_key, get_path
 from pipeline.deliver.sinks import Outcome
-from pipeline.errors import SinkUnavailable, is_retryable_status, translate
+from pipeline.errors import SinkError, SinkUnavailable, is_retryable_status, translate
 
 log = logging.getLogger("pipeline.deliver.sinks.itsm")
 
@@ -93,7 +93,7 @@ class TicketMemory:
         return len(self._entries)
 
 
-class TicketError(Exception):
+class TicketError(SinkError):
     """An HTTP answer that is not success; carries the Outcome for the record."""
 
     def __init__(self, outcome: Outcome) -> None:
