@@ -98,14 +98,13 @@ def is_retryable_status(status: int) -> bool:
 
 
 def _retry_after(headers: object) -> float | None:
+    from pipeline.resilience.retry import parse_retry_after  # not at the top: that module imports this one
+
     try:
         value = headers.get("Retry-After")  # type: ignore[attr-defined]
     except AttributeError:
         return None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+    return parse_retry_after(value)
 
 
 def translate(exc: BaseException, *, role: str = "sink") -> PipelineError:
