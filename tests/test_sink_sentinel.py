@@ -197,6 +197,35 @@ async def test_retry_after_as_an_http_date_or_negative_goes_through_the_one_pars
     assert negative.status == "retryable" and negative.retry_after is None
 
 
+class NoToken:
+    """A credential whose token endpoint is down (azure-identity raises a ClientAuthenticationError subclass)."""
+
+    async def get_token(self, *scopes, **kwargs):
+        from azure.identity import CredentialUnavailableError
+
+        raise CredentialUnavailableError("ManagedIdentityCredential: the endpoint did not answer")
+
+    async def close(self):
+        return None
+
+
+async def test_authentication_failures_are_retryable_by_type(endpoint):
+    """A 401 from the endpoint and a credential that cannot get a token (any ClientAuthenticationError,
+    subclasses included) are worth retrying: a role assignment takes minutes to apply."""
+    endpoint[2].script.append((401, {}))
+    sink = make_sink(endpoint)
+    server, ca_path, _ = endpoint
+    tokenless = SentinelSink(SentinelSink.Settings(endpoint=server.url_for("/").rstrip("/"), rule_id=RULE, ca_bundle=ca_path, timeout_seconds=5), None, credential=NoToken())
+    try:
+        (refused,) = await sink.publish([make_record("x")])
+        (no_token,) = await tokenless.publish([make_record("y")])
+    finally:
+        await sink.aclose()
+        await tokenless.aclose()
+    assert refused.status == "retryable" and refused.reason == "authentication failed: ClientAuthenticationError"
+    assert no_token.status == "retryable" and no_token.reason == "authentication failed: CredentialUnavailableError"
+
+
 async def test_an_untrusted_certificate_is_refused(endpoint, tmp_path):
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
