@@ -38,7 +38,7 @@ from enrichers._hunting import kql_string
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.enrich.http import HttpClient, check_base_url, host_matches
-from pipeline.errors import EnricherError, EnricherTimeout, EnricherUnavailable, PipelineError
+from pipeline.errors import EnricherError, EnricherTimeout, EnricherUnavailable, PipelineError, translate
 from pipeline.models import DlpAlert
 from pipeline.plugins import shared_credential
 from pipeline.secrets import SecretEnv
@@ -272,7 +272,7 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
             )
         except AzureError as exc:
             status = getattr(exc, "status_code", None)
-            if "Timeout" in type(exc).__name__:
+            if isinstance(translate(exc, role="enricher"), EnricherTimeout):  # by type: pipeline.errors.LIBRARY_ERRORS
                 raise EnricherTimeout(f"{query.name}: Log Analytics timed out") from exc
             raise EnricherUnavailable(f"{query.name}: Log Analytics " + (f"HTTP {status}" if status else type(exc).__name__)) from exc
         except (ValueError, KeyError, TypeError) as exc:  # an answer the client cannot read

@@ -30,10 +30,11 @@ from enrichers._files import WatchedFile, parse_datetime, read_csv, read_json_re
 from pipeline.enrich.batching import MicroBatcher
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
-from pipeline.enrich.http import BearerToken, HttpClient, check_base_url, parse_retry_after
+from pipeline.enrich.http import BearerToken, HttpClient, check_base_url
 from pipeline.errors import EnricherUnavailable
 from pipeline.models import DlpAlert
 from pipeline.plugins import shared_credential
+from pipeline.resilience.retry import parse_retry_after
 
 log = logging.getLogger("pipeline.enrichers.user_context")
 

@@ -1,26 +1,41 @@
-"""The few error types the runner treats differently, and the one place library errors map to them.
+"""The pipeline's one error tree, and the one table that maps library errors onto it.
 
     PipelineError
-    ├── ConfigError              bad configuration: raised at start-up, names the file and the key
+    ├── ConfigError              bad configuration or command line: names the file and the key (or the path); the CLI exits 2
+    │   ├── InputError               a path the user gave cannot be read (pipeline.ingest.inputs)
+    │   ├── ScaffoldError            a plugin name or folder the scaffold refuses (pipeline.plugin_kit.scaffold)
+    │   └── SecretNotSet             a `*_env` secret's variable is unset (pipeline.secrets; also a ValueError)
     ├── DecodeError              a message or record cannot become alerts: it is dead-lettered
+    │   └── LimitExceeded            one input limit is exceeded (pipeline.ingest.limits)
     ├── EnricherError            one enricher could not add its fragment: the alert goes on without it
     │   ├── EnricherUnavailable      the backend refused, failed or answered nonsense
     │   └── EnricherTimeout          the backend did not answer in time
     ├── SinkError                a sink could not take a record
     │   ├── SinkUnavailable          transient (5xx, 408, 429, network): retried, then dead-lettered
     │   │   └── SinkOutage               a sink took none of a batch's records: the whole batch is run again
-    │   └── SinkRejected             permanent (other 4xx, too large): dead-lettered at once
+    │   ├── SinkRejected             permanent (other 4xx, too large): dead-lettered at once
+    │   └── TicketError              an ITSM answer that is not success, with its Outcome (pipeline.deliver.sinks.itsm)
     └── StoreUnavailable         the state or dead-letter store failed: the whole batch is retried
         └── DataFolderBusy           another process holds the local data folder (pipeline/state/folder_lock.py)
 
 Messages of these errors never carry payload content, so they are safe to log and to store.
-`translate` is the only function that looks at third-party exception types.
+
+Library errors (httpx, aiohttp, the Azure SDKs, sqlite3, OS errors, pydantic, orjson) become pipeline
+errors in one place, `translate`, by their type: `LIBRARY_ERRORS` says what each type means (a timeout,
+a transient failure, a permanent one), a subclass takes the meaning of its nearest listed base, and
+an error that carries an HTTP status is classified by that status. Nothing matches class names.
+Code elsewhere catches a library type only where the answer is its own to give (a blob that already
+exists was delivered; an Event Hub refusal is retried); tests/test_errors.py checks that every
+library type the code catches, and every error those libraries export, has its entry.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
 
 
 class PipelineError(Exception):
@@ -112,55 +127,149 @@ def is_retryable_status(status: int) -> bool:
     return status in _RETRYABLE_STATUS or status >= 500
 
 
-def _retry_after(headers: object) -> float | None:
+@dataclass(frozen=True)
+class Meaning:
+    """What a library error means, as the error each role raises for it."""
+
+    sink: type[SinkUnavailable] | type[SinkRejected]
+    enricher: type[EnricherUnavailable] | type[EnricherTimeout]
+
+
+TIMEOUT = Meaning(sink=SinkUnavailable, enricher=EnricherTimeout)
+TRANSIENT = Meaning(sink=SinkUnavailable, enricher=EnricherUnavailable)  # the network, the server, a lock: worth retrying
+PERMANENT = Meaning(sink=SinkRejected, enricher=EnricherUnavailable)  # the same call would fail again
+_UNKNOWN = PERMANENT  # a type outside the table (and without an HTTP status)
+
+# "module:Class" -> meaning. A type not listed takes the meaning of its nearest listed base (MRO
+# order), so the more specific entries matter only where a subclass means something else. An error
+# with an HTTP status (httpx.HTTPStatusError, azure-core's HttpResponseError and its subclasses,
+# aiohttp.ClientResponseError) is classified by the status first; its entry applies without one.
+LIBRARY_ERRORS: Mapping[str, Meaning] = MappingProxyType({
+    # Python: asyncio.TimeoutError and socket.timeout are TimeoutError; OSError covers ConnectionError,
+    # DNS (socket.gaierror), TLS (ssl.SSLError) and files.
+    "builtins:TimeoutError": TIMEOUT,
+    "builtins:OSError": TRANSIENT,
+    "sqlite3:OperationalError": TRANSIENT,  # locked, busy, disk I/O
+    "sqlite3:Error": PERMANENT,
+    "sqlite3:Warning": PERMANENT,
+    "tomllib:TOMLDecodeError": PERMANENT,
+    # httpx
+    "httpx:HTTPStatusError": PERMANENT,  # by its status
+    "httpx:TimeoutException": TIMEOUT,
+    "httpx:TransportError": TRANSIENT,  # network, protocol and proxy errors (UnsupportedProtocol too, as before)
+    "httpx:HTTPError": PERMANENT,  # decoding errors, too many redirects
+    "httpx:InvalidURL": PERMANENT,
+    "httpx:CookieConflict": PERMANENT,
+    "httpx:StreamError": PERMANENT,
+    # aiohttp (the Azure SDKs' async transport)
+    "aiohttp:ClientResponseError": PERMANENT,  # by its status
+    "aiohttp:ServerTimeoutError": TIMEOUT,  # before its base ServerConnectionError in the MRO
+    "aiohttp:ClientConnectionError": TRANSIENT,
+    "aiohttp:ClientError": PERMANENT,  # payload, URL and redirect errors
+    # azure-core: what every Azure SDK raises
+    "azure.core.exceptions:HttpResponseError": PERMANENT,  # by its status (ClientAuthenticationError, ResourceNotFoundError, ...)
+    "azure.core.exceptions:ServiceRequestTimeoutError": TIMEOUT,
+    "azure.core.exceptions:ServiceResponseTimeoutError": TIMEOUT,
+    "azure.core.exceptions:ServiceRequestError": TRANSIENT,  # the request did not reach the service
+    "azure.core.exceptions:ServiceResponseError": TRANSIENT,  # the answer did not come back whole
+    "azure.core.exceptions:AzureError": PERMANENT,
+    "azure.core.exceptions:SerializationError": PERMANENT,  # ValueErrors, outside AzureError
+    "azure.core.exceptions:DeserializationError": PERMANENT,
+    # azure-eventhub (its own tree, not azure-core's)
+    "azure.eventhub.exceptions:OperationTimeoutError": TIMEOUT,
+    "azure.eventhub.exceptions:ConnectError": TRANSIENT,  # AuthenticationError too (the Event Hub sink handles that one first)
+    "azure.eventhub.exceptions:ConnectionLostError": TRANSIENT,
+    "azure.eventhub.exceptions:EventHubError": PERMANENT,
+    "azure.eventhub.exceptions:OwnershipLostError": PERMANENT,
+    # answers that are not what was promised
+    "orjson:JSONDecodeError": PERMANENT,
+    "pydantic_core:ValidationError": PERMANENT,  # pydantic.ValidationError
+})
+
+# The table by type, filled per library once it is imported: an error of a library never imported
+# cannot occur, and importing them all here would cost every start-up a quarter of a second.
+def _by_module(table: Mapping[str, Meaning]) -> dict[str, dict[str, Meaning]]:
+    pending: dict[str, dict[str, Meaning]] = {}
+    for path, meaning in table.items():
+        module, _, name = path.partition(":")
+        pending.setdefault(module, {})[name] = meaning
+    return pending
+
+
+_pending = _by_module(LIBRARY_ERRORS)  # module -> {class name: meaning}, until that module is imported
+_by_type: dict[type[BaseException], Meaning] = {}
+
+
+def _library_types() -> dict[type[BaseException], Meaning]:
+    for module_name in [name for name in _pending if name in sys.modules]:
+        module, names = sys.modules[module_name], _pending[module_name]
+        for name in list(names):
+            cls = getattr(module, name, None)
+            if isinstance(cls, type) and issubclass(cls, BaseException):
+                _by_type[cls] = names.pop(name)
+        if not names:
+            _pending.pop(module_name, None)
+    return _by_type
+
+
+def meaning_of(error_type: type[BaseException]) -> Meaning | None:
+    """What LIBRARY_ERRORS says of `error_type`: its own entry or its nearest listed base's; None outside the table."""
+    known = _library_types()
+    for cls in error_type.__mro__:
+        meaning = known.get(cls)
+        if meaning is not None:
+            return meaning
+    return None
+
+
+def _http_answer(exc: BaseException) -> tuple[int | None, Any]:
+    """The HTTP status and headers an error carries: httpx and azure-core keep the response on the
+    error (`response.status_code`), aiohttp keeps `status` and `headers` on the error itself."""
+    for holder in (getattr(exc, "response", None), exc):
+        if holder is None:
+            continue
+        status = getattr(holder, "status_code", None) or getattr(holder, "status", None)
+        if isinstance(status, int) and 100 <= status <= 599:
+            return status, getattr(holder, "headers", None)
+    return None, None
+
+
+def _retry_after(headers: Any) -> float | None:
+    from pipeline.resilience.retry import parse_retry_after  # not at the top: that module imports this one
+
     try:
-        value = headers.get("Retry-After")  # type: ignore[attr-defined]
+        value = headers.get("Retry-After")
     except AttributeError:
         return None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except (TypeError, ValueError):
-        return None
+    return parse_retry_after(value)
 
 
 def translate(exc: BaseException, *, role: str = "sink") -> PipelineError:
-    """Map any exception raised by a library to one of the pipeline's errors.
+    """The pipeline error for any exception a library raised; pipeline errors pass through unchanged.
 
-    `role` says who raised it: "sink" gives SinkUnavailable/SinkRejected, "enricher" gives
-    EnricherUnavailable/EnricherTimeout. (Stores raise StoreUnavailable and decoders DecodeError
-    themselves.)
-    Pipeline errors pass through unchanged. Callers `raise translate(exc) from exc`.
+    `role` says who raised it: "sink" gives SinkUnavailable or SinkRejected, "enricher" gives
+    EnricherUnavailable or EnricherTimeout. (Stores raise StoreUnavailable and decoders DecodeError
+    themselves.) An HTTP status decides when the error carries one (for a sink: retryable on 408,
+    429 and 5xx, with the answer's Retry-After); otherwise the type does, through LIBRARY_ERRORS;
+    a type outside the table is permanent. The message names the type and the first line of the
+    error's text, or the status: never a URL or a body. Callers `raise translate(exc) from exc`.
     """
     if isinstance(exc, PipelineError):
         return exc
     name = type(exc).__name__
-    status: int | None = None
-    headers: object = None
-    response = getattr(exc, "response", None)
-    if response is not None:
-        status = getattr(response, "status_code", None) or getattr(response, "status", None)
-        headers = getattr(response, "headers", None)
-    if status is None:
-        status = getattr(exc, "status_code", None)
-    timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError)) or "Timeout" in name
-
+    meaning = meaning_of(type(exc)) or _UNKNOWN
+    status, headers = _http_answer(exc)
     if role == "enricher":
-        if timed_out:
+        if meaning.enricher is EnricherTimeout:
             return EnricherTimeout(f"timed out ({name})")
-        if isinstance(status, int):
+        if status is not None:
             return EnricherUnavailable(f"HTTP {status}")
         return EnricherUnavailable(f"{name}: {_first_line(exc)}")
-    # role == "sink"
-    if isinstance(status, int):
+    if status is not None:
         if is_retryable_status(status):
             return SinkUnavailable(f"HTTP {status}", retry_after=_retry_after(headers))
         return SinkRejected(f"HTTP {status}")
-    if timed_out or isinstance(exc, (ConnectionError, OSError, sqlite3.OperationalError)):
-        return SinkUnavailable(f"{name}: {_first_line(exc)}")
-    lineage = " ".join(cls.__name__ for cls in type(exc).__mro__)  # httpx.RemoteProtocolError is a TransportError
-    if any(word in lineage for word in ("Connect", "Network", "Transport", "ServiceRequest", "ServiceResponse", "Disconnect")):
-        return SinkUnavailable(f"{name}: {_first_line(exc)}")
-    return SinkRejected(f"{name}: {_first_line(exc)}")
+    return meaning.sink(f"{name}: {_first_line(exc)}")
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:

@@ -29,7 +29,6 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline.config import EnricherConfig, LoadedConfig, SinkConfig, config_error_from_validation
 from pipeline.enrich.cache import TTLCache
-from pipeline.errors import ConfigError
 
 ENRICHER_GROUP = "dlp_pipeline.enrichers"
 SINK_GROUP = "dlp_pipeline.sinks"
@@ -238,9 +237,8 @@ def instantiate(cls: type, raw_settings: dict[str, Any], services: Services, *, 
         raise services.config.error(f"plugin {cls.__name__} takes no settings", f"{key}.settings")
     try:
         return cls(settings, services)
-    except ConfigError:
-        raise
-    except (ValueError, OSError) as exc:  # e.g. a settings combination or an input file the plugin rejects
+    except (ValueError, OSError) as exc:  # a settings combination, an input file or a secret (SecretNotSet) the plugin rejects
+        # Other ConfigErrors are no ValueErrors: they name the file and the key themselves and pass through.
         raise services.config.error(f"{cls.__name__} cannot start: {exc}", f"{key}.settings") from exc
 
 

@@ -179,11 +179,13 @@ def secret_from_env(name: str, *, file: str | None = None, key: str | None = Non
     return SecretStr(value)
 
 
-class SecretNotSet(ValueError):
+class SecretNotSet(ConfigError, ValueError):
     """A `SecretEnv` setting names a variable that is not set (or holds an unresolved Key Vault reference).
 
-    A ValueError, so that a plugin raising it from its constructor is reported by the plugin loader
-    as a ConfigError naming the config file and the plugin's `settings` table."""
+    A ConfigError that cannot know the config file. Also a ValueError on purpose: the plugin loader
+    reports it, raised from a plugin's constructor, as a ConfigError naming the config file and the
+    plugin's `settings` table; raised from a pydantic validator it becomes a validation error of
+    that setting; and plugins written against `except ValueError` keep working."""
 
 
 class SecretEnv(str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -235,11 +236,15 @@ class LogAnalyticsServer:
     def __init__(self, httpserver, workspace="ws-1"):
         self.bodies: list[dict] = []
         self.mode = "ok"
+        self.answered = threading.Event()
         httpserver.expect_request(f"/v1/workspaces/{workspace}/query", method="POST").respond_with_handler(self.handle)
         self.endpoint = httpserver.url_for("/v1")
 
     def handle(self, request):
         self.bodies.append(request.get_json())
+        if self.mode == "slow":
+            time.sleep(0.8)
+            self.answered.set()
         if self.mode == "throttled":
             return Response(json.dumps({"error": {"code": "ThrottledError"}}), status=429, headers={"Retry-After": "0"}, content_type="application/json")
         tables = [
@@ -290,6 +295,18 @@ async def test_log_analytics_partial_result_is_used_and_throttling_fails(httpser
     assert report.delivered["lake"] >= 1
     assert records["b"]["enrichment_status"]["telemetry"]["state"] == "failed"
     assert "429" in records["b"]["enrichment_status"]["telemetry"]["error"]
+
+
+async def test_a_log_analytics_read_timeout_is_a_timeout_by_its_type(httpserver, write_config):
+    """The SDK's own read timeout (shorter than the enricher's) raises an azure-core timeout error,
+    which pipeline.errors.LIBRARY_ERRORS maps to EnricherTimeout."""
+    server = LogAnalyticsServer(httpserver)
+    server.mode = "slow"
+    source = log_analytics(server.endpoint).replace("timeout_seconds = 2", "timeout_seconds = 0.3").replace("max_retries = 1", "max_retries = 0")
+    _, records = await run(write_config(config(source)), graph_alert("a", upn="x@contoso.com"))
+    status = records["a"]["enrichment_status"]["telemetry"]
+    assert status["state"] == "timed_out" and "proxy: Log Analytics timed out" in status["error"]
+    server.answered.wait(2)  # the local server answers one request at a time: let it finish before the next test
 
 
 async def test_values_that_could_change_a_query_are_refused(httpserver, write_config):

@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from email.utils import formatdate
 
 import pytest
 from werkzeug import Response
 
 from pipeline.enrich.batching import MicroBatcher
-from pipeline.enrich.http import HttpClient, parse_retry_after
+from pipeline.enrich.http import HttpClient
 from pipeline.errors import EnricherTimeout, EnricherUnavailable
 
 LOCAL = ["localhost", "127.0.0.1"]
-
-
-def test_retry_after_seconds_and_http_date():
-    assert parse_retry_after("3") == 3.0
-    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
-    assert 8 <= parse_retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10
 
 
 async def test_same_host_redirect_is_followed(httpserver):

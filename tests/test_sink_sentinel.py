@@ -9,6 +9,8 @@ import math
 import ssl
 import time
 from collections import deque
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 import trustme
@@ -178,6 +180,50 @@ async def test_429_is_reported_promptly_not_retried_inside_the_sdk(endpoint):
         await sink.aclose()
     assert outcome.status == "retryable" and outcome.retry_after == 30.0
     assert len(endpoint[2].requests) == 1 and time.monotonic() - started < 5
+
+
+async def test_retry_after_as_an_http_date_or_negative_goes_through_the_one_parser(endpoint):
+    """The SDK's HttpResponseError reaches pipeline.errors.translate, which reads Retry-After with
+    pipeline.resilience.retry.parse_retry_after (tests/test_retry_after.py)."""
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    endpoint[2].script.extend([(429, {"Retry-After": when}), (429, {"Retry-After": "-5"})])
+    sink = make_sink(endpoint)
+    try:
+        (dated,) = await sink.publish([make_record("x")])
+        (negative,) = await sink.publish([make_record("y")])
+    finally:
+        await sink.aclose()
+    assert dated.status == "retryable" and 25 <= dated.retry_after <= 31
+    assert negative.status == "retryable" and negative.retry_after is None
+
+
+class NoToken:
+    """A credential whose token endpoint is down (azure-identity raises a ClientAuthenticationError subclass)."""
+
+    async def get_token(self, *scopes, **kwargs):
+        from azure.identity import CredentialUnavailableError
+
+        raise CredentialUnavailableError("ManagedIdentityCredential: the endpoint did not answer")
+
+    async def close(self):
+        return None
+
+
+async def test_authentication_failures_are_retryable_by_type(endpoint):
+    """A 401 from the endpoint and a credential that cannot get a token (any ClientAuthenticationError,
+    subclasses included) are worth retrying: a role assignment takes minutes to apply."""
+    endpoint[2].script.append((401, {}))
+    sink = make_sink(endpoint)
+    server, ca_path, _ = endpoint
+    tokenless = SentinelSink(SentinelSink.Settings(endpoint=server.url_for("/").rstrip("/"), rule_id=RULE, ca_bundle=ca_path, timeout_seconds=5), None, credential=NoToken())
+    try:
+        (refused,) = await sink.publish([make_record("x")])
+        (no_token,) = await tokenless.publish([make_record("y")])
+    finally:
+        await sink.aclose()
+        await tokenless.aclose()
+    assert refused.status == "retryable" and refused.reason == "authentication failed: ClientAuthenticationError"
+    assert no_token.status == "retryable" and no_token.reason == "authentication failed: CredentialUnavailableError"
 
 
 async def test_an_untrusted_certificate_is_refused(endpoint, tmp_path):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
 
 import pytest
 from werkzeug import Response
@@ -166,6 +169,27 @@ async def test_inner_429_is_retried_per_request_after_retry_after(httpserver, wr
     assert [len(b) for b in graph.batches] == [3, 1]  # only the throttled request is sent again
     assert graph.batches[1][0]["url"].startswith("/users/oid-1?")
     assert all(records[f"a{i}"]["enrichments"]["user_context"]["found"] for i in range(3))
+
+
+async def test_inner_retry_after_as_an_http_date_goes_through_the_one_parser(httpserver, write_config):
+    """An inner 429's HTTP-date is read by pipeline.resilience.retry.parse_retry_after (tests/test_retry_after.py):
+    two minutes away, it does not fit, and the lookup fails at once instead of retrying or sleeping."""
+    graph = GraphServer(httpserver, {"oid-1": graph_user(1)})
+    graph.throttle_once["oid-1"] = format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    started = time.monotonic()
+    _, report, records = await run(write_config(config(graph.url)), [graph_alert("a", object_id="oid-1", upn="user1@contoso.com")])
+    assert time.monotonic() - started < 1.0 and len(graph.batches) == 1
+    status = records["a"]["enrichment_status"]["user_context"]
+    assert status["state"] == "failed" and re.search(r"retry after 1[12]\d(\.\d+)?s does not fit", status["error"])
+
+
+async def test_a_negative_inner_retry_after_is_ignored_and_the_own_backoff_applies(httpserver, write_config):
+    graph = GraphServer(httpserver, {"oid-1": graph_user(1)})
+    graph.throttle_once["oid-1"] = -5
+    started = time.monotonic()
+    _, report, records = await run(write_config(config(graph.url)), [graph_alert("a", object_id="oid-1", upn="user1@contoso.com")])
+    assert time.monotonic() - started >= 0.45  # the first backoff step (0.5 s), not an immediate retry
+    assert len(graph.batches) == 2 and records["a"]["enrichments"]["user_context"]["found"] is True
 
 
 async def test_outer_429_and_503_are_retried_honouring_retry_after(httpserver, write_config):

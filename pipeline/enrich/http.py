@@ -25,34 +25,16 @@ import ipaddress
 import socket
 import time
 from collections.abc import Mapping
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 import orjson
 
 from pipeline.errors import EnricherTimeout, EnricherUnavailable, translate
+from pipeline.resilience.retry import parse_retry_after
 
 RETRY_STATUSES = frozenset({429, 503})
 _MAX_REDIRECTS = 3
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After value (delta-seconds or HTTP date); None when absent/invalid."""
-    if value is None:
-        return None
-    text = str(value).strip()
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _is_private(address: str) -> bool:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 from pipeline.entrypoints.commands import COMMANDS
 from pipeline.errors import ConfigError, DataFolderBusy, PipelineError
-from pipeline.ingest.inputs import InputError
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 MODULE_PROG = "python -m pipeline"
@@ -59,7 +58,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     _configure_telemetry(args.log_format)
     try:
         return asyncio.run(modules[args.command].main(args))
-    except (ConfigError, InputError, DataFolderBusy) as exc:
+    except (ConfigError, DataFolderBusy) as exc:  # a bad setting, what the command line names (InputError, ScaffoldError), a busy data folder
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PipelineError as exc:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pipeline.errors import ConfigError
 from pipeline.ingest.message import Message
 
 SUFFIXES = (".json", ".jsonl", ".avro")
@@ -27,8 +28,8 @@ EXPORT_RECORDS_PER_MESSAGE = 100
 _AVRO_MAGIC = b"Obj\x01"
 
 
-class InputError(Exception):
-    """A path that cannot be read; the message names it."""
+class InputError(ConfigError):
+    """A path the user gave that cannot be read; the message names it (the CLI reports it like a bad setting)."""
 
 
 def _files(path: Path) -> Iterator[Path]:

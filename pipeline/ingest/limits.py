@@ -28,6 +28,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.errors import DecodeError
+
 # Reason codes (dead-letter `reason`).
 BODY_TOO_LARGE = "body_too_large"
 TOO_MANY_RECORDS = "too_many_records"
@@ -59,13 +61,8 @@ class Limits(BaseModel):
 DEFAULT_LIMITS = Limits()
 
 
-class LimitExceeded(Exception):
+class LimitExceeded(DecodeError):
     """One limit is exceeded; `reason` is the dead-letter reason code, `detail` never holds content."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
 
 
 def check_body_size(body: bytes, limits: Limits) -> None:

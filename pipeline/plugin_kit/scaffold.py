@@ -12,11 +12,13 @@ import re
 from pathlib import Path
 from string import Template
 
+from pipeline.errors import ConfigError
+
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{1,40}$")
 
 
-class ScaffoldError(ValueError):
-    """A name or target the generator refuses; the message says why."""
+class ScaffoldError(ConfigError):
+    """A name or target the generator refuses; the message says why (the CLI reports it like a bad setting)."""
 
 
 def names(name: str) -> dict[str, str]:

@@ -17,8 +17,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import urlparse
 
@@ -26,7 +24,8 @@ import httpx
 
 from pipeline.deliver.minimise import alert_key, get_path
 from pipeline.deliver.sinks import Outcome
-from pipeline.errors import SinkUnavailable, is_retryable_status, translate
+from pipeline.errors import SinkError, SinkUnavailable, is_retryable_status, translate
+from pipeline.resilience.retry import parse_retry_after
 
 log = logging.getLogger("pipeline.deliver.sinks.itsm")
 
@@ -93,7 +92,7 @@ class TicketMemory:
         return len(self._entries)
 
 
-class TicketError(Exception):
+class TicketError(SinkError):
     """An HTTP answer that is not success; carries the Outcome for the record."""
 
     def __init__(self, outcome: Outcome) -> None:
@@ -109,31 +108,13 @@ def check_url(url: str, what: str) -> str:
     raise ValueError(f"{what} must be an https:// URL")
 
 
-def retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds: a number of seconds or an HTTP date."""
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
-
-
 def check(response: httpx.Response, *, ok: Sequence[int], action: str) -> httpx.Response:
     """Raise TicketError (retryable on 408/429/5xx with Retry-After, else rejected) unless status is ok."""
     status = response.status_code
     if status in ok:
         return response
     if is_retryable_status(status):
-        raise TicketError(Outcome.retryable(f"{action}: HTTP {status}", retry_after(response)))
+        raise TicketError(Outcome.retryable(f"{action}: HTTP {status}", parse_retry_after(response.headers.get("Retry-After"))))
     raise TicketError(Outcome.rejected(f"{action}: HTTP {status}"))
 
 

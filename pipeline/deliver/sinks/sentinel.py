@@ -124,7 +124,9 @@ class SentinelSink:
             await self.client.upload(rule_id=self.settings.rule_id, stream_name=self.settings.stream_name, logs=rows)
         except Exception as exc:
             error: PipelineError
-            if type(exc).__name__ == "ClientAuthenticationError":  # token endpoint down or not yet granted
+            from azure.core.exceptions import ClientAuthenticationError  # loaded with the SDK
+
+            if isinstance(exc, ClientAuthenticationError):  # a 401, or no token at all: token endpoint down or role not yet granted
                 error = SinkUnavailable(f"authentication failed: {type(exc).__name__}")
             else:
                 error = translate(exc, role="sink")

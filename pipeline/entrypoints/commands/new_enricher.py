@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.ingest.inputs import InputError
-
 NAME = "new-enricher"
 HELP = "create a pip-installable enricher plugin package (entry point, settings, README, tests)"
 
@@ -17,12 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    from pipeline.plugin_kit.scaffold import ScaffoldError, generate, names
+    from pipeline.plugin_kit.scaffold import generate, names
 
-    try:
-        root = generate(args.name, Path(args.dir))
-    except ScaffoldError as exc:
-        raise InputError(str(exc)) from None
+    root = generate(args.name, Path(args.dir))  # a refused name or folder: ScaffoldError, reported by the CLI
     values = names(args.name)
     print(f"created {root}")
     print(f"  src/{values['package']}/enricher.py   the enricher ({values['cls']}), its Settings and Fragment")
