@@ -15,6 +15,7 @@
     │   │   └── SinkOutage               a sink took none of a batch's records: the whole batch is run again
     │   ├── SinkRejected             permanent (other 4xx, too large): dead-lettered at once
     │   └── TicketError              an ITSM answer that is not success, with its Outcome (pipeline.deliver.sinks.itsm)
+    ├── UnknownFormat            no decoder is registered under an input format's name (pipeline.ingest.formats.registry)
     └── StoreUnavailable         the state or dead-letter store failed: the whole batch is retried
         └── DataFolderBusy           another process holds the local data folder (pipeline/state/folder_lock.py)
 
