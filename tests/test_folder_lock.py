@@ -23,7 +23,7 @@ import pytest
 
 from pipeline.deadletter import DeadLetter, LocalDeadLetterStore
 from pipeline.state.folder_lock import LOCK_FILE, FolderLock
-from tests.support.processes import ROOT, cli, lake_lines, write_alerts
+from tests.support.processes import ROOT, cli, lake_line_count, lake_lines, write_alerts
 
 ALERTS_PER_RUN = 4000
 DEAD_LETTERS = 1000
@@ -145,7 +145,7 @@ def test_the_lock_of_a_sigkilled_run_does_not_block_the_next_run(tmp_path):
     out = tmp_path / "out"
     first = cli("run", "in", "--config", "pipeline.toml", "--out", "out", cwd=tmp_path)
     deadline = time.monotonic() + 30
-    while first.poll() is None and len(lake_lines(out) if (out / "lake").exists() else []) < 200 and time.monotonic() < deadline:
+    while first.poll() is None and lake_line_count(out) < 200 and time.monotonic() < deadline:
         time.sleep(0.01)
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=30)

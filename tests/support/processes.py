@@ -30,3 +30,9 @@ def write_alerts(folder: Path, count: int, *, seed: int) -> set[str]:
 def lake_lines(out: Path) -> list[dict]:
     """Every line of the JSONL lake under `out/lake`, parsed (a torn line fails to parse)."""
     return [json.loads(line) for path in sorted((out / "lake").rglob("*.jsonl")) for line in path.read_bytes().splitlines()]
+
+
+def lake_line_count(out: Path) -> int:
+    """Complete lines in the lake so far: safe to call while a run is still appending (its last line may be torn)."""
+    lake = out / "lake"
+    return sum(path.read_bytes().count(b"\n") for path in lake.rglob("*.jsonl")) if lake.exists() else 0
