@@ -28,9 +28,8 @@ from pathlib import Path
 import orjson
 
 from tests import faults
+from tests.support.paths import FIXTURES
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures" / "formats"
 POISON_EVERY = 1000
 
 CONFIG = """

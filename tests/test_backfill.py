@@ -13,7 +13,7 @@ import orjson
 
 from pipeline.entrypoints.progress import Progress
 from pipeline.ingest.inputs import parse_capture_time, read_messages, read_storage_export
-from tests.conftest import FIXTURES, SAMPLES
+from tests.support.paths import FIXTURES, SAMPLES
 from tests.test_cli import run_cli, summary
 
 # The schema Event Hubs Capture writes (Microsoft docs, "Capture streaming events": avro-tools getschema).

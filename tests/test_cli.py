@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from pipeline.entrypoints.cli import program_name
-from tests.conftest import MATCHED_VALUES, ROOT, SAMPLES
+from tests.support.paths import ROOT, SAMPLES
+from tests.support.samples import MATCHED_VALUES
 
 
 def run_cli(*args: str, cwd: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess:

@@ -27,8 +27,8 @@ from pipeline.entrypoints.consumer import BatchHandler
 from pipeline.errors import SinkOutage
 from pipeline.runner import Runner
 from tests import faults
-from tests.conftest import ROOT
 from tests.support.azurite import docker_available
+from tests.support.paths import ROOT
 
 NAMESPACE, HUB, GROUP = "ns.servicebus.windows.net", "dlp", "$Default"
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from tests.conftest import FIXTURES, ROOT
+from tests.support.paths import FIXTURES, ROOT
 
 ALERTS = 2000
 POISON_EVERY = 500

@@ -179,7 +179,7 @@ def test_cli_run_with_a_sink_down_exits_1_saying_run_again_then_the_rerun_delive
     import subprocess
     import sys
 
-    from tests.conftest import ROOT
+    from tests.support.paths import ROOT
 
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(m.body for m in graph_alerts(fixture_bytes, 5)) + b"\n")
     config = tmp_path / "pipeline.toml"

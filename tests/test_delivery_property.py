@@ -18,7 +18,7 @@ from pipeline.config import load_config
 from pipeline.errors import SinkOutage
 from pipeline.runner import Message, Runner
 from tests import faults
-from tests.conftest import FIXTURES
+from tests.support.paths import FIXTURES
 
 GRAPH = json.loads((FIXTURES / "graph_alert_v2_dlp.json").read_text())
 

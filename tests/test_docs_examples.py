@@ -8,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 
 def code_blocks(text: str) -> dict[str, str]:

@@ -16,8 +16,8 @@ from azure.storage.blob import ContainerClient
 
 from pipeline.ingest.inputs import read_messages
 from pipeline.runner import Runner
-from tests.conftest import SAMPLES
 from tests.support.itsm_servers import Failure, Jira, ServiceNow
+from tests.support.paths import SAMPLES
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 from pipeline.assemble.join import assemble
 from pipeline.errors import DecodeError
 from pipeline.ingest.formats import decode_message
-from tests.conftest import MATCHED_VALUES
+from tests.support.samples import MATCHED_VALUES
 
 ALERT_ID = "dl0c6f1e2a-7b3d-4c5e-9f10-2a3b4c5d6e7f"
 UPN = "megan.bowen@contoso.com"

@@ -10,7 +10,7 @@ import pytest
 
 import function_app
 from pipeline.entrypoints import functions
-from tests.conftest import SAMPLES
+from tests.support.paths import SAMPLES
 
 # get_functions() indexes the app and may only be called once per process, as the host does.
 FUNCTIONS = {f.get_function_name(): f for f in function_app.app.get_functions()}

@@ -14,7 +14,8 @@ from pipeline.errors import ConfigError, DecodeError
 from pipeline.ingest.formats import common, decode_message, stored_body
 from pipeline.ingest.limits import Limits, check_record
 from pipeline.runner import Message, Runner
-from tests.conftest import LAKE_ONLY, MATCHED_VALUES
+from tests.support.config import LAKE_ONLY
+from tests.support.samples import MATCHED_VALUES
 
 SMALL = Limits(max_body_bytes=64 * 1024, max_records_per_message=5, max_evidence_per_alert=4, max_string_length=8192, max_nesting_depth=12)
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.support.azurite import azurite_program
+from tests.support.paths import ROOT
 
 
 def _free_port() -> int:

@@ -31,8 +31,8 @@ from pipeline.plugins import (
     provider,
     registered,
 )
-from tests.conftest import ROOT
 from tests.plugins import NeedsA, Recorder
+from tests.support.paths import ROOT
 from tests.test_plugin_scaffold import COPY_IGNORE
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))

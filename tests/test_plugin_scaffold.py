@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.plugin_kit.scaffold import ScaffoldError, generate, names
-from tests.conftest import ROOT, SAMPLES
+from tests.support.paths import ROOT, SAMPLES
 from tests.test_cli import run_cli
 
 PROJECT_FILES = ("pyproject.toml", "README.md", "requirements.txt", "pipeline", "enrichers")

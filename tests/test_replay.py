@@ -16,7 +16,7 @@ from pipeline.deadletter.blob import BlobDeadLetterStore
 from pipeline.entrypoints.replay import replay_dead_letters
 from pipeline.runner import Message, Runner
 from tests import faults
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 from tests.test_faults import lake_records
 
 CONFIG = """

@@ -12,7 +12,8 @@ from pipeline.deadletter import LocalDeadLetterStore
 from pipeline.errors import ConfigError
 from pipeline.runner import Message, Runner
 from tests import plugins
-from tests.conftest import LAKE_ONLY, MATCHED_VALUES
+from tests.support.config import LAKE_ONLY
+from tests.support.samples import MATCHED_VALUES
 
 
 class Clock:

@@ -8,8 +8,8 @@ from datetime import UTC
 from werkzeug import Response
 
 from pipeline.runner import Message, Runner
-from tests.conftest import MATCHED_VALUES
 from tests.support.alerts import StaticCredential, graph_alert, message
+from tests.support.samples import MATCHED_VALUES
 
 MEGAN = "megan.bowen@contoso.com"
 

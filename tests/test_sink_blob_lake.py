@@ -15,8 +15,9 @@ from azure.storage.blob import BlobServiceClient
 
 from pipeline.deliver.sinks.blob_lake import BlobLakeSink
 from pipeline.runner import Message, Runner
-from tests.conftest import MATCHED_VALUES, SAMPLES
+from tests.support.paths import SAMPLES
 from tests.support.records import make_record
+from tests.support.samples import MATCHED_VALUES
 
 pytestmark = pytest.mark.integration
 TENANT = "11111111-2222-3333-4444-555555555555"

@@ -129,7 +129,7 @@ async def test_itsm_ticket_carries_only_the_allow_list_while_the_lake_keeps_ever
 
 def test_the_azure_example_config_builds_every_sink(monkeypatch, tmp_path):
     from pipeline.config import load_config
-    from tests.conftest import ROOT
+    from tests.support.paths import ROOT
 
     env = {
         "DLP_SENTINEL_DCE_ENDPOINT": "https://dcr-x.westeurope-1.ingest.monitor.azure.com",

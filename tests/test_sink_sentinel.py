@@ -18,6 +18,7 @@ from werkzeug import Request, Response
 
 from pipeline.deliver.sinks.sentinel import SentinelSink
 from pipeline.deliver.sinks.sentinel_schema import COLUMNS, RESERVED, TABLE, table_schema
+from tests.support.paths import ROOT
 from tests.support.records import make_record
 
 RULE = "dcr-00000000000000000000000000000000"
@@ -192,9 +193,7 @@ async def test_an_untrusted_certificate_is_refused(endpoint, tmp_path):
 
 
 def test_shipped_table_and_dcr_match_the_code():
-    from pathlib import Path
-
-    deploy = Path(__file__).resolve().parents[1] / "deploy" / "sentinel"
+    deploy = ROOT / "deploy" / "sentinel"
     table = json.loads((deploy / "table.json").read_text())
     assert table == table_schema()
     dcr = json.loads((deploy / "dcr.json").read_text())

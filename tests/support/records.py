@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pipeline.ingest.formats import decode_message
 from pipeline.models import EnrichedRecord, EnrichmentStatus
+from tests.support.paths import FIXTURES
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "formats" / "graph_alert_v2_dlp.json"
+FIXTURE = FIXTURES / "graph_alert_v2_dlp.json"
 PROCESSED_AT = datetime(2025, 3, 14, 9, 30, tzinfo=UTC)
 
 
