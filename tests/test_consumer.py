@@ -13,7 +13,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 from datetime import UTC, datetime
@@ -28,30 +27,15 @@ from pipeline.errors import SinkOutage
 from pipeline.runner import Runner
 from tests import faults
 from tests.support.azurite import docker_available
+from tests.support.config import FAST_RETRIES, LAKE, pipeline_toml, sink_entry
 from tests.support.paths import ROOT
 
 NAMESPACE, HUB, GROUP = "ns.servicebus.windows.net", "dlp", "$Default"
 
-CONFIG = """
-[assembly]
-settle_seconds = 0
 
-[delivery]
-max_attempts = 2
-backoff_initial_seconds = 0.001
-backoff_max_seconds = 0.002
-budget_seconds = 5
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-settings = {{ fsync = false }}
-
-[[sinks]]
-name = "itsm"
-kind = "tests.faults:ScriptedSink"
-settings = {settings}
-"""
+def config(settings: dict) -> str:
+    """The lake and a scripted ITSM sink (`settings` are its script), two fast attempts per record."""
+    return pipeline_toml(delivery={**FAST_RETRIES, "max_attempts": 2}, sinks=[LAKE, sink_entry("itsm", "tests.faults:ScriptedSink", settings)])
 
 
 def received_event(body: bytes, sequence: int) -> EventData:
@@ -87,7 +71,7 @@ async def checkpoints(store) -> dict[str, tuple[int, str]]:
 
 @pytest.mark.integration
 async def test_checkpoint_stays_while_the_batch_raises_and_moves_once_it_is_accounted_for(write_config, fixture_bytes, checkpoint_store):
-    loaded = write_config(CONFIG.format(settings='{ label = "consumer-down", fail_first_calls = 2 }'))
+    loaded = write_config(config({"label": "consumer-down", "fail_first_calls": 2}))
     context = PartitionContext(NAMESPACE, HUB, GROUP, "0", checkpoint_store=checkpoint_store)
     batch = events(fixture_bytes, 5)
     async with Runner(loaded) as runner:
@@ -106,7 +90,7 @@ async def test_checkpoint_stays_while_the_batch_raises_and_moves_once_it_is_acco
 
 @pytest.mark.integration
 async def test_store_outage_retries_in_process_without_checkpointing(write_config, fixture_bytes, checkpoint_store):
-    loaded = write_config(CONFIG.format(settings='{ label = "consumer-ok" }'))
+    loaded = write_config(config({"label": "consumer-ok"}))
     context = PartitionContext(NAMESPACE, HUB, GROUP, "1", checkpoint_store=checkpoint_store)
     seen_while_failing = []
     async with Runner(loaded) as runner:
@@ -167,19 +151,8 @@ def test_consume_against_the_event_hubs_emulator(tmp_path, fixture_bytes):
                 storage_conn = f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};BlobEndpoint={blob};"
                 _send(hub_conn, fixture_bytes, 30)
                 config = tmp_path / "pipeline.toml"
-                config.write_text(textwrap.dedent("""
-                    [assembly]
-                    settle_seconds = 0
-                    [consumer]
-                    connection_string_env = "HUB_CONN"
-                    checkpoint_connection_string_env = "STORAGE_CONN"
-                    eventhub_name = "dlp"
-                    consumer_group = "pipeline"
-                    max_wait_seconds = 1
-                    [[sinks]]
-                    name = "lake"
-                    kind = "jsonl"
-                """))
+                consumer = {"connection_string_env": "HUB_CONN", "checkpoint_connection_string_env": "STORAGE_CONN", "eventhub_name": "dlp", "consumer_group": "pipeline", "max_wait_seconds": 1}
+                config.write_text(pipeline_toml(consumer=consumer, sinks=[sink_entry("lake", "jsonl")]))
                 env = {**os.environ, "PYTHONPATH": str(ROOT), "HUB_CONN": hub_conn, "STORAGE_CONN": storage_conn}
                 command = [sys.executable, "-m", "pipeline", "consume", "--config", str(config), "--out", str(tmp_path / "out"), "--idle-exit", "10"]
                 first = subprocess.run(command, env=env, capture_output=True, timeout=300)
@@ -206,7 +179,7 @@ def _send(connection_string: str, fixture_bytes, count: int) -> None:
 
 def test_consume_without_a_consumer_table_exits_2_in_one_line(tmp_path):
     config = tmp_path / "pipeline.toml"
-    config.write_text('[[sinks]]\nname = "lake"\nkind = "jsonl"\n')
+    config.write_text(pipeline_toml(assembly=None, sinks=[sink_entry("lake", "jsonl")]))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "pipeline", "consume", "--config", str(config)], cwd=tmp_path, env=env, capture_output=True, timeout=60)
     assert result.returncode == 2
@@ -216,16 +189,8 @@ def test_consume_without_a_consumer_table_exits_2_in_one_line(tmp_path):
 
 def _consume_config(tmp_path) -> str:
     config = tmp_path / "pipeline.toml"
-    config.write_text(textwrap.dedent("""
-        [consumer]
-        connection_string_env = "HUB_CONN"
-        checkpoint_connection_string_env = "STORAGE_CONN"
-        eventhub_name = "dlp"
-        checkpoint_container = "cp-idle"
-        [[sinks]]
-        name = "lake"
-        kind = "jsonl"
-    """))
+    consumer = {"connection_string_env": "HUB_CONN", "checkpoint_connection_string_env": "STORAGE_CONN", "eventhub_name": "dlp", "checkpoint_container": "cp-idle"}
+    config.write_text(pipeline_toml(assembly=None, consumer=consumer, sinks=[sink_entry("lake", "jsonl")]))
     return str(config)
 
 

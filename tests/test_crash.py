@@ -15,26 +15,14 @@ from pathlib import Path
 
 import orjson
 
+from tests.support.config import enricher_entry, pipeline_toml, sink_entry
 from tests.support.paths import FIXTURES, ROOT
 
 ALERTS = 2000
 POISON_EVERY = 500
 
-CONFIG = """
-[runner]
-batch_size = 10
-
-[assembly]
-settle_seconds = 0
-
-[[enrichers]]
-name = "sensitive_info"
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-settings = { fsync = true }
-"""
+# The lake with fsync on: what a SIGKILL leaves behind is what a crash on a real disk leaves.
+CONFIG = pipeline_toml(runner={"batch_size": 10}, enrichers=[enricher_entry("sensitive_info")], sinks=[sink_entry("lake", "jsonl", {"fsync": True})])
 
 
 def write_input(path: Path) -> set[str]:

@@ -12,6 +12,7 @@ from pipeline.errors import SinkOutage
 from pipeline.resilience.breaker import CircuitBreaker
 from pipeline.runner import Message, Runner
 from tests import faults
+from tests.support.config import FAST_RETRIES, LAKE, enricher_entry, pipeline_toml, sink_entry
 
 
 class Tick:
@@ -58,27 +59,14 @@ def test_a_trial_that_never_reports_back_expires_after_a_cooldown():
     assert breaker.allow()
 
 
-CONFIG = """
-[assembly]
-settle_seconds = 0
-
-[delivery]
-max_attempts = 3
-backoff_initial_seconds = 0.001
-backoff_max_seconds = 0.002
-budget_seconds = 5
-{delivery}
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-settings = {{ fsync = false }}
-
-[[sinks]]
-name = "itsm"
-kind = "tests.faults:ScriptedSink"
-settings = {settings}
-"""
+def config(settings: dict, *, runner: dict | None = None, enrichers: list[dict] | None = None, **delivery) -> str:
+    """The lake and a scripted ITSM sink (`settings` are its script), fast retries plus `delivery`."""
+    return pipeline_toml(
+        runner=runner,
+        delivery={**FAST_RETRIES, **delivery},
+        enrichers=enrichers or [],
+        sinks=[LAKE, sink_entry("itsm", "tests.faults:ScriptedSink", settings)],
+    )
 
 
 def graph_alerts(fixture_bytes, count: int, prefix: str = "alert") -> list[Message]:
@@ -96,7 +84,7 @@ def lake_ids(runner: Runner) -> list[str]:
 
 
 async def test_sink_down_for_the_whole_batch_raises_without_dead_lettering_and_the_rerun_delivers(write_config, fixture_bytes):
-    loaded = write_config(CONFIG.format(delivery="", settings='{ label = "down", fail_first_calls = 3 }'))
+    loaded = write_config(config({"label": "down", "fail_first_calls": 3}))
     batch = graph_alerts(fixture_bytes, 3) + [split_alert(fixture_bytes)]
     async with Runner(loaded) as runner:
         with pytest.raises(SinkOutage) as caught:
@@ -112,7 +100,7 @@ async def test_sink_down_for_the_whole_batch_raises_without_dead_lettering_and_t
 
 
 async def test_outage_is_bounded_by_max_batch_redeliveries_counted_durably(write_config, fixture_bytes):
-    loaded = write_config(CONFIG.format(delivery="max_batch_redeliveries = 2", settings='{ label = "dead", fail_first_calls = 999 }'))
+    loaded = write_config(config({"label": "dead", "fail_first_calls": 999}, max_batch_redeliveries=2))
     batch = graph_alerts(fixture_bytes, 2)
     for _ in range(2):  # a fresh runner each time, as after a restart: the count is in the state store
         async with Runner(loaded) as runner:
@@ -127,15 +115,15 @@ async def test_outage_is_bounded_by_max_batch_redeliveries_counted_durably(write
 
 
 async def test_on_outage_dead_letter_never_raises(write_config, fixture_bytes):
-    loaded = write_config(CONFIG.format(delivery='on_outage = "dead_letter"', settings='{ label = "dead2", fail_first_calls = 999 }'))
+    loaded = write_config(config({"label": "dead2", "fail_first_calls": 999}, on_outage="dead_letter"))
     async with Runner(loaded) as runner:
         report = await runner.process_batch(graph_alerts(fixture_bytes, 2))
     assert report.dead_lettered == {"deliver": 2}
 
 
 async def test_a_sink_that_takes_some_records_is_not_down_the_rest_is_dead_lettered(write_config, fixture_bytes):
-    settings = '{ label = "partial", retryable_alert_ids = ["alert-1"], reject_alert_ids = ["alert-2"] }'
-    async with Runner(write_config(CONFIG.format(delivery="", settings=settings))) as runner:
+    settings = {"label": "partial", "retryable_alert_ids": ["alert-1"], "reject_alert_ids": ["alert-2"]}
+    async with Runner(write_config(config(settings))) as runner:
         report = await runner.process_batch(graph_alerts(fixture_bytes, 3))
         entries = {e.alert_id: e.reason for e in await runner.dead_letter.list()}
     assert report.delivered == {"lake": 3, "itsm": 1}
@@ -144,8 +132,7 @@ async def test_a_sink_that_takes_some_records_is_not_down_the_rest_is_dead_lette
 
 async def test_open_sink_breaker_stops_calling_the_sink_until_the_cooldown(write_config, fixture_bytes):
     clock = Tick()
-    delivery = "breaker_threshold = 2\nbreaker_cooldown_seconds = 60\nmax_batch_redeliveries = 0"
-    loaded = write_config(CONFIG.format(delivery=delivery, settings='{ label = "tripped", fail_first_calls = 999 }'))
+    loaded = write_config(config({"label": "tripped", "fail_first_calls": 999}, breaker_threshold=2, breaker_cooldown_seconds=60, max_batch_redeliveries=0))
     async with Runner(loaded, breaker_clock=clock) as runner:
         await runner.process_batch(graph_alerts(fixture_bytes, 1, "a"))
         sink = faults.INSTANCES["tripped"]
@@ -161,11 +148,13 @@ async def test_open_sink_breaker_stops_calling_the_sink_until_the_cooldown(write
 
 
 async def test_open_enricher_breaker_fails_fast_with_circuit_open_and_alerts_still_flow(write_config, fixture_bytes):
-    config = "[runner]\nmax_concurrent_alerts = 1\nenricher_breaker_threshold = 3\n" + CONFIG.format(delivery="", settings='{ label = "ok" }')
-    config += '\n[[enrichers]]\nname = "counting_explodes"\nuse = "tests.faults:CountingExplodes"\n'
-    config += '\n[[enrichers]]\nname = "counting_hangs"\nuse = "tests.faults:CountingHangs"\n'
+    text = config(
+        {"label": "ok"},
+        runner={"max_concurrent_alerts": 1, "enricher_breaker_threshold": 3},
+        enrichers=[enricher_entry("counting_explodes", "tests.faults:CountingExplodes"), enricher_entry("counting_hangs", "tests.faults:CountingHangs")],
+    )
     faults.CountingExplodes.calls = faults.CountingHangs.calls = 0
-    async with Runner(write_config(config)) as runner:
+    async with Runner(write_config(text)) as runner:
         report = await runner.process_batch(graph_alerts(fixture_bytes, 10))
         lines = [json.loads(line) for path in runner.loaded.data_path("lake").rglob("*.jsonl") for line in path.read_text().splitlines()]
     assert faults.CountingExplodes.calls == 3 and faults.CountingHangs.calls == 3
@@ -182,16 +171,16 @@ def test_cli_run_with_a_sink_down_exits_1_saying_run_again_then_the_rerun_delive
     from tests.support.paths import ROOT
 
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(m.body for m in graph_alerts(fixture_bytes, 5)) + b"\n")
-    config = tmp_path / "pipeline.toml"
+    path = tmp_path / "pipeline.toml"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "pipeline", "run", "in.jsonl", "--config", "pipeline.toml", "--out", "out"]
-    config.write_text(CONFIG.format(delivery="", settings='{ label = "cli", fail_first_calls = 999 }'))
+    path.write_text(config({"label": "cli", "fail_first_calls": 999}))
     down = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=120)
     assert down.returncode == 1
     (line,) = down.stderr.decode().strip().splitlines()[-1:]
     assert "sink(s) itsm unavailable for the whole batch" in line and line.endswith("nothing is lost: run again")
     assert not list((tmp_path / "out" / "dead-letter").glob("*.json"))
-    config.write_text(CONFIG.format(delivery="", settings='{ label = "cli" }'))
+    path.write_text(config({"label": "cli"}))
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, timeout=120)
     assert again.returncode == 0, again.stderr.decode()
     assert "delivered:           itsm=5, lake=5" in again.stdout.decode()
@@ -208,9 +197,9 @@ async def test_functions_trigger_raises_for_an_outage_and_its_last_retry_dead_le
 
     retry = FUNCTIONS["dlp_alerts"].get_setting("retry_policy").get_dict_repr()
     max_retry_count = int(retry["max_retry_count"])
-    config = tmp_path / "pipeline.toml"
-    config.write_text(CONFIG.format(delivery=f"max_batch_redeliveries = {max_retry_count}", settings='{ label = "fn", fail_first_calls = 9999 }'))
-    monkeypatch.setenv("DLP_PIPELINE_CONFIG", str(config))
+    path = tmp_path / "pipeline.toml"
+    path.write_text(config({"label": "fn", "fail_first_calls": 9999}, max_batch_redeliveries=max_retry_count))
+    monkeypatch.setenv("DLP_PIPELINE_CONFIG", str(path))
     monkeypatch.setenv("DLP_PIPELINE_DATA_DIR", str(tmp_path / "data"))
     await functions.reset_runner()
     events = [
@@ -233,7 +222,7 @@ async def test_functions_trigger_raises_for_an_outage_and_its_last_retry_dead_le
 async def test_retry_waits_at_least_the_sinks_retry_after(write_config, fixture_bytes):
     import time
 
-    loaded = write_config(CONFIG.format(delivery="", settings='{ label = "throttled", fail_first_calls = 1, retry_after = 0.3 }'))
+    loaded = write_config(config({"label": "throttled", "fail_first_calls": 1, "retry_after": 0.3}))
     async with Runner(loaded) as runner:
         started = time.monotonic()
         report = await runner.process_batch(graph_alerts(fixture_bytes, 2))

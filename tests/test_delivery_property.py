@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import textwrap
 from pathlib import Path
 
 import orjson
@@ -18,33 +17,16 @@ from pipeline.config import load_config
 from pipeline.errors import SinkOutage
 from pipeline.runner import Message, Runner
 from tests import faults
+from tests.support.config import FAST_RETRIES, LAKE, pipeline_toml, sink_entry
 from tests.support.paths import FIXTURES
 
 GRAPH = json.loads((FIXTURES / "graph_alert_v2_dlp.json").read_text())
 
-CONFIG = """
-[assembly]
-settle_seconds = 0
-
-[delivery]
-max_attempts = 3
-backoff_initial_seconds = 0
-backoff_max_seconds = 0
-budget_seconds = 5
-max_batch_redeliveries = 2
-breaker_threshold = {breaker}
-breaker_cooldown_seconds = 0
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-settings = {{ fsync = false }}
-
-[[sinks]]
-name = "itsm"
-kind = "tests.faults:ScriptedSink"
-settings = {{ label = "prop", fail_ratio = {fail_ratio}, seed = {seed}, retryable_alert_ids = {retryable}, reject_alert_ids = {rejected} }}
-"""
+def config(*, fail_ratio: float, seed: int, retryable: list[str], rejected: list[str], breaker: int) -> str:
+    """The lake and a scripted ITSM sink failing at random; retries without backoff, breakers without cool-down."""
+    delivery = {**FAST_RETRIES, "backoff_initial_seconds": 0, "backoff_max_seconds": 0, "max_batch_redeliveries": 2, "breaker_threshold": breaker, "breaker_cooldown_seconds": 0}
+    script = {"label": "prop", "fail_ratio": fail_ratio, "seed": seed, "retryable_alert_ids": retryable, "reject_alert_ids": rejected}
+    return pipeline_toml(delivery=delivery, sinks=[LAKE, sink_entry("itsm", "tests.faults:ScriptedSink", script)])
 
 
 @st.composite
@@ -75,11 +57,9 @@ async def test_every_alert_is_accounted_for_once(scenario):
             messages.append(Message(b"{poison " + str(i).encode(), source=f"poison{i}"))
             poison += 1
     with tempfile.TemporaryDirectory() as temp:
-        config = Path(temp) / "pipeline.toml"
-        config.write_text(textwrap.dedent(CONFIG.format(
-            fail_ratio=scenario["fail_ratio"], seed=scenario["seed"], retryable=json.dumps(retryable), rejected=json.dumps(rejected), breaker=scenario["breaker"],
-        )))
-        async with Runner(load_config(config, data_dir=Path(temp) / "out")) as runner:
+        path = Path(temp) / "pipeline.toml"
+        path.write_text(config(fail_ratio=scenario["fail_ratio"], seed=scenario["seed"], retryable=retryable, rejected=rejected, breaker=scenario["breaker"]))
+        async with Runner(load_config(path, data_dir=Path(temp) / "out")) as runner:
             size = scenario["batch_size"]
             for start in range(0, len(messages), size):
                 batch = messages[start : start + size]

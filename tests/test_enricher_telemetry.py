@@ -12,6 +12,7 @@ from werkzeug import Response
 from pipeline.errors import ConfigError
 from pipeline.runner import Runner
 from tests.support.alerts import StaticCredential, graph_alert, message
+from tests.support.config import LAKE_SINK_TOML
 
 LOCAL = 'allow_private_hosts = ["localhost", "127.0.0.1"]'
 
@@ -26,12 +27,7 @@ timeout_seconds = {timeout}
 [enrichers.settings]
 window_minutes = 30
 {sources}
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-[sinks.settings]
-fsync = false
-"""
+""" + LAKE_SINK_TOML
 
 
 def okta(url: str, extra: str = "") -> str:

@@ -19,36 +19,16 @@ import pytest
 from pipeline.errors import SinkOutage, StoreUnavailable
 from pipeline.runner import Message, Runner
 from tests import faults
+from tests.support.config import LAKE, enricher_entry, pipeline_toml, sink_entry
 from tests.test_delivery import Tick
 
-CONFIG = """
-[runner]
-max_concurrent_alerts = 8
 
-[assembly]
-settle_seconds = 0
-
-[delivery]
-max_attempts = 6
-backoff_initial_seconds = 0.001
-backoff_max_seconds = 0.005
-budget_seconds = 10
-breaker_threshold = 50
-
-[[enrichers]]
-name = "sensitive_info"
-{enrichers}
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-settings = {{ fsync = false }}
-
-[[sinks]]
-name = "itsm"
-kind = "tests.faults:HttpTicketSink"
-settings = {{ url = "{url}", timeout_seconds = 0.3 }}
-"""
+def config(url: str = "http://127.0.0.1:9", *, enrichers: list[dict] | None = None, itsm: str | None = "tests.faults:HttpTicketSink") -> str:
+    """Eight alerts at a time through sensitive_info (then `enrichers`) to the lake and, unless `itsm`
+    is None, an HTTP ticket sink of that kind at `url`; six fast attempts, a breaker that stays closed."""
+    delivery = {"max_attempts": 6, "backoff_initial_seconds": 0.001, "backoff_max_seconds": 0.005, "budget_seconds": 10, "breaker_threshold": 50}
+    tickets = [sink_entry("itsm", itsm, {"url": url, "timeout_seconds": 0.3})] if itsm else []
+    return pipeline_toml(runner={"max_concurrent_alerts": 8}, delivery=delivery, enrichers=[enricher_entry("sensitive_info"), *(enrichers or [])], sinks=[LAKE, *tickets])
 
 
 def alerts(fixture_bytes, count: int, prefix: str = "alert") -> list[Message]:
@@ -97,7 +77,7 @@ def ticket_server(httpserver):
 )
 async def test_http_sink_faults_lose_nothing_and_duplicate_no_ticket(write_config, fixture_bytes, ticket_server, injected, expect_dead):
     ticket_server.faults = list(injected)
-    async with Runner(write_config(CONFIG.format(url=ticket_server.url, enrichers=""))) as runner:
+    async with Runner(write_config(config(ticket_server.url))) as runner:
         report = await runner.process_batch(alerts(fixture_bytes, 12))
         await assert_accounted(runner, ticket_server, {f"alert-{i:04d}" for i in range(12)})
     assert report.dead_lettered.get("deliver", 0) == expect_dead
@@ -108,9 +88,8 @@ async def test_http_sink_faults_lose_nothing_and_duplicate_no_ticket(write_confi
 
 async def test_http_sink_down_for_the_batch_raises_then_the_rerun_delivers_once(write_config, fixture_bytes, ticket_server):
     ticket_server.faults = [500] * 6 * 5  # every call of the first run: 5 records x 6 attempts
-    config = CONFIG.format(url=ticket_server.url, enrichers="")
     batch = alerts(fixture_bytes, 5)
-    async with Runner(write_config(config)) as runner:
+    async with Runner(write_config(config(ticket_server.url))) as runner:
         with pytest.raises(SinkOutage):
             await runner.process_batch(batch)
         assert await runner.dead_letter.list() == [] and not ticket_server.created
@@ -134,7 +113,7 @@ POISON = [
 
 
 async def test_poison_messages_failing_enrichers_and_throttling_together(write_config, fixture_bytes, ticket_server):
-    enrichers = '[[enrichers]]\nname = "counting_explodes"\nuse = "tests.faults:CountingExplodes"\n[[enrichers]]\nname = "counting_hangs"\nuse = "tests.faults:CountingHangs"\n'
+    enrichers = [enricher_entry("counting_explodes", "tests.faults:CountingExplodes"), enricher_entry("counting_hangs", "tests.faults:CountingHangs")]
     ticket_server.faults = [429, "drop", 500, "timeout"]
     good = alerts(fixture_bytes, 20)
     batch = []
@@ -142,7 +121,7 @@ async def test_poison_messages_failing_enrichers_and_throttling_together(write_c
         batch.append(message)
         if i < len(POISON):
             batch.append(Message(POISON[i], source=f"poison:{i}"))
-    async with Runner(write_config(CONFIG.format(url=ticket_server.url, enrichers=enrichers))) as runner:
+    async with Runner(write_config(config(ticket_server.url, enrichers=enrichers))) as runner:
         report = await runner.process_batch(batch)
         await assert_accounted(runner, ticket_server, {f"alert-{i:04d}" for i in range(20)})
         entries = await runner.dead_letter.list()
@@ -154,7 +133,7 @@ async def test_poison_messages_failing_enrichers_and_throttling_together(write_c
 
 
 async def test_state_store_locked_raises_and_the_rerun_delivers_once(write_config, fixture_bytes, ticket_server):
-    loaded = write_config(CONFIG.format(url=ticket_server.url, enrichers=""))
+    loaded = write_config(config(ticket_server.url))
     batch = alerts(fixture_bytes, 6) + [Message(fixture_bytes("streaming_dlp_batch.json"), source="split")]
     async with Runner(loaded) as runner:
         runner.state.connection.execute("PRAGMA busy_timeout=50")
@@ -175,10 +154,9 @@ async def test_state_store_locked_raises_and_the_rerun_delivers_once(write_confi
 
 async def test_state_store_failing_after_delivery_reruns_without_duplicates(write_config, fixture_bytes, ticket_server):
     """The store fails right after the sink wrote, before mark_emitted: nothing is lost, no ticket is created twice."""
-    config = CONFIG.format(url=ticket_server.url, enrichers="").replace("tests.faults:HttpTicketSink", "tests.faults:HttpTicketSinkThenStateDown")
     clock = Tick()
     batch = [Message(fixture_bytes("streaming_dlp_batch.json"), source="split")] + alerts(fixture_bytes, 3)
-    async with Runner(write_config(config), clock=clock) as runner:
+    async with Runner(write_config(config(ticket_server.url, itsm="tests.faults:HttpTicketSinkThenStateDown")), clock=clock) as runner:
         runner.state.connection.execute("PRAGMA busy_timeout=50")
         try:
             with pytest.raises(StoreUnavailable):
@@ -197,7 +175,7 @@ async def test_state_store_failing_after_delivery_reruns_without_duplicates(writ
 
 async def test_lake_append_cut_short_is_repaired_on_open(write_config, fixture_bytes):
     """What a crash between the append and the index write leaves behind is cut back, then written once."""
-    loaded = write_config(CONFIG.format(url="http://127.0.0.1:9", enrichers="").split("[[sinks]]\nname = \"itsm\"")[0])
+    loaded = write_config(config(itsm=None))
     batch = alerts(fixture_bytes, 3)
     async with Runner(loaded) as runner:
         await runner.process_batch(batch[:1])

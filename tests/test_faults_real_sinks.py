@@ -16,51 +16,23 @@ from azure.storage.blob import ContainerClient
 
 from pipeline.ingest.inputs import read_messages
 from pipeline.runner import Runner
+from tests.support.config import enricher_entry, pipeline_toml, sink_entry
 from tests.support.itsm_servers import Failure, Jira, ServiceNow
 from tests.support.paths import SAMPLES
 
 pytestmark = pytest.mark.integration
 
-CONFIG = """
-[assembly]
-settle_seconds = 0
-
-[delivery]
-max_attempts = 10
-backoff_initial_seconds = 0.01
-backoff_max_seconds = 0.02
-budget_seconds = 10
-
-[[enrichers]]
-name = "sensitive_info"
-
-[[sinks]]
-name = "snow"
-kind = "servicenow"
-[sinks.settings]
-instance_url = "{base}"
-username = "svc-dlp"
-password_env = "TEST_SNOW_PASSWORD"
-timeout_seconds = 5
-
-[[sinks]]
-name = "jira"
-kind = "jira"
-[sinks.settings]
-site_url = "{base}"
-email = "dlp-bot@contoso.com"
-api_token_env = "TEST_JIRA_TOKEN"
-project_key = "SEC"
-timeout_seconds = 5
-
-[[sinks]]
-name = "lake"
-kind = "blob"
-[sinks.settings]
-connection_string_env = "TEST_LAKE_CONNECTION"
-container = "{container}"
-create_container = true
-"""
+def config(base: str, container: str) -> str:
+    """ServiceNow and Jira at `base`, the Blob lake in `container`; ten fast attempts per record."""
+    return pipeline_toml(
+        delivery={"max_attempts": 10, "backoff_initial_seconds": 0.01, "backoff_max_seconds": 0.02, "budget_seconds": 10},
+        enrichers=[enricher_entry("sensitive_info")],
+        sinks=[
+            sink_entry("snow", "servicenow", {"instance_url": base, "username": "svc-dlp", "password_env": "TEST_SNOW_PASSWORD", "timeout_seconds": 5}),
+            sink_entry("jira", "jira", {"site_url": base, "email": "dlp-bot@contoso.com", "api_token_env": "TEST_JIRA_TOKEN", "project_key": "SEC", "timeout_seconds": 5}),
+            sink_entry("lake", "blob", {"connection_string_env": "TEST_LAKE_CONNECTION", "container": container, "create_container": True}),
+        ],
+    )
 
 
 @pytest.fixture
@@ -81,7 +53,7 @@ def blob_names(container: ContainerClient) -> list[str]:
 
 async def test_outages_redelivery_and_a_rerun_lose_nothing_and_duplicate_nothing(httpserver, services, write_config, tmp_path):
     snow, jira, container = services
-    config = CONFIG.format(base=httpserver.url_for("/").rstrip("/"), container=container.container_name)
+    text = config(httpserver.url_for("/").rstrip("/"), container.container_name)
     messages = list(read_messages([str(SAMPLES)]))
     snow.failures.extend([
         Failure("GET", 429, {"Retry-After": "0"}),
@@ -95,7 +67,7 @@ async def test_outages_redelivery_and_a_rerun_lose_nothing_and_duplicate_nothing
         Failure("PUT", 500),
     ])
 
-    async with Runner(write_config(config)) as runner:
+    async with Runner(write_config(text)) as runner:
         first = await runner.process_batch(messages, flush=True)
         assert first.alerts > 0 and not first.dead_lettered.get("deliver")
         assert first.delivered == {"snow": first.alerts, "jira": first.alerts, "lake": first.alerts}  # nothing lost
@@ -108,7 +80,7 @@ async def test_outages_redelivery_and_a_rerun_lose_nothing_and_duplicate_nothing
     assert redelivered.delivered.get("snow", 0) == redelivered.alerts
     assert len(snow.tickets) == len(tickets) and len(jira.issues) == len(issues) and blob_names(container) == blobs
 
-    rerun_config = write_config(config, name="rerun.toml")
+    rerun_config = write_config(text, name="rerun.toml")
     rerun_config.data_dir = tmp_path / "state-lost"  # a re-run from scratch: no local state survived
     snow.failures.append(Failure("POST", 503))
     jira.failures.append(Failure("GET", 500))

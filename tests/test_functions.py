@@ -10,6 +10,7 @@ import pytest
 
 import function_app
 from pipeline.entrypoints import functions
+from tests.support.config import enricher_entry, pipeline_toml, sink_entry
 from tests.support.paths import SAMPLES
 
 # get_functions() indexes the app and may only be called once per process, as the host does.
@@ -32,7 +33,7 @@ def test_trigger_bindings_are_as_documented():
 @pytest.fixture
 async def functions_env(tmp_path, monkeypatch):
     config = tmp_path / "pipeline.toml"
-    config.write_text('[assembly]\nsettle_seconds = 0\n[[enrichers]]\nname = "sensitive_info"\n[[sinks]]\nname = "lake"\nkind = "jsonl"\n')
+    config.write_text(pipeline_toml(enrichers=[enricher_entry("sensitive_info")], sinks=[sink_entry("lake", "jsonl")]))
     monkeypatch.setenv("DLP_PIPELINE_CONFIG", str(config))
     monkeypatch.setenv("DLP_PIPELINE_DATA_DIR", str(tmp_path / "data"))
     await functions.reset_runner()

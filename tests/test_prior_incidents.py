@@ -14,14 +14,7 @@ from werkzeug import Response
 from pipeline.runner import Runner
 from pipeline.state.history import HistoryEntry, HistorySettings, TableHistoryStore
 from tests.support.alerts import StaticCredential, graph_alert, message
-
-SINK = """
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-[sinks.settings]
-fsync = false
-"""
+from tests.support.config import LAKE_SINK_TOML
 
 
 def config(store: str = "", extra: str = "") -> str:
@@ -34,7 +27,7 @@ name = "prior_incidents"
 max_recent = 2
 {extra}
 {store}
-""" + SINK
+""" + LAKE_SINK_TOML
 
 
 def lake(runner: Runner) -> dict[str, dict]:

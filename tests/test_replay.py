@@ -16,32 +16,18 @@ from pipeline.deadletter.blob import BlobDeadLetterStore
 from pipeline.entrypoints.replay import replay_dead_letters
 from pipeline.runner import Message, Runner
 from tests import faults
+from tests.support.config import FAST_RETRIES, LAKE, pipeline_toml, sink_entry
 from tests.support.paths import ROOT
 from tests.test_faults import lake_records
 
-CONFIG = """
-[assembly]
-settle_seconds = 0
 
-[delivery]
-max_attempts = 2
-backoff_initial_seconds = 0.001
-backoff_max_seconds = 0.002
-budget_seconds = 5
-{delivery}
-
-{dead_letter}
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-settings = {{ fsync = false }}
-
-[[sinks]]
-name = "itsm"
-kind = "tests.faults:HttpTicketSink"
-settings = {{ url = "{url}" }}
-"""
+def config(url: str, *, dead_letter: dict | None = None) -> str:
+    """The lake and an HTTP ticket sink at `url`, two fast attempts per record; `dead_letter` as given."""
+    return pipeline_toml(
+        delivery={**FAST_RETRIES, "max_attempts": 2},
+        dead_letter=dead_letter,
+        sinks=[LAKE, sink_entry("itsm", "tests.faults:HttpTicketSink", {"url": url})],
+    )
 
 
 @pytest.fixture
@@ -55,7 +41,7 @@ def graph(fixture_bytes, alert_id: str) -> bytes:
 
 
 async def test_deliver_stage_entries_go_to_their_sink_only_and_replaying_twice_writes_nothing_twice(write_config, fixture_bytes, ticket_server):
-    loaded = write_config(CONFIG.format(url=ticket_server.url, delivery="", dead_letter=""))
+    loaded = write_config(config(ticket_server.url))
     ticket_server.faults = [400, 413]  # the ITSM rejects two records (e.g. a field it no longer accepts)
     async with Runner(loaded) as runner:
         report = await runner.process_batch([Message(graph(fixture_bytes, f"a{i}")) for i in range(4)])
@@ -74,7 +60,7 @@ async def test_deliver_stage_entries_go_to_their_sink_only_and_replaying_twice_w
 
 
 async def test_an_entry_that_fails_again_stays_with_one_more_attempt(write_config, fixture_bytes, ticket_server):
-    loaded = write_config(CONFIG.format(url=ticket_server.url, delivery="", dead_letter=""))
+    loaded = write_config(config(ticket_server.url))
     ticket_server.faults = [400]
     async with Runner(loaded) as runner:
         await runner.process_batch([Message(graph(fixture_bytes, "a0"))])
@@ -89,7 +75,7 @@ async def test_an_entry_that_fails_again_stays_with_one_more_attempt(write_confi
 
 
 async def test_undecodable_body_stays_dead_without_touching_the_lake(write_config, ticket_server):
-    loaded = write_config(CONFIG.format(url=ticket_server.url, delivery="", dead_letter=""))
+    loaded = write_config(config(ticket_server.url))
     async with Runner(loaded) as runner:
         await runner.process_batch([Message(b"{not json", source="f:1"), Message(b'{"records": [1]}', source="f:2")])
     lake = loaded.data_path("lake")
@@ -104,7 +90,7 @@ async def test_undecodable_body_stays_dead_without_touching_the_lake(write_confi
 
 async def test_decode_and_assemble_entries_that_now_make_alerts_are_delivered_to_every_sink(write_config, fixture_bytes, ticket_server):
     """E.g. entries written by an older version whose decoder rejected them."""
-    loaded = write_config(CONFIG.format(url=ticket_server.url, delivery="", dead_letter=""))
+    loaded = write_config(config(ticket_server.url))
     store = LocalDeadLetterStore(loaded.data_path("dead-letter"))
     good_message = graph(fixture_bytes, "from-decode")
     good_record = json.loads(graph(fixture_bytes, "from-record"))
@@ -170,8 +156,7 @@ async def test_blob_store_keeps_one_blob_per_entry_and_counts_attempts(azurite):
 async def test_replay_from_the_blob_store(write_config, fixture_bytes, ticket_server, azurite, monkeypatch):
     monkeypatch.setenv("DL_CONN", azurite.connection_string)
     container = f"dl-{uuid.uuid4().hex[:8]}"
-    dead_letter = f'[dead_letter]\nkind = "blob"\ncontainer = "{container}"\nconnection_string_env = "DL_CONN"\n'
-    loaded = write_config(CONFIG.format(url=ticket_server.url, delivery="", dead_letter=dead_letter))
+    loaded = write_config(config(ticket_server.url, dead_letter={"kind": "blob", "container": container, "connection_string_env": "DL_CONN"}))
     ticket_server.faults = [400]
     async with Runner(loaded) as runner:
         assert isinstance(runner.dead_letter, BlobDeadLetterStore)

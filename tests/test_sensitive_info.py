@@ -9,6 +9,7 @@ from werkzeug import Response
 
 from pipeline.runner import Message, Runner
 from tests.support.alerts import StaticCredential, graph_alert, message
+from tests.support.config import LAKE_SINK_TOML
 from tests.support.samples import MATCHED_VALUES
 
 MEGAN = "megan.bowen@contoso.com"
@@ -23,12 +24,7 @@ name = "sensitive_info"
 [enrichers.settings]
 window_minutes = 30
 {extra}
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-[sinks.settings]
-fsync = false
-"""
+""" + LAKE_SINK_TOML
 
 
 def lake(runner: Runner) -> dict[str, dict]:

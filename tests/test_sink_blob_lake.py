@@ -15,6 +15,7 @@ from azure.storage.blob import BlobServiceClient
 
 from pipeline.deliver.sinks.blob_lake import BlobLakeSink
 from pipeline.runner import Message, Runner
+from tests.support.config import blob_lake_entry, enricher_entry, pipeline_toml
 from tests.support.paths import SAMPLES
 from tests.support.records import make_record
 from tests.support.samples import MATCHED_VALUES
@@ -134,33 +135,16 @@ def test_settings_need_exactly_one_way_to_connect():
         BlobLakeSink.Settings(account_url="https://x.blob.core.windows.net", connection_string_env="X")
 
 
-LAKE_IN_AZURITE = """
-[assembly]
-settle_seconds = 0
-
-[[sinks]]
-name = "lake"
-kind = "blob"
-[sinks.settings]
-connection_string_env = "TEST_LAKE_CONNECTION"
-container = "{container}"
-create_container = true
-
-[[sinks]]
-name = "pseudonymised"
-kind = "blob"
-pseudonymise = {{ key_env = "TEST_PSEUDONYM_KEY" }}
-[sinks.settings]
-connection_string_env = "TEST_LAKE_CONNECTION"
-container = "{container}"
-prefix = "pseudonymised"
-create_container = true
-"""
+def lake_in_azurite(container: str) -> str:
+    """Two Blob lakes in `container`: the full records, and pseudonymised ones under their own prefix."""
+    pseudonymised = blob_lake_entry(container, name="pseudonymised", prefix="pseudonymised")
+    pseudonymised["pseudonymise"] = {"key_env": "TEST_PSEUDONYM_KEY"}
+    return pipeline_toml(sinks=[blob_lake_entry(container), pseudonymised])
 
 
 async def test_a_pipeline_run_writes_the_expected_blobs_and_a_rerun_adds_none(container, write_config, monkeypatch):
     monkeypatch.setenv("TEST_PSEUDONYM_KEY", "k" * 32)
-    loaded = write_config(LAKE_IN_AZURITE.format(container=container.container_name))
+    loaded = write_config(lake_in_azurite(container.container_name))
     from pipeline.ingest.inputs import read_messages
 
     messages: list[Message] = list(read_messages([str(SAMPLES)]))
@@ -184,7 +168,7 @@ async def test_a_pipeline_run_writes_the_expected_blobs_and_a_rerun_adds_none(co
     masked_text = b"".join(gzip.decompress(d) for d in masked.values())
     assert b"megan.bowen" not in masked_text.lower() and b"Megan Bowen" not in masked_text and b'"hmac:' in masked_text
 
-    loaded = write_config(LAKE_IN_AZURITE.format(container=container.container_name), name="again.toml")
+    loaded = write_config(lake_in_azurite(container.container_name), name="again.toml")
     loaded.data_dir = loaded.data_dir.parent / "fresh-out"  # a re-run from scratch: same batch, new state
     async with Runner(loaded) as runner:
         await runner.process_batch(messages, flush=True)
@@ -197,11 +181,7 @@ def test_the_cli_run_with_the_lake_in_azurite(container, tmp_path, monkeypatch):
     from tests.test_cli import run_cli, summary
 
     config = tmp_path / "azurite.toml"
-    config.write_text(
-        "[assembly]\nsettle_seconds = 0\n\n[[enrichers]]\nname = \"sensitive_info\"\n\n"
-        f"[[sinks]]\nname = \"lake\"\nkind = \"blob\"\n[sinks.settings]\nconnection_string_env = \"TEST_LAKE_CONNECTION\"\n"
-        f"container = \"{container.container_name}\"\ncreate_container = true\n"
-    )
+    config.write_text(pipeline_toml(enrichers=[enricher_entry("sensitive_info")], sinks=[blob_lake_entry(container.container_name)]))
     assert os.environ["TEST_LAKE_CONNECTION"]  # set by the fixture; the subprocess inherits it
     result = run_cli("run", "--config", str(config), "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr.decode()

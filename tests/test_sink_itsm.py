@@ -12,6 +12,7 @@ from pipeline.deliver.sinks.jira import JiraSink
 from pipeline.deliver.sinks.servicenow import ServiceNowSink
 from pipeline.errors import ConfigError
 from pipeline.runner import Message, Runner
+from tests.support.config import pipeline_toml, sink_entry
 from tests.support.itsm_servers import Failure, Jira, ServiceNow, adf_text
 from tests.support.records import make_record
 
@@ -107,21 +108,10 @@ async def test_servicenow_lost_create_response_does_not_open_a_second_ticket(htt
 
 
 async def test_servicenow_retries_through_the_runner_and_rejects_4xx(httpserver, snow, write_config, fixture_bytes):
-    config = f"""
-[assembly]
-settle_seconds = 0
-[delivery]
-max_attempts = 3
-backoff_initial_seconds = 0.01
-budget_seconds = 5
-[[sinks]]
-name = "snow"
-kind = "servicenow"
-[sinks.settings]
-instance_url = "{httpserver.url_for('/')}"
-username = "svc-dlp"
-password_env = "TEST_SNOW_PASSWORD"
-"""
+    config = pipeline_toml(
+        delivery={"max_attempts": 3, "backoff_initial_seconds": 0.01, "budget_seconds": 5},
+        sinks=[sink_entry("snow", "servicenow", {"instance_url": httpserver.url_for("/"), "username": "svc-dlp", "password_env": "TEST_SNOW_PASSWORD"})],
+    )
     snow.failures.extend([Failure("GET", 429, {"Retry-After": "0"}), Failure("GET", 503)])
     async with Runner(write_config(config)) as runner:
         report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])

@@ -15,6 +15,7 @@ from pipeline.config import PseudonymiseSettings
 from pipeline.deliver.minimise import Minimiser, alert_key
 from pipeline.errors import ConfigError
 from pipeline.runner import Message, Runner
+from tests.support.config import LAKE, blob_lake_entry, pipeline_toml, sink_entry
 from tests.support.itsm_servers import ServiceNow
 from tests.support.records import make_record
 
@@ -64,29 +65,13 @@ def test_a_missing_pseudonym_key_fails_at_start_naming_the_key(write_config, mon
     assert "sinks[0].pseudonymise.key_env" in str(caught.value) and "NO_SUCH_KEY_VAR is not set" in str(caught.value)
 
 
-CONFIG = """
-[assembly]
-settle_seconds = 0
-
-[[sinks]]
-name = "lake"
-kind = "blob"
-[sinks.settings]
-connection_string_env = "TEST_LAKE_CONNECTION"
-container = "{container}"
-create_container = true
-
-[[sinks]]
-name = "snow"
-kind = "servicenow"
-fields = {fields}
-[sinks.when]
-severity_at_least = "high"
-[sinks.settings]
-instance_url = "{url}"
-username = "svc-dlp"
-password_env = "TEST_SNOW_PASSWORD"
-"""
+def config(container: str, url: str) -> str:
+    """Everything to the Blob lake in `container`; high-severity alerts, only `ITSM_FIELDS` of them, to ServiceNow at `url`."""
+    snow = sink_entry(
+        "snow", "servicenow", {"instance_url": url, "username": "svc-dlp", "password_env": "TEST_SNOW_PASSWORD"},
+        fields=ITSM_FIELDS, when={"severity_at_least": "high"},
+    )
+    return pipeline_toml(sinks=[blob_lake_entry(container), snow])
 
 
 @pytest.mark.integration
@@ -96,7 +81,7 @@ async def test_itsm_ticket_carries_only_the_allow_list_while_the_lake_keeps_ever
     snow = ServiceNow()
     snow.install(httpserver)
     container = f"route-{uuid.uuid4().hex[:10]}"
-    loaded = write_config(CONFIG.format(container=container, url=httpserver.url_for("/"), fields=json.dumps(ITSM_FIELDS)))
+    loaded = write_config(config(container, httpserver.url_for("/")))
     graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
     high = dict(graph, id="high-one", severity="high")
     low = dict(graph, id="low-one", severity="low")
@@ -172,18 +157,9 @@ def test_a_typo_in_an_allow_list_fails_at_start(write_config):
 
 async def test_the_local_jsonl_lake_can_be_minimised_too(write_config, fixture_bytes, monkeypatch):
     monkeypatch.setenv("TEST_PSEUDONYM_KEY", "k" * 32)
-    config = """
-[assembly]
-settle_seconds = 0
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-fields = ["alert.alert_id", "alert.tenant_id", "alert.created_at", "alert.user", "alert.severity"]
-pseudonymise = { key_env = "TEST_PSEUDONYM_KEY" }
-[sinks.settings]
-fsync = false
-"""
-    async with Runner(write_config(config)) as runner:
+    fields = ["alert.alert_id", "alert.tenant_id", "alert.created_at", "alert.user", "alert.severity"]
+    lake = {**LAKE, "fields": fields, "pseudonymise": {"key_env": "TEST_PSEUDONYM_KEY"}}
+    async with Runner(write_config(pipeline_toml(sinks=[lake]))) as runner:
         report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
         (path,) = runner.loaded.data_path("lake").rglob("*.jsonl")
     (line,) = [json.loads(text) for text in path.read_text().splitlines()]

@@ -18,6 +18,7 @@ from werkzeug import Request, Response
 
 from pipeline.deliver.sinks.sentinel import SentinelSink
 from pipeline.deliver.sinks.sentinel_schema import COLUMNS, RESERVED, TABLE, table_schema
+from tests.support.config import enricher_entry, pipeline_toml, sink_entry
 from tests.support.paths import ROOT
 from tests.support.records import make_record
 
@@ -223,25 +224,11 @@ async def test_through_the_runner_a_too_large_record_is_dead_lettered_and_a_429_
     from pipeline.runner import Message, Runner
 
     server, ca_path, ingestion = endpoint
-    config = f"""
-[assembly]
-settle_seconds = 0
-[delivery]
-max_attempts = 3
-backoff_initial_seconds = 0.01
-budget_seconds = 5
-[[enrichers]]
-name = "padding"
-use = "tests.support.sentinel_local:Padding"
-settings = {{ alert_ids = ["too-large"], size = 1000500 }}
-[[sinks]]
-name = "sentinel"
-kind = "tests.support.sentinel_local:LocalSentinelSink"
-[sinks.settings]
-endpoint = "{server.url_for('/').rstrip('/')}"
-rule_id = "{RULE}"
-ca_bundle = "{ca_path}"
-"""
+    config = pipeline_toml(
+        delivery={"max_attempts": 3, "backoff_initial_seconds": 0.01, "budget_seconds": 5},
+        enrichers=[enricher_entry("padding", "tests.support.sentinel_local:Padding", {"alert_ids": ["too-large"], "size": 1000500})],
+        sinks=[sink_entry("sentinel", "tests.support.sentinel_local:LocalSentinelSink", {"endpoint": server.url_for("/").rstrip("/"), "rule_id": RULE, "ca_bundle": str(ca_path)})],
+    )
     graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
     body = orjson.dumps([dict(graph, id="fits"), dict(graph, id="too-large"), dict(graph, id="also-fits")])
     ingestion.script.append((429, {"Retry-After": "1"}))

@@ -10,6 +10,7 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.runner import Message, Runner
 from tests.support.alerts import graph_alert, message
+from tests.support.config import LAKE_SINK_TOML
 
 CHAIN = """
 [assembly]
@@ -45,12 +46,7 @@ name = "sensitive_info"
 [[enrichers]]
 name = "prior_incidents"
 {telemetry}
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-[sinks.settings]
-fsync = false
-
+""" + LAKE_SINK_TOML + """
 [[sinks]]
 name = "hot"
 kind = "jsonl"

@@ -12,6 +12,7 @@ from werkzeug import Response
 
 from pipeline.runner import Runner
 from tests.support.alerts import StaticCredential, graph_alert, message
+from tests.support.config import LAKE_SINK_TOML
 
 
 class GraphServer:
@@ -98,12 +99,7 @@ max_retry_after_seconds = 1
 request_timeout_seconds = 1
 {extra}
 {hr_block}
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-[sinks.settings]
-fsync = false
-"""
+""" + LAKE_SINK_TOML
 
 
 def lake(runner: Runner) -> dict[str, dict]:
