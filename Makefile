@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out
 
-.PHONY: setup setup-dev run test soak validate clean bench bench-quick
+.PHONY: setup setup-dev run test test-fast soak validate clean bench bench-quick
 
 # The project itself is installed editable (its dependencies are requirements.txt, already there):
 # that registers the `dlp-pipeline` command, the built-in plugins' entry points and the pytest plugin,
@@ -39,6 +39,10 @@ validate: setup
 ## Set up, then run the whole test suite.
 test: setup-dev
 	$(PY) -m pytest
+
+## The inner loop: the suite without the tests marked slow (each over about 3 s: package builds, the SIGKILL run...).
+test-fast: setup-dev
+	$(PY) -m pytest -m "not slow"
 
 ## Benchmarks (figures, not pass/fail): `make bench` for the README figures, `make bench-quick` in CI.
 bench: setup-dev

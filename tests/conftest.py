@@ -12,6 +12,13 @@ from tests.support.paths import FIXTURES
 pytest_plugins = ["pipeline.plugin_kit.pytest_plugin"]
 
 
+def pytest_collection_modifyitems(items):
+    """A test that uses the suite's Azurite is an integration test even where its file forgot the mark."""
+    for item in items:
+        if "azurite" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture
 def fixture_bytes():
     def read(name: str) -> bytes:

@@ -121,6 +121,7 @@ EMULATOR_CONFIG = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(not docker_available(), reason="no Docker engine answers: the Event Hubs emulator runs only as a container")
 def test_consume_against_the_event_hubs_emulator(tmp_path, fixture_bytes):
@@ -206,6 +207,7 @@ def test_consume_with_an_unreachable_checkpoint_store_exits_1_in_one_line(tmp_pa
     assert "checkpoint store: cannot reach container cp-idle" in line and "Traceback" not in line
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_consume_starts_creates_its_checkpoint_container_and_stops_when_idle(tmp_path, azurite):
     """The client's lifecycle without a hub to read: the hub is unreachable, so nothing is read or checkpointed."""

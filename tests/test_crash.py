@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.support.config import enricher_entry, pipeline_toml, sink_entry
 from tests.support.paths import FIXTURES, ROOT
@@ -58,6 +59,7 @@ def kill_after(process: subprocess.Popen, out: Path, lines: int) -> int:
     return lake_lines(out)
 
 
+@pytest.mark.slow
 def test_sigkill_part_way_then_run_again_loses_nothing_and_writes_nothing_twice(tmp_path):
     (tmp_path / "pipeline.toml").write_text(CONFIG)
     expected = write_input(tmp_path / "in.jsonl") | {"da1b2c3d4e5f60718293a4b5c6d7e8f90"}

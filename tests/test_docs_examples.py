@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.support.paths import ROOT
 
 
@@ -15,6 +17,7 @@ def code_blocks(text: str) -> dict[str, str]:
     return {m.group(1): m.group(0)[len("```python\n"):-len("```")] for m in re.finditer(r"```python\n# file: (\S+)\n.*?```", text, re.S)}
 
 
+@pytest.mark.slow
 def test_plugins_md_worked_example_passes_its_tests(tmp_path):
     blocks = code_blocks((ROOT / "docs" / "plugins.md").read_text())
     assert set(blocks) == {"file_reputation.py", "test_file_reputation.py"}

@@ -21,6 +21,7 @@ PROJECT_FILES = ("pyproject.toml", "README.md", "requirements.txt", "pipeline", 
 COPY_IGNORE = (".git", ".venv", ".tools", "node_modules", "tests", "out", ".azurite", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis", "__azurite_db*", "__blobstorage__", "__queuestorage__")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_generated_plugin_passes_its_tests_and_is_picked_up_once_installed(tmp_path):
     # 1. scaffold, as a user would

@@ -20,7 +20,6 @@ from tests.support.paths import SAMPLES
 from tests.support.records import make_record
 from tests.support.samples import MATCHED_VALUES
 
-pytestmark = pytest.mark.integration
 TENANT = "11111111-2222-3333-4444-555555555555"
 
 
@@ -50,6 +49,7 @@ def lines(data: bytes) -> list[dict]:
     return [json.loads(line) for line in gzip.decompress(data).splitlines()]
 
 
+@pytest.mark.integration
 async def test_batch_is_partitioned_by_tenant_date_hour_with_a_deterministic_name(container):
     at = lambda h: datetime(2025, 3, 14, h, 5, tzinfo=UTC)  # noqa: E731
     records = [
@@ -77,6 +77,7 @@ async def test_batch_is_partitioned_by_tenant_date_hour_with_a_deterministic_nam
     assert first == records[0].to_dict()  # the lake keeps the full record
 
 
+@pytest.mark.integration
 async def test_a_retried_batch_writes_nothing_twice(container):
     records = [make_record(f"r{i}") for i in range(5)]
     sink = make_sink(container)
@@ -94,6 +95,7 @@ async def test_a_retried_batch_writes_nothing_twice(container):
     assert sorted(line["record_id"] for line in lines(data)) == sorted(r.record_id for r in records)
 
 
+@pytest.mark.integration
 async def test_parquet_format_when_pyarrow_is_installed(container):
     pq = pytest.importorskip("pyarrow.parquet")
     records = [make_record("p1"), make_record("p2")]
@@ -119,6 +121,7 @@ async def test_unreachable_storage_is_retryable(monkeypatch):
     assert outcome.status == "retryable"
 
 
+@pytest.mark.integration
 async def test_a_missing_container_is_retryable_not_rejected(container):
     sink = make_sink(container, create_container=False)  # the fixture's container does not exist yet
     try:
@@ -142,6 +145,7 @@ def lake_in_azurite(container: str) -> str:
     return pipeline_toml(sinks=[blob_lake_entry(container), pseudonymised])
 
 
+@pytest.mark.integration
 async def test_a_pipeline_run_writes_the_expected_blobs_and_a_rerun_adds_none(container, write_config, monkeypatch):
     monkeypatch.setenv("TEST_PSEUDONYM_KEY", "k" * 32)
     loaded = write_config(lake_in_azurite(container.container_name))
@@ -175,6 +179,7 @@ async def test_a_pipeline_run_writes_the_expected_blobs_and_a_rerun_adds_none(co
     assert blobs(container).keys() == stored.keys()
 
 
+@pytest.mark.integration
 def test_the_cli_run_with_the_lake_in_azurite(container, tmp_path, monkeypatch):
     import os
 

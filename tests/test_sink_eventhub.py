@@ -72,6 +72,7 @@ EMULATOR_CONFIG = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.skipif(not docker_available(), reason="the Event Hubs emulator needs a Docker engine (none answers here)")
 async def test_round_trip_through_the_event_hubs_emulator(tmp_path, monkeypatch):
