@@ -31,9 +31,9 @@ from pipeline.plugins import (
     provider,
     registered,
 )
+from tests.plugin_kit.test_plugin_scaffold import COPY_IGNORE
 from tests.plugins import NeedsA, Recorder
 from tests.support.paths import ROOT
-from tests.test_plugin_scaffold import COPY_IGNORE
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 

@@ -206,7 +206,7 @@ def test_shipped_table_and_dcr_match_the_code():
 
 
 def test_schema_command_prints_columns_and_a_sample_row(tmp_path):
-    from tests.test_cli import run_cli
+    from tests.entrypoints.test_cli import run_cli
 
     result = run_cli("schema", "sentinel", cwd=tmp_path)
     assert result.returncode == 0, result.stderr.decode()

@@ -19,8 +19,8 @@ import pytest
 from pipeline.errors import SinkOutage, StoreUnavailable
 from pipeline.runner import Message, Runner
 from tests import faults
+from tests.deliver.test_delivery import Tick
 from tests.support.config import LAKE, enricher_entry, pipeline_toml, sink_entry
-from tests.test_delivery import Tick
 
 
 def config(url: str = "http://127.0.0.1:9", *, enrichers: list[dict] | None = None, itsm: str | None = "tests.faults:HttpTicketSink") -> str:

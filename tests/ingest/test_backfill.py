@@ -13,8 +13,8 @@ import orjson
 
 from pipeline.entrypoints.progress import Progress
 from pipeline.ingest.inputs import parse_capture_time, read_messages, read_storage_export
+from tests.entrypoints.test_cli import run_cli, summary
 from tests.support.paths import FIXTURES, SAMPLES
-from tests.test_cli import run_cli, summary
 
 # The schema Event Hubs Capture writes (Microsoft docs, "Capture streaming events": avro-tools getschema).
 CAPTURE_SCHEMA = {

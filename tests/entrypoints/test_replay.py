@@ -16,9 +16,9 @@ from pipeline.deadletter.blob import BlobDeadLetterStore
 from pipeline.entrypoints.replay import replay_dead_letters
 from pipeline.runner import Message, Runner
 from tests import faults
+from tests.deliver.test_faults import lake_records
 from tests.support.config import FAST_RETRIES, LAKE, pipeline_toml, sink_entry
 from tests.support.paths import ROOT
-from tests.test_faults import lake_records
 
 
 def config(url: str, *, dead_letter: dict | None = None) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.plugin_kit.scaffold import ScaffoldError, generate, names
+from tests.entrypoints.test_cli import run_cli
 from tests.support.paths import ROOT, SAMPLES
-from tests.test_cli import run_cli
 
 PROJECT_FILES = ("pyproject.toml", "README.md", "requirements.txt", "pipeline", "enrichers")
 COPY_IGNORE = (".git", ".venv", ".tools", "node_modules", "tests", "out", ".azurite", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache", ".hypothesis", "__azurite_db*", "__blobstorage__", "__queuestorage__")

@@ -193,7 +193,7 @@ async def test_functions_trigger_raises_for_an_outage_and_its_last_retry_dead_le
     import azure.functions as func
 
     from pipeline.entrypoints import functions
-    from tests.test_functions import FUNCTIONS
+    from tests.entrypoints.test_functions import FUNCTIONS
 
     retry = FUNCTIONS["dlp_alerts"].get_setting("retry_policy").get_dict_repr()
     max_retry_count = int(retry["max_retry_count"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.test_cli import run_cli, summary
+from tests.entrypoints.test_cli import run_cli, summary
 
 ENRICHERS = {"user_context", "sensitive_info", "prior_incidents", "telemetry", "triage"}
 

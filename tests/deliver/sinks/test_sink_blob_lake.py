@@ -183,7 +183,7 @@ async def test_a_pipeline_run_writes_the_expected_blobs_and_a_rerun_adds_none(co
 def test_the_cli_run_with_the_lake_in_azurite(container, tmp_path, monkeypatch):
     import os
 
-    from tests.test_cli import run_cli, summary
+    from tests.entrypoints.test_cli import run_cli, summary
 
     config = tmp_path / "azurite.toml"
     config.write_text(pipeline_toml(enrichers=[enricher_entry("sensitive_info")], sinks=[blob_lake_entry(container.container_name)]))
