@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= out
 
-.PHONY: setup setup-dev run test soak validate clean bench bench-quick
+.PHONY: setup setup-dev run test test-fast lint soak validate clean bench bench-quick
 
 # The project itself is installed editable (its dependencies are requirements.txt, already there):
 # that registers the `dlp-pipeline` command, the built-in plugins' entry points and the pytest plugin,
@@ -40,6 +40,15 @@ validate: setup
 test: setup-dev
 	$(PY) -m pytest
 
+## The inner loop: the suite without the tests marked slow (each over about 3 s: package builds, the SIGKILL run...).
+test-fast: setup-dev
+	$(PY) -m pytest -m "not slow"
+
+## Lint and type-check, as pyproject.toml configures them: ruff over the repository, mypy over pipeline/ and enrichers/.
+lint: setup-dev
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
 ## Benchmarks (figures, not pass/fail): `make bench` for the README figures, `make bench-quick` in CI.
 bench: setup-dev
 	$(PY) -m benchmarks --json
@@ -52,7 +61,7 @@ soak: setup-dev
 	$(PY) -m tests.soak --alerts 100000
 
 clean:
-	rm -rf $(OUT) .pytest_cache
+	rm -rf $(OUT) .pytest_cache .mypy_cache .ruff_cache
 
 ## Start Azurite for `func start` (docs/deploy.md, "Run the Functions app locally").
 .PHONY: azurite

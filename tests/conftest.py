@@ -1,22 +1,22 @@
-from __future__ import annotations
+"""Fixtures and hooks only; the constants and builders tests share live in tests/support."""
 
-import textwrap
-from pathlib import Path
+from __future__ import annotations
 
 import pytest
 
-from pipeline.config import load_config
+from tests.support.config import load_toml
+from tests.support.paths import FIXTURES
 
 # The plugin-author fixtures (dlp_alert, run_enricher, ...), which an installed dlp-pipeline registers
 # through its pytest11 entry point; named here so that a plain checkout gets them too.
 pytest_plugins = ["pipeline.plugin_kit.pytest_plugin"]
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures" / "formats"
-SAMPLES = ROOT / "pipeline" / "samples" / "messages"
 
-# Test card numbers and context strings present in the shared samples' DetectedValues.
-MATCHED_VALUES = ("4111 1111 1111 1111", "5555 5555 5555 4444", "SYNTHETIC TEST DATA", "card on file")
+def pytest_collection_modifyitems(items):
+    """A test that uses the suite's Azurite is an integration test even where its file forgot the mark."""
+    for item in items:
+        if "azurite" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture
@@ -32,23 +32,9 @@ def write_config(tmp_path):
     """Write a TOML config into tmp_path and load it (data dir = tmp_path/out)."""
 
     def write(body: str, *, name: str = "pipeline.toml"):
-        path = tmp_path / name
-        path.write_text(textwrap.dedent(body))
-        return load_config(path, data_dir=tmp_path / "out")
+        return load_toml(tmp_path, body, name=name)
 
     return write
-
-
-LAKE_ONLY = """
-[assembly]
-settle_seconds = 0
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-[sinks.settings]
-fsync = false
-"""
 
 
 @pytest.fixture(scope="session")

@@ -28,36 +28,20 @@ from pathlib import Path
 import orjson
 
 from tests import faults
+from tests.support.config import enricher_entry, pipeline_toml, sink_entry
+from tests.support.paths import FIXTURES
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures" / "formats"
 POISON_EVERY = 1000
 
-CONFIG = """
-[runner]
-batch_size = {batch_size}
 
-[assembly]
-settle_seconds = 0
-
-[delivery]
-max_attempts = 8
-backoff_initial_seconds = 0.005
-backoff_max_seconds = 0.05
-budget_seconds = 30
-
-[[enrichers]]
-name = "sensitive_info"
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-
-[[sinks]]
-name = "flaky"
-kind = "tests.faults:ScriptedSink"
-settings = {{ label = "soak", fail_ratio = {fail_ratio}, seed = 7 }}
-"""
+def config(batch_size: int, fail_ratio: float) -> str:
+    """sensitive_info, the lake with its default settings, and a scripted sink failing `fail_ratio` of its calls."""
+    return pipeline_toml(
+        runner={"batch_size": batch_size},
+        delivery={"max_attempts": 8, "backoff_initial_seconds": 0.005, "backoff_max_seconds": 0.05, "budget_seconds": 30},
+        enrichers=[enricher_entry("sensitive_info")],
+        sinks=[sink_entry("lake", "jsonl"), sink_entry("flaky", "tests.faults:ScriptedSink", {"label": "soak", "fail_ratio": fail_ratio, "seed": 7})],
+    )
 
 
 def write_input(path: Path, alerts: int) -> tuple[set[str], int]:
@@ -79,14 +63,14 @@ def soak(alerts: int, out: Path, *, batch_size: int = 100, fail_ratio: float = 0
     from pipeline.entrypoints.cli import main as cli_main
 
     out.mkdir(parents=True, exist_ok=True)
-    config = out / "soak.toml"
-    config.write_text(CONFIG.format(batch_size=batch_size, fail_ratio=fail_ratio))
+    config_path = out / "soak.toml"
+    config_path.write_text(config(batch_size, fail_ratio))
     ids, poison = write_input(out / "soak.jsonl", alerts)
     data = out / "data"
     captured = io.StringIO()
     started = time.perf_counter()
     with contextlib.redirect_stdout(captured):
-        code = cli_main(["run", str(out / "soak.jsonl"), "--config", str(config), "--out", str(data)])
+        code = cli_main(["run", str(out / "soak.jsonl"), "--config", str(config_path), "--out", str(data)])
     seconds = time.perf_counter() - started
     sink = faults.INSTANCES["soak"]
 

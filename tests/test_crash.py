@@ -14,27 +14,16 @@ from collections import Counter
 from pathlib import Path
 
 import orjson
+import pytest
 
-from tests.conftest import FIXTURES, ROOT
+from tests.support.config import enricher_entry, pipeline_toml, sink_entry
+from tests.support.paths import FIXTURES, ROOT
 
 ALERTS = 2000
 POISON_EVERY = 500
 
-CONFIG = """
-[runner]
-batch_size = 10
-
-[assembly]
-settle_seconds = 0
-
-[[enrichers]]
-name = "sensitive_info"
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-settings = { fsync = true }
-"""
+# The lake with fsync on: what a SIGKILL leaves behind is what a crash on a real disk leaves.
+CONFIG = pipeline_toml(runner={"batch_size": 10}, enrichers=[enricher_entry("sensitive_info")], sinks=[sink_entry("lake", "jsonl", {"fsync": True})])
 
 
 def write_input(path: Path) -> set[str]:
@@ -70,6 +59,7 @@ def kill_after(process: subprocess.Popen, out: Path, lines: int) -> int:
     return lake_lines(out)
 
 
+@pytest.mark.slow
 def test_sigkill_part_way_then_run_again_loses_nothing_and_writes_nothing_twice(tmp_path):
     (tmp_path / "pipeline.toml").write_text(CONFIG)
     expected = write_input(tmp_path / "in.jsonl") | {"da1b2c3d4e5f60718293a4b5c6d7e8f90"}

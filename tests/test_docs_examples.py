@@ -8,13 +8,16 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.support.paths import ROOT
 
 
 def code_blocks(text: str) -> dict[str, str]:
     return {m.group(1): m.group(0)[len("```python\n"):-len("```")] for m in re.finditer(r"```python\n# file: (\S+)\n.*?```", text, re.S)}
 
 
+@pytest.mark.slow
 def test_plugins_md_worked_example_passes_its_tests(tmp_path):
     blocks = code_blocks((ROOT / "docs" / "plugins.md").read_text())
     assert set(blocks) == {"file_reputation.py", "test_file_reputation.py"}

@@ -35,7 +35,9 @@ from pipeline.ingest.decode import decode_message
 from pipeline.ingest.formats import common
 from pipeline.ingest.limits import walk
 from pipeline.runner import Message, Runner
-from tests.conftest import FIXTURES, LAKE_ONLY, MATCHED_VALUES, SAMPLES
+from tests.support.config import LAKE_ONLY
+from tests.support.paths import FIXTURES, SAMPLES
+from tests.support.samples import MATCHED_VALUES
 
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example]
 settings.register_profile("fuzz-ci", max_examples=60, deadline=None, derandomize=True, suppress_health_check=_QUIET)

@@ -19,7 +19,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.conftest import FIXTURES, MATCHED_VALUES, ROOT, SAMPLES
+from tests.support.paths import FIXTURES, ROOT, SAMPLES
+from tests.support.samples import MATCHED_VALUES
 
 # Public test card numbers and never-issued SSNs, plus the context strings of the shared samples.
 CARD_A, CARD_B, SSN_A, SSN_B = "4012888888881881", "378282246310005", "078-05-1120", "219-09-9999"

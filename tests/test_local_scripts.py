@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
 from tests.support.azurite import azurite_program
+from tests.support.paths import ROOT
 
 
 def _free_port() -> int:
@@ -20,6 +20,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.integration
 def test_start_azurite_script_serves_blob_queue_and_table(tmp_path):
     if azurite_program() is None:
         pytest.fail("azurite is needed: run `make setup-dev`")

@@ -48,6 +48,7 @@ JSON_VALUES = st.recursive(
 )
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(enrichments=st.dictionaries(st.text(max_size=12), st.dictionaries(st.text(max_size=12), JSON_VALUES, max_size=5), max_size=5))
 def test_record_json_is_what_pydantic_writes(enrichments):

@@ -16,7 +16,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from pipeline import observability
 from pipeline.runner import Message, Runner
-from tests.conftest import ROOT, SAMPLES
+from tests.support.config import LAKE, enricher_entry, pipeline_toml, sink_entry
+from tests.support.paths import ROOT, SAMPLES
 
 
 @pytest.fixture
@@ -46,34 +47,15 @@ def total(points, **attributes) -> float:
     return sum(p.value for p in points if all(p.attributes.get(k) == v for k, v in attributes.items()))
 
 
-CONFIG = """
-[assembly]
-settle_seconds = 0
-
-[[enrichers]]
-name = "sensitive_info"
-
-[[enrichers]]
-name = "explodes"
-use = "tests.plugins:Explodes"
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-[sinks.settings]
-fsync = false
-
-[[sinks]]
-name = "picky"
-kind = "tests.plugins:FlakySink"
-[sinks.settings]
-reject_alert_ids = ["{reject}"]
-"""
+def config(*, reject: str = "none", picky_enabled: bool = True) -> str:
+    """sensitive_info and an enricher that raises; the lake and a sink that rejects the alert `reject`."""
+    picky = sink_entry("picky", "tests.plugins:FlakySink", {"reject_alert_ids": [reject]}, **({} if picky_enabled else {"enabled": False}))
+    return pipeline_toml(enrichers=[enricher_entry("sensitive_info"), enricher_entry("explodes", "tests.plugins:Explodes")], sinks=[LAKE, picky])
 
 
 async def test_runner_reports_every_metric(metrics, write_config, fixture_bytes):
     graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
-    loaded = write_config(CONFIG.replace("{reject}", graph["id"]))
+    loaded = write_config(config(reject=graph["id"]))
     now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
     messages = [
         Message(body=orjson.dumps(graph), source="a", enqueued_time=now - timedelta(seconds=42)),
@@ -111,7 +93,7 @@ async def test_runner_reports_every_metric(metrics, write_config, fixture_bytes)
 
 async def test_without_a_configured_provider_the_hooks_are_no_ops(write_config, fixture_bytes):
     observability.use_meter_provider(None)
-    loaded = write_config(CONFIG.replace("{reject}", "none"))
+    loaded = write_config(config())
     async with Runner(loaded) as runner:
         report = await runner.process_batch([Message(body=fixture_bytes("graph_alert_v2_dlp.json"), enqueued_time=datetime.now(UTC))])
     assert report.alerts == 1
@@ -122,7 +104,7 @@ def test_configure_from_env_does_nothing_without_a_connection_string():
 
 
 async def test_log_records_of_an_alert_carry_its_ids(write_config, fixture_bytes, caplog):
-    loaded = write_config(CONFIG.replace("{reject}", "none"))
+    loaded = write_config(config())
     caplog.handler.addFilter(observability.AlertContextFilter())
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         async with Runner(loaded) as runner:
@@ -134,12 +116,12 @@ async def test_log_records_of_an_alert_carry_its_ids(write_config, fixture_bytes
 
 
 def test_cli_json_logs_carry_alert_and_record_ids_and_no_payload(tmp_path):
-    config = tmp_path / "pipeline.toml"
-    config.write_text(CONFIG.replace("{reject}", "none").replace('[[sinks]]\nname = "picky"', '[[sinks]]\nenabled = false\nname = "picky"'))
+    path = tmp_path / "pipeline.toml"
+    path.write_text(config(picky_enabled=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop(observability.CONNECTION_STRING_SETTING, None)
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "--log-format", "json", "run", str(SAMPLES / "03-graph-alert.json"), "--config", str(config), "--out", "out"],
+        [sys.executable, "-m", "pipeline", "--log-format", "json", "run", str(SAMPLES / "03-graph-alert.json"), "--config", str(path), "--out", "out"],
         cwd=tmp_path, env=env, capture_output=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr.decode()

@@ -31,9 +31,9 @@ from pipeline.plugins import (
     provider,
     registered,
 )
-from tests.conftest import ROOT
+from tests.plugin_kit.test_plugin_scaffold import COPY_IGNORE
 from tests.plugins import NeedsA, Recorder
-from tests.test_plugin_scaffold import COPY_IGNORE
+from tests.support.paths import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
@@ -124,6 +124,7 @@ def _package_data_on_disk() -> set[str]:
     return found
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_installed_command_runs_the_bundled_samples_from_any_folder(tmp_path):
     # 1. build a wheel from a copy of the checkout (no build files land in it); it holds every data file

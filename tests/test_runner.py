@@ -1,4 +1,5 @@
-"""The runner: assembly across batches, enricher waves, timeouts, isolation, caching and delivery."""
+"""The runner: record ids across redeliveries, dead letters, enricher waves, timeouts, isolation, caching and delivery
+(assembly of split alerts across batches: tests/assemble/test_assembly.py)."""
 
 from __future__ import annotations
 
@@ -12,73 +13,10 @@ from pipeline.deadletter import LocalDeadLetterStore
 from pipeline.errors import ConfigError
 from pipeline.runner import Message, Runner
 from tests import plugins
-from tests.conftest import LAKE_ONLY, MATCHED_VALUES
-
-
-class Clock:
-    def __init__(self, now: float = 1_700_000_000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def lake_lines(runner: Runner) -> list[dict]:
-    root = runner.loaded.data_path("lake")
-    return [json.loads(line) for path in sorted(root.rglob("*.jsonl")) for line in path.read_text().splitlines()]
-
-
-def streaming_records(fixture_bytes) -> list[dict]:
-    return json.loads(fixture_bytes("streaming_dlp_batch.json"))["records"]
-
-
-def envelope(*records) -> Message:
-    return Message(body=orjson.dumps({"records": list(records)}), source="test")
-
-
-async def test_split_alert_across_batches_is_emitted_once_settled_with_all_evidence(write_config, fixture_bytes):
-    loaded = write_config(LAKE_ONLY.replace("settle_seconds = 0", "settle_seconds = 30"))
-    clock = Clock()
-    info, user, file_, app, _mde = streaming_records(fixture_bytes)
-    async with Runner(loaded, clock=clock) as runner:
-        first = await runner.process_batch([envelope(info)])
-        assert first.alerts == 0 and first.pending == 1
-        clock.now += 10
-        second = await runner.process_batch([envelope(user), envelope(file_, app)])
-        assert second.alerts == 0 and second.pending == 1  # a part arrived 0 s ago: not settled yet
-        clock.now += 31
-        third = await runner.process_batch([])
-        assert third.alerts == 1 and third.pending == 0
-        (line,) = lake_lines(runner)
-    alert = line["alert"]
-    assert alert["title"].startswith("DLP policy (Finance PII")  # from AlertInfo
-    assert alert["user"]["upn"] == "megan.bowen@contoso.com"  # from the user evidence
-    assert alert["files"][0]["name"] == "Q1-payroll-export.xlsx"  # from the file evidence
-
-
-async def test_max_hold_emits_an_alert_whose_parts_keep_coming(write_config, fixture_bytes):
-    loaded = write_config(LAKE_ONLY.replace("settle_seconds = 0", "settle_seconds = 30\nmax_hold_seconds = 60"))
-    clock = Clock()
-    info, user, file_, app, _ = streaming_records(fixture_bytes)
-    async with Runner(loaded, clock=clock) as runner:
-        for part in (info, user, file_):
-            assert (await runner.process_batch([envelope(part)])).alerts == 0
-            clock.now += 25
-        assert (await runner.process_batch([envelope(app)])).alerts == 1
-
-
-async def test_arrival_order_does_not_change_the_record(write_config, fixture_bytes, tmp_path):
-    info, user, file_, app, _ = streaming_records(fixture_bytes)
-    ids = []
-    for order in ([info, user, file_, app], [app, file_, user, info]):
-        loaded = write_config(LAKE_ONLY.replace("settle_seconds = 0", "settle_seconds = 30"), name=f"c{len(ids)}.toml")
-        loaded.data_dir = tmp_path / f"out{len(ids)}"
-        async with Runner(loaded) as runner:
-            for part in order:
-                await runner.process_batch([envelope(part)])
-            report = await runner.flush()
-            ids.append(report.record_ids)
-    assert ids[0] == ids[1] and len(ids[0]) == 1
+from tests.support.config import LAKE, LAKE_ONLY, NO_SETTLE, pipeline_toml, sink_entry
+from tests.support.records import lake_lines
+from tests.support.samples import MATCHED_VALUES
+from tests.support.streaming import envelope, streaming_records
 
 
 async def test_redelivered_message_gives_the_same_record_id_and_no_duplicate(write_config, fixture_bytes, tmp_path):
@@ -92,24 +30,6 @@ async def test_redelivered_message_gives_the_same_record_id_and_no_duplicate(wri
     loaded.data_dir = tmp_path / "elsewhere"
     async with Runner(loaded) as fresh:  # a re-run from scratch gives the same id too
         assert (await fresh.process_batch([Message(body=body)])).record_ids == first.record_ids
-
-
-async def test_redelivered_streaming_parts_are_recognised(write_config, fixture_bytes):
-    body = fixture_bytes("streaming_dlp_batch.json")
-    async with Runner(write_config(LAKE_ONLY)) as runner:
-        assert (await runner.process_batch([Message(body=body)])).alerts == 1
-        again = await runner.process_batch([Message(body=body)])
-        assert again.alerts == 0 and again.duplicate_parts == 4
-
-
-async def test_late_evidence_produces_a_revised_record(write_config, fixture_bytes):
-    info, user, file_, app, _ = streaming_records(fixture_bytes)
-    async with Runner(write_config(LAKE_ONLY)) as runner:
-        first = await runner.process_batch([envelope(info, user)])
-        late = await runner.process_batch([envelope(file_)])
-        assert first.alerts == late.alerts == 1 and first.record_ids != late.record_ids
-        revised = lake_lines(runner)[-1]["alert"]
-    assert revised["user"]["upn"] == "megan.bowen@contoso.com" and revised["files"][0]["name"] == "Q1-payroll-export.xlsx"
 
 
 async def test_bad_messages_are_dead_lettered_with_reason_and_position_and_the_batch_goes_on(write_config, fixture_bytes):
@@ -277,27 +197,14 @@ def test_dependency_cycle_is_rejected(write_config, tmp_path):
         sys.path.remove(str(tmp_path))
 
 
-SINKS = """
-[assembly]
-settle_seconds = 0
-
-[delivery]
-max_attempts = 3
-backoff_initial_seconds = 0.01
-backoff_max_seconds = 0.02
-budget_seconds = 5
-
-[[sinks]]
-name = "lake"
-kind = "jsonl"
-settings = {{ fsync = false }}
-
-[[sinks]]
-name = "flaky"
-kind = "tests.plugins:FlakySink"
-settings = {settings}
-{when}
-"""
+def sinks_config(settings: dict, *, when: dict | None = None, assembly: dict = NO_SETTLE, **delivery) -> str:
+    """The lake and a flaky sink (`settings` script its failures, `when` routes to it); three quick attempts plus `delivery`."""
+    routing = {"when": when} if when else {}
+    return pipeline_toml(
+        assembly=assembly,
+        delivery={"max_attempts": 3, "backoff_initial_seconds": 0.01, "backoff_max_seconds": 0.02, "budget_seconds": 5, **delivery},
+        sinks=[LAKE, sink_entry("flaky", "tests.plugins:FlakySink", settings, **routing)],
+    )
 
 
 def flaky(runner: Runner):
@@ -306,8 +213,7 @@ def flaky(runner: Runner):
 
 @pytest.mark.parametrize("raise_instead", [False, True])
 async def test_transient_sink_failures_are_retried_then_delivered(write_config, fixture_bytes, raise_instead):
-    settings = f"{{ failures = 2, raise_instead = {str(raise_instead).lower()} }}"
-    async with Runner(write_config(SINKS.format(settings=settings, when=""))) as runner:
+    async with Runner(write_config(sinks_config({"failures": 2, "raise_instead": raise_instead}))) as runner:
         report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
         sink = flaky(runner)
     assert sink.calls == 3 and report.delivered == {"lake": 1, "flaky": 1} and not report.dead_lettered
@@ -317,7 +223,7 @@ async def test_retries_exhausted_and_rejections_are_dead_lettered_per_sink(write
     graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
     other = dict(graph, id="rejected-one")
     body = orjson.dumps([graph, other])
-    async with Runner(write_config(SINKS.format(settings='{ failures = 0, reject_alert_ids = ["rejected-one"] }', when=""))) as runner:
+    async with Runner(write_config(sinks_config({"failures": 0, "reject_alert_ids": ["rejected-one"]}))) as runner:
         report = await runner.process_batch([Message(body)])
         entries = await runner.dead_letter.list()
     assert report.delivered == {"lake": 2, "flaky": 1}
@@ -325,7 +231,7 @@ async def test_retries_exhausted_and_rejections_are_dead_lettered_per_sink(write
     assert entry.stage == "deliver" and entry.sink == "flaky" and entry.reason == "sink_rejected" and entry.alert_id == "rejected-one"
     assert json.loads(entry.body)["alert"]["alert_id"] == "rejected-one"
 
-    down = SINKS.format(settings="{ failures = 99 }", when="").replace("budget_seconds = 5", 'budget_seconds = 5\non_outage = "dead_letter"')
+    down = sinks_config({"failures": 99}, on_outage="dead_letter")
     async with Runner(write_config(down, name="down.toml")) as runner:
         report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
         entries = [e for e in await runner.dead_letter.list() if e.reason == "retries_exhausted"]
@@ -334,7 +240,7 @@ async def test_retries_exhausted_and_rejections_are_dead_lettered_per_sink(write
 
 
 async def test_retry_after_longer_than_the_budget_dead_letters_without_waiting(write_config, fixture_bytes):
-    config = SINKS.format(settings="{ failures = 1, retry_after = 120 }", when="").replace("budget_seconds = 5", 'budget_seconds = 5\non_outage = "dead_letter"')
+    config = sinks_config({"failures": 1, "retry_after": 120}, on_outage="dead_letter")
     async with Runner(write_config(config)) as runner:
         started = asyncio.get_running_loop().time()
         report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
@@ -345,7 +251,7 @@ async def test_retry_after_longer_than_the_budget_dead_letters_without_waiting(w
 async def test_retry_after_longer_than_the_budget_for_the_whole_batch_raises_without_waiting(write_config, fixture_bytes):
     from pipeline.errors import SinkOutage
 
-    config = SINKS.format(settings="{ failures = 1, retry_after = 120 }", when="")
+    config = sinks_config({"failures": 1, "retry_after": 120})
     async with Runner(write_config(config)) as runner:
         started = asyncio.get_running_loop().time()
         with pytest.raises(SinkOutage):
@@ -355,9 +261,9 @@ async def test_retry_after_longer_than_the_budget_for_the_whole_batch_raises_wit
 
 
 async def test_when_filter_routes_by_severity_and_kind(write_config, fixture_bytes):
-    when = '[sinks.when]\nseverity_at_least = "high"\nkind_in = ["activity"]\n'
+    when = {"severity_at_least": "high", "kind_in": ["activity"]}
     body = orjson.dumps([json.loads(fixture_bytes("mgmt_api_dlp_rule_match.json")), json.loads(fixture_bytes("mgmt_api_dlp_rule_match_endpoint_variant.json"))])
-    async with Runner(write_config(SINKS.format(settings="{}", when=when))) as runner:
+    async with Runner(write_config(sinks_config({}, when=when))) as runner:
         report = await runner.process_batch([Message(body)])
     assert report.delivered == {"lake": 2, "flaky": 1}  # only the high-severity endpoint match
 
@@ -376,7 +282,7 @@ async def test_unwritable_dead_letter_store_stops_the_batch(write_config, tmp_pa
 
 
 async def test_flush_emits_a_backlog_in_bounded_chunks(write_config, fixture_bytes):
-    config = SINKS.format(settings="{}", when="").replace("settle_seconds = 0", "settle_seconds = 30\nemit_batch_size = 3")
+    config = sinks_config({}, assembly={"settle_seconds": 30, "emit_batch_size": 3})
     info, user, file_, app, _ = streaming_records(fixture_bytes)
     messages = []
     for i in range(7):

@@ -16,7 +16,7 @@ from pipeline.enrich.contract import BaseEnricher
 from pipeline.errors import ConfigError
 from pipeline.runner import Runner
 from pipeline.secrets import SecretEnv, SecretNotSet, check_config_secrets, is_secret_key, secret_from_env
-from tests.conftest import ROOT
+from tests.support.paths import ROOT
 
 SECRET = "S3cr3t-Value-4711"  # must never appear in an error message or a log line
 

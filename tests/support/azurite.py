@@ -14,12 +14,12 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+
+from tests.support.paths import ROOT
 
 ACCOUNT = "devstoreaccount1"
 # The well-known development key of Azurite (public, documented, not a secret).
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,20 @@
-"""Enriched records for sink tests, built from the shared Graph alert fixture (no sink code involved)."""
+"""Enriched records for sink tests, built from the shared Graph alert fixture (no sink code involved),
+and the records a run left in its local JSONL lake."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.ingest.decode import decode_message
 from pipeline.models import EnrichedRecord, EnrichmentStatus
+from tests.support.paths import FIXTURES
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "formats" / "graph_alert_v2_dlp.json"
+if TYPE_CHECKING:
+    from pipeline.runner import Runner
+
+FIXTURE = FIXTURES / "graph_alert_v2_dlp.json"
 PROCESSED_AT = datetime(2025, 3, 14, 9, 30, tzinfo=UTC)
 
 
@@ -33,3 +37,9 @@ def make_record(alert_id: str = "alert-1", *, padding: int = 0, enrichments: dic
         pipeline_version="0.1.0",
         processed_at=PROCESSED_AT,
     )
+
+
+def lake_lines(runner: Runner) -> list[dict]:
+    """Every line of the run's local JSONL lake (sink "lake"), parsed, files in path order."""
+    root = runner.loaded.data_path("lake")
+    return [json.loads(line) for path in sorted(root.rglob("*.jsonl")) for line in path.read_text().splitlines()]

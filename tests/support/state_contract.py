@@ -2,7 +2,7 @@
 
 Subclass `StateStoreContract` in a test module that provides an `open_state` fixture: a callable
 that opens the implementation under test (each call a new handle on the *same* backing store, as a
-second process would see it), closing what it opened at teardown. tests/test_state_contract.py does
+second process would see it), closing what it opened at teardown. tests/state/test_state_contract.py does
 that for every implementation, one parametrised line each.
 
 Times are explicit `now` values, never the wall clock, so every rule is checked at its boundary.

@@ -1,0 +1,372 @@
+"""prior_incidents: history in SQLite (the state file) and in Azure Table Storage (Azurite), plus hunting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sqlite3
+import uuid
+from contextlib import closing
+from datetime import UTC, datetime
+
+import pytest
+from werkzeug import Response
+
+from pipeline.runner import Runner
+from pipeline.state.history import HistoryEntry, HistorySettings, TableHistoryStore
+from tests.support.alerts import StaticCredential, graph_alert, message
+from tests.support.config import LAKE_SINK_TOML
+
+
+def config(store: str = "", extra: str = "") -> str:
+    return f"""
+[assembly]
+settle_seconds = 0
+[[enrichers]]
+name = "prior_incidents"
+[enrichers.settings]
+max_recent = 2
+{extra}
+{store}
+""" + LAKE_SINK_TOML
+
+
+def lake(runner: Runner) -> dict[str, dict]:
+    root = runner.loaded.data_path("lake")
+    return {json.loads(line)["alert"]["alert_id"]: json.loads(line) for path in root.rglob("*.jsonl") for line in path.read_text().splitlines()}
+
+
+def history_alerts():
+    upn = "megan.bowen@contoso.com"
+    return [
+        graph_alert("old-100d", upn=upn, created="2024-12-04T10:00:00Z", policy="Finance PII", sits="Credit Card Number (2)"),
+        graph_alert("p-40d", upn=upn, created="2025-02-02T10:00:00Z", policy="HR Data", sits="U.S. Social Security Number (SSN) (4)"),
+        graph_alert("p-20d", upn=upn, created="2025-02-22T10:00:00Z", policy="Finance PII", sits="Credit Card Number (1)"),
+        graph_alert("p-3d", upn=upn, created="2025-03-11T10:00:00Z", policy="Finance PII", sits="IBAN (1)"),
+        graph_alert("now", upn=upn, created="2025-03-14T10:00:00Z", policy="Finance PII", sits="Credit Card Number (9)"),
+        graph_alert("later", upn=upn, created="2025-03-20T10:00:00Z", policy="Finance PII"),
+        graph_alert("other-user", upn="adele.vance@contoso.com", created="2025-03-13T10:00:00Z"),
+    ]
+
+
+def check_history(records: dict[str, dict]) -> None:
+    now = records["now"]["enrichments"]["prior_incidents"]
+    assert (now["last_7_days"], now["last_30_days"], now["last_90_days"]) == (1, 2, 3)
+    assert now["same_policy_90_days"] == 2
+    assert now["sensitive_types"] == ["Credit Card Number", "IBAN", "U.S. Social Security Number (SSN)"]
+    assert now["last_alert_at"].startswith("2025-03-11T10:00:00")
+    assert [p["alert_id"] for p in now["recent"]] == ["p-3d", "p-20d"]  # bounded by max_recent, newest first
+    first = records["old-100d"]["enrichments"]["prior_incidents"]
+    assert first["last_90_days"] == 0 and first["last_alert_at"] is None and first["recent"] == []
+    assert records["other-user"]["enrichments"]["prior_incidents"]["last_90_days"] == 0
+    later = records["later"]["enrichments"]["prior_incidents"]
+    assert (later["last_7_days"], later["last_30_days"]) == (1, 3)  # now; now, p-3d, p-20d
+
+
+async def test_history_of_one_batch_in_the_sqlite_state_file(write_config):
+    loaded = write_config(config())
+    async with Runner(loaded) as runner:
+        await runner.process_batch([message(*history_alerts())])
+        records = lake(runner)
+        with closing(sqlite3.connect(runner.state.path)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "history_alerts" in tables
+    check_history(records)
+
+
+async def test_alerts_across_batches_and_reruns_count_once(write_config):
+    alerts = history_alerts()
+    loaded = write_config(config())
+    async with Runner(loaded) as runner:
+        for alert in alerts[:4]:
+            await runner.process_batch([message(alert)])
+        await runner.process_batch([message(*alerts[:4])])  # redelivery of the same alerts
+        revised = dict(alerts[3], severity="high")  # same alert id, new content: still one alert
+        await runner.process_batch([message(revised)])
+        await runner.process_batch([message(alerts[4])])
+        now = lake(runner)["now"]["enrichments"]["prior_incidents"]
+    assert (now["last_7_days"], now["last_30_days"], now["last_90_days"]) == (1, 2, 3)
+
+
+async def test_activities_see_prior_alerts_but_are_not_counted_as_alerts(write_config, fixture_bytes):
+    loaded = write_config(config())
+    from pipeline.runner import Message
+
+    async with Runner(loaded) as runner:
+        earlier = graph_alert("earlier", upn="megan.bowen@contoso.com", created="2025-03-13T10:00:00Z")
+        await runner.process_batch([Message(fixture_bytes("mgmt_api_dlp_rule_match.json")), message(earlier, graph_alert("nobody"))])
+        await runner.process_batch([message(graph_alert("after", upn="megan.bowen@contoso.com", created="2025-03-14T12:00:00Z"))])
+        records = lake(runner)
+    (activity,) = [r for r in records.values() if r["alert"]["kind"] == "activity"]
+    assert activity["enrichments"]["prior_incidents"]["last_7_days"] == 1  # "earlier"
+    assert [p["alert_id"] for p in records["after"]["enrichments"]["prior_incidents"]["recent"]] == ["earlier"]  # not the activity
+    assert records["nobody"]["enrichment_status"]["prior_incidents"]["state"] == "skipped"
+
+
+class HuntingServer:
+    def __init__(self, httpserver, rows):
+        self.rows = rows
+        self.queries: list[dict] = []
+        httpserver.expect_request("/v1.0/security/runHuntingQuery", method="POST").respond_with_handler(self.handle)
+        self.url = httpserver.url_for("/v1.0")
+
+    def handle(self, request):
+        body = request.get_json()
+        self.queries.append(body)
+        return Response(json.dumps({"schema": [{"name": "AlertId", "type": "String"}, {"name": "Timestamp", "type": "DateTime"}], "results": self.rows}), content_type="application/json")
+
+
+async def test_hunting_adds_alerts_older_than_the_pipeline(httpserver, write_config):
+    hunting = HuntingServer(
+        httpserver,
+        [
+            {"AlertId": "hunted-1", "Timestamp": "2025-03-10T08:00:00Z", "Severity": "High"},
+            {"AlertId": "p-3d", "Timestamp": "2025-03-11T10:00:00Z", "Severity": "Medium"},  # also seen by the pipeline
+            {"AlertId": "too-old", "Timestamp": "2024-01-01T00:00:00Z", "Severity": "Low"},
+        ],
+    )
+    extra = f'[enrichers.settings.hunting]\nurl = "{hunting.url}"\nallow_private_hosts = ["localhost", "127.0.0.1"]'
+    runner = Runner(write_config(config(extra=extra)))
+    runner.chain.slots[0].plugin.credential = StaticCredential()
+    alerts = history_alerts()
+    async with runner:
+        await runner.process_batch([message(alerts[3], alerts[4])])
+        records = lake(runner)
+    now = records["now"]["enrichments"]["prior_incidents"]
+    assert now["last_7_days"] == 2 and now["last_90_days"] == 2 and now["sources"] == ["sqlite", "hunting"]
+    assert {p["alert_id"]: p["source"] for p in now["recent"]} == {"p-3d": "pipeline", "hunted-1": "hunting"}
+    query = hunting.queries[0]
+    assert query["Timespan"] == "P30D" and '"megan.bowen@contoso.com"' in query["Query"] and "AlertEvidence" in query["Query"]
+    assert len(hunting.queries) == 1  # one user, cached
+
+
+# -- Azure Table Storage (Azurite) ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+async def test_table_store_is_idempotent_and_reads_a_time_window(azurite, monkeypatch):
+    monkeypatch.setenv("TEST_TABLES", azurite.connection_string)
+    table = "hist" + uuid.uuid4().hex[:12]
+    store = TableHistoryStore(HistorySettings(kind="azure_table", connection_string_env="TEST_TABLES", table_name=table))
+    try:
+        entries = [HistoryEntry(entry_id=f"a{i}", content_id="c", user="user#ext#@contoso.com", at=1000.0 + i, policy="P") for i in range(5)]
+        await store.record("alert", entries)
+        await store.record("alert", entries)  # again: nothing new
+        await store.record("alert", [HistoryEntry(entry_id="x", content_id="c", user="someone@else.com", at=1002.0)])
+        found = await store.entries("alert", "user#ext#@contoso.com", since=1001.0, until=1003.0)
+        assert [e.entry_id for e in found] == ["a3", "a2", "a1"]
+        assert await store.entries("activity", "user#ext#@contoso.com", since=0, until=5000) == []
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.integration
+async def test_prior_incidents_on_azure_table_storage(azurite, monkeypatch, write_config):
+    monkeypatch.setenv("TEST_TABLES", azurite.connection_string)
+    table = "hist" + uuid.uuid4().hex[:12]
+    store = f'[enrichers.settings.store]\nkind = "azure_table"\nconnection_string_env = "TEST_TABLES"\ntable_name = "{table}"'
+    async with Runner(write_config(config(store))) as runner:
+        await runner.process_batch([message(*history_alerts())])
+        records = lake(runner)
+    check_history(records)
+    # a second instance (another Functions host) sees the same history
+    loaded = write_config(config(store), name="second.toml")
+    loaded.data_dir = loaded.data_dir.parent / "second"
+    async with Runner(loaded) as runner:
+        await runner.process_batch([message(graph_alert("next", upn="megan.bowen@contoso.com", created="2025-03-15T10:00:00Z"))])
+        assert lake(runner)["next"]["enrichments"]["prior_incidents"]["last_7_days"] == 2  # p-3d and now; not itself, not "later"
+
+
+async def test_table_store_down_fails_the_enricher_and_the_alert_is_delivered(monkeypatch, write_config):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv(
+        "DOWN_TABLES",
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Zm9v;TableEndpoint=http://127.0.0.1:{port}/devstoreaccount1;",
+    )
+    store = '[enrichers.settings.store]\nkind = "azure_table"\nconnection_string_env = "DOWN_TABLES"'
+    loaded = write_config(config(store).replace('name = "prior_incidents"', 'name = "prior_incidents"\ntimeout_seconds = 2'))
+    runner = Runner(loaded)
+    async with runner:
+        report = await runner.process_batch([message(graph_alert("a", upn="x@contoso.com"))])
+        records = lake(runner)
+    assert report.delivered["lake"] == 1
+    assert records["a"]["enrichment_status"]["prior_incidents"]["state"] in ("failed", "timed_out")
+
+
+async def test_enrich_alone_records_and_reads_history(tmp_path):
+    """`enrich` alone (a batch of one, as the testing kit and the naive benchmark call it): each alert records itself and reads its history."""
+    import time
+
+    from enrichers.prior_incidents import PriorIncidentsEnricher
+    from pipeline.enrich.contract import EnrichmentContext
+    from pipeline.ingest.decode import decode_message
+
+    settings = PriorIncidentsEnricher.Settings.model_validate({"store": {"path": str(tmp_path / "history.sqlite")}})
+    enricher = PriorIncidentsEnricher(settings)
+    await enricher.start()
+    alerts = decode_message(message(*history_alerts()[:5]).body).alerts
+    try:
+        for alert in alerts:  # in time order: each sees the ones before it
+            fragment = await enricher.enrich(alert, EnrichmentContext(alert, fragments={}, statuses={}, cache=None, clock=time.time))
+    finally:
+        await enricher.aclose()
+    assert (fragment.last_7_days, fragment.last_30_days, fragment.last_90_days) == (1, 2, 3)
+
+
+async def test_store_reuse_seconds_decides_when_another_instances_writes_are_seen(tmp_path):
+    """`store.reuse_seconds`: with the default, a history read is reused and another instance's write
+    is not seen by the next alert yet; with 0, the next alert reads the history again and counts it."""
+    import time
+
+    from enrichers.prior_incidents import PriorIncidentsEnricher
+    from pipeline.enrich.contract import EnrichmentContext
+    from pipeline.ingest.decode import decode_message
+    from pipeline.state.history import entry_of
+
+    alerts = decode_message(message(*history_alerts()).body).alerts
+    by_id = {alert.alert_id: alert for alert in alerts}
+    counts = {}
+    for reuse in (None, 0):
+        store = {"path": str(tmp_path / f"history-{reuse}.sqlite")} | ({} if reuse is None else {"reuse_seconds": reuse})
+        enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings.model_validate({"store": store}))
+        await enricher.start()
+        try:
+            for alert_id in ("p-40d", "now"):
+                alert = by_id[alert_id]
+                fragment = await enricher.enrich(alert, EnrichmentContext(alert, fragments={}, statuses={}, cache=None, clock=time.time))
+                if alert_id == "p-40d":  # another instance records p-20d in the shared store meanwhile
+                    await enricher.store.record("alert", [entry_of(by_id["p-20d"], now=time.time())])
+            counts[reuse] = fragment.last_90_days
+        finally:
+            await enricher.aclose()
+    assert counts == {None: 1, 0: 2}  # p-40d only; p-40d and the other instance's p-20d
+
+
+async def test_user_histories_are_read_once_kept_current_and_read_again_after_their_ttl(tmp_path, monkeypatch):
+    """UserHistories over the real SQLite store: one read per user, this process's writes seen at
+    once, another writer's entries seen once the TTL has passed."""
+    from pipeline.state import history as history_module
+    from pipeline.state.history import SqliteHistoryStore, UserHistories
+
+    store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
+    reads: list[str] = []
+    entries = store.entries
+
+    async def counted(kind, user, **kwargs):
+        reads.append(user)
+        return await entries(kind, user, **kwargs)
+
+    monkeypatch.setattr(store, "entries", counted)
+    now = [1000.0]
+    monkeypatch.setattr(history_module.time, "monotonic", lambda: now[0])
+
+    def entry(entry_id: str, at: float, user: str = "u@contoso.com") -> HistoryEntry:
+        return HistoryEntry(entry_id=entry_id, content_id="c" + entry_id, user=user, at=at)
+
+    await store.record("alert", [entry("old", 50.0), entry("a", 100.0)])
+    histories = UserHistories(store, "alert", ttl=30.0)
+    await histories.ensure({"u@contoso.com": 60.0})
+    assert [e.entry_id for e in histories.rows("u@contoso.com")] == ["a"]  # since 60: "old" is not needed
+    await histories.ensure({"u@contoso.com": 70.0})  # fresh and covering: no second read
+    assert reads == ["u@contoso.com"]
+
+    mine = entry("b", 200.0)
+    await store.record("alert", [mine])
+    histories.add([mine])  # this process's own write: seen at once, newest first
+    await store.record("alert", [entry("c", 150.0)])  # another instance's write: not seen yet
+    assert [e.entry_id for e in histories.rows("u@contoso.com")] == ["b", "a"]
+
+    await histories.ensure({"u@contoso.com": 0.0})  # needs older entries than held: read again
+    assert [e.entry_id for e in histories.rows("u@contoso.com")] == ["b", "c", "a", "old"]
+    assert len(reads) == 2
+    now[0] += 31  # past the TTL: read again
+    await histories.ensure({"u@contoso.com": 0.0})
+    assert len(reads) == 3
+    await store.aclose()
+
+
+async def test_a_history_file_of_an_earlier_version_is_converted_and_keeps_its_entries(tmp_path):
+    """Earlier versions kept the history in WITHOUT ROWID tables; opening such a file converts it once
+    (twice opened, still one conversion) and every entry is still read, still written idempotently."""
+    import sqlite3
+
+    import orjson
+
+    from pipeline.state.history import SqliteHistoryStore
+
+    path = tmp_path / "history.sqlite"
+    old = sqlite3.connect(path)
+    for kind in ("alert", "activity"):
+        old.executescript(
+            f"CREATE TABLE history_{kind}s (user TEXT NOT NULL, entry_id TEXT NOT NULL, content_id TEXT NOT NULL, at REAL NOT NULL,"
+            f" data BLOB NOT NULL, PRIMARY KEY (user, entry_id, content_id)) WITHOUT ROWID;"
+            f" CREATE INDEX history_{kind}s_user_at ON history_{kind}s (user, at);"
+        )
+    kept = [HistoryEntry(entry_id=f"a{i}", content_id=f"c{i}", user="u@contoso.com", at=100.0 + i, policy="Finance PII") for i in range(3)]
+    old.executemany("INSERT INTO history_alerts VALUES (?, ?, ?, ?, ?)", [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(e)) for e in kept])
+    old.commit()
+    old.close()
+
+    for _ in range(2):
+        store = SqliteHistoryStore(path=path)
+        await store.aclose()
+    store = SqliteHistoryStore(path=path)
+    tables = dict(store._db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    assert set(tables) == {"history_alerts", "history_activitys"}
+    assert not any("WITHOUT ROWID" in sql.upper() for sql in tables.values())
+    found = await store.entries("alert", "u@contoso.com", since=0, until=1e12)
+    assert [(e.entry_id, e.policy) for e in found] == [("a2", "Finance PII"), ("a1", "Finance PII"), ("a0", "Finance PII")]
+    await store.record("alert", kept[:1] + [HistoryEntry(entry_id="a9", content_id="c9", user="u@contoso.com", at=200.0)])
+    assert [e.entry_id for e in await store.entries("alert", "u@contoso.com", since=0, until=1e12)] == ["a9", "a2", "a1", "a0"]
+    assert store._db.execute("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'history_alerts_user_at'").fetchone() == (1,)
+    await store.aclose()
+
+
+def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
+    """`_summary` counts by bisection over one row per prior alert (a revised alert's newest content);
+    a brute-force count over the same rows, revisions included, must give the same figures."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _row
+    from pipeline.models import DlpAlert
+    from pipeline.state.history import between
+
+    enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings(store={"path": str(tmp_path / "history.sqlite")}))
+    until = 1_750_000_000.0
+    row = st.tuples(
+        st.sampled_from(["a1", "a2", "a3", "a4", "a5", "a6", "own"]),
+        st.one_of(st.sampled_from([0, 1, 6.5, 7, 7.5, 29.5, 30, 30.5, 89.5, 90, 95]), st.floats(0, 100)).map(lambda days: until - days * DAY),
+        st.sampled_from([None, "Finance PII", "HR Data"]),
+        st.sampled_from([None, "high", "low"]),
+        st.sets(st.sampled_from(["IBAN", "Credit Card Number"])).map(tuple),
+        st.just("pipeline"),
+    )
+
+    @settings(max_examples=300, deadline=None)
+    @given(rows=st.lists(row, max_size=12), policy=st.sampled_from([None, "Finance PII"]))
+    def agree(rows, policy):
+        raw = sorted(rows, key=lambda r: -r[1])  # (entry_id, at, policy, severity, names, source), newest first
+        rows = between([_row(*r) for r in raw], until - 90 * DAY, until)
+        alert = DlpAlert(alert_id="own", source_format="graph_alert", policy_name=policy)
+        got = enricher._summary(alert, until, rows, None)
+        newest: dict[str, tuple] = {}
+        for r in raw:
+            if r[0] != "own" and until - 90 * DAY <= r[1] <= until:
+                newest.setdefault(r[0], r)
+        assert got.last_90_days == len(newest)
+        assert got.last_7_days == sum(r[1] >= until - 7 * DAY for r in newest.values())
+        assert got.last_30_days == sum(r[1] >= until - 30 * DAY for r in newest.values())
+        assert got.same_policy_90_days == (sum(r[2] == policy for r in newest.values()) if policy else 0)
+        in_window = [r for r in raw if r[0] != "own" and until - 90 * DAY <= r[1] <= until]
+        assert got.sensitive_types == sorted({t for r in in_window for t in r[4]})
+        expected_recent = list(newest.values())[: enricher.settings.max_recent]
+        assert [(p.alert_id, p.policy, p.severity) for p in got.recent] == [(r[0], r[2], r[3]) for r in expected_recent]
+        assert all(abs(p.at.timestamp() - r[1]) < 1e-3 for p, r in zip(got.recent, expected_recent))
+        assert got.last_alert_at == (datetime.fromtimestamp(max(r[1] for r in newest.values()), tz=UTC) if newest else None)
+
+    agree()
+    asyncio.run(enricher.aclose())

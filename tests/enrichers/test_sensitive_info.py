@@ -1,0 +1,164 @@
+"""sensitive_info: the summary, correlation with rule-match activities seen, and Advanced Hunting."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC
+
+from werkzeug import Response
+
+from pipeline.runner import Message, Runner
+from tests.support.alerts import StaticCredential, graph_alert, message
+from tests.support.config import LAKE_SINK_TOML
+from tests.support.samples import MATCHED_VALUES
+
+MEGAN = "megan.bowen@contoso.com"
+
+
+def config(extra: str = "") -> str:
+    return f"""
+[assembly]
+settle_seconds = 0
+[[enrichers]]
+name = "sensitive_info"
+[enrichers.settings]
+window_minutes = 30
+{extra}
+""" + LAKE_SINK_TOML
+
+
+def lake(runner: Runner) -> dict[str, dict]:
+    root = runner.loaded.data_path("lake")
+    return {json.loads(line)["alert"]["alert_id"]: json.loads(line) for path in root.rglob("*.jsonl") for line in path.read_text().splitlines()}
+
+
+def bare_alert(alert_id: str, **kw):
+    kw.setdefault("upn", MEGAN)
+    kw.setdefault("file_name", "Q1-payroll-export.xlsx")
+    kw.setdefault("created", "2025-03-14T09:12:44Z")
+    return graph_alert(alert_id, **kw)
+
+
+async def test_alert_without_sit_data_is_filled_from_the_activity_of_the_same_batch(write_config, fixture_bytes):
+    async with Runner(write_config(config())) as runner:
+        # the alert comes first in the batch: the activity is stored before any alert is looked at
+        await runner.process_batch([message(bare_alert("alert-1")), Message(fixture_bytes("mgmt_api_dlp_rule_match.json"))])
+        records = lake(runner)
+    summary = records["alert-1"]["enrichments"]["sensitive_info"]
+    assert summary["source"] == "correlated" and summary["correlated_ids"] == ["5f1e2d3c-4b5a-4697-8877-665544332211"]
+    assert summary["type_ids"] == ["50842eb7-edc8-4019-85dd-5a5c1f2bb085", "a44669fe-0d48-453d-a9b1-2cc83f2cba77"]
+    assert summary["total_count"] == 15 and summary["high_confidence_count"] == 15 and summary["max_confidence"] == 85
+    assert summary["categories"] == ["financial", "personal"]
+
+
+async def test_activity_of_an_earlier_batch_and_names_only_alerts(write_config, fixture_bytes):
+    async with Runner(write_config(config())) as runner:
+        await runner.process_batch([Message(fixture_bytes("mgmt_api_dlp_rule_match.json"))])
+        # Sentinel-like: names without counts -> completed from the activity
+        await runner.process_batch([message(bare_alert("names-only", sits="Credit Card Number; U.S. Social Security Number (SSN)"))])
+        records = lake(runner)
+    summary = records["names-only"]["enrichments"]["sensitive_info"]
+    assert summary["source"] == "correlated" and summary["total_count"] == 15
+
+
+async def test_no_correlation_for_another_file_policy_user_or_time(write_config, fixture_bytes):
+    async with Runner(write_config(config())) as runner:
+        await runner.process_batch(
+            [
+                Message(fixture_bytes("mgmt_api_dlp_rule_match.json")),
+                message(
+                    bare_alert("other-file", file_name="holiday.docx"),
+                    bare_alert("other-policy", policy="HR Data"),
+                    bare_alert("other-user", upn="adele.vance@contoso.com"),
+                    bare_alert("too-late", created="2025-03-14T11:00:00Z"),
+                    bare_alert("with-counts", sits="IBAN (2)"),
+                ),
+            ]
+        )
+        records = lake(runner)
+    for alert_id in ("other-file", "other-policy", "other-user", "too-late"):
+        assert records[alert_id]["enrichment_status"]["sensitive_info"]["state"] == "skipped", alert_id
+    own = records["with-counts"]["enrichments"]["sensitive_info"]
+    assert own["source"] == "alert" and own["type_names"] == ["IBAN"] and own["total_count"] == 2
+
+
+async def test_correlation_can_be_turned_off(write_config, fixture_bytes):
+    async with Runner(write_config(config("correlate = false"))) as runner:
+        await runner.process_batch([Message(fixture_bytes("mgmt_api_dlp_rule_match.json")), message(bare_alert("a"))])
+        records = lake(runner)
+    assert records["a"]["enrichment_status"]["sensitive_info"]["state"] == "skipped"
+
+
+class HuntingServer:
+    def __init__(self, httpserver, rows=None, malformed=False):
+        self.rows = rows or []
+        self.malformed = malformed
+        self.queries: list[str] = []
+        httpserver.expect_request("/v1.0/security/runHuntingQuery", method="POST").respond_with_handler(self.handle)
+        self.url = httpserver.url_for("/v1.0")
+
+    def handle(self, request):
+        self.queries.append(request.get_json()["Query"])
+        if self.malformed:
+            return Response('{"schema": [], "results": ', content_type="application/json")
+        return Response(json.dumps({"schema": [{"name": "RawEventData", "type": "Dynamic"}], "results": self.rows}), content_type="application/json")
+
+
+def hunting_config(url: str) -> str:
+    return config(f'[enrichers.settings.hunting]\nurl = "{url}"\nallow_private_hosts = ["localhost", "127.0.0.1"]')
+
+
+async def test_hunting_finds_the_rule_match_in_cloud_app_events_without_leaking_values(httpserver, write_config, fixture_bytes):
+    raw = json.loads(fixture_bytes("mgmt_api_dlp_rule_match.json"))
+    raw = raw[0] if isinstance(raw, list) else raw
+    server = HuntingServer(httpserver, [{"Timestamp": "2025-03-14T09:11:02Z", "ReportId": "r1", "RawEventData": raw}, {"Timestamp": "2025-03-14T09:11:02Z", "RawEventData": "not json"}])
+    runner = Runner(write_config(hunting_config(server.url)))
+    runner.chain.slots[0].plugin.credential = StaticCredential()
+    async with runner:
+        await runner.process_batch([message(bare_alert("hunted"))])
+        records = lake(runner)
+        written = b"".join(p.read_bytes() for p in runner.loaded.data_dir.rglob("*") if p.is_file())
+    summary = records["hunted"]["enrichments"]["sensitive_info"]
+    assert summary["source"] == "hunting" and summary["total_count"] == 15
+    assert "CloudAppEvents" in server.queries[0] and '"megan.bowen@contoso.com"' in server.queries[0]
+    for value in MATCHED_VALUES:
+        assert value.encode() not in written
+
+
+async def test_hunting_malformed_answer_fails_only_this_enricher(httpserver, write_config):
+    server = HuntingServer(httpserver, malformed=True)
+    runner = Runner(write_config(hunting_config(server.url)))
+    runner.chain.slots[0].plugin.credential = StaticCredential()
+    async with runner:
+        report = await runner.process_batch([message(bare_alert("a"))])
+        records = lake(runner)
+    assert report.delivered["lake"] == 1
+    assert records["a"]["enrichment_status"]["sensitive_info"]["state"] == "failed"
+
+
+def test_correlation_window_is_inclusive_on_both_sides_and_picks_the_newest_content():
+    """Activities are held newest first and the window found by bisection: an activity exactly
+    `window_minutes` before or after the alert counts, one a second further does not; of two
+    contents of one activity, the newest is used."""
+    from datetime import datetime
+
+    from enrichers.sensitive_info import SensitiveInfoEnricher, _prepared
+    from pipeline.models import DlpAlert
+    from pipeline.state.history import HistoryEntry
+
+    enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings(window_minutes=30, correlate=False))
+    at = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
+    alert = DlpAlert(alert_id="a", source_format="graph_alert", created_at=at, user={"upn": MEGAN}, files=[{"name": "Q1.xlsx"}])
+
+    def activity(entry_id: str, offset_seconds: float, count: int = 1, content: str = "c") -> HistoryEntry:
+        return HistoryEntry(
+            entry_id=entry_id, content_id=content + entry_id, user=MEGAN, at=at.timestamp() + offset_seconds,
+            files=["q1.xlsx"], sensitive_info=[{"name": "IBAN", "count": count}],
+        )
+
+    entries = [activity("late-out", 1801), activity("late-in", 1800), activity("revised", 60, count=2, content="new"),
+               activity("revised", 30, count=7), activity("early-in", -1800), activity("early-out", -1801)]
+    infos, ids, _labels = enricher._correlate(alert, _prepared(sorted(entries, key=lambda e: -e.at)))
+    assert ids == ["early-in", "late-in", "revised"]
+    assert [(i.name, i.count) for i in infos] == [("IBAN", 2)]  # only the newest content of "revised"
+    assert enricher._correlate(alert, _prepared([activity("far", 7200)])) is None
