@@ -407,7 +407,7 @@ async def test_a_part_too_large_for_the_table_is_dead_lettered_with_its_reason(t
 
 PROCESS_CONFIG = """
 [runner]
-batch_size = 5
+batch_size = 8
 
 [assembly]
 settle_seconds = 0
@@ -427,11 +427,11 @@ fsync = false
 @pytest.mark.slow
 @pytest.mark.integration
 def test_runner_processes_sharing_one_table_killed_and_started_again_lose_no_alert(azurite, tmp_path, monkeypatch):
-    """Three `python -m pipeline run` processes share one Table store; the rows of 120 split alerts are
+    """Three `python -m pipeline run` processes share one Table store; the rows of 100 split alerts are
     spread over them at random; two are SIGKILLed mid-run and started again. Every alert ends with its
     complete record in a lake, earlier records of it only with fewer parts (a part came late)."""
     rng = random.Random(16)
-    records, ids = split_alert_records(120, tag="procs")
+    records, ids = split_alert_records(100, tag="procs")
     reference = reference_content_ids(records)
     workers = [tmp_path / f"w{index}" for index in range(3)]
     shares: list[list[bytes]] = [[] for _ in workers]
