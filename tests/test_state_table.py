@@ -226,15 +226,20 @@ async def test_a_part_larger_than_a_property_is_split_and_one_larger_than_an_ent
     assert added.new == 2 and [p.alert_id for p in added.too_large] == ["huge"]
     (due,) = await claim(store, now=SETTLE)
     assert due.alert_id == "big" and due.parts[0].data["blob"] == big and due.parts[1].data["title"] == "small"
+    await store.mark_emitted(["big"], now=SETTLE)
+    await store.add_parts([part("big", 2, files=["late"])], now=SETTLE + 1)  # a revision reads every part back
+    (revised,) = await claim(store, now=2 * SETTLE + 1)
+    assert [p.rank for p in revised.parts] == [0, 1, 2] and revised.parts[0].data["blob"] == big
 
 
 async def test_an_alert_with_more_parts_than_a_transaction_holds(tables):
     store = tables()
-    parts = [part("many", 1, n=i) for i in range(180)]  # 180 part entities + head + pending entry > 100 operations
-    assert (await store.add_parts(parts, now=0)).new == 180
+    # 200 parts fit in the head; the other 200 get entities of their own: 202 operations, more than a transaction holds
+    parts = [part("many", 1, n=i) for i in range(400)]
+    assert (await store.add_parts(parts, now=0)).new == 400
     assert (await store.add_parts(parts[:10], now=1)).duplicate == 10
     (due,) = await claim(store, now=SETTLE + 1)
-    assert sorted(p.data["n"] for p in due.parts) == list(range(180))
+    assert sorted(p.data["n"] for p in due.parts) == list(range(400))
 
 
 async def test_redelivery_counts_are_shared_durable_and_forgotten(tables):

@@ -10,11 +10,13 @@ alerts of a batch spread over 16 partitions (each takes about 2,000 entities/s).
 fixed: changing it needs a new table. RowKeys, with K the alert id (or `~` + a hash of it when the
 id holds characters a key may not):
 
-    a|K|            the alert's head: state (pending | emitted), the digests of its stored parts
-    a|K|<digest>    one part: rank and JSON, split over Binary properties D0…Dn of at most 64 KiB
+    a|K|            the alert's head: state (pending | emitted), the digests of its stored parts, and
+                    the parts themselves, one property each (Q<digest>, rank and JSON)
+    a|K|<digest>    a part too large for the head: its JSON over Binary properties D0…Dn of 64 KiB
     p|K             present while the alert is pending: first/last part times, the lease, and the
-                    parts added while pending, inline (P<digest>), so a claim reads them with no
-                    second request; `Overflow` when they did not fit (then the claim reads a|K|…)
+                    parts added while pending (P<digest>), so a claim reads them with no second
+                    request; `Overflow` when they did not fit, or for a revision (then the claim reads
+                    the head)
     e|<hour>|K      the alert was emitted in that hour: what `purge` walks
     PartitionKey `redelivery`, RowKey <fingerprint>: the redelivery count of a batch
 
@@ -29,16 +31,18 @@ Concurrency is by ETag (If-Match), within one partition:
 - a lease that runs out is claimed again by the next claimer (at-least-once).
 
 Cost. The writes of one batch are entity group transactions (at most 100 operations, one
-partition): the parts, heads and pending entries of every alert of the batch in one shard go in
-one request. A claim is one filtered query per shard plus one transaction per shard that has due
+partition): the heads and pending entries of every alert of the batch in one shard go in one
+request. A claim is one filtered query per shard plus one transaction per shard that has due
 alerts; `mark_emitted` one transaction per shard; `pending_count` one query per shard. A new alert
-costs no read; a known one (a later part, a redelivery) one point read of its head. Measured on
-the emulator: docs/delivery.md, "The state model".
+costs no read; a known one (a later part, a redelivery) one point read of its head, unless this
+process wrote or read that head recently. An alert is two operations when stored, one when
+claimed, three when marked emitted. Measured on the emulator: docs/delivery.md, "The state model".
 
-Limits. An entity holds at most 1 MiB and a property 64 KiB: a part's JSON is split over up to
-`PART_CHUNKS` Binary properties of 64 KiB (960 KiB); a larger part is not stored but returned in
-`PartsAdded.too_large` (the runner dead-letters it as `part_too_large`). A head lists at most
-`MAX_PARTS` part digests; parts beyond are returned in `over_limit`, like those over
+Limits. An entity holds at most 1 MiB and a property 64 KiB: a part up to 32 KiB of JSON is kept in
+its head (at most 200 of them, 512 KiB); a larger one gets an entity of its own, its JSON split over
+up to `PART_CHUNKS` Binary properties of 64 KiB (960 KiB). A part larger than that is not stored but
+returned in `PartsAdded.too_large` (the runner dead-letters it as `part_too_large`). A head lists at
+most `MAX_PARTS` part digests; parts beyond are returned in `over_limit`, like those over
 `max_parts_per_alert`.
 
 Failures. Any error of the Table service (unreachable, 5xx after the client's retries, refused
@@ -75,14 +79,16 @@ log = logging.getLogger("pipeline.state.azure_table")
 SHARDS = 16  # partitions the alerts are spread over; fixed for the life of a table
 REDELIVERY_PARTITION = "redelivery"
 CHUNK_BYTES = 64 * 1024  # a Binary property holds at most 64 KiB
-PART_CHUNKS = 15  # 15 x 64 KiB = 960 KiB of JSON per part entity, under the 1 MiB entity limit
+PART_CHUNKS = 15  # 15 x 64 KiB = 960 KiB of JSON in an entity of its own, under the 1 MiB entity limit
 MAX_PART_BYTES = PART_CHUNKS * CHUNK_BYTES
 DIGEST_BYTES = 32
-DIGEST_CHUNKS = 8
-MAX_PARTS = DIGEST_CHUNKS * CHUNK_BYTES // DIGEST_BYTES  # 16,384 part digests in a head
-INLINE_PART_BYTES = 16 * 1024  # a part up to this size is also kept inline in the pending entry...
-INLINE_BYTES = 256 * 1024  # ...while the pending entry holds at most this much inline...
-INLINE_PARTS = 150  # ...in at most this many properties (an entity has at most 252)
+MAX_PARTS = 4096  # part digests a head lists (128 KiB, two properties)
+HEAD_PART_BYTES = 32 * 1024  # a part up to this size is kept in its alert's head (one property)...
+HEAD_BYTES = 512 * 1024  # ...while the head holds at most this much of them...
+HEAD_PARTS = 200  # ...in at most this many properties (an entity has at most 252); others get an entity of their own
+INLINE_PART_BYTES = 16 * 1024  # a part up to this size is also kept in the pending entry...
+INLINE_BYTES = 256 * 1024  # ...while the pending entry holds at most this much of them...
+INLINE_PARTS = 150  # ...in at most this many properties
 MAX_OPERATIONS = 100  # an entity group transaction holds at most 100 operations...
 MAX_TRANSACTION_BYTES = 3 * 1024 * 1024  # ...and 4 MiB; Binary goes base64 (x 4/3), so keep a margin
 KNOWN_HEADS = 20_000  # heads this process wrote or read, kept to skip a read (a stale one only costs a retry)
@@ -130,7 +136,7 @@ def _chunks(data: bytes, prefix: str) -> dict[str, bytes]:
 def _joined(entity: Mapping[str, Any], prefix: str) -> bytes:
     out = []
     index = 0
-    while f"{prefix}{index}" in entity:
+    while entity.get(f"{prefix}{index}") is not None:  # a selected property the entity lacks comes back as None
         out.append(bytes(entity[f"{prefix}{index}"]))
         index += 1
     return b"".join(out)
@@ -138,14 +144,17 @@ def _joined(entity: Mapping[str, Any], prefix: str) -> bytes:
 
 @dataclass(slots=True)
 class _Head:
-    """What a writer of parts needs of an alert's head: its ETag, state, stored digests and inline use."""
+    """What a writer of parts needs of an alert's head (never the parts themselves): its ETag, state,
+    the digests of the stored parts, and how full the head and the pending entry are."""
 
     etag: str
     state: str
     digests: list[str]
-    inline_bytes: int  # -1: the pending entry overflowed, claims read the part entities
-    inline_count: int
-    emitted_at: float
+    head_bytes: int = 0  # parts kept in the head (properties Q<digest>)
+    head_count: int = 0
+    inline_bytes: int = 0  # parts kept in the pending entry (P<digest>); -1: it overflowed, claims read the head
+    inline_count: int = 0
+    emitted_at: float = 0.0
 
     @classmethod
     def of(cls, entity: Any) -> _Head:
@@ -153,8 +162,28 @@ class _Head:
         return cls(
             etag=entity.metadata["etag"], state=str(entity.get("State", "pending")),
             digests=[raw[i : i + DIGEST_BYTES].decode() for i in range(0, len(raw), DIGEST_BYTES)],
+            head_bytes=int(entity.get("HeadBytes", 0)), head_count=int(entity.get("HeadCount", 0)),
             inline_bytes=int(entity.get("Inline", 0)), inline_count=int(entity.get("InlineCount", 0)), emitted_at=float(entity.get("EmittedAt", 0.0)),
         )
+
+    def counters(self) -> dict[str, Any]:
+        return {"State": self.state, "EmittedAt": self.emitted_at, "HeadBytes": self.head_bytes, "HeadCount": self.head_count,
+                "Inline": self.inline_bytes, "InlineCount": self.inline_count}
+
+
+def _part_value(part: AlertPart, data: bytes) -> bytes:
+    """A part kept as one property (of the head or the pending entry): its rank, then its JSON."""
+    return str(part.rank).encode() + b":" + data
+
+
+def _parts_in(entity: Mapping[str, Any], prefix: str, alert_id: str) -> dict[str, AlertPart]:
+    """The parts kept as properties `<prefix><digest>` of an entity."""
+    found = {}
+    for name, value in entity.items():
+        if name.startswith(prefix) and len(name) == DIGEST_BYTES + 1:
+            rank, _, data = bytes(value).partition(b":")
+            found[name[1:]] = AlertPart(alert_id=alert_id, rank=int(rank), data=orjson.loads(data), digest=name[1:])
+    return found
 
 
 @dataclass(slots=True)
@@ -338,52 +367,59 @@ class TableStateStore:
         unit.new = len(new)
         if not new:
             return unit
-        for part, data in new:
-            entity = {"PartitionKey": partition, "RowKey": f"a|{key}|{part.digest}", "Rank": part.rank, **_chunks(data, "D")}
-            unit.parts.append(_Op(alert_id, ("upsert", entity, {"mode": UpdateMode.REPLACE}), len(data) * 4 // 3 + 512))
         pending = head is not None and head.state == "pending"
-        inline_bytes = head.inline_bytes if head is not None and pending else 0
-        inline_count = head.inline_count if head is not None and pending else 0
-        overflow = inline_bytes < 0 or (head is not None and not pending)  # a revision reads every part, also those emitted before
+        written = _Head(etag="", state="pending", digests=stored + [part.digest for part, _ in new],
+                        head_bytes=head.head_bytes if head else 0, head_count=head.head_count if head else 0,
+                        inline_bytes=head.inline_bytes if head and pending else 0, inline_count=head.inline_count if head and pending else 0,
+                        emitted_at=head.emitted_at if head else 0.0)
+        # A revision (the alert was emitted) reads every part from the head at its claim.
+        overflow = written.inline_bytes < 0 or (head is not None and not pending)
+        in_head: dict[str, bytes] = {}
         inline: dict[str, bytes] = {}
         for part, data in new:
-            value = str(part.rank).encode() + b":" + data
-            if overflow or len(value) > INLINE_PART_BYTES or inline_bytes + len(value) > INLINE_BYTES or inline_count >= INLINE_PARTS:
+            value = _part_value(part, data)
+            if len(value) <= HEAD_PART_BYTES and written.head_bytes + len(value) <= HEAD_BYTES and written.head_count < HEAD_PARTS:
+                in_head["Q" + part.digest] = value
+                written.head_bytes += len(value)
+                written.head_count += 1
+            else:  # an entity of its own, its JSON over as many 64 KiB properties as it needs
+                entity = {"PartitionKey": partition, "RowKey": f"a|{key}|{part.digest}", "Rank": part.rank, **_chunks(data, "D")}
+                unit.parts.append(_Op(alert_id, ("upsert", entity, {"mode": UpdateMode.REPLACE}), len(data) * 4 // 3 + 512))
+            if overflow or len(value) > INLINE_PART_BYTES or written.inline_bytes + len(value) > INLINE_BYTES or written.inline_count >= INLINE_PARTS:
                 overflow = True
                 continue
             inline["P" + part.digest] = value
-            inline_bytes += len(value)
-            inline_count += 1
-        digests = stored + [part.digest for part, _ in new]
-        written = _Head(etag="", state="pending", digests=digests, inline_bytes=-1 if overflow else inline_bytes, inline_count=inline_count,
-                        emitted_at=head.emitted_at if head is not None else 0.0)
-        head_entity = {
-            "PartitionKey": partition, "RowKey": _head_key(key), "AlertId": alert_id, "State": "pending", "EmittedAt": written.emitted_at,
-            "Inline": written.inline_bytes, "InlineCount": inline_count, **_chunks("".join(digests).encode(), "G"),
-        }
-        size = len(digests) * DIGEST_BYTES * 4 // 3 + sum(len(v) for v in inline.values()) * 4 // 3 + 1024
-        remember = self._remember_head(alert_id, written)
+            written.inline_bytes += len(value)
+            written.inline_count += 1
+        if overflow:
+            written.inline_bytes = -1
+        head_entity = {"PartitionKey": partition, "RowKey": _head_key(key), "AlertId": alert_id, **written.counters(),
+                       **_chunks("".join(written.digests).encode(), "G"), **in_head}
+        head_size = (len(written.digests) * DIGEST_BYTES + sum(map(len, in_head.values()))) * 4 // 3 + 1024
         row = {"PartitionKey": partition, "RowKey": _pending_key(key), "LastPartAt": float(now), "LeaseUntil": 0.0, "LeaseOwner": "", **inline}
         if overflow:
             row["Overflow"] = True
-        if head is None:
+        row_size = sum(map(len, inline.values())) * 4 // 3 + 512
+        remember = self._remember_head(alert_id, written)
+        if head is None:  # new as far as this writer knows: creating the head fails if another writer made it first
             unit.creates_head = True
-            unit.commit.append(_Op(alert_id, ("create", head_entity), size, remember))
-            unit.commit.append(_Op(alert_id, ("upsert", {**row, "AlertId": alert_id, "FirstPartAt": float(now)}, {"mode": UpdateMode.REPLACE}), size))
+            unit.commit.append(_Op(alert_id, ("create", head_entity), head_size, remember))
+            unit.commit.append(_Op(alert_id, ("upsert", {**row, "AlertId": alert_id, "FirstPartAt": float(now)}, {"mode": UpdateMode.REPLACE}), row_size))
             return unit
-        condition = {"mode": UpdateMode.REPLACE, "etag": head.etag, "match_condition": MatchConditions.IfNotModified}
-        unit.commit.append(_Op(alert_id, ("update", head_entity, condition), size, remember))
+        # The head gains the new parts (MERGE keeps the others), on condition that nobody changed it since it was read.
+        condition = {"mode": UpdateMode.MERGE, "etag": head.etag, "match_condition": MatchConditions.IfNotModified}
+        unit.commit.append(_Op(alert_id, ("update", head_entity, condition), head_size, remember))
         if pending:  # the new parts join those waiting; the settle time starts again and any lease ends
-            unit.commit.append(_Op(alert_id, ("upsert", row, {"mode": UpdateMode.MERGE}), size))
+            unit.commit.append(_Op(alert_id, ("upsert", row, {"mode": UpdateMode.MERGE}), row_size))
         else:  # emitted before: pending again, a revision that will hold every part
-            unit.commit.append(_Op(alert_id, ("upsert", {**row, "AlertId": alert_id, "FirstPartAt": float(now)}, {"mode": UpdateMode.REPLACE}), size))
+            unit.commit.append(_Op(alert_id, ("upsert", {**row, "AlertId": alert_id, "FirstPartAt": float(now), "Overflow": True}, {"mode": UpdateMode.REPLACE}), row_size))
         return unit
 
     async def _write_units(self, client: Any, units: list[_Unit]) -> set[str]:
         """Write the units of one shard in as few transactions as they fit; returns the alerts to read
         again and retry (nothing of theirs was committed). A unit too large for one transaction writes
-        its parts first and commits them with its head last: parts written without their head are not
-        listed in it, so they count as new when the batch runs again."""
+        its part entities first and commits them with its head last: parts written without their head
+        are not listed in it, so they count as new when the batch runs again."""
         reread: set[str] = set()
         fitting: list[list[_Op]] = []
         for unit in units:
@@ -441,15 +477,18 @@ class TableStateStore:
         return done
 
     async def _read_head(self, client: Any, alert_id: str) -> _Head | None:
+        entity = await self._read_entity(client, shard_of(alert_id), _head_key(_key(alert_id)), select=["State", "EmittedAt", "HeadBytes", "HeadCount", "Inline", "InlineCount", "G0", "G1"])
+        return _Head.of(entity) if entity is not None else None
+
+    async def _read_entity(self, client: Any, partition: str, row: str, *, select: list[str] | None = None) -> Any:
         from azure.core.exceptions import ResourceNotFoundError
 
         try:
-            entity = await client.get_entity(shard_of(alert_id), _head_key(_key(alert_id)))
+            return await client.get_entity(partition, row, select=select)
         except ResourceNotFoundError:
             return None
         except Exception as exc:
             raise _unavailable(exc, "read an alert") from exc
-        return _Head.of(entity)
 
     # -- claims -----------------------------------------------------------------------------------
 
@@ -490,23 +529,23 @@ class TableStateStore:
         return alerts
 
     async def _parts_of(self, client: Any, pending: Any) -> PendingAlert:
+        """The parts of a claimed alert: those kept in its pending entry, or (overflow, revision) those of its
+        head and, for parts too large for it, their own entities."""
         alert_id = pending["AlertId"]
-        parts: list[AlertPart] = []
         if not pending.get("Overflow"):
-            for name, value in pending.items():
-                if name.startswith("P") and len(name) == DIGEST_BYTES + 1:
-                    rank, _, data = bytes(value).partition(b":")
-                    parts.append(AlertPart(alert_id=alert_id, rank=int(rank), data=orjson.loads(data), digest=name[1:]))
+            parts = list(_parts_in(pending, "P", alert_id).values())
         else:
             key = _key(alert_id)
-            low, high = _alert_range(key)
-            entities = await self._query(client, "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi", {"pk": pending["PartitionKey"], "lo": low, "hi": high})
-            heads = [_Head.of(e) for e in entities if e["RowKey"] == low]
-            listed = set(heads[0].digests) if heads else set()
-            for entity in entities:
-                digest = entity["RowKey"][len(low) :]
-                if digest in listed:  # a part written without its head (an interrupted write) is not committed yet
-                    parts.append(AlertPart(alert_id=alert_id, rank=int(entity["Rank"]), data=orjson.loads(_joined(entity, "D")), digest=digest))
+            head = await self._read_entity(client, pending["PartitionKey"], _head_key(key))
+            listed = _Head.of(head).digests if head is not None else []
+            found = _parts_in(head, "Q", alert_id) if head is not None else {}
+            if len(found) < len(listed):  # some parts have entities of their own
+                low, high = _alert_range(key)
+                for entity in await self._query(client, "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi", {"pk": pending["PartitionKey"], "lo": low + "0", "hi": high}):
+                    digest = entity["RowKey"][len(low) :]
+                    found[digest] = AlertPart(alert_id=alert_id, rank=int(entity["Rank"]), data=orjson.loads(_joined(entity, "D")), digest=digest)
+            # Only parts the head lists are committed (an interrupted write may have left an entity it does not list yet).
+            parts = [found[digest] for digest in listed if digest in found]
         parts.sort(key=lambda p: (p.rank, p.digest))
         return PendingAlert(alert_id=alert_id, parts=parts)
 
@@ -522,11 +561,14 @@ class TableStateStore:
         for alert_id, claim in held:
             key = _key(alert_id)
             cached = self._known_head(alert_id)
-            emitted = _Head("", "emitted", cached.digests, 0, 0, float(now)) if cached is not None else None
+            emitted = None
+            if cached is not None:
+                emitted = _Head("", "emitted", cached.digests, cached.head_bytes, cached.head_count, 0, 0, float(now))
+            state = {"State": "emitted", "EmittedAt": float(now), "Inline": 0, "InlineCount": 0}
             units.append([
                 _Op(alert_id, ("delete", {"PartitionKey": claim.partition, "RowKey": claim.row}, {"etag": claim.etag, "match_condition": MatchConditions.IfNotModified})),
-                _Op(alert_id, ("upsert", {"PartitionKey": claim.partition, "RowKey": _head_key(key), "State": "emitted", "EmittedAt": float(now), "Inline": 0, "InlineCount": 0},
-                               {"mode": UpdateMode.MERGE}), 512, self._remember_head(alert_id, emitted) if emitted is not None else None),
+                _Op(alert_id, ("upsert", {"PartitionKey": claim.partition, "RowKey": _head_key(key), **state}, {"mode": UpdateMode.MERGE}), 512,
+                    self._remember_head(alert_id, emitted) if emitted is not None else None),
                 _Op(alert_id, ("upsert", {"PartitionKey": claim.partition, "RowKey": _emitted_key(key, now), "AlertId": alert_id, "EmittedAt": float(now)}, {"mode": UpdateMode.REPLACE})),
             ])
             self._heads.pop(alert_id, None)
