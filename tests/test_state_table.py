@@ -504,3 +504,28 @@ def is_part_of(partial: object, whole: object) -> bool:
     if isinstance(partial, list) and isinstance(whole, list):
         return all(item in whole for item in partial)
     return False
+
+
+def test_the_state_benchmark_skips_with_its_reason_without_azurite(tmp_path, monkeypatch):
+    import benchmarks.state
+
+    monkeypatch.setattr(benchmarks.state, "ROOT", tmp_path)  # a checkout without .tools/
+    monkeypatch.setenv("PATH", str(tmp_path))
+    result = asyncio.run(benchmarks.state.table_vs_sqlite(100))
+    assert list(result) == ["table_state_skipped"] and "Azurite is not installed" in result["table_state_skipped"]
+
+
+async def test_an_instance_that_marked_another_instances_revision_still_keeps_every_part(tables):
+    """The instance that marks an alert emitted may know an older list of its parts than the table holds
+    (another instance added one since it last wrote): a part it adds later must not drop that one."""
+    mine, other, claimer = tables(), tables(), tables()
+    await mine.add_parts([part("a1", 0, title="t")], now=0)
+    (first,) = await claim(claimer, now=SETTLE)
+    await claimer.mark_emitted(["a1"], now=SETTLE)
+    await other.add_parts([part("a1", 1, files=["second"])], now=SETTLE + 1)  # a revision, written by another instance
+    (revised,) = await claim(mine, now=2 * SETTLE + 1)
+    assert len(revised.parts) == 2
+    await mine.mark_emitted(["a1"], now=2 * SETTLE + 1)
+    await mine.add_parts([part("a1", 2, files=["third"])], now=2 * SETTLE + 2)
+    (last,) = await claim(claimer, now=3 * SETTLE + 2)
+    assert [p.rank for p in last.parts] == [0, 1, 2], "a part was dropped from the alert"

@@ -537,15 +537,15 @@ class TableStateStore:
         else:
             key = _key(alert_id)
             head = await self._read_entity(client, pending["PartitionKey"], _head_key(key))
-            listed = _Head.of(head).digests if head is not None else []
-            found = _parts_in(head, "Q", alert_id) if head is not None else {}
-            if len(found) < len(listed):  # some parts have entities of their own
+            listed = set(_Head.of(head).digests) if head is not None else set()
+            in_head = _parts_in(head, "Q", alert_id) if head is not None else {}  # written with the head: committed
+            parts = list(in_head.values())
+            if len(in_head) < len(listed):  # the others have entities of their own
                 low, high = _alert_range(key)
                 for entity in await self._query(client, "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi", {"pk": pending["PartitionKey"], "lo": low + "0", "hi": high}):
                     digest = entity["RowKey"][len(low) :]
-                    found[digest] = AlertPart(alert_id=alert_id, rank=int(entity["Rank"]), data=orjson.loads(_joined(entity, "D")), digest=digest)
-            # Only parts the head lists are committed (an interrupted write may have left an entity it does not list yet).
-            parts = [found[digest] for digest in listed if digest in found]
+                    if digest in listed and digest not in in_head:  # one the head does not list yet is from an interrupted write
+                        parts.append(AlertPart(alert_id=alert_id, rank=int(entity["Rank"]), data=orjson.loads(_joined(entity, "D")), digest=digest))
         parts.sort(key=lambda p: (p.rank, p.digest))
         return PendingAlert(alert_id=alert_id, parts=parts)
 
@@ -560,17 +560,14 @@ class TableStateStore:
         units = []
         for alert_id, claim in held:
             key = _key(alert_id)
-            cached = self._known_head(alert_id)
-            emitted = None
-            if cached is not None:
-                emitted = _Head("", "emitted", cached.digests, cached.head_bytes, cached.head_count, 0, 0, float(now))
             state = {"State": "emitted", "EmittedAt": float(now), "Inline": 0, "InlineCount": 0}
             units.append([
                 _Op(alert_id, ("delete", {"PartitionKey": claim.partition, "RowKey": claim.row}, {"etag": claim.etag, "match_condition": MatchConditions.IfNotModified})),
-                _Op(alert_id, ("upsert", {"PartitionKey": claim.partition, "RowKey": _head_key(key), **state}, {"mode": UpdateMode.MERGE}), 512,
-                    self._remember_head(alert_id, emitted) if emitted is not None else None),
+                _Op(alert_id, ("upsert", {"PartitionKey": claim.partition, "RowKey": _head_key(key), **state}, {"mode": UpdateMode.MERGE})),
                 _Op(alert_id, ("upsert", {"PartitionKey": claim.partition, "RowKey": _emitted_key(key, now), "AlertId": alert_id, "EmittedAt": float(now)}, {"mode": UpdateMode.REPLACE})),
             ])
+            # Forgotten, not remembered as emitted: the head this process knew may list fewer parts than the
+            # table's (another instance may have added one since), and the head's new ETag would hide that.
             self._heads.pop(alert_id, None)
         # A claim lost (its lease ran out and another claimer took it) or an alert that got a new part
         # since: it stays pending, for its new holder or as a revision.
