@@ -3,7 +3,7 @@
     python -m tests.support.state_claimer <table> fill <alerts>     store one part for each alert
     python -m tests.support.state_claimer <table> claim <folder>    say ready (a file in the folder), wait
                                                                     for the file `go` there, then claim in
-                                                                    chunks of 10 until none is left (three empty rounds);
+                                                                    chunks of 3 until none is left (three empty rounds);
                                                                     print each alert id won
 
 The connection string is in the environment variable tests.support.table_state.ENV.
@@ -35,7 +35,7 @@ async def main(table: str, command: str, argument: str) -> None:
             await asyncio.sleep(0.005)
         empty = 0
         while empty < 3:  # an empty round may only mean the others won that round's alerts
-            won = await store.claim_due(now=100, settle_seconds=0, max_hold_seconds=600, lease_seconds=3600, limit=10)
+            won = await store.claim_due(now=100, settle_seconds=0, max_hold_seconds=600, lease_seconds=3600, limit=3)
             empty = 0 if won else empty + 1
             if won:
                 print("\n".join(alert.alert_id for alert in won), flush=True)
