@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results.update({k: round(v, 3) for k, v in asyncio.run(io.io_batch()).items()})
     results.update(asyncio.run(io.sentinel(2_000 if args.quick else 10_000)))
+    from benchmarks import state
+
+    results.update(asyncio.run(state.table_vs_sqlite(500 if args.quick else 5_000)))
     results["peak_rss_mb"] = round(peak_rss_mb(10_000 if args.quick else 100_000), 1)
     results["peak_rss_alerts"] = 10_000 if args.quick else 100_000
     results["import_function_app_s"] = round(import_function_app_seconds(), 3)

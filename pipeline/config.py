@@ -18,7 +18,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.deliver.routing import When
 from pipeline.errors import ConfigError
@@ -50,8 +50,40 @@ class AssemblySettings(StrictModel):
 
 
 class StateSettings(StrictModel):
-    kind: Literal["sqlite"] = "sqlite"
-    path: str = "state.sqlite"
+    """Where pending split-alert parts, their claims and the redelivery counts live (docs/delivery.md, "The state model").
+
+    `sqlite` (default): one file under the data dir, for one process. `azure_table`: one table shared by
+    every instance and process, reached with `account_url` (managed identity) or a connection string
+    from the variable named by `connection_string_env`."""
+
+    kind: Literal["sqlite", "azure_table"] = "sqlite"
+    path: str = Field("state.sqlite", description="sqlite: the file, under the data dir")
+    account_url: str | None = Field(None, description="azure_table: https://<account>.table.core.windows.net, signed in with the app's managed identity")
+    connection_string_env: SecretEnv | None = Field(None, description="azure_table: environment variable holding a connection string (Azurite, development)")
+    table: str = Field("dlpstate", pattern=r"^[A-Za-z][A-Za-z0-9]{2,62}$", description="azure_table: the table (created if missing)")
+    managed_identity_client_id: str | None = Field(None, description="azure_table: client id of a user-assigned identity (default: DefaultAzureCredential)")
+
+    @field_validator("account_url", "connection_string_env", "table", "managed_identity_client_id")
+    @classmethod
+    def _only_for_azure_table(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.data.get("kind") != "azure_table":
+            raise ValueError(f"{info.field_name} is a setting of kind 'azure_table' (kind is '{info.data.get('kind')}')")
+        if info.field_name == "connection_string_env" and info.data.get("account_url"):
+            raise ValueError("set account_url (managed identity) or connection_string_env, not both")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _only_for_sqlite(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("kind") == "azure_table":
+            raise ValueError("path is a setting of kind 'sqlite' (kind is 'azure_table')")
+        return value
+
+    @model_validator(mode="after")
+    def _table_needs_an_account(self) -> StateSettings:
+        if self.kind == "azure_table" and not (self.account_url or self.connection_string_env):
+            raise ValueError("kind 'azure_table' needs account_url or connection_string_env")
+        return self
 
 
 class DeadLetterSettings(StrictModel):

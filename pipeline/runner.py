@@ -68,8 +68,9 @@ class Runner:
         install_log_redaction(config.secret_env_names)  # secrets never reach a log line (docs/security.md)
         self.clock = clock
         settings = self.config
-        self.state: StateStore = state or open_state_store(settings.state.model_copy(update={"path": str(config.data_path(settings.state.path))}))
-        self.services = Services(state=self.state, config=config, clock=clock, credential_factory=credential_factory)
+        self.services = Services(state=None, config=config, clock=clock, credential_factory=credential_factory)
+        self.state: StateStore = state or self._open_state()
+        self.services.state = self.state
         self.dead_letter: DeadLetterStore = dead_letter or open_dead_letter_store(config, self.services)
         self.assembler = Assembler(self.state, settings.assembly, max_parts_per_alert=settings.limits.max_evidence_per_alert)
         self.engine = EnrichmentEngine(
@@ -95,6 +96,13 @@ class Runner:
     @property
     def sink_breakers(self) -> dict[str, CircuitBreaker]:
         return {slot.name: slot.breaker for slot in self.delivery.slots}
+
+    def _open_state(self) -> StateStore:
+        """The configured state store: a relative SQLite path under the data dir; the Table store
+        signed in with the shared credential (only built when it signs in with an identity)."""
+        settings = self.config.state.model_copy(update={"path": str(self.loaded.data_path(self.config.state.path))})
+        credential = self.services.credential(settings.managed_identity_client_id) if settings.kind == "azure_table" and settings.account_url else None
+        return open_state_store(settings, credential=credential)
 
     @property
     def enricher_breakers(self) -> dict[str, CircuitBreaker]:

@@ -295,5 +295,33 @@ def test_the_deployed_config_builds_with_the_app_settings_the_template_sets(monk
         assert runner.chain.names == ["sensitive_info", "user_context", "prior_incidents", "triage"]
         assert {entry.name: type(getattr(sink, "inner", sink)).__name__ for entry, sink in runner.sinks} == {"sentinel": "SentinelSink", "lake": "BlobLakeSink"}
         assert type(runner.dead_letter).__name__ == "BlobDeadLetterStore"
+        # State every instance shares: pending parts and claims, and the activities sensitive_info correlates with
+        assert type(runner.state).__name__ == "TableStateStore" and runner.state.settings.account_url == "https://account.table.core.windows.net"
+        stores = {slot.name: type(slot.plugin.store).__name__ for wave in runner.chain.waves for slot in wave if hasattr(slot.plugin, "store")}
+        assert stores == {"sensitive_info": "TableHistoryStore", "prior_incidents": "TableHistoryStore"}
     finally:
         asyncio.run(runner.aclose())
+
+
+def test_shared_state_of_the_deployed_config_is_in_the_app_storage_account_whose_roles_the_identity_has():
+    """Every Table and Blob store of deploy/function.toml is reached through the app settings that name the
+    template's storage account, and the identity holds the data role for each service on that account."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "deploy" / "function.toml").read_text())
+    tables = [config["state"]] + [e["settings"]["store"] for e in config["enrichers"] if "store" in e.get("settings", {})]
+    assert all(store["kind"] == "azure_table" and store["account_url"] == "${DLP_STORAGE_TABLE_URL}" for store in tables) and len(tables) == 3
+    blobs = [config["dead_letter"]] + [s["settings"] for s in config["sinks"] if s["kind"] == "blob"]
+    assert all(store["account_url"] == "${DLP_STORAGE_BLOB_URL}" for store in blobs)
+    (app,) = [body for kind, body, _ in all_resources().values() if kind == "Microsoft.Web/sites"]
+    assert "{ name: 'DLP_STORAGE_TABLE_URL', value: 'https://${storageAccountName}.table.${environment().suffixes.storage}' }" in app
+    assert "{ name: 'DLP_STORAGE_BLOB_URL', value: 'https://${storageAccountName}.blob.${environment().suffixes.storage}' }" in app
+    main = (INFRA / "main.bicep").read_text()
+    assert "storageAccountName: storage.outputs.name" in main and "principalId: identity.outputs.principalId" in modules(main)["storage"][1]
+    storage = (INFRA / "modules" / "storage.bicep").read_text()
+    names = variables(storage)
+    granted = set()
+    for _name, (kind, body) in resources(storage).items():
+        if kind == "Microsoft.Authorization/roleAssignments" and re.search(r"^\s*scope: account$", body, re.M):
+            granted.add(names[re.search(r"roleDefinitions', (\w+)\)", body).group(1)])
+    assert {ROLES["Storage Table Data Contributor"], ROLES["Storage Blob Data Contributor"]} <= granted

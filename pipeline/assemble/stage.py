@@ -4,7 +4,8 @@ Guarantees:
 - parts are made durable in the state store before any alert of the batch is enriched: a crash after
   this point loses no part that was read;
 - a part over `limits.max_evidence_per_alert` is not stored: it comes back as a dead letter
-  (`too_many_evidence`, stage "assemble"), one per alert;
+  (`too_many_evidence`, stage "assemble"), one per alert; a part larger than the state store can hold
+  (the Table store: 960 KiB of JSON) likewise (`part_too_large`), one per part;
 - an alert is claimed (leased) when its parts have settled (`assembly.settle_seconds`), or its first
   part is older than `assembly.max_hold_seconds`, or `force` is given; at most
   `assembly.emit_batch_size` per call, so a backlog becomes bounded batches;
@@ -51,9 +52,9 @@ class Assembler:
         self.max_parts_per_alert = max_parts_per_alert
 
     async def store(self, parts: list[AlertPart], *, now: float) -> tuple[int, list[DeadLetter]]:
-        """Store the parts; returns (duplicates ignored, dead letters of the parts over the limit)."""
+        """Store the parts; returns (duplicates ignored, dead letters of the parts over the limit or too large to store)."""
         added = await self.state.add_parts(parts, now=now, max_parts_per_alert=self.max_parts_per_alert)
-        return added.duplicate, _over_limit_dead_letters(added.over_limit, self.max_parts_per_alert)
+        return added.duplicate, _over_limit_dead_letters(added.over_limit, self.max_parts_per_alert) + _too_large_dead_letters(added.too_large)
 
     async def claim(self, *, now: float, force: bool) -> Claimed:
         settings = self.settings
@@ -90,4 +91,18 @@ def _over_limit_dead_letters(parts: list[Any], limit: int) -> list[DeadLetter]:
         body = orjson.dumps([{"rank": p.rank, "digest": p.digest, "data": p.data} for p in extra])
         detail = f"{len(extra)} part(s) refused: the alert already holds {limit} parts, limit {limit}"
         entries.append(DeadLetter(stage="assemble", reason="too_many_evidence", detail=detail, body=body, alert_id=alert_id))
+    return entries
+
+
+PART_TOO_LARGE = "part_too_large"
+
+
+def _too_large_dead_letters(parts: list[AlertPart]) -> list[DeadLetter]:
+    """One dead letter per part the state store could not hold (parts are canonical, scrubbed)."""
+    entries = []
+    for part in parts:
+        body = orjson.dumps([{"rank": part.rank, "digest": part.digest, "data": part.data}])
+        log.warning("alert %s: a part of %d bytes is larger than the state store holds; dead-lettered", part.alert_id, len(body))
+        detail = f"part of {len(body)} bytes, larger than the state store holds"
+        entries.append(DeadLetter(stage="assemble", reason=PART_TOO_LARGE, detail=detail, body=body, alert_id=part.alert_id))
     return entries

@@ -5,7 +5,8 @@ Three stages put entries here:
   content removed; bodies that cannot be scrubbed are withheld, see `pipeline.ingest.decode.stored_body`
   and docs/security.md), or one bad record of a message (that record, scrubbed);
 - `assemble`: the parts of a split alert that do not make a valid alert, or parts refused because
-  their alert already holds `limits.max_evidence_per_alert` parts (`too_many_evidence`);
+  their alert already holds `limits.max_evidence_per_alert` parts (`too_many_evidence`), or a part
+  larger than the state store can hold (`part_too_large`);
 - `deliver`: an enriched record a sink rejected, or that was still failing when retries ran out.
 
 Entry ids are deterministic (stage, sink and content), so a redelivered message or a replayed record

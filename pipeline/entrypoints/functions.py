@@ -7,7 +7,9 @@
   again before the checkpoint moves. Keep `delivery.max_batch_redeliveries` at most the policy's
   `max_retry_count`, so the last run dead-letters instead of raising (docs/delivery.md).
 - `flush_pending_alerts`: a one-minute timer that emits split alerts whose parts have settled,
-  so that they do not wait for the next message on a quiet hub.
+  so that they do not wait for the next message on a quiet hub. With the shared state store
+  (`[state] kind = "azure_table"`, as deploy/function.toml sets) that is every settled alert of the
+  deployment, whichever instance stored its parts: the claim scans every shard of the table.
 
 Settings (app settings / local.settings.json): DLP_PIPELINE_CONFIG (TOML file, default: the
 embedded default), DLP_PIPELINE_DATA_DIR (default: the config's data_dir) and

@@ -1,5 +1,8 @@
 """State stores: where parts of split alerts wait to be joined, and how often a batch raised.
 
+Two implementations: `SqliteStateStore` (pipeline/state/sqlite.py, one local file, the default) and
+`TableStateStore` (pipeline/state/azure_table.py, Azure Table Storage, shared by every instance).
+
 The protocol is everything its callers need (the assemble stage, the outage rule of the deliver
 stage, the history enrichers); nobody reaches past it into an implementation's connection.
 `open_state_store` builds the configured implementation. An implementation must be safe to call
@@ -11,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from pipeline.config import StateSettings
@@ -28,6 +31,8 @@ class PartsAdded:
     duplicate: int = 0
     # Parts not stored because their alert already holds `max_parts_per_alert` parts (hostile input).
     over_limit: list[AlertPart] = field(default_factory=list)
+    # Parts not stored because they are larger than the store can hold (the Table store: 960 KiB of JSON).
+    too_large: list[AlertPart] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -44,7 +49,8 @@ class StateStore(Protocol):
       counted as duplicate and changes nothing. A new part of an alert already emitted makes that
       alert pending again, so late evidence produces a revised record. With `max_parts_per_alert`,
       a new part of an alert that already holds that many parts is not stored but returned in
-      `over_limit` (the runner dead-letters it as `too_many_evidence`).
+      `over_limit` (the runner dead-letters it as `too_many_evidence`). A part larger than the store
+      can hold is not stored but returned in `too_large` (dead-lettered as `part_too_large`).
     - `claim_due` returns the pending alerts whose parts have settled (no new part for
       `settle_seconds`, or first part older than `max_hold_seconds`, or every one with `force`), and
       leases them for `lease_seconds` so that a second consumer does not take them too; at most
@@ -92,8 +98,16 @@ class StateStore(Protocol):
     async def aclose(self) -> None: ...
 
 
-def open_state_store(settings: StateSettings) -> StateStore:
-    """Build the state store the settings name."""
+def open_state_store(settings: StateSettings, *, credential: Any = None) -> StateStore:
+    """Build the state store the settings name: `sqlite` (one local file) or `azure_table` (shared).
+
+    `credential` is the azure-core async credential the Table store signs in with when it has an
+    `account_url` (the runner passes its shared one, `Services.credential`); the store never closes
+    a credential it was given."""
+    if settings.kind == "azure_table":
+        from pipeline.state.azure_table import TableStateStore
+
+        return TableStateStore(settings, credential=credential)
     from pipeline.state.sqlite import SqliteStateStore
 
     return SqliteStateStore(settings.path)

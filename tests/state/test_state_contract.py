@@ -11,8 +11,10 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from pipeline.state import StateStore
+from pipeline.state.azure_table import TableStateStore
 from pipeline.state.sqlite import SqliteStateStore
 from tests.support.state_contract import OpenState, StateStoreContract
+from tests.support.table_state import ENV, table_name, table_settings
 
 
 def sqlite_store(request: pytest.FixtureRequest) -> OpenState:
@@ -20,8 +22,17 @@ def sqlite_store(request: pytest.FixtureRequest) -> OpenState:
     return lambda: SqliteStateStore(path)
 
 
+def table_store(request: pytest.FixtureRequest) -> OpenState:
+    """A fresh table on the suite's Azurite; every handle a store of its own, as another instance has."""
+    azurite = request.getfixturevalue("azurite")
+    request.getfixturevalue("monkeypatch").setenv(ENV, azurite.connection_string)
+    settings = table_settings(table_name())
+    return lambda: TableStateStore(settings)
+
+
 STORES: list[object] = [
     pytest.param(sqlite_store, id="sqlite"),
+    pytest.param(table_store, id="azure_table", marks=pytest.mark.integration),
 ]
 
 

@@ -84,7 +84,7 @@ class AzuriteNpm:
 
     def start(self) -> Azurite:
         args = [
-            self.program, "--silent", "--skipApiVersionCheck", "--loose", "--location", self.folder,
+            self.program, "--silent", "--disableTelemetry", "--skipApiVersionCheck", "--loose", "--location", self.folder,
             "--blobHost", "127.0.0.1", "--queueHost", "127.0.0.1", "--tableHost", "127.0.0.1",
             "--blobPort", str(self.ports["blob"]), "--queuePort", str(self.ports["queue"]), "--tablePort", str(self.ports["table"]),
         ]
