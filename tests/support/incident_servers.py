@@ -10,7 +10,7 @@ security-alert-get):
 - `POST /security/incidents/{id}/comments` appends (no idempotency, no edit), 200 with the whole list;
 - `GET /security/alerts_v2/{id}` → the alert with `incidentId`;
 - a token without the permission gets 403; injected failures (429 with Retry-After, 5xx) answer
-  before acting.
+  before acting, or after it (`after_acting`: a lost answer).
 
 Sentinel (Azure/azure-rest-api-specs, SecurityInsights stable/2025-09-01, Incidents.json):
 - `GET …/incidents?$filter=properties/providerIncidentId eq '<id>'` lists, `GET …/incidents/{id}`
@@ -86,9 +86,17 @@ class GraphSecurity:
         self.requests.append((request.method, request.path, body))
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, "InvalidAuthenticationToken", "Access token is empty or invalid.")
-        if self.failures and self.failures[0].applies(request):
-            failure = self.failures.popleft()
-            return _error(failure.status, "TooManyRequests" if failure.status == 429 else "ServiceUnavailable", "injected", failure.headers)
+        failure = self.failures.popleft() if self.failures and self.failures[0].applies(request) else None
+        if failure is not None and not failure.after_acting:
+            return self._failure(failure)
+        response = self._act(request, body)
+        return self._failure(failure) if failure is not None else response
+
+    @staticmethod
+    def _failure(failure: Failure) -> Response:
+        return _error(failure.status, "TooManyRequests" if failure.status == 429 else "ServiceUnavailable", "injected", failure.headers)
+
+    def _act(self, request: Request, body: Any) -> Response:
         parts = request.path.split("/")  # "", v1.0, security, kind, id[, comments]
         kind, item = parts[3], parts[4]
         if kind == "alerts_v2":
