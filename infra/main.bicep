@@ -34,6 +34,9 @@ param partitionCount int = 4
 @description('Turn Microsoft Sentinel on for the workspace (skip when the workspace is already Sentinel-enabled elsewhere).')
 param enableSentinel bool = true
 
+@description('Let the app write back to Sentinel incidents (the sentinel_incident sink): grants Microsoft Sentinel Responder on the workspace. Needs enableSentinel.')
+param enableIncidentWriteback bool = false
+
 @description('Maximum instances of the Flex Consumption app.')
 param maximumInstanceCount int = 40
 
@@ -70,6 +73,7 @@ module monitoring 'modules/monitoring.bicep' = {
     resourceToken: resourceToken
     principalId: identity.outputs.principalId
     enableSentinel: enableSentinel
+    enableIncidentWriteback: enableIncidentWriteback
   }
 }
 

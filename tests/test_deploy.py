@@ -23,6 +23,7 @@ ROLES = {
     "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
     "Storage Table Data Contributor": "0a9a7e1f-b9d0-4cc4-a60d-0319b160aaa3",
     "Monitoring Metrics Publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
+    "Microsoft Sentinel Responder": "3e150937-b8fe-4cfb-8069-0eaf05ecd056",
 }
 BROAD_ROLES = {
     "Owner": "8e3af657-a8ff-443c-a75c-2fe8c4bcb635",
@@ -124,8 +125,10 @@ def test_every_resource_of_the_design_is_declared():
     assert "allowSharedKeyAccess: false" in account
 
 
-def test_role_assignments_are_the_four_of_the_design_each_on_the_narrowest_scope():
+def test_role_assignments_are_the_five_of_the_design_each_on_the_narrowest_scope():
+    """Four always; Microsoft Sentinel Responder on the workspace only when incident write-back is on."""
     assignments = []
+    conditions = {}
     for _path, text in all_bicep().items():
         found = resources(text)
         names = variables(text)
@@ -136,14 +139,19 @@ def test_role_assignments_are_the_four_of_the_design_each_on_the_narrowest_scope
             scope = re.search(r"^\s*scope: (\w+)$", body, re.M).group(1)
             assert "principalType: 'ServicePrincipal'" in body and "principalId: principalId" in body
             assignments.append((names[role_var], found[scope][0]))
+            declaration = re.search(rf"^resource {_name} '[^']+' = (if \(([^)]*)\) )?\{{", text, re.M)
+            conditions[names[role_var]] = declaration.group(2)
     assert sorted(assignments) == sorted(
         [
             (ROLES["Azure Event Hubs Data Receiver"], "Microsoft.EventHub/namespaces/eventhubs"),  # the hub, not the namespace
             (ROLES["Storage Blob Data Contributor"], "Microsoft.Storage/storageAccounts"),
             (ROLES["Storage Table Data Contributor"], "Microsoft.Storage/storageAccounts"),
             (ROLES["Monitoring Metrics Publisher"], "Microsoft.Insights/dataCollectionRules"),  # the rule, not the group
+            (ROLES["Microsoft Sentinel Responder"], "Microsoft.OperationalInsights/workspaces"),  # the workspace, not the group
         ]
     )
+    assert conditions[ROLES["Microsoft Sentinel Responder"]] == "enableSentinel && enableIncidentWriteback"
+    assert {role for role, condition in conditions.items() if condition is None} == set(ROLES.values()) - {ROLES["Microsoft Sentinel Responder"]}
     everything = "".join(all_bicep().values())
     for role, guid in BROAD_ROLES.items():
         assert guid not in everything, f"{role} is broader than the design allows"

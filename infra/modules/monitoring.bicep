@@ -2,16 +2,22 @@
 // Sentinel sink: data collection endpoint -> data collection rule -> custom table DLPEnrichedAlerts_CL.
 // The app's identity gets Monitoring Metrics Publisher on the rule only (that is what the Logs
 // Ingestion API checks). The Sentinel workbook (deploy/sentinel/workbook.json) is deployed over it.
+// With enableIncidentWriteback (and Sentinel on), the identity also gets Microsoft Sentinel Responder
+// on the workspace: read and update incidents, write their comments (the sentinel_incident sink).
 param location string
 param tags object = {}
 param resourceToken string
 @description('Principal (object) id of the managed identity that sends records to the rule.')
 param principalId string
 param enableSentinel bool = true
+@description('Grant the identity Microsoft Sentinel Responder on the workspace (the sentinel_incident sink).')
+param enableIncidentWriteback bool = false
 param retentionInDays int = 90
 
 // Monitoring Metrics Publisher (built-in role)
 var monitoringMetricsPublisher = '3913510d-42f4-4e42-8a64-420c390055eb'
+// Microsoft Sentinel Responder (built-in role): Sentinel Reader plus managing incidents
+var sentinelResponder = '3e150937-b8fe-4cfb-8069-0eaf05ecd056'
 
 var tableName = 'DLPEnrichedAlerts_CL'
 var streamName = 'Custom-DLPEnrichedAlerts'
@@ -112,6 +118,17 @@ resource sentinel 'Microsoft.SecurityInsights/onboardingStates@2024-03-01' = if 
   scope: workspace
   name: 'default'
   properties: {}
+}
+
+resource incidentResponder 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (enableSentinel && enableIncidentWriteback) {
+  name: guid(workspace.id, principalId, sentinelResponder)
+  scope: workspace
+  properties: {
+    principalId: principalId
+    principalType: 'ServicePrincipal'
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', sentinelResponder)
+  }
+  dependsOn: [sentinel]
 }
 
 resource workbook 'Microsoft.Insights/workbooks@2023-06-01' = {

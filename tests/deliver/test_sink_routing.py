@@ -95,7 +95,7 @@ async def test_itsm_ticket_carries_only_the_allow_list_while_the_lake_keeps_ever
     assert "high-one" in sent and "Q1-payroll-export.xlsx" in sent and "Credit Card Number" in sent
     for absent in ("megan.bowen", "Megan Bowen", "aaaaaaaa-bbbb", "Payroll", "security.microsoft.com", "Workload: SharePoint"):
         assert absent not in sent, absent  # user, path, links and workload are outside the allow-list
-    assert "User:" not in note and "Triage score" not in note  # no triage enricher ran: nothing to show
+    assert "User:" not in note and "Triage:" not in note  # no triage enricher ran: nothing to show
     assert ticket["correlation_id"].startswith("dlp-")
 
     service = BlobServiceClient.from_connection_string(azurite.connection_string)

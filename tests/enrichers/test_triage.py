@@ -134,3 +134,108 @@ timeout_seconds = 0.5
 def test_unknown_weight_is_a_config_error(write_config, inputs):
     with pytest.raises(ConfigError, match=r"enrichers\[0\]\.settings\.weights\.departing: unknown key|weights.departing"):
         Runner(write_config(CHAIN.format(telemetry="").replace("departing_user = 31", "departing = 31")))
+
+
+CONTRACTOR = """
+[assembly]
+settle_seconds = 0
+
+[[enrichers]]
+name = "user_context"
+[enrichers.settings]
+directory = "users.json"
+[enrichers.settings.hr]
+path = "hr.csv"
+
+[[enrichers]]
+name = "sensitive_info"
+
+[[enrichers]]
+name = "prior_incidents"
+
+[[enrichers]]
+name = "telemetry"
+[[enrichers.settings.tables]]
+name = "identity_risk"
+path = "identity.csv"
+key = "upn"
+key_column = "upn"
+
+[[enrichers]]
+name = "triage"
+{rules}
+""" + LAKE_SINK_TOML
+
+UNUSUAL_COUNTRY = """
+[[enrichers.settings.telemetry_rules]]
+code = "identity_risk"
+label = "identity risk high"
+fields = ["okta_risk"]
+test = "in"
+values = ["high"]
+points = 20
+[[enrichers.settings.telemetry_rules]]
+code = "mfa_off"
+label = "MFA not enrolled"
+fields = ["mfa_enrolled"]
+test = "is_false"
+points = 15
+[[enrichers.settings.telemetry_rules]]
+code = "unusual_country"
+label = "last sign-in from an unusual country"
+source = "identity_risk"
+fields = ["last_vpn_country"]
+test = "not_in"
+values = ["FR", "GB", "US"]
+points = 10
+[[enrichers.settings.telemetry_rules]]
+code = "upload_volume"
+label = "proxy uploads in 24 h"
+fields = ["proxy_uploads_24h"]
+test = "at_least"
+threshold = 20
+points = 15
+"""
+
+
+@pytest.fixture
+def contractor(tmp_path):
+    """The issue's example: an HR contractor leaving in 32 days, identity risk high, MFA off, last
+    sign-in from an unusual country, 57 proxy uploads."""
+    upn = "pat.contractor@contoso.com"
+    (tmp_path / "users.json").write_text(json.dumps([{"userPrincipalName": upn, "department": "Human Resources", "jobTitle": "HR Assistant", "employeeType": "Contractor"}]))
+    (tmp_path / "hr.csv").write_text(f"EmailAddress,ResignationDate,LastWorkingDate\n{upn},2025-03-10T00:00:00Z,2025-04-15T17:00:00Z\n")
+    (tmp_path / "identity.csv").write_text(f"upn,okta_risk,last_vpn_country,mfa_enrolled,proxy_uploads_24h\n{upn},high,RU,false,57\n")
+    return upn
+
+
+async def test_the_departing_high_risk_contractor_scores_high_with_every_reason_and_its_evidence(write_config, contractor):
+    async with Runner(write_config(CONTRACTOR.format(rules=UNUSUAL_COUNTRY))) as runner:
+        await runner.process_batch([message(graph_alert("c-1", upn=contractor, created="2025-03-14T09:12:44Z", policy="HR Data"))])
+        triage = lake(runner)["c-1"]["enrichments"]["triage"]
+    reasons = {r["code"]: r for r in triage["reasons"]}
+    assert triage["band"] == "high" and triage["score"] >= 70, triage
+    assert triage["thresholds"] == {"medium": 40, "high": 70}
+    assert reasons["departing_soon"]["evidence"] == {"days_until_departure": 32, "last_working_date": "2025-04-15"}
+    assert reasons["contractor"]["evidence"] == {"employee_type": "Contractor"}
+    assert reasons["identity_risk"]["evidence"] == {"identity_risk.okta_risk": "high"} and reasons["identity_risk"]["source"] == "telemetry"
+    assert reasons["mfa_off"]["evidence"] == {"identity_risk.mfa_enrolled": "false"}
+    assert reasons["unusual_country"]["evidence"] == {"identity_risk.last_vpn_country": "RU"}
+    assert reasons["upload_volume"]["evidence"] == {"identity_risk.proxy_uploads_24h": "57"}
+    assert "telemetry_hit" not in reasons  # presence alone is not counted once a value is
+    assert triage["score"] == sum(r["points"] for r in triage["reasons"]) == 20 + 5 + 20 + 15 + 10 + 15 + 5
+
+
+async def test_the_default_telemetry_rules_read_the_bundled_telemetry_columns(write_config, contractor):
+    async with Runner(write_config(CONTRACTOR.format(rules=""))) as runner:
+        await runner.process_batch([message(graph_alert("c-1", upn=contractor, created="2025-03-14T09:12:44Z", policy="HR Data"))])
+        triage = lake(runner)["c-1"]["enrichments"]["triage"]
+    assert {"identity_risk", "mfa_off", "upload_volume", "departing_soon", "contractor"} <= {r["code"] for r in triage["reasons"]}
+    assert triage["band"] == "high"
+
+
+def test_a_rule_without_its_operand_and_inverted_bands_are_config_errors(write_config, contractor):
+    with pytest.raises(ConfigError, match="needs values"):
+        Runner(write_config(CONTRACTOR.format(rules='[[enrichers.settings.telemetry_rules]]\ncode = "x"\nlabel = "x"\nfields = ["a"]\ntest = "in"\npoints = 1\n')))
+    with pytest.raises(ConfigError, match="medium_at"):
+        Runner(write_config(CONTRACTOR.format(rules="[enrichers.settings]\nmedium_at = 80\nhigh_at = 70\n")))

@@ -29,6 +29,8 @@ BUILTIN_SINKS: dict[str, str] = {
     "servicenow": "pipeline.deliver.sinks.servicenow:ServiceNowSink",
     "jira": "pipeline.deliver.sinks.jira:JiraSink",
     "eventhub": "pipeline.deliver.sinks.eventhub:EventHubSink",
+    "defender_incident": "pipeline.deliver.sinks.defender_incident:DefenderIncidentSink",
+    "sentinel_incident": "pipeline.deliver.sinks.sentinel_incident:SentinelIncidentSink",
 }
 
 

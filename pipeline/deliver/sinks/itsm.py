@@ -24,6 +24,7 @@ import httpx
 
 from pipeline.deliver.minimise import alert_key, get_path
 from pipeline.deliver.sinks import Outcome
+from pipeline.deliver.summary import SummarySettings, render_lines
 from pipeline.errors import SinkError, SinkUnavailable, is_retryable_status, translate
 from pipeline.resilience.retry import parse_retry_after
 
@@ -135,39 +136,9 @@ def render(template: str, document: dict[str, Any], *, summary: str = "") -> str
     return _PLACEHOLDER.sub(value, template).strip()
 
 
-def summary_lines(document: dict[str, Any], *, record_id: str) -> list[str]:
-    """The enrichment summary for a responder, from the projected record only (what is absent is skipped)."""
-    alert = document.get("alert") or {}
-    lines: list[str] = []
-
-    def add(label: str, value: Any) -> None:
-        if value not in (None, "", [], {}):
-            lines.append(f"{label}: {value}")
-
-    add("Alert id", alert.get("alert_id"))
-    add("Severity", alert.get("severity"))
-    add("Policy", " / ".join(p for p in (alert.get("policy_name"), alert.get("rule_name")) if p) or None)
-    add("Workload", alert.get("workload"))
-    user = alert.get("user") or {}
-    add("User", user.get("upn") or user.get("display_name"))
-    files = [name for f in alert.get("files") or [] if isinstance(f, dict) and isinstance(name := f.get("name"), str) and name]
-    add("Files", ", ".join(files[:10]) + (f" (+{len(files) - 10} more)" if len(files) > 10 else "") if files else None)
-    infos = [
-        f"{i.get('name') or i.get('type_id')} x{i.get('count')}" if i.get("count") is not None else str(i.get("name") or i.get("type_id"))
-        for i in alert.get("sensitive_info") or []
-        if isinstance(i, dict) and (i.get("name") or i.get("type_id"))
-    ]
-    add("Sensitive info", ", ".join(infos) or None)
-    add("Shared externally", alert.get("shared_externally"))
-    enrichments = document.get("enrichments") or {}
-    triage = enrichments.get("triage") or {}
-    add("Triage score", triage.get("score"))
-    statuses = document.get("enrichment_status") or {}
-    add("Enrichment", ", ".join(f"{name}={s.get('state')}" for name, s in sorted(statuses.items()) if isinstance(s, dict)) or None)
-    add("Alert", alert.get("alert_url"))
-    add("Incident", alert.get("incident_url"))
-    lines.append(f"Pipeline record: {record_id}")
-    return lines
+def summary_lines(document: dict[str, Any], *, record_id: str, settings: SummarySettings | None = None) -> list[str]:
+    """The enrichment summary for a responder (pipeline.deliver.summary), from the projected record only."""
+    return render_lines(document, record_id=record_id, settings=settings)
 
 
 async def upsert_each(records: Sequence[Any], upsert: Callable[[Any], Awaitable[None]], *, locks: KeyLocks, name: str) -> list[Outcome]:

@@ -20,7 +20,8 @@ from pydantic import Field
 from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.sinks.itsm import KeyLocks, TicketMemory, check, check_url, render, summary_lines, upsert_each
+from pipeline.deliver.sinks.itsm import KeyLocks, TicketMemory, check, check_url, render, upsert_each
+from pipeline.deliver.summary import SummarySettings, render_parts
 from pipeline.secrets import SecretEnv
 
 log = logging.getLogger("pipeline.deliver.sinks.jira")
@@ -48,6 +49,7 @@ class JiraSink:
         issue_type: str = "Task"
         labels: list[str] = Field(default_factory=lambda: ["dlp"], description="added to new issues (with the alert key)")
         summary: str = "DLP {alert.severity}: {alert.title}"
+        description: SummarySettings = Field(default_factory=SummarySettings, description="the enrichment summary rendered as the issue description")
         priority_map: dict[str, str] = Field(default_factory=dict, description='severity → priority name, e.g. { high = "High" }')
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = None
@@ -74,7 +76,7 @@ class JiraSink:
         summary = summary if len(summary) <= 255 else summary[:254] + "…"
         fields: dict[str, Any] = {
             "summary": summary,
-            "description": adf("Purview DLP alert", summary_lines(document, record_id=record.record_id)),
+            "description": adf(*render_parts(document, record_id=record.record_id, settings=self.settings.description)),
         }
         priority = self.settings.priority_map.get((document.get("alert") or {}).get("severity") or "unknown")
         if priority:

@@ -23,6 +23,7 @@ from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
 from pipeline.deliver.sinks.itsm import KeyLocks, TicketError, TicketMemory, check, check_url, render, summary_lines, upsert_each
+from pipeline.deliver.summary import SummarySettings
 from pipeline.secrets import SecretEnv
 
 log = logging.getLogger("pipeline.deliver.sinks.servicenow")
@@ -58,6 +59,7 @@ class ServiceNowSink:
             default_factory=lambda: ["assignment_group", "assigned_to", "caller_id"],
             description="mapped fields set when the ticket is created, never overwritten by an update",
         )
+        summary: SummarySettings = Field(default_factory=SummarySettings, description="the enrichment summary in `{summary}` and the work note")
         work_notes: bool = Field(True, description="add a work note with the enrichment summary on every delivery")
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = Field(None, description="CA bundle to verify the instance with (default: system CAs)")
@@ -99,7 +101,7 @@ class ServiceNowSink:
     def ticket(self, record: Any) -> dict[str, str]:
         document = record_document(record)
         key = alert_key(record)
-        summary = "\n".join(summary_lines(document, record_id=record.record_id))
+        summary = "\n".join(summary_lines(document, record_id=record.record_id, settings=self.settings.summary))
         body: dict[str, str] = {"correlation_id": key, "correlation_display": self.settings.correlation_display}
         for field, template in self.settings.field_map.items():
             body[field] = render(template, document, summary=summary)

@@ -63,7 +63,7 @@ async def test_servicenow_creates_one_incident_with_mapped_fields_and_a_work_not
     assert ticket["short_description"].startswith("DLP high: DLP policy (Finance PII")
     assert (ticket["impact"], ticket["urgency"]) == ("1", "1")
     (note,) = snow.work_notes[ticket["sys_id"]]
-    assert "Sensitive info: Credit Card Number x12" in note and "Triage score: 72.5" in note and record.record_id in note
+    assert "Sensitive types: Credit Card Number x12" in note and "Triage: unbanded (score 72.5)" in note and record.record_id in note
 
 
 async def test_servicenow_redelivery_and_revision_update_the_same_ticket(httpserver, snow):
@@ -233,7 +233,7 @@ async def test_jira_creates_an_issue_with_adf_description_and_the_key_label(http
     assert key == "SEC-1" and fields["labels"] == ["dlp", alert_key(record)] and fields["issuetype"] == {"name": "Task"}
     assert fields["priority"] == {"name": "Medium"} and fields["summary"].startswith("DLP medium: DLP policy")
     text = adf_text(fields["description"])
-    assert "Sensitive info: Credit Card Number x12" in text and record.record_id in text
+    assert "Sensitive types: Credit Card Number x12" in text and record.record_id in text
 
 
 async def test_jira_redelivery_and_revision_update_the_same_issue(httpserver, jira):

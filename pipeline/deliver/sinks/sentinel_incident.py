@@ -1,0 +1,188 @@
+"""The enrichment on the Microsoft Sentinel incident that mirrors the Defender XDR incident, through
+the Microsoft.SecurityInsights REST API (api-version 2025-09-01, plain httpx, azure-identity token).
+
+For each record:
+1. the Defender incident id (the alert's `incident_id`, else `alerts_v2/{id}.incidentId` through
+   Graph, as defender_incident does);
+2. the Sentinel incident: `GET {workspace}/providers/Microsoft.SecurityInsights/incidents` with
+   `$filter=properties/providerIncidentId eq '<id>'`; the answer is checked (provider id, and
+   provider "Microsoft 365 Defender" or "Microsoft Defender XDR"), never trusted; remembered;
+3. labels: `GET` the incident with its `etag`, merge the configured labels into the existing ones,
+   `PUT` the whole incident (title, severity and status are required) with that etag; a 409 (newer
+   version exists) reads it again, merges again and retries, up to `max_conflict_retries` times;
+   skipped when every label is already there;
+4. the comment: `PUT …/comments/{id}` with an id derived from the record id (uuid5), so a re-run
+   updates the same comment instead of adding one; at most 30,000 characters (cut, the marker kept);
+   not written when the incident already holds 100 comments (Sentinel's limit) and this one is not
+   among them, nor when the same comment already says the same.
+Role: Microsoft Sentinel Responder on the workspace (infra/). 408/429/5xx retryable with Retry-After;
+401/403/404 and other 4xx rejected with a reason saying what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import Field
+
+from pipeline.config import StrictModel
+from pipeline.deliver.minimise import alert_key, record_document
+from pipeline.deliver.sinks import Outcome
+from pipeline.deliver.sinks.itsm import KeyLocks, TicketError, TicketMemory, check_url, upsert_each
+from pipeline.deliver.sinks.writeback import DEFAULT_TAGS, AlertIncidents, BearerToken, TagRule, answer, bounded, comment_id, marker, merge_tags, render_tags
+from pipeline.deliver.summary import SummarySettings, render_text
+from pipeline.plugins import shared_credential
+
+log = logging.getLogger("pipeline.deliver.sinks.sentinel_incident")
+
+API_VERSION = "2025-09-01"
+ARM_URL = "https://management.azure.com"
+ARM_SCOPE = "https://management.azure.com/.default"
+ROLE = "the Microsoft Sentinel Responder role on the workspace"
+MAX_COMMENT_CHARS = 30_000
+MAX_COMMENTS = 100
+# Incident properties a PUT may carry (the rest are read-only: number, additionalData, times, provider).
+WRITABLE = ("title", "description", "severity", "status", "classification", "classificationReason", "classificationComment", "owner", "firstActivityTimeUtc", "lastActivityTimeUtc")
+
+
+class SentinelIncidentSink:
+    class Settings(StrictModel):
+        workspace_resource_id: str = Field(
+            pattern=r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.OperationalInsights/workspaces/[^/]+$",
+            description="/subscriptions/<id>/resourceGroups/<rg>/providers/Microsoft.OperationalInsights/workspaces/<name>",
+        )
+        arm_url: str = Field(ARM_URL, description="Azure Resource Manager (national clouds: https://management.usgovcloudapi.net, ...; a local server in tests)")
+        scope: str = Field(ARM_SCOPE, description="token scope for arm_url")
+        api_version: str = Field(API_VERSION, pattern=r"^\d{4}-\d{2}-\d{2}(-preview)?$")
+        graph_url: str = Field("https://graph.microsoft.com/v1.0", description="for the alert → incident lookup of rows without an incident id")
+        graph_scope: str = Field("https://graph.microsoft.com/.default")
+        provider_names: list[str] = Field(default_factory=lambda: ["Microsoft 365 Defender", "Microsoft Defender XDR"], description="providers of the mirrored incident")
+        managed_identity_client_id: str | None = None
+        labels: list[TagRule] = Field(default_factory=lambda: [TagRule(**t) for t in DEFAULT_TAGS], description="labels to add (templates)")
+        comment: bool = Field(True, description="write one comment per alert revision with the enrichment summary")
+        summary: SummarySettings = Field(default_factory=SummarySettings)
+        max_comment_chars: int = Field(MAX_COMMENT_CHARS, ge=200, le=MAX_COMMENT_CHARS)
+        max_conflict_retries: int = Field(3, ge=0, le=10, description="re-reads after a 409 (someone else changed the incident)")
+        max_list_pages: int = Field(5, ge=1, le=100, description="pages of the incident list searched when the filter is not applied")
+        timeout_seconds: float = Field(15.0, gt=0)
+        ca_bundle: str | None = None
+
+    def __init__(self, settings: SentinelIncidentSink.Settings, services: Any, *, credential: Any = None) -> None:
+        """`credential`: one to use instead of the services' shared one (tests); not closed by the sink."""
+        self.settings = settings
+        base = check_url(settings.arm_url, "arm_url")
+        self.incidents_url = f"{base}{settings.workspace_resource_id}/providers/Microsoft.SecurityInsights/incidents"
+        credential = credential if credential is not None else shared_credential(services, settings.managed_identity_client_id)
+        self.token = BearerToken(credential, settings.scope)
+        self.graph_token = BearerToken(credential, settings.graph_scope)
+        self.client = httpx.AsyncClient(timeout=settings.timeout_seconds, verify=settings.ca_bundle or True, headers={"Accept": "application/json"})
+        self._lookup = AlertIncidents(check_url(settings.graph_url, "graph_url"), self._graph_request)
+        self._locks = KeyLocks()
+        self._incident_locks = KeyLocks()
+        self._written = TicketMemory()  # alert key → Sentinel incident name and the record last written
+        self._names: dict[str, str] = {}  # Defender incident id → Sentinel incident name
+
+    async def publish(self, records: Sequence[Any]) -> list[Outcome]:
+        return await upsert_each(records, self._write, locks=self._locks, name="sentinel_incident")
+
+    async def _write(self, record: Any) -> None:  # under the alert's lock (upsert_each)
+        key = alert_key(record)
+        if self._written.delivered(key, record.record_id):
+            return
+        name = self._written.ticket(key) or await self._incident_name(await self._lookup.incident_of(record))
+        document = record_document(record)
+        async with self._incident_locks.hold(name):
+            added = await self._label(name, render_tags(self.settings.labels, document))
+            commented = await self._comment(name, record, document) if self.settings.comment else "off"
+        self._written.remember(key, name, record.record_id)
+        log.info("sentinel_incident: incident %s: %d label(s) added, comment %s", name, added, commented)
+
+    async def _incident_name(self, provider_incident_id: str) -> str:
+        if provider_incident_id in self._names:
+            return self._names[provider_incident_id]
+        params: dict[str, str] | None = {"api-version": self.settings.api_version, "$filter": f"properties/providerIncidentId eq '{provider_incident_id.replace(chr(39), chr(39) * 2)}'", "$top": "50"}
+        url: str | None = self.incidents_url
+        for _ in range(self.settings.max_list_pages):
+            if url is None:
+                break
+            page = answer(await self._request("GET", url, params=params), ok=(200,), action="find Sentinel incident", permission=ROLE).json()
+            for incident in page.get("value") or []:
+                properties = incident.get("properties") or {}
+                if str(properties.get("providerIncidentId")) == provider_incident_id and properties.get("providerName") in self.settings.provider_names:
+                    if len(self._names) >= 50_000:
+                        self._names.pop(next(iter(self._names)))
+                    self._names[provider_incident_id] = incident["name"]
+                    return str(incident["name"])
+            url, params = page.get("nextLink"), None
+        raise TicketError(Outcome.retryable(f"no Sentinel incident mirrors Defender incident {provider_incident_id} yet (is the Defender XDR connector on?)", 60.0))
+
+    async def _label(self, name: str, wanted: list[str]) -> int:
+        """Merge `wanted` into the incident's labels; the number added."""
+        url = f"{self.incidents_url}/{quote(name, safe='')}"
+        for attempt in range(self.settings.max_conflict_retries + 1):
+            incident = answer(await self._request("GET", url, params=self._version), ok=(200,), action="read Sentinel incident", permission=ROLE).json()
+            properties = incident.get("properties") or {}
+            existing = [label["labelName"] for label in properties.get("labels") or [] if isinstance(label, dict) and label.get("labelName")]
+            labels = merge_tags(existing, wanted)
+            if labels == existing:
+                return 0
+            body = {
+                "etag": incident.get("etag"),
+                "properties": {**{k: properties[k] for k in WRITABLE if properties.get(k) is not None}, "labels": [{"labelName": label} for label in labels]},
+            }
+            response = await self._request("PUT", url, params=self._version, json=body)
+            if response.status_code == 409 and attempt < self.settings.max_conflict_retries:
+                log.debug("sentinel_incident: incident %s changed meanwhile (409), reading it again", name)
+                continue
+            if response.status_code == 409:
+                raise TicketError(Outcome.retryable(f"update Sentinel incident: still changing after {attempt + 1} tries (HTTP 409)"))
+            answer(response, ok=(200, 201), action="update Sentinel incident", permission=ROLE)
+            return len(labels) - len(existing)
+        return 0  # not reached: the last attempt returns or raises
+
+    async def _comment(self, name: str, record: Any, document: dict[str, Any]) -> str:
+        text = bounded(render_text(document, record_id=record.record_id, settings=self.settings.summary), self.settings.max_comment_chars, marker(record.record_id))
+        comments_url = f"{self.incidents_url}/{quote(name, safe='')}/comments"
+        ours = comment_id(record.record_id)
+        comments: list[dict[str, Any]] = []
+        url: str | None = comments_url
+        params: dict[str, str] | None = self._version
+        while url is not None and len(comments) <= MAX_COMMENTS:  # every page (at most 100 comments exist)
+            page = answer(await self._request("GET", url, params=params), ok=(200,), action="list incident comments", permission=ROLE).json()
+            comments.extend(c for c in page.get("value") or [] if isinstance(c, dict))
+            url, params = page.get("nextLink"), None
+        mine = next((c for c in comments if c.get("name") == ours), None)
+        if mine is not None and (mine.get("properties") or {}).get("message") == text:
+            return "already there"
+        if mine is None and len(comments) >= MAX_COMMENTS:
+            log.warning("sentinel_incident: incident %s holds %d comments (the limit): no comment added", name, MAX_COMMENTS)
+            return "skipped (100 comments)"
+        answer(
+            await self._request("PUT", f"{comments_url}/{ours}", params=self._version, json={"properties": {"message": text}}),
+            ok=(200, 201), action="comment on Sentinel incident", permission=ROLE,
+        )
+        return "written"
+
+    @property
+    def _version(self) -> dict[str, str]:
+        return {"api-version": self.settings.api_version}
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return await self._send(self.token, method, url, **kwargs)
+
+    async def _graph_request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        return await self._send(self.graph_token, method, url, **kwargs)
+
+    async def _send(self, token: BearerToken, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        response = await self.client.request(method, url, headers=await token.header(), **kwargs)
+        if response.status_code == 401:  # an expired or revoked token: one fresh one, one more try
+            token.forget()
+            response = await self.client.request(method, url, headers=await token.header(), **kwargs)
+        return response
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
