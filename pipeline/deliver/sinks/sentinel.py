@@ -189,7 +189,7 @@ async def dcr_checks(settings: SentinelSink.Settings, credential: Any) -> list[A
     if response.status_code != 200:
         return [Check.failed(name, f"HTTP {response.status_code} reading the DCR", "check dcr_resource_id")]
     properties = (response.json() or {}).get("properties") or {}
-    checks: list[Check] = []
+    checks: list[Check] = [token]
     immutable = properties.get("immutableId")
     if immutable != settings.rule_id:
         checks.append(Check.failed("DCR immutable id", f"the DCR's is {immutable}, rule_id is {settings.rule_id}", "set rule_id to the DCR's immutableId (or dcr_resource_id to the DCR the sink sends to)"))
