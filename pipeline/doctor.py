@@ -40,6 +40,8 @@ Status = Literal["ok", "failed", "skipped"]
 COMPONENT_TIMEOUT = 30.0
 #: Role assignments and admin consent take a while to apply: say so whenever one is missing.
 ROLE_DELAY = "a new role assignment can take up to 30 minutes to apply"
+STORAGE_SCOPE = "https://storage.azure.com/.default"
+EVENTHUBS_SCOPE = "https://eventhubs.azure.net/.default"
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,8 @@ async def blob_container_check(name: str, *, account_url: str | None, connection
     from azure.storage.blob.aio import ContainerClient
 
     options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 5, "read_timeout": 10}
+    if connection_string_env is None and (token := await token_check(name, credential, STORAGE_SCOPE)).status != "ok":
+        return token
     if connection_string_env is not None:
         client = ContainerClient.from_connection_string(connection_string_env.resolve().get_secret_value(), container, **options)
     else:
@@ -284,6 +288,8 @@ async def table_check(name: str, *, account_url: str | None, connection_string_e
 
     role = "Storage Table Data Contributor"
     options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 5, "read_timeout": 10}
+    if connection_string_env is None and (token := await token_check(name, credential, STORAGE_SCOPE)).status != "ok":
+        return token
     if connection_string_env is not None:
         client = TableClient.from_connection_string(connection_string_env.resolve().get_secret_value(), table_name=table, **options)
     else:
@@ -355,6 +361,8 @@ async def eventhub_check(name: str, *, fully_qualified_namespace: str | None, co
     from azure.eventhub.aio import EventHubConsumerClient, EventHubProducerClient
 
     options: dict[str, Any] = {"retry_total": 0}
+    if connection_string_env is None and (token := await token_check(name, credential, EVENTHUBS_SCOPE)).status != "ok":
+        return token
     if eventhub_name:
         options["eventhub_name"] = eventhub_name
     client: Any

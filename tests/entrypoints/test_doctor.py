@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from werkzeug import Request, Response
 
 from enrichers.user_context import GRAPH_USER_QUERY
 from pipeline.deliver.sinks.sentinel_schema import STREAM
-from pipeline.doctor import DoctorReport, run_doctor
+from pipeline.doctor import Check, DoctorReport, run_doctor
 from pipeline.entrypoints.cli import main
 from tests.support.alerts import StaticCredential
 from tests.support.azurite import ACCOUNT
@@ -66,6 +67,81 @@ def test_a_sink_that_is_down_exits_1_naming_it_without_a_stack_trace(tmp_path, c
     assert "failed   sink tickets: table incident: cannot reach http://127.0.0.1:9 (ConnectError); fix: check instance_url" in out
     assert out.splitlines()[-1].endswith("failing: sink tickets")
     assert "Traceback" not in out + err
+
+
+# -- the check protocol: plugins supply their own checks ------------------------------------------
+
+
+class PluginSink:
+    """A third-party sink with its own check: what its settings say it finds."""
+
+    class Settings(__import__("pydantic").BaseModel):
+        model_config = {"extra": "forbid"}
+        outcome: str = "ok"
+        delay: float = 0.0
+
+    def __init__(self, settings, services) -> None:
+        raise AssertionError("the doctor never builds a plugin")
+
+    @classmethod
+    async def doctor(cls, settings, services):
+        import asyncio
+
+        await asyncio.sleep(settings.delay)
+        if settings.outcome == "raise":
+            raise RuntimeError("queue service answered 418")
+        if settings.outcome == "failed":
+            return [Check.failed("queue", "queue dlp-out does not exist", "create it")]
+        return [Check.ok("queue", "dlp-out reachable")]
+
+    async def publish(self, records):
+        raise AssertionError("the doctor never publishes")
+
+
+class PlainSink:
+    """A sink without a check of its own."""
+
+    def __init__(self, settings, services) -> None:
+        raise AssertionError("the doctor never builds a plugin")
+
+    async def publish(self, records):
+        raise AssertionError("the doctor never publishes")
+
+
+PLUGIN = "tests.entrypoints.test_doctor:PluginSink"
+
+
+async def test_a_plugin_supplies_its_own_check_without_being_built(write_config):
+    sinks = [sink_entry("good", PLUGIN), sink_entry("bad", PLUGIN, {"outcome": "failed"}), sink_entry("plain", "tests.entrypoints.test_doctor:PlainSink")]
+    report = await doctor(write_config, sinks=sinks)
+    assert lines(report, "sink good") == ["ok       sink good: queue: dlp-out reachable"]
+    assert lines(report, "sink bad") == ["failed   sink bad: queue: queue dlp-out does not exist; fix: create it"]
+    assert lines(report, "sink plain") == ["ok       sink plain: settings: valid (PlainSink names nothing else to check)"]
+    assert report.summary().endswith("failing: sink bad")
+
+
+async def test_a_check_that_raises_or_hangs_is_one_failed_line(write_config):
+    sinks = [sink_entry("raises", PLUGIN, {"outcome": "raise"}), sink_entry("hangs", PLUGIN, {"delay": 5})]
+    loaded = write_config(pipeline_toml(sinks=sinks))
+    report = await run_doctor(loaded, credential_factory=lambda client_id: StaticCredential(), timeout=0.5)
+    assert lines(report, "sink raises") == ["failed   sink raises: checks: the check raised RuntimeError: queue service answered 418; fix: run again with -vv for the details"]
+    (hangs,) = lines(report, "sink hangs")
+    assert hangs.startswith("failed   sink hangs: checks: no answer within 0.5 s")
+
+
+async def test_bad_plugin_settings_an_unknown_plugin_and_an_unset_secret_are_failed_lines(httpserver, write_config, monkeypatch):
+    monkeypatch.delenv("TEST_SNOW_PASSWORD", raising=False)
+    sinks = [
+        sink_entry("typo", PLUGIN, {"outcom": "ok"}),
+        sink_entry("unknown", "no_such_sink"),
+        sink_entry("snow", "servicenow", {"instance_url": httpserver.url_for("/").rstrip("/"), "username": "svc", "password_env": "TEST_SNOW_PASSWORD"}),
+    ]
+    report = await doctor(write_config, sinks=sinks)
+    assert "key 'sinks[0].settings.outcom': unknown key" in lines(report, "sink typo")[0]
+    assert "unknown plugin 'no_such_sink'" in lines(report, "sink unknown")[0]
+    (snow,) = lines(report, "sink snow")
+    assert snow.startswith("failed") and "TEST_SNOW_PASSWORD" in snow
+    assert len(report.failed) == 3
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -383,6 +459,45 @@ async def test_blob_lake_container_present_missing_or_refused(azurite, write_con
     report = await doctor(write_config, sinks=[present])
     (line,) = lines(report, "sink lake")
     assert line.startswith("failed") and "sign-in refused (HTTP 403" in line and "account key" in line
+
+
+async def test_storage_through_an_identity_without_a_token_fails_before_any_request(write_config):
+    state = {"kind": "azure_table", "account_url": "https://contosodlp.table.core.windows.net"}
+    lake = sink_entry("lake", "blob", {"account_url": "https://contosodlp.blob.core.windows.net", "container": "dlp-alerts"})
+    report = await doctor(write_config, state=state, sinks=[lake], credential=NoToken())
+    for component in ("state", "sink lake"):
+        (line,) = lines(report, component)
+        assert line.startswith("failed") and "no token for https://storage.azure.com/.default" in line and "az login" in line
+
+
+PERMISSION_MISMATCH = "This request is not authorized to perform this operation using this permission."
+
+
+@pytest.mark.parametrize("service", ["blob", "table"])
+async def test_storage_without_the_data_role_names_the_role(httpserver, write_config, monkeypatch, service):
+    """Azurite has no roles: a local server answers as Storage does to an identity without a data role."""
+
+    def refuse(request: Request) -> Response:
+        headers = {"x-ms-error-code": "AuthorizationPermissionMismatch"}
+        if service == "table":
+            body = json.dumps({"odata.error": {"code": "AuthorizationPermissionMismatch", "message": {"lang": "en-US", "value": PERMISSION_MISMATCH}}})
+            return Response(body, 403, headers=headers, content_type="application/json;odata=minimalmetadata")
+        return Response(b"" if request.method == "HEAD" else f"<?xml version=\"1.0\"?><Error><Code>AuthorizationPermissionMismatch</Code><Message>{PERMISSION_MISMATCH}</Message></Error>", 403, headers=headers, content_type="application/xml")
+
+    httpserver.expect_request(re.compile(f"^/{ACCOUNT}.*")).respond_with_handler(refuse)
+    endpoint = httpserver.url_for(f"/{ACCOUNT}")
+    endpoint_key = "TableEndpoint" if service == "table" else "BlobEndpoint"
+    monkeypatch.setenv("TEST_STORAGE", f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey=eA==;{endpoint_key}={endpoint};")
+    if service == "table":
+        report = await doctor(write_config, state={"kind": "azure_table", "connection_string_env": "TEST_STORAGE", "table": "dlpstate"})
+        (line,) = lines(report, "state")
+        role = "Storage Table Data Contributor"
+    else:
+        report = await doctor(write_config, sinks=[sink_entry("lake", "blob", {"connection_string_env": "TEST_STORAGE", "container": "dlp-alerts"})])
+        (line,) = lines(report, "sink lake")
+        role = "Storage Blob Data Contributor"
+    assert line.startswith("failed") and "no data role (HTTP 403 AuthorizationPermissionMismatch)" in line
+    assert f"give it '{role}'" in line and "up to 30 minutes" in line
 
 
 async def test_blob_unreachable_account_fails(write_config, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from pipeline.config import DEFAULT_CONFIG, load_config
 
@@ -17,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def main(args: argparse.Namespace) -> int:
     from pipeline.doctor import run_doctor
+
+    if args.verbose == 0:  # the SDKs' own warnings repeat what a failed line says (-v shows them)
+        logging.getLogger("azure").setLevel(logging.ERROR)
 
     loaded = load_config(args.config, data_dir=args.out if args.out is not None else ("out" if args.config is None else None))
     print(f"config: {loaded.display_name}")
