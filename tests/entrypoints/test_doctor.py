@@ -340,25 +340,46 @@ async def test_jira_unknown_project_and_issue_type_and_missing_permission(httpse
 # -- Sentinel: the DCR read from Resource Manager ------------------------------------------------
 
 
+WORKSPACE = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/dlp/providers/Microsoft.OperationalInsights/workspaces/sentinel"
+TABLE_PATH = f"{WORKSPACE}/tables/DLPEnrichedAlerts_CL"
+
+
 def shipped_dcr() -> dict:
     """deploy/sentinel/dcr.json as Resource Manager returns it once deployed."""
     dcr = json.loads((ROOT / "deploy" / "sentinel" / "dcr.json").read_text())
     dcr["id"] = DCR_ID
     dcr["properties"]["immutableId"] = RULE
+    dcr["properties"]["destinations"]["logAnalytics"][0]["workspaceResourceId"] = WORKSPACE
     return dcr
 
 
+def shipped_table() -> dict:
+    """deploy/sentinel/table.json as Resource Manager returns it once created (plus the standard columns)."""
+    table = json.loads((ROOT / "deploy" / "sentinel" / "table.json").read_text())
+    table["properties"]["schema"]["standardColumns"] = [{"name": "TenantId", "type": "guid"}]
+    return table
+
+
 class Arm:
+    """Resource Manager's GET of the DCR and of the workspace table; the ingestion path records any upload."""
+
     def __init__(self, httpserver, dcr: dict | None) -> None:
         self.dcr = dcr
+        self.table: dict | None = shipped_table()
         self.status = 200
         self.requests: list[tuple[str, str]] = []
         httpserver.expect_request(DCR_ID).respond_with_handler(self.handle)
+        httpserver.expect_request(TABLE_PATH).respond_with_handler(self.handle)
         httpserver.expect_request(f"/dataCollectionRules/{RULE}/streams/{STREAM}").respond_with_handler(self.handle)
         self.url = httpserver.url_for("/").rstrip("/")
 
     def handle(self, request: Request) -> Response:
         self.requests.append((request.method, request.path))
+        if request.path == TABLE_PATH:
+            assert request.args.get("api-version") == "2022-10-01"
+            if self.table is None:
+                return Response(json.dumps({"error": {"code": "ResourceNotFound"}}), 404, content_type="application/json")
+            return Response(json.dumps(self.table), content_type="application/json")
         if request.path != DCR_ID:
             return Response(status=204)
         assert request.args.get("api-version") == "2023-03-11"
@@ -377,9 +398,22 @@ async def test_sentinel_the_shipped_dcr_matches_the_rows(httpserver, write_confi
     credential = StaticCredential()
     report = await doctor(write_config, sinks=[sentinel_entry(arm)], credential=credential)
     assert set(statuses(report, "sink sentinel").values()) == {"ok"}, lines(report, "sink sentinel")
-    assert {"ingestion token", "Resource Manager token", "DCR immutable id", "DCR stream", "DCR data flow"} == set(statuses(report, "sink sentinel"))
+    assert {"ingestion token", "Resource Manager token", "DCR immutable id", "DCR stream", "DCR data flow", "table DLPEnrichedAlerts_CL"} == set(statuses(report, "sink sentinel"))
     assert ("https://monitor.azure.com/.default",) in credential.scopes
-    assert arm.requests == [("GET", DCR_ID)]  # the ingestion endpoint got no row
+    assert arm.requests == [("GET", DCR_ID), ("GET", TABLE_PATH)]  # the ingestion endpoint got no row
+
+
+async def test_sentinel_a_missing_table_or_one_without_a_column_is_204_but_no_data(httpserver, write_config):
+    arm = Arm(httpserver, shipped_dcr())
+    arm.table = None
+    report = await doctor(write_config, sinks=[sentinel_entry(arm)])
+    line = lines(report, "sink sentinel")[-1]
+    assert line.startswith("failed   sink sentinel: table DLPEnrichedAlerts_CL: not in the workspace: uploads are accepted (204) but no row is kept")
+    table = shipped_table()
+    table["properties"]["schema"]["columns"] = [c for c in table["properties"]["schema"]["columns"] if c["name"] != "Enrichments"]
+    arm.table = table
+    report = await doctor(write_config, sinks=[sentinel_entry(arm)])
+    assert "lacks columns the stream sends (dropped): Enrichments" in lines(report, "sink sentinel")[-1]
 
 
 async def test_sentinel_stream_missing_a_column_or_with_another_type_fails(httpserver, write_config):

@@ -36,6 +36,7 @@ log = logging.getLogger("pipeline.deliver.sinks.sentinel")
 MAX_REQUEST_BYTES = 1_000_000
 INGESTION_SCOPE = "https://monitor.azure.com/.default"
 DCR_API_VERSION = "2023-03-11"
+TABLES_API_VERSION = "2022-10-01"
 
 
 class SentinelSink:
@@ -220,4 +221,42 @@ async def dcr_checks(settings: SentinelSink.Settings, credential: Any) -> list[A
     else:
         outputs = ", ".join(str(flow.get("outputStream") or settings.stream_name) for flow in flows)
         checks.append(Check.ok("DCR data flow", f"{settings.stream_name} -> {outputs}"))
+    workspaces = {d.get("name"): d.get("workspaceResourceId") for d in (properties.get("destinations") or {}).get("logAnalytics") or [] if isinstance(d, dict)}
+    for flow in flows:
+        for destination in flow.get("destinations") or []:
+            checks.append(await _table_check(settings, arm, headers, flow, workspaces.get(destination), destination))
     return checks
+
+
+async def _table_check(settings: SentinelSink.Settings, arm: str, headers: dict[str, str], flow: dict[str, Any], workspace: str | None, destination: str) -> Any:
+    """The Log Analytics table a data flow writes to exists and holds every column of the stream."""
+    import httpx
+
+    from pipeline.deliver.sinks.sentinel_schema import stream_columns
+    from pipeline.doctor import ROLE_DELAY, Check
+
+    output = str(flow.get("outputStream") or settings.stream_name)
+    if not output.startswith("Custom-"):
+        return Check.skipped("workspace table", f"{output} is a built-in table")
+    table = output.removeprefix("Custom-")
+    name = f"table {table}"
+    if not workspace:
+        return Check.failed(name, f"the data flow names destination {destination}, which the DCR does not declare", "fix the DCR's destinations.logAnalytics")
+    fix = "create it with `python -m pipeline schema sentinel --table` (deploy/sentinel/table.json)"
+    try:
+        async with httpx.AsyncClient(timeout=settings.timeout_seconds, verify=settings.ca_bundle or True) as client:
+            response = await client.get(f"{arm}{workspace}/tables/{table}", params={"api-version": TABLES_API_VERSION}, headers=headers)
+    except httpx.HTTPError as exc:
+        return Check.failed(name, f"cannot reach {arm} ({type(exc).__name__})", "check management_endpoint, DNS, proxy and firewall rules")
+    if response.status_code in (401, 403):
+        return Check.failed(name, f"cannot read the workspace's table (HTTP {response.status_code})", f"run the doctor as an identity with Reader on the workspace; {ROLE_DELAY}")
+    if response.status_code == 404:
+        return Check.failed(name, "not in the workspace: uploads are accepted (204) but no row is kept", fix)
+    if response.status_code != 200:
+        return Check.failed(name, f"HTTP {response.status_code} reading the table", "check the DCR's workspaceResourceId")
+    schema = ((response.json() or {}).get("properties") or {}).get("schema") or {}
+    have = {c.get("name") for key in ("columns", "standardColumns") for c in schema.get(key) or [] if isinstance(c, dict)}
+    missing = [c["name"] for c in stream_columns() if c["name"] not in have]
+    if missing and str(flow.get("transformKql") or "source").strip() == "source":
+        return Check.failed(name, f"lacks columns the stream sends (dropped): {', '.join(missing)}", "add them to the table (PUT the body of `python -m pipeline schema sentinel --table`)")
+    return Check.ok(name, f"in the workspace with the stream's {len(stream_columns())} columns")
