@@ -461,7 +461,7 @@ def _describe_table(data: bytes, table: LookupTable) -> str:
         missing = [column for column in table.columns if column not in have]
         if missing:
             raise ValueError(f"no row has the column {', '.join(repr(c) for c in missing)} (columns)")
-    return f"{len(index)} keys in column {table.key_column!r}"
+    return f"{len(index)} key{'' if len(index) == 1 else 's'} in column {table.key_column!r}"
 
 
 def _index_table(data: bytes, table: LookupTable) -> dict[str, dict[str, Any]]:

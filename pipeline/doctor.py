@@ -171,6 +171,15 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return text[0][:limit] if text else ""
 
 
+def shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when it is under it."""
+    try:
+        relative = path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return str(path)
+    return str(relative) if relative.parts else "./"
+
+
 # -- shared checks ---------------------------------------------------------------------------------
 
 
@@ -181,10 +190,10 @@ def folder_check(name: str, folder: Path) -> Check:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        return Check.failed(name, f"{existing} is not a folder", f"remove it or point the setting at a folder ({folder})")
+        return Check.failed(name, f"{shown(existing)} is not a folder", f"remove it or point the setting at a folder ({shown(folder)})")
     if not os.access(existing, os.W_OK | os.X_OK):
-        return Check.failed(name, f"{existing} is not writable by this user", f"give this user write access to {existing}, or choose another --out")
-    return Check.ok(name, f"{folder} writable" if existing == folder else f"{folder} (created on first run; {existing} writable)")
+        return Check.failed(name, f"{shown(existing)} is not writable by this user", f"give this user write access to {shown(existing)}, or choose another --out")
+    return Check.ok(name, f"{shown(folder)} writable" if existing == folder else f"{shown(folder)} (created on first run; {shown(existing)} writable)")
 
 
 def input_file_check(name: str, path: Path, read: Callable[[bytes], str]) -> Check:
@@ -192,11 +201,11 @@ def input_file_check(name: str, path: Path, read: Callable[[bytes], str]) -> Che
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return Check.failed(name, f"cannot read {path} ({exc.strerror or type(exc).__name__})", "check the path (relative to the config file's folder) and its permissions")
+        return Check.failed(name, f"cannot read {shown(path)} ({exc.strerror or type(exc).__name__})", "check the path (relative to the config file's folder) and its permissions")
     try:
-        return Check.ok(name, f"{path}: {read(data)}")
+        return Check.ok(name, f"{shown(path)}: {read(data)}")
     except (ValueError, UnicodeDecodeError) as exc:
-        return Check.failed(name, f"{path}: {_first_line(exc)}", "fix the file, or the column names in the settings")
+        return Check.failed(name, f"{shown(path)}: {_first_line(exc)}", "fix the file, or the column names in the settings")
 
 
 def csv_columns_check(name: str, path: Path, expected: dict[str, str], *, what: str = "rows") -> Check:

@@ -17,13 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    from pipeline.doctor import run_doctor
+    from pipeline.doctor import run_doctor, shown
 
     if args.verbose == 0:  # the SDKs' own warnings repeat what a failed line says (-v shows them)
         logging.getLogger("azure").setLevel(logging.ERROR)
 
     loaded = load_config(args.config, data_dir=args.out if args.out is not None else ("out" if args.config is None else None))
-    print(f"config: {loaded.display_name}")
+    print(f"config: {shown(loaded.file) if loaded.file else loaded.display_name}")
     report = await run_doctor(loaded)
     for result in report.results:
         print(result.line(), flush=True)
