@@ -120,6 +120,8 @@ async def run_doctor(loaded: LoadedConfig, *, credential_factory: Any = None, ti
                 key = f"enrichers[{index}]"
                 reference = enricher.use or enricher.name
                 results += await _component(f"enricher {enricher.name}", plugin_checks(reference, ENRICHER_GROUP, enricher.settings, services, key), timeout)
+        if not any(sink.enabled for sink in config.sinks):
+            results.append(Result("sinks", Check.failed("configured", "no enabled sink: every alert would be lost", "add a [[sinks]] entry (the local lake: kind = \"jsonl\")")))
         for index, sink in enumerate(config.sinks):
             if sink.enabled:
                 key = f"sinks[{index}]"
@@ -144,7 +146,7 @@ async def _component(component: str, checks: Awaitable[Sequence[Check]], timeout
 
 async def plugin_checks(reference: str, group: str, raw_settings: dict[str, Any], services: Any, key: str) -> Sequence[Check]:
     """Load the plugin class, validate its settings, and run its `doctor` hook (if it has one)."""
-    from pipeline.plugins import load_plugin_class
+    from pipeline.plugins import SINK_GROUP, load_plugin_class
 
     loaded = services.config
     cls = load_plugin_class(reference, group=group, config=loaded, key=key)  # ConfigError: one failed line
@@ -155,6 +157,9 @@ async def plugin_checks(reference: str, group: str, raw_settings: dict[str, Any]
             settings = model.model_validate(raw_settings)
         except ValidationError as exc:
             raise config_error_from_validation(exc, file=loaded.display_name, prefix=(*_split_key(key), "settings")) from None
+    method = "publish" if group == SINK_GROUP else "enrich"
+    if not inspect.iscoroutinefunction(getattr(cls, method, None)):
+        raise loaded.error(f"{cls.__module__}.{cls.__qualname__} is not a{' sink' if method == 'publish' else 'n enricher'}: it needs `async def {method}(...)`", key)
     hook = getattr(cls, "doctor", None)
     if hook is None or not inspect.iscoroutinefunction(hook):
         return [Check.ok("settings", f"valid ({cls.__name__} names nothing else to check)")]

@@ -144,6 +144,13 @@ async def test_bad_plugin_settings_an_unknown_plugin_and_an_unset_secret_are_fai
     assert len(report.failed) == 3
 
 
+async def test_no_sink_and_a_class_that_is_no_sink_fail(write_config):
+    report = await doctor(write_config, sinks=[sink_entry("off", "jsonl", enabled=False)])
+    assert lines(report, "sinks") == ['failed   sinks: configured: no enabled sink: every alert would be lost; fix: add a [[sinks]] entry (the local lake: kind = "jsonl")']
+    report = await doctor(write_config, sinks=[sink_entry("odd", "tests.support.alerts:StaticCredential")])
+    assert "is not a sink: it needs `async def publish(...)`" in lines(report, "sink odd")[0]
+
+
 # -- files ---------------------------------------------------------------------------------------
 
 
