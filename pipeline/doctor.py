@@ -370,8 +370,8 @@ async def eventhub_check(name: str, *, fully_qualified_namespace: str | None, co
                          consumer_group: str | None = None, role: str, timeout: float = 10.0) -> Check:
     """The hub's properties over AMQP (a management read): namespace reachable, signed in, hub there.
 
-    With `consumer_group`, a consumer client of that group asks; whether the group exists is known
-    only once a receiver opens on a partition, which the consumer does at start (not checked here)."""
+    With `consumer_group`, a consumer client of that group asks, then opens one receiver on one
+    partition to prove the group exists (`_consumer_group_check`)."""
     from azure.eventhub.aio import EventHubConsumerClient, EventHubProducerClient
 
     options: dict[str, Any] = {"retry_total": 0}
@@ -391,23 +391,62 @@ async def eventhub_check(name: str, *, fully_qualified_namespace: str | None, co
     else:
         client = EventHubProducerClient(str(fully_qualified_namespace), credential=credential, **options)
     where = f"hub {eventhub_name}" if eventhub_name else "the hub of the connection string"
+    unreachable = "check the namespace name, DNS and that AMQP (5671) or AMQP over WebSockets (443) is allowed"
     try:
         properties = await asyncio.wait_for(client.get_eventhub_properties(), timeout)
+        partitions = list(properties.get("partition_ids") or [])
+        group = await _consumer_group_check(client, consumer_group, partitions[0], timeout) if consumer_group is not None and partitions else ""
     except TimeoutError:
-        return Check.failed(name, f"{where}: no answer within {timeout:g} s", "check the namespace name, DNS and that AMQP (5671) or AMQP over WebSockets (443) is allowed")
+        return Check.failed(name, f"{where}: no answer within {timeout:g} s", unreachable)
     except Exception as exc:
         from azure.eventhub.exceptions import AuthenticationError, ConnectError
 
+        if isinstance(exc, _ConsumerGroupMissing):
+            return Check.failed(name, f"{where} reachable, but it has no consumer group {consumer_group}", "create the consumer group on the hub (deploy/infra), or set consumer_group")
         if isinstance(exc, AuthenticationError):
             return Check.failed(name, f"{where}: the namespace refused our credential", f"check the connection string's key, or give the identity '{role}'; {ROLE_DELAY}")
         if isinstance(exc, ConnectError):
-            return Check.failed(name, f"{where}: cannot reach the namespace ({type(exc).__name__})", "check the namespace name, DNS and that AMQP (5671) or AMQP over WebSockets (443) is allowed")
+            return Check.failed(name, f"{where}: cannot reach the namespace ({type(exc).__name__})", unreachable)
         return Check.failed(name, f"{where}: {type(exc).__name__}: {_first_line(exc, 160)}", f"check the hub's name and that the identity has '{role}'")
     finally:
         try:
             await client.close()
         except Exception:  # closing a client that never connected
             pass
-    partitions = len(properties.get("partition_ids") or [])
-    group = f"; consumer group {consumer_group} is checked when the consumer opens its receivers" if consumer_group else ""
-    return Check.ok(name, f"hub {properties.get('eventhub_name')} reachable, {partitions} partitions{group}")
+    return Check.ok(name, f"hub {properties.get('eventhub_name')} reachable, {len(partitions)} partitions{group}")
+
+
+class _ConsumerGroupMissing(Exception):
+    pass
+
+
+async def _consumer_group_check(client: Any, consumer_group: str, partition_id: str, timeout: float) -> str:
+    """Open one non-exclusive receiver of the group at the end of one partition, without a checkpoint
+    store, until it answers (an empty wait) or fails; events that arrive meanwhile are dropped
+    unread, nothing is checkpointed. A running consumer that holds the partition exclusively (owner
+    level) refuses us: that also proves the group exists. Not exercised without the emulator."""
+    answer: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+
+    async def on_event(context: Any, event: Any) -> None:
+        if not answer.done():
+            answer.set_result(None)
+
+    async def on_error(context: Any, error: Exception) -> None:
+        if not answer.done():
+            answer.set_result(error)
+
+    receiving = asyncio.create_task(client.receive(on_event, partition_id=partition_id, starting_position="@latest", max_wait_time=1, prefetch=1, on_error=on_error))
+    try:
+        error = await asyncio.wait_for(asyncio.shield(answer), timeout)
+    finally:
+        await client.close()
+        receiving.cancel()
+        await asyncio.gather(receiving, return_exceptions=True)
+    if error is None:
+        return f", consumer group {consumer_group} opens"
+    text = str(error).lower()
+    if "epoch" in text or "owner level" in text or "owner_level" in text:
+        return f", consumer group {consumer_group} exists (partition {partition_id} is held by a running consumer)"
+    if "not-found" in text or "not found" in text or "could not be found" in text:
+        raise _ConsumerGroupMissing(consumer_group)
+    raise error

@@ -20,7 +20,7 @@ from pipeline.deliver.sinks.sentinel_schema import STREAM
 from pipeline.doctor import Check, DoctorReport, run_doctor
 from pipeline.entrypoints.cli import main
 from tests.support.alerts import StaticCredential
-from tests.support.azurite import ACCOUNT
+from tests.support.azurite import ACCOUNT, docker_available
 from tests.support.config import enricher_entry, pipeline_toml, sink_entry
 from tests.support.itsm_servers import Failure, Jira, ServiceNow
 from tests.support.paths import ROOT
@@ -581,6 +581,52 @@ async def test_consumer_hub_unreachable_and_checkpoint_container_checked(azurite
     assert statuses(report, "consumer") == {"Event Hub": "failed", "checkpoint container": "ok"}
 
 
-@pytest.mark.skip(reason="a reachable hub and its consumer group need the Event Hubs emulator, which runs only as a Docker container (tests/entrypoints/test_consumer.py starts it where Docker answers)")
-def test_eventhub_reachable_hub_and_consumer_group():
-    """Covered where Docker answers by the consumer's emulator test; here only the failure paths run."""
+EMULATOR_CONFIG = {
+    "UserConfig": {
+        "NamespaceConfig": [{"Type": "EventHub", "Name": "emulatorNs1", "Entities": [{"Name": "dlp", "PartitionCount": "2", "ConsumerGroups": [{"Name": "pipeline"}]}]}],
+        "LoggingConfig": {"Type": "File"},
+    }
+}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.skipif(not docker_available(), reason="a reachable hub and its consumer group need the Event Hubs emulator, which runs only as a Docker container (no Docker engine answers)")
+def test_eventhub_reachable_hub_and_its_consumer_group_on_the_emulator(tmp_path, write_config, monkeypatch):
+    import asyncio
+
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.network import Network
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    from tests.support.azurite import KEY
+
+    (tmp_path / "Config.json").write_text(json.dumps(EMULATOR_CONFIG))
+    with Network() as network:
+        storage = DockerContainer("mcr.microsoft.com/azure-storage/azurite").with_network(network).with_network_aliases("azurite").with_exposed_ports(10000, 10001, 10002)
+        with storage:
+            emulator = (
+                DockerContainer("mcr.microsoft.com/azure-messaging/eventhubs-emulator:latest")
+                .with_network(network)
+                .with_env("BLOB_SERVER", "azurite")
+                .with_env("METADATA_SERVER", "azurite")
+                .with_env("ACCEPT_EULA", "Y")
+                .with_volume_mapping(str(tmp_path / "Config.json"), "/Eventhubs_Emulator/ConfigFiles/Config.json")
+                .with_exposed_ports(5672)
+            )
+            with emulator:
+                wait_for_logs(emulator, "Emulator Service is Successfully Up", timeout=180)
+                host, port = emulator.get_container_host_ip(), emulator.get_exposed_port(5672)
+                monkeypatch.setenv("HUB_CONN", f"Endpoint=sb://{host}:{port};SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true;")
+                blob = f"http://{storage.get_container_host_ip()}:{storage.get_exposed_port(10000)}/{ACCOUNT}"
+                monkeypatch.setenv("STORAGE_CONN", f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};BlobEndpoint={blob};")
+                reports = {}
+                for group in ("pipeline", "nosuch"):
+                    consumer = {"connection_string_env": "HUB_CONN", "checkpoint_connection_string_env": "STORAGE_CONN", "eventhub_name": "dlp", "consumer_group": group}
+                    fanout = sink_entry("fanout", "eventhub", {"connection_string_env": "HUB_CONN", "eventhub_name": "dlp"})
+                    reports[group] = asyncio.run(doctor(write_config, consumer=consumer, sinks=[fanout]))
+    assert statuses(reports["pipeline"], "consumer") == {"Event Hub": "ok", "checkpoint container": "ok"}
+    assert "consumer group pipeline opens" in lines(reports["pipeline"], "consumer")[0]
+    assert statuses(reports["pipeline"], "sink fanout") == {"hub": "ok"}
+    (missing,) = [line for line in lines(reports["nosuch"], "consumer") if "Event Hub" in line]
+    assert missing.startswith("failed") and "no consumer group nosuch" in missing
