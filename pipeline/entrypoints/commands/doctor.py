@@ -1,4 +1,8 @@
-"""`python -m pipeline doctor [--config FILE]`: check every configured component; send nothing."""
+"""`python -m pipeline doctor [--config FILE]`: check every configured component; send nothing.
+
+One line per check (pipeline/doctor.py), then a summary naming the failing components. Exit 0 when
+no check failed, 1 when one did; 2 (the CLI) for a config file that cannot be read or validated.
+"""
 
 from __future__ import annotations
 
