@@ -62,6 +62,18 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         max_recent: int = Field(5, ge=0, le=50)
         hunting: HuntingSettings | None = Field(None, description="also ask Advanced Hunting for alerts older than the pipeline")
 
+    @classmethod
+    async def doctor(cls, settings: Any, services: Any) -> list[Any]:
+        """The history store (its folder, or its table); Advanced Hunting: a token for its scope."""
+        from pipeline.doctor import Check, history_store_checks, token_check
+
+        checks = await history_store_checks("history store", settings.store, services)
+        if settings.hunting is not None:
+            credential = shared_credential(services, settings.hunting.managed_identity_client_id)
+            checks.append(await token_check("Advanced Hunting token", credential, settings.hunting.scope))
+            checks.append(Check.skipped("Advanced Hunting query", "not sent by the doctor (ThreatHunting.Read.All is proven by the first query)"))
+        return checks
+
     credential: Any = None  # for hunting; the services' shared one (start()) unless given
 
     def __init__(self, settings=None, services=None) -> None:

@@ -85,6 +85,18 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         store: HistorySettings = Field(default_factory=HistorySettings)
         hunting: HuntingSettings | None = Field(None, description="else look for the rule match in CloudAppEvents via Advanced Hunting")
 
+    @classmethod
+    async def doctor(cls, settings: Any, services: Any) -> list[Any]:
+        """The history store (its folder, or its table); Advanced Hunting: a token for its scope."""
+        from pipeline.doctor import Check, history_store_checks, token_check
+
+        checks = await history_store_checks("history store", settings.store, services) if settings.correlate else [Check.skipped("history store", "correlate = false")]
+        if settings.hunting is not None:
+            credential = shared_credential(services, settings.hunting.managed_identity_client_id)
+            checks.append(await token_check("Advanced Hunting token", credential, settings.hunting.scope))
+            checks.append(Check.skipped("Advanced Hunting query", "not sent by the doctor (ThreatHunting.Read.All is proven by the first query)"))
+        return checks
+
     credential: Any = None  # for hunting; the services' shared one (start()) unless given
 
     def __init__(self, settings=None, services=None) -> None:

@@ -134,6 +134,26 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
                 raise ValueError(f"source names must be unique: {', '.join(duplicates)}")
             return self
 
+    @classmethod
+    async def doctor(cls, settings: TelemetryEnricher.Settings, services: Any) -> list[Any]:
+        """Each lookup table readable with its key column; Log Analytics: a token; HTTP lookups: their
+        header variables set (their APIs are not called: a lookup is per user)."""
+        from pipeline.doctor import Check, input_file_check, token_check
+
+        checks: list[Check] = []
+        for table in settings.tables:
+            checks.append(input_file_check(f"table {table.name}", services.input_path(table.path), functools.partial(_describe_table, table=table)))
+        for query in settings.log_analytics:
+            credential = shared_credential(services, query.managed_identity_client_id)
+            checks.append(await token_check(f"log_analytics {query.name} token", credential, "https://api.loganalytics.io/.default"))
+        for lookup in settings.http:
+            unset = [variable for variable in lookup.headers_from_env.values() if variable not in os.environ]
+            if unset:
+                checks.append(Check.failed(f"http {lookup.name}", f"environment variable {', '.join(unset)} is not set", "set it (an app setting, its value may be a Key Vault reference)"))
+            else:
+                checks.append(Check.skipped(f"http {lookup.name}", "its API is called per user and not by the doctor"))
+        return checks
+
     credential: Any = None  # for Log Analytics: given (tests), else each query's identity from the services
 
     def __init__(self, settings=None, services=None) -> None:
@@ -430,6 +450,18 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, list) and all(isinstance(v, (str, int, float, bool)) for v in value):
         return value[:50]
     return str(value)[:500]
+
+
+def _describe_table(data: bytes, table: LookupTable) -> str:
+    index = _index_table(data, table)
+    if not index:
+        return "empty"
+    if table.columns:
+        have = set().union(*(row.keys() for row in index.values()))
+        missing = [column for column in table.columns if column not in have]
+        if missing:
+            raise ValueError(f"no row has the column {', '.join(repr(c) for c in missing)} (columns)")
+    return f"{len(index)} key{'' if len(index) == 1 else 's'} in column {table.key_column!r}"
 
 
 def _index_table(data: bytes, table: LookupTable) -> dict[str, dict[str, Any]]:

@@ -27,6 +27,7 @@ from urllib.parse import quote
 from pydantic import BaseModel, Field, model_validator
 
 from enrichers._files import WatchedFile, parse_datetime, read_csv, read_json_records
+from pipeline.doctor import Check
 from pipeline.enrich.batching import MicroBatcher
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
@@ -56,6 +57,9 @@ HR_FIELDS = (
 )
 MANAGER_FIELDS = ("id", "displayName", "userPrincipalName", "mail", "jobTitle")
 GRAPH_BATCH_LIMIT = 20  # documented maximum of requests in one JSON $batch
+#: The query of every user lookup (the doctor sends the same one): employeeLeaveDateTime needs
+#: User-LifeCycleInfo.Read.All besides User.Read.All.
+GRAPH_USER_QUERY = "$select=" + ",".join(HR_FIELDS) + "&$expand=manager($select=" + ",".join(MANAGER_FIELDS) + ")"
 
 
 class GraphSettings(BaseModel):
@@ -175,6 +179,23 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
         if self._http is not None:
             await self._http.aclose()
 
+    @classmethod
+    async def doctor(cls, settings: UserContextEnricher.Settings, services: Any) -> list[Check]:
+        """The users file and the HR file (readable, in the expected columns); Graph: a token and one
+        user looked up with the enricher's own `$select` (which permission is missing, on a 403)."""
+        from pipeline.doctor import csv_columns_check, input_file_check
+
+        checks: list[Check] = []
+        if settings.directory and settings.graph is None:
+            checks.append(input_file_check("users file", services.input_path(settings.directory), _describe_directory))
+        if settings.hr is not None:
+            columns = settings.hr.columns
+            expected = {"hr.columns.email": columns.email, "hr.columns.resignation_date": columns.resignation_date, "hr.columns.last_working_date": columns.last_working_date}
+            checks.append(csv_columns_check("HR file", services.input_path(settings.hr.path), expected))
+        if settings.graph is not None:
+            checks += await _graph_checks(settings.graph, services)
+        return checks
+
     # -- the contract --------------------------------------------------------------------------
 
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[UserContext | None | Exception]:
@@ -222,7 +243,7 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
         """One `$batch` of at most 20 user lookups; throttled inner requests are sent again."""
         g = self.settings.graph
         assert self._http is not None and self._token is not None and g is not None  # only called with a [graph] table
-        query = "$select=" + ",".join(HR_FIELDS) + "&$expand=manager($select=" + ",".join(MANAGER_FIELDS) + ")"
+        query = GRAPH_USER_QUERY
         results: dict[str, Any] = {}
         todo = list(keys)
         deadline = time.monotonic() + self.timeout
@@ -270,6 +291,50 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
             await asyncio.sleep(wait)
             todo = retry
         return results
+
+
+def _describe_directory(data: bytes) -> str:
+    users = read_json_records(data)
+    keyed = [user for user in users if any(isinstance(user.get(f), str) and user.get(f) for f in ("id", "userPrincipalName", "mail"))]
+    if not keyed:
+        raise ValueError(f"{len(users)} records, none with id, userPrincipalName or mail (Graph user objects expected)")
+    return f"{len(keyed)} users"
+
+
+async def _graph_checks(g: GraphSettings, services: Any) -> list[Check]:
+    """Token, then `GET /users?$top=1&$select=id` (User.Read.All), then that user with GRAPH_USER_QUERY
+    (User-LifeCycleInfo.Read.All for employeeLeaveDateTime). Reads only."""
+    import httpx
+
+    from pipeline.doctor import ROLE_DELAY, token_check
+
+    credential = shared_credential(services, g.managed_identity_client_id)
+    token = await token_check("Graph token", credential, g.scope)
+    if token.status != "ok":
+        return [token, Check.skipped("Graph user lookup", "no token")]
+    grant = f"grant the application permission in Entra ID (App registrations or Enterprise applications > API permissions), then admin consent; {ROLE_DELAY}"
+    base = g.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {(await credential.get_token(g.scope)).token}", "Accept": "application/json"}
+    async with httpx.AsyncClient(timeout=g.request_timeout_seconds) as client:
+        try:
+            listed = await client.get(f"{base}/users", params={"$top": "1", "$select": "id"}, headers=headers)
+            if listed.status_code in (401, 403):
+                why = "token refused (HTTP 401): wrong tenant or audience" if listed.status_code == 401 else "HTTP 403 listing users: User.Read.All is missing"
+                return [token, Check.failed("Graph user lookup", why, grant if listed.status_code == 403 else f"check the scope ({g.scope}) and the tenant of the identity")]
+            if listed.status_code != 200:
+                return [token, Check.failed("Graph user lookup", f"HTTP {listed.status_code} listing users", f"check the Graph URL ({base})")]
+            users = listed.json().get("value") or []
+            if not users or not isinstance(users[0], dict) or not users[0].get("id"):
+                return [token, Check.skipped("Graph user lookup", "the directory returned no user to look up")]
+            user = await client.get(f"{base}/users/{quote(str(users[0]['id']), safe='@')}?{GRAPH_USER_QUERY}", headers=headers)
+        except httpx.HTTPError as exc:
+            return [token, Check.failed("Graph user lookup", f"cannot reach {base} ({type(exc).__name__})", "check the Graph URL, DNS, proxy and firewall rules")]
+    if user.status_code == 403:
+        why = "HTTP 403 reading a user with the enricher's $select: User-LifeCycleInfo.Read.All is missing (employeeLeaveDateTime)"
+        return [token, Check.failed("Graph user lookup", why, grant)]
+    if user.status_code != 200:
+        return [token, Check.failed("Graph user lookup", f"HTTP {user.status_code} reading one user", f"check the Graph URL ({base})")]
+    return [token, Check.ok("Graph user lookup", f"one user read with the enricher's $select ({len(HR_FIELDS)} fields, manager expanded)")]
 
 
 def _user_key(alert: DlpAlert) -> str | None:

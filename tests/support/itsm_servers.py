@@ -123,11 +123,13 @@ class Jira:
         self.auth = "Basic " + base64.b64encode(f"{email}:{token}".encode()).decode()
         self.project = project
         self.index_lag = False
+        self.issue_types = ["Task", "Bug"]  # of the project, as GET /project/{key} lists them
+        self.permissions = {"BROWSE_PROJECTS": True, "CREATE_ISSUES": True, "EDIT_ISSUES": True}  # what /mypermissions grants
         self._indexed: set[str] = set()
         self._ids = itertools.count(10001)
 
     def install(self, server) -> None:
-        server.expect_request(re.compile(r"^/rest/api/3/(search/jql|issue(/[A-Z]+-\d+)?)$")).respond_with_handler(self.handle)
+        server.expect_request(re.compile(r"^/rest/api/3/(search/jql|issue(/[A-Z]+-\d+)?|myself|mypermissions|project/[A-Z][A-Z0-9_]*)$")).respond_with_handler(self.handle)
 
     def catch_up(self) -> None:
         self._indexed = set(self.issues)
@@ -145,6 +147,18 @@ class Jira:
 
     def _act(self, request: Request, body: Any) -> Response:
         path = request.path
+        if request.method == "GET" and path == "/rest/api/3/myself":
+            return _json({"accountId": "5b10ac8d82e05b22cc7d4ef5", "accountType": "atlassian", "active": True})
+        if request.method == "GET" and path.startswith("/rest/api/3/project/"):
+            key = path.rsplit("/", 1)[1]
+            if key != self.project:
+                return _json({"errorMessages": ["No project could be found with key '" + key + "'."]}, 404)
+            return _json({"id": "10000", "key": key, "issueTypes": [{"id": str(10001 + i), "name": name} for i, name in enumerate(self.issue_types)]})
+        if request.method == "GET" and path == "/rest/api/3/mypermissions":
+            asked = [p for p in request.args.get("permissions", "").split(",") if p]
+            if request.args.get("projectKey") != self.project:
+                return _json({"errorMessages": ["No project could be found."]}, 404)
+            return _json({"permissions": {p: {"key": p, "havePermission": self.permissions.get(p, False)} for p in asked}})
         if path == "/rest/api/3/search/jql" and request.method == "POST":
             if not isinstance(body, dict) or "jql" not in body or "startAt" in body:
                 return _json({"errorMessages": ["Invalid request payload. Refer to the REST API documentation and try again."]}, 400)

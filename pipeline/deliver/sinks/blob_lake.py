@@ -63,6 +63,22 @@ class BlobLakeSink:
                 raise ValueError("give exactly one of account_url and connection_string_env")
             return self
 
+    @classmethod
+    async def doctor(cls, settings: BlobLakeSink.Settings, services: Any) -> list[Any]:
+        """The container's properties with the sink's own sign-in (a read; nothing is written)."""
+        from pipeline.doctor import Check, blob_container_check
+
+        checks = []
+        if settings.format == "parquet":
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                checks.append(Check.failed("parquet", "pyarrow is not installed", "pip install pyarrow, or set format = 'jsonl'"))
+        credential = None if settings.connection_string_env is not None else shared_credential(services, settings.managed_identity_client_id)
+        checks.append(await blob_container_check("container", account_url=settings.account_url, connection_string_env=settings.connection_string_env,
+                                                 container=settings.container, credential=credential, created_if_missing=settings.create_container))
+        return checks
+
     def __init__(self, settings: BlobLakeSink.Settings, services: Any, *, credential: Any = None) -> None:
         """`credential`: one to use instead of the services' shared one (tests); never closed here."""
         from azure.storage.blob.aio import BlobServiceClient

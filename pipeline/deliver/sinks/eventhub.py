@@ -91,6 +91,15 @@ class EventHubSink:
                 raise ValueError("eventhub_name is needed with fully_qualified_namespace")
             return self
 
+    @classmethod
+    async def doctor(cls, settings: EventHubSink.Settings, services: Any) -> list[Any]:
+        """The hub's properties over AMQP with the sink's sign-in (a management read; no event sent)."""
+        from pipeline.doctor import eventhub_check
+
+        credential = None if settings.connection_string_env is not None else shared_credential(services, settings.managed_identity_client_id)
+        return [await eventhub_check("hub", fully_qualified_namespace=settings.fully_qualified_namespace, connection_string_env=settings.connection_string_env,
+                                     eventhub_name=settings.eventhub_name, credential=credential, role="Azure Event Hubs Data Sender")]
+
     def __init__(self, settings: EventHubSink.Settings, services: Any, *, credential: Any = None) -> None:
         """`credential`: one to use instead of the services' shared one (tests); never closed here."""
         from azure.eventhub.aio import EventHubProducerClient

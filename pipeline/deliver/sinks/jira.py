@@ -54,6 +54,46 @@ class JiraSink:
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = None
 
+    @classmethod
+    async def doctor(cls, settings: JiraSink.Settings, services: Any) -> list[Any]:
+        """Sign-in (`/myself`), the project and its issue type, and the project permissions the sink
+        uses (`/mypermissions`): GET requests only, no issue is created or changed."""
+        from pipeline.doctor import Check
+
+        sink = cls(settings, services)
+        key = settings.project_key
+        try:
+            me = await sink.client.get(f"{sink.base}/rest/api/3/myself")
+            if me.status_code in (401, 403):
+                return [Check.failed("sign-in", f"e-mail and API token refused (HTTP {me.status_code})", f"check email and the API token in {settings.api_token_env} (tokens expire; create one at id.atlassian.com)")]
+            if me.status_code != 200:
+                return [Check.failed("sign-in", f"HTTP {me.status_code}", "check site_url")]
+            checks = [Check.ok("sign-in", "accepted")]
+            project = await sink.client.get(f"{sink.base}/rest/api/3/project/{key}")
+            if project.status_code != 200:
+                return [*checks, Check.failed(f"project {key}", f"not found or not visible to this account (HTTP {project.status_code})", "check project_key, and give the account Browse projects in that project")]
+            types = [t.get("name") for t in project.json().get("issueTypes") or [] if isinstance(t, dict)]
+            if types and settings.issue_type not in types:
+                checks.append(Check.failed(f"project {key}", f"no issue type {settings.issue_type!r} (it has {', '.join(map(str, types))})", "set issue_type to one of them"))
+            else:
+                checks.append(Check.ok(f"project {key}", f"visible, issue type {settings.issue_type!r} present" if types else "visible"))
+            wanted = ("BROWSE_PROJECTS", "CREATE_ISSUES", "EDIT_ISSUES")
+            answer = await sink.client.get(f"{sink.base}/rest/api/3/mypermissions", params={"projectKey": key, "permissions": ",".join(wanted)})
+            if answer.status_code != 200:
+                checks.append(Check.failed("permissions", f"HTTP {answer.status_code} asking for them", "check site_url and project_key"))
+                return checks
+            held = answer.json().get("permissions") or {}
+            missing = [p for p in wanted if not (held.get(p) or {}).get("havePermission")]
+            if missing:
+                checks.append(Check.failed("permissions", f"missing in {key}: {', '.join(missing)}", "add the account to a project role that has them in the project's permission scheme"))
+            else:
+                checks.append(Check.ok("permissions", ", ".join(wanted)))
+            return checks
+        except httpx.HTTPError as exc:
+            return [Check.failed("sign-in", f"cannot reach {sink.base} ({type(exc).__name__})", "check site_url, DNS, proxy and firewall rules")]
+        finally:
+            await sink.aclose()
+
     def __init__(self, settings: JiraSink.Settings, services: Any) -> None:
         self.settings = settings
         self.base = check_url(settings.site_url, "site_url")

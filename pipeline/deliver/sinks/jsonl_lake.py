@@ -40,6 +40,13 @@ class JsonlLakeSink:
         path: str = Field("lake", description="folder of the lake, relative to the data dir")
         fsync: bool = Field(True, description="flush each batch to stable storage before reporting delivered")
 
+    @classmethod
+    async def doctor(cls, settings: JsonlLakeSink.Settings, services) -> list:
+        """The lake's folder is (or can be created) writable; nothing is opened or recovered."""
+        from pipeline.doctor import folder_check
+
+        return [folder_check("lake folder", services.data_path(settings.path))]
+
     def __init__(self, settings: JsonlLakeSink.Settings, services) -> None:
         self.settings = settings
         self.root: Path = services.data_path(settings.path)

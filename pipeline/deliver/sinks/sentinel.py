@@ -34,6 +34,9 @@ from pipeline.plugins import shared_credential
 log = logging.getLogger("pipeline.deliver.sinks.sentinel")
 
 MAX_REQUEST_BYTES = 1_000_000
+INGESTION_SCOPE = "https://monitor.azure.com/.default"
+DCR_API_VERSION = "2023-03-11"
+TABLES_API_VERSION = "2022-10-01"
 
 
 class SentinelSink:
@@ -45,6 +48,25 @@ class SentinelSink:
         timeout_seconds: float = Field(30.0, gt=0, description="per request")
         managed_identity_client_id: str | None = Field(None, description="user-assigned managed identity (else DefaultAzureCredential)")
         ca_bundle: str | None = Field(None, description="CA bundle to verify the endpoint with (tests, proxies); default: system CAs")
+        dcr_resource_id: str | None = Field(
+            None, pattern=r"^/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.Insights/dataCollectionRules/[^/]+$",
+            description="the DCR's resource id, for `doctor` to compare its stream with the rows (needs Reader on the DCR)",
+        )
+        management_endpoint: str = Field("https://management.azure.com", description="Azure Resource Manager (national clouds, tests)")
+
+    @classmethod
+    async def doctor(cls, settings: SentinelSink.Settings, services: Any) -> list[Any]:
+        """A token for the ingestion scope; with `dcr_resource_id`, the DCR read from Resource Manager
+        and compared with what the sink sends: immutable id, the stream, its columns and types, a
+        data flow that takes it. No row is sent."""
+        from pipeline.doctor import Check, token_check
+
+        credential = shared_credential(services, settings.managed_identity_client_id)
+        checks = [await token_check("ingestion token", credential, INGESTION_SCOPE)]
+        if settings.dcr_resource_id is None:
+            checks.append(Check.skipped("DCR stream", "set dcr_resource_id (/subscriptions/.../dataCollectionRules/<name>) to compare the DCR's stream with the rows"))
+            return checks
+        return checks + await dcr_checks(settings, credential)
 
     def __init__(self, settings: SentinelSink.Settings, services: Any, *, credential: Any = None) -> None:
         """`credential`: one to use instead of the services' shared one (local endpoints, tests). Either
@@ -139,3 +161,102 @@ class SentinelSink:
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+async def dcr_checks(settings: SentinelSink.Settings, credential: Any) -> list[Any]:
+    """GET the DCR (ARM, api-version 2023-03-11) and compare it with `stream_columns()`."""
+    import httpx
+
+    from pipeline.deliver.sinks.itsm import check_url
+    from pipeline.deliver.sinks.sentinel_schema import stream_columns
+    from pipeline.doctor import ROLE_DELAY, Check, token_check
+
+    arm = check_url(settings.management_endpoint, "management_endpoint")
+    scope = f"{arm}/.default"
+    token = await token_check("Resource Manager token", credential, scope)
+    if token.status != "ok":
+        return [token]
+    headers = {"Authorization": f"Bearer {(await credential.get_token(scope)).token}", "Accept": "application/json"}
+    name = "DCR stream"
+    try:
+        async with httpx.AsyncClient(timeout=settings.timeout_seconds, verify=settings.ca_bundle or True) as client:
+            response = await client.get(f"{arm}{settings.dcr_resource_id}", params={"api-version": DCR_API_VERSION}, headers=headers)
+    except httpx.HTTPError as exc:
+        return [Check.failed(name, f"cannot reach {arm} ({type(exc).__name__})", "check management_endpoint, DNS, proxy and firewall rules")]
+    if response.status_code in (401, 403):
+        return [Check.failed(name, f"cannot read the DCR (HTTP {response.status_code})", f"run the doctor as an identity with Reader on the DCR; {ROLE_DELAY}")]
+    if response.status_code == 404:
+        return [Check.failed(name, "no DCR at dcr_resource_id (HTTP 404)", "check the subscription, resource group and name in dcr_resource_id")]
+    if response.status_code != 200:
+        return [Check.failed(name, f"HTTP {response.status_code} reading the DCR", "check dcr_resource_id")]
+    properties = (response.json() or {}).get("properties") or {}
+    checks: list[Check] = [token]
+    immutable = properties.get("immutableId")
+    if immutable != settings.rule_id:
+        checks.append(Check.failed("DCR immutable id", f"the DCR's is {immutable}, rule_id is {settings.rule_id}", "set rule_id to the DCR's immutableId (or dcr_resource_id to the DCR the sink sends to)"))
+    else:
+        checks.append(Check.ok("DCR immutable id", f"{immutable} matches rule_id"))
+    logs_endpoint = ((properties.get("endpoints") or {}).get("logsIngestion") or "").rstrip("/")
+    if logs_endpoint and not properties.get("dataCollectionEndpointId") and logs_endpoint != settings.endpoint.rstrip("/"):
+        checks.append(Check.failed("DCR endpoint", f"the DCR ingests at {logs_endpoint}, endpoint is {settings.endpoint}", "set endpoint to the DCR's logsIngestion endpoint"))
+    declared = (properties.get("streamDeclarations") or {}).get(settings.stream_name)
+    fix = "deploy deploy/sentinel/dcr.json, or update the stream with `python -m pipeline schema sentinel --dcr`"
+    if not isinstance(declared, dict):
+        names = ", ".join(sorted(properties.get("streamDeclarations") or {})) or "none"
+        return [*checks, Check.failed(name, f"no stream {settings.stream_name} in the DCR (it declares: {names})", fix)]
+    have = {c.get("name"): c.get("type") for c in declared.get("columns") or [] if isinstance(c, dict)}
+    sent = {c["name"]: c["type"] for c in stream_columns()}
+    missing = [column for column in sent if column not in have]
+    wrong = [f"{column} ({have[column]}, rows send {kind})" for column, kind in sent.items() if column in have and have[column] != kind]
+    if missing or wrong:
+        parts = ([f"columns the rows send but the stream lacks (dropped silently): {', '.join(missing)}"] if missing else []) + (
+            [f"types that differ: {', '.join(wrong)}"] if wrong else [])
+        checks.append(Check.failed(name, "; ".join(parts), fix))
+    else:
+        extra = len([column for column in have if column not in sent])
+        checks.append(Check.ok(name, f"{settings.stream_name} declares the {len(sent)} columns the rows send" + (f" (and {extra} more)" if extra else "")))
+    flows = [flow for flow in properties.get("dataFlows") or [] if isinstance(flow, dict) and settings.stream_name in (flow.get("streams") or [])]
+    if not flows:
+        checks.append(Check.failed("DCR data flow", f"no data flow takes {settings.stream_name}: uploads succeed (204) but no row reaches a table", fix))
+    else:
+        outputs = ", ".join(str(flow.get("outputStream") or settings.stream_name) for flow in flows)
+        checks.append(Check.ok("DCR data flow", f"{settings.stream_name} -> {outputs}"))
+    workspaces = {d.get("name"): d.get("workspaceResourceId") for d in (properties.get("destinations") or {}).get("logAnalytics") or [] if isinstance(d, dict)}
+    for flow in flows:
+        for destination in flow.get("destinations") or []:
+            checks.append(await _table_check(settings, arm, headers, flow, workspaces.get(destination), destination))
+    return checks
+
+
+async def _table_check(settings: SentinelSink.Settings, arm: str, headers: dict[str, str], flow: dict[str, Any], workspace: str | None, destination: str) -> Any:
+    """The Log Analytics table a data flow writes to exists and holds every column of the stream."""
+    import httpx
+
+    from pipeline.deliver.sinks.sentinel_schema import stream_columns
+    from pipeline.doctor import ROLE_DELAY, Check
+
+    output = str(flow.get("outputStream") or settings.stream_name)
+    if not output.startswith("Custom-"):
+        return Check.skipped("workspace table", f"{output} is a built-in table")
+    table = output.removeprefix("Custom-")
+    name = f"table {table}"
+    if not workspace:
+        return Check.failed(name, f"the data flow names destination {destination}, which the DCR does not declare", "fix the DCR's destinations.logAnalytics")
+    fix = "create it with `python -m pipeline schema sentinel --table` (deploy/sentinel/table.json)"
+    try:
+        async with httpx.AsyncClient(timeout=settings.timeout_seconds, verify=settings.ca_bundle or True) as client:
+            response = await client.get(f"{arm}{workspace}/tables/{table}", params={"api-version": TABLES_API_VERSION}, headers=headers)
+    except httpx.HTTPError as exc:
+        return Check.failed(name, f"cannot reach {arm} ({type(exc).__name__})", "check management_endpoint, DNS, proxy and firewall rules")
+    if response.status_code in (401, 403):
+        return Check.failed(name, f"cannot read the workspace's table (HTTP {response.status_code})", f"run the doctor as an identity with Reader on the workspace; {ROLE_DELAY}")
+    if response.status_code == 404:
+        return Check.failed(name, "not in the workspace: uploads are accepted (204) but no row is kept", fix)
+    if response.status_code != 200:
+        return Check.failed(name, f"HTTP {response.status_code} reading the table", "check the DCR's workspaceResourceId")
+    schema = ((response.json() or {}).get("properties") or {}).get("schema") or {}
+    have = {c.get("name") for key in ("columns", "standardColumns") for c in schema.get(key) or [] if isinstance(c, dict)}
+    missing = [c["name"] for c in stream_columns() if c["name"] not in have]
+    if missing and str(flow.get("transformKql") or "source").strip() == "source":
+        return Check.failed(name, f"lacks columns the stream sends (dropped): {', '.join(missing)}", "add them to the table (PUT the body of `python -m pipeline schema sentinel --table`)")
+    return Check.ok(name, f"in the workspace with the stream's {len(stream_columns())} columns")

@@ -72,6 +72,32 @@ class ServiceNowSink:
                 raise ValueError("auth = 'oauth' needs client_id and client_secret_env")
             return self
 
+    @classmethod
+    async def doctor(cls, settings: ServiceNowSink.Settings, services: Any) -> list[Any]:
+        """Sign-in (the OAuth token, or basic) and one read of the table (`sysparm_limit=1`); no ticket is written."""
+        from pipeline.doctor import Check
+
+        sink = cls(settings, services)
+        name = f"table {settings.table}"
+        try:
+            response = await sink._request("GET", sink._table_url, params={"sysparm_limit": "1", "sysparm_fields": "sys_id,correlation_id"})
+        except TicketError as err:  # the OAuth token request was refused
+            return [Check.failed("sign-in", f"OAuth token refused ({err.outcome.reason})", f"check client_id and the secret in {settings.client_secret_env}, and that the OAuth application is active")]
+        except httpx.HTTPError as exc:
+            return [Check.failed(name, f"cannot reach {sink.base} ({type(exc).__name__})", "check instance_url, DNS, proxy and firewall rules")]
+        finally:
+            await sink.aclose()
+        status = response.status_code
+        if status == 401:
+            who = f"username {settings.username} and the password in {settings.password_env}" if settings.auth == "basic" else "the OAuth application's access to the REST API"
+            return [Check.failed("sign-in", "credentials refused (HTTP 401)", f"check {who}; the account needs 'Web service access only' or a password login")]
+        if status == 403:
+            return [Check.ok("sign-in", "accepted"), Check.failed(name, "the account cannot read the table (HTTP 403)", f"give it a role that reads and writes {settings.table} records (itil for incident) through the Table API")]
+        if status != 200:
+            return [Check.ok("sign-in", "accepted") if status != 404 else Check.skipped("sign-in", "not known"),
+                    Check.failed(name, f"HTTP {status}", f"check instance_url and that the table {settings.table} exists")]
+        return [Check.ok("sign-in", f"{settings.auth} accepted"), Check.ok(name, "readable (the right to write it is proven by the first ticket)")]
+
     def __init__(self, settings: ServiceNowSink.Settings, services: Any) -> None:
         self.settings = settings
         self.base = check_url(settings.instance_url, "instance_url")
