@@ -15,4 +15,5 @@ COMMANDS: list[str] = [
     "pipeline.entrypoints.commands.new_enricher",
     "pipeline.entrypoints.commands.replay",
     "pipeline.entrypoints.commands.consume",
+    "pipeline.entrypoints.commands.report",
 ]
