@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
-from pipeline.lake_report.sources import LakeFile, ReadProgress, chunks
+from pipeline.lake_report.sources import LakeFile, LakeUnreadable, ReadProgress, chunks
 
 # One row per record: what the report reads from each JSON document `j`. Never the matched values,
 # the justification, file names or paths, or an enrichment's copy of the user's name.
@@ -79,7 +79,11 @@ class Summary:
 
 
 def connect() -> Any:
-    import duckdb
+    """An in-memory database with an empty `records` table. Needs duckdb (requirements.txt)."""
+    try:
+        import duckdb
+    except ImportError:
+        raise LakeUnreadable("the report needs the duckdb package: pip install -r requirements.txt (or pip install duckdb)") from None
 
     con = duckdb.connect(":memory:")
     con.execute("SET threads = 2")
