@@ -237,6 +237,7 @@ def test_blob_lake_in_azurite(lake_container, lake_format, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the read's own brief retries (about 3 s) before it gives up
 def test_unreachable_blob_lake_is_one_line_with_what_to_do(tmp_path, monkeypatch, capsys):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
