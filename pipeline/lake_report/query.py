@@ -152,7 +152,7 @@ def summarise(con: Any, *, since: date | None = None, files: int = 0, top: int =
     sections = summary.sections
     sections["users"] = Section(
         "Top users",
-        ["user", "name", "department", "departing", "alerts", "high severity", "max triage score"],
+        ["user", "name", "department", "departing", "alerts", "high severity", "max score"],
         rows(
             """SELECT user_key, arg_max(display_name, processed_at), arg_max(department, processed_at), bool_or(departing),
                       count(*) AS n, count(*) FILTER (severity = 'high'), max(score)

@@ -17,7 +17,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-se
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #d5d8dc;padding-bottom:4px}
 .meta{color:#566573;font-size:13px}.cards{display:flex;gap:12px;margin:16px 0;flex-wrap:wrap}
 .card{border:1px solid #d5d8dc;border-radius:6px;padding:8px 14px;min-width:110px}.card b{display:block;font-size:22px}
-.pair{display:grid;grid-template-columns:minmax(320px,1fr) minmax(320px,1fr);gap:20px;align-items:start}
+.pair{display:grid;grid-template-columns:470px minmax(0,1fr);gap:20px;align-items:start}
 table{border-collapse:collapse;font-size:13px;width:100%}th,td{border-bottom:1px solid #eaecee;padding:3px 6px;text-align:left}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f4f6f7}.note{color:#566573;font-size:12px}
 .empty{color:#566573;font-style:italic}svg text{font-size:11px;fill:#1c2833}.legend span{display:inline-block;margin-right:10px;font-size:12px}
@@ -136,7 +136,7 @@ def _per_day(summary: Summary) -> str:
     label_every = max(1, len(days) // 8)
     for index, (day, counts) in enumerate(days):
         x = left + index * step + (step - bar) / 2
-        y = height - bottom
+        y = float(height - bottom)
         for severity in severities:
             count = counts.get(severity, 0)
             if count:

@@ -128,12 +128,12 @@ def download_blob_lake(settings: Any, destination: Path, *, since: date | None, 
     """
     from azure.storage.blob import BlobServiceClient, ExponentialRetry
 
-    # A read retries a little (a throttled or dropped call: after about 0.5 s, then 2 s), not the storage
+    # A read retries a little (a throttled or dropped call: after about 1 s, then 2 s), not the storage
     # library's default 15 s and more, so an unreachable account fails within seconds.
     options: dict[str, Any] = {
         "connection_timeout": min(settings.timeout_seconds, 10),
         "read_timeout": settings.timeout_seconds,
-        "retry_policy": ExponentialRetry(initial_backoff=0.5, increment_base=1.5, retry_total=2, random_jitter_range=0.5),
+        "retry_policy": ExponentialRetry(initial_backoff=1, increment_base=1, retry_total=2, random_jitter_range=1),
     }
     if settings.connection_string_env is not None:
         service = BlobServiceClient.from_connection_string(settings.connection_string_env.resolve().get_secret_value(), **options)
