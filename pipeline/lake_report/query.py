@@ -20,38 +20,82 @@ from typing import Any
 
 from pipeline.lake_report.sources import LakeFile, LakeUnreadable, ReadProgress, chunks
 
-# One row per record: what the report reads from each JSON document `j`. Never the matched values,
-# the justification, file names or paths, or an enrichment's copy of the user's name.
-_COLUMNS = """
-    j->>'$.record_id' AS record_id,
-    concat_ws(chr(31), coalesce(j->>'$.alert.tenant_id', ''), coalesce(j->>'$.alert.source_format', ''),
-              coalesce(j->>'$.alert.kind', ''), coalesce(j->>'$.alert.alert_id', j->>'$.record_id')) AS alert_key,
-    TRY_CAST(j->>'$.processed_at' AS TIMESTAMPTZ) AS processed_at,
-    TRY_CAST(coalesce(j->>'$.alert.created_at', j->>'$.alert.first_activity_at', j->>'$.processed_at') AS TIMESTAMPTZ) AS alert_at,
-    lower(j->>'$.alert.severity') AS severity,
-    coalesce(j->>'$.alert.user.upn', j->>'$.alert.user.object_id') AS user_key,
-    j->>'$.alert.user.display_name' AS display_name,
-    j->>'$.enrichments.user_context.department' AS department,
-    TRY_CAST(j->>'$.enrichments.user_context.departing' AS BOOLEAN) AS departing,
-    j->>'$.alert.policy_name' AS policy,
-    j->>'$.alert.rule_name' AS rule,
-    CASE WHEN json_type(j, '$.alert.rules') = 'ARRAY' THEN j->'$.alert.rules' END AS rules,
-    j->>'$.alert.workload' AS workload,
-    lower(j->>'$.enrichments.triage.band') AS band,
-    TRY_CAST(j->>'$.enrichments.triage.score' AS DOUBLE) AS score,
-    CASE WHEN json_type(j, '$.enrichments.sensitive_info.types') = 'ARRAY' THEN j->'$.enrichments.sensitive_info.types'
-         WHEN json_type(j, '$.alert.sensitive_info') = 'ARRAY' THEN j->'$.alert.sensitive_info' END AS sensitive,
-    lower(coalesce(
-        CASE WHEN json_type(j, '$.alert.lifecycle') = 'OBJECT' THEN j->>'$.alert.lifecycle.state' ELSE j->>'$.alert.lifecycle' END,
-        CASE WHEN json_type(j, '$.lifecycle') = 'OBJECT' THEN j->>'$.lifecycle.state' ELSE j->>'$.lifecycle' END)) AS lifecycle,
-    CASE WHEN json_type(j, '$.alert.exception') = 'OBJECT' THEN j->'$.alert.exception'
-         WHEN json_type(j, '$.exception') = 'OBJECT' THEN j->'$.exception' END AS exception
+# What the report reads from each JSON document: these paths only, extracted in one parse of the
+# document. Never the matched values, the justification, file names or paths, or an enrichment's copy
+# of the user's name.
+_PATHS = {
+    "record_id": "$.record_id",
+    "tenant": "$.alert.tenant_id",
+    "source_format": "$.alert.source_format",
+    "kind": "$.alert.kind",
+    "alert_id": "$.alert.alert_id",
+    "processed_at": "$.processed_at",
+    "created_at": "$.alert.created_at",
+    "first_activity_at": "$.alert.first_activity_at",
+    "severity": "$.alert.severity",
+    "upn": "$.alert.user.upn",
+    "object_id": "$.alert.user.object_id",
+    "display_name": "$.alert.user.display_name",
+    "department": "$.enrichments.user_context.department",
+    "departing": "$.enrichments.user_context.departing",
+    "policy": "$.alert.policy_name",
+    "rule": "$.alert.rule_name",
+    "rules": "$.alert.rules",
+    "workload": "$.alert.workload",
+    "band": "$.enrichments.triage.band",
+    "score": "$.enrichments.triage.score",
+    "sensitive_types": "$.enrichments.sensitive_info.types",
+    "alert_sensitive": "$.alert.sensitive_info",
+    "alert_lifecycle": "$.alert.lifecycle",
+    "lifecycle": "$.lifecycle",
+    "alert_exception": "$.alert.exception",
+    "exception": "$.exception",
+}
+_AT = {name: index + 1 for index, name in enumerate(_PATHS)}
+
+
+def _json(name: str) -> str:
+    return f"v[{_AT[name]}]"
+
+
+def _text(name: str) -> str:
+    return f"({_json(name)}->>'$')"
+
+
+def _state(name: str) -> str:
+    """A lifecycle given as a string, or as an object with a `state`."""
+    return f"CASE WHEN json_type({_json(name)}) = 'OBJECT' THEN {_json(name)}->>'$.state' ELSE {_text(name)} END"
+
+
+def _of_type(kind: str, *names: str) -> str:
+    return "CASE " + " ".join(f"WHEN json_type({_json(n)}) = '{kind}' THEN {_json(n)}" for n in names) + " END"
+
+
+_COLUMNS = f"""
+    {_text("record_id")} AS record_id,
+    concat_ws(chr(31), coalesce({_text("tenant")}, ''), coalesce({_text("source_format")}, ''), coalesce({_text("kind")}, ''),
+              coalesce({_text("alert_id")}, {_text("record_id")})) AS alert_key,
+    TRY_CAST({_text("processed_at")} AS TIMESTAMPTZ) AS processed_at,
+    TRY_CAST(coalesce({_text("created_at")}, {_text("first_activity_at")}, {_text("processed_at")}) AS TIMESTAMPTZ) AS alert_at,
+    lower({_text("severity")}) AS severity,
+    coalesce({_text("upn")}, {_text("object_id")}) AS user_key,
+    {_text("display_name")} AS display_name,
+    {_text("department")} AS department,
+    TRY_CAST({_text("departing")} AS BOOLEAN) AS departing,
+    {_text("policy")} AS policy,
+    {_text("rule")} AS rule,
+    {_of_type("ARRAY", "rules")} AS rules,
+    {_text("workload")} AS workload,
+    lower({_text("band")}) AS band,
+    TRY_CAST({_text("score")} AS DOUBLE) AS score,
+    {_of_type("ARRAY", "sensitive_types", "alert_sensitive")} AS sensitive,
+    lower(coalesce({_state("alert_lifecycle")}, {_state("lifecycle")})) AS lifecycle,
+    {_of_type("OBJECT", "alert_exception", "exception")} AS exception
 """
+_EXTRACT = "json_extract(j, [" + ", ".join(f"'{path}'" for path in _PATHS.values()) + "]) AS v"
 
 SEVERITIES = ("high", "medium", "low", "informational")
 BANDS = ("critical", "high", "medium", "low")
-OVERRIDDEN = ("overridden", "override")
-FALSE_POSITIVE = ("reported_false_positive", "false_positive")
 
 
 @dataclass
@@ -104,11 +148,13 @@ def load(con: Any, files: list[LakeFile], progress: ReadProgress) -> int:
         parquet = [str(f.path) for f in group if f.is_parquet]
         if jsonl:
             con.execute(
-                f"INSERT INTO records SELECT {_COLUMNS} FROM (SELECT json AS j FROM read_json_objects(?, format = 'newline_delimited', ignore_errors = true))",
+                f"INSERT INTO records SELECT {_COLUMNS} FROM (SELECT {_EXTRACT} FROM (SELECT json AS j FROM read_json_objects(?, format = 'newline_delimited', ignore_errors = true)))",
                 [jsonl],
             )
         if parquet:
-            con.execute(f"INSERT INTO records SELECT {_COLUMNS} FROM (SELECT json(record_json) AS j FROM read_parquet(?, union_by_name = true))", [parquet])
+            con.execute(f"INSERT INTO records SELECT {_COLUMNS} FROM (SELECT {_EXTRACT} FROM (SELECT json(record_json) AS j FROM read_parquet(?, union_by_name = true)))",
+                [parquet],
+            )
         progress.advance(sum(f.size for f in group), files=len(group))
     progress.finish()
     return int(con.execute("SELECT count(*) FROM records WHERE record_id IS NOT NULL").fetchone()[0])
