@@ -11,6 +11,7 @@ from pipeline.lake_report.query import SEVERITIES, Section, Summary
 
 COLOURS = {"high": "#c0392b", "critical": "#7b1fa2", "medium": "#e67e22", "low": "#f1c40f", "informational": "#3498db", "unknown": "#95a5a6"}
 BAR = "#2e86c1"
+TABLE_DAYS = 31  # days listed beside the per-day chart (the most recent)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:24px;color:#1c2833;background:#fdfefe}
@@ -147,5 +148,7 @@ def _per_day(summary: Summary) -> str:
             shapes.append(f"<text x='{x + bar / 2:.1f}' y='{height - bottom + 16}' text-anchor='middle'>{day:%m-%d}</text>")
     legend = "".join(f"<span><i style='background:{COLOURS.get(s, COLOURS['unknown'])}'></i>{escape(s)}</span>" for s in severities)
     chart = f"<svg role='img' aria-label='alerts per day' width='{width}' height='{height}' viewBox='0 0 {width} {height}'>{''.join(shapes)}</svg><div class='legend'>{legend}</div>"
-    table = Section("", ["day", *severities, "total"], [(str(day), *(counts.get(s, 0) for s in severities), sum(counts.values())) for day, counts in days])
+    shown = days[-TABLE_DAYS:]
+    note = f"the last {TABLE_DAYS} of {len(days)} days with alerts; the chart shows them all" if len(days) > TABLE_DAYS else ""
+    table = Section("", ["day", *severities, "total"], [(str(day), *(counts.get(s, 0) for s in severities), sum(counts.values())) for day, counts in shown], note=note)
     return f"{title}<div class='pair'><div>{chart}</div><div>{_table(table)}</div></div>"

@@ -260,3 +260,19 @@ def test_unreachable_blob_lake_is_one_line_with_what_to_do(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "cannot read the lake" in err and "Storage Blob Data Reader" in err and "Traceback" not in err
     assert not (tmp_path / "r.html").exists()
+
+
+def test_a_long_range_lists_the_last_days_beside_the_chart_of_all(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    lake = tmp_path / "records.jsonl"
+    start = datetime(2025, 1, 1, 9, tzinfo=UTC)
+    lake.write_text("".join(json.dumps(make_record(f"d-{n}", created_at=start + timedelta(days=n)).to_dict()) + "\n" for n in range(40)))
+    out = tmp_path / "r.html"
+    assert report("--lake", str(lake), "--out", str(out)) == 0
+    page = out.read_text()
+    days = [row[0] for row in table_rows(page, "Alerts per day by severity")]
+    assert len(days) == 31 and days[0] == "2025-01-10" and days[-1] == "2025-02-09"
+    assert "the last 31 of 40 days with alerts" in page
+    chart = page.split("aria-label='alerts per day'", 1)[1].split("</svg>", 1)[0]
+    assert chart.count("<rect") == 40
