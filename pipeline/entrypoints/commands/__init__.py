@@ -16,4 +16,5 @@ COMMANDS: list[str] = [
     "pipeline.entrypoints.commands.replay",
     "pipeline.entrypoints.commands.consume",
     "pipeline.entrypoints.commands.doctor",
+    "pipeline.entrypoints.commands.report",
 ]
