@@ -83,7 +83,7 @@ def test_report_over_the_bundled_run_names_top_users_and_policies(bundled_run):
     assert users[0][2:5] == ["Finance", "no", "6"] and users[1][2:5] == ["Human Resources", "yes", "2"]  # department, departing flag
     assert table_rows(page, "Top policies")[0][:2] == [TOP_POLICY, "6"]
     assert table_rows(page, "Top rules")[0] == [TOP_RULE, TOP_POLICY, "5"]
-    assert {row[0]: row[1] for row in table_rows(page, "Triage bands")} == {"high": "2", "medium": "4", "low": "2"}
+    assert {row[0]: row[1] for row in table_rows(page, "Triage bands")} == {"high": "4", "medium": "3", "low": "1"}
     assert {row[0]: row[1] for row in table_rows(page, "Workloads")} == {"SharePoint": "5", "OneDrive": "2", "Endpoint": "1"}
     types = {row[0]: row for row in table_rows(page, "Sensitive information types")}
     assert types["U.S. Social Security Number (SSN)"][1:3] == ["7", "74"] and types["Credit Card Number"][1] == "6"
