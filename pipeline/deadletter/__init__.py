@@ -33,13 +33,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
-from pipeline.errors import store_error
+from pipeline.errors import StoreDamaged, store_error
 
 if TYPE_CHECKING:
     from pipeline.config import LoadedConfig
     from pipeline.plugins import Services
 
 Stage = Literal["decode", "assemble", "deliver"]
+
+DAMAGED_ENTRY_ADVICE = "move it out of the dead-letter folder (keep it for diagnosis), then run again"
 
 
 @dataclass(slots=True)
@@ -164,11 +166,23 @@ class LocalDeadLetterStore:
                 raise store_error(exc, path=self.root, operation="make the dead letters durable") from exc
 
     async def list(self) -> list[DeadLetter]:
-        return [DeadLetter.from_document(orjson.loads(p.read_bytes())) for p in sorted(self.root.glob("*.json"))]
+        """Every entry; a file that is not an entry raises StoreDamaged naming it (and what to do)."""
+        entries = []
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                entries.append(DeadLetter.from_document(orjson.loads(path.read_bytes())))
+            except OSError as exc:
+                raise store_error(exc, path=path, operation="read a dead letter") from exc
+            except (ValueError, KeyError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+                raise StoreDamaged(str(path), what=f"not a dead-letter entry: {type(exc).__name__}", advice=DAMAGED_ENTRY_ADVICE) from None
+        return entries
 
     async def remove(self, entry_ids: Sequence[str]) -> None:
         for entry_id in entry_ids:
-            (self.root / f"{entry_id}.json").unlink(missing_ok=True)
+            try:
+                (self.root / f"{entry_id}.json").unlink(missing_ok=True)
+            except OSError as exc:
+                raise store_error(exc, path=self.root, operation="remove a replayed dead letter") from exc
 
     async def aclose(self) -> None:
         return None

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from pipeline.config import LoadedConfig
 from pipeline.deadletter import DeadLetter, DeadLetterStore, open_dead_letter_store
+from pipeline.ingest.stage import DAMAGED_INPUT
 from pipeline.models import DlpAlert, EnrichedRecord
 from pipeline.runner import BatchReport, Message, Runner
 
@@ -105,6 +106,8 @@ async def replay_dead_letters(loaded: LoadedConfig, *, store: DeadLetterStore | 
 
 async def _redrive(runner: Runner, entry: DeadLetter, capture: CapturingStore, report: ReplayReport) -> set[str]:
     """Run one decode- or assemble-stage entry again; returns the ids of the entries that failed again."""
+    if entry.stage == "decode" and entry.reason == DAMAGED_INPUT:
+        return {entry.entry_id}  # a note on unread input, not a message: it stays until the input is read again
     if entry.stage == "decode":
         body = entry.body if entry.record_index is None else _as_message(entry.body)
         report.pipeline.merge(await runner.process_batch([Message(body=body, source=entry.source)]))

@@ -235,6 +235,12 @@ def test_a_damaged_capture_file_gives_its_readable_records_and_one_dead_letter_f
     note = json.loads(base64.b64decode(dead["body_base64"]))
     assert note["withheld"] == "damaged_input" and note["from_byte"] == third_block and note["bytes"] == capture.stat().st_size - note["from_byte"]
     assert dead["message_index"] == 20
+    if how == "truncated":  # a replay leaves the note as it is: only reading the input again brings the records back
+        replay = run_cli("replay-dead-letters", "--out", "out", cwd=tmp_path)
+        assert replay.returncode == 0, replay.stderr.decode()
+        (after,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "dead-letter").glob("*.json")]
+        assert (after["reason"], after["body_base64"], after["attempts"]) == ("damaged_input", dead["body_base64"], 2)
+        assert [a["reason"] for a in after["replay_attempts"]] == ["damaged_input"]
 
 
 def test_message_indexes_count_across_the_whole_input(tmp_path):

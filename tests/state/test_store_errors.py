@@ -127,3 +127,12 @@ def test_store_error_classifies_sqlite_and_os_errors_by_code(tmp_path):
     assert isinstance(store_error(corrupt.value, path=damaged, operation="read"), StoreDamaged)
     assert isinstance(store_error(not_a_folder.value, path=tmp_path, operation="create"), PathUnusable)
     assert isinstance(store_error(OSError(28, "No space left on device"), path=tmp_path, operation="write"), DiskFull)
+
+
+def test_a_damaged_dead_letter_file_stops_a_replay_with_exit_2_naming_it(used_out, tmp_path):
+    (entry, *_) = sorted((used_out / "dead-letter").glob("*.json"))
+    entry.write_bytes(b'{"stage": "decode", "reas')  # cut short, e.g. copied by hand
+    result = run_cli("replay-dead-letters", "--out", "out", cwd=tmp_path)
+    (line,) = result.stderr.decode().strip().splitlines()
+    assert result.returncode == 2, line
+    assert line.startswith(f"error: {entry} is damaged") and "move it out of the dead-letter folder" in line
