@@ -3,6 +3,7 @@
     PipelineError
     ├── ConfigError              bad configuration or command line: names the file and the key (or the path); the CLI exits 2
     │   ├── InputError               a path the user gave cannot be read (pipeline.ingest.inputs)
+    │   ├── PathUnusable             a file or folder the pipeline must write (--out, a store) cannot be written
     │   ├── ScaffoldError            a plugin name or folder the scaffold refuses (pipeline.plugin_kit.scaffold)
     │   └── SecretNotSet             a `*_env` secret's variable is unset (pipeline.secrets; also a ValueError)
     ├── DecodeError              a message or record cannot become alerts: it is dead-lettered
@@ -16,8 +17,16 @@
     │   ├── SinkRejected             permanent (other 4xx, too large): dead-lettered at once
     │   └── TicketError              an ITSM answer that is not success, with its Outcome (pipeline.deliver.sinks.itsm)
     ├── UnknownFormat            no decoder is registered under an input format's name (pipeline.ingest.formats.registry)
-    └── StoreUnavailable         the state or dead-letter store failed: the whole batch is retried
-        └── DataFolderBusy           another process holds the local data folder (pipeline/state/folder_lock.py)
+    ├── StoreUnavailable         the state or dead-letter store failed: the whole batch is retried
+    │   ├── DataFolderBusy           another process holds the local data folder (pipeline/state/folder_lock.py)
+    │   ├── StoreBusy                another process holds a lock on a store's SQLite file: retried, then the CLI exits 1
+    │   └── DiskFull                 a local store's disk or quota is full
+    └── StoreDamaged             a store's file is not a usable database: running again cannot help; the CLI exits 2
+
+Store and file errors (sqlite3 errors by their result code, OS errors by their errno) are classified in
+one place, `store_error`: busy/locked → StoreBusy; damaged → StoreDamaged; a path that cannot be
+written or read (permissions, read-only file system, a file where a folder should be) → PathUnusable;
+anything else (a full disk, an I/O error) → StoreUnavailable.
 
 Messages of these errors never carry payload content, so they are safe to log and to store.
 
@@ -118,6 +127,94 @@ class DataFolderBusy(StoreUnavailable):
         self.pid = pid
         holder = f"another dlp-pipeline process (pid {pid})" if pid is not None else "another dlp-pipeline process"
         super().__init__(f"{holder} is using {folder}; {advice}")
+
+
+class PathUnusable(ConfigError):
+    """A file or folder the pipeline must write or read (the data dir, a store's file) refuses it:
+    permissions, a read-only file system, or a file where a folder should be. Running again cannot
+    help until the path is fixed, so the CLI exits 2, naming it."""
+
+
+class StoreBusy(StoreUnavailable):
+    """Another process holds a lock on a store's SQLite file (SQLITE_BUSY / SQLITE_LOCKED) for longer
+    than the store's busy wait: transient. The batch is retried (consume, Functions); the CLI exits 1."""
+
+    advice = "nothing is lost: run again once that process has finished"
+
+    def __init__(self, path: str, *, operation: str) -> None:
+        self.path = path
+        super().__init__(f"{path} is busy: another process holds a lock on it (waited {_busy_wait():g} s to {operation})")
+
+
+class DiskFull(StoreUnavailable):
+    """The disk (or quota) of a local store is full: transient once space is freed."""
+
+    advice = "nothing is lost: free space, then run again"
+
+
+class StoreDamaged(PipelineError):
+    """A store's file is not a usable database (corrupted, truncated, or not SQLite at all).
+
+    Running again reads the same file: the message names it and says what to do instead."""
+
+    def __init__(self, path: str, *, what: str, advice: str) -> None:
+        self.path = path
+        super().__init__(f"{path} is damaged ({what}): {advice}")
+
+
+def _busy_wait() -> float:
+    from pipeline.state.sqlite import BUSY_WAIT_SECONDS  # not at the top: the state imports this module
+
+    return BUSY_WAIT_SECONDS
+
+
+# SQLite primary result codes (https://sqlite.org/rescode.html); an extended code's low byte is its primary.
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 13, 14, 26
+# errno names of a path that refuses us, and of a full disk
+_PATH_REFUSED = frozenset({"EACCES", "EPERM", "EROFS", "ENOTDIR", "EISDIR", "EEXIST", "ENAMETOOLONG", "ELOOP"})
+_DISK_FULL = frozenset({"ENOSPC", "EDQUOT", "EFBIG"})
+
+DAMAGED_ADVICE = "move it aside (keep it for diagnosis) and run again: a new, empty one is created"
+
+
+def store_error(exc: BaseException, *, path: object, operation: str, advice: str = DAMAGED_ADVICE) -> PipelineError:
+    """The one classification of an error of a local store's file (a sqlite3 error or an OSError).
+
+    `path` names the file (or folder), `operation` says what was being done ("open", "write", ...),
+    `advice` what to do with a damaged file. Busy or locked → StoreBusy (transient); corrupted or
+    not a database → StoreDamaged; a path refused by the file system → PathUnusable; a full disk
+    and anything else → StoreUnavailable. Messages name the path and never hold stored content.
+    """
+    import errno
+    import sqlite3
+
+    where = str(path)
+    if isinstance(exc, PipelineError):
+        return exc
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        primary = code & 0xFF if isinstance(code, int) else None
+        text = str(exc)
+        if primary in (_SQLITE_BUSY, _SQLITE_LOCKED) or (primary is None and "locked" in text):
+            return StoreBusy(where, operation=operation)
+        if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or (primary is None and ("malformed" in text or "not a database" in text)):
+            return StoreDamaged(where, what=text, advice=advice)
+        if primary in (_SQLITE_PERM, _SQLITE_READONLY, _SQLITE_CANTOPEN):
+            return PathUnusable(f"cannot {operation} ({text}): check that the folder exists and this user may write it", file=where)
+        if primary == _SQLITE_FULL:
+            return DiskFull(f"{where}: disk full (could not {operation})")
+        return StoreUnavailable(f"{where}: {operation} failed ({type(exc).__name__}: {_first_line(exc)})")
+    if isinstance(exc, OSError):
+        name = errno.errorcode.get(exc.errno or 0, "")
+        reason = exc.strerror or type(exc).__name__
+        target = exc.filename if exc.filename is not None else where
+        if name in _PATH_REFUSED:
+            return PathUnusable(f"cannot {operation} ({reason}): check that the path is a folder this user may write", file=str(target))
+        if name in _DISK_FULL:
+            return DiskFull(f"{target}: disk full (could not {operation})")
+        return StoreUnavailable(f"{target}: {operation} failed ({reason})")
+    return StoreUnavailable(f"{where}: {operation} failed ({type(exc).__name__}: {_first_line(exc)})")
 
 
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})

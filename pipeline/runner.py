@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -201,9 +202,11 @@ class Runner:
 
     async def _dead_letter(self, entries: list[DeadLetter], report: BatchReport) -> None:
         if entries:
-            await self.dead_letter.put(entries)
+            await self.dead_letter.put(entries)  # raises StoreUnavailable having said how many it wrote
             report.dead_lettered.update(entry.stage for entry in entries)
             observability.record_dead_letters(entries)
+            reasons = Counter(f"{entry.stage}/{entry.reason}" for entry in entries)
+            log.warning("%d dead letter(s) written (%s)", len(entries), ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
 
     async def _maybe_purge(self, now: float) -> None:
         if now - self._last_purge >= _PURGE_EVERY_SECONDS:

@@ -274,10 +274,10 @@ async def test_unwritable_dead_letter_store_stops_the_batch(write_config, tmp_pa
     loaded = write_config(LAKE_ONLY)
     store = LocalDeadLetterStore(tmp_path / "dl")
     store.root = blocker  # every write now fails
-    from pipeline.errors import StoreUnavailable
+    from pipeline.errors import PathUnusable
 
     async with Runner(loaded, dead_letter=store) as runner:
-        with pytest.raises(StoreUnavailable):
+        with pytest.raises(PathUnusable, match="blocked"):  # a path that cannot be written (the CLI exits 2 naming it)
             await runner.process_batch([Message(b"not json")])
 
 

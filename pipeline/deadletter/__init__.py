@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,13 +33,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
-from pipeline.errors import StoreUnavailable
+from pipeline.errors import StoreDamaged, store_error
 
 if TYPE_CHECKING:
     from pipeline.config import LoadedConfig
     from pipeline.plugins import Services
 
 Stage = Literal["decode", "assemble", "deliver"]
+
+DAMAGED_ENTRY_ADVICE = "move it out of the dead-letter folder (keep it for diagnosis), then run again"
 
 
 @dataclass(slots=True)
@@ -56,6 +59,10 @@ class DeadLetter:
     attempts: int = 1
     first_failure_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     last_failure_at: datetime | None = None
+    # Each later attempt that failed again (a replay), oldest first: {"at", "reason", "detail"}. The
+    # entry's own reason, source and indexes stay those of the first failure. A store appends the
+    # attempts of an entry it is given to those it holds.
+    replay_attempts: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def entry_id(self) -> str:
@@ -85,6 +92,7 @@ class DeadLetter:
             "attempts": self.attempts,
             "first_failure_at": self.first_failure_at.isoformat(),
             "last_failure_at": (self.last_failure_at or self.first_failure_at).isoformat(),
+            "replay_attempts": list(self.replay_attempts),
             "body_base64": base64.b64encode(self.body).decode("ascii"),
         }
 
@@ -104,7 +112,16 @@ class DeadLetter:
             attempts=document.get("attempts", 1),
             first_failure_at=datetime.fromisoformat(document["first_failure_at"]),
             last_failure_at=datetime.fromisoformat(document["last_failure_at"]),
+            replay_attempts=list(document.get("replay_attempts") or []),
         )
+
+    def merged_with(self, previous: dict[str, Any]) -> None:
+        """Fold the stored document of this entry in: attempts add up, the first failure time and the
+        earlier replay attempts are kept (this entry's own attempts appended after them)."""
+        self.attempts = int(previous.get("attempts", 1)) + self.attempts
+        self.first_failure_at = datetime.fromisoformat(previous["first_failure_at"])
+        self.last_failure_at = datetime.now(UTC)
+        self.replay_attempts = list(previous.get("replay_attempts") or []) + self.replay_attempts
 
 
 class DeadLetterStore(Protocol):
@@ -118,34 +135,54 @@ class DeadLetterStore(Protocol):
 
 
 class LocalDeadLetterStore:
-    """One JSON file per entry under a folder; each written to a temp file, then renamed."""
+    """One JSON file per entry under a folder. Each is written to a temp file in that folder, fsynced,
+    renamed over its name, and the folder fsynced: an entry is whole or absent, and durable once
+    `put` returns. A `put` that fails raises StoreUnavailable (or PathUnusable) saying how many of
+    its entries were written."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot create dead-letter folder {self.root}: {exc.strerror}") from exc
+            raise store_error(exc, path=self.root, operation="create the dead-letter folder") from exc
 
     async def put(self, entries: Sequence[DeadLetter]) -> None:
+        written = 0
         for entry in entries:
             path = self.root / f"{entry.entry_id}.json"
             try:
                 if path.exists():
-                    previous = orjson.loads(path.read_bytes())
-                    entry.attempts = int(previous.get("attempts", 1)) + entry.attempts
-                    entry.first_failure_at = datetime.fromisoformat(previous["first_failure_at"])
-                    entry.last_failure_at = datetime.now(UTC)
+                    entry.merged_with(orjson.loads(path.read_bytes()))
                 self._write_atomically(path, orjson.dumps(entry.to_document(), option=orjson.OPT_INDENT_2))
             except (OSError, ValueError, KeyError) as exc:
-                raise StoreUnavailable(f"dead-letter write failed in {self.root}: {exc}") from exc
+                error = store_error(exc, path=self.root, operation=f"write dead letters ({written} of {len(entries)} written)")
+                raise error from exc
+            written += 1
+        if written:
+            try:
+                _fsync_folder(self.root)
+            except OSError as exc:
+                raise store_error(exc, path=self.root, operation="make the dead letters durable") from exc
 
     async def list(self) -> list[DeadLetter]:
-        return [DeadLetter.from_document(orjson.loads(p.read_bytes())) for p in sorted(self.root.glob("*.json"))]
+        """Every entry; a file that is not an entry raises StoreDamaged naming it (and what to do)."""
+        entries = []
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                entries.append(DeadLetter.from_document(orjson.loads(path.read_bytes())))
+            except OSError as exc:
+                raise store_error(exc, path=path, operation="read a dead letter") from exc
+            except (ValueError, KeyError, TypeError) as exc:  # orjson.JSONDecodeError is a ValueError
+                raise StoreDamaged(str(path), what=f"not a dead-letter entry: {type(exc).__name__}", advice=DAMAGED_ENTRY_ADVICE) from None
+        return entries
 
     async def remove(self, entry_ids: Sequence[str]) -> None:
         for entry_id in entry_ids:
-            (self.root / f"{entry_id}.json").unlink(missing_ok=True)
+            try:
+                (self.root / f"{entry_id}.json").unlink(missing_ok=True)
+            except OSError as exc:
+                raise store_error(exc, path=self.root, operation="remove a replayed dead letter") from exc
 
     async def aclose(self) -> None:
         return None
@@ -161,6 +198,17 @@ class LocalDeadLetterStore:
         except BaseException:
             Path(temp).unlink(missing_ok=True)
             raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (the renames) durable (POSIX; NTFS journals its metadata itself)."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_dead_letter_store(config: LoadedConfig, services: Services) -> DeadLetterStore:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -69,7 +68,7 @@ class BlobDeadLetterStore:
 
     async def _put_one(self, entry: DeadLetter) -> None:
         blob = self.container.get_blob_client(self.blob_name(entry.entry_id))
-        attempts, first = entry.attempts, entry.first_failure_at
+        attempts, first, replays = entry.attempts, entry.first_failure_at, list(entry.replay_attempts)
         for _ in range(_CONFLICT_RETRIES):
             try:
                 downloader = await blob.download_blob()
@@ -77,12 +76,9 @@ class BlobDeadLetterStore:
                 etag = downloader.properties.etag
             except ResourceNotFoundError:
                 previous, etag = None, None
+            entry.attempts, entry.first_failure_at, entry.replay_attempts = attempts, first, list(replays)
             if previous is not None:
-                entry.attempts = int(previous.get("attempts", 1)) + attempts
-                entry.first_failure_at = datetime.fromisoformat(previous["first_failure_at"])
-                entry.last_failure_at = datetime.now(UTC)
-            else:
-                entry.attempts, entry.first_failure_at = attempts, first
+                entry.merged_with(previous)
             data = orjson.dumps(entry.to_document(), option=orjson.OPT_INDENT_2)
             try:
                 if etag is None:

@@ -31,7 +31,7 @@ from pipeline.deadletter import DeadLetter
 from pipeline.deliver.minimise import Minimiser, minimiser_for
 from pipeline.deliver.routing import route
 from pipeline.deliver.sinks import Outcome
-from pipeline.errors import SinkOutage, SinkUnavailable, translate
+from pipeline.errors import PathUnusable, SinkOutage, SinkUnavailable, StoreDamaged, translate
 from pipeline.models import EnrichedRecord
 from pipeline.resilience.breaker import CircuitBreaker
 from pipeline.resilience.retry import backoff_wait, fingerprint
@@ -133,7 +133,7 @@ class Delivery:
             delay = min(delay * 2, settings.backoff_max_seconds)
             pending = [index for index, _ in retry]
         if dead:
-            log.warning("sink %s: %d record(s) dead-lettered (%s)", slot.name, len(dead), dead[0].reason)
+            log.warning("sink %s: %d record(s) not taken (%s)", slot.name, len(dead), dead[0].reason)
         return dead
 
     async def _check_outage(self, offered: list[tuple[str, list[EnrichedRecord]]], failures: list[list[DeadLetter]]) -> None:
@@ -170,6 +170,8 @@ async def _call_sink(name: str, sink: Any, records: list[Any]) -> list[Outcome]:
     """One `publish` call; whatever it raises or returns becomes one Outcome per record."""
     try:
         outcomes = list(await sink.publish(records))
+    except (StoreDamaged, PathUnusable):
+        raise  # a local sink's file that retrying or dead-lettering cannot help: the run stops, naming it
     except Exception as exc:
         error = translate(exc, role="sink")
         log.debug("sink %s raised", name, exc_info=exc)

@@ -2,9 +2,10 @@
 (commands live in pipeline/entrypoints/commands/). Usage lines name the command the user typed.
 
 Exit codes: 0 every message accounted for; 1 a run stopped before it could account for every
-message (e.g. the dead-letter store is unwritable; nothing is lost, run again); 2 a bad config or an
-unreadable path (or any file the command cannot write), or a data folder another process is writing
-(pipeline/state/folder_lock.py), reported in one line. No stack trace reaches the user unless -vv is given.
+message (a store busy with another process's lock, a full disk, a sink down for a whole batch;
+nothing is lost, run again); 2 a bad config, an unreadable path or one the command cannot write
+(e.g. --out), a damaged store file (named, with what to do), or a data folder another process is
+writing (pipeline/state/folder_lock.py), reported in one line. No stack trace reaches the user unless -vv is given.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.entrypoints.commands import COMMANDS
-from pipeline.errors import ConfigError, DataFolderBusy, PipelineError
+from pipeline.errors import ConfigError, DataFolderBusy, PipelineError, StoreDamaged
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_USAGE = 0, 1, 2
 MODULE_PROG = "python -m pipeline"
@@ -58,11 +59,14 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     _configure_telemetry(args.log_format)
     try:
         return asyncio.run(modules[args.command].main(args))
-    except (ConfigError, DataFolderBusy) as exc:  # a bad setting, what the command line names (InputError, ScaffoldError), a busy data folder
+    except (ConfigError, DataFolderBusy, StoreDamaged) as exc:
+        # a bad setting, what the command line names (InputError, ScaffoldError, PathUnusable), a busy
+        # data folder, a damaged store file: each message says what to do; running again would not help
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except PipelineError as exc:
-        print(f"error: run stopped, not every message is accounted for: {exc}; nothing is lost: run again", file=sys.stderr)
+        advice = getattr(exc, "advice", None) or "nothing is lost: run again"
+        print(f"error: run stopped, not every message is accounted for: {exc}; {advice}", file=sys.stderr)
         return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         print("interrupted: nothing is lost, run again to finish", file=sys.stderr)

@@ -8,7 +8,9 @@ Per stage:
   it is enriched and delivered to every matching sink.
 - `deliver`: the stored record goes to the sink named in the entry only (the others already have
   it), grouped per sink.
-An entry is removed only after its re-drive returned with nothing of it failing again; a failure
+An entry is removed only after its re-drive returned with nothing of it failing again; one that
+fails again keeps the reason, source and indexes of its first failure, and each replay's failure is
+appended to it (`replay_attempts`: when and why), attempts + 1; a failure
 that is new (e.g. a decoded message whose record a sink now rejects) becomes its own entry. A crash
 between delivery and removal re-delivers on the next replay, which the sinks' idempotency by
 record_id absorbs: replaying twice writes nothing twice.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import orjson
@@ -26,6 +28,7 @@ from pydantic import ValidationError
 
 from pipeline.config import LoadedConfig
 from pipeline.deadletter import DeadLetter, DeadLetterStore, open_dead_letter_store
+from pipeline.ingest.stage import DAMAGED_INPUT
 from pipeline.models import DlpAlert, EnrichedRecord
 from pipeline.runner import BatchReport, Message, Runner
 
@@ -103,6 +106,8 @@ async def replay_dead_letters(loaded: LoadedConfig, *, store: DeadLetterStore | 
 
 async def _redrive(runner: Runner, entry: DeadLetter, capture: CapturingStore, report: ReplayReport) -> set[str]:
     """Run one decode- or assemble-stage entry again; returns the ids of the entries that failed again."""
+    if entry.stage == "decode" and entry.reason == DAMAGED_INPUT:
+        return {entry.entry_id}  # a note on unread input, not a message: it stays until the input is read again
     if entry.stage == "decode":
         body = entry.body if entry.record_index is None else _as_message(entry.body)
         report.pipeline.merge(await runner.process_batch([Message(body=body, source=entry.source)]))
@@ -137,20 +142,24 @@ async def _redrive_deliveries(runner: Runner, real: DeadLetterStore, sink: str, 
 
 
 async def _settle(real: DeadLetterStore, originals: list[DeadLetter], failed_again: set[str], captured: list[DeadLetter], report: ReplayReport) -> None:
-    """Count an attempt on what failed again, store new failures, then remove what is accounted for."""
+    """Count an attempt on what failed again, store new failures, then remove what is accounted for.
+
+    An entry that failed again keeps its first failure's reason, detail, source and indexes; the
+    new failure is appended to its `replay_attempts` (when, why)."""
     now = datetime.now(UTC)
     again, done = [], []
     for entry in originals:
         if entry.entry_id in failed_again:
             fresh = next((e for e in captured if e.entry_id == entry.entry_id), None)
-            update = fresh or entry
-            update.attempts, update.last_failure_at = 1, now  # the store adds it to the stored count
-            again.append(update)
+            if fresh is None and entry.stage == "decode":
+                fresh = next((e for e in captured if e.stage == "decode"), None)  # the re-wrapped record's own entry
+            why = fresh or entry
+            again.append(replace(entry, attempts=1, last_failure_at=now, replay_attempts=[{"at": now.isoformat(), "reason": why.reason, "detail": why.detail}]))
         else:
             done.append(entry.entry_id)
     original_ids = {entry.entry_id for entry in originals}
     new = [e for e in captured if e.entry_id not in original_ids and not (e.stage == "decode" and failed_again)]
-    await real.put(again + new)
+    await real.put(again + new)  # the store adds the attempt to its count and its replay attempts to those it holds
     await real.remove(done)
     report.still_dead += len(again)
     report.replayed += len(done)

@@ -65,6 +65,13 @@ def check_paths(paths: Iterable[str]) -> list[Path]:
 
 
 def read_messages(paths: Iterable[str], on_file: Callable[[Path], None] | None = None) -> Iterator[Message]:
+    """Every message of `paths` in order, each numbered (`Message.index`) across the whole input."""
+    for index, message in enumerate(_read(paths, on_file)):
+        message.index = index
+        yield message
+
+
+def _read(paths: Iterable[str], on_file: Callable[[Path], None] | None) -> Iterator[Message]:
     for raw in paths:
         if raw == "-":
             yield from _lines(sys.stdin.buffer, "stdin")
@@ -103,22 +110,54 @@ def _check_avro(file: Path) -> None:
 
 
 def read_capture(file: Path) -> Iterator[Message]:
-    """Messages of an Event Hubs Capture file (schema `Microsoft.ServiceBus.Messaging.EventData`)."""
+    """Messages of an Event Hubs Capture file (schema `Microsoft.ServiceBus.Messaging.EventData`).
+
+    A file that is damaged part-way (truncated, or garbage after its header) gives its readable
+    records, then one message marked `damaged` standing for the rest: a note with the size and
+    SHA-256 of the unread bytes and the offset they start at (the file itself keeps them), which the
+    runner dead-letters as `damaged_input`. A file whose header cannot be read is refused as a whole.
+    """
     import fastavro
 
     with open(file, "rb") as handle:
         try:
-            reader = fastavro.reader(handle)
-        except ValueError as exc:
-            raise InputError(f"{file}: not an Avro object container file ({exc})") from None
-        for number, event in enumerate(reader, start=1):
-            if not isinstance(event, dict) or "Body" not in event:
-                raise InputError(f"{file}: record {number} is not an Event Hubs Capture record (no Body)")
-            body = event.get("Body")
-            if isinstance(body, str):
-                body = body.encode()
-            where = f"{file}:sequence={event.get('SequenceNumber')};offset={event.get('Offset')}"
-            yield Message(body=body or b"", source=where, enqueued_time=parse_capture_time(event.get("EnqueuedTimeUtc")))
+            blocks = fastavro.block_reader(handle)
+        except Exception as exc:  # fastavro raises ValueError, EOFError, IndexError, ... for a bad header
+            raise InputError(f"{file}: not a readable Avro object container file ({type(exc).__name__}): check that it is a whole Event Hubs Capture file") from None
+        number = 0
+        while True:
+            block_start = handle.tell()
+            try:
+                block = next(blocks, None)
+                if block is None:
+                    return
+                events = list(block)  # the whole block, or none of it
+            except Exception as exc:  # a damaged block: EOFError, IndexError, ValueError, a codec's error
+                yield _damaged_rest(file, block_start, number, exc)
+                return
+            for event in events:
+                number += 1
+                if not isinstance(event, dict) or "Body" not in event:
+                    raise InputError(f"{file}: record {number} is not an Event Hubs Capture record (no Body)")
+                body = event.get("Body")
+                if isinstance(body, str):
+                    body = body.encode()
+                where = f"{file}:sequence={event.get('SequenceNumber')};offset={event.get('Offset')}"
+                yield Message(body=body or b"", source=where, enqueued_time=parse_capture_time(event.get("EnqueuedTimeUtc")))
+
+
+def _damaged_rest(file: Path, start: int, records_read: int, exc: BaseException) -> Message:
+    """The unreadable end of a Capture file as one message the runner dead-letters (`damaged_input`)."""
+    import hashlib
+
+    import orjson
+
+    with open(file, "rb") as handle:
+        handle.seek(start)
+        rest = handle.read()
+    note = {"withheld": "damaged_input", "file": str(file), "from_byte": start, "bytes": len(rest), "sha256": hashlib.sha256(rest).hexdigest()}
+    why = f"Avro file damaged after {records_read} record(s) ({type(exc).__name__}); {len(rest)} byte(s) from byte {start} unread"
+    return Message(body=orjson.dumps(note), source=f"{file}:from_byte={start}", damaged=why)
 
 
 _CAPTURE_TIME_FORMATS = ("%m/%d/%Y %I:%M:%S %p", "%m/%d/%Y %H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S%z")

@@ -7,7 +7,10 @@ pipeline/ingest/formats/contract.py):
   letter of its own and the rest of the body goes on;
 - a stored body is scrubbed of matched content, or withheld (docs/security.md);
 - records of a known format that are not DLP are counted as skipped, never dead-lettered;
-- logs name positions and reasons, one line per message at most, never payload content.
+- logs name positions and reasons, one line per message at most, never payload content; they say
+  what could not be decoded, and the runner says what was dead-lettered once the store has it;
+- a message's position is its index in the whole input when the reader numbers messages
+  (`Message.index`), else its index in the batch.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ from pipeline.models import DlpAlert
 
 log = logging.getLogger("pipeline")
 
+# The reason of the dead letter a reader makes of input it could not read (e.g. the damaged end of an
+# Event Hubs Capture file); its body is the reader's note (size, SHA-256, where the damage starts).
+DAMAGED_INPUT = "damaged_input"
+
 
 @dataclass
 class Ingested:
@@ -44,17 +51,22 @@ def ingest(messages: Sequence[Message], *, limits: Limits, now: float) -> Ingest
     """Decode every message of a batch; never raises for a message's content."""
     out = Ingested()
     for index, message in enumerate(messages):
+        position = message.index if message.index is not None else index  # across the whole input, when the reader counts
         observability.record_lag(message.enqueued_time, now)
         error: DecodeError | None = None
-        try:
-            decoded = decode_message(message.body, limits=limits)
-        except DecodeError as err:
-            error = err.with_traceback(None)  # drop the decoder's frames (and the parsed document) now
-            error.__context__ = None
+        if message.damaged is not None:  # the reader could not read this part of its input
+            error = DecodeError(DAMAGED_INPUT, message.damaged)
+        else:
+            try:
+                decoded = decode_message(message.body, limits=limits)
+            except DecodeError as err:
+                error = err.with_traceback(None)  # drop the decoder's frames (and the parsed document) now
+                error.__context__ = None
         if error is not None:
-            log.warning("message %s (%s) dead-lettered: %s", index, message.source, str(error))
-            body = stored_body(message.body, error.reason)  # scrubbed, or withheld (docs/security.md)
-            out.dead.append(DeadLetter(stage="decode", reason=error.reason, detail=error.detail, body=body, source=message.source, message_index=index))
+            log.warning("message %s (%s) cannot be decoded: %s", position, message.source, str(error))
+            # scrubbed, or withheld (docs/security.md); a reader's note on damaged input is stored as it is
+            body = message.body if message.damaged is not None else stored_body(message.body, error.reason)
+            out.dead.append(DeadLetter(stage="decode", reason=error.reason, detail=error.detail, body=body, source=message.source, message_index=position))
             continue
         out.records += decoded.records
         out.skipped += decoded.skipped
@@ -64,11 +76,11 @@ def ingest(messages: Sequence[Message], *, limits: Limits, now: float) -> Ingest
             reasons = Counter(rejected.reason for rejected in decoded.rejected)
             first = ", ".join(str(rejected.index) for rejected in decoded.rejected[:5]) + (", ..." if len(decoded.rejected) > 5 else "")
             log.warning(
-                "message %s (%s): %d record(s) dead-lettered (%s; records %s)",
-                index, message.source, len(decoded.rejected), ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())), first,
+                "message %s (%s): %d record(s) cannot be decoded (%s; records %s)",
+                position, message.source, len(decoded.rejected), ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())), first,
             )
         for rejected in decoded.rejected:
             out.dead.append(
-                DeadLetter(stage="decode", reason=rejected.reason, detail=rejected.detail, body=rejected.record, source=message.source, message_index=index, record_index=rejected.index)
+                DeadLetter(stage="decode", reason=rejected.reason, detail=rejected.detail, body=rejected.record, source=message.source, message_index=position, record_index=rejected.index)
             )
     return out

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import EnricherUnavailable
 from pipeline.models import DlpAlert
 from pipeline.secrets import SecretEnv
-from pipeline.state.sqlite import WAL_CHECKPOINT_PAGES, Transaction
+from pipeline.state.sqlite import Transaction
 
 log = logging.getLogger("pipeline.enrichers.history")
 
@@ -273,23 +273,24 @@ class SqliteHistoryStore:
     """Short local transactions under an async signature, like the SQLite state store."""
 
     def __init__(self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120) -> None:
+        """`connection`: the state store's (its file, named by `path`), else a file of its own at `path`.
+        A file that is busy, damaged or cannot be written raises as pipeline.errors.store_error says."""
+        from pipeline.errors import store_error
+        from pipeline.state.sqlite import connect
+
         self._owned = connection is None
         try:
             if connection is None:
                 assert path is not None
                 path.parent.mkdir(parents=True, exist_ok=True)
-                connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-                connection.execute("PRAGMA journal_mode=WAL")
-                connection.execute("PRAGMA synchronous=NORMAL")  # as the state store: durable across a crash of the process
-                connection.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-                connection.execute("PRAGMA busy_timeout=5000")
+                connection = connect(path)
             self._db = connection
             for kind in ("alert", "activity"):
                 _convert_without_rowid(self._db, kind)
                 self._db.execute(_TABLE.format(kind=kind))
                 self._db.execute(_INDEX.format(kind=kind))
         except (OSError, sqlite3.Error) as exc:
-            raise OSError(f"cannot open the history store: {exc}") from exc
+            raise store_error(exc, path=path if path is not None else "the history store", operation="open the history store") from exc
         self.retention_seconds = retention_days * 86400
         self._next_purge = 0.0
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from pipeline.errors import StoreUnavailable
+from pipeline.errors import store_error
 from pipeline.ingest.formats.contract import AlertPart
 from pipeline.state import REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
 
@@ -53,6 +53,27 @@ CREATE TABLE IF NOT EXISTS batch_redeliveries (
 # between checkpoints. Benchmarked in README, Performance.
 WAL_CHECKPOINT_PAGES = 10_000
 
+# How long a call waits for another process's lock on the file before it fails as busy (StoreBusy).
+# SQLite's busy handler sleeps in growing steps (1 ms up to 100 ms) while it waits: the backoff.
+BUSY_WAIT_SECONDS = 5.0
+
+DAMAGED_STATE_ADVICE = (
+    "move it (and its -wal and -shm files) aside and run again: a new state store is created; split alerts "
+    "whose parts were pending in the old one come out again only if their messages are read again"
+)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to a local store's SQLite file as every local store opens it: WAL journal,
+    synchronous=NORMAL (durable across a crash of the process), and a busy wait of
+    BUSY_WAIT_SECONDS set before the first statement (changing the journal mode takes a lock too)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT_SECONDS)
+    db.execute(f"PRAGMA busy_timeout={int(BUSY_WAIT_SECONDS * 1000)}")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+    return db
+
 
 class SqliteStateStore:
     """See `pipeline.state.StateStore` for the guarantees."""
@@ -61,14 +82,10 @@ class SqliteStateStore:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db = connect(self.path)
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
-            raise StoreUnavailable(f"cannot open state store {self.path}: {exc}") from exc
+            raise store_error(exc, path=self.path, operation="open the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
     async def add_parts(self, parts: Sequence[AlertPart], *, now: float, max_parts_per_alert: int | None = None) -> PartsAdded:
         added = PartsAdded()
@@ -103,7 +120,7 @@ class SqliteStateStore:
                     [(alert_id, now, now) for alert_id in {p.alert_id for p in fresh.values()}],
                 )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+            raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
         return added
 
     @staticmethod
@@ -142,7 +159,7 @@ class SqliteStateStore:
                         by_alert[alert_id].append(AlertPart(alert_id=alert_id, rank=rank, data=orjson.loads(data), digest=digest))
                 claimed = [PendingAlert(alert_id=alert_id, parts=parts) for alert_id, parts in by_alert.items()]
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store read failed: {exc}") from exc
+            raise store_error(exc, path=self.path, operation="read the state store", advice=DAMAGED_STATE_ADVICE) from exc
         return claimed
 
     async def mark_emitted(self, alert_ids: Sequence[str], *, now: float) -> None:
@@ -155,7 +172,7 @@ class SqliteStateStore:
                     [(now, alert_id) for alert_id in alert_ids],
                 )
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+            raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
     async def release(self, alert_ids: Sequence[str]) -> None:
         """End the lease of claimed alerts that were not emitted (their batch raised), so they can be claimed again now."""
@@ -165,10 +182,13 @@ class SqliteStateStore:
             with self._transaction() as db:
                 db.executemany("UPDATE alerts SET lease_until = 0 WHERE alert_id = ? AND state = 'pending'", [(i,) for i in alert_ids])
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+            raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
     async def pending_count(self) -> int:
-        return self._db.execute("SELECT count(*) FROM alerts WHERE state = 'pending'").fetchone()[0]
+        try:
+            return self._db.execute("SELECT count(*) FROM alerts WHERE state = 'pending'").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise store_error(exc, path=self.path, operation="read the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
     async def purge(self, *, emitted_before: float) -> int:
         try:
@@ -177,7 +197,7 @@ class SqliteStateStore:
                 db.executemany("DELETE FROM alert_parts WHERE alert_id = ?", [(i,) for i in ids])
                 db.executemany("DELETE FROM alerts WHERE alert_id = ?", [(i,) for i in ids])
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store purge failed: {exc}") from exc
+            raise store_error(exc, path=self.path, operation="purge the state store", advice=DAMAGED_STATE_ADVICE) from exc
         return len(ids)
 
     async def count_redelivery(self, fingerprint: str, *, now: float) -> int:
@@ -191,20 +211,20 @@ class SqliteStateStore:
                 )
                 (count,) = db.execute("SELECT attempts FROM batch_redeliveries WHERE fingerprint = ?", (fingerprint,)).fetchone()
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+            raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
         return int(count)
 
     async def forget_redelivery(self, fingerprint: str) -> None:
         try:
             self._db.execute("DELETE FROM batch_redeliveries WHERE fingerprint = ?", (fingerprint,))
         except sqlite3.Error as exc:
-            raise StoreUnavailable(f"state store write failed: {exc}") from exc
+            raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
     def local_history(self, *, retention_days: float) -> SqliteHistoryStore:
         """The history tables in this same file, on this connection (closed with the state, not the history)."""
         from pipeline.state.history import SqliteHistoryStore
 
-        return SqliteHistoryStore(connection=self._db, retention_days=retention_days)
+        return SqliteHistoryStore(connection=self._db, path=self.path, retention_days=retention_days)
 
     async def aclose(self) -> None:
         self._db.close()

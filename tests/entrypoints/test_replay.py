@@ -71,7 +71,26 @@ async def test_an_entry_that_fails_again_stays_with_one_more_attempt(write_confi
     assert (report.still_dead, report.replayed) == (1, 0)
     assert after.entry_id == before.entry_id and after.attempts == before.attempts + 1
     assert after.first_failure_at == before.first_failure_at and after.last_failure_at > before.first_failure_at
-    assert after.detail == "HTTP 422" and not ticket_server.created
+    assert after.detail == "HTTP 400" and after.replay_attempts[-1]["detail"] == "HTTP 422" and not ticket_server.created
+
+
+async def test_replay_keeps_the_first_failures_reason_source_and_index_and_appends_each_attempt(write_config, fixture_bytes, ticket_server):
+    loaded = write_config(config(ticket_server.url))
+    store = LocalDeadLetterStore(loaded.data_path("dead-letter"))
+    ticket_server.faults = [400]  # the record is rejected first ...
+    async with Runner(loaded) as runner:
+        await runner.process_batch([Message(graph(fixture_bytes, "a0"))])
+    await store.put([DeadLetter(stage="decode", reason="invalid_json", detail="at byte 1", body=b"{not json", source="input.jsonl:7", message_index=6)])
+    (rejected,) = [e for e in await store.list() if e.stage == "deliver"]
+    for _ in range(2):
+        ticket_server.faults = [503] * 4  # ... then the ITSM is down on each replay: a different reason
+        await replay_dead_letters(loaded)
+    by_stage = {e.stage: e for e in await store.list()}
+    delivered_entry, decoded_entry = by_stage["deliver"], by_stage["decode"]
+    assert (delivered_entry.reason, delivered_entry.detail, delivered_entry.attempts) == (rejected.reason, rejected.detail, rejected.attempts + 2)
+    assert [a["reason"] for a in delivered_entry.replay_attempts] == ["retries_exhausted", "retries_exhausted"]
+    assert (decoded_entry.reason, decoded_entry.source, decoded_entry.message_index, decoded_entry.attempts) == ("invalid_json", "input.jsonl:7", 6, 3)
+    assert len(decoded_entry.replay_attempts) == 2 and all(a["reason"] == "invalid_json" and a["at"] for a in decoded_entry.replay_attempts)
 
 
 async def test_undecodable_body_stays_dead_without_touching_the_lake(write_config, ticket_server):

@@ -3,6 +3,7 @@ storage-account export (PT1H.json), plus the terminal progress line."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import fastavro
 import orjson
+import pytest
 
 from pipeline.entrypoints.progress import Progress
 from pipeline.ingest.inputs import parse_capture_time, read_messages, read_storage_export
@@ -183,3 +185,73 @@ def test_a_log_line_wipes_the_progress_line_first():
     text = terminal.getvalue()
     assert "\r" + " " * drawn + "\rmessage 3 dead-lettered\n" in text
     assert not any(isinstance(f, logging.Filter) and type(f).__name__ == "_ClearLine" for f in handler.filters)
+
+
+def write_capture_in_blocks(path: Path, bodies: list[bytes], per_block: int) -> None:
+    """A Capture file of several Avro blocks (`per_block` records each), uncompressed."""
+    events = [
+        {"SequenceNumber": n, "Offset": str(n), "EnqueuedTimeUtc": "3/14/2025 9:15:07 AM", "SystemProperties": {}, "Properties": {}, "Body": body}
+        for n, body in enumerate(bodies)
+    ]
+    with open(path, "wb") as handle:
+        writer = fastavro.write.Writer(handle, fastavro.parse_schema(CAPTURE_SCHEMA), sync_interval=1 << 30)
+        for n, event in enumerate(events, start=1):
+            writer.write(event)
+            if n % per_block == 0:
+                writer.flush()
+        writer.flush()
+
+
+def graph_bodies(count: int) -> list[bytes]:
+    graph = json.loads((SAMPLES / "03-graph-alert.json").read_text())
+    return [orjson.dumps(dict(graph, id=f"capture-{n}")) for n in range(count)]
+
+
+def damaged_capture(tmp_path: Path, how: str) -> tuple[Path, int]:
+    capture = tmp_path / "in" / "damaged.avro"
+    capture.parent.mkdir(parents=True)
+    write_capture_in_blocks(capture, graph_bodies(20), per_block=10)
+    third_block = capture.stat().st_size  # where the third block starts in the file of 30
+    write_capture_in_blocks(capture, graph_bodies(30), per_block=10)
+    data = bytearray(capture.read_bytes())
+    if how == "truncated":
+        data = data[: (third_block + len(data)) // 2]  # cut inside the third block
+    else:  # garbage over the third block's header
+        data[third_block : third_block + 64] = bytes(range(200, 256)) + b"\xff" * 8
+    capture.write_bytes(bytes(data))
+    return capture, third_block
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_a_damaged_capture_file_gives_its_readable_records_and_one_dead_letter_for_the_rest(tmp_path, how):
+    capture, third_block = damaged_capture(tmp_path, how)
+    result = run_cli("run", str(capture), "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "unexpected" not in result.stderr.decode()
+    delivered = {r["alert"]["alert_id"] for r in lake(tmp_path / "out")}
+    assert delivered == {f"capture-{n}" for n in range(20)}  # the two whole blocks
+    (dead,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "dead-letter").glob("*.json")]
+    assert dead["reason"] == "damaged_input" and "after 20 record(s)" in dead["detail"]
+    note = json.loads(base64.b64decode(dead["body_base64"]))
+    assert note["withheld"] == "damaged_input" and note["from_byte"] == third_block and note["bytes"] == capture.stat().st_size - note["from_byte"]
+    assert dead["message_index"] == 20
+    if how == "truncated":  # a replay leaves the note as it is: only reading the input again brings the records back
+        replay = run_cli("replay-dead-letters", "--out", "out", cwd=tmp_path)
+        assert replay.returncode == 0, replay.stderr.decode()
+        (after,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "dead-letter").glob("*.json")]
+        assert (after["reason"], after["body_base64"], after["attempts"]) == ("damaged_input", dead["body_base64"], 2)
+        assert [a["reason"] for a in after["replay_attempts"]] == ["damaged_input"]
+
+
+def test_message_indexes_count_across_the_whole_input(tmp_path):
+    """Batches hold 100 messages; a bad line at line 250 of a file (after another file) is message 254."""
+    first = tmp_path / "a.jsonl"
+    first.write_bytes(b"\n".join(graph_bodies(4)) + b"\n")
+    second = tmp_path / "b.jsonl"
+    lines = graph_bodies(300)
+    lines[249] = b"{broken"
+    second.write_bytes(b"\n".join(lines) + b"\n")
+    result = run_cli("run", str(first), str(second), "--out", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    (dead,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "dead-letter").glob("*.json")]
+    assert dead["source"] == f"{second}:250" and dead["message_index"] == 4 + 249

@@ -32,7 +32,14 @@ from pydantic import Field
 
 from pipeline.config import StrictModel
 from pipeline.deliver.sinks import Outcome
+from pipeline.errors import PathUnusable, StoreDamaged, store_error
 from pipeline.models import EnrichedRecord
+from pipeline.state.sqlite import BUSY_WAIT_SECONDS
+
+DAMAGED_INDEX_ADVICE = (
+    "restore it from a backup, or move it (and its -wal and -shm files) aside and run again: a new index is "
+    "created, and records already in the lake are then written to it again (readers dedupe by record_id)"
+)
 
 
 class JsonlLakeSink:
@@ -50,12 +57,16 @@ class JsonlLakeSink:
     def __init__(self, settings: JsonlLakeSink.Settings, services) -> None:
         self.settings = settings
         self.root: Path = services.data_path(settings.path)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._index = sqlite3.connect(self.root / "_delivered.sqlite", isolation_level=None)
-        self._index.execute("PRAGMA journal_mode=WAL")
-        self._index.execute("CREATE TABLE IF NOT EXISTS delivered (record_id TEXT PRIMARY KEY) WITHOUT ROWID")
-        self._index.execute("CREATE TABLE IF NOT EXISTS pending_append (path TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
-        self._recover()
+        self.index_path = self.root / "_delivered.sqlite"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._index = sqlite3.connect(self.index_path, isolation_level=None, timeout=BUSY_WAIT_SECONDS)
+            self._index.execute("PRAGMA journal_mode=WAL")
+            self._index.execute("CREATE TABLE IF NOT EXISTS delivered (record_id TEXT PRIMARY KEY) WITHOUT ROWID")
+            self._index.execute("CREATE TABLE IF NOT EXISTS pending_append (path TEXT PRIMARY KEY, size INTEGER NOT NULL) WITHOUT ROWID")
+            self._recover()
+        except (OSError, sqlite3.Error) as exc:
+            raise store_error(exc, path=self.index_path if isinstance(exc, sqlite3.Error) else self.root, operation="open the lake", advice=DAMAGED_INDEX_ADVICE) from exc
 
     def _recover(self) -> None:
         """Cut files back to their size before an append that did not complete (see the module docstring)."""
@@ -76,6 +87,18 @@ class JsonlLakeSink:
         return self.root / f"tenant={alert.tenant_id or 'unknown'}" / f"date={day}" / "records.jsonl"
 
     async def publish(self, records: Sequence[EnrichedRecord]) -> list[Outcome]:
+        """A damaged index or a lake path that cannot be written raises StoreDamaged / PathUnusable (the
+        run stops: retrying or dead-lettering cannot help); a busy index or a full disk raises the
+        library's error, which the router retries (pipeline.errors.translate)."""
+        try:
+            return self._publish(records)
+        except (OSError, sqlite3.Error) as exc:
+            error = store_error(exc, path=self.index_path if isinstance(exc, sqlite3.Error) else self.root, operation="append to the lake", advice=DAMAGED_INDEX_ADVICE)
+            if isinstance(error, (StoreDamaged, PathUnusable)):
+                raise error from exc
+            raise
+
+    def _publish(self, records: Sequence[EnrichedRecord]) -> list[Outcome]:
         known = self._known({r.record_id for r in records})
         by_file: dict[Path, list[bytes]] = defaultdict(list)
         fresh: list[str] = []

@@ -7,9 +7,17 @@ pipeline/deliver/sinks/sentinel_schema.py and deploy/sentinel/). Guarantees:
   batch takes close to the fewest requests possible;
 - a record whose row alone is larger than that is rejected (dead-lettered) with a reason saying so,
   never sent to collect a 413;
+- a request the endpoint refuses as too large (413) is split in halves and each half sent again;
+  only a single row that the endpoint refuses alone is rejected, the others are delivered;
 - a failed request fails exactly the records of that request: 408/429/5xx and network errors are
   retryable (Retry-After carried to the router), other 4xx rejected; after a throttling or server
   error the requests not yet sent are reported retryable without being sent;
+- each row is serialised once: its JSON measures it, and the request body is those JSON texts
+  joined, gzipped, and handed to the SDK's `upload` as a stream (sent as it is, with the SDK's
+  authentication, transport and errors). The SDK's own chunking of a list does not serve here: it
+  measures 1 MiB per chunk without the separators (more than the 1 MB the API takes), serialises
+  every row twice more, fills chunks in order rather than packing them, and its `on_error` reports a
+  whole chunk without splitting it;
 - the SDK's own retries are off (`retry_total=0`): the runner owns retries and backoff.
 Log Analytics has no deduplication: a retry after an ambiguous failure may add a second row with the
 same RecordId; query through the `DLPEnrichedAlerts` function, which keeps one row per RecordId.
@@ -17,9 +25,11 @@ same RecordId; query through the `DLPEnrichedAlerts` function, which keeps one r
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import logging
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field
@@ -37,6 +47,17 @@ MAX_REQUEST_BYTES = 1_000_000
 INGESTION_SCOPE = "https://monitor.azure.com/.default"
 DCR_API_VERSION = "2023-03-11"
 TABLES_API_VERSION = "2022-10-01"
+_TOO_LARGE = "HTTP 413"  # the reason pipeline.errors.translate gives a 413
+
+
+def _halfway(members: list[int], costs: list[int]) -> int:
+    """Where to cut a request in two of about equal bytes (at least one row each side)."""
+    total, running = sum(costs[i] for i in members), 0
+    for position, index in enumerate(members[:-1], start=1):
+        running += costs[index]
+        if running * 2 >= total:
+            return position
+    return len(members) - 1
 
 
 class SentinelSink:
@@ -85,18 +106,17 @@ class SentinelSink:
     # -- packing -------------------------------------------------------------------------------
 
     @staticmethod
-    def costs(rows: list[dict[str, Any]]) -> list[int]:
-        """Bytes each row adds to a request body: its JSON as the SDK writes it, plus ", "."""
-        return [len(json.dumps(row).encode("utf-8")) + 2 for row in rows]
+    def serialised(rows: list[dict[str, Any]]) -> list[bytes]:
+        """Each row's JSON, as `json.dumps` writes it inside a list (the body the API takes)."""
+        return [json.dumps(row).encode("utf-8") for row in rows]
 
-    def pack(self, rows: list[dict[str, Any]], costs: list[int] | None = None) -> tuple[list[list[int]], list[int]]:
+    def pack(self, costs: list[int]) -> tuple[list[list[int]], list[int]]:
         """Group row indexes into requests of at most max_request_bytes; also the indexes too large alone.
 
-        A request body is `json.dumps(rows)`: "[" + rows joined by ", " + "]", i.e. the sum over its
-        rows of (row size + 2) bytes.
+        `costs[i]` is the bytes row i adds to a request body: its JSON plus ", ". A body is
+        "[" + rows joined by ", " + "]", so its size is the sum of its rows' costs.
         """
         limit = self.settings.max_request_bytes
-        costs = costs if costs is not None else self.costs(rows)
         too_large = [i for i, cost in enumerate(costs) if cost > limit]
         order = sorted((i for i, cost in enumerate(costs) if cost <= limit), key=lambda i: -costs[i])
         bins: list[list[int]] = []
@@ -116,34 +136,42 @@ class SentinelSink:
         return bins, too_large
 
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
-        rows = [to_row(record_document(record)) for record in records]
+        pieces = self.serialised([to_row(record_document(record)) for record in records])
+        costs = [len(piece) + 2 for piece in pieces]
         outcomes: list[Outcome | None] = [None] * len(records)
-        costs = self.costs(rows)
-        requests, too_large = self.pack(rows, costs)
+        requests, too_large = self.pack(costs)
         for index in too_large:
-            size = costs[index] - 2
             outcomes[index] = Outcome.rejected(
-                f"row of {size} bytes exceeds the Logs Ingestion limit of {self.settings.max_request_bytes} bytes per request"
+                f"row of {costs[index] - 2} bytes exceeds the Logs Ingestion limit of {self.settings.max_request_bytes} bytes per request"
             )
-        stop: Outcome | None = None
-        for members in requests:
-            if stop is not None:
-                for index in members:
-                    outcomes[index] = stop
+        pending = list(requests)  # requests still to send, in order; a 413 puts its halves first
+        while pending:
+            members = pending.pop(0)
+            outcome = await self._send(members, pieces, costs)
+            if outcome.status == "rejected" and outcome.reason == _TOO_LARGE and len(members) > 1:
+                middle = _halfway(members, costs)
+                log.warning("sentinel: request of %d row(s) refused as too large (HTTP 413): sending it again in two", len(members))
+                pending[:0] = [members[:middle], members[middle:]]
                 continue
-            self.largest_request_bytes = max(self.largest_request_bytes, sum(costs[i] for i in members))
-            outcome = await self._send([rows[i] for i in members])
+            if outcome.reason == _TOO_LARGE:
+                outcome = Outcome.rejected(f"row of {costs[members[0]] - 2} bytes refused alone by the endpoint as too large (HTTP 413)")
             for index in members:
                 outcomes[index] = outcome
             if outcome.status == "retryable":
                 # The endpoint is throttling or failing: do not send the rest of the batch now.
                 stop = Outcome.retryable(f"not sent after an earlier request failed ({outcome.reason})", outcome.retry_after)
+                for rest in pending:
+                    for index in rest:
+                        outcomes[index] = stop
+                break
         return [o if o is not None else Outcome.retryable("not attempted") for o in outcomes]
 
-    async def _send(self, rows: list[MutableMapping[str, Any]]) -> Outcome:
+    async def _send(self, members: list[int], pieces: list[bytes], costs: list[int]) -> Outcome:
+        body = b"[" + b", ".join(pieces[i] for i in members) + b"]"
         self.requests += 1
+        self.largest_request_bytes = max(self.largest_request_bytes, len(body))
         try:
-            await self.client.upload(rule_id=self.settings.rule_id, stream_name=self.settings.stream_name, logs=rows)
+            await self.client.upload(rule_id=self.settings.rule_id, stream_name=self.settings.stream_name, logs=io.BytesIO(gzip.compress(body, compresslevel=6)))
         except Exception as exc:
             error: PipelineError
             from azure.core.exceptions import ClientAuthenticationError  # loaded with the SDK
@@ -152,7 +180,7 @@ class SentinelSink:
                 error = SinkUnavailable(f"authentication failed: {type(exc).__name__}")
             else:
                 error = translate(exc, role="sink")
-            log.warning("sentinel: request of %d row(s) failed: %s", len(rows), error)
+            log.warning("sentinel: request of %d row(s) failed: %s", len(members), error)
             log.debug("sentinel request failure", exc_info=exc)
             if isinstance(error, SinkUnavailable):
                 return Outcome.retryable(str(error), error.retry_after)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterator
 from importlib.resources import files
 from itertools import islice
@@ -41,7 +42,23 @@ async def main(args: argparse.Namespace) -> int:
     progress.close()
     print("\n".join(total.summary_lines()))
     print(f"output:              {loaded.data_dir}")
+    hint = all_dead_hint(total, paths)
+    if hint:
+        print(hint, file=sys.stderr)
     return 0
+
+
+def all_dead_hint(total: BatchReport, paths: list[str]) -> str | None:
+    """One line when every message of a run of more than one was dead-lettered undecoded: the input is
+    more likely read the wrong way (e.g. a pretty-printed JSON document on stdin, read line by line)
+    than bad message by message."""
+    if total.messages < 2 or total.dead_lettered.get("decode", 0) < total.messages or total.records:
+        return None
+    stdin = " ('-' reads one message per line: save a pretty-printed document as a .json file, or put each message on one line)" if "-" in paths else ""
+    return (
+        f"hint: all {total.messages} messages were dead-lettered undecoded; check the input's format: a .json file is one message body, "
+        f"a .jsonl file one body per line{stdin}"
+    )
 
 
 def batches(messages: Iterator[Message], size: int) -> Iterator[list[Message]]:

@@ -46,6 +46,7 @@ class Ingestion:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.script: deque[tuple[int, dict]] = deque()
+        self.max_body: int | None = None  # answer 413 to a larger (decompressed) body, as a stricter gateway would
 
     def __call__(self, request: Request) -> Response:
         raw = request.get_data()
@@ -54,7 +55,10 @@ class Ingestion:
         self.requests.append(
             {"encoding": request.headers.get("Content-Encoding"), "auth": request.headers.get("Authorization"), "size": len(body), "rows": rows}
         )
-        status, headers = self.script.popleft() if self.script else (204, {})
+        if self.max_body is not None and len(body) > self.max_body:
+            status, headers = 413, {}
+        else:
+            status, headers = self.script.popleft() if self.script else (204, {})
         return Response(b"" if status == 204 else b'{"error":{"code":"x","message":"y"}}', status=status, headers=headers, content_type="application/json")
 
 
@@ -143,7 +147,6 @@ async def test_a_record_above_the_limit_is_rejected_without_a_request(endpoint):
         (429, {"Retry-After": "7"}, "retryable", 7.0),
         (503, {}, "retryable", None),
         (500, {}, "retryable", None),
-        (413, {}, "rejected", None),
         (400, {}, "rejected", None),
     ],
 )
@@ -170,6 +173,61 @@ async def test_a_failed_request_fails_exactly_its_records(endpoint, status, head
     else:
         assert len(ingestion.requests) == 3 and all(status_of[i].status == "delivered" for i in by_request[2])
     assert len(ingestion.requests[1]["rows"]) == len(failed) > 0
+
+
+async def test_a_413_splits_the_request_and_sends_the_halves(endpoint):
+    sink = make_sink(endpoint)
+    ingestion = endpoint[2]
+    records = [make_record(f"r-{i}") for i in range(200)]
+    ingestion.script.append((413, {}))  # the whole batch refused once as too large
+    try:
+        outcomes = await sink.publish(records)
+    finally:
+        await sink.aclose()
+    assert [o.status for o in outcomes] == ["delivered"] * 200
+    first, *halves = ingestion.requests
+    assert len(first["rows"]) == 200 and len(halves) == 2 and all(90 <= len(r["rows"]) <= 110 for r in halves)
+    assert [row["RecordId"] for r in halves for row in r["rows"]] == [r.record_id for r in records]
+
+
+async def test_after_413s_only_a_row_refused_alone_is_rejected(endpoint):
+    """The endpoint refuses bodies above 60 kB: requests are halved until they pass; the one row of
+    80 kB, refused alone, is the only record rejected."""
+    sink = make_sink(endpoint)
+    ingestion = endpoint[2]
+    ingestion.max_body = 60_000
+    records = [make_record(f"s-{i}", padding=2_000) for i in range(40)]
+    records.insert(17, make_record("big", padding=80_000))
+    try:
+        outcomes = await sink.publish(records)
+    finally:
+        await sink.aclose()
+    status = {record.alert.alert_id: outcome for record, outcome in zip(records, outcomes)}
+    assert status["big"].status == "rejected" and "refused alone" in status["big"].reason and "413" in status["big"].reason
+    assert all(o.status == "delivered" for name, o in status.items() if name != "big")
+    accepted = [row["AlertId"] for r in ingestion.requests if r["size"] <= 60_000 for row in r["rows"]]
+    assert sorted(accepted) == sorted(name for name in status if name != "big")  # each delivered once
+
+
+async def test_each_row_is_serialised_once(endpoint, monkeypatch):
+    import json as json_module
+
+    records = [make_record(f"r-{i}") for i in range(50)]
+    calls = []
+    real_dumps = json_module.dumps
+
+    def counting_dumps(value, *args, **kwargs):
+        calls.append(type(value).__name__)
+        return real_dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(json_module, "dumps", counting_dumps)
+    sink = make_sink(endpoint)
+    try:
+        outcomes = await sink.publish(records)
+    finally:
+        await sink.aclose()
+    assert all(o.status == "delivered" for o in outcomes)
+    assert calls.count("dict") == 50 and "list" not in calls
 
 
 async def test_429_is_reported_promptly_not_retried_inside_the_sdk(endpoint):
