@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from typing import Any
 
+from werkzeug import Request, Response
+
+from enrichers.sensitive_info import SensitiveInfoEnricher
+from pipeline.models import DlpAlert
 from pipeline.runner import Message, Runner
+from tests.support.alerts import StaticCredential
 from tests.support.config import LAKE_SINK_TOML
 
 CREDIT_CARD = "50842eb7-edc8-4019-85dd-5a5c1f2bb085"
@@ -140,3 +146,160 @@ def test_the_build_script_rebuilds_the_bundled_table_from_its_source(tmp_path):
     assert rows == [f"{CREDIT_CARD},Credit Card Number,financial", "cb2ab58c-9cb8-4c81-baf8-a4e106791df4,SWIFT Code,financial"]
     header = out.read_text().split("\nid,name,category\n")[0]
     assert "CC BY 4.0" in header and header.splitlines()[:4] == builtin_types_text().splitlines()[:4]
+
+
+# -- the tenant's labels: Microsoft Graph ---------------------------------------------------------
+
+LABELS_PATH = "/v1.0/security/dataSecurityAndGovernance/sensitivityLabels"
+
+
+class GraphLabelsServer:
+    """`GET /security/dataSecurityAndGovernance/sensitivityLabels` as documented: a `value` array of
+    sensitivityLabel objects with their `sublabels`, paged with `@odata.nextLink`; `script` gives the
+    first answers (429 with Retry-After, 403 with Graph's error body), then the labels."""
+
+    def __init__(self, httpserver, script: list[tuple[int, dict[str, str]]] | None = None) -> None:
+        self.script = list(script or [])
+        self.requests: list[Request] = []
+        httpserver.expect_request(LABELS_PATH, method="GET").respond_with_handler(self.handle)
+        self.url = httpserver.url_for("/v1.0")
+        self.page_two = httpserver.url_for(LABELS_PATH) + "?$skiptoken=page2"
+
+    def handle(self, request: Request) -> Response:
+        self.requests.append(request)
+        if self.script:
+            status, headers = self.script.pop(0)
+            error = {"error": {"code": "Authorization_RequestDenied" if status == 403 else "TooManyRequests", "message": "refused"}}
+            return Response(json.dumps(error), status=status, headers=headers, content_type="application/json")
+        if request.args.get("$skiptoken") == "page2":
+            return Response(json.dumps({"value": [{"id": "b7a21bba-8197-491f-a5d6-0d0f955397ca", "name": "Public", "sublabels": []}]}), content_type="application/json")
+        page = {
+            "@odata.context": "https://graph.microsoft.com/v1.0/$metadata#security/dataSecurityAndGovernance/sensitivityLabel",
+            "@odata.nextLink": self.page_two,
+            "value": [
+                {"id": CONFIDENTIAL.upper(), "name": "Confidential", "priority": 20, "isEnabled": True, "applicableTo": "email,teamwork,file",
+                 "sublabels": [{"id": ALL_EMPLOYEES, "name": "All Employees", "priority": 21, "isEnabled": True, "sublabels": []}]},
+            ],
+        }
+        return Response(json.dumps(page), content_type="application/json")
+
+
+def labels_config(url: str, names: str = "") -> str:
+    return f"""[enrichers.settings.labels]
+{names}
+[enrichers.settings.labels.graph]
+url = "{url}"
+allow_private_hosts = ["localhost", "127.0.0.1"]
+"""
+
+
+async def test_label_ids_are_named_from_the_tenants_labels_in_graph_once_for_many_batches(httpserver, write_config, fixture_bytes):
+    """Why: sensitivity labels reached the record as bare ids (`sensitivity_label_ids`), never as names."""
+    server = GraphLabelsServer(httpserver)
+    credential = StaticCredential()
+    messages = [rule_match(fixture_bytes, [(CREDIT_CARD, None)], record_id="rm-1", labels=[CONFIDENTIAL]),
+                rule_match(fixture_bytes, [(CREDIT_CARD, None)], record_id="rm-2", labels=[ALL_EMPLOYEES])]
+    summaries = await summary_of(write_config, messages, labels_config(server.url), credential=credential)
+    assert summaries["rm-1"]["sensitivity_labels"] == [{"id": CONFIDENTIAL, "name": "Confidential", "parent": None, "source": "graph"}]
+    assert summaries["rm-1"]["sensitivity_label_names"] == ["Confidential"]
+    assert summaries["rm-2"]["sensitivity_labels"] == [{"id": ALL_EMPLOYEES, "name": "All Employees", "parent": "Confidential", "source": "graph"}]
+    assert len(server.requests) == 2  # both pages, once: the second batch used the kept list
+    assert all(r.headers["Authorization"] == "Bearer test-token" for r in server.requests)
+    assert credential.scopes == [("https://graph.microsoft.com/.default",)]
+
+
+async def test_a_throttled_label_list_is_fetched_after_its_retry_after(httpserver, write_config, fixture_bytes):
+    server = GraphLabelsServer(httpserver, script=[(429, {"Retry-After": "1"})])
+    summaries = await summary_of(write_config, [rule_match(fixture_bytes, [(CREDIT_CARD, None)], labels=[CONFIDENTIAL])], labels_config(server.url), credential=StaticCredential())
+    assert next(iter(summaries.values()))["sensitivity_label_names"] == ["Confidential"]
+    assert len(server.requests) == 3  # 429, then the two pages
+
+
+async def test_a_refused_label_list_falls_back_to_the_config_names_and_is_not_asked_again_every_batch(httpserver, write_config, fixture_bytes, caplog):
+    server = GraphLabelsServer(httpserver, script=[(403, {}), (403, {})])
+    names = f'names = {{ "{CONFIDENTIAL.upper()}" = "Confidential (from config)" }}'
+    messages = [rule_match(fixture_bytes, [(CREDIT_CARD, None)], record_id="rm-1", labels=[CONFIDENTIAL]),
+                rule_match(fixture_bytes, [(CREDIT_CARD, None)], record_id="rm-2", labels=[ALL_EMPLOYEES])]
+    caplog.set_level(logging.WARNING)
+    runner = Runner(write_config(config(labels_config(server.url, names))))
+    runner.chain.slots[0].plugin.credential = StaticCredential()
+    async with runner:
+        for item in messages:
+            await runner.process_batch([item])
+        records = lake(runner)
+    assert {r["enrichment_status"]["sensitive_info"]["state"] for r in records.values()} == {"ok"}
+    assert records["rm-1"]["enrichments"]["sensitive_info"]["sensitivity_labels"] == [{"id": CONFIDENTIAL, "name": "Confidential (from config)", "parent": None, "source": "config"}]
+    assert records["rm-2"]["enrichments"]["sensitive_info"]["sensitivity_labels"] == [{"id": ALL_EMPLOYEES, "name": None, "parent": None, "source": None}]
+    assert len(server.requests) == 1  # the second batch waited for retry_minutes
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "sensitivity labels" in r.getMessage()]
+    assert len(warnings) == 1 and "HTTP 403" in warnings[0] and "SensitivityLabel.Read" in warnings[0]
+    assert CONFIDENTIAL not in warnings[0] and "megan" not in warnings[0].lower()
+
+
+# -- the tenant's types: Management Activity API --------------------------------------------------
+
+
+class TenantTypesServer:
+    """`GET {root}/{tenant}/activity/feed/resources/dlpSensitiveTypes` as documented: a JSON array of
+    `{"id", "name"}` (names as the API writes them, "CreditCardNumber"), localised by Accept-Language."""
+
+    def __init__(self, httpserver) -> None:
+        self.requests: list[Request] = []
+        httpserver.expect_request(f"/api/v1.0/{TENANT}/activity/feed/resources/dlpSensitiveTypes", method="GET").respond_with_handler(self.handle)
+        self.url = httpserver.url_for("/api/v1.0")
+
+    def handle(self, request: Request) -> Response:
+        self.requests.append(request)
+        body = [{"id": CREDIT_CARD, "name": "CreditCardNumber"}, {"id": NEWER.upper(), "name": "Passport Number (newer)"}, {"id": CUSTOM, "name": "ProjectFalconCodes"}, {}]
+        return Response(json.dumps(body), content_type="application/json")
+
+
+def tenant_config(url: str) -> str:
+    return f"""[enrichers.settings.tenant_types]
+tenant_id = "{TENANT}"
+url = "{url}"
+publisher_identifier = "{TENANT}"
+language = "en-US"
+allow_private_hosts = ["localhost", "127.0.0.1"]
+"""
+
+
+async def test_the_tenants_list_names_custom_and_newer_types_the_bundled_table_lacks(httpserver, write_config, fixture_bytes):
+    server = TenantTypesServer(httpserver)
+    credential = StaticCredential()
+    summaries = await summary_of(write_config, [rule_match(fixture_bytes, [(CREDIT_CARD, None), (NEWER, None), (CUSTOM, None)])], tenant_config(server.url), credential=credential)
+    types = by_id(next(iter(summaries.values())))
+    assert types[CREDIT_CARD]["name"] == "Credit Card Number" and types[CREDIT_CARD]["name_source"] == "builtin"
+    assert (types[NEWER]["name"], types[NEWER]["name_source"], types[NEWER]["category"]) == ("Passport Number (newer)", "tenant", "personal")
+    assert (types[CUSTOM]["name"], types[CUSTOM]["category"]) == ("ProjectFalconCodes", "custom")
+    (request,) = server.requests
+    assert request.args["PublisherIdentifier"] == TENANT and request.headers["Accept-Language"] == "en-US"
+    assert request.headers["Authorization"] == "Bearer test-token" and credential.scopes == [("https://manage.office.com/.default",)]
+
+
+async def test_the_tenants_list_is_fetched_when_needed_and_once_a_day(httpserver):
+    server = TenantTypesServer(httpserver)
+    settings = SensitiveInfoEnricher.Settings.model_validate({"correlate": False, "tenant_types": {"tenant_id": TENANT, "url": server.url, "allow_private_hosts": ["localhost", "127.0.0.1"]}})
+    enricher = SensitiveInfoEnricher(settings)
+    enricher.credential = StaticCredential()
+    now = [1_000_000.0]
+    enricher._clock = lambda: now[0]
+
+    def alert(type_id: str) -> DlpAlert:
+        return DlpAlert(alert_id=f"a-{type_id[:4]}", source_format="management_activity", kind="activity", sensitive_info=[{"type_id": type_id, "count": 1}])
+
+    await enricher.start()
+    try:
+        await enricher.enrich_batch([alert(CREDIT_CARD)], [])
+        assert server.requests == []  # every type named by the bundled table: the list is not needed
+        for _ in range(3):
+            (summary,) = await enricher.enrich_batch([alert(NEWER)], [])
+        assert summary.types[0].name == "Passport Number (newer)" and len(server.requests) == 1
+        now[0] += 23 * 3600
+        await enricher.enrich_batch([alert(NEWER)], [])
+        assert len(server.requests) == 1
+        now[0] += 2 * 3600
+        await enricher.enrich_batch([alert(NEWER)], [])
+        assert len(server.requests) == 2
+    finally:
+        await enricher.aclose()
