@@ -118,3 +118,15 @@ def test_an_incident_without_its_alerts_says_how_to_ask_for_them():
 def test_an_incident_with_no_alerts_decodes_to_nothing():
     decoded = decode_message(orjson.dumps(incident("48213", [])))
     assert decoded.format == "graph_alert" and decoded.records == 0 and not decoded.alerts and not decoded.rejected
+
+
+async def test_the_runner_delivers_an_incidents_alerts_instead_of_dead_lettering_the_body(fixture_bytes, write_config):
+    from pipeline.runner import Message, Runner
+    from tests.support.config import LAKE_ONLY
+
+    body = incident("48213", [alert(fixture_bytes, "dl-1"), alert(fixture_bytes, "dl-2")])
+    async with Runner(write_config(LAKE_ONLY)) as runner:
+        report = await runner.process_batch([Message(orjson.dumps(body))])
+        lines = [json.loads(line) for path in runner.loaded.data_path("lake").rglob("*.jsonl") for line in path.read_text().splitlines()]
+    assert not report.dead_lettered and report.delivered["lake"] == 2
+    assert sorted((r["alert"]["alert_id"], r["alert"]["incident_id"]) for r in lines) == [("dl-1", "48213"), ("dl-2", "48213")]

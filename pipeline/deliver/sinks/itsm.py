@@ -152,14 +152,24 @@ def summary_lines(document: dict[str, Any], *, record_id: str) -> list[str]:
     add("User", user.get("upn") or user.get("display_name"))
     files = [name for f in alert.get("files") or [] if isinstance(f, dict) and isinstance(name := f.get("name"), str) and name]
     add("Files", ", ".join(files[:10]) + (f" (+{len(files) - 10} more)" if len(files) > 10 else "") if files else None)
-    infos = [
-        f"{i.get('name') or i.get('type_id')} x{i.get('count')}" if i.get("count") is not None else str(i.get("name") or i.get("type_id"))
-        for i in alert.get("sensitive_info") or []
-        if isinstance(i, dict) and (i.get("name") or i.get("type_id"))
-    ]
+    enrichments = document.get("enrichments") or {}
+    # A type the alert carries only by id is named by the sensitive_info enrichment when it ran.
+    summary = enrichments.get("sensitive_info")
+    types = summary.get("types") if isinstance(summary, dict) else None
+    named = {
+        str(t.get("type_id")).lower(): t["name"]
+        for t in (types if isinstance(types, list) else [])
+        if isinstance(t, dict) and t.get("type_id") and isinstance(t.get("name"), str) and t["name"]
+    }
+    infos = []
+    for i in alert.get("sensitive_info") or []:
+        if not isinstance(i, dict):
+            continue
+        shown = i.get("name") or named.get(str(i.get("type_id") or "").lower()) or i.get("type_id")
+        if shown:
+            infos.append(f"{shown} x{i.get('count')}" if i.get("count") is not None else str(shown))
     add("Sensitive info", ", ".join(infos) or None)
     add("Shared externally", alert.get("shared_externally"))
-    enrichments = document.get("enrichments") or {}
     triage = enrichments.get("triage") or {}
     add("Triage score", triage.get("score"))
     statuses = document.get("enrichment_status") or {}
