@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -55,7 +55,7 @@ def category_of(name: str | None, type_id: str | None) -> Category:
     """The category of a type: the bundled table's for a built-in type, else keywords in its name
     (written "Credit Card Number" or "CreditCardNumber"), else "custom"."""
     if type_id and (known := builtin_types().get(type_id.lower())) is not None:
-        return known[1]  # type: ignore[return-value]  # the table holds only the four built-in categories
+        return cast(Category, known[1])  # the table holds only the four built-in categories (a test checks)
     lowered = _WORD_BOUNDARY.sub(" ", name or "").lower()
     for category, words in _KEYWORDS:
         if any(word in lowered for word in words):

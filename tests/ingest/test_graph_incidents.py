@@ -57,9 +57,17 @@ def incident(incident_id: str, alerts: list[Any], **changes: Any) -> dict[str, A
     return body
 
 
-def test_an_incident_body_is_unpacked_into_its_alerts_each_with_the_incident_id(fixture_bytes):
+def test_the_shared_incident_fixture_gives_its_dlp_alert_and_skips_the_other(fixture_bytes):
     """Why: a Graph incident body (an incident with its `alerts` array) was dead-lettered
     `unrecognised_shape` instead of being unpacked into its alerts."""
+    decoded = decode_message(fixture_bytes("graph_incident_dlp.json"))
+    assert decoded.format == "graph_alert" and decoded.records == 2 and decoded.skipped == 1 and not decoded.rejected
+    (only,) = decoded.alerts
+    assert only.alert_id == "dl0c6f1e2a-7b3d-4c5e-9f10-2a3b4c5d6e7f" and only.incident_id == "48213"
+    assert only.user.upn == "megan.bowen@contoso.com" and [s.count for s in only.sensitive_info] == [12, 3]
+
+
+def test_an_incident_body_is_unpacked_into_its_alerts_each_with_the_incident_id(fixture_bytes):
     body = incident("48213", [alert(fixture_bytes, "dl-1"), mde_alert("da-2"), alert(fixture_bytes, "dl-3", incidentId="48213")])
     decoded = decode_message(orjson.dumps(body))
     assert decoded.format == "graph_alert" and decoded.records == 3 and decoded.skipped == 1 and not decoded.rejected
@@ -84,6 +92,12 @@ def test_the_incidents_id_is_the_one_kept_and_the_alerts_own_urls_stay(fixture_b
     (decoded,) = decode_message(orjson.dumps(incident("48213", [own]))).alerts
     assert decoded.incident_id == "48213"  # the body is this incident's: an alert moved here by a merge still belongs to it
     assert decoded.incident_url == "https://security.microsoft.com/incidents/1" and decoded.tenant_id == TENANT
+
+
+def test_the_alerts_of_a_merged_incident_carry_the_incident_it_was_merged_into(fixture_bytes):
+    body = incident("48213", [alert(fixture_bytes, "dl-1")], status="redirected", redirectIncidentId="50000")
+    (decoded,) = decode_message(orjson.dumps(body)).alerts
+    assert decoded.incident_id == "50000" and decoded.incident_url is None and decoded.tenant_id == TENANT
 
 
 def test_a_bad_alert_of_an_incident_is_rejected_alone_and_kept_with_its_incident_id(fixture_bytes):

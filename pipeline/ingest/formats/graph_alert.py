@@ -3,8 +3,9 @@
 A Graph incident (`microsoft.graph.security.incident`, read with `$expand=alerts`) is an envelope:
 a body that is one incident, or a list or `{"value": [...]}` page of incidents (Graph alerts may sit
 beside them), is unpacked into its alerts. Each alert is a row of its own (skipped, rejected and
-limited alone) and carries its incident: `incidentId` is the incident's id, and the incident's
-`incidentWebUrl` and `tenantId` fill the alert's when it has none. A rejected alert is stored with
+limited alone) and carries its incident: `incidentId` is the incident's id (or, for an incident
+merged into another, its `redirectIncidentId`), and the incident's `incidentWebUrl` (not a merged
+one's) and `tenantId` fill the alert's when it has none. A rejected alert is stored with
 them, so that it replays alone as the same alert.
 """
 
@@ -53,7 +54,10 @@ def incident_alerts(incident: dict[str, Any]) -> list[Any]:
     alerts = incident.get("alerts")
     if not isinstance(alerts, list):
         raise DecodeError("unrecognised_shape", "a Graph incident without its alerts: read incidents with $expand=alerts")
-    incident_id = c.text(incident.get("id"))
+    # A merged incident (status "redirected") names the incident its alerts now belong to.
+    redirected_to = c.text(incident.get("redirectIncidentId"))
+    incident_id = redirected_to or c.text(incident.get("id"))
+    fills = ("tenantId",) if redirected_to else _INCIDENT_FILLS  # the old incident's page is not the alert's
     rows: list[Any] = []
     for alert in alerts:
         if not isinstance(alert, dict):
@@ -62,7 +66,7 @@ def incident_alerts(incident: dict[str, Any]) -> list[Any]:
         row = dict(alert)
         if incident_id is not None:
             row["incidentId"] = incident_id
-        for key in _INCIDENT_FILLS:
+        for key in fills:
             if not c.text(row.get(key)) and c.text(incident.get(key)):
                 row[key] = incident[key]
         rows.append(row)
