@@ -154,6 +154,7 @@ class RefreshedTable(Generic[T]):
                 )
             else:
                 self._next_attempt = now + self.refresh_seconds
+                log.info("%s: %d names read, kept for %g hours", self.what, len(self.table), self.refresh_seconds / 3600)
         return self.table
 
 
