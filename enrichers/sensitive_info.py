@@ -5,20 +5,32 @@ counts (Sentinel) or without confidence (Graph `additionalData`), it is correlat
 through the pipeline (Management Activity records, CloudAppEvents rows; kept in the history store
 by user, file and time), or, when `hunting` is configured, with CloudAppEvents rows found through
 Advanced Hunting. Activities of one batch are stored before any alert of it is looked at.
+
+Every type is named and filed: the name the record carries first, then the `custom_types` table of
+the config, then the bundled table of Microsoft's built-in types (enrichers/data/sensitive_types.csv,
+from Microsoft Learn), then the tenant's own list (`tenant_types`: Management Activity API
+`resources/dlpSensitiveTypes`, fetched once a day). The category comes from the config table, then
+the bundled table, then keywords in the name; a type none of them knows is "custom". Sensitivity
+label ids are named from the tenant's labels (`labels.graph`: Microsoft Graph, fetched once a day),
+then the `labels.names` table. A lookup service that is down or refuses costs names, never the alert.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import re
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import orjson
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
+from enrichers._names import GraphLabels, LabelName, LabelSettings, RefreshedTable, TenantTypes, TenantTypesSettings, builtin_types
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert, SensitiveInfo
@@ -29,27 +41,43 @@ log = logging.getLogger("pipeline.enrichers.sensitive_info")
 
 Category = Literal["financial", "personal", "health", "credentials", "custom"]
 
-# Well-known Microsoft SIT ids, then name keywords, decide a type's category.
-_KNOWN_IDS: dict[str, Category] = {
-    "50842eb7-edc8-4019-85dd-5a5c1f2bb085": "financial",  # Credit Card Number
-    "a44669fe-0d48-453d-a9b1-2cc83f2cba77": "personal",  # U.S. Social Security Number (SSN)
-}
+# Name keywords decide the category of a type that no table files.
 _KEYWORDS: tuple[tuple[Category, tuple[str, ...]], ...] = (
-    ("credentials", ("password", "credential", "secret", "key", "token", "connection string")),
+    ("credentials", ("password", "credential", "secret", "access key", "account key", "auth key", "private key", "token", "connection string")),
     ("health", ("health", "medical", "drug", "disease", "icd", "dea number")),
-    ("financial", ("credit card", "bank", "iban", "swift", "routing", "account number", "tax", "debit")),
+    ("financial", ("credit card", "debit card", "bank", "iban", "swift", "routing", "account number", "tax", "debit")),
     ("personal", ("social security", "ssn", "passport", "driver", "national id", "identity", "birth", "address", "phone", "email")),
 )
+_WORD_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 def category_of(name: str | None, type_id: str | None) -> Category:
-    if type_id and type_id.lower() in _KNOWN_IDS:
-        return _KNOWN_IDS[type_id.lower()]
-    lowered = (name or "").lower()
+    """The category of a type: the bundled table's for a built-in type, else keywords in its name
+    (written "Credit Card Number" or "CreditCardNumber"), else "custom"."""
+    if type_id and (known := builtin_types().get(type_id.lower())) is not None:
+        return cast(Category, known[1])  # the table holds only the four built-in categories (a test checks)
+    lowered = _WORD_BOUNDARY.sub(" ", name or "").lower()
     for category, words in _KEYWORDS:
         if any(word in lowered for word in words):
             return category
     return "custom"
+
+
+NameSource = Literal["record", "config", "builtin", "tenant"]
+
+
+class CustomType(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    category: Category = "custom"
+
+
+class SensitivityLabel(BaseModel):
+    id: str
+    name: str | None
+    parent: str | None = Field(None, description="the parent label's name, for a sublabel")
+    source: Literal["graph", "config"] | None = Field(None, description="where the name came from; None: unnamed")
 
 
 class SensitiveType(BaseModel):
@@ -58,6 +86,7 @@ class SensitiveType(BaseModel):
     count: int | None
     confidence: int | None
     category: Category
+    name_source: NameSource | None = Field(None, description="where the name came from: the record, the config, the bundled table, the tenant's list")
 
 
 class SensitiveInfoSummary(BaseModel):
@@ -69,6 +98,8 @@ class SensitiveInfoSummary(BaseModel):
     high_confidence_count: int = Field(description="matches in types detected at or above the high-confidence threshold")
     categories: list[Category]
     sensitivity_label_ids: list[str]
+    sensitivity_labels: list[SensitivityLabel] = Field(default_factory=list, description="each label id with its name")
+    sensitivity_label_names: list[str] = Field(default_factory=list)
     source: Literal["alert", "correlated", "hunting"] = Field("alert", description="where the types came from")
     correlated_ids: list[str] = Field(default_factory=list, description="ids of the rule-match activities used")
 
@@ -84,6 +115,14 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         window_minutes: float = Field(60, gt=0, le=7 * 24 * 60, description="an activity matches within this time of the alert")
         store: HistorySettings = Field(default_factory=HistorySettings)
         hunting: HuntingSettings | None = Field(None, description="else look for the rule match in CloudAppEvents via Advanced Hunting")
+        custom_types: dict[str, CustomType] = Field(default_factory=dict, description="type id -> name and category, for the tenant's custom types")
+        tenant_types: TenantTypesSettings | None = Field(None, description="present = also name types from the tenant's list (Management Activity API)")
+        labels: LabelSettings = Field(default_factory=LabelSettings)
+
+        @field_validator("custom_types")
+        @classmethod
+        def _lower_ids(cls, value: dict[str, CustomType]) -> dict[str, CustomType]:
+            return {key.strip().lower(): entry for key, entry in value.items()}
 
     @classmethod
     async def doctor(cls, settings: Any, services: Any) -> list[Any]:
@@ -108,8 +147,29 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         # Each user's activities, read once and reused across batches for `store.reuse_seconds`, kept
         # current with this process's own writes (other hosts' writes show up within that time).
         self.activities = UserHistories(self.store, "activity", convert=_prepared, ttl=self.settings.store.reuse_seconds) if self.store is not None else None
+        self._tenant_client: TenantTypes | None = None
+        self._labels_client: GraphLabels | None = None
+        self.tenant_types: RefreshedTable[str] | None = None
+        self.graph_labels: RefreshedTable[LabelName] | None = None
 
     async def start(self) -> None:
+        s = self.settings
+        if s.tenant_types is not None and self._tenant_client is None:
+            credential = self.credential or shared_credential(self.services, s.tenant_types.managed_identity_client_id)
+            self._tenant_client = TenantTypes(s.tenant_types, credential)
+            self.tenant_types = RefreshedTable(
+                "the tenant's sensitive information types (Management Activity API)", self._tenant_client.fetch,
+                refresh_seconds=s.tenant_types.refresh_hours * 3600, retry_seconds=s.tenant_types.retry_minutes * 60, clock=self._clock,
+                hint="Check that the app has the Office 365 Management APIs permission ActivityFeed.Read (admin consent) and that tenant_id is your tenant's id.",
+            )
+        if s.labels.graph is not None and self._labels_client is None:
+            credential = self.credential or shared_credential(self.services, s.labels.graph.managed_identity_client_id)
+            self._labels_client = GraphLabels(s.labels.graph, credential)
+            self.graph_labels = RefreshedTable(
+                "the tenant's sensitivity labels (Microsoft Graph)", self._labels_client.fetch,
+                refresh_seconds=s.labels.graph.refresh_hours * 3600, retry_seconds=s.labels.graph.retry_minutes * 60, clock=self._clock,
+                hint="Check that the app has the Microsoft Graph application permission SensitivityLabel.Read (or SensitivityLabels.Read.All), admin consented.",
+            )
         if self.store is not None:
             await self.store.start()
         if self.hunting is not None:
@@ -118,6 +178,9 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             await self.hunting.start()
 
     async def aclose(self) -> None:
+        for client in (self._tenant_client, self._labels_client):
+            if client is not None:
+                await client.aclose()
         if self.store is not None:
             await self.store.aclose()
         if self.hunting is not None:
@@ -148,7 +211,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
                 by_id = {alerts[index].alert_id: alerts[index] for index in hunt}
                 answers = await load_many(cache, (("hunting", alert_id) for alert_id in by_id), lambda key: self._hunt(by_id[key[1]]), timeout=self.lookup_timeout)
                 hunted = {index: answers[("hunting", alerts[index].alert_id)] for index in hunt}
-        results: list[SensitiveInfoSummary | None | Exception] = []
+        found: list[tuple[list[SensitiveInfo], list[str], str, list[str]] | Exception] = []
         for index, alert in enumerate(alerts):
             labels = sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id})
             infos, ids, source = list(alert.sensitive_info), [], "alert"
@@ -156,17 +219,61 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             if index in hunted:
                 match, source_if_found = hunted[index], "hunting"
                 if isinstance(match, Exception):
-                    results.append(match)
+                    found.append(match)
                     continue
             if match:
                 (infos, ids, found_labels), source = match, source_if_found
                 labels = sorted(set(labels) | set(found_labels))
-            results.append(self.summarize(infos, labels, source=source, ids=ids) if infos or labels else None)
-        return results
+            found.append((infos, labels, source, ids))
+        await self._refresh_names([item for item in found if not isinstance(item, Exception)])
+        return [
+            item if isinstance(item, Exception) else (self.summarize(item[0], item[1], source=item[2], ids=item[3]) if item[0] or item[1] else None)
+            for item in found
+        ]
+
+    async def _refresh_names(self, found: list[tuple[list[SensitiveInfo], list[str], str, list[str]]]) -> None:
+        """Fetch the tenant's lists when stale, and only when the batch has an id they could name."""
+        waits: list[Awaitable[Any]] = []
+        if self.tenant_types is not None and any(self._local_name(s)[0] is None for infos, *_ in found for s in infos if s.type_id):
+            waits.append(self.tenant_types.current())
+        if self.graph_labels is not None and any(labels for _infos, labels, *_ in found):
+            waits.append(self.graph_labels.current())
+        if waits:
+            await asyncio.gather(*waits)
+
+    def _local_name(self, info: SensitiveInfo) -> tuple[str | None, NameSource | None]:
+        """A type's name from the record, the config table or the bundled table."""
+        if info.name:
+            return info.name, "record"
+        type_id = (info.type_id or "").lower()
+        if (custom := self.settings.custom_types.get(type_id)) is not None:
+            return custom.name, "config"
+        if (builtin := builtin_types().get(type_id)) is not None:
+            return builtin[0], "builtin"
+        return None, None
+
+    def named_type(self, info: SensitiveInfo) -> SensitiveType:
+        """One type with its name (record, config, bundled table, tenant's list) and category."""
+        name, name_source = self._local_name(info)
+        type_id = (info.type_id or "").lower()
+        if name is None and type_id and self.tenant_types is not None and (tenant_name := self.tenant_types.table.get(type_id)):
+            name, name_source = tenant_name, "tenant"
+        custom = self.settings.custom_types.get(type_id)
+        category = custom.category if custom is not None else category_of(name, info.type_id)
+        return SensitiveType(name=name, type_id=info.type_id, count=info.count, confidence=info.confidence, category=category, name_source=name_source)
+
+    def named_label(self, label_id: str) -> SensitivityLabel:
+        key = label_id.lower()
+        if self.graph_labels is not None and (label := self.graph_labels.table.get(key)) is not None:
+            return SensitivityLabel(id=label_id, name=label.name, parent=label.parent, source="graph")
+        if (name := self.settings.labels.names.get(key)) is not None:
+            return SensitivityLabel(id=label_id, name=name, source="config")
+        return SensitivityLabel(id=label_id, name=None)
 
     def summarize(self, infos: list[SensitiveInfo], labels: list[str], *, source: str = "alert", ids: list[str] | None = None) -> SensitiveInfoSummary:
         threshold = self.settings.high_confidence_threshold
-        types = [SensitiveType(name=s.name, type_id=s.type_id, count=s.count, confidence=s.confidence, category=category_of(s.name, s.type_id)) for s in infos]
+        types = [self.named_type(s) for s in infos]
+        named_labels = [self.named_label(label) for label in labels]
         confidences = [t.confidence for t in types if t.confidence is not None]
         return SensitiveInfoSummary(
             types=types,
@@ -177,6 +284,8 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             high_confidence_count=sum(t.count or 0 for t in types if t.confidence is not None and t.confidence >= threshold),
             categories=sorted({t.category for t in types}),
             sensitivity_label_ids=labels,
+            sensitivity_labels=named_labels,
+            sensitivity_label_names=[label.name for label in named_labels if label.name],
             source=source,
             correlated_ids=sorted(ids or []),
         )

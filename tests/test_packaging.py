@@ -124,6 +124,18 @@ def _package_data_on_disk() -> set[str]:
     return found
 
 
+def test_every_data_file_of_the_packages_is_declared_as_package_data():
+    """What the wheel test below proves by building, cheaply: each data file on disk (the bundled
+    sensitive-type table among them) matches a `[tool.setuptools.package-data]` pattern."""
+    declared = set()
+    for package, patterns in PYPROJECT["tool"]["setuptools"]["package-data"].items():
+        folder = ROOT.joinpath(*package.split("."))
+        for pattern in patterns:
+            declared |= {path.relative_to(ROOT).as_posix() for path in folder.glob(pattern) if path.is_file()}
+    assert "enrichers/data/sensitive_types.csv" in _package_data_on_disk()
+    assert _package_data_on_disk() <= declared, sorted(_package_data_on_disk() - declared)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_installed_command_runs_the_bundled_samples_from_any_folder(tmp_path):

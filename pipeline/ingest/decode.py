@@ -3,7 +3,9 @@
 The formats are the decoders in the registry (pipeline/ingest/formats/registry.py, which gives the
 order they are asked in); with no configuration:
 - Defender XDR Streaming API envelopes `{"records": [...]}` (AlertInfo, AlertEvidence, CloudAppEvents);
-- Microsoft Graph security alerts: one object, an array, or a `{"value": [...]}` page;
+- Microsoft Graph security alerts: one object, an array, or a `{"value": [...]}` page; and Graph
+  incidents read with `$expand=alerts` (one, an array or a page), unpacked into their alerts, each
+  with its incident's id (pipeline/ingest/formats/graph_alert.py);
 - Office 365 Management Activity API DLP records: one object or an array;
 - Sentinel SecurityAlert rows: one object or an array.
 

@@ -137,7 +137,7 @@ def test_cloud_app_events_dlp_row_is_an_activity(fixture_bytes):
 
 
 @pytest.mark.parametrize("sample", ["streaming_dlp_batch.json", "graph_alert_v2_dlp.json", "mgmt_api_dlp_rule_match.json",
-                                    "mgmt_api_dlp_rule_match_endpoint_variant.json", "sentinel_securityalert_dlp.json"])
+                                    "mgmt_api_dlp_rule_match_endpoint_variant.json", "sentinel_securityalert_dlp.json", "graph_incident_dlp.json"])
 def test_matched_values_never_reach_alerts_parts_or_rejections(fixture_bytes, sample):
     body = fixture_bytes(sample)
     decoded = decode_message(body)

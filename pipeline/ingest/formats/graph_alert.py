@@ -1,9 +1,19 @@
-"""Microsoft Graph security alerts (alerts_v2, `microsoft.graph.security.alert`)."""
+"""Microsoft Graph security alerts (alerts_v2, `microsoft.graph.security.alert`), alone or in incidents.
+
+A Graph incident (`microsoft.graph.security.incident`, read with `$expand=alerts`) is an envelope:
+a body that is one incident, or a list or `{"value": [...]}` page of incidents (Graph alerts may sit
+beside them), is unpacked into its alerts. Each alert is a row of its own (skipped, rejected and
+limited alone) and carries its incident: `incidentId` is the incident's id (or, for an incident
+merged into another, its `redirectIncidentId`), and the incident's `incidentWebUrl` (not a merged
+one's) and `tenantId` fill the alert's when it has none. A rejected alert is stored with
+them, so that it replays alone as the same alert.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from pipeline.errors import DecodeError
 from pipeline.ingest.formats import common as c
 from pipeline.ingest.formats.contract import RecordOutput
 from pipeline.ingest.formats.registry import register
@@ -17,6 +27,50 @@ def looks_like(record: dict[str, Any]) -> bool:
     if isinstance(odata, str) and odata.endswith("security.alert"):
         return True
     return "id" in record and sum(marker in record for marker in _MARKERS) >= 2
+
+
+def looks_like_incident(value: Any) -> bool:
+    """A Graph security incident: typed so by `@odata.type`, or an object with an id and incident
+    fields (`incidentWebUrl`, `redirectIncidentId`, `displayName`) and an `alerts` list that is not an alert."""
+    if not isinstance(value, dict):
+        return False
+    odata = value.get("@odata.type")
+    if isinstance(odata, str):
+        return odata.endswith("security.incident")
+    return (
+        "id" in value
+        and isinstance(value.get("alerts"), list)
+        and any(key in value for key in ("incidentWebUrl", "redirectIncidentId", "displayName"))
+        and not looks_like(value)
+    )
+
+
+_INCIDENT_FILLS = ("incidentWebUrl", "tenantId")  # the incident's, where its alert has none
+
+
+def incident_alerts(incident: dict[str, Any]) -> list[Any]:
+    """The alerts of one incident, each a copy carrying the incident's id (and URL and tenant where
+    it has none). DecodeError for an incident read without its alerts."""
+    alerts = incident.get("alerts")
+    if not isinstance(alerts, list):
+        raise DecodeError("unrecognised_shape", "a Graph incident without its alerts: read incidents with $expand=alerts")
+    # A merged incident (status "redirected") names the incident its alerts now belong to.
+    redirected_to = c.text(incident.get("redirectIncidentId"))
+    incident_id = redirected_to or c.text(incident.get("id"))
+    fills = ("tenantId",) if redirected_to else _INCIDENT_FILLS  # the old incident's page is not the alert's
+    rows: list[Any] = []
+    for alert in alerts:
+        if not isinstance(alert, dict):
+            rows.append(alert)  # rejected as a row of its own
+            continue
+        row = dict(alert)
+        if incident_id is not None:
+            row["incidentId"] = incident_id
+        for key in fills:
+            if not c.text(row.get(key)) and c.text(incident.get(key)):
+                row[key] = incident[key]
+        rows.append(row)
+    return rows
 
 
 def is_dlp(record: dict[str, Any]) -> bool:
@@ -88,17 +142,38 @@ def to_alert(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class GraphAlertDecoder:
-    """Graph alerts, one record each; the evidence counted against the limit is `evidence`."""
+    """Graph alerts, one record each, and incidents as envelopes of their alerts (module docstring);
+    the evidence counted against the limit is `evidence`."""
 
     name: SourceFormat = "graph_alert"
 
     def envelope_rows(self, body: Any) -> list[Any] | None:
-        return None
+        """The alerts of a body holding Graph incidents (each alert with its incident, see
+        `incident_alerts`); None for a body without one, or holding anything but incidents and Graph alerts."""
+        if isinstance(body, dict):
+            items = body["value"] if isinstance(body.get("value"), list) else [body]
+        elif isinstance(body, list):
+            items = body
+        else:
+            return None
+        if not any(looks_like_incident(item) for item in items):
+            return None
+        if not all(looks_like_incident(item) or (isinstance(item, dict) and looks_like(item)) for item in items):
+            return None
+        rows: list[Any] = []
+        for item in items:
+            if looks_like_incident(item):
+                rows.extend(incident_alerts(item))
+            else:
+                rows.append(item)
+        return rows
 
     owns_record = staticmethod(looks_like)
 
     def decode(self, record: Any, out: RecordOutput) -> None:
-        if not is_dlp(record):
+        if not isinstance(record, dict) or not looks_like(record):  # an incident's `alerts` entry that is no alert
+            out.reject("unrecognised_record", "an entry of an incident's alerts is not a Graph alert")
+        elif not is_dlp(record):
             out.skip()
         elif out.within_evidence_limit(len(c.as_list(record.get("evidence"))), "evidence items"):
             out.alert(to_alert(record))

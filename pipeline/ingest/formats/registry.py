@@ -5,7 +5,8 @@ imports the built-in ones, so the registry always holds them.
 
 Detection order. The first decoder that says yes takes the body or the record:
 1. the whole parsed body is offered to every decoder (`envelope_rows`): a Defender Streaming API
-   envelope `{"records": [...]}` is taken whatever else the body holds;
+   envelope `{"records": [...]}` is taken whatever else the body holds; a body of Graph incidents
+   (one, a list or a `{"value": [...]}` page, with their `alerts`) is `graph_alert`'s envelope;
 2. otherwise the body's records (a list, a `{"value": [...]}` page, or the body itself when it is one
    object) are offered one by one (`owns_record`), in the order `DETECTION_ORDER` gives:
    `graph_alert`, then `sentinel_alert`, then `management_activity`. It matters where a record
