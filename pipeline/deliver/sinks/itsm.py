@@ -139,10 +139,14 @@ def check_url(url: str, what: str) -> str:
 
 
 def check(response: httpx.Response, *, ok: Sequence[int], action: str) -> httpx.Response:
-    """Raise TicketError (retryable on 408/429/5xx with Retry-After, else rejected) unless status is ok."""
+    """Raise TicketError unless status is ok: retryable on 408/429/5xx (with Retry-After) and on a
+    success code the API does not document for this call (e.g. 200 with an error body where a
+    create answers 201: nothing says the ticket exists), else rejected."""
     status = response.status_code
     if status in ok:
         return response
+    if 200 <= status < 300:
+        raise not_documented(action)
     if is_retryable_status(status):
         raise TicketError(Outcome.retryable(f"{action}: HTTP {status}", parse_retry_after(response.headers.get("Retry-After"))))
     raise TicketError(Outcome.rejected(f"{action}: HTTP {status}"))

@@ -101,6 +101,14 @@ async def test_jira_search_that_is_not_an_issue_list_never_opens_a_second_issue(
     assert outcome.status == "delivered"
 
 
+async def test_a_create_answered_with_an_undocumented_success_code_is_retried_not_rejected(httpserver, jira):
+    """Jira documents 201 for a create; a 200 with an error body (nothing created) is a transient
+    failure: the record starts over and its issue is created, once."""
+    jira.failures.append(Failure("POST", 200, shape="error_body", path="/rest/api/3/issue"))
+    (outcome,) = await publish(jira_sink(httpserver), [make_record("a-1")])
+    assert outcome.status == "delivered" and len(jira.issues) == 1
+
+
 async def test_a_body_without_result_is_retryable_not_not_found(httpserver, snow, jira):
     """Every try answers 200 with an error body: the record stays retryable, nothing is created."""
     snow.chaos, jira.chaos = Chaos(error_body=1.0), Chaos(error_body=1.0)
