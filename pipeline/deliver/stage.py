@@ -30,7 +30,7 @@ from pipeline.config import DeliverySettings, LoadedConfig, SinkConfig
 from pipeline.deadletter import DeadLetter
 from pipeline.deliver.minimise import Minimiser, minimiser_for
 from pipeline.deliver.routing import route
-from pipeline.deliver.sinks import Outcome
+from pipeline.deliver.sinks import Outcome, publish_deadline
 from pipeline.errors import PathUnusable, SinkOutage, SinkUnavailable, StoreDamaged, translate
 from pipeline.models import EnrichedRecord
 from pipeline.resilience.breaker import CircuitBreaker
@@ -113,7 +113,7 @@ class Delivery:
         attempt, dead = 0, []
         while pending:
             attempt += 1
-            outcomes = await self._publish(slot, [sent[index] for index in pending])
+            outcomes = await self._publish(slot, [sent[index] for index in pending], deadline)
             retry: list[tuple[int, Outcome]] = []
             for index, outcome in zip(pending, outcomes):
                 if outcome.status == "delivered":
@@ -157,11 +157,15 @@ class Delivery:
             await self.state.forget_redelivery(key)
         log.warning("sink(s) %s took none of the batch's records: dead-lettering them", ", ".join(names))
 
-    async def _publish(self, slot: SinkSlot, records: list[Any]) -> list[Outcome]:
+    async def _publish(self, slot: SinkSlot, records: list[Any], deadline: float) -> list[Outcome]:
         breaker = slot.breaker
         if not breaker.allow():
             return [Outcome.retryable("circuit open", breaker.remaining_cooldown() or None)] * len(records)
-        outcomes = await _call_sink(slot.name, slot.plugin, records)
+        token = publish_deadline.set(deadline)  # a sink that retries inside the call stops there
+        try:
+            outcomes = await _call_sink(slot.name, slot.plugin, records)
+        finally:
+            publish_deadline.reset(token)
         breaker.record_failure() if all(o.status == "retryable" for o in outcomes) else breaker.record_success()
         return outcomes
 

@@ -2,7 +2,9 @@
 
 They follow the documented contracts closely enough that "never a second ticket" is tested for real:
 tickets live in memory, searches filter them, and failures can be injected before (or after!) the
-server has acted, as a lost response would look to the client.
+server has acted, as a lost response would look to the client. Besides HTTP statuses, a failure can
+answer in a shape the API does not document (200 with an error body, a body cut short), and `Chaos`
+injects every fault mode at random, from a seeded generator, at given rates.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import random
 import re
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs
 
 from werkzeug import Request, Response
@@ -27,9 +30,52 @@ class Failure:
     headers: dict[str, str] = field(default_factory=dict)
     after_acting: bool = False  # act (create/update) first, then answer with the failure
     path: str | None = None  # only for this path (else any path of the method)
+    # "status": an error body with `status`; "error_body": the API's error document with `status`
+    # (e.g. 200) instead of the documented answer; "cut_short": the real answer's body cut in half
+    # (with after_acting: the server acted, then the client gets half an answer).
+    shape: Literal["status", "error_body", "cut_short"] = "status"
 
     def applies(self, request: Request) -> bool:
         return self.method == request.method and (self.path is None or self.path == request.path)
+
+
+@dataclass
+class Chaos:
+    """Random faults on every request, at these rates (each between 0 and 1, summing to at most 1).
+
+    `unavailable`: 503 before acting; `error_body`: 200 with an error body, before acting;
+    `cut_short`: acts, then answers with half its body; `fail_after_acting`: acts, then answers 500.
+    """
+
+    unavailable: float = 0.0
+    error_body: float = 0.0
+    cut_short: float = 0.0
+    fail_after_acting: float = 0.0
+    seed: int = 0
+    drawn: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._random = random.Random(self.seed)
+
+    def draw(self, request: Request) -> Failure | None:
+        roll = self._random.random()
+        for name, rate, failure in (
+            ("unavailable", self.unavailable, Failure(request.method, 503)),
+            ("error_body", self.error_body, Failure(request.method, 200, shape="error_body")),
+            ("cut_short", self.cut_short, Failure(request.method, 200, after_acting=True, shape="cut_short")),
+            ("fail_after_acting", self.fail_after_acting, Failure(request.method, 500, after_acting=True)),
+        ):
+            if roll < rate:
+                self.drawn[name] = self.drawn.get(name, 0) + 1
+                return failure
+            roll -= rate
+        return None
+
+
+def _cut_short(response: Response) -> Response:
+    """The answer's body cut in half, as a proxy or a dropped connection leaves it."""
+    data = response.get_data()
+    return Response(data[: len(data) // 2], status=response.status_code, headers=dict(response.headers))
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -46,6 +92,7 @@ class ServiceNow:
         self.failures: deque[Failure] = deque()
         self.tokens_issued = 0
         self.ignore_query = False  # as ServiceNow does with a query on a field the table lacks
+        self.chaos: Chaos | None = None
         self.basic = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
         self.client = (client_id, client_secret)
         self._numbers = itertools.count(10001)
@@ -71,15 +118,24 @@ class ServiceNow:
         if not self._authorised(request):
             return _json({"error": {"message": "User Not Authenticated"}, "status": "failure"}, 401)
         failure = self.failures.popleft() if self.failures and self.failures[0].applies(request) else None
+        if failure is None and self.chaos is not None:
+            failure = self.chaos.draw(request)
         if failure is not None and not failure.after_acting:
-            return self._failure(failure)
+            return self._failure(failure, None)
         response = self._act(request, body)
-        return self._failure(failure) if failure is not None else response
+        return self._failure(failure, response) if failure is not None else response
 
     @staticmethod
-    def _failure(failure: Failure) -> Response:
+    def _failure(failure: Failure, response: Response | None) -> Response:
+        if failure.shape == "cut_short" and response is not None:
+            return _cut_short(response)
         message = "Rate limit exceeded" if failure.status == 429 else "failure"
         return _json({"error": {"message": message, "detail": "injected"}, "status": "failure"}, failure.status, failure.headers)
+
+    def duplicates(self) -> int:
+        """Tickets beyond the first of each correlation_id."""
+        keys = [t.get("correlation_id") for t in self.tickets.values()]
+        return len(keys) - len(set(keys))
 
     def _act(self, request: Request, body: Any) -> Response:
         sys_id = request.path.rsplit("/", 1)[1] if request.path.count("/") == 5 else None
@@ -125,6 +181,7 @@ class Jira:
         self.index_lag = False
         self.issue_types = ["Task", "Bug"]  # of the project, as GET /project/{key} lists them
         self.permissions = {"BROWSE_PROJECTS": True, "CREATE_ISSUES": True, "EDIT_ISSUES": True}  # what /mypermissions grants
+        self.chaos: Chaos | None = None
         self._indexed: set[str] = set()
         self._ids = itertools.count(10001)
 
@@ -140,10 +197,23 @@ class Jira:
         if request.headers.get("Authorization") != self.auth:
             return _json({"errorMessages": ["Unauthorized"]}, 401)
         failure = self.failures.popleft() if self.failures and self.failures[0].applies(request) else None
+        if failure is None and self.chaos is not None:
+            failure = self.chaos.draw(request)
         if failure is not None and not failure.after_acting:
-            return _json({"errorMessages": ["injected"]}, failure.status, failure.headers)
+            return self._failure(failure, None)
         response = self._act(request, body)
-        return _json({"errorMessages": ["injected"]}, failure.status, failure.headers) if failure is not None else response
+        return self._failure(failure, response) if failure is not None else response
+
+    @staticmethod
+    def _failure(failure: Failure, response: Response | None) -> Response:
+        if failure.shape == "cut_short" and response is not None:
+            return _cut_short(response)
+        return _json({"errorMessages": ["injected"], "errors": {}}, failure.status, failure.headers)
+
+    def duplicates(self) -> int:
+        """Issues beyond the first of each alert key label."""
+        keys = [label for issue in self.issues.values() for label in issue["fields"].get("labels", []) if label.startswith("dlp-")]
+        return len(keys) - len(set(keys))
 
     def _act(self, request: Request, body: Any) -> Response:
         path = request.path

@@ -8,7 +8,9 @@ A sink delivers enriched records somewhere (a lake, Sentinel, an ITSM). Guarante
   (see pipeline.errors.translate);
 - it is idempotent: publishing a record whose `record_id` it already holds delivers nothing new
   (an ITSM updates its ticket, a lake skips or overwrites the same key);
-- `aclose()` releases its clients.
+- `aclose()` releases its clients;
+- a sink that retries inside a call stops by `publish_deadline` (the end of the batch's budget for
+  it, set by the deliver stage), so the router still decides what becomes a dead letter.
 
 Built-in kinds are listed here as `module:Class`; third-party sinks register under the entry point
 group `dlp_pipeline.sinks`.
@@ -17,6 +19,7 @@ group `dlp_pipeline.sinks`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -32,6 +35,11 @@ BUILTIN_SINKS: dict[str, str] = {
     "defender_incident": "pipeline.deliver.sinks.defender_incident:DefenderIncidentSink",
     "sentinel_incident": "pipeline.deliver.sinks.sentinel_incident:SentinelIncidentSink",
 }
+
+
+publish_deadline: ContextVar[float | None] = ContextVar("publish_deadline", default=None)
+"""`time.monotonic()` by which the current `publish` call should return: the end of the batch's
+`delivery.budget_seconds` for this sink, set by the deliver stage around each call (None outside it)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from pydantic import Field
 from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.sinks.itsm import KeyLocks, TicketMemory, check_url, upsert_each
+from pipeline.deliver.sinks.itsm import CallBudget, KeyLocks, TicketMemory, check_url, upsert_each
 from pipeline.deliver.sinks.writeback import DEFAULT_TAGS, AlertIncidents, BearerToken, TagRule, answer, bounded, marker, merge_tags, render_tags
 from pipeline.deliver.summary import SummarySettings, render_text
 from pipeline.plugins import shared_credential
@@ -84,7 +84,7 @@ class DefenderIncidentSink:
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
         return await upsert_each(records, self._write, locks=self._locks, name="defender_incident")
 
-    async def _write(self, record: Any) -> None:  # under the alert's lock (upsert_each)
+    async def _write(self, record: Any, _budget: CallBudget) -> None:  # under the alert's lock; a retry by upsert_each starts over with the read
         key = alert_key(record)
         if self._incidents.delivered(key, record.record_id):
             return  # this very record is on its incident already (a redelivered batch)

@@ -5,13 +5,17 @@ then `PUT /rest/api/3/issue/<issue key>` (summary, description, priority) or
 `POST /rest/api/3/issue` (201 `{"id", "key", "self"}`) with the labels `dlp` and the alert key. The
 description is an Atlassian Document Format document with the enrichment summary of the record *as
 projected for this sink*. Basic auth with an account e-mail and an API token from `api_token_env`.
-408/429/5xx are retryable with Retry-After; other 4xx rejected.
+408/429/5xx are retryable with Retry-After; other 4xx rejected. An answer that is not the documented
+shape (a search without `issues`, an error body with 200, a body cut short) is retryable, never "no
+issue"; the search and the update are tried again within the call, a failed create starts the record
+over with the search (pipeline.deliver.sinks.itsm). The summary is neutralised against spreadsheet formulas.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import httpx
@@ -20,7 +24,18 @@ from pydantic import Field
 from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.sinks.itsm import KeyLocks, TicketMemory, check, check_url, render, upsert_each
+from pipeline.deliver.sinks.itsm import (
+    CallBudget,
+    KeyLocks,
+    TicketMemory,
+    check,
+    check_url,
+    neutralise_formula,
+    not_documented,
+    read_json,
+    render,
+    upsert_each,
+)
 from pipeline.deliver.summary import SummarySettings, render_parts
 from pipeline.secrets import SecretEnv
 
@@ -112,7 +127,7 @@ class JiraSink:
 
     def fields(self, record: Any) -> dict[str, Any]:
         document = record_document(record)
-        summary = render(self.settings.summary, document) or "DLP alert"
+        summary = neutralise_formula(render(self.settings.summary, document) or "DLP alert")
         summary = summary if len(summary) <= 255 else summary[:254] + "…"
         fields: dict[str, Any] = {
             "summary": summary,
@@ -123,24 +138,21 @@ class JiraSink:
             fields["priority"] = {"name": priority}
         return fields
 
-    async def _upsert(self, record: Any) -> None:  # under the alert's lock (upsert_each)
+    async def _upsert(self, record: Any, budget: CallBudget) -> None:  # under the alert's lock (upsert_each)
         key = alert_key(record)
         if self._issues.delivered(key, record.record_id):
             return  # this very record is on its issue already (a redelivered batch)
         fields = self.fields(record)
-        issue = self._issues.ticket(key) or await self._find(key)
+        issue = self._issues.ticket(key) or await budget.repeat(partial(self._find, key))
+        if issue is not None and not await budget.repeat(partial(self._update, issue, fields)):
+            self._issues.forget(key)  # deleted meanwhile: look again, else create
+            issue = await budget.repeat(partial(self._find, key))
+            if issue is not None and not await budget.repeat(partial(self._update, issue, fields)):
+                issue = None
         if issue is not None:
-            response: httpx.Response | None
-            response = await self.client.put(f"{self.base}/rest/api/3/issue/{issue}", json={"fields": fields})
-            if response.status_code == 404:  # deleted meanwhile: look again, else create
-                self._issues.forget(key)
-                issue = await self._find(key)
-                response = await self.client.put(f"{self.base}/rest/api/3/issue/{issue}", json={"fields": fields}) if issue else None
-            if response is not None and issue is not None:  # issue is always set when response is
-                check(response, ok=(200, 204), action="update issue")
-                self._issues.remember(key, issue, record.record_id)
-                log.info("jira: updated %s for alert key %s", issue, key)
-                return
+            self._issues.remember(key, issue, record.record_id)
+            log.info("jira: updated %s for alert key %s", issue, key)
+            return
         body = {
             "fields": {
                 "project": {"key": self.settings.project_key},
@@ -149,20 +161,47 @@ class JiraSink:
                 **fields,
             }
         }
-        response = check(await self.client.post(f"{self.base}/rest/api/3/issue", json=body), ok=(201,), action="create issue")
-        created = response.json()["key"]
+        # Not repeated here: a create whose answer was lost may have made the issue, so the record
+        # starts over with the search (upsert_each), which finds it.
+        action = "create issue"
+        answer = read_json(check(await self.client.post(f"{self.base}/rest/api/3/issue", json=body), ok=(201,), action=action), action)
+        created = answer.get("key") if isinstance(answer, dict) else None
+        if not isinstance(created, str):
+            raise not_documented(action)
         self._issues.remember(key, created, record.record_id)
         log.info("jira: created %s for alert key %s", created, key)
 
     async def _find(self, key: str) -> str | None:
+        """The key of the issue labelled `key`, None when the documented answer lists none."""
         jql = f'project = "{self.settings.project_key}" AND labels = "{key}" ORDER BY created ASC'
+        action = "search issues"
         response = check(
             await self.client.post(f"{self.base}/rest/api/3/search/jql", json={"jql": jql, "fields": ["labels"], "maxResults": 1}),
             ok=(200,),
-            action="search issues",
+            action=action,
         )
-        issues = [i for i in response.json().get("issues") or [] if key in ((i.get("fields") or {}).get("labels") or [])]
+        answer = read_json(response, action)
+        found = answer.get("issues") if isinstance(answer, dict) else None
+        if not isinstance(found, list) or not all(isinstance(i, dict) for i in found):
+            raise not_documented(action)  # e.g. 200 with {"errorMessages": [...]}: not "no issue yet"
+        issues = [i for i in found if key in ((i.get("fields") or {}).get("labels") or [])]
+        if issues and not isinstance(issues[0].get("key"), str):
+            raise not_documented(action)
         return issues[0]["key"] if issues else None
+
+    async def _update(self, issue: str, fields: dict[str, Any]) -> bool:
+        """PUT the issue's fields; False when it is gone (404). The documented success is 204; a 200
+        counts only when its body is not an error document."""
+        response = await self.client.put(f"{self.base}/rest/api/3/issue/{issue}", json={"fields": fields})
+        if response.status_code == 404:
+            return False
+        action = "update issue"
+        check(response, ok=(200, 204), action=action)
+        if response.status_code == 200 and response.content:
+            answer = read_json(response, action)
+            if not isinstance(answer, dict) or answer.get("errorMessages") or answer.get("errors"):
+                raise not_documented(action)
+        return True
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -32,7 +32,7 @@ from pydantic import Field
 from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.sinks.itsm import KeyLocks, TicketError, TicketMemory, check_url, upsert_each
+from pipeline.deliver.sinks.itsm import CallBudget, KeyLocks, TicketError, TicketMemory, check_url, upsert_each
 from pipeline.deliver.sinks.writeback import DEFAULT_TAGS, AlertIncidents, BearerToken, TagRule, answer, bounded, comment_id, marker, merge_tags, render_tags
 from pipeline.deliver.summary import SummarySettings, render_text
 from pipeline.plugins import shared_credential
@@ -89,7 +89,7 @@ class SentinelIncidentSink:
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
         return await upsert_each(records, self._write, locks=self._locks, name="sentinel_incident")
 
-    async def _write(self, record: Any) -> None:  # under the alert's lock (upsert_each)
+    async def _write(self, record: Any, _budget: CallBudget) -> None:  # under the alert's lock; a retry by upsert_each starts over with the read
         key = alert_key(record)
         if self._written.delivered(key, record.record_id):
             return

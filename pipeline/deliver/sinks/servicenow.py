@@ -6,7 +6,10 @@ closed ticket is updated, not duplicated), then `PATCH /api/now/table/<table>/<s
 projected for this sink* (`{summary}` is the enrichment summary) plus `severity_map`; a work note carries the enrichment summary.
 Auth: basic (`username` + password from `password_env`) or OAuth client credentials (`client_id` +
 secret from `client_secret_env`, token from `<instance>/oauth_token.do`). 408/429/5xx are retryable
-with Retry-After; other 4xx rejected.
+with Retry-After; other 4xx rejected. An answer without the documented `result` (e.g. 200 with
+`{"error": {...}}`, a body cut short) is retryable, never "no ticket"; the lookup and the update are
+tried again within the call, a failed create starts the record over with the lookup (pipeline.deliver.sinks.itsm).
+Every text field sent is neutralised against spreadsheet formulas.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 import httpx
@@ -22,7 +26,20 @@ from pydantic import Field, model_validator
 from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.sinks.itsm import KeyLocks, TicketError, TicketMemory, check, check_url, render, summary_lines, upsert_each
+from pipeline.deliver.sinks.itsm import (
+    CallBudget,
+    KeyLocks,
+    TicketError,
+    TicketMemory,
+    check,
+    check_url,
+    neutralise_formula,
+    not_documented,
+    read_json,
+    render,
+    summary_lines,
+    upsert_each,
+)
 from pipeline.deliver.summary import SummarySettings
 from pipeline.secrets import SecretEnv
 
@@ -135,49 +152,74 @@ class ServiceNowSink:
         body.update(self.settings.severity_map.get(severity or "unknown", {}))
         if self.settings.work_notes:
             body["work_notes"] = "DLP pipeline enrichment summary\n" + summary
+        body = {field: neutralise_formula(value) for field, value in body.items()}
         for field, limit in LIMITS.items():
             if field in body and len(body[field]) > limit:
                 body[field] = body[field][: limit - 1] + "…"
         return body
 
-    async def _upsert(self, record: Any) -> None:  # under the alert's lock (upsert_each)
+    async def _upsert(self, record: Any, budget: CallBudget) -> None:  # under the alert's lock (upsert_each)
         key = alert_key(record)
         if self._tickets.delivered(key, record.record_id):
             return  # this very record is on its ticket already (a redelivered batch)
         body = self.ticket(record)
         update = {k: v for k, v in body.items() if k not in self.settings.create_only_fields}
-        sys_id = self._tickets.ticket(key) or await self._find(key)
+        sys_id = self._tickets.ticket(key) or await budget.repeat(partial(self._find, key))
+        if sys_id is not None and not await budget.repeat(partial(self._update, sys_id, update)):
+            self._tickets.forget(key)  # deleted meanwhile: look again, else create
+            sys_id = await budget.repeat(partial(self._find, key))
+            if sys_id is not None and not await budget.repeat(partial(self._update, sys_id, update)):
+                sys_id = None
         if sys_id is not None:
-            response: httpx.Response | None
-            response = await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update)
-            if response.status_code == 404:  # deleted meanwhile: look again, else create
-                self._tickets.forget(key)
-                sys_id = await self._find(key)
-                response = await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update) if sys_id else None
-            if response is not None and sys_id is not None:  # sys_id is always set when response is
-                check(response, ok=(200,), action="update incident")
-                self._tickets.remember(key, sys_id, record.record_id)
-                log.info("servicenow: updated ticket %s for alert key %s", sys_id, key)
-                return
-        response = check(await self._request("POST", self._table_url, json=body), ok=(200, 201), action="create incident")
-        created = response.json()["result"]
-        self._tickets.remember(key, created["sys_id"], record.record_id)
-        log.info("servicenow: created %s for alert key %s", created.get("number", created["sys_id"]), key)
+            self._tickets.remember(key, sys_id, record.record_id)
+            log.info("servicenow: updated ticket %s for alert key %s", sys_id, key)
+            return
+        # Not repeated here: a create whose answer was lost may have made the ticket, so the record
+        # starts over with the lookup (upsert_each), which finds it.
+        created = await self._create(body)
+        self._tickets.remember(key, created[0], record.record_id)
+        log.info("servicenow: created %s for alert key %s", created[1], key)
 
     async def _find(self, key: str) -> str | None:
+        """The sys_id of the ticket carrying `key`, None when the documented answer lists none."""
         params = {
             "sysparm_query": f"correlation_id={key}^ORDERBYsys_created_on",
             "sysparm_fields": "sys_id,number,correlation_id",
             "sysparm_limit": "1",
         }
-        response = check(await self._request("GET", self._table_url, params=params), ok=(200,), action="find incident")
-        results = response.json().get("result") or []
+        action = "find incident"
+        answer = read_json(check(await self._request("GET", self._table_url, params=params), ok=(200,), action=action), action)
+        results = answer.get("result") if isinstance(answer, dict) else None
+        if not isinstance(results, list) or not all(isinstance(row, dict) for row in results):
+            raise not_documented(action)  # e.g. 200 with {"error": {...}}: not "no ticket yet"
         # ServiceNow silently ignores an invalid query part (e.g. no correlation_id on a custom table)
         # and then returns any row: never update a ticket that does not carry our key.
         matching = [row for row in results if row.get("correlation_id") == key]
         if results and not matching:
             raise TicketError(Outcome.rejected(f"find incident: the {self.settings.table} table ignored the correlation_id query"))
+        if matching and not isinstance(matching[0].get("sys_id"), str):
+            raise not_documented(action)
         return matching[0]["sys_id"] if matching else None
+
+    async def _update(self, sys_id: str, update: dict[str, str]) -> bool:
+        """PATCH the ticket; False when it is gone (404)."""
+        response = await self._request("PATCH", f"{self._table_url}/{sys_id}", json=update)
+        if response.status_code == 404:
+            return False
+        action = "update incident"
+        answer = read_json(check(response, ok=(200,), action=action), action)
+        if not isinstance(answer, dict) or not isinstance(answer.get("result"), dict):
+            raise not_documented(action)
+        return True
+
+    async def _create(self, body: dict[str, str]) -> tuple[str, str]:
+        """POST the ticket; its sys_id and number (the sys_id when the answer has no number)."""
+        action = "create incident"
+        answer = read_json(check(await self._request("POST", self._table_url, json=body), ok=(200, 201), action=action), action)
+        created = answer.get("result") if isinstance(answer, dict) else None
+        if not isinstance(created, dict) or not isinstance(created.get("sys_id"), str):
+            raise not_documented(action)
+        return created["sys_id"], str(created.get("number") or created["sys_id"])
 
     async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         headers = {}
