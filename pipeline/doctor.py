@@ -416,8 +416,8 @@ async def eventhub_check(name: str, *, fully_qualified_namespace: str | None, co
     return Check.ok(name, f"hub {properties.get('eventhub_name')} reachable, {len(partitions)} partitions{group}")
 
 
-class _ConsumerGroupMissing(Exception):
-    pass
+class _ConsumerGroupMissing(PipelineError):
+    """The hub answered, but has no consumer group of that name (caught in the check above)."""
 
 
 async def _consumer_group_check(client: Any, consumer_group: str, partition_id: str, timeout: float) -> str:
