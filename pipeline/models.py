@@ -225,8 +225,9 @@ class EnrichedRecord(_Model):
         return self.model_dump(mode="json")
 
 
-# Fields without which an alert is not one: a broken value here rejects the record (dead letter).
-REQUIRED_ALERT_FIELDS = frozenset({"alert_id", "source_format"})
+# Fields without which an alert is not one, or that a wrong value makes dangerous (the tenant decides
+# where an alert is filed): a broken value here rejects the record (dead letter).
+REQUIRED_ALERT_FIELDS = frozenset({"alert_id", "source_format", "tenant_id"})
 _MAX_REPAIRS = 4
 
 
