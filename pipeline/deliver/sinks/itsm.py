@@ -159,6 +159,16 @@ def summary_lines(document: dict[str, Any], *, record_id: str) -> list[str]:
     ]
     add("Sensitive info", ", ".join(infos) or None)
     add("Shared externally", alert.get("shared_externally"))
+    lifecycle = alert.get("lifecycle") or {}
+    exception = alert.get("exception") or {}
+    add("DLP lifecycle", str(lifecycle.get("state", "")).replace("_", " ") or None)
+    add("Exception reason", exception.get("reason") if isinstance(exception, dict) else None)
+    rules = [
+        f"{rule.get('name') or rule.get('rule_id')} ({rule.get('severity')})"
+        for policy in alert.get("policies") or [] if isinstance(policy, dict)
+        for rule in policy.get("rules") or [] if isinstance(rule, dict) and (rule.get("name") or rule.get("rule_id"))
+    ]
+    add("Rules matched", ", ".join(rules[:10]) + (f" (+{len(rules) - 10} more)" if len(rules) > 10 else "") if rules else None)
     enrichments = document.get("enrichments") or {}
     triage = enrichments.get("triage") or {}
     add("Triage score", triage.get("score"))
