@@ -63,7 +63,7 @@ class ServiceNowSink:
             False, description="close the ticket (with `closed_fields`) when the DLP match's policy action was undone (alert.lifecycle.state = undone)"
         )
         closed_fields: dict[str, str] = Field(
-            default_factory=lambda: {"state": "7", "close_code": "Resolved by request", "close_notes": "The DLP policy action was undone ({alert.exception.reason})."},
+            default_factory=lambda: {"state": "6", "close_code": "Resolved by request", "close_notes": "The DLP policy action was undone ({alert.exception.reason})."},
             description="incident field → template, set when an undone match closes its ticket",
         )
         timeout_seconds: float = Field(15.0, gt=0)
