@@ -75,7 +75,7 @@ def _event_time(part: AlertPart) -> float:
 
 def _event_order(part: AlertPart) -> tuple[float, int, str]:
     state = (part.data.get("lifecycle_event") or {}).get("state")
-    return _event_time(part), _STATE_ORDER.get(state, 0), part.digest
+    return _event_time(part), _STATE_ORDER.get(str(state), 0), part.digest
 
 
 def merge_lifecycle(parts: Iterable[AlertPart]) -> dict[str, Any]:
