@@ -24,7 +24,6 @@ EnrichmentState = Literal["ok", "skipped", "failed", "timed_out"]
 # action was undone (DlpRuleUndo: enforcement reversed, for an override, a false-positive report, a
 # document or a policy change). See docs/architecture.md, "DLP lifecycle".
 LifecycleState = Literal["matched", "overridden", "reported_false_positive", "undone"]
-LIFECYCLE_OPERATIONS = ("DlpRuleMatch", "DlpInfo", "DlpRuleUndo")
 
 SEVERITY_RANK: dict[str, int] = {"unknown": 0, "informational": 1, "low": 2, "medium": 3, "high": 4}
 
@@ -119,7 +118,11 @@ class Lifecycle(_Model):
 
 
 class DlpAlert(_Model):
-    """One Purview DLP alert (kind "alert") or DLP rule-match activity (kind "activity")."""
+    """One Purview DLP alert (kind "alert") or DLP rule-match activity (kind "activity").
+
+    A Management Activity match's `alert_id` is the id of the match (`dlpmatch-…`, see
+    pipeline/ingest/formats/management_activity.py `match_key`), the same for every event of it;
+    each event's own audit record id is in `lifecycle.events`."""
 
     # Logged and used as a key by sinks: bounded, and no control characters (no forged log lines).
     alert_id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")

@@ -101,8 +101,8 @@ def merge_lifecycle(parts: Iterable[AlertPart]) -> dict[str, Any]:
     ]
     exceptions = [part.data["exception"] for part in ordered if part.data.get("exception")]
     merged["exception"] = exceptions[-1] if exceptions else None
-    events = [part.data["lifecycle_event"] for part in ordered]
-    merged["lifecycle"] = {"state": events[-1]["state"], "events": events}
+    events = [event for part in ordered if isinstance(event := part.data.get("lifecycle_event"), dict)]
+    merged["lifecycle"] = {"state": events[-1].get("state"), "events": events} if events else None
     times = [event["at"] for event in events if event.get("at")]
     first_match = (matches or ordered)[0].data.get("created_at")
     merged["created_at"] = first_match or (times[0] if times else None)

@@ -12,6 +12,7 @@ Guarantees:
 - claimed alerts are marked emitted only by `mark_emitted`, after delivery; `release` gives them back
   when the batch raises, so running it again claims them again (at-least-once);
 - a claimed alert whose merged parts are not a valid alert is a dead letter (`invalid_alert`);
+- an assemble-stage dead letter holds no free text (a kept override justification is scrubbed out);
 - DLP lifecycle events (parts of rank `RANK_LIFECYCLE`) need no settling: each is a whole event, stored
   only to be folded with its match's other events, so it is claimable at once and the alert of its
   match is emitted (or revised) by the same batch.
@@ -30,6 +31,7 @@ from pipeline.assemble.join import assemble, merge_parts
 from pipeline.config import AssemblySettings
 from pipeline.deadletter import DeadLetter
 from pipeline.ingest.decode import validation_summary
+from pipeline.ingest.formats.common import scrub
 from pipeline.ingest.formats.contract import RANK_LIFECYCLE, AlertPart
 from pipeline.models import DlpAlert
 from pipeline.state import StateStore
@@ -81,7 +83,7 @@ class Assembler:
                 if not any(part.rank == RANK_LIFECYCLE for part in alert.parts):  # lifecycle warnings were counted at decode
                     claimed.warnings += len(assembled.decode_warnings)
             except ValidationError as exc:
-                body = orjson.dumps(merge_parts(alert.parts))
+                body = orjson.dumps(scrub(merge_parts(alert.parts)))  # no kept justification in a dead letter
                 claimed.dead.append(DeadLetter(stage="assemble", reason="invalid_alert", detail=validation_summary(exc), body=body, alert_id=alert.alert_id))
         return claimed
 
@@ -102,7 +104,7 @@ def _over_limit_dead_letters(parts: list[Any], limit: int) -> list[DeadLetter]:
     entries = []
     for alert_id, extra in by_alert.items():
         log.warning("alert %s: %d part(s) over the limit of %d parts per alert dead-lettered", alert_id, len(extra), limit)
-        body = orjson.dumps([{"rank": p.rank, "digest": p.digest, "data": p.data} for p in extra])
+        body = orjson.dumps([{"rank": p.rank, "digest": p.digest, "data": scrub(p.data)} for p in extra])
         detail = f"{len(extra)} part(s) refused: the alert already holds {limit} parts, limit {limit}"
         entries.append(DeadLetter(stage="assemble", reason="too_many_evidence", detail=detail, body=body, alert_id=alert_id))
     return entries
@@ -115,7 +117,7 @@ def _too_large_dead_letters(parts: list[AlertPart]) -> list[DeadLetter]:
     """One dead letter per part the state store could not hold (parts are canonical, scrubbed)."""
     entries = []
     for part in parts:
-        body = orjson.dumps([{"rank": part.rank, "digest": part.digest, "data": part.data}])
+        body = orjson.dumps([{"rank": part.rank, "digest": part.digest, "data": scrub(part.data)}])
         log.warning("alert %s: a part of %d bytes is larger than the state store holds; dead-lettered", part.alert_id, len(body))
         detail = f"part of {len(body)} bytes, larger than the state store holds"
         entries.append(DeadLetter(stage="assemble", reason=PART_TOO_LARGE, detail=detail, body=body, alert_id=part.alert_id))

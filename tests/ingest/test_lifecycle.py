@@ -91,12 +91,19 @@ def test_the_justification_setting_is_typed(write_config):
         write_config(pipeline_toml(lifecycle={"keep_justification": True}), name="bad.toml")
 
 
-async def test_a_kept_justification_is_never_logged(write_config, caplog):
+async def test_a_kept_justification_is_never_logged_nor_dead_lettered(write_config, caplog):
     caplog.set_level(logging.DEBUG)
-    toml = pipeline_toml(lifecycle={"keep_user_justification": True})
-    lines = await run(write_config, body("exchange_rule_match.json"), body("exchange_rule_match_override.json"), toml=toml)
-    assert latest(lines)["alert"]["exception"]["justification"].startswith(JUSTIFICATION)  # it was read...
-    assert JUSTIFICATION not in caplog.text and "4111 1111 1111 1111" not in caplog.text  # ...and never logged
+    override = record("exchange_rule_match_override.json")
+    unusable = override | {"Id": None}  # dead-lettered, with its justification scrubbed
+    async with Runner(write_config(pipeline_toml(lifecycle={"keep_user_justification": True}))) as runner:
+        await runner.process_batch([Message(body("exchange_rule_match.json"))])
+        await runner.process_batch([Message(orjson.dumps([override, unusable]))])
+        lines = lake_lines(runner)
+        stored = b"".join(path.read_bytes() for path in runner.loaded.data_path("dead-letter").rglob("*") if path.is_file())
+    assert latest(lines)["alert"]["exception"]["justification"].startswith(JUSTIFICATION)  # it was kept for the sinks...
+    assert caplog.records and b"invalid_record" in stored  # the run logged and dead-lettered...
+    assert JUSTIFICATION not in caplog.text and "4111 1111 1111 1111" not in caplog.text  # ...but never the justification
+    assert JUSTIFICATION.encode() not in stored
 
 
 # -- 2. lifecycle as revisions --------------------------------------------------------------------
