@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
+from pipeline.ingest.formats.common import named_policies
 from pipeline.ingest.formats.contract import RANK_LIFECYCLE, AlertPart
 from pipeline.models import DlpAlert, validate_alert
 
@@ -60,6 +61,8 @@ def merge_parts(parts: Iterable[AlertPart]) -> dict[str, Any]:
                         current[sub_key] = sub_value
             elif key not in merged:
                 merged[key] = value
+    if not merged.get("policies"):
+        merged["policies"] = named_policies(merged.get("policy_name"), merged.get("rule_name"))
     return merged
 
 

@@ -234,3 +234,27 @@ def test_a_broken_required_field_still_dead_letters():
     decoded = decode_message(orjson.dumps(broken))
     assert not decoded.parts and [r.reason for r in decoded.rejected] == ["invalid_record"]
     assert "alert_id" in decoded.rejected[0].detail
+
+
+def test_formats_that_name_one_policy_and_rule_give_them_as_policies_too():
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures" / "formats"
+    from pipeline.assemble.join import assemble
+
+    graph = decode_message((fixtures / "graph_alert_v2_dlp.json").read_bytes()).alerts[0]
+    streaming = assemble(decode_message((fixtures / "streaming_dlp_batch.json").read_bytes()).parts)
+    for alert in (graph, streaming):
+        (policy,) = alert.policies
+        assert policy.name == alert.policy_name and [rule.name for rule in policy.rules] == [alert.rule_name]
+
+
+def test_validate_alert_nulls_nested_fields_and_falls_back_to_defaults():
+    from pipeline.models import validate_alert
+
+    alert = validate_alert({
+        "alert_id": "a-1", "source_format": "graph_alert", "severity": "extreme", "files": [{"name": "a.xlsx", "size": "big"}],
+        "last_activity_at": "yesterday",
+    })
+    assert alert.severity == "unknown" and alert.files[0].name == "a.xlsx" and alert.files[0].size is None and alert.last_activity_at is None
+    assert sorted(w.split(":")[0] for w in alert.decode_warnings) == ["files.0.size", "last_activity_at", "severity"]
+    with pytest.raises(ValueError):
+        validate_alert({"alert_id": "a-1", "source_format": "graph_alert", "tenant_id": "../escape"})  # required: rejected, not nulled
