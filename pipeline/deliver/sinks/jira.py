@@ -4,7 +4,10 @@ For each record: `POST /rest/api/3/search/jql` with `project = "<key>" AND label
 then `PUT /rest/api/3/issue/<issue key>` (summary, description, priority) or
 `POST /rest/api/3/issue` (201 `{"id", "key", "self"}`) with the labels `dlp` and the alert key. The
 description is an Atlassian Document Format document with the enrichment summary of the record *as
-projected for this sink*. Basic auth with an account e-mail and an API token from `api_token_env`.
+projected for this sink*. With `undone_transition_id`, a record whose DLP match was undone
+(`alert.lifecycle.state` = undone) also runs that workflow transition
+(`POST /rest/api/3/issue/<issue key>/transitions`); a 400 (the transition is not available from the
+issue's status, e.g. it is closed already) leaves the updated issue as it is. Basic auth with an account e-mail and an API token from `api_token_env`.
 408/429/5xx are retryable with Retry-After; other 4xx rejected.
 """
 
@@ -51,6 +54,10 @@ class JiraSink:
         priority_map: dict[str, str] = Field(default_factory=dict, description='severity → priority name, e.g. { high = "High" }')
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = None
+        undone_transition_id: str | None = Field(
+            None, pattern=r"^[0-9]+$",
+            description="id of the workflow transition (e.g. to Done) run when the DLP match was undone; none: the issue is only updated",
+        )
 
     def __init__(self, settings: JiraSink.Settings, services: Any) -> None:
         self.settings = settings
@@ -96,6 +103,7 @@ class JiraSink:
                 response = await self.client.put(f"{self.base}/rest/api/3/issue/{issue}", json={"fields": fields}) if issue else None
             if response is not None and issue is not None:  # issue is always set when response is
                 check(response, ok=(200, 204), action="update issue")
+                await self._close_if_undone(record, issue)
                 self._issues.remember(key, issue, record.record_id)
                 log.info("jira: updated %s for alert key %s", issue, key)
                 return
@@ -109,8 +117,20 @@ class JiraSink:
         }
         response = check(await self.client.post(f"{self.base}/rest/api/3/issue", json=body), ok=(201,), action="create issue")
         created = response.json()["key"]
+        await self._close_if_undone(record, created)
         self._issues.remember(key, created, record.record_id)
         log.info("jira: created %s for alert key %s", created, key)
+
+    async def _close_if_undone(self, record: Any, issue: str) -> None:
+        transition = self.settings.undone_transition_id
+        if transition is None or ((record_document(record).get("alert") or {}).get("lifecycle") or {}).get("state") != "undone":
+            return
+        response = await self.client.post(f"{self.base}/rest/api/3/issue/{issue}/transitions", json={"transition": {"id": transition}})
+        if response.status_code == 400:  # not available from the issue's status (closed already, or another workflow)
+            log.info("jira: transition %s not available for %s; the issue was updated only", transition, issue)
+            return
+        check(response, ok=(204,), action="close issue")
+        log.info("jira: closed %s (DLP match undone)", issue)
 
     async def _find(self, key: str) -> str | None:
         jql = f'project = "{self.settings.project_key}" AND labels = "{key}" ORDER BY created ASC'
