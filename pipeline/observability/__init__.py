@@ -19,6 +19,7 @@ Metrics (all names prefixed `dlp.`):
 | `dlp.sink.delivered` | counter | {record} | `sink` | records a sink accepted |
 | `dlp.sink.failed` | counter | {record} | `sink`, `reason` | records a sink rejected or never took (dead-lettered) |
 | `dlp.dead_lettered` | counter | {entry} | `stage`, `reason` | dead-letter entries written |
+| `dlp.fields.nulled` | counter | {field} | | broken optional fields set to null (their records kept) |
 | `dlp.lag` | histogram | s | | from a message's Event Hub enqueued time to its processing |
 
 Structured logs: while an alert is being enriched, every log record (the runner's and a plugin's)
