@@ -177,6 +177,33 @@ async def test_lifecycle_events_in_any_order_and_batching_give_the_same_final_st
     assert final == EXPECTED_FINAL
 
 
+async def fold_in_order(store, order: list[int]) -> dict[str, str]:
+    """The last revision of each match after the events of `order` went through `store`, one batch each."""
+    assembler = Assembler(store, AssemblySettings(), max_parts_per_alert=100)
+    final: dict[str, str] = {}
+    for step, index in enumerate(order, start=1):
+        now = 1_000.0 + step
+        await assembler.store(decode_message(orjson.dumps(ALL_EVENTS[index][1])).parts, now=now)
+        claimed = await assembler.claim(now=now, force=False)
+        final.update((alert.alert_id, alert.model_dump_json()) for alert in claimed.alerts)
+        await assembler.mark_emitted(claimed.alert_ids, now=now)
+    return final
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3, 4, 5], [5, 2, 4, 1, 3, 0], [2, 0, 1, 4, 5, 3]])
+async def test_the_shared_table_store_folds_events_in_any_order_alike(azurite, monkeypatch, order):
+    """The deployed state store (Azure Table Storage, on Azurite) gives the same final state."""
+    from pipeline.state.azure_table import TableStateStore
+    from tests.support.table_state import ENV, table_name, table_settings
+
+    monkeypatch.setenv(ENV, azurite.connection_string)
+    store = TableStateStore(table_settings(table_name("life")))
+    try:
+        assert await fold_in_order(store, order) == EXPECTED_FINAL
+    finally:
+        await store.aclose()
+
+
 def _expected_final() -> dict[str, str]:
     from pipeline.assemble.join import assemble
 
