@@ -47,6 +47,9 @@ def make_bodies(alerts: int, *, users: int = 200, seed: int = 7) -> list[bytes]:
         elif kind == 3:
             doc = copy.deepcopy(mgmt)
             doc["Id"], doc["UserId"] = alert_id, upn
+            # a document of its own: every generated record is a match of its own (the events of one
+            # document are revisions of one alert, pipeline/ingest/formats/management_activity.py)
+            doc["SharePointMetaData"]["UniqueID"] = doc["SharePointMetaData"]["FileID"] = alert_id
         else:
             doc = copy.deepcopy(sentinel)
             doc["VendorOriginalId"] = alert_id

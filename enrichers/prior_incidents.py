@@ -3,7 +3,9 @@
 Every alert the pipeline sees (kind "alert") is written to the history store (pipeline/state/history.py:
 SQLite by default, Azure Table Storage to share it between Functions instances), idempotently: a
 re-run or a redelivery does not count twice, and the alert never counts in its own history. The
-windows end at the alert's own time, so the result does not depend on processing order. With a
+windows end just before the alert's own time (its own end point is not in them), so the result does
+not depend on processing order, and a rule-match activity never counts the alert raised from it
+(which carries the activity's time) as a prior incident. With a
 `hunting` table, alerts older than the pipeline come from Advanced Hunting (AlertInfo/AlertEvidence).
 Activities (kind "activity") get their user's prior alerts too, but are not recorded as alerts.
 """
@@ -11,6 +13,7 @@ Activities (kind "activity") get their user's prior alerts too, but are not reco
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -126,7 +129,7 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         for index, (alert, entry) in enumerate(zip(alerts, entries)):
             if entry is None:
                 continue
-            rows = between(self.histories.rows(entry.user), entry.at - 90 * DAY, entry.at)
+            rows = between(self.histories.rows(entry.user), entry.at - 90 * DAY, _before(entry.at))
             found = hunted.get(("hunting", entry.user)) if self.hunting is not None else None
             results[index] = found if isinstance(found, Exception) else self._summary(alert, entry.at, rows, found)
         return results
@@ -155,7 +158,7 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
             if hunted is not None:
                 for found in hunted:
                     found_at = found.at.timestamp()
-                    if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= found_at <= until:
+                    if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= found_at < until:
                         prior[found.alert_id] = _Row(found.alert_id, found_at, found.policy, found.severity, frozenset(), found.source)
                 sources.append("hunting")
             ordered = sorted(prior.values(), key=_AT, reverse=True)
@@ -190,6 +193,11 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
                 severity = str(row.get("Severity") or "").lower() or None
                 found.append(PriorAlert(alert_id=row["AlertId"], at=at, severity=severity, source="hunting"))
         return found
+
+
+def _before(at: float) -> float:
+    """The latest time a prior incident can have: just before `at` (the window excludes its end point)."""
+    return math.nextafter(at, -math.inf)
 
 
 class _Row(NamedTuple):

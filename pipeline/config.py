@@ -49,6 +49,16 @@ class AssemblySettings(StrictModel):
     emit_batch_size: int = Field(500, ge=1, description="settled split alerts emitted by one batch at most (bounds memory after a backlog)")
 
 
+class LifecycleSettings(StrictModel):
+    """The DLP lifecycle (docs/architecture.md, "DLP lifecycle")."""
+
+    keep_user_justification: bool = Field(
+        False,
+        description="keep the user's override justification on alert.exception.justification (user-written free text that may hold "
+        "anything, even the matched values: dropped unless set; never logged)",
+    )
+
+
 class StateSettings(StrictModel):
     """Where pending split-alert parts, their claims and the redelivery counts live (docs/delivery.md, "The state model").
 
@@ -176,6 +186,7 @@ class PipelineConfig(StrictModel):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     consumer: ConsumerSettings | None = None
     limits: Limits = Field(default_factory=Limits)
+    lifecycle: LifecycleSettings = Field(default_factory=LifecycleSettings)
     enrichers: list[EnricherConfig] = Field(default_factory=list)
     sinks: list[SinkConfig] = Field(default_factory=list)
 

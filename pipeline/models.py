@@ -6,19 +6,24 @@ around them: the decoders drop those before a model is built, and the model has 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_core import to_jsonable_python
 
 SourceFormat = Literal["defender_streaming", "graph_alert", "management_activity", "sentinel_alert"]
 Severity = Literal["informational", "low", "medium", "high", "unknown"]
 AlertKind = Literal["alert", "activity"]
 EnrichmentState = Literal["ok", "skipped", "failed", "timed_out"]
+# Where a DLP match stands: the user overrode it, reported it as a false positive, or the policy
+# action was undone (DlpRuleUndo: enforcement reversed, for an override, a false-positive report, a
+# document or a policy change). See docs/architecture.md, "DLP lifecycle".
+LifecycleState = Literal["matched", "overridden", "reported_false_positive", "undone"]
 
 SEVERITY_RANK: dict[str, int] = {"unknown": 0, "informational": 1, "low": 2, "medium": 3, "high": 4}
 
@@ -63,8 +68,61 @@ class SensitiveInfo(_Model):
     confidence: int | None = None
 
 
+class DlpRule(_Model):
+    """One rule of a DLP policy that matched: its own severity, mode and actions."""
+
+    name: str | None = None
+    rule_id: str | None = None
+    severity: Severity = "unknown"
+    mode: str | None = None
+    actions: list[str] = Field(default_factory=list)
+    overridden_actions: list[str] = Field(default_factory=list)
+
+
+class DlpPolicy(_Model):
+    """One DLP policy that matched, with every rule of it that matched."""
+
+    name: str | None = None
+    policy_id: str | None = None
+    rules: list[DlpRule] = Field(default_factory=list)
+
+
+class DlpException(_Model):
+    """What the source says the user did about the match (Management Activity `ExceptionInfo`).
+
+    `justification` is the user's own free text: it may hold anything (even the matched values), so it
+    is None unless `[lifecycle] keep_user_justification` is set, and it is never logged."""
+
+    override: bool = False
+    false_positive: bool = False
+    reason: str | None = None
+    rule_ids: list[str] = Field(default_factory=list)
+    justification: str | None = None
+
+
+class LifecycleEvent(_Model):
+    """One event of a match's lifecycle, as the source recorded it (audit record id, operation, time)."""
+
+    record_id: str | None = None
+    operation: Literal["DlpRuleMatch", "DlpInfo", "DlpRuleUndo"]
+    state: LifecycleState
+    at: datetime | None = None
+
+
+class Lifecycle(_Model):
+    """Where the match stands (`state`, of its latest event) and every event of it seen so far, in
+    event order. The same events give the same lifecycle whatever order they arrived in."""
+
+    state: LifecycleState = "matched"
+    events: list[LifecycleEvent] = Field(default_factory=list)
+
+
 class DlpAlert(_Model):
-    """One Purview DLP alert (kind "alert") or DLP rule-match activity (kind "activity")."""
+    """One Purview DLP alert (kind "alert") or DLP rule-match activity (kind "activity").
+
+    A Management Activity match's `alert_id` is the id of the match (`dlpmatch-…`, see
+    pipeline/ingest/formats/management_activity.py `match_key`), the same for every event of it;
+    each event's own audit record id is in `lifecycle.events`."""
 
     # Logged and used as a key by sinks: bounded, and no control characters (no forged log lines).
     alert_id: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
@@ -90,6 +148,13 @@ class DlpAlert(_Model):
     incident_id: str | None = None
     alert_url: str | None = None
     incident_url: str | None = None
+    # Every policy and rule that matched; `policy_name`/`rule_name` are the first of them, kept for
+    # readers of the older shape. `severity` is the highest rule's when the source gives rules.
+    policies: list[DlpPolicy] = Field(default_factory=list)
+    exception: DlpException | None = None
+    lifecycle: Lifecycle | None = None
+    # Optional fields the source sent broken, set to null: "<field>: <why>", never the value.
+    decode_warnings: list[str] = Field(default_factory=list)
 
     _json: bytes | None = PrivateAttr(default=None)
     _content_id: str | None = PrivateAttr(default=None)
@@ -161,3 +226,65 @@ class EnrichedRecord(_Model):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+# Fields without which an alert is not one, or that a wrong value makes dangerous (the tenant decides
+# where an alert is filed): a broken value here rejects the record (dead letter).
+REQUIRED_ALERT_FIELDS = frozenset({"alert_id", "source_format", "tenant_id"})
+_MAX_REPAIRS = 4
+
+
+def validate_alert(fields: Mapping[str, Any]) -> DlpAlert:
+    """The alert of `fields`, keeping what is usable: a broken optional field (a malformed time, a
+    count that is not a number) becomes null, or its default, with a warning in `decode_warnings`
+    ("<field path>: <why>", never the value). Raises pydantic's ValidationError only when a required
+    field (`REQUIRED_ALERT_FIELDS`) is broken or missing, or a field the model does not know is given."""
+    try:
+        return DlpAlert.model_validate(fields)
+    except ValidationError as exc:
+        error = exc
+    data = copy.deepcopy(dict(fields))
+    nulled: set[tuple[Any, ...]] = set()
+    for _ in range(_MAX_REPAIRS):
+        warnings = list(data.get("decode_warnings") or [])
+        for problem in error.errors(include_url=False, include_input=False, include_context=False):
+            location = tuple(problem["loc"])
+            if not location or location[0] in REQUIRED_ALERT_FIELDS or location[0] not in DlpAlert.model_fields or location[0] == "decode_warnings":
+                raise error
+            _repair(data, location, drop=location in nulled)
+            nulled.add(location)
+            warnings.append(f"{'.'.join(str(part) for part in location)}: {problem['msg']}")
+        data["decode_warnings"] = list(dict.fromkeys(warnings))
+        try:
+            return DlpAlert.model_validate(data)
+        except ValidationError as exc:
+            error = exc
+    raise error
+
+
+def clean_alert_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """`fields` as `validate_alert` repairs them, as JSON-ready canonical fields (for parts stored
+    before the alert is built). Raises ValidationError as `validate_alert` does."""
+    return validate_alert(fields).model_dump(mode="json")
+
+
+def _repair(data: dict[str, Any], location: tuple[Any, ...], *, drop: bool) -> None:
+    """Null the value at `location`; the second time (null is not allowed there either), remove it,
+    or remove its whole top-level field when it sits in a list."""
+    parent: Any = data
+    for part in location[:-1]:
+        try:
+            parent = parent[part]
+        except (KeyError, IndexError, TypeError):
+            data.pop(location[0], None)
+            return
+    leaf = location[-1]
+    if isinstance(parent, dict) and leaf in parent:
+        if drop:
+            del parent[leaf]
+        else:
+            parent[leaf] = None
+    elif len(location) > 1:
+        data.pop(location[0], None)
+    else:
+        data.pop(leaf, None)

@@ -22,13 +22,15 @@ class BatchReport:
     emitted_split: int = 0
     pending: int = 0
     unrouted: int = 0
+    # Broken optional fields set to null (the records were kept; each alert lists its own in decode_warnings).
+    field_warnings: int = 0
     delivered: Counter[str] = field(default_factory=Counter)
     dead_lettered: Counter[str] = field(default_factory=Counter)
     enrichment: Counter[tuple[str, str]] = field(default_factory=Counter)
     record_ids: list[str] = field(default_factory=list)
 
     def merge(self, other: BatchReport) -> None:
-        for name in ("messages", "records", "skipped", "alerts", "duplicate_parts", "emitted_split", "unrouted"):
+        for name in ("messages", "records", "skipped", "alerts", "duplicate_parts", "emitted_split", "unrouted", "field_warnings"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.pending = other.pending
         self.delivered.update(other.delivered)
@@ -61,6 +63,8 @@ class BatchReport:
             f"dead-lettered:       {sum(self.dead_lettered.values())} ({counts(self.dead_lettered)})",
             f"enrichment failures: {sum(self.enrichment_failures.values())} ({counts(self.enrichment_failures)})",
         ]
+        if self.field_warnings:
+            lines.append(f"fields nulled:       {self.field_warnings} (broken optional fields; see each alert's decode_warnings)")
         if self.unrouted:
             lines.append(f"matched no sink:     {self.unrouted}")
         for name in sorted(states):

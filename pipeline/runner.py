@@ -139,13 +139,14 @@ class Runner:
         await self.start()
         report = BatchReport(messages=len(messages))
         now = self.clock()
-        ingested = ingest(messages, limits=self.config.limits, now=now)
-        report.records, report.skipped = ingested.records, ingested.skipped
+        ingested = ingest(messages, limits=self.config.limits, now=now, keep_user_justification=self.config.lifecycle.keep_user_justification)
+        report.records, report.skipped, report.field_warnings = ingested.records, ingested.skipped, ingested.warnings
         await self._dead_letter(ingested.dead, report)  # bad input is durable first: a crash loses nothing read
         report.duplicate_parts, over_limit = await self.assembler.store(ingested.parts, now=now)
         await self._dead_letter(over_limit, report)
         claimed = await self.assembler.claim(now=now, force=flush)
         report.emitted_split = len(claimed.alert_ids)
+        report.field_warnings += claimed.warnings
         await self._dead_letter(claimed.dead, report)
         records = await self._enrich(ingested.alerts + claimed.alerts, report)
         try:

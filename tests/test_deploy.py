@@ -333,3 +333,17 @@ def test_shared_state_of_the_deployed_config_is_in_the_app_storage_account_whose
         if kind == "Microsoft.Authorization/roleAssignments" and re.search(r"^\s*scope: account$", body, re.M):
             granted.add(names[re.search(r"roleDefinitions', (\w+)\)", body).group(1)])
     assert {ROLES["Storage Table Data Contributor"], ROLES["Storage Blob Data Contributor"]} <= granted
+
+
+def test_table_dcr_and_workbook_tell_the_alerts_time_from_the_processing_time():
+    """TimeGenerated is the alert's time; the processing time is its own column, in the table the Bicep
+    creates, in the DCR stream, in the dedup function and in the workbook's latest-revision queries."""
+    columns = table_columns()
+    assert columns["TimeGenerated"] == "datetime" and columns["ProcessedTime"] == "datetime" and columns["LifecycleState"] == "string"
+    dcr = json.loads((ROOT / "deploy" / "sentinel" / "dcr.json").read_text())
+    assert {c["name"]: c["type"] for c in dcr["properties"]["streamDeclarations"]["Custom-DLPEnrichedAlerts"]["columns"]} == columns
+    function = (ROOT / "deploy" / "sentinel" / "DLPEnrichedAlerts.kql").read_text()
+    assert "| summarize arg_max(ProcessedTime, *) by RecordId" in function
+    workbook = dict(queries(json.loads(WORKBOOK.read_text())))
+    assert "arg_max(ProcessedTime," in workbook["top-users"] and "arg_max(TimeGenerated," not in workbook["top-users"]
+    assert "LifecycleState" in workbook["dlp-lifecycle"]

@@ -158,3 +158,12 @@ print(round(elapsed, 3))
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     assert float(result.stdout.decode()) < 1.5  # importing function_app stays fast
+
+
+async def test_broken_optional_fields_are_counted(metrics, write_config, fixture_bytes):
+    graph = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
+    graph["createdDateTime"] = "2025-07-03T12:16:01+053088Z"
+    async with Runner(write_config(pipeline_toml())) as runner:
+        report = await runner.process_batch([Message(orjson.dumps(graph))])
+    assert report.field_warnings == 1 and report.alerts == 1
+    assert total(collected(metrics)["dlp.fields.nulled"]) == 1

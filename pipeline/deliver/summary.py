@@ -40,6 +40,7 @@ class SummarySettings(StrictModel):
     max_reasons: int = Field(10, ge=0, le=50)
     max_types: int = Field(10, ge=0, le=100, description="sensitive types listed (the rest are counted)")
     max_files: int = Field(10, ge=0, le=100)
+    max_rules: int = Field(10, ge=0, le=100, description="DLP rules listed (the rest are counted)")
     max_telemetry_fields: int = Field(8, ge=0, le=100, description="telemetry fields shown when no triage reason names them")
 
 
@@ -233,6 +234,21 @@ def _alert(document: dict[str, Any], s: SummarySettings) -> list[str]:
         lines.append("Files: " + ", ".join(files[: s.max_files]) + _more(min(len(files), s.max_files), len(files)))
     if alert.get("shared_externally") is not None:
         lines.append(f"Shared externally: {_text(alert['shared_externally'])}")
+    lifecycle = alert.get("lifecycle") or {}
+    if isinstance(lifecycle, dict) and lifecycle.get("state"):
+        lines.append("DLP lifecycle: " + str(lifecycle["state"]).replace("_", " "))
+    exception = alert.get("exception")
+    if isinstance(exception, dict) and exception.get("reason"):
+        lines.append(f"Exception reason: {exception['reason']}")
+    rules = [
+        f"{rule.get('name') or rule.get('rule_id')} ({rule.get('severity')})"
+        for policy in alert.get("policies") or []
+        if isinstance(policy, dict)
+        for rule in policy.get("rules") or []
+        if isinstance(rule, dict) and (rule.get("name") or rule.get("rule_id"))
+    ]
+    if rules:
+        lines.append("Rules matched: " + ", ".join(rules[: s.max_rules]) + _more(min(len(rules), s.max_rules), len(rules)))
     return lines
 
 

@@ -36,7 +36,7 @@ from pipeline.ingest import limits as limits_module
 from pipeline.ingest.formats import common, registry
 from pipeline.ingest.formats.contract import AlertPart, Decoder
 from pipeline.ingest.limits import DEFAULT_LIMITS, LimitExceeded, Limits, check_body_size, check_evidence_count, check_record, check_record_count
-from pipeline.models import DlpAlert
+from pipeline.models import DlpAlert, validate_alert
 
 
 @dataclass(slots=True)
@@ -57,10 +57,15 @@ class Decoded:
     parts: list[AlertPart] = field(default_factory=list)
     skipped: int = 0
     rejected: list[RejectedRecord] = field(default_factory=list)
+    # Broken optional fields set to null (each also in its alert's `decode_warnings`).
+    warnings: int = 0
 
 
-def decode_message(body: bytes, *, limits: Limits | None = None) -> Decoded:
-    """Decode one message body. See the module docstring for what is guaranteed."""
+def decode_message(body: bytes, *, limits: Limits | None = None, keep_user_justification: bool = False) -> Decoded:
+    """Decode one message body. See the module docstring for what is guaranteed.
+
+    `keep_user_justification`: keep the user's override justification on the alert's `exception`
+    (decoders read it from the record before it is scrubbed); by default it is dropped like all free text."""
     limits = limits or DEFAULT_LIMITS
     try:
         check_body_size(body, limits)  # before parsing: a too-large body is never parsed
@@ -79,7 +84,7 @@ def decode_message(body: bytes, *, limits: Limits | None = None) -> Decoded:
     for decoder in decoders:
         rows = decoder.envelope_rows(document)
         if rows is not None:
-            return _decode_envelope(decoder, _counted(rows, limits), limits, clean=clean, checked=checked)
+            return _decode_envelope(decoder, _counted(rows, limits), limits, clean=clean, checked=checked, keep=keep_user_justification)
     if isinstance(document, dict) and isinstance(document.get("value"), list):
         items = document["value"]
     elif isinstance(document, list):
@@ -90,7 +95,7 @@ def decode_message(body: bytes, *, limits: Limits | None = None) -> Decoded:
         items = [document]
     else:
         raise DecodeError("unrecognised_shape", f"top-level JSON {type(document).__name__} is not an object or array")
-    return _decode_records(decoders, _counted(items, limits), limits, clean=clean, checked=checked)
+    return _decode_records(decoders, _counted(items, limits), limits, clean=clean, checked=checked, keep=keep_user_justification)
 
 
 def scrubbed_body(body: bytes) -> bytes:
@@ -140,13 +145,14 @@ class _Output:
     """The `RecordOutput` decoders report to: collects into one message's `Decoded`, for the record
     the loop is at (`index`, `record`)."""
 
-    __slots__ = ("decoded", "limits", "index", "record")
+    __slots__ = ("decoded", "limits", "index", "record", "free_text")
 
     def __init__(self, decoded: Decoded, limits: Limits) -> None:
         self.decoded = decoded
         self.limits = limits
         self.index = 0
         self.record: Any = None
+        self.free_text: dict[str, str] = {}
 
     def skip(self) -> None:
         self.decoded.skipped += 1
@@ -164,11 +170,16 @@ class _Output:
 
     def alert(self, fields: dict[str, Any]) -> None:
         try:
-            self.decoded.alerts.append(DlpAlert.model_validate(fields))
+            alert = validate_alert(fields)  # a broken optional field is nulled with a warning
         except ValidationError as exc:
             self.reject("invalid_record", validation_summary(exc))
+            return
+        self.decoded.warnings += len(alert.decode_warnings)
+        self.decoded.alerts.append(alert)
 
     def part(self, part: AlertPart) -> None:
+        warnings = part.data.get("decode_warnings")
+        self.decoded.warnings += len(warnings) if isinstance(warnings, list) else 0
         self.decoded.parts.append(part)
 
 
@@ -200,7 +211,13 @@ def _owner(decoders: tuple[Decoder, ...], record: Any) -> Decoder | None:
     return None
 
 
-def _decode_records(decoders: tuple[Decoder, ...], items: list[Any], limits: Limits, *, clean: bool, checked: bool) -> Decoded:
+def _free_text(decoder: Decoder, record: Any, keep: bool) -> dict[str, str]:
+    """What free text `decoder` keeps of the record before it is scrubbed, only when asked to."""
+    kept = getattr(decoder, "kept_free_text", None) if keep and isinstance(record, dict) else None
+    return kept(record) if kept is not None else {}
+
+
+def _decode_records(decoders: tuple[Decoder, ...], items: list[Any], limits: Limits, *, clean: bool, checked: bool, keep: bool = False) -> Decoded:
     """`clean`: the body names no removed key (nothing to scrub); `checked`: its records are known to be
     within the depth and string limits (`limits.records_surely_within`)."""
     out = Decoded(records=len(items))
@@ -214,9 +231,11 @@ def _decode_records(decoders: tuple[Decoder, ...], items: list[Any], limits: Lim
             out.rejected.append(_reject(index, "unrecognised_record", "record matches none of the supported formats", item))
             continue
         formats.add(decoder.name)
-        item = item if clean else common.scrub(item)
-        output.index, output.record = index, item
+        output.index = index
         try:
+            output.free_text = _free_text(decoder, item, keep)
+            item = item if clean else common.scrub(item)
+            output.record = item
             decoder.decode(item, output)
         except Exception as exc:  # a decoder bug must cost one record, never the message
             out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, item))
@@ -224,15 +243,17 @@ def _decode_records(decoders: tuple[Decoder, ...], items: list[Any], limits: Lim
     return out
 
 
-def _decode_envelope(decoder: Decoder, rows: list[Any], limits: Limits, *, clean: bool, checked: bool) -> Decoded:
+def _decode_envelope(decoder: Decoder, rows: list[Any], limits: Limits, *, clean: bool, checked: bool, keep: bool = False) -> Decoded:
     out = Decoded(format=decoder.name, records=len(rows))
     output = _Output(out, limits)
     for index, row in enumerate(rows):
         if not checked and not _within_record_limits(out, index, row, limits):
             continue
-        row = row if clean else common.scrub(row)
-        output.index, output.record = index, row
+        output.index = index
         try:
+            output.free_text = _free_text(decoder, row, keep)
+            row = row if clean else common.scrub(row)
+            output.record = row
             decoder.decode(row, output)
         except Exception as exc:  # a decoder bug must cost one record, never the message
             out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, row))

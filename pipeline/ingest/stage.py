@@ -45,10 +45,12 @@ class Ingested:
     dead: list[DeadLetter] = field(default_factory=list)
     records: int = 0
     skipped: int = 0
+    warnings: int = 0  # broken optional fields set to null (the records are kept)
 
 
-def ingest(messages: Sequence[Message], *, limits: Limits, now: float) -> Ingested:
-    """Decode every message of a batch; never raises for a message's content."""
+def ingest(messages: Sequence[Message], *, limits: Limits, now: float, keep_user_justification: bool = False) -> Ingested:
+    """Decode every message of a batch; never raises for a message's content. `keep_user_justification`:
+    see `decode_message` (the justification is never logged)."""
     out = Ingested()
     for index, message in enumerate(messages):
         position = message.index if message.index is not None else index  # across the whole input, when the reader counts
@@ -58,7 +60,7 @@ def ingest(messages: Sequence[Message], *, limits: Limits, now: float) -> Ingest
             error = DecodeError(DAMAGED_INPUT, message.damaged)
         else:
             try:
-                decoded = decode_message(message.body, limits=limits)
+                decoded = decode_message(message.body, limits=limits, keep_user_justification=keep_user_justification)
             except DecodeError as err:
                 error = err.with_traceback(None)  # drop the decoder's frames (and the parsed document) now
                 error.__context__ = None
@@ -70,6 +72,7 @@ def ingest(messages: Sequence[Message], *, limits: Limits, now: float) -> Ingest
             continue
         out.records += decoded.records
         out.skipped += decoded.skipped
+        out.warnings += decoded.warnings
         out.alerts.extend(decoded.alerts)
         out.parts.extend(decoded.parts)
         if decoded.rejected:  # one line per message, not per record: hostile input cannot flood the log

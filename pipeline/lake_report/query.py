@@ -40,7 +40,7 @@ _PATHS = {
     "departing": "$.enrichments.user_context.departing",
     "policy": "$.alert.policy_name",
     "rule": "$.alert.rule_name",
-    "rules": "$.alert.rules",
+    "policies": "$.alert.policies",
     "workload": "$.alert.workload",
     "band": "$.enrichments.triage.band",
     "score": "$.enrichments.triage.score",
@@ -84,7 +84,7 @@ _COLUMNS = f"""
     TRY_CAST({_text("departing")} AS BOOLEAN) AS departing,
     {_text("policy")} AS policy,
     {_text("rule")} AS rule,
-    {_of_type("ARRAY", "rules")} AS rules,
+    {_of_type("ARRAY", "policies")} AS policies,
     {_text("workload")} AS workload,
     lower({_text("band")}) AS band,
     TRY_CAST({_text("score")} AS DOUBLE) AS score,
@@ -133,7 +133,7 @@ def connect() -> Any:
     con.execute("SET threads = 2")
     con.execute(
         "CREATE TABLE records (record_id VARCHAR, alert_key VARCHAR, processed_at TIMESTAMPTZ, alert_at TIMESTAMPTZ, severity VARCHAR,"
-        " user_key VARCHAR, display_name VARCHAR, department VARCHAR, departing BOOLEAN, policy VARCHAR, rule VARCHAR, rules JSON,"
+        " user_key VARCHAR, display_name VARCHAR, department VARCHAR, departing BOOLEAN, policy VARCHAR, rule VARCHAR, policies JSON,"
         " workload VARCHAR, band VARCHAR, score DOUBLE, sensitive JSON, lifecycle VARCHAR, exception JSON)"
     )
     con.execute("SET TimeZone = 'UTC'")
@@ -215,15 +215,16 @@ def summarise(con: Any, *, since: date | None = None, files: int = 0, top: int =
             top,
         ),
     )
-    # Every rule of an alert when the records list them (alert.rules), else its one rule_name.
+    # Every rule of every policy of an alert (alert.policies[].rules[]), else its one rule_name.
     sections["rules"] = Section(
         "Top rules",
         ["rule", "policy", "alerts"],
         rows(
             """WITH matched AS (
-                   SELECT coalesce(r->>'$.name', r->>'$.rule_name') AS rule, coalesce(r->>'$.policy_name', r->>'$.policy', policy) AS policy
-                   FROM alerts, unnest(CAST(rules AS JSON[])) AS t(r) WHERE rules IS NOT NULL
-                   UNION ALL SELECT rule, policy FROM alerts WHERE rules IS NULL OR json_array_length(rules) = 0)
+                   SELECT coalesce(r->>'$.name', r->>'$.rule_id') AS rule, coalesce(p->>'$.name', policy) AS policy
+                   FROM alerts, unnest(CAST(policies AS JSON[])) AS t(p), unnest(CAST(coalesce(p->'$.rules', '[]') AS JSON[])) AS u(r)
+                   WHERE policies IS NOT NULL
+                   UNION ALL SELECT rule, policy FROM alerts WHERE policies IS NULL OR json_array_length(policies) = 0)
                SELECT coalesce(rule, '(none)'), coalesce(policy, '(none)'), count(*) AS n FROM matched GROUP BY 1, 2 ORDER BY n DESC, 1 LIMIT ?""",
             top,
         ),

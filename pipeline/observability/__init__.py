@@ -19,6 +19,7 @@ Metrics (all names prefixed `dlp.`):
 | `dlp.sink.delivered` | counter | {record} | `sink` | records a sink accepted |
 | `dlp.sink.failed` | counter | {record} | `sink`, `reason` | records a sink rejected or never took (dead-lettered) |
 | `dlp.dead_lettered` | counter | {entry} | `stage`, `reason` | dead-letter entries written |
+| `dlp.fields.nulled` | counter | {field} | | broken optional fields set to null (their records kept) |
 | `dlp.lag` | histogram | s | | from a message's Event Hub enqueued time to its processing |
 
 Structured logs: while an alert is being enriched, every log record (the runner's and a plugin's)
@@ -64,6 +65,7 @@ class _Instruments:
         self.sink_delivered = meter.create_counter("dlp.sink.delivered", unit="{record}", description="records a sink accepted")
         self.sink_failed = meter.create_counter("dlp.sink.failed", unit="{record}", description="records a sink rejected or never took")
         self.dead_lettered = meter.create_counter("dlp.dead_lettered", unit="{entry}", description="dead-letter entries written")
+        self.fields_nulled = meter.create_counter("dlp.fields.nulled", unit="{field}", description="broken optional fields set to null (records kept)")
         self.lag = meter.create_histogram("dlp.lag", unit="s", description="from Event Hub enqueued time to processing", explicit_bucket_boundaries_advisory=LAG_BUCKETS)
 
 
@@ -178,6 +180,8 @@ def record_batch(report: BatchReport) -> None:
         instruments.skipped.add(report.skipped)
     if report.alerts:
         instruments.enriched.add(report.alerts)
+    if report.field_warnings:
+        instruments.fields_nulled.add(report.field_warnings)
     for sink, count in report.delivered.items():
         instruments.sink_delivered.add(count, {"sink": sink})
 

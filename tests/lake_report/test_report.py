@@ -89,8 +89,9 @@ def test_report_over_the_bundled_run_names_top_users_and_policies(bundled_run):
     assert types["U.S. Social Security Number (SSN)"][1:3] == ["7", "74"] and types["Credit Card Number"][1] == "6"
     per_day = {row[0]: row for row in table_rows(page, "Alerts per day by severity")}
     assert per_day["2025-03-14"][-1] == "5" and sum(int(row[-1]) for row in per_day.values()) == 8
-    assert "The records carry no lifecycle or exception fields" in page  # absent fields: said, not an error
-    assert page.count("<svg") == 7  # a chart beside each table
+    # every record carries its DLP lifecycle state; the bundled samples hold no override, report or undo
+    assert dict(tuple(row) for row in table_rows(page, "Lifecycle states")) == {"matched": "8"}
+    assert page.count("<svg") == 8  # a chart beside each table (the lifecycle states one too)
 
 
 def test_the_page_is_self_contained_and_leaks_nothing(bundled_run, tmp_path):
@@ -151,10 +152,11 @@ def test_overrides_and_false_positive_reports_when_the_records_carry_them(tmp_pa
     assert "SECRET-JUSTIFICATION" not in page
 
 
-def test_every_rule_of_an_alert_counts_when_the_records_list_them(tmp_path):
+def test_every_rule_of_every_policy_of_an_alert_counts(tmp_path):
     listed = make_record("r-1").to_dict()
-    listed["alert"]["rules"] = [{"name": "High volume", "severity": "high"}, {"name": "Mid volume", "severity": "medium"}]
+    listed["alert"]["policies"] = [{"name": listed["alert"]["policy_name"], "rules": [{"name": "High volume", "severity": "high"}, {"name": "Mid volume", "severity": "medium"}]}]
     plain = make_record("r-2", rule_name="Mid volume").to_dict()
+    plain["alert"]["policies"] = []  # a record written before alerts listed their policies: its one rule_name counts
     (tmp_path / "records.jsonl").write_text("\n".join(json.dumps(doc) for doc in (listed, plain)) + "\n")
     out = tmp_path / "r.html"
     assert report("--lake", str(tmp_path / "records.jsonl"), "--out", str(out)) == 0

@@ -57,4 +57,4 @@ def test_report_renders_offline_in_a_real_browser(tmp_path):
     assert dom.returncode == 0, dom.stderr.decode()[-2000:]
     text = re.sub(r"<[^>]+>", " ", dom.stdout.decode())
     assert TOP_USER in text and TOP_POLICY in text and "DLP posture report" in text
-    assert dom.stdout.decode().count("<svg") == 7
+    assert dom.stdout.decode().count("<svg") == 8

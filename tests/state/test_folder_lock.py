@@ -23,7 +23,7 @@ import pytest
 
 from pipeline.deadletter import DeadLetter, LocalDeadLetterStore
 from pipeline.state.folder_lock import LOCK_FILE, FolderLock
-from tests.support.processes import ROOT, cli, lake_line_count, lake_lines, write_alerts
+from tests.support.processes import ROOT, cli, lake_line_count, lake_lines, source_alert_id, write_alerts
 
 ALERTS_PER_RUN = 4000
 DEAD_LETTERS = 1000
@@ -68,7 +68,7 @@ def assert_refused_or_ok(code: int, stderr: str, out: Path) -> bool:
 
 def assert_each_alert_once(out: Path, expected: set[str]) -> None:
     lines = lake_lines(out)
-    per_alert = Counter(line["alert"]["alert_id"] for line in lines)
+    per_alert = Counter(source_alert_id(line) for line in lines)
     missing, twice = expected - set(per_alert), sum(n - 1 for n in per_alert.values())
     assert not missing and not twice and set(per_alert) == expected, (
         f"{len(lines)} lines for {len(expected)} alerts: {len(missing)} missing, {twice} written twice"

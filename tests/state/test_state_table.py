@@ -496,13 +496,14 @@ def test_runner_processes_sharing_one_table_killed_and_started_again_lose_no_ale
 
 
 def is_part_of(partial: object, whole: object) -> bool:
-    """Every value `partial` holds is in `whole` too (lists: every item; objects: key by key)."""
+    """Every value `partial` holds is in `whole` too (lists: every item is part of an item of whole,
+    e.g. a policy known by its rule before the part that names it came; objects: key by key)."""
     if partial is None or partial == whole:
         return True
     if isinstance(partial, dict) and isinstance(whole, dict):
         return all(is_part_of(value, whole.get(key)) for key, value in partial.items())
     if isinstance(partial, list) and isinstance(whole, list):
-        return all(item in whole for item in partial)
+        return all(any(is_part_of(item, candidate) for candidate in whole) for item in partial)
     return False
 
 

@@ -182,11 +182,12 @@ class Jira:
         self.issue_types = ["Task", "Bug"]  # of the project, as GET /project/{key} lists them
         self.permissions = {"BROWSE_PROJECTS": True, "CREATE_ISSUES": True, "EDIT_ISSUES": True}  # what /mypermissions grants
         self.chaos: Chaos | None = None
+        self.done_transition = "31"  # the workflow's one transition: to Done (status "Done"), from any other status
         self._indexed: set[str] = set()
         self._ids = itertools.count(10001)
 
     def install(self, server) -> None:
-        server.expect_request(re.compile(r"^/rest/api/3/(search/jql|issue(/[A-Z]+-\d+)?|myself|mypermissions|project/[A-Z][A-Z0-9_]*)$")).respond_with_handler(self.handle)
+        server.expect_request(re.compile(r"^/rest/api/3/(search/jql|issue(/[A-Z]+-\d+(/transitions)?)?|myself|mypermissions|project/[A-Z][A-Z0-9_]*)$")).respond_with_handler(self.handle)
 
     def catch_up(self) -> None:
         self._indexed = set(self.issues)
@@ -253,6 +254,15 @@ class Jira:
             if not self.index_lag:
                 self._indexed.add(key)
             return _json({"id": str(number), "key": key, "self": f"{request.host_url}rest/api/3/issue/{number}"}, 201)
+        if path.endswith("/transitions") and request.method == "POST":
+            key = path.split("/")[-2]
+            if key not in self.issues:
+                return _json({"errorMessages": ["Issue does not exist or you do not have permission to see it."]}, 404)
+            wanted = ((body or {}).get("transition") or {}).get("id")
+            if wanted != self.done_transition or self.issues[key].get("status") == "Done":
+                return _json({"errorMessages": [f"Transition id '{wanted}' is not valid for this issue."]}, 400)
+            self.issues[key]["status"] = "Done"
+            return Response(status=204)
         if path.startswith("/rest/api/3/issue/") and request.method == "PUT":
             key = path.rsplit("/", 1)[1]
             if key not in self.issues:

@@ -27,6 +27,13 @@ def write_alerts(folder: Path, count: int, *, seed: int) -> set[str]:
     return {f"dl{seed:04d}{index:08d}-bench" for index in range(count)}
 
 
+def source_alert_id(line: dict) -> str:
+    """The id a generated alert was given in its message (`write_alerts`): the alert id, or for a
+    Management Activity match (whose alert id is the match's) the audit id of its first event."""
+    events = (line["alert"].get("lifecycle") or {}).get("events") or []
+    return events[0]["record_id"] if events and events[0].get("record_id") else line["alert"]["alert_id"]
+
+
 def lake_lines(out: Path) -> list[dict]:
     """Every line of the JSONL lake under `out/lake`, parsed (a torn line fails to parse)."""
     return [json.loads(line) for path in sorted((out / "lake").rglob("*.jsonl")) for line in path.read_bytes().splitlines()]

@@ -4,7 +4,11 @@ For each record: `POST /rest/api/3/search/jql` with `project = "<key>" AND label
 then `PUT /rest/api/3/issue/<issue key>` (summary, description, priority) or
 `POST /rest/api/3/issue` (201 `{"id", "key", "self"}`) with the labels `dlp` and the alert key. The
 description is an Atlassian Document Format document with the enrichment summary of the record *as
-projected for this sink*. Basic auth with an account e-mail and an API token from `api_token_env`.
+projected for this sink*. With `undone_transition_id`, a record whose DLP match was undone
+(`alert.lifecycle.state` = undone) also runs that workflow transition
+(`POST /rest/api/3/issue/<issue key>/transitions`); a 400 (the transition is not available from the
+issue's status, e.g. it is closed already) leaves the updated issue as it is. Basic auth with an
+account e-mail and an API token from `api_token_env`.
 408/429/5xx are retryable with Retry-After; other 4xx rejected. An answer that is not the documented
 shape (a search without `issues`, an error body with 200, a body cut short) is retryable, never "no
 issue"; the search and the update are tried again within the call, a failed create starts the record
@@ -68,6 +72,10 @@ class JiraSink:
         priority_map: dict[str, str] = Field(default_factory=dict, description='severity → priority name, e.g. { high = "High" }')
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = None
+        undone_transition_id: str | None = Field(
+            None, pattern=r"^[0-9]+$",
+            description="id of the workflow transition (e.g. to Done) run when the DLP match was undone; none: the issue is only updated",
+        )
 
     @classmethod
     async def doctor(cls, settings: JiraSink.Settings, services: Any) -> list[Any]:
@@ -150,6 +158,7 @@ class JiraSink:
             if issue is not None and not await budget.repeat(partial(self._update, issue, fields)):
                 issue = None
         if issue is not None:
+            await budget.repeat(partial(self._close_if_undone, record, issue))
             self._issues.remember(key, issue, record.record_id)
             log.info("jira: updated %s for alert key %s", issue, key)
             return
@@ -168,8 +177,20 @@ class JiraSink:
         created = answer.get("key") if isinstance(answer, dict) else None
         if not isinstance(created, str):
             raise not_documented(action)
+        await budget.repeat(partial(self._close_if_undone, record, created))
         self._issues.remember(key, created, record.record_id)
         log.info("jira: created %s for alert key %s", created, key)
+
+    async def _close_if_undone(self, record: Any, issue: str) -> None:
+        transition = self.settings.undone_transition_id
+        if transition is None or ((record_document(record).get("alert") or {}).get("lifecycle") or {}).get("state") != "undone":
+            return
+        response = await self.client.post(f"{self.base}/rest/api/3/issue/{issue}/transitions", json={"transition": {"id": transition}})
+        if response.status_code == 400:  # not available from the issue's status (closed already, or another workflow)
+            log.info("jira: transition %s not available for %s; the issue was updated only", transition, issue)
+            return
+        check(response, ok=(204,), action="close issue")
+        log.info("jira: closed %s (DLP match undone)", issue)
 
     async def _find(self, key: str) -> str | None:
         """The key of the issue labelled `key`, None when the documented answer lists none."""

@@ -4,10 +4,16 @@ Flat columns for what analysts filter on, `dynamic` (JSON) columns for the neste
 the Log Analytics reserved ones (`TenantId`, `Type`, `Title`, `id`, `UniqueId`, `_ResourceId`,
 `_SubscriptionId`): the alert's tenant is `AlertTenantId`, its title `AlertTitle`.
 
-`TimeGenerated` is when the pipeline processed the record (ingestion-time semantics, always within
-the service's accepted window); the alert's own time is `AlertCreatedTime`. `RecordId` is the
-idempotency key: Log Analytics has no deduplication, so a retry after an ambiguous failure can add a
-second row with the same RecordId; the KQL function in deploy/sentinel/ keeps the latest per RecordId.
+`TimeGenerated` is the alert's own time (its first activity, else its creation, else its last
+activity: the time the history enrichers use), so time-range queries and workbook bins count alerts
+when they happened; a record without any of them gets its processing time. `ProcessedTime` is always
+when the pipeline processed the record: revisions of one alert share its TimeGenerated and differ in
+ProcessedTime. Log Analytics accepts TimeGenerated only within a window around the time it receives
+the row (see the Logs Ingestion API documentation); a backfill of old alerts may be stamped with the
+ingestion time by the service, and ProcessedTime and AlertCreatedTime still hold the truth.
+`RecordId` is the idempotency key: Log Analytics has no deduplication, so a retry after an ambiguous
+failure can add a second row with the same RecordId; the KQL function in deploy/sentinel/ keeps the
+latest per RecordId (by ProcessedTime).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ STREAM = "Custom-DLPEnrichedAlerts"
 
 # (column, Log Analytics type, dotted path in the enriched record or a computed name)
 COLUMNS: list[tuple[str, str, str]] = [
-    ("TimeGenerated", "datetime", "processed_at"),
+    ("TimeGenerated", "datetime", "=alert_time"),
+    ("ProcessedTime", "datetime", "processed_at"),
     ("RecordId", "string", "record_id"),
     ("AlertId", "string", "alert.alert_id"),
     ("AlertTenantId", "string", "alert.tenant_id"),
@@ -46,16 +53,23 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("IncidentId", "string", "alert.incident_id"),
     ("AlertUrl", "string", "alert.alert_url"),
     ("IncidentUrl", "string", "alert.incident_url"),
+    ("LifecycleState", "string", "alert.lifecycle.state"),
     ("FileCount", "int", "=file_count"),
     ("SensitiveInfoCount", "int", "=sensitive_count"),
     ("TriageScore", "real", "enrichments.triage.score"),
     ("Files", "dynamic", "alert.files"),
     ("Device", "dynamic", "alert.device"),
     ("SensitiveInfo", "dynamic", "alert.sensitive_info"),
+    ("Policies", "dynamic", "alert.policies"),
+    ("DlpException", "dynamic", "alert.exception"),
+    ("DecodeWarnings", "dynamic", "alert.decode_warnings"),
     ("Enrichments", "dynamic", "enrichments"),
     ("EnrichmentStatus", "dynamic", "enrichment_status"),
     ("PipelineVersion", "string", "pipeline_version"),
 ]
+
+# The alert's own time, in order of preference (pipeline/state/history.py `event_time` uses the same).
+_ALERT_TIMES = ("alert.first_activity_at", "alert.created_at", "alert.last_activity_at")
 
 RESERVED = frozenset({"_ResourceId", "id", "_SubscriptionId", "TenantId", "Type", "UniqueId", "Title"})
 
@@ -64,7 +78,9 @@ def to_row(document: dict[str, Any]) -> dict[str, Any]:
     """One row of the table from a (possibly projected) record document. Absent values are omitted."""
     row: dict[str, Any] = {}
     for column, kind, path in COLUMNS:
-        if path == "=file_count":
+        if path == "=alert_time":
+            value = next((found for name in _ALERT_TIMES if (found := get_path(document, name))), None) or get_path(document, "processed_at")
+        elif path == "=file_count":
             files = get_path(document, "alert.files")
             value = len(files) if isinstance(files, list) else None
         elif path == "=sensitive_count":
@@ -76,7 +92,7 @@ def to_row(document: dict[str, Any]) -> dict[str, Any]:
             value = None
         if value is not None and value != [] and value != {}:
             row[column] = value
-    if "TimeGenerated" not in row:  # processed_at projected away: ingestion time
+    if "TimeGenerated" not in row:  # no alert time, and processed_at projected away: ingestion time
         row["TimeGenerated"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return row
 

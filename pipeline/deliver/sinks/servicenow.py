@@ -78,6 +78,13 @@ class ServiceNowSink:
         )
         summary: SummarySettings = Field(default_factory=SummarySettings, description="the enrichment summary in `{summary}` and the work note")
         work_notes: bool = Field(True, description="add a work note with the enrichment summary on every delivery")
+        close_when_undone: bool = Field(
+            False, description="close the ticket (with `closed_fields`) when the DLP match's policy action was undone (alert.lifecycle.state = undone)"
+        )
+        closed_fields: dict[str, str] = Field(
+            default_factory=lambda: {"state": "6", "close_code": "Resolved by request", "close_notes": "The DLP policy action was undone ({alert.exception.reason})."},
+            description="incident field → template, set when an undone match closes its ticket",
+        )
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = Field(None, description="CA bundle to verify the instance with (default: system CAs)")
 
@@ -150,6 +157,9 @@ class ServiceNowSink:
             body[field] = render(template, document, summary=summary)
         severity = (document.get("alert") or {}).get("severity")
         body.update(self.settings.severity_map.get(severity or "unknown", {}))
+        if self.settings.close_when_undone and ((document.get("alert") or {}).get("lifecycle") or {}).get("state") == "undone":
+            for field, template in self.settings.closed_fields.items():
+                body[field] = render(template, document, summary=summary)
         if self.settings.work_notes:
             body["work_notes"] = "DLP pipeline enrichment summary\n" + summary
         body = {field: neutralise_formula(value) for field, value in body.items()}

@@ -320,3 +320,13 @@ def sensitive_types_from_text(value: Any) -> list[dict[str, Any]]:
         else:
             add_sensitive_info(found, name, None, None, None)
     return found
+
+
+def named_policies(policy_name: str | None, rule_name: str | None) -> list[dict[str, Any]]:
+    """The `policies` of a format that names one policy and one rule and nothing more about them
+    (Graph, Sentinel, Streaming alerts): ids, mode and actions unknown, the rule's own severity too
+    (the alert's severity is the alert rule's, not necessarily the DLP rule's). Empty without names."""
+    if not policy_name and not rule_name:
+        return []
+    rules = [{"name": rule_name, "severity": "unknown"}] if rule_name else []
+    return [{"name": policy_name, "rules": rules}]

@@ -25,6 +25,9 @@ from pipeline.models import SourceFormat
 # Parts of one alert are merged in this order (see pipeline/assemble/join.py).
 RANK_ALERT_INFO = 0
 RANK_EVIDENCE = 1
+# One event of a DLP match's lifecycle (Management Activity DlpRuleMatch / DlpInfo / DlpRuleUndo):
+# parts of this rank are folded by `pipeline.assemble.join.merge_lifecycle`, and need no settling.
+RANK_LIFECYCLE = 2
 
 
 @dataclass(slots=True)
@@ -65,6 +68,10 @@ class RecordOutput(Protocol):
     def part(self, part: AlertPart) -> None:
         """One part of a split alert, joined with its other parts later (pipeline/assemble/)."""
 
+    # Free text of the record a decoder asked to keep (`Decoder.kept_free_text`, read from the record
+    # before it was scrubbed), only when `[lifecycle] keep_user_justification` is set; else empty.
+    free_text: dict[str, str]
+
 
 class Decoder(Protocol):
     """One input format. A format either owns whole bodies that are envelopes of its rows
@@ -81,6 +88,9 @@ class Decoder(Protocol):
     def owns_record(self, record: dict[str, Any]) -> bool:
         """Whether one record (an element of a list body or of a `{"value": [...]}` page, or a
         single-object body) is in this format. Looks at the record as received: it is not scrubbed yet."""
+
+    # Optional: `kept_free_text(record) -> dict[str, str]`, the free text (e.g. an override
+    # justification) of a record not yet scrubbed, that the decoder would keep when the setting asks.
 
     def decode(self, record: Any, out: RecordOutput) -> None:
         """Decode one record it owns (or one row of its envelope, of any JSON type) and report it to `out`."""

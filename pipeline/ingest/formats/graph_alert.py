@@ -130,6 +130,7 @@ def to_alert(record: dict[str, Any]) -> dict[str, Any]:
         "last_activity_at": c.text(record.get("lastActivityDateTime")),
         "policy_name": c.text(extra.get("PolicyName")),
         "rule_name": c.text(extra.get("RuleName")) or c.rule_from_title(title),
+        "policies": c.named_policies(c.text(extra.get("PolicyName")), c.text(extra.get("RuleName")) or c.rule_from_title(title)),
         "workload": c.workload_from_text(extra.get("Workload"), app_name, title),
         "user": user,
         "files": files,

@@ -61,6 +61,7 @@ def to_alert(record: dict[str, Any]) -> dict[str, Any]:
         "last_activity_at": c.text(record.get("EndTime")),
         "policy_name": c.text(extended.get("PolicyName")),
         "rule_name": c.text(extended.get("RuleName")) or c.rule_from_title(title),
+        "policies": c.named_policies(c.text(extended.get("PolicyName")), c.text(extended.get("RuleName")) or c.rule_from_title(title)),
         "workload": c.workload_from_text(extended.get("Workload"), app_name, title),
         "user": user,
         "files": files,

@@ -109,7 +109,7 @@ async def test_rows_arrive_gzipped_with_the_table_columns(endpoint):
     columns = {name for name, _, _ in COLUMNS}
     assert set(row) <= columns and not (set(row) & RESERVED)
     assert row["AlertId"] == "a-0" and row["AlertTenantId"] == "11111111-2222-3333-4444-555555555555"
-    assert row["TimeGenerated"] == "2025-03-14T09:30:00Z" and row["TriageScore"] == 72.5
+    assert row["TimeGenerated"] == "2025-03-14T09:11:02Z" and row["ProcessedTime"] == "2025-03-14T09:30:00Z" and row["TriageScore"] == 72.5
     assert row["SensitiveInfo"][0]["name"] == "Credit Card Number" and row["SensitiveInfoCount"] == 15
 
 
@@ -346,3 +346,14 @@ async def test_through_the_runner_a_too_large_record_is_dead_lettered_and_a_429_
     assert elapsed >= 1.0  # Retry-After honoured by the router
     assert len(ingestion.requests) == 2 and all(r["size"] <= 1_000_000 for r in ingestion.requests)
     assert sorted(row["AlertId"] for row in ingestion.requests[1]["rows"]) == ["also-fits", "fits"]
+
+
+def test_time_generated_is_the_alerts_time_and_the_processing_time_has_its_own_column():
+    from pipeline.deliver.sinks.sentinel_schema import to_row
+
+    record = make_record("t-1")  # first activity 09:11:02, created 09:12:44, processed 09:30:00
+    row = to_row(record.to_dict())
+    assert row["TimeGenerated"] == "2025-03-14T09:11:02Z" and row["ProcessedTime"] == "2025-03-14T09:30:00Z"
+    untimed = make_record("t-2", first_activity_at=None, created_at=None, last_activity_at=None)
+    assert to_row(untimed.to_dict())["TimeGenerated"] == "2025-03-14T09:30:00Z"  # no alert time: when it was processed
+    assert "ProcessedTime" in {name for name, _, _ in COLUMNS} and json.loads((ROOT / "deploy" / "sentinel" / "table.json").read_text()) == table_schema()
