@@ -241,7 +241,7 @@ def _alert(document: dict[str, Any], s: SummarySettings) -> list[str]:
     if isinstance(exception, dict) and exception.get("reason"):
         lines.append(f"Exception reason: {exception['reason']}")
     rules = [
-        f"{rule.get('name') or rule.get('rule_id')} ({rule.get('severity')})"
+        f"{rule.get('name') or rule.get('rule_id')}" + (f" ({rule['severity']})" if rule.get("severity") not in (None, "unknown") else "")
         for policy in alert.get("policies") or []
         if isinstance(policy, dict)
         for rule in policy.get("rules") or []

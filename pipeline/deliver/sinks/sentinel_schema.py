@@ -59,7 +59,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("TriageScore", "real", "enrichments.triage.score"),
     ("Files", "dynamic", "alert.files"),
     ("Device", "dynamic", "alert.device"),
-    ("SensitiveInfo", "dynamic", "alert.sensitive_info"),
+    ("SensitiveInfo", "dynamic", "=sensitive_info"),
     ("Policies", "dynamic", "alert.policies"),
     ("DlpException", "dynamic", "alert.exception"),
     ("DecodeWarnings", "dynamic", "alert.decode_warnings"),
@@ -83,6 +83,8 @@ def to_row(document: dict[str, Any]) -> dict[str, Any]:
         elif path == "=file_count":
             files = get_path(document, "alert.files")
             value = len(files) if isinstance(files, list) else None
+        elif path == "=sensitive_info":
+            value = named_sensitive_info(document)
         elif path == "=sensitive_count":
             infos = get_path(document, "alert.sensitive_info")
             value = sum(i.get("count") or 0 for i in infos if isinstance(i, dict)) if isinstance(infos, list) else None
@@ -95,6 +97,20 @@ def to_row(document: dict[str, Any]) -> dict[str, Any]:
     if "TimeGenerated" not in row:  # no alert time, and processed_at projected away: ingestion time
         row["TimeGenerated"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     return row
+
+
+def named_sensitive_info(document: dict[str, Any]) -> Any:
+    """The alert's sensitive types, each named: its own name, else the name the sensitive_info
+    enrichment gave its type id (the bundled table of built-in types, the config or the tenant's list)."""
+    infos = get_path(document, "alert.sensitive_info")
+    types = get_path(document, "enrichments.sensitive_info.types")
+    if not isinstance(infos, list) or not isinstance(types, list):
+        return infos
+    names = {str(t["type_id"]).lower(): t["name"] for t in types if isinstance(t, dict) and t.get("type_id") and isinstance(t.get("name"), str)}
+    return [
+        {**info, "name": names.get(str(info.get("type_id") or "").lower())} if isinstance(info, dict) and not info.get("name") and info.get("type_id") else info
+        for info in infos
+    ]
 
 
 def table_schema() -> dict[str, Any]:

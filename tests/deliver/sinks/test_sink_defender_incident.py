@@ -118,3 +118,16 @@ async def test_a_comment_whose_answer_was_lost_is_not_posted_again(httpserver, g
     assert outcome.status == "delivered" and len(graph.incidents["48213"]["comments"]) == 1
     (outcome,) = await publish(sink(httpserver), [record])  # a redelivery of the batch
     assert outcome.status == "delivered" and len(graph.incidents["48213"]["comments"]) == 1
+
+
+async def test_an_undone_match_reaches_its_incident_as_a_new_comment_saying_so(httpserver, graph):
+    """Issue 17: the incident write-back sees a lifecycle update (here: the DLP action was undone)."""
+    from pipeline.models import Lifecycle
+
+    matched = rich_record()
+    undone = rich_record(lifecycle=Lifecycle(state="undone"))
+    assert undone.record_id != matched.record_id  # a revision of the same alert
+    outcomes = await publish(sink(httpserver), [matched, undone])
+    assert [o.status for o in outcomes] == ["delivered", "delivered"]
+    first, second = (c["comment"] for c in graph.incidents["48213"]["comments"])
+    assert "DLP lifecycle" not in first and "DLP lifecycle: undone" in second  # a Graph alert has no lifecycle of its own

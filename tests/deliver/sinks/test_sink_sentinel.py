@@ -357,3 +357,17 @@ def test_time_generated_is_the_alerts_time_and_the_processing_time_has_its_own_c
     untimed = make_record("t-2", first_activity_at=None, created_at=None, last_activity_at=None)
     assert to_row(untimed.to_dict())["TimeGenerated"] == "2025-03-14T09:30:00Z"  # no alert time: when it was processed
     assert "ProcessedTime" in {name for name, _, _ in COLUMNS} and json.loads((ROOT / "deploy" / "sentinel" / "table.json").read_text()) == table_schema()
+
+
+def test_a_sensitive_type_known_only_by_id_reaches_the_row_named_by_the_enrichment():
+    """Why (issue 17): a built-in type id (50842eb7-…, Credit Card Number) reached the Sentinel row with `name: null`."""
+    from pipeline.deliver.sinks.sentinel_schema import to_row
+
+    card, unknown = "50842eb7-edc8-4019-85dd-5a5c1f2bb085", "d7c6b5a4-9382-4716-a5b4-c3d2e1f0a9b8"
+    document = make_record("n-1").to_dict()
+    document["alert"]["sensitive_info"] = [{"name": None, "type_id": card.upper(), "count": 12}, {"name": None, "type_id": unknown, "count": 1}, {"name": "IBAN", "type_id": None, "count": 2}]
+    document["enrichments"]["sensitive_info"] = {"types": [{"name": "Credit Card Number", "type_id": card, "count": 12}, {"name": None, "type_id": unknown}]}
+    row = to_row(document)
+    assert [(i["name"], i["count"]) for i in row["SensitiveInfo"]] == [("Credit Card Number", 12), (None, 1), ("IBAN", 2)]
+    del document["enrichments"]["sensitive_info"]  # projected away, or the enricher is not configured: the alert's own
+    assert to_row(document)["SensitiveInfo"] == document["alert"]["sensitive_info"]
