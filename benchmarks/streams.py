@@ -61,7 +61,7 @@ def _filler(rng: random.Random, size: int) -> str:
 
 def _path(rng: random.Random, user: str) -> str:
     folder = rng.choice(("AppData\\Local\\Temp", "Documents\\Finance", "Downloads", "AppData\\Roaming\\Microsoft\\Teams", "Desktop"))
-    return f"C:\\Users\\{user}\\{folder}\\{rng.choice(('setup', 'report', 'q1', 'ub', 'data'))}{rng.randrange(1000)}.{rng.choice(('exe', 'xlsx', 'dll', 'ps1'))}"
+    return f"C:\\Users\\{user}\\{folder}\\{rng.choice(('setup', 'report', 'q1', 'update', 'data'))}{rng.randrange(1000)}.{rng.choice(('exe', 'xlsx', 'dll', 'ps1'))}"
 
 
 def _row(rng: random.Random, index: int) -> dict[str, Any]:
