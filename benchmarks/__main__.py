@@ -139,6 +139,50 @@ async def pipeline_seconds(bodies: list[bytes], warmup: list[bytes], *, alerts: 
     return elapsed
 
 
+async def _timed_run(folder: Path, bodies: list[bytes], alerts: int) -> float:
+    """Seconds of the full path over `bodies` (batches of 100) on the state and history in `folder`."""
+    from pipeline.runner import Message, Runner
+
+    async with Runner(bench_config(folder)) as runner:
+        gc.collect()
+        emitted = 0
+        started = time.perf_counter()
+        for start in range(0, len(bodies), 100):
+            emitted += (await runner.process_batch([Message(b) for b in bodies[start : start + 100]])).alerts
+        elapsed = time.perf_counter() - started
+    if emitted != alerts:
+        raise SystemExit(f"benchmark error: {emitted} alerts out of {alerts}")
+    return elapsed
+
+
+def history_figure(quick: bool) -> dict[str, float]:
+    """Throughput after `prior` alerts of the same 10 users ÷ throughput on fresh state, in turns: the
+    history is built once (not timed) and copied for each turn; both sides get the same new alerts."""
+    import shutil
+
+    from benchmarks import streams
+
+    prior, measured, users = (2_000, 500, 10) if quick else (20_000, 2_000, 10)
+    bodies = make_bodies(measured, users=users, seed=41)
+    with tempfile.TemporaryDirectory() as root:
+        built = Path(root) / "built"
+        asyncio.run(_timed_run(built, make_bodies(prior, users=users, seed=42), prior))
+        turn = [0]
+
+        def run(with_history: bool) -> float:
+            turn[0] += 1
+            folder = Path(root) / f"turn{turn[0]}"
+            if with_history:
+                shutil.copytree(built, folder)
+            try:
+                return asyncio.run(_timed_run(folder, bodies, measured))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        ratio = streams.in_turns(lambda: run(False), lambda: run(True), 3)
+    return {"history_to_fresh": round(ratio, 3), "history_prior_alerts": prior}
+
+
 def stream_figures(quick: bool) -> dict[str, float]:
     """The Targets figures on the stream shapes of benchmarks/streams.py, each a median of paired
     ratios (floor and pipeline in turns)."""
@@ -243,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     results["decode_us_by_format"] = decode_by_format(bodies)
     results["validate_us"] = validate_us(bodies)
     results.update(stream_figures(args.quick))
+    results.update(history_figure(args.quick))
     if args.streams_only:
         return _print(results, args.json)
     # Best of `repeats` runs for the pipeline and the naive version alike (the floor and decode take
