@@ -238,3 +238,16 @@ def test_a_body_that_is_not_json_is_refused_as_a_whole(cut, junk):
 
 
 _MIXED_BODY = streams.mixed_bodies(1, 0.04, seed=31)[0][:20_000].rsplit(b',{"time"', 1)[0] + b"]}"
+
+
+@pytest.mark.usefixtures("path")
+def test_a_repeated_key_is_read_as_orjson_reads_it_the_last_one():
+    dlp = '{"ServiceSource": "Microsoft Data Loss Prevention", "AlertId": "a1", "Title": "t"}'
+    bodies = [
+        '{"records": [{"category": "Other", "category": "AdvancedHunting-AlertInfo", "properties": ' + dlp + "}]}",
+        '{"records": [{"category": "AdvancedHunting-AlertInfo", "properties": {"ServiceSource": "x"}, "properties": ' + dlp + "}]}",
+        '{"records": [{"category": "AdvancedHunting-AlertInfo", "properties": {"ServiceSource": "x", "ServiceSource": "Data Loss Prevention", "AlertId": "a"}}]}',
+    ]
+    for body in bodies:
+        decoded = decode_message(body.encode())
+        assert len(decoded.parts) == 1 and decoded.skipped == 0 and outcome(decoded) == outcome(full_path(body.encode()))
