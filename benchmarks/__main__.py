@@ -118,6 +118,108 @@ async def pipeline_alerts_per_s(bodies: list[bytes], warmup: list[bytes], batch_
     return alerts / elapsed
 
 
+async def pipeline_seconds(bodies: list[bytes], warmup: list[bytes], *, alerts: int, batch_size: int = 100) -> float:
+    """Seconds of the full CPU path (decode, assemble, every built-in enricher, serialise) over `bodies`
+    in batches of `batch_size` messages, on a fresh runner warmed with `warmup`; checks that `alerts`
+    alerts came out."""
+    from pipeline.runner import Message, Runner
+
+    with tempfile.TemporaryDirectory() as folder:
+        async with Runner(bench_config(Path(folder))) as runner:
+            for start in range(0, len(warmup), batch_size):
+                await runner.process_batch([Message(b) for b in warmup[start : start + batch_size]])
+            gc.collect()
+            emitted = 0
+            started = time.perf_counter()
+            for start in range(0, len(bodies), batch_size):
+                emitted += (await runner.process_batch([Message(b) for b in bodies[start : start + batch_size]])).alerts
+            emitted += (await runner.flush()).alerts  # a batch claims at most `assembly.emit_batch_size` split alerts
+            elapsed = time.perf_counter() - started
+    if emitted != alerts:
+        raise SystemExit(f"benchmark error: {emitted} alerts out of {alerts}")
+    return elapsed
+
+
+async def _timed_run(folder: Path, bodies: list[bytes], alerts: int) -> float:
+    """Seconds of the full path over `bodies` (batches of 100) on the state and history in `folder`."""
+    from pipeline.runner import Message, Runner
+
+    async with Runner(bench_config(folder)) as runner:
+        gc.collect()
+        emitted = 0
+        started = time.perf_counter()
+        for start in range(0, len(bodies), 100):
+            emitted += (await runner.process_batch([Message(b) for b in bodies[start : start + 100]])).alerts
+        elapsed = time.perf_counter() - started
+    if emitted != alerts:
+        raise SystemExit(f"benchmark error: {emitted} alerts out of {alerts}")
+    return elapsed
+
+
+def history_figure(quick: bool) -> dict[str, float]:
+    """Throughput after `prior` alerts of the same 10 users ÷ throughput on fresh state, in turns: the
+    history is built once (not timed) and copied for each turn; both sides get the same new alerts."""
+    import shutil
+
+    from benchmarks import streams
+
+    prior, measured, users = (2_000, 500, 10) if quick else (20_000, 2_000, 10)
+    bodies = make_bodies(measured, users=users, seed=41)
+    with tempfile.TemporaryDirectory() as root:
+        built = Path(root) / "built"
+        asyncio.run(_timed_run(built, make_bodies(prior, users=users, seed=42), prior))
+        turn = [0]
+
+        def run(with_history: bool) -> float:
+            turn[0] += 1
+            folder = Path(root) / f"turn{turn[0]}"
+            if with_history:
+                shutil.copytree(built, folder)
+            try:
+                return asyncio.run(_timed_run(folder, bodies, measured))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
+        ratio = streams.in_turns(lambda: run(False), lambda: run(True), 3)
+    return {"history_to_fresh": round(ratio, 3), "history_prior_alerts": prior}
+
+
+def stream_figures(quick: bool) -> dict[str, float]:
+    """The Targets figures on the stream shapes of benchmarks/streams.py, each a median of paired
+    ratios (floor and pipeline in turns)."""
+    from benchmarks import streams
+
+    rounds = 3 if quick else 7
+    messages = 60 if quick else 300
+    figures: dict[str, float] = {}
+    warm_mixed = streams.mixed_bodies(8, 0.02, seed=98)
+    for percent in (0.1, 1, 2):
+        bodies = streams.mixed_bodies(messages, percent / 100)
+        alerts = streams.mixed_alerts(bodies)
+        ratio = streams.in_turns(
+            lambda b=bodies: streams.loads_seconds(b),
+            lambda b=bodies, a=alerts: asyncio.run(pipeline_seconds(b, warm_mixed, alerts=a)),
+            rounds,
+        )
+        figures[f"mixed_{percent}pct_to_loads"] = round(ratio, 3)
+    dense = streams.dense_bodies(8 if quick else 40)
+    warm_dense = streams.dense_bodies(4, seed=97)
+    figures["dense_to_loads_dumps"] = round(streams.in_turns(
+        lambda: streams.loads_dumps_seconds(dense),
+        lambda: asyncio.run(pipeline_seconds(dense, warm_dense, alerts=len(dense) * 25)),
+        rounds,
+    ), 3)
+    # Batches of one message against batches of 100, same bodies (one alert each), in turns.
+    single = make_bodies(300 if quick else 2_000, seed=5)
+    warm_single = make_bodies(200, seed=96)
+    figures["batch_of_1_to_batch_of_100"] = round(streams.in_turns(
+        lambda: asyncio.run(pipeline_seconds(single, warm_single, alerts=len(single), batch_size=100)),
+        lambda: asyncio.run(pipeline_seconds(single, warm_single, alerts=len(single), batch_size=1)),
+        rounds,
+    ), 3)
+    return figures
+
+
 async def naive_alerts_per_s(bodies: list[bytes], warmup: list[bytes]) -> float:
     """The same work written the straightforward way (benchmarks/naive.py), same enrichers and data."""
     from benchmarks.naive import naive_run
@@ -174,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a run of a minute or two (smaller datasets)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--streams-only", action="store_true", help="only the figures up to the stream shapes (benchmarks/streams.py)")
     args = parser.parse_args(argv)
     size = 2_000 if args.quick else 20_000
     bodies = make_bodies(size)
@@ -184,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     results["decode_ratio_to_floor"] = round(results["decode_alerts_per_s"] / results["floor_alerts_per_s"], 3)
     results["decode_us_by_format"] = decode_by_format(bodies)
     results["validate_us"] = validate_us(bodies)
+    results.update(stream_figures(args.quick))
+    results.update(history_figure(args.quick))
+    if args.streams_only:
+        return _print(results, args.json)
     # Best of `repeats` runs for the pipeline and the naive version alike (the floor and decode take
     # the best of 3 passes), taken in turns: on a shared machine whose speed drifts, one slow spell
     # must not fall on one side of the ratio only. Each run has its own fresh state.
@@ -205,10 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     results.update(asyncio.run(state.table_vs_sqlite(500 if args.quick else 5_000)))
     results["peak_rss_mb"] = round(peak_rss_mb(10_000 if args.quick else 100_000), 1)
     results["peak_rss_alerts"] = 10_000 if args.quick else 100_000
+    small, large = (1_000, 10_000) if args.quick else (5_000, 50_000)
+    results["peak_rss_ratio"] = round(peak_rss_mb(large) / peak_rss_mb(small), 3)
+    results["peak_rss_ratio_alerts"] = f"{large} / {small}"
     results["import_function_app_s"] = round(import_function_app_seconds(), 3)
+    return _print(results, args.json)
+
+
+def _print(results: dict[str, object], as_json: bool) -> int:
     for key, value in results.items():
         print(f"{key:28} {value}")
-    if args.json:
+    if as_json:
         print(json.dumps(results))
     return 0
 

@@ -27,16 +27,18 @@ class BatchReport:
     delivered: Counter[str] = field(default_factory=Counter)
     dead_lettered: Counter[str] = field(default_factory=Counter)
     enrichment: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # The records of this one batch (logs, tests). Never merged: a report merged over a run holds
+    # counters only, so a run of any length holds bounded memory (issue 19).
     record_ids: list[str] = field(default_factory=list)
 
     def merge(self, other: BatchReport) -> None:
+        """Add `other`'s counters to these; `record_ids` stay those of this report's own batch."""
         for name in ("messages", "records", "skipped", "alerts", "duplicate_parts", "emitted_split", "unrouted", "field_warnings"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.pending = other.pending
         self.delivered.update(other.delivered)
         self.dead_lettered.update(other.dead_lettered)
         self.enrichment.update(other.enrichment)
-        self.record_ids.extend(other.record_ids)
 
     @property
     def enrichment_failures(self) -> Counter[str]:

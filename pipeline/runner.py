@@ -180,11 +180,13 @@ class Runner:
 
     async def flush(self) -> BatchReport:
         """Emit every pending split alert now (end of a CLI run), in chunks of `assembly.emit_batch_size`
-        so that a large backlog never becomes one huge batch in memory."""
+        so that a large backlog never becomes one huge batch in memory. The report names the records
+        flushed (`record_ids`), like one batch's."""
         total = BatchReport()
         while True:
             report = await self.process_batch([], flush=True)
             total.merge(report)
+            total.record_ids.extend(report.record_ids)  # the flushed records (merge keeps counters only)
             if report.pending == 0 or report.emitted_split == 0:
                 return total
 

@@ -365,3 +365,20 @@ async def test_the_runner_raises_the_gc_threshold_and_keeps_a_higher_one(write_c
             assert gc.get_threshold()[0] == GC_GEN0_THRESHOLD * 2
     finally:
         gc.set_threshold(*before)
+
+
+async def test_a_run_merged_over_many_batches_holds_counters_not_per_record_lists(write_config):
+    # A long run (CLI, consumer) merges every batch's report into one total: it must not grow per record.
+    from benchmarks.dataset import make_bodies
+    from pipeline.report import BatchReport
+
+    total = BatchReport()
+    bodies = make_bodies(60, seed=3)
+    async with Runner(write_config(LAKE_ONLY)) as runner:
+        for start in range(0, len(bodies), 10):
+            report = await runner.process_batch([Message(body=body) for body in bodies[start : start + 10]])
+            assert len(report.record_ids) == report.alerts  # a batch's own report still names its records
+            total.merge(report)
+        total.merge(await runner.flush())
+    assert total.alerts == 60 and total.messages == 60
+    assert [name for name, value in vars(total).items() if isinstance(value, list) and value] == []

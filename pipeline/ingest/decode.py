@@ -20,6 +20,23 @@ Guarantees of `decode_message`:
   that is too deep, holds a too-long string or too many evidence items is rejected on its own, each
   with its own reason code;
 - no other exception escapes: a record a decoder cannot handle is rejected as `decoder_error`.
+
+Fast skip. A format whose envelope carries other data beside DLP rows (Defender streaming: every
+Advanced Hunting table the tenant streams) gives its decoder `row_may_be_dlp` (four fields of a
+row) and `parsed_row_may_be_dlp`. A row they turn down is counted in `skipped` without being built,
+checked against the limits or scrubbed; only the other rows go the whole way above, each with the
+shortcuts worked out from its own bytes (a `Subject` in an EmailEvents row scrubs nothing else).
+With msgspec installed the envelope is read into just those fields (it still rejects malformed
+JSON; UTF-8 is checked here) and only the rows that go on are parsed; otherwise orjson parses the
+body and the test runs on each parsed row.
+
+What a row that cannot be DLP gets: `skipped`, whatever its size or depth. A non-DLP row that
+breaks a record limit (too deep, a too-long string) is not dead-lettered: no decoder reads it, so it
+can harm nothing, and dead-lettering the streamed tables' oversized rows would fill the dead-letter
+store with data the pipeline never wanted (docs/architecture.md, "Fast skip"). A row with no
+`category` string or no `properties` object still goes on and is rejected as `malformed_record`.
+The body-level guarantees stay: a body that is not JSON, too large or with too many records is
+dead-lettered as a whole.
 """
 
 from __future__ import annotations
@@ -31,11 +48,26 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
+try:  # optional: reads a streaming envelope's few needed fields several times faster than parsing it
+    import msgspec
+except ImportError:  # pragma: no cover - depends on the installation
+    msgspec = None
+
+
 from pipeline.errors import DecodeError
 from pipeline.ingest import limits as limits_module
 from pipeline.ingest.formats import common, registry
 from pipeline.ingest.formats.contract import AlertPart, Decoder
-from pipeline.ingest.limits import DEFAULT_LIMITS, LimitExceeded, Limits, check_body_size, check_evidence_count, check_record, check_record_count
+from pipeline.ingest.limits import (
+    DEFAULT_LIMITS,
+    LimitExceeded,
+    Limits,
+    check_body_size,
+    check_evidence_count,
+    check_record,
+    check_record_count,
+    has_unicode_escape,
+)
 from pipeline.models import DlpAlert, validate_alert
 
 
@@ -71,19 +103,20 @@ def decode_message(body: bytes, *, limits: Limits | None = None, keep_user_justi
         check_body_size(body, limits)  # before parsing: a too-large body is never parsed
     except LimitExceeded as exc:
         raise DecodeError(exc.reason, exc.detail) from None
+    decoders = registry.decoders()
+    fast = _fast_envelope(body, decoders, limits, keep=keep_user_justification)
+    if fast is not None:
+        return fast
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise DecodeError("invalid_json", f"{exc.msg} at byte {exc.pos}") from None
-    has_escape = b"\\u" in body  # a \u escape can spell anything: neither shortcut below then holds
-    # A body that never spells a removed key (nor a \u escape that could) has nothing to scrub.
-    clean = not common.mentions_removed_key(body, has_escape=has_escape)
-    # Most bodies are small enough for their bytes to prove every record within the depth and string limits.
-    checked = limits_module.records_surely_within(body, limits, has_escape=has_escape)
-    decoders = registry.decoders()
     for decoder in decoders:
         rows = decoder.envelope_rows(document)
         if rows is not None:
+            if getattr(decoder, "parsed_row_may_be_dlp", None) is not None:
+                return _decode_parsed_rows(decoder, body, _counted(rows, limits), limits, keep=keep_user_justification)
+            clean, checked = _shortcuts(body, limits)
             return _decode_envelope(decoder, _counted(rows, limits), limits, clean=clean, checked=checked, keep=keep_user_justification)
     if isinstance(document, dict) and isinstance(document.get("value"), list):
         items = document["value"]
@@ -95,7 +128,17 @@ def decode_message(body: bytes, *, limits: Limits | None = None, keep_user_justi
         items = [document]
     else:
         raise DecodeError("unrecognised_shape", f"top-level JSON {type(document).__name__} is not an object or array")
+    clean, checked = _shortcuts(body, limits)
     return _decode_records(decoders, _counted(items, limits), limits, clean=clean, checked=checked, keep=keep_user_justification)
+
+
+def _shortcuts(body: bytes, limits: Limits) -> tuple[bool, bool]:
+    """(clean, checked) of a body: `clean` when it never spells a removed key (nor a \\u escape that
+    could), so nothing needs scrubbing; `checked` when its bytes prove every record within the depth
+    and string limits (most bodies are small enough), so none needs walking."""
+    has_escape = has_unicode_escape(body)  # a \\u escape can spell anything: neither shortcut then holds
+    clean = not common.mentions_removed_key(body, has_escape=has_escape)
+    return clean, limits_module.records_surely_within(body, limits, has_escape=has_escape)
 
 
 def scrubbed_body(body: bytes) -> bytes:
@@ -243,20 +286,114 @@ def _decode_records(decoders: tuple[Decoder, ...], items: list[Any], limits: Lim
     return out
 
 
+if msgspec is not None:
+
+    class _Properties(msgspec.Struct):
+        """The fields `row_may_be_dlp` reads; every other key is skipped (validated, not built)."""
+
+        ServiceSource: object = None
+        DetectionSource: object = None
+        RawEventData: object = None
+
+    class _Row(msgspec.Struct):
+        category: object = None
+        properties: _Properties | None = None
+
+    class _Envelope(msgspec.Struct):
+        records: list[_Row]
+
+    class _RawEnvelope(msgspec.Struct):
+        records: list[msgspec.Raw]
+
+    _ENVELOPE = msgspec.json.Decoder(_Envelope)
+    _RAW_ENVELOPE = msgspec.json.Decoder(_RawEnvelope)
+
+
+def _fast_envelope(body: bytes, decoders: tuple[Decoder, ...], limits: Limits, *, keep: bool = False) -> Decoded | None:
+    """The decoded envelope when msgspec is installed, the first decoder has `row_may_be_dlp` and
+    `body` is `{"records": [row objects with an object or null `properties`]}`; None sends the body
+    the ordinary way (which also reports malformed JSON in orjson's words)."""
+    if msgspec is None or not decoders:
+        return None
+    decoder = decoders[0]
+    may_be_dlp = getattr(decoder, "row_may_be_dlp", None)
+    if may_be_dlp is None or decoder.envelope_rows({"records": []}) is None:
+        return None
+    try:
+        rows = _ENVELOPE.decode(body).records
+    except Exception:  # msgspec's DecodeError (ValidationError is one), or RecursionError past its nesting limit
+        return None  # the ordinary path decides, and names the fault in orjson's words
+    if not body.isascii():
+        try:  # msgspec does not check the UTF-8 of what it skips; orjson would refuse the body
+            body.decode()
+        except UnicodeDecodeError:
+            return None
+    _counted(rows, limits)
+    candidates = []
+    for index, row in enumerate(rows):
+        properties = row.properties
+        if properties is None:
+            candidates.append(index)
+        elif may_be_dlp(row.category, True, properties.ServiceSource, properties.DetectionSource, properties.RawEventData):
+            candidates.append(index)
+    out = Decoded(format=decoder.name, records=len(rows), skipped=len(rows) - len(candidates))
+    if not candidates:
+        return out
+    raw_rows = _RAW_ENVELOPE.decode(body).records
+    output = _Output(out, limits)
+    for index in candidates:
+        raw = bytes(raw_rows[index])
+        try:
+            row = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:  # what msgspec lets through (a lone surrogate escape)
+            raise DecodeError("invalid_json", f"{exc.msg} in record {index}") from None
+        clean, checked = _shortcuts(raw, limits)
+        _decode_row(decoder, output, index, row, limits, clean=clean, checked=checked, keep=keep)
+    return out
+
+
+def _decode_parsed_rows(decoder: Decoder, body: bytes, rows: list[Any], limits: Limits, *, keep: bool = False) -> Decoded:
+    """The parsed rows of an envelope whose decoder has `parsed_row_may_be_dlp` (without msgspec): the
+    rows that cannot be DLP are only counted."""
+    may_be_dlp = decoder.parsed_row_may_be_dlp  # type: ignore[attr-defined]
+    candidates = [index for index, row in enumerate(rows) if may_be_dlp(row)]
+    out = Decoded(format=decoder.name, records=len(rows), skipped=len(rows) - len(candidates))
+    if not candidates:
+        return out
+    output = _Output(out, limits)
+    for index in candidates:
+        row = rows[index]
+        try:  # the shortcuts from the row's own bytes (a few rows of a body): a Subject elsewhere scrubs nothing here
+            raw = orjson.dumps(row)
+        except orjson.JSONEncodeError:  # nested past orjson's 254 levels: no shortcut
+            clean = checked = False
+        else:
+            clean, checked = _shortcuts(raw, limits)
+        _decode_row(decoder, output, index, row, limits, clean=clean, checked=checked, keep=keep)
+    return out
+
+
+def _decode_row(decoder: Decoder, output: _Output, index: int, row: Any, limits: Limits, *, clean: bool, checked: bool, keep: bool = False) -> None:
+    """One envelope row the whole way: limits (unless `checked`), the free text kept when asked
+    (before the scrub), scrub (unless `clean`), decoder."""
+    out = output.decoded
+    if not checked and not _within_record_limits(out, index, row, limits):
+        return
+    output.index = index
+    try:
+        output.free_text = _free_text(decoder, row, keep)
+        row = row if clean else common.scrub(row)
+        output.record = row
+        decoder.decode(row, output)
+    except Exception as exc:  # a decoder bug must cost one record, never the message
+        out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, row))
+
+
 def _decode_envelope(decoder: Decoder, rows: list[Any], limits: Limits, *, clean: bool, checked: bool, keep: bool = False) -> Decoded:
     out = Decoded(format=decoder.name, records=len(rows))
     output = _Output(out, limits)
     for index, row in enumerate(rows):
-        if not checked and not _within_record_limits(out, index, row, limits):
-            continue
-        output.index = index
-        try:
-            output.free_text = _free_text(decoder, row, keep)
-            row = row if clean else common.scrub(row)
-            output.record = row
-            decoder.decode(row, output)
-        except Exception as exc:  # a decoder bug must cost one record, never the message
-            out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, row))
+        _decode_row(decoder, output, index, row, limits, clean=clean, checked=checked, keep=keep)
     return out
 
 

@@ -22,6 +22,7 @@ iterative: no input can raise RecursionError.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -97,6 +98,22 @@ def embedded_json(value: str) -> Any | None:
     return parsed if isinstance(parsed, (dict, list)) else None
 
 
+# A JSON \\u escape is a backslash, `u` and four hex digits, at every level of embedding: JSON held in
+# a string shows its own escapes as `\\\\u0041` (the `u` and the digits stay literal unless they are
+# escaped themselves, which is a \\u escape again). A Windows path's escaped backslash before a
+# `u` (`C:\\\\users`) is not followed by four hex digits, so it is not taken for one.
+_UNICODE_ESCAPE = re.compile(rb"\\u[0-9a-fA-F]{4}")
+_UNICODE_ESCAPE_TEXT = re.compile(r"\\u[0-9a-fA-F]{4}")
+
+
+def has_unicode_escape(text: bytes | str) -> bool:
+    """True when JSON `text` may hold a \\u escape at any level of embedding (false positives only
+    for a literal backslash, `u` and four hex digits, e.g. a path `C:\\\\u1234`)."""
+    if isinstance(text, str):
+        return "\\u" in text and _UNICODE_ESCAPE_TEXT.search(text) is not None
+    return b"\\u" in text and _UNICODE_ESCAPE.search(text) is not None
+
+
 def records_surely_within(body: bytes, limits: Limits, *, has_escape: bool | None = None) -> bool:
     """True when the bytes alone prove that no record of `body` breaks the depth or string limits, so
     `check_record` need not walk them (most real bodies: a few KB, a few dozen brackets). Sound because:
@@ -109,7 +126,7 @@ def records_surely_within(body: bytes, limits: Limits, *, has_escape: bool | Non
     body holds a \\u escape, when the caller already knows."""
     return (
         len(body) <= limits.max_string_length
-        and not (b"\\u" in body if has_escape is None else has_escape)
+        and not (has_unicode_escape(body) if has_escape is None else has_escape)
         and body.count(b"{") + body.count(b"[") <= limits.max_nesting_depth
         and b"\\\\\\" not in body
     )
@@ -183,5 +200,6 @@ __all__ = [
     "records_surely_within",
     "check_record_count",
     "embedded_json",
+    "has_unicode_escape",
     "looks_like_json",
 ]

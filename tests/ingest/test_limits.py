@@ -101,8 +101,11 @@ def test_nesting_at_orjsons_own_maximum_raises_no_recursion_error():
     # orjson parses up to 1024 levels; the checks and the scrubber are iterative.
     for depth in (900, 1020):
         inner = b"[" * depth + b"]" * depth
-        decoded = decode_message(b'{"records": [' + inner + b"]}")
-        assert [r.reason for r in decoded.rejected] == ["too_deep"]
+        dlp = b'{"category": "AdvancedHunting-AlertInfo", "properties": {"ServiceSource": "Data Loss Prevention", "x": ' + inner + b"}}"
+        other = b'{"category": "AdvancedHunting-DeviceEvents", "properties": {"x": ' + inner + b"}}"
+        decoded = decode_message(b'{"records": [' + dlp + b"," + other + b"]}")
+        assert [(r.index, r.reason) for r in decoded.rejected] == [(0, "too_deep")]
+        assert decoded.skipped == 1  # the row that cannot be DLP is skipped unwalked (decode.py, "Fast skip")
         decoded = decode_message(b'[{"DetectedValues": 1, "a": ' + inner + b"}]")
         assert [r.reason for r in decoded.rejected] == ["too_deep"]
         assert b"DetectedValues" not in decoded.rejected[0].record

@@ -8,7 +8,7 @@ from urllib.parse import unquote
 
 import orjson
 
-from pipeline.ingest.limits import MAX_EMBEDDED_JSON_LEVELS
+from pipeline.ingest.limits import MAX_EMBEDDED_JSON_LEVELS, has_unicode_escape
 
 # Keys that hold matched values or the text around a match, in any of the input formats.
 # Compared case-insensitively; the whole value under such a key is dropped.
@@ -79,13 +79,11 @@ TRUNCATED_TEXT = "[truncated: nested too deep]"
 def mentions_removed_key(text: str | bytes, *, has_escape: bool | None = None) -> bool:
     """True when `text` may name a removed key: it holds one (any casing) that is not the tail of a
     longer word (`EmailSubject` does not name `Subject`; `"Subject"`, `{Subject:` and `\\"subject\\"`
-    do), or a \\u escape (which could spell one). `has_escape`: whether valid JSON `text` holds a
-    \\u escape, when the caller already knows (JSON escapes are lowercase)."""
-    if has_escape:
+    do), or a \\u escape at any level of embedding (which could spell one; `limits.has_unicode_escape`).
+    `has_escape`: whether valid JSON `text` holds a \\u escape, when the caller already knows."""
+    if has_escape or (has_escape is None and has_unicode_escape(text)):
         return True
     lowered = text.lower()
-    if has_escape is None and (b"\\u" in lowered if isinstance(lowered, bytes) else "\\u" in lowered):
-        return True
     return any(_named(lowered, key) for key in (_KEYS_BYTES if isinstance(lowered, bytes) else _KEYS_TEXT))
 
 

@@ -3,6 +3,10 @@
 AlertInfo and AlertEvidence rows are *parts* of one alert (joined later by the assembler, see
 pipeline/assemble/join.py); CloudAppEvents rows whose RawEventData is a DLP rule match are complete
 activities in the Management Activity shape.
+
+A streaming hub carries every table the tenant streams, DLP rows a small fraction: `row_may_be_dlp`
+tells from four fields of a row that it cannot be one, so the decode loop skips it without building,
+checking or scrubbing it (pipeline/ingest/decode.py, "Fast skip").
 """
 
 from __future__ import annotations
@@ -13,11 +17,49 @@ from pipeline.ingest.formats import common as c
 from pipeline.ingest.formats import management_activity
 from pipeline.ingest.formats.contract import RANK_ALERT_INFO, RANK_EVIDENCE, AlertPart, RecordOutput
 from pipeline.ingest.formats.registry import register
+from pipeline.ingest.limits import has_unicode_escape
 from pipeline.models import SourceFormat
 
 ALERT_INFO = "AdvancedHunting-AlertInfo"
 ALERT_EVIDENCE = "AdvancedHunting-AlertEvidence"
 CLOUD_APP_EVENTS = "AdvancedHunting-CloudAppEvents"
+
+
+def row_may_be_dlp(category: Any, properties: Any, service_source: Any, detection_source: Any, raw_event_data: Any) -> bool:
+    """False only when a row with these fields is surely skipped by `DefenderStreamingDecoder.decode`
+    (the fast skip, pipeline/ingest/decode.py), so it need not be scrubbed, checked or decoded.
+    `properties`: whether the row has a `properties` object (the other three fields are its).
+
+    The same tests as `decode`, on the same decoded values: a row without a category string or a
+    properties object goes on (it is rejected as malformed, as before); AlertInfo / AlertEvidence
+    rows go on when they name the DLP service; CloudAppEvents rows when their RawEventData may be a
+    DLP rule match (the operation spelled in any ASCII casing, or a \\u escape of the embedded JSON
+    that could spell it; a RawEventData already an object is tested exactly); every other row is
+    skipped."""
+    if not isinstance(category, str) or not properties:
+        return True
+    if category == CLOUD_APP_EVENTS:
+        if isinstance(raw_event_data, str):
+            return _OPERATION_MARKER in raw_event_data.lower() or has_unicode_escape(raw_event_data)
+        return isinstance(raw_event_data, dict) and management_activity.is_dlp(raw_event_data)
+    if category == ALERT_INFO or category == ALERT_EVIDENCE:
+        return c.is_dlp_service(service_source, detection_source)
+    return False
+
+
+def parsed_row_may_be_dlp(row: Any) -> bool:
+    """`row_may_be_dlp` of a parsed row."""
+    if not isinstance(row, dict):
+        return True  # not an object: rejected as malformed
+    properties = row.get("properties")
+    if not isinstance(properties, dict):
+        return True
+    return row_may_be_dlp(
+        row.get("category"), True, properties.get("ServiceSource"), properties.get("DetectionSource"), properties.get("RawEventData")
+    )
+
+
+_OPERATION_MARKER = management_activity.DLP_RULE_MATCH  # lowercase
 
 
 def looks_like(body: Any) -> bool:
@@ -110,6 +152,9 @@ class DefenderStreamingDecoder:
 
     def owns_record(self, record: dict[str, Any]) -> bool:
         return False
+
+    row_may_be_dlp = staticmethod(row_may_be_dlp)
+    parsed_row_may_be_dlp = staticmethod(parsed_row_may_be_dlp)
 
     def decode(self, record: Any, out: RecordOutput) -> None:
         properties = record.get("properties") if isinstance(record, dict) else None
