@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.config import load_toml
+from tests.support.itsm_servers import Jira, ServiceNow
 from tests.support.paths import FIXTURES
 
 # The plugin-author fixtures (dlp_alert, run_enricher, ...), which an installed dlp-pipeline registers
@@ -53,3 +54,22 @@ def azurite():
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture
+def snow(httpserver, monkeypatch):
+    """The local ServiceNow Table API, installed on the test's HTTP server (credentials in the environment)."""
+    monkeypatch.setenv("TEST_SNOW_PASSWORD", "pw-test")
+    monkeypatch.setenv("TEST_SNOW_SECRET", "cs-test")
+    server = ServiceNow()
+    server.install(httpserver)
+    return server
+
+
+@pytest.fixture
+def jira(httpserver, monkeypatch):
+    """The local Jira Cloud REST API, installed on the test's HTTP server."""
+    monkeypatch.setenv("TEST_JIRA_TOKEN", "jira-token-test")
+    server = Jira()
+    server.install(httpserver)
+    return server

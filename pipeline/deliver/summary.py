@@ -19,11 +19,13 @@ policy, the last one), `sensitive` (types with counts and confidence), `telemetr
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field
 
 from pipeline.config import StrictModel
+from pipeline.deliver.minimise import get_path
 
 Section = Literal["triage", "user", "prior", "sensitive", "telemetry", "alert", "links"]
 DEFAULT_SECTIONS: list[Section] = ["triage", "user", "prior", "sensitive", "telemetry", "alert", "links"]
@@ -44,25 +46,21 @@ class SummarySettings(StrictModel):
     max_telemetry_fields: int = Field(8, ge=0, le=100, description="telemetry fields shown when no triage reason names them")
 
 
-def _get(document: Any, path: str) -> Any:
-    value = document
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-def fill(template: str, document: dict[str, Any]) -> str:
-    """A template with `{dotted.path}` placeholders filled from the record; absent → ""."""
+def fill(template: str, document: dict[str, Any], *, named: dict[str, str] | None = None, text: Callable[[Any], str] | None = None) -> str:
+    """A template with `{dotted.path}` placeholders filled from the record; absent → "". `named`
+    placeholders (e.g. `{summary}`) take their given text; `text` turns a found value into text
+    (default: booleans as yes/no, whole floats without ".0")."""
+    as_text = text or _text
 
     def value(match: re.Match[str]) -> str:
-        found = _get(document, match.group(1))
+        if named and match.group(1) in named:
+            return named[match.group(1)]
+        found = get_path(document, match.group(1))
         if found is None:
             return ""
         if isinstance(found, list):
             return ", ".join(str(item) for item in found if item is not None)
-        return _text(found)
+        return as_text(found)
 
     return _PLACEHOLDER.sub(value, template).strip()
 
@@ -109,7 +107,7 @@ def render_text(document: dict[str, Any], *, record_id: str, settings: SummarySe
 
 
 def _triage(document: dict[str, Any], s: SummarySettings) -> list[str]:
-    triage = _get(document, "enrichments.triage")
+    triage = get_path(document, "enrichments.triage")
     if not isinstance(triage, dict) or triage.get("score") is None:
         return []
     band = triage.get("band")
@@ -135,8 +133,8 @@ def _triage(document: dict[str, Any], s: SummarySettings) -> list[str]:
 
 
 def _user(document: dict[str, Any], s: SummarySettings) -> list[str]:
-    user = _get(document, "alert.user") or {}
-    context = _get(document, "enrichments.user_context") or {}
+    user = get_path(document, "alert.user") or {}
+    context = get_path(document, "enrichments.user_context") or {}
     name = user.get("upn") or user.get("display_name") or context.get("display_name")
     if not name and not context:
         return []
@@ -167,7 +165,7 @@ def _user(document: dict[str, Any], s: SummarySettings) -> list[str]:
 
 
 def _prior(document: dict[str, Any], s: SummarySettings) -> list[str]:
-    prior = _get(document, "enrichments.prior_incidents")
+    prior = get_path(document, "enrichments.prior_incidents")
     if not isinstance(prior, dict):
         return []
     line = (f"Prior incidents: {prior.get('last_7_days', 0)} in 7 days, {prior.get('last_30_days', 0)} in 30 days, "
@@ -183,8 +181,8 @@ def _prior(document: dict[str, Any], s: SummarySettings) -> list[str]:
 
 
 def _sensitive(document: dict[str, Any], s: SummarySettings) -> list[str]:
-    enriched = _get(document, "enrichments.sensitive_info.types")
-    items = enriched if isinstance(enriched, list) else _get(document, "alert.sensitive_info") or []
+    enriched = get_path(document, "enrichments.sensitive_info.types")
+    items = enriched if isinstance(enriched, list) else get_path(document, "alert.sensitive_info") or []
     entries = []
     for item in items:
         if not isinstance(item, dict) or not (item.get("name") or item.get("type_id")):
@@ -201,10 +199,10 @@ def _sensitive(document: dict[str, Any], s: SummarySettings) -> list[str]:
 
 
 def _telemetry(document: dict[str, Any], s: SummarySettings) -> list[str]:
-    telemetry = _get(document, "enrichments.telemetry")
+    telemetry = get_path(document, "enrichments.telemetry")
     if not isinstance(telemetry, dict):
         return []
-    reasons = [r for r in _get(document, "enrichments.triage.reasons") or [] if isinstance(r, dict) and r.get("source") == "telemetry"]
+    reasons = [r for r in get_path(document, "enrichments.triage.reasons") or [] if isinstance(r, dict) and r.get("source") == "telemetry"]
     if reasons:  # the values triage weighed are the highlights
         return ["Telemetry: " + "; ".join(f"{r.get('detail')}" for r in reasons)]
     shown: list[str] = []

@@ -51,7 +51,7 @@ from pydantic import ValidationError
 try:  # optional: reads a streaming envelope's few needed fields several times faster than parsing it
     import msgspec
 except ImportError:  # pragma: no cover - depends on the installation
-    msgspec = None
+    msgspec = None  # type: ignore[assignment]  # (installed with requirements.txt; the code works without it)
 
 
 from pipeline.errors import DecodeError

@@ -22,7 +22,7 @@ from pipeline.entrypoints.cli import main
 from tests.support.alerts import StaticCredential
 from tests.support.azurite import ACCOUNT, docker_available
 from tests.support.config import enricher_entry, pipeline_toml, sink_entry
-from tests.support.itsm_servers import Failure, Jira, ServiceNow
+from tests.support.itsm_servers import Failure, jira_entry, snow_entry
 from tests.support.paths import ROOT
 
 RULE = "dcr-0123456789abcdef0123456789abcdef"
@@ -260,18 +260,6 @@ async def test_graph_without_a_token_fails_and_skips_the_lookup(httpserver, writ
 # -- ServiceNow and Jira -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def snow(httpserver, monkeypatch):
-    monkeypatch.setenv("TEST_SNOW_PASSWORD", "pw-test")
-    monkeypatch.setenv("TEST_SNOW_SECRET", "cs-test")
-    server = ServiceNow()
-    server.install(httpserver)
-    return server
-
-
-def snow_entry(httpserver, **settings) -> dict:
-    values = {"instance_url": httpserver.url_for("/").rstrip("/"), "username": "svc-dlp", "password_env": "TEST_SNOW_PASSWORD", "timeout_seconds": 5, **settings}
-    return sink_entry("servicenow", "servicenow", {k: v for k, v in values.items() if v is not None})
 
 
 def no_ticket_writes(server) -> bool:
@@ -279,13 +267,13 @@ def no_ticket_writes(server) -> bool:
 
 
 async def test_servicenow_sign_in_and_table_read(httpserver, snow, write_config):
-    report = await doctor(write_config, sinks=[snow_entry(httpserver)])
+    report = await doctor(write_config, sinks=[snow_entry(httpserver, "servicenow")])
     assert statuses(report, "sink servicenow") == {"sign-in": "ok", "table incident": "ok"}
     assert [r[0] for r in snow.requests] == ["GET"] and no_ticket_writes(snow)
 
 
 async def test_servicenow_oauth_posts_only_for_its_token(httpserver, snow, write_config):
-    entry = snow_entry(httpserver, auth="oauth", username=None, password_env=None, client_id="cid", client_secret_env="TEST_SNOW_SECRET")
+    entry = snow_entry(httpserver, "servicenow", auth="oauth", username=None, password_env=None, client_id="cid", client_secret_env="TEST_SNOW_SECRET")
     report = await doctor(write_config, sinks=[entry])
     assert statuses(report, "sink servicenow") == {"sign-in": "ok", "table incident": "ok"}
     assert snow.tokens_issued == 1 and no_ticket_writes(snow)  # snow.requests holds the table's requests only
@@ -293,7 +281,7 @@ async def test_servicenow_oauth_posts_only_for_its_token(httpserver, snow, write
 
 async def test_servicenow_wrong_password_fails_sign_in(httpserver, snow, write_config, monkeypatch):
     monkeypatch.setenv("TEST_SNOW_PASSWORD", "wrong")
-    report = await doctor(write_config, sinks=[snow_entry(httpserver)])
+    report = await doctor(write_config, sinks=[snow_entry(httpserver, "servicenow")])
     (line,) = lines(report, "sink servicenow")
     assert line.startswith("failed") and "credentials refused (HTTP 401)" in line and "TEST_SNOW_PASSWORD" in line
     assert no_ticket_writes(snow)
@@ -301,22 +289,11 @@ async def test_servicenow_wrong_password_fails_sign_in(httpserver, snow, write_c
 
 async def test_servicenow_account_without_table_access_fails(httpserver, snow, write_config):
     snow.failures.append(Failure("GET", 403))
-    report = await doctor(write_config, sinks=[snow_entry(httpserver)])
+    report = await doctor(write_config, sinks=[snow_entry(httpserver, "servicenow")])
     assert statuses(report, "sink servicenow") == {"sign-in": "ok", "table incident": "failed"}
     assert "itil" in lines(report, "sink servicenow")[1] and no_ticket_writes(snow)
 
 
-@pytest.fixture
-def jira(httpserver, monkeypatch):
-    monkeypatch.setenv("TEST_JIRA_TOKEN", "jira-token-test")
-    server = Jira()
-    server.install(httpserver)
-    return server
-
-
-def jira_entry(httpserver, **settings) -> dict:
-    values = {"site_url": httpserver.url_for("/").rstrip("/"), "email": "dlp-bot@contoso.com", "api_token_env": "TEST_JIRA_TOKEN", "project_key": "SEC", "timeout_seconds": 5, **settings}
-    return sink_entry("jira", "jira", values)
 
 
 async def test_jira_sign_in_project_and_permissions(httpserver, jira, write_config):

@@ -312,3 +312,52 @@ def adf_text(node: Any) -> str:
     if isinstance(node, dict):
         return (node.get("text") or "") + "\n".join(adf_text(c) for c in node.get("content", []))
     return ""
+
+
+# -- the sinks pointed at these servers ----------------------------------------------------------
+
+
+def snow_settings(httpserver, **settings: Any) -> dict[str, Any]:
+    """ServiceNow sink settings for the local Table API (basic auth, password in TEST_SNOW_PASSWORD);
+    a setting given as None is left out (its default applies)."""
+    values = {"instance_url": httpserver.url_for("/").rstrip("/"), "username": "svc-dlp", "password_env": "TEST_SNOW_PASSWORD", "timeout_seconds": 5, **settings}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def jira_settings(httpserver, **settings: Any) -> dict[str, Any]:
+    """Jira sink settings for the local Jira Cloud API (project SEC, token in TEST_JIRA_TOKEN)."""
+    values = {"site_url": httpserver.url_for("/").rstrip("/"), "email": "dlp-bot@contoso.com", "api_token_env": "TEST_JIRA_TOKEN", "project_key": "SEC", "timeout_seconds": 5, **settings}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def snow_sink(httpserver, **settings: Any):
+    from pipeline.deliver.sinks.servicenow import ServiceNowSink
+
+    return ServiceNowSink(ServiceNowSink.Settings(**snow_settings(httpserver, **settings)), None)
+
+
+def jira_sink(httpserver, **settings: Any):
+    from pipeline.deliver.sinks.jira import JiraSink
+
+    return JiraSink(JiraSink.Settings(**jira_settings(httpserver, **settings)), None)
+
+
+def snow_entry(httpserver, name: str = "snow", **settings: Any) -> dict[str, Any]:
+    """The `[[sinks]]` entry of a ServiceNow sink on the local server."""
+    from tests.support.config import sink_entry
+
+    return sink_entry(name, "servicenow", snow_settings(httpserver, **settings))
+
+
+def jira_entry(httpserver, name: str = "jira", **settings: Any) -> dict[str, Any]:
+    from tests.support.config import sink_entry
+
+    return sink_entry(name, "jira", jira_settings(httpserver, **settings))
+
+
+async def publish(sink: Any, records: list[Any]) -> list[Any]:
+    """One publish call, the sink closed after it."""
+    try:
+        return await sink.publish(records)
+    finally:
+        await sink.aclose()

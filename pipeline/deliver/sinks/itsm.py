@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -35,15 +34,14 @@ from urllib.parse import urlparse
 
 import httpx
 
-from pipeline.deliver.minimise import alert_key, get_path
+from pipeline.deliver.minimise import alert_key
 from pipeline.deliver.sinks import Outcome, publish_deadline
-from pipeline.deliver.summary import SummarySettings, render_lines
+from pipeline.deliver.summary import SummarySettings, fill, render_lines
 from pipeline.errors import SinkError, SinkUnavailable, is_retryable_status, translate
 from pipeline.resilience.retry import backoff_wait, parse_retry_after
 
 log = logging.getLogger("pipeline.deliver.sinks.itsm")
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.]*)\}")
 T = TypeVar("T")
 
 FAILURES_PER_RECORD = 5  # failed requests a record may have in one call (lookups, updates, creates together)
@@ -219,17 +217,7 @@ def render(template: str, document: dict[str, Any], *, summary: str = "") -> str
     """`"DLP {alert.severity}: {alert.title}"` with values from the (projected) record; absent → "".
     `{summary}` is the enrichment summary (summary_lines)."""
 
-    def value(match: re.Match[str]) -> str:
-        if match.group(1) == "summary":
-            return summary
-        found = get_path(document, match.group(1))
-        if found is None:
-            return ""
-        if isinstance(found, list):
-            return ", ".join(str(item) for item in found if item is not None)
-        return str(found)
-
-    return _PLACEHOLDER.sub(value, template).strip()
+    return fill(template, document, named={"summary": summary}, text=str)
 
 
 def summary_lines(document: dict[str, Any], *, record_id: str, settings: SummarySettings | None = None) -> list[str]:

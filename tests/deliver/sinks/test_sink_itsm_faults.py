@@ -17,58 +17,21 @@ import orjson
 import pytest
 
 from pipeline.deliver.minimise import alert_key
-from pipeline.deliver.sinks.jira import JiraSink
-from pipeline.deliver.sinks.servicenow import ServiceNowSink
 from pipeline.errors import SinkOutage
 from pipeline.runner import Message, Runner
-from tests.support.config import pipeline_toml, sink_entry
-from tests.support.itsm_servers import Chaos, Failure, Jira, ServiceNow
+from tests.support.config import pipeline_toml
+from tests.support.itsm_servers import Chaos, Failure, jira_entry, jira_sink, publish, snow_entry, snow_sink
 from tests.support.paths import FIXTURES
 from tests.support.records import make_record
 
 SHIPPED_DELIVERY: dict = {}  # the shipped [delivery] defaults: what production retries with
 
 
-@pytest.fixture
-def snow(httpserver, monkeypatch):
-    monkeypatch.setenv("TEST_SNOW_PASSWORD", "pw-test")
-    server = ServiceNow()
-    server.install(httpserver)
-    return server
 
 
-@pytest.fixture
-def jira(httpserver, monkeypatch):
-    monkeypatch.setenv("TEST_JIRA_TOKEN", "jira-token-test")
-    server = Jira()
-    server.install(httpserver)
-    return server
 
 
-def snow_sink(httpserver, **settings) -> ServiceNowSink:
-    values = {"instance_url": httpserver.url_for("/"), "username": "svc-dlp", "password_env": "TEST_SNOW_PASSWORD", "timeout_seconds": 5, **settings}
-    return ServiceNowSink(ServiceNowSink.Settings(**values), None)
 
-
-def jira_sink(httpserver, **settings) -> JiraSink:
-    values = {"site_url": httpserver.url_for("/"), "email": "dlp-bot@contoso.com", "api_token_env": "TEST_JIRA_TOKEN", "project_key": "SEC", "timeout_seconds": 5, **settings}
-    return JiraSink(JiraSink.Settings(**values), None)
-
-
-async def publish(sink, records):
-    try:
-        return await sink.publish(records)
-    finally:
-        await sink.aclose()
-
-
-def snow_entry(httpserver) -> dict:
-    return sink_entry("snow", "servicenow", {"instance_url": httpserver.url_for("/"), "username": "svc-dlp", "password_env": "TEST_SNOW_PASSWORD", "timeout_seconds": 5})
-
-
-def jira_entry(httpserver) -> dict:
-    settings = {"site_url": httpserver.url_for("/"), "email": "dlp-bot@contoso.com", "api_token_env": "TEST_JIRA_TOKEN", "project_key": "SEC", "timeout_seconds": 5}
-    return sink_entry("jira", "jira", settings)
 
 
 def alert_messages(count: int, prefix: str = "alert") -> list[Message]:

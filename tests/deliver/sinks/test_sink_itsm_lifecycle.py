@@ -7,39 +7,17 @@ import json
 from pathlib import Path
 
 import orjson
-import pytest
 
 from pipeline.runner import Message, Runner
-from tests.support.config import pipeline_toml, sink_entry
-from tests.support.itsm_servers import Jira, ServiceNow, adf_text
+from tests.support.config import pipeline_toml
+from tests.support.itsm_servers import adf_text, jira_entry, snow_entry
 
 LIFECYCLE = Path(__file__).resolve().parents[2] / "fixtures" / "lifecycle"
 EVENTS = ("spo_rule_match_two_rules.json", "spo_info_false_positive.json", "spo_rule_undo_override.json")
 
 
-@pytest.fixture
-def snow(httpserver, monkeypatch):
-    monkeypatch.setenv("TEST_SNOW_PASSWORD", "pw-test")
-    server = ServiceNow()
-    server.install(httpserver)
-    return server
 
 
-@pytest.fixture
-def jira(httpserver, monkeypatch):
-    monkeypatch.setenv("TEST_JIRA_TOKEN", "jira-token-test")
-    server = Jira()
-    server.install(httpserver)
-    return server
-
-
-def snow_entry(httpserver, **settings):
-    return sink_entry("snow", "servicenow", {"instance_url": httpserver.url_for("/"), "username": "svc-dlp", "password_env": "TEST_SNOW_PASSWORD", **settings})
-
-
-def jira_entry(httpserver, **settings):
-    values = {"site_url": httpserver.url_for("/"), "email": "dlp-bot@contoso.com", "api_token_env": "TEST_JIRA_TOKEN", "project_key": "SEC", **settings}
-    return sink_entry("jira", "jira", values)
 
 
 async def deliver_events(write_config, httpserver, entry=None, *, events=EVENTS, **settings) -> None:
