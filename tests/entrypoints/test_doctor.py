@@ -579,7 +579,7 @@ async def test_sentinel_incident_reader_role_passes_the_read_but_says_responder_
     sentinel_incidents.read_only = True  # Microsoft Sentinel Reader
     report = await doctor(write_config, sinks=[sentinel_incident_entry(httpserver)])
     line = check_line(report, "sink incidents", "incident read")
-    assert line.startswith("ok") and "needs Microsoft Sentinel Responder" in line
+    assert line.startswith("ok") and "needs the Microsoft Sentinel Responder role on the workspace" in line
     assert only_reads(sentinel_incidents, graph_security)
 
 
