@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -54,6 +54,9 @@ from pipeline.deliver.sinks.writeback import (
 from pipeline.deliver.summary import SummarySettings, render_text
 from pipeline.errors import is_retryable_status
 from pipeline.plugins import shared_credential
+
+if TYPE_CHECKING:
+    from pipeline.doctor import Check
 
 log = logging.getLogger("pipeline.deliver.sinks.sentinel_incident")
 
@@ -234,7 +237,7 @@ class SentinelIncidentSink:
         await self.client.aclose()
 
 
-async def _incident_read_check(settings: SentinelIncidentSink.Settings, client: httpx.AsyncClient, credential: Any, arm: str) -> Any:
+async def _incident_read_check(settings: SentinelIncidentSink.Settings, client: httpx.AsyncClient, credential: Any, arm: str) -> Check:
     """Incidents - List with `$top=1` as a check: 200 ok (read access only); 401 a refused token; 403
     no role on the workspace; 404 no workspace, or no Sentinel on it; 400 an api_version refused."""
     from pipeline.doctor import ROLE_DELAY, Check
