@@ -1,6 +1,7 @@
 """`python -m pipeline doctor`: each check against the local servers (Graph, ServiceNow, Jira, Resource
-Manager) and the suite's Azurite, one failure mode per test. The doctor only reads: every test that
-talks to a ticket server asserts that no POST, PUT or PATCH reached a ticket endpoint."""
+Manager, the Defender and Sentinel incident APIs) and the suite's Azurite, one failure mode per test.
+The doctor only reads: every test that talks to a ticket or incident server asserts that no POST,
+PUT or PATCH reached it."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pipeline.entrypoints.cli import main
 from tests.support.alerts import StaticCredential
 from tests.support.azurite import ACCOUNT, docker_available
 from tests.support.config import enricher_entry, pipeline_toml, sink_entry
+from tests.support.incident_servers import GraphSecurity, SentinelIncidents
 from tests.support.itsm_servers import Failure, jira_entry, snow_entry
 from tests.support.paths import ROOT
 
@@ -445,6 +447,182 @@ async def test_sentinel_without_dcr_resource_id_skips_the_stream_check(httpserve
     report = await doctor(write_config, sinks=[sentinel_entry(arm, dcr_resource_id=None)])
     assert statuses(report, "sink sentinel") == {"ingestion token": "ok", "DCR stream": "skipped"}
     assert not arm.requests
+
+
+# -- incident write-back: Defender XDR through Graph, Sentinel through Resource Manager -----------
+
+INCIDENT_WORKSPACE = "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/rg-sec/providers/Microsoft.OperationalInsights/workspaces/law-sec"
+GRANT_DOCS = 'docs/deploy.md, "Incident write-back permissions"'
+
+
+@pytest.fixture
+def graph_security(httpserver):
+    server = GraphSecurity()
+    server.install(httpserver)
+    server.add_incident("48213", alert_ids=("da637", "da638"))
+    server.add_incident("48214")
+    return server
+
+
+@pytest.fixture
+def sentinel_incidents(httpserver):
+    server = SentinelIncidents(INCIDENT_WORKSPACE)
+    server.install(httpserver)
+    server.add_incident("48213")
+    server.add_incident("48214")
+    return server
+
+
+def defender_incident_entry(httpserver, **settings) -> dict:
+    return sink_entry("defender", "defender_incident", {"graph_url": httpserver.url_for("/v1.0"), "timeout_seconds": 5, **settings})
+
+
+def sentinel_incident_entry(httpserver, **settings) -> dict:
+    values = {"workspace_resource_id": INCIDENT_WORKSPACE, "arm_url": httpserver.url_for("/").rstrip("/"), "graph_url": httpserver.url_for("/v1.0"), "timeout_seconds": 5, **settings}
+    return sink_entry("incidents", "sentinel_incident", values)
+
+
+def only_reads(*servers) -> bool:
+    return all(not server.writes and all(method == "GET" for method, _, _ in server.requests) for server in servers)
+
+
+def check_line(report: DoctorReport, component: str, name: str) -> str:
+    (line,) = [line for line in lines(report, component) if line.split(": ", 2)[1] == name]
+    return line
+
+
+async def test_defender_incident_token_one_incident_and_one_alert_read(httpserver, graph_security, write_config):
+    credential = StaticCredential()
+    report = await doctor(write_config, sinks=[defender_incident_entry(httpserver)], credential=credential)
+    assert statuses(report, "sink defender") == {"Graph token": "ok", "incident read": "ok", "alert lookup": "ok"}, lines(report, "sink defender")
+    assert ("https://graph.microsoft.com/.default",) in credential.scopes
+    read = check_line(report, "sink defender", "incident read")
+    assert "SecurityIncident.ReadWrite.All" in read and "a read cannot prove" in read  # the read proves read access only
+    assert [path for _, path, _ in graph_security.requests] == ["/v1.0/security/incidents", "/v1.0/security/alerts_v2"]
+    assert [query.get("$top") for query in graph_security.queries] == ["1", "1"]  # one item each
+    assert only_reads(graph_security)
+
+
+async def test_defender_incident_without_the_incident_permission_names_it(httpserver, graph_security, write_config):
+    graph_security.granted = False
+    report = await doctor(write_config, sinks=[defender_incident_entry(httpserver)])
+    line = check_line(report, "sink defender", "incident read")
+    assert line.startswith("failed") and "HTTP 403" in line
+    assert "SecurityIncident.ReadWrite.All" in line and "SecurityIncident.Read.All" in line
+    assert GRANT_DOCS in line and "up to 30 minutes" in line
+    assert only_reads(graph_security)
+
+
+async def test_defender_incident_read_only_permission_passes_the_read_but_says_it_is_not_enough(httpserver, graph_security, write_config):
+    graph_security.read_only = True  # SecurityIncident.Read.All: the list answers, a write would not
+    report = await doctor(write_config, sinks=[defender_incident_entry(httpserver)])
+    line = check_line(report, "sink defender", "incident read")
+    assert line.startswith("ok") and "needs SecurityIncident.ReadWrite.All" in line
+    assert only_reads(graph_security)
+
+
+async def test_defender_incident_without_the_alert_permission_says_streaming_rows_cannot_be_placed(httpserver, graph_security, write_config):
+    graph_security.alerts_granted = False
+    report = await doctor(write_config, sinks=[defender_incident_entry(httpserver)])
+    assert statuses(report, "sink defender") == {"Graph token": "ok", "incident read": "ok", "alert lookup": "failed"}
+    line = check_line(report, "sink defender", "alert lookup")
+    assert "HTTP 403" in line and "SecurityAlert.Read.All" in line and "Streaming API" in line and GRANT_DOCS in line
+
+
+async def test_defender_incident_token_refused_by_graph(httpserver, graph_security, write_config):
+    graph_security.token = "another-token"  # the server wants another tenant's or audience's token
+    report = await doctor(write_config, sinks=[defender_incident_entry(httpserver)])
+    line = check_line(report, "sink defender", "incident read")
+    assert line.startswith("failed") and "token refused (HTTP 401" in line and "scope" in line
+
+
+async def test_defender_incident_without_a_token_skips_the_reads(httpserver, graph_security, write_config):
+    report = await doctor(write_config, sinks=[defender_incident_entry(httpserver)], credential=NoToken())
+    assert statuses(report, "sink defender") == {"Graph token": "failed", "incident read": "skipped", "alert lookup": "skipped"}
+    assert "az login" in lines(report, "sink defender")[0] and not graph_security.requests
+
+
+async def test_defender_incident_unreachable_graph(write_config):
+    report = await doctor(write_config, sinks=[sink_entry("defender", "defender_incident", {"graph_url": "http://127.0.0.1:9/v1.0", "timeout_seconds": 2})])
+    line = check_line(report, "sink defender", "incident read")
+    assert line.startswith("failed") and "cannot reach http://127.0.0.1:9/v1.0 (ConnectError)" in line and "fix: check graph_url" in line
+
+
+async def test_defender_incident_graph_url_that_is_not_https_is_a_settings_line(write_config):
+    report = await doctor(write_config, sinks=[sink_entry("defender", "defender_incident", {"graph_url": "http://graph.contoso.example/v1.0"})])
+    (line,) = lines(report, "sink defender")
+    assert line.startswith("failed   sink defender: settings: graph_url must be an https:// URL") and "Traceback" not in line
+
+
+async def test_sentinel_incident_arm_token_one_incident_and_the_alert_lookup(httpserver, sentinel_incidents, graph_security, write_config):
+    credential = StaticCredential()
+    report = await doctor(write_config, sinks=[sentinel_incident_entry(httpserver)], credential=credential)
+    assert statuses(report, "sink incidents") == {"Resource Manager token": "ok", "incident read": "ok", "Graph token": "ok", "alert lookup": "ok"}, lines(report, "sink incidents")
+    assert [path for _, path, _ in sentinel_incidents.requests] == [sentinel_incidents.prefix]
+    assert sentinel_incidents.queries == [{"api-version": "2025-09-01", "$top": "1"}]
+    read = check_line(report, "sink incidents", "incident read")
+    assert "law-sec" in read and "Microsoft Sentinel Responder" in read and "a read cannot prove" in read
+    assert {("https://management.azure.com/.default",), ("https://graph.microsoft.com/.default",)} <= set(credential.scopes)
+    assert only_reads(sentinel_incidents, graph_security)
+
+
+async def test_sentinel_incident_without_a_role_names_sentinel_responder(httpserver, sentinel_incidents, graph_security, write_config):
+    sentinel_incidents.granted = False
+    report = await doctor(write_config, sinks=[sentinel_incident_entry(httpserver)])
+    line = check_line(report, "sink incidents", "incident read")
+    assert line.startswith("failed") and "HTTP 403 AuthorizationFailed" in line
+    assert "Microsoft Sentinel Responder" in line and "on the workspace" in line and "up to 30 minutes" in line and GRANT_DOCS in line
+    assert only_reads(sentinel_incidents, graph_security)
+
+
+async def test_sentinel_incident_reader_role_passes_the_read_but_says_responder_is_needed(httpserver, sentinel_incidents, graph_security, write_config):
+    sentinel_incidents.read_only = True  # Microsoft Sentinel Reader
+    report = await doctor(write_config, sinks=[sentinel_incident_entry(httpserver)])
+    line = check_line(report, "sink incidents", "incident read")
+    assert line.startswith("ok") and "needs the Microsoft Sentinel Responder role on the workspace" in line
+    assert only_reads(sentinel_incidents, graph_security)
+
+
+async def test_sentinel_incident_workspace_not_found_or_not_onboarded(httpserver, sentinel_incidents, graph_security, write_config):
+    sentinel_incidents.exists = False
+    report = await doctor(write_config, sinks=[sentinel_incident_entry(httpserver)])
+    line = check_line(report, "sink incidents", "incident read")
+    assert line.startswith("failed") and "HTTP 404 ResourceNotFound" in line
+    assert "no workspace at workspace_resource_id, or Microsoft Sentinel is not onboarded on it" in line and "fix: check the subscription" in line
+
+
+async def test_sentinel_incident_other_api_version_rejected(httpserver, sentinel_incidents, graph_security, write_config):
+    report = await doctor(write_config, sinks=[sentinel_incident_entry(httpserver, api_version="2019-01-01-preview")])
+    line = check_line(report, "sink incidents", "incident read")
+    assert line.startswith("failed") and "HTTP 400 InvalidApiVersionParameter" in line and "api_version" in line
+
+
+async def test_sentinel_incident_token_refused_by_resource_manager(httpserver, sentinel_incidents, graph_security, write_config):
+    sentinel_incidents.token = "another-token"
+    report = await doctor(write_config, sinks=[sentinel_incident_entry(httpserver)])
+    line = check_line(report, "sink incidents", "incident read")
+    assert line.startswith("failed") and "token refused (HTTP 401" in line
+
+
+async def test_sentinel_incident_without_the_alert_permission_fails_the_lookup(httpserver, sentinel_incidents, graph_security, write_config):
+    graph_security.alerts_granted = False
+    report = await doctor(write_config, sinks=[sentinel_incident_entry(httpserver)])
+    assert statuses(report, "sink incidents")["alert lookup"] == "failed"
+    assert "SecurityAlert.Read.All" in check_line(report, "sink incidents", "alert lookup")
+
+
+async def test_sentinel_incident_without_a_token_skips_the_reads(httpserver, sentinel_incidents, graph_security, write_config):
+    report = await doctor(write_config, sinks=[sentinel_incident_entry(httpserver)], credential=NoToken())
+    assert statuses(report, "sink incidents") == {"Resource Manager token": "failed", "incident read": "skipped", "Graph token": "failed", "alert lookup": "skipped"}
+    assert not sentinel_incidents.requests and not graph_security.requests
+
+
+async def test_sentinel_incident_unreachable_resource_manager(write_config):
+    entry = sink_entry("incidents", "sentinel_incident", {"workspace_resource_id": INCIDENT_WORKSPACE, "arm_url": "http://127.0.0.1:9", "graph_url": "http://127.0.0.1:9/v1.0", "timeout_seconds": 2})
+    report = await doctor(write_config, sinks=[entry])
+    line = check_line(report, "sink incidents", "incident read")
+    assert line.startswith("failed") and "cannot reach http://127.0.0.1:9 (ConnectError)" in line and "fix: check arm_url" in line
+    assert "fix: check graph_url" in check_line(report, "sink incidents", "alert lookup")
 
 
 # -- Blob and Table on Azurite -------------------------------------------------------------------

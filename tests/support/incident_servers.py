@@ -2,19 +2,26 @@
 incident servers for pytest-httpserver, following the documented contracts:
 
 Graph (learn.microsoft.com/graph/api/security-incident-update, security-incident-post-comments,
-security-alert-get):
+security-alert-get, security-list-incidents, security-list-alerts_v2):
+- `GET /security/incidents` and `GET /security/alerts_v2` list, `$top` at a time (`@odata.nextLink`
+  for the rest); SecurityIncident.Read.All or .ReadWrite.All lists incidents, SecurityAlert.Read.All
+  (or .ReadWrite.All) lists and reads alerts;
 - `GET /security/incidents/{id}` → the incident with `customTags` and `comments`; 404 when unknown;
 - `PATCH /security/incidents/{id}`: only assignedTo, classification, determination, status and
   customTags are updatable, and a property given *replaces* the stored value (a list too); 200 with
   the incident;
 - `POST /security/incidents/{id}/comments` appends (no idempotency, no edit), 200 with the whole list;
 - `GET /security/alerts_v2/{id}` → the alert with `incidentId`;
-- a token without the permission gets 403; injected failures (429 with Retry-After, 5xx) answer
+- a token without the permission gets 403 (`granted`, `alerts_granted`; `read_only`: the app holds
+  SecurityIncident.Read.All only, so reads pass and writes get 403); injected failures (429 with Retry-After, 5xx) answer
   before acting, or after it (`after_acting`: a lost answer).
 
 Sentinel (Azure/azure-rest-api-specs, SecurityInsights stable/2025-09-01, Incidents.json):
-- `GET …/incidents?$filter=properties/providerIncidentId eq '<id>'` lists, `GET …/incidents/{id}`
-  reads with its `etag`;
+- `GET …/incidents?$filter=properties/providerIncidentId eq '<id>'&$top=<n>` lists (`nextLink` with a
+  `$skipToken` for the rest), `GET …/incidents/{id}` reads with its `etag`;
+- without a role on the workspace 403 AuthorizationFailed naming the action (`granted`; `read_only`:
+  Microsoft Sentinel Reader, reads pass and writes get 403); a workspace that is not there 404
+  ResourceNotFound (`exists`);
 - `PUT …/incidents/{id}` needs title, severity and status; with an `etag` that is not the current
   one: 409 "Newer version of resource … exists"; labels are replaced by what is sent, labelType is
   read-only; each write gives a new etag;
@@ -32,6 +39,7 @@ import uuid
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from werkzeug import Request, Response
 
@@ -59,9 +67,12 @@ class GraphSecurity:
         self.incidents: dict[str, dict[str, Any]] = {}
         self.alerts: dict[str, dict[str, Any]] = {}
         self.requests: list[tuple[str, str, Any]] = []
+        self.queries: list[dict[str, str]] = []  # the query parameters of each request, in order
         self.failures: deque[Failure] = deque()
         self.token = token
         self.granted = True  # False: the app lacks SecurityIncident.ReadWrite.All → 403
+        self.read_only = False  # True: the app holds SecurityIncident.Read.All only → writes get 403
+        self.alerts_granted = True  # False: the app lacks SecurityAlert.Read.All → 403 on alerts_v2
 
     def add_incident(self, incident_id: str, *, tags: list[str] | None = None, alert_ids: tuple[str, ...] = ()) -> dict[str, Any]:
         incident = {
@@ -75,7 +86,7 @@ class GraphSecurity:
         return incident
 
     def install(self, server) -> None:
-        server.expect_request(re.compile(r"^/v1\.0/security/(incidents|alerts_v2)/[^/]+(/comments)?$")).respond_with_handler(self.handle)
+        server.expect_request(re.compile(r"^/v1\.0/security/(incidents|alerts_v2)(/[^/]+(/comments)?)?$")).respond_with_handler(self.handle)
 
     @property
     def writes(self) -> list[tuple[str, str, Any]]:
@@ -84,6 +95,7 @@ class GraphSecurity:
     def handle(self, request: Request) -> Response:
         body = request.get_json(silent=True)
         self.requests.append((request.method, request.path, body))
+        self.queries.append(dict(request.args))
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, "InvalidAuthenticationToken", "Access token is empty or invalid.")
         failure = self.failures.popleft() if self.failures and self.failures[0].applies(request) else None
@@ -97,15 +109,24 @@ class GraphSecurity:
         return _error(failure.status, "TooManyRequests" if failure.status == 429 else "ServiceUnavailable", "injected", failure.headers)
 
     def _act(self, request: Request, body: Any) -> Response:
-        parts = request.path.split("/")  # "", v1.0, security, kind, id[, comments]
-        kind, item = parts[3], parts[4]
+        parts = request.path.split("/")  # "", v1.0, security, kind[, id[, comments]]
+        kind = parts[3]
         if kind == "alerts_v2":
             if request.method != "GET":
                 return _error(405, "MethodNotAllowed", "not supported by the test server")
-            alert = self.alerts.get(item)
+            if not self.alerts_granted:
+                return _error(403, "Forbidden", "Missing application permission SecurityAlert.Read.All")
+            if len(parts) == 4:
+                return self._list(request, kind, list(self.alerts.values()))
+            alert = self.alerts.get(parts[4])
             return _json(alert) if alert else _error(404, "NotFound", "Alert not found")
-        if not self.granted:
+        if not self.granted or (self.read_only and request.method != "GET"):
             return _error(403, "Forbidden", "Missing application permission SecurityIncident.ReadWrite.All")
+        if len(parts) == 4:
+            if request.method != "GET":
+                return _error(405, "MethodNotAllowed", "not supported by the test server")
+            return self._list(request, kind, list(self.incidents.values()))
+        item = parts[4]
         incident = self.incidents.get(item)
         if incident is None:
             return _error(404, "NotFound", f"Incident {item} not found")
@@ -123,6 +144,21 @@ class GraphSecurity:
             return _json(incident)
         return _error(405, "MethodNotAllowed", "not supported by the test server")
 
+    @staticmethod
+    def _list(request: Request, kind: str, items: list[dict[str, Any]]) -> Response:
+        """One page of `$top` items (all without it) from `$skip`, with `@odata.nextLink` when more remain."""
+        try:
+            top = int(request.args.get("$top", len(items) or 1))
+            skip = int(request.args.get("$skip", 0))
+        except ValueError:
+            return _error(400, "BadRequest", "Invalid $top or $skip value")
+        if top < 1 or skip < 0:
+            return _error(400, "BadRequest", "Invalid $top or $skip value")
+        page: dict[str, Any] = {"@odata.context": f"https://graph.microsoft.com/v1.0/$metadata#security/{kind}", "value": items[skip:skip + top]}
+        if skip + top < len(items):
+            page["@odata.nextLink"] = f"{request.base_url}?$top={top}&$skip={skip + top}"
+        return _json(page)
+
 
 class SentinelIncidents:
     """Microsoft Sentinel incidents of one workspace through the ARM SecurityInsights provider."""
@@ -135,9 +171,12 @@ class SentinelIncidents:
         self.incidents: dict[str, dict[str, Any]] = {}
         self.comments: dict[str, dict[str, dict[str, Any]]] = {}
         self.requests: list[tuple[str, str, Any]] = []
+        self.queries: list[dict[str, str]] = []  # the query parameters of each request, in order
         self.failures: deque[Failure] = deque()
         self.token = token
-        self.granted = True  # False: no Microsoft Sentinel Responder role → 403
+        self.granted = True  # False: no role on the workspace → 403
+        self.read_only = False  # True: Microsoft Sentinel Reader (reads pass, writes get 403)
+        self.exists = True  # False: no such workspace → 404
         self.ignore_filter = False  # answer a list without applying $filter
         self.concurrent_label: str | None = None  # set by "someone else" just before our next PUT
         self._etags = itertools.count(1)
@@ -173,12 +212,16 @@ class SentinelIncidents:
     def handle(self, request: Request) -> Response:
         body = request.get_json(silent=True)
         self.requests.append((request.method, request.path, body))
+        self.queries.append(dict(request.args))
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, "AuthenticationFailed", "Authentication failed.")
         if request.args.get("api-version") != self.API_VERSION:
             return _error(400, "InvalidApiVersionParameter", f"The api-version '{request.args.get('api-version')}' is invalid.")
-        if not self.granted:
-            return _error(403, "AuthorizationFailed", "The client does not have authorization to perform action 'Microsoft.SecurityInsights/incidents/write'.")
+        if not self.granted or (self.read_only and request.method != "GET"):
+            action = "read" if request.method == "GET" else "write"
+            return _error(403, "AuthorizationFailed", f"The client does not have authorization to perform action 'Microsoft.SecurityInsights/incidents/{action}' over scope '{self.workspace}'.")
+        if not self.exists:
+            return _error(404, "ResourceNotFound", f"The Resource '{self.workspace}' was not found.")
         if self.failures and self.failures[0].applies(request):
             failure = self.failures.popleft()
             return _error(failure.status, "TooManyRequests" if failure.status == 429 else "ServiceUnavailable", "injected", failure.headers)
@@ -223,7 +266,16 @@ class SentinelIncidents:
         if match and not self.ignore_filter:
             wanted = match.group(1)
         found = [i for i in self.incidents.values() if wanted is None or i["properties"]["providerIncidentId"] == wanted]
-        return _json({"value": found})
+        try:
+            top = int(request.args.get("$top", len(found) or 1))
+            skip = int(request.args.get("$skipToken", 0))
+        except ValueError:
+            return _error(400, "BadRequest", "Invalid $top or $skipToken value")
+        page: dict[str, Any] = {"value": found[skip:skip + top]}
+        if skip + top < len(found):
+            query = {k: v for k, v in request.args.items() if k != "$skipToken"}
+            page["nextLink"] = f"{request.base_url}?{urlencode({**query, '$skipToken': str(skip + top)})}"
+        return _json(page)
 
     def _put_incident(self, name: str, incident: dict[str, Any] | None, body: Any) -> Response:
         properties = (body or {}).get("properties") or {}

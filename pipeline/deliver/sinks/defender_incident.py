@@ -32,7 +32,20 @@ from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
 from pipeline.deliver.sinks.itsm import CallBudget, KeyLocks, TicketMemory, check_url, upsert_each
-from pipeline.deliver.sinks.writeback import DEFAULT_TAGS, AlertIncidents, BearerToken, TagRule, answer, bounded, marker, merge_tags, render_tags
+from pipeline.deliver.sinks.writeback import (
+    DEFAULT_TAGS,
+    AlertIncidents,
+    BearerToken,
+    TagRule,
+    alert_lookup_check,
+    answer,
+    bounded,
+    doctor_client,
+    graph_read_check,
+    marker,
+    merge_tags,
+    render_tags,
+)
 from pipeline.deliver.summary import SummarySettings, render_text
 from pipeline.plugins import shared_credential
 
@@ -41,6 +54,7 @@ log = logging.getLogger("pipeline.deliver.sinks.defender_incident")
 GRAPH_URL = "https://graph.microsoft.com/v1.0"
 GRAPH_SCOPE = "https://graph.microsoft.com/.default"
 INCIDENT_PERMISSION = "SecurityIncident.ReadWrite.All"
+INCIDENT_READ_PERMISSION = "SecurityIncident.Read.All"
 
 
 class IncidentUpdate(StrictModel):
@@ -69,6 +83,32 @@ class DefenderIncidentSink:
         updates: list[IncidentUpdate] = Field(default_factory=list, description="the first rule whose when_band matches sets its fields")
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = None
+
+    @classmethod
+    async def doctor(cls, settings: DefenderIncidentSink.Settings, services: Any) -> list[Any]:
+        """A Graph token for `scope`, then two documented list calls of one item each:
+        `GET /security/incidents?$top=1` (SecurityIncident.Read.All or .ReadWrite.All) and
+        `GET /security/alerts_v2?$top=1` (SecurityAlert.Read.All, the lookup of rows without an
+        incident id). Nothing is written, so the reads prove read access only: the ok line says
+        that the sink needs SecurityIncident.ReadWrite.All."""
+        from pipeline.doctor import Check, token_check
+
+        try:
+            base = check_url(settings.graph_url, "graph_url")
+        except ValueError as exc:
+            return [Check.failed("settings", str(exc), "set graph_url to Graph's https:// URL, or remove it (the default: https://graph.microsoft.com/v1.0)")]
+        credential = shared_credential(services, settings.managed_identity_client_id)
+        token = await token_check("Graph token", credential, settings.scope)
+        if token.status != "ok":
+            return [token, Check.skipped("incident read", "no Graph token"), Check.skipped("alert lookup", "no Graph token")]
+        async with doctor_client(settings.timeout_seconds, settings.ca_bundle) as client:
+            incidents = await graph_read_check(
+                "incident read", client, credential, scope=settings.scope, base=base, collection="incidents",
+                missing=f"the identity lacks the application permission {INCIDENT_PERMISSION} ({INCIDENT_READ_PERMISSION} would pass this read, but the sink updates incidents and comments on them)",
+                ok=f"incidents readable; the sink also updates incidents and comments on them, which needs {INCIDENT_PERMISSION}: a read cannot prove it ({INCIDENT_READ_PERMISSION} passes this check)",
+            )
+            alerts = await alert_lookup_check(client, credential, scope=settings.scope, base=base)
+        return [token, incidents, alerts]
 
     def __init__(self, settings: DefenderIncidentSink.Settings, services: Any, *, credential: Any = None) -> None:
         """`credential`: one to use instead of the services' shared one (tests); not closed by the sink."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -33,9 +33,30 @@ from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
 from pipeline.deliver.sinks.itsm import CallBudget, KeyLocks, TicketError, TicketMemory, check_url, upsert_each
-from pipeline.deliver.sinks.writeback import DEFAULT_TAGS, AlertIncidents, BearerToken, TagRule, answer, bounded, comment_id, marker, merge_tags, render_tags
+from pipeline.deliver.sinks.writeback import (
+    DEFAULT_TAGS,
+    GRANT_DOCS,
+    AlertIncidents,
+    BearerToken,
+    TagRule,
+    alert_lookup_check,
+    answer,
+    bounded,
+    comment_id,
+    doctor_client,
+    is_list,
+    marker,
+    merge_tags,
+    read_one,
+    render_tags,
+    status_text,
+)
 from pipeline.deliver.summary import SummarySettings, render_text
+from pipeline.errors import is_retryable_status
 from pipeline.plugins import shared_credential
+
+if TYPE_CHECKING:
+    from pipeline.doctor import Check
 
 log = logging.getLogger("pipeline.deliver.sinks.sentinel_incident")
 
@@ -70,6 +91,34 @@ class SentinelIncidentSink:
         max_list_pages: int = Field(5, ge=1, le=100, description="pages of the incident list searched when the filter is not applied")
         timeout_seconds: float = Field(15.0, gt=0)
         ca_bundle: str | None = None
+
+    @classmethod
+    async def doctor(cls, settings: SentinelIncidentSink.Settings, services: Any) -> list[Any]:
+        """A token for `scope`, then one documented list call of one item:
+        `GET {arm_url}{workspace}/providers/Microsoft.SecurityInsights/incidents?api-version=…&$top=1`;
+        a token for `graph_scope`, then `GET {graph_url}/security/alerts_v2?$top=1` (the lookup of
+        rows without an incident id, SecurityAlert.Read.All). Nothing is written, so the incident
+        read proves read access only: the ok line says the sink needs Microsoft Sentinel Responder."""
+        from pipeline.doctor import Check, token_check
+
+        try:
+            arm = check_url(settings.arm_url, "arm_url")
+            graph = check_url(settings.graph_url, "graph_url")
+        except ValueError as exc:
+            return [Check.failed("settings", str(exc), "use an https:// URL, or remove the setting (the default is the public cloud's)")]
+        credential = shared_credential(services, settings.managed_identity_client_id)
+        arm_token = await token_check("Resource Manager token", credential, settings.scope)
+        graph_token = await token_check("Graph token", credential, settings.graph_scope)
+        async with doctor_client(settings.timeout_seconds, settings.ca_bundle) as client:
+            if arm_token.status == "ok":
+                read = await _incident_read_check(settings, client, credential, arm)
+            else:
+                read = Check.skipped("incident read", "no Resource Manager token")
+            if graph_token.status == "ok":
+                lookup = await alert_lookup_check(client, credential, scope=settings.graph_scope, base=graph)
+            else:
+                lookup = Check.skipped("alert lookup", "no Graph token")
+        return [arm_token, read, graph_token, lookup]
 
     def __init__(self, settings: SentinelIncidentSink.Settings, services: Any, *, credential: Any = None) -> None:
         """`credential`: one to use instead of the services' shared one (tests); not closed by the sink."""
@@ -186,3 +235,34 @@ class SentinelIncidentSink:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+async def _incident_read_check(settings: SentinelIncidentSink.Settings, client: httpx.AsyncClient, credential: Any, arm: str) -> Check:
+    """Incidents - List with `$top=1` as a check: 200 ok (read access only); 401 a refused token; 403
+    no role on the workspace; 404 no workspace, or no Sentinel on it; 400 an api_version refused."""
+    from pipeline.doctor import ROLE_DELAY, Check
+
+    name = "incident read"
+    workspace = settings.workspace_resource_id.rsplit("/", 1)[-1]
+    url = f"{arm}{settings.workspace_resource_id}/providers/Microsoft.SecurityInsights/incidents"
+    try:
+        response = await read_one(client, credential, settings.scope, url, {"api-version": settings.api_version, "$top": "1"})
+    except httpx.HTTPError as exc:
+        return Check.failed(name, f"cannot reach {arm} ({type(exc).__name__})", "check arm_url, DNS, proxy and firewall rules (the app needs outbound HTTPS to Azure Resource Manager)")
+    status, shown = response.status_code, status_text(response)
+    if status == 200 and is_list(response):
+        return Check.ok(name, f"incidents of workspace {workspace} readable; the sink also writes labels and comments, which needs {ROLE}: a read cannot prove it (Microsoft Sentinel Reader passes this check)")
+    if status == 401:
+        return Check.failed(name, f"token refused ({shown}): wrong tenant or audience", f"check that scope ({settings.scope}) is the .default of arm_url, and the identity's tenant")
+    if status == 403:
+        return Check.failed(name, f"cannot read the incidents of workspace {workspace} ({shown})", f"give the identity {ROLE} ({GRANT_DOCS}); {ROLE_DELAY}")
+    if status == 404:
+        return Check.failed(name, f"no workspace at workspace_resource_id, or Microsoft Sentinel is not onboarded on it ({shown})",
+                            "check the subscription, resource group and workspace name in workspace_resource_id, and that Microsoft Sentinel is added to that workspace")
+    if status == 400 and "ApiVersion" in shown:
+        return Check.failed(name, f"api_version {settings.api_version} refused ({shown})", f"remove api_version (the default: {API_VERSION}), or set a version the provider lists")
+    if is_retryable_status(status):
+        return Check.failed(name, f"{shown}: Resource Manager is busy or down", "run the doctor again in a few minutes")
+    if status == 200:
+        return Check.failed(name, "HTTP 200 but not a list of incidents", "check that arm_url is Azure Resource Manager")
+    return Check.failed(name, shown, "check workspace_resource_id, and that Microsoft Sentinel is added to that workspace")

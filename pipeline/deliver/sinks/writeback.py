@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -26,6 +26,9 @@ from pipeline.deliver.sinks.itsm import TicketError
 from pipeline.deliver.summary import fill
 from pipeline.errors import is_retryable_status
 from pipeline.resilience.retry import parse_retry_after
+
+if TYPE_CHECKING:
+    from pipeline.doctor import Check
 
 RECORD_MARKER = "[dlp-pipeline record {record_id}]"
 _COMMENT_NAMESPACE = uuid.UUID("5b0e4c52-7d0a-4c3e-9a51-6f1d2f0d6a10")
@@ -151,3 +154,77 @@ class AlertIncidents:
                 self._known.pop(next(iter(self._known)))
             self._known[alert_id] = str(found["incidentId"])
         return self._known[alert_id]
+
+
+# -- `doctor`: one GET of one item each, never a write ------------------------------------------
+
+#: Where the permissions of both sinks, and how to grant them, are written down.
+GRANT_DOCS = 'docs/deploy.md, "Incident write-back permissions"'
+
+
+def doctor_client(timeout_seconds: float, ca_bundle: str | None) -> httpx.AsyncClient:
+    """The client of a doctor check: the sink's CA bundle, at most 10 s a call."""
+    return httpx.AsyncClient(timeout=min(timeout_seconds, 10.0), verify=ca_bundle or True, headers={"Accept": "application/json"})
+
+
+async def read_one(client: httpx.AsyncClient, credential: Any, scope: str, url: str, params: dict[str, str]) -> httpx.Response:
+    """One GET with a token for `scope` (raises httpx.HTTPError when the host does not answer)."""
+    token = await credential.get_token(scope)
+    return await client.get(url, params=params, headers={"Authorization": f"Bearer {token.token}"})
+
+
+def status_text(response: httpx.Response) -> str:
+    """`HTTP 403 Forbidden`: the status and the `error.code` of a Graph or Resource Manager error
+    answer, never its message (it may name users or resources)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return f"HTTP {response.status_code} {str(code)[:80]}" if isinstance(code, str) and code.isprintable() else f"HTTP {response.status_code}"
+
+
+def is_list(response: httpx.Response) -> bool:
+    """The answer is a collection, as the documented list calls return it (`value`: a list)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("value"), list)
+
+
+async def graph_read_check(name: str, client: httpx.AsyncClient, credential: Any, *, scope: str, base: str, collection: str, missing: str, ok: str) -> Check:
+    """`GET {base}/security/{collection}?$top=1` (the documented list call of Graph security v1.0),
+    as a check: `ok` on a list; 401 a refused token; 403 `missing` (the permission, and what fails
+    without it); 404 a graph_url that is not Graph v1.0; unreachable: the network path."""
+    from pipeline.doctor import ROLE_DELAY, Check
+
+    call = f"GET /security/{collection}?$top=1"
+    try:
+        response = await read_one(client, credential, scope, f"{base}/security/{collection}", {"$top": "1"})
+    except httpx.HTTPError as exc:
+        return Check.failed(name, f"cannot reach {base} ({type(exc).__name__})", "check graph_url, DNS, proxy and firewall rules (the app needs outbound HTTPS to Microsoft Graph)")
+    status, shown = response.status_code, status_text(response)
+    if status == 200 and is_list(response):
+        return Check.ok(name, ok)
+    if status == 401:
+        return Check.failed(name, f"token refused ({shown}): wrong tenant or audience", f"check that scope ({scope}) is the .default of graph_url's cloud, and the identity's tenant")
+    if status == 403:
+        return Check.failed(name, f"{call}: {shown}: {missing}", f"grant it as an application permission, with admin consent ({GRANT_DOCS}); {ROLE_DELAY}")
+    if status == 404:
+        return Check.failed(name, f"{call}: HTTP 404: no Graph security API at {base}", "set graph_url to Microsoft Graph v1.0 (https://graph.microsoft.com/v1.0, or the national cloud's)")
+    if is_retryable_status(status):
+        return Check.failed(name, f"{call}: {shown}: Graph is busy or down", "run the doctor again in a few minutes")
+    if status == 200:
+        return Check.failed(name, f"{call}: HTTP 200 but not a list", "check that graph_url is Microsoft Graph v1.0")
+    return Check.failed(name, f"{call}: {shown}", "check graph_url and scope")
+
+
+async def alert_lookup_check(client: httpx.AsyncClient, credential: Any, *, scope: str, base: str) -> Check:
+    """The Graph alert lookup of rows without an incident id (`AlertIncidents`): one alert listed."""
+    return await graph_read_check(
+        "alert lookup", client, credential, scope=scope, base=base, collection="alerts_v2",
+        missing=f"the identity lacks the application permission {ALERT_PERMISSION}: Streaming API rows, which carry no incident id, cannot find their incident (Graph alerts carry it)",
+        ok=f"alerts readable ({ALERT_PERMISSION}): Streaming API rows, which carry no incident id, can find their incident",
+    )
