@@ -75,6 +75,11 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+_CLAIM_ANY = "SELECT alert_id FROM alerts WHERE state = 'pending' ORDER BY first_part_at LIMIT ?"
+_CLAIM_DUE = """SELECT alert_id FROM alerts WHERE state = 'pending' AND lease_until <= ?
+   AND (last_part_at <= ? OR first_part_at <= ?) ORDER BY first_part_at LIMIT ?"""
+
+
 class SqliteStateStore:
     """See `pipeline.state.StateStore` for the guarantees."""
 
@@ -137,17 +142,18 @@ class SqliteStateStore:
         self, *, now: float, settle_seconds: float, max_hold_seconds: float, lease_seconds: float, force: bool = False, limit: int | None = None
     ) -> list[PendingAlert]:
         most = -1 if limit is None else limit  # SQLite: LIMIT -1 is no limit
+        arguments: tuple[float, ...]
+        if force:
+            query, arguments = _CLAIM_ANY, (most,)
+        else:
+            query, arguments = _CLAIM_DUE, (now, now - settle_seconds, now - max_hold_seconds, most)
         try:
+            # Nothing due (most batches of a quiet hub): one read, no write transaction. What is due is
+            # read again inside the transaction, so an alert claimed elsewhere in between is not taken.
+            if self._db.execute(query, arguments).fetchone() is None:
+                return []
             with self._transaction() as db:
-                if force:
-                    rows = db.execute("SELECT alert_id FROM alerts WHERE state = 'pending' ORDER BY first_part_at LIMIT ?", (most,)).fetchall()
-                else:
-                    rows = db.execute(
-                        """SELECT alert_id FROM alerts WHERE state = 'pending' AND lease_until <= ?
-                           AND (last_part_at <= ? OR first_part_at <= ?) ORDER BY first_part_at LIMIT ?""",
-                        (now, now - settle_seconds, now - max_hold_seconds, most),
-                    ).fetchall()
-                ids = [row[0] for row in rows]
+                ids = [row[0] for row in db.execute(query, arguments).fetchall()]
                 db.executemany("UPDATE alerts SET lease_until = ? WHERE alert_id = ?", [(now + lease_seconds, i) for i in ids])
                 by_alert: dict[str, list[AlertPart]] = {alert_id: [] for alert_id in ids}
                 for start in range(0, len(ids), 500):
