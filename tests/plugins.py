@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 from pydantic import BaseModel
@@ -145,3 +146,20 @@ class FlakySink:
 
     async def aclose(self):
         return None
+
+
+class BusyThenWaits(BatchEnricher):
+    """Computes for `busy_seconds` without yielding, then waits `wait_seconds`: its timeout must count
+    from the call's start, not from its first wait."""
+
+    name = "busy_then_waits"
+    timeout = 0.2
+
+    class Settings(BatchEnricher.Settings):
+        busy_seconds: float = 0.15
+        wait_seconds: float = 5.0
+
+    async def enrich_batch(self, alerts, contexts):
+        time.sleep(self.settings.busy_seconds)
+        await asyncio.sleep(self.settings.wait_seconds)
+        return [Value(value=alert.alert_id) for alert in alerts]
