@@ -9,6 +9,8 @@ import sqlite3
 import time
 from contextlib import contextmanager
 
+import pytest
+
 from pipeline.plugin_kit.testing import make_alerts
 from pipeline.runner import Message, Runner
 from pipeline.state import sqlite as sqlite_state
@@ -112,3 +114,40 @@ async def test_a_claim_with_alerts_due_still_leases_them_once(tmp_path):
     finally:
         await store.aclose()
         await second.aclose()
+
+
+def _part(alert_id: str, digest: str):
+    from pipeline.ingest.formats.contract import AlertPart
+
+    return AlertPart(alert_id=alert_id, rank=0, data={"AlertId": alert_id}, digest=digest)
+
+
+async def test_a_batchs_parts_and_claim_are_committed_together_when_the_block_ends(tmp_path):
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    reader = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
+    try:
+        with store.joined_writes():
+            await store.add_parts([_part("a1", "d1")], now=1000.0)
+            await store.add_parts([_part("a2", "d2")], now=1000.0)
+            claimed = await store.claim_due(now=1001.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30)
+            assert reader.execute("SELECT count(*) FROM alert_parts").fetchone() == (0,)  # nothing committed yet
+        assert sorted(alert.alert_id for alert in claimed) == ["a1", "a2"]  # the claim saw the block's own parts
+        assert reader.execute("SELECT count(*) FROM alert_parts").fetchone() == (2,)
+        assert reader.execute("SELECT count(*) FROM alerts WHERE lease_until > 0").fetchone() == (2,)
+    finally:
+        reader.close()
+        await store.aclose()
+
+
+async def test_a_joined_block_that_raises_commits_none_of_its_writes(tmp_path):
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    try:
+        with pytest.raises(LookupError), store.joined_writes():
+            await store.add_parts([_part("a1", "d1")], now=1000.0)
+            raise LookupError("the batch failed")
+        assert await store.pending_count() == 0
+        with store.joined_writes():  # nothing written: no transaction left open, the next block works
+            assert await store.claim_due(now=1001.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30) == []
+        assert (await store.add_parts([_part("a1", "d1")], now=1000.0)).new == 1
+    finally:
+        await store.aclose()
