@@ -163,3 +163,22 @@ class BusyThenWaits(BatchEnricher):
         time.sleep(self.settings.busy_seconds)
         await asyncio.sleep(self.settings.wait_seconds)
         return [Value(value=alert.alert_id) for alert in alerts]
+
+
+class TimesItself(BatchEnricher):
+    """Opens its own `asyncio.timeout` before its first wait, and answers when it fires: a timer bound
+    to the task the call started in, which must be the task it goes on in."""
+
+    name = "times_itself"
+    timeout = 2.0
+
+    class Settings(BatchEnricher.Settings):
+        own_timeout: float = 0.05
+
+    async def enrich_batch(self, alerts, contexts):
+        try:
+            async with asyncio.timeout(self.settings.own_timeout):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            pass
+        return [Value(value=alert.alert_id) for alert in alerts]

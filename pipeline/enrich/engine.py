@@ -6,8 +6,9 @@ Guarantees:
 - an enricher with `enrich_batch` gets one call per batch under its timeout; one with only `enrich`
   gets one call per alert, each under its own timeout, at most `max_concurrent_alerts` at a time;
 - a batch call that answers without waiting (local data) runs inline: no task and no timer are made
-  for it; one that waits continues under a timer that counts from the call's start, so the
-  enricher's timeout means what it meant before;
+  for it; one that waits continues, in the task it started in, under a timer that counts from the
+  call's start, so the enricher's timeout means what it meant before; the siblings of a wave after
+  the first one that waits start at once, each in its own task;
 - every alert gets a status per enricher (ok / skipped / failed / timed_out, with `duration_ms`); an
   enricher's failure, timeout, wrong answer or open circuit breaker never drops an alert;
 - records carry the alert's content id as `record_id`; alerts of one batch with the same content
@@ -78,19 +79,7 @@ class EnrichmentEngine:
         fragments: list[dict[str, BaseModel]] = [{} for _ in alerts]
         statuses: list[dict[str, EnrichmentStatus]] = [{} for _ in alerts]
         for wave in self.chain.waves:
-            waiting: list[Awaitable[None]] = []  # the wave's enrichers still waiting (I/O), run concurrently
-            for slot in wave:
-                breaker = self.breakers.get(slot.name)
-                if getattr(slot.plugin, "enrich_batch", None) is not None:
-                    rest = _begin_batch(slot, alerts, fragments, statuses, clock=self.clock, breaker=breaker)
-                else:
-                    rest = run_enricher(slot, alerts, fragments, statuses, clock=self.clock, breaker=breaker, concurrency=self._semaphore)
-                if rest is not None:
-                    waiting.append(rest)
-            if len(waiting) == 1:
-                await waiting[0]
-            elif waiting:
-                await asyncio.gather(*waiting)
+            await self._run_wave(wave, alerts, fragments, statuses)
         unique: dict[str, EnrichedRecord] = {}
         for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses):
             record = EnrichedRecord.model_construct(
@@ -106,6 +95,36 @@ class EnrichmentEngine:
                 out.states[(name, status.state)] += 1
         out.records = list(unique.values())
         return out
+
+
+    async def _run_wave(
+        self, wave: list[EnricherSlot], alerts: list[DlpAlert], fragments: list[dict[str, BaseModel]], statuses: list[dict[str, EnrichmentStatus]],
+    ) -> None:
+        """The wave's enrichers, concurrently. They start one after another in this task while each
+        answers without waiting; the first that waits goes on in this task (a call always ends in the
+        task it started in: a timer or task group it opened is bound to that task), and the siblings
+        after it start at once, each in a task of its own, as every sibling did before."""
+        waiting: Awaitable[None] | None = None
+        others: list[asyncio.Future[None]] = []
+        for slot in wave:
+            breaker = self.breakers.get(slot.name)
+            if waiting is not None:
+                others.append(asyncio.ensure_future(
+                    run_enricher(slot, alerts, fragments, statuses, clock=self.clock, breaker=breaker, concurrency=self._semaphore)
+                ))
+            elif getattr(slot.plugin, "enrich_batch", None) is not None:
+                waiting = _begin_batch(slot, alerts, fragments, statuses, clock=self.clock, breaker=breaker)
+            else:
+                waiting = run_enricher(slot, alerts, fragments, statuses, clock=self.clock, breaker=breaker, concurrency=self._semaphore)
+        try:
+            if waiting is not None:
+                await waiting
+        except BaseException:  # cancelled: the siblings' tasks end with it
+            for task in others:
+                task.cancel()
+            raise
+        if others:
+            await asyncio.gather(*others)
 
 
 async def run_enricher(

@@ -151,3 +151,20 @@ async def test_a_joined_block_that_raises_commits_none_of_its_writes(tmp_path):
         assert (await store.add_parts([_part("a1", "d1")], now=1000.0)).new == 1
     finally:
         await store.aclose()
+
+
+async def test_siblings_that_wait_each_go_on_in_the_task_they_started_in_and_overlap(write_config):
+    """Two siblings that open their own timer before waiting: each timer fires in its own call only
+    (neither cancels the batch), and the two waits overlap."""
+    config = pipeline_toml(enrichers=[
+        enricher_entry("one", "tests.plugins:TimesItself", {"own_timeout": 0.3}),
+        enricher_entry("two", "tests.plugins:TimesItself", {"own_timeout": 0.3}),
+        enricher_entry("three", "tests.plugins:PerBatch"),
+    ])
+    async with Runner(write_config(config)) as runner:
+        assert [[slot.name for slot in wave] for wave in runner.chain.waves] == [["one", "two", "three"]]
+        started = time.perf_counter()
+        enriched = await runner.engine.enrich(make_alerts("graph_alert"))
+        elapsed = time.perf_counter() - started
+    assert enriched.states == {("one", "ok"): 1, ("two", "ok"): 1, ("three", "ok"): 1}
+    assert elapsed < 0.55  # 0.3 s each, side by side
