@@ -76,7 +76,8 @@ async def io_batch(alerts: int = 1000, users: int = 200, latency: float = 0.05) 
             loaded = load_config(None, data_dir=Path(folder))
             local = ["127.0.0.1"]
             loaded.config = loaded.config.model_copy(update={
-                "assembly": loaded.config.assembly.model_copy(update={"settle_seconds": 0.0}),
+                # one batch of `alerts` alerts: every split alert of it is emitted by that batch
+                "assembly": loaded.config.assembly.model_copy(update={"settle_seconds": 0.0, "emit_batch_size": alerts}),
                 "enrichers": [
                     EnricherConfig(name="user_context", settings={"graph": {"url": f"{base}/v1.0", "allow_private_hosts": local}}),
                     EnricherConfig(name="telemetry", settings={"http": [{

@@ -142,9 +142,10 @@ class Runner:
         ingested = ingest(messages, limits=self.config.limits, now=now, keep_user_justification=self.config.lifecycle.keep_user_justification)
         report.records, report.skipped, report.field_warnings = ingested.records, ingested.skipped, ingested.warnings
         await self._dead_letter(ingested.dead, report)  # bad input is durable first: a crash loses nothing read
-        report.duplicate_parts, over_limit = await self.assembler.store(ingested.parts, now=now)
+        with self.state.joined_writes():  # the parts and the claim: one commit (SQLite), before any enrichment
+            report.duplicate_parts, over_limit = await self.assembler.store(ingested.parts, now=now)
+            claimed = await self.assembler.claim(now=now, force=flush)
         await self._dead_letter(over_limit, report)
-        claimed = await self.assembler.claim(now=now, force=flush)
         report.emitted_split = len(claimed.alert_ids)
         report.field_warnings += claimed.warnings
         await self._dead_letter(claimed.dead, report)

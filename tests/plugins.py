@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 from pydantic import BaseModel
@@ -145,3 +146,39 @@ class FlakySink:
 
     async def aclose(self):
         return None
+
+
+class BusyThenWaits(BatchEnricher):
+    """Computes for `busy_seconds` without yielding, then waits `wait_seconds`: its timeout must count
+    from the call's start, not from its first wait."""
+
+    name = "busy_then_waits"
+    timeout = 0.2
+
+    class Settings(BatchEnricher.Settings):
+        busy_seconds: float = 0.15
+        wait_seconds: float = 5.0
+
+    async def enrich_batch(self, alerts, contexts):
+        time.sleep(self.settings.busy_seconds)
+        await asyncio.sleep(self.settings.wait_seconds)
+        return [Value(value=alert.alert_id) for alert in alerts]
+
+
+class TimesItself(BatchEnricher):
+    """Opens its own `asyncio.timeout` before its first wait, and answers when it fires: a timer bound
+    to the task the call started in, which must be the task it goes on in."""
+
+    name = "times_itself"
+    timeout = 2.0
+
+    class Settings(BatchEnricher.Settings):
+        own_timeout: float = 0.05
+
+    async def enrich_batch(self, alerts, contexts):
+        try:
+            async with asyncio.timeout(self.settings.own_timeout):
+                await asyncio.sleep(5)
+        except TimeoutError:
+            pass
+        return [Value(value=alert.alert_id) for alert in alerts]

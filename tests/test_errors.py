@@ -88,7 +88,8 @@ def test_each_error_sits_on_the_branch_its_callers_handle():
 # must find an entry of LIBRARY_ERRORS through its MRO.
 LIBRARY_MODULES = ("httpx", "aiohttp", "azure.core.exceptions", "azure.eventhub.exceptions", "azure.identity", "sqlite3", "orjson", "tomllib")
 # Builtins the code catches where they are raised, as programming or parsing errors; never translated.
-HANDLED_WHERE_RAISED = {Exception, BaseException, ValueError, KeyError, TypeError, IndexError, AttributeError, ImportError, UnicodeDecodeError, OverflowError, KeyboardInterrupt, asyncio.CancelledError}
+HANDLED_WHERE_RAISED = {Exception, BaseException, ValueError, KeyError, TypeError, IndexError, AttributeError, ImportError, UnicodeDecodeError, OverflowError, KeyboardInterrupt, asyncio.CancelledError,
+                        StopIteration, GeneratorExit}  # the last two: the coroutine protocol (pipeline/enrich/engine.py drives a started call), not errors
 
 
 def exported_exceptions(module_name: str) -> dict[str, type[BaseException]]:

@@ -98,7 +98,11 @@ class Delivery:
             return out
         selected, out.unrouted = route([(slot.name, slot.entry.when) for slot in self.slots], records)
         offered = [(slot, selected[slot.name]) for slot in self.slots if slot.name in selected]
-        failures = await asyncio.gather(*(self.deliver_to(slot, chosen, out.delivered) for slot, chosen in offered))
+        if len(offered) == 1:  # one sink: no task for it
+            slot, chosen = offered[0]
+            failures = [await self.deliver_to(slot, chosen, out.delivered)]
+        else:
+            failures = list(await asyncio.gather(*(self.deliver_to(slot, chosen, out.delivered) for slot, chosen in offered)))
         await self._check_outage([(slot.name, chosen) for slot, chosen in offered], failures)
         out.dead = [entry for batch in failures for entry in batch]
         return out

@@ -5,6 +5,10 @@ Guarantees:
   concurrently and each sees every alert of the batch;
 - an enricher with `enrich_batch` gets one call per batch under its timeout; one with only `enrich`
   gets one call per alert, each under its own timeout, at most `max_concurrent_alerts` at a time;
+- a batch call that answers without waiting (local data) runs inline: no task and no timer are made
+  for it; one that waits continues, in the task it started in, under a timer that counts from the
+  call's start, so the enricher's timeout means what it meant before; the siblings of a wave after
+  the first one that waits start at once, each in its own task;
 - every alert gets a status per enricher (ok / skipped / failed / timed_out, with `duration_ms`); an
   enricher's failure, timeout, wrong answer or open circuit breaker never drops an alert;
 - records carry the alert's content id as `record_id`; alerts of one batch with the same content
@@ -17,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from time import perf_counter
@@ -75,11 +79,7 @@ class EnrichmentEngine:
         fragments: list[dict[str, BaseModel]] = [{} for _ in alerts]
         statuses: list[dict[str, EnrichmentStatus]] = [{} for _ in alerts]
         for wave in self.chain.waves:
-            jobs = [
-                run_enricher(slot, alerts, fragments, statuses, clock=self.clock, breaker=self.breakers.get(slot.name), concurrency=self._semaphore)
-                for slot in wave
-            ]
-            await (jobs[0] if len(jobs) == 1 else asyncio.gather(*jobs))
+            await self._run_wave(wave, alerts, fragments, statuses)
         unique: dict[str, EnrichedRecord] = {}
         for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses):
             record = EnrichedRecord.model_construct(
@@ -97,6 +97,36 @@ class EnrichmentEngine:
         return out
 
 
+    async def _run_wave(
+        self, wave: list[EnricherSlot], alerts: list[DlpAlert], fragments: list[dict[str, BaseModel]], statuses: list[dict[str, EnrichmentStatus]],
+    ) -> None:
+        """The wave's enrichers, concurrently. They start one after another in this task while each
+        answers without waiting; the first that waits goes on in this task (a call always ends in the
+        task it started in: a timer or task group it opened is bound to that task), and the siblings
+        after it start at once, each in a task of its own, as every sibling did before."""
+        waiting: Awaitable[None] | None = None
+        others: list[asyncio.Future[None]] = []
+        for slot in wave:
+            breaker = self.breakers.get(slot.name)
+            if waiting is not None:
+                others.append(asyncio.ensure_future(
+                    run_enricher(slot, alerts, fragments, statuses, clock=self.clock, breaker=breaker, concurrency=self._semaphore)
+                ))
+            elif getattr(slot.plugin, "enrich_batch", None) is not None:
+                waiting = _begin_batch(slot, alerts, fragments, statuses, clock=self.clock, breaker=breaker)
+            else:
+                waiting = run_enricher(slot, alerts, fragments, statuses, clock=self.clock, breaker=breaker, concurrency=self._semaphore)
+        try:
+            if waiting is not None:
+                await waiting
+        except BaseException:  # cancelled: the siblings' tasks end with it
+            for task in others:
+                task.cancel()
+            raise
+        if others:
+            await asyncio.gather(*others)
+
+
 async def run_enricher(
     slot: EnricherSlot,
     alerts: Sequence[DlpAlert],
@@ -109,11 +139,13 @@ async def run_enricher(
 ) -> None:
     """Run one enricher on a batch of alerts, as the runner does; `fragments[i]` and `statuses[i]`
     belong to `alerts[i]`. A plugin with `enrich_batch` gets one call for the whole batch under its
-    timeout (`_run_batch`); any other gets one `enrich` per alert, each under its own timeout
+    timeout (`_begin_batch`: inline when it answers without waiting); any other gets one `enrich` per alert, each under its own timeout
     (`_run_step`), at most `concurrency` at a time. Never raises for the enricher's failure.
     (Also used by pipeline.plugin_kit.testing.run_enricher, so plugin tests exercise this exact path.)"""
     if getattr(slot.plugin, "enrich_batch", None) is not None:
-        await _run_batch(slot, alerts, fragments, statuses, clock=clock, breaker=breaker)
+        rest = _begin_batch(slot, alerts, fragments, statuses, clock=clock, breaker=breaker)
+        if rest is not None:
+            await rest
         return
 
     limit = concurrency or contextlib.nullcontext()
@@ -159,7 +191,7 @@ async def _run_step(
     observability.record_enricher(slot.name, state, duration_ms / 1000)
 
 
-async def _run_batch(
+def _begin_batch(
     slot: EnricherSlot,
     alerts: Sequence[DlpAlert],
     fragments: Sequence[dict[str, BaseModel]],
@@ -167,29 +199,113 @@ async def _run_batch(
     *,
     clock: Callable[[], float],
     breaker: Any = None,
-) -> None:
-    """Run one enricher's `enrich_batch` on a batch: one call under the enricher's timeout and circuit
-    breaker. Each alert gets its own outcome from its own element of the answer (a fragment, None or
-    an exception); a call that raises or times out fails (or times out) every alert of the batch; an
+) -> Awaitable[None] | None:
+    """Start one enricher's `enrich_batch` on a batch: one call under the enricher's timeout and
+    circuit breaker. Returns None when the call is over (it answered without waiting, from local
+    data: then no task and no timer were made for it), else the awaitable that finishes it under a
+    timer counting from the call's start.
+
+    Each alert gets its own outcome from its own element of the answer (a fragment, None or an
+    exception); a call that raises or times out fails (or times out) every alert of the batch; an
     answer of the wrong length fails them all. `duration_ms` is the batch call's. Never raises for
     the enricher's failure."""
     if breaker is not None and not breaker.allow():
         for alert_statuses in statuses:
             alert_statuses[slot.name] = _circuit_open()
-        return
+        return None
     contexts = [
         EnrichmentContext(alert, fragments=alert_fragments, statuses=alert_statuses, cache=slot.cache, clock=clock)
         for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses)
     ]
     started = perf_counter()
-    results: list[Any]
+    deadline = None if slot.timeout is None else asyncio.get_running_loop().time() + slot.timeout
     try:
-        async with asyncio.timeout(slot.timeout):
-            results = list(await slot.plugin.enrich_batch(list(alerts), contexts))
+        call = slot.plugin.enrich_batch(list(alerts), contexts)
+        if not isinstance(call, Coroutine):  # an awaitable of another kind: awaited under the timer
+            return _finish_batch(slot, alerts, fragments, statuses, call, None, deadline, started, breaker)
+        yielded = call.send(None)  # as far as it goes without waiting
+    except StopIteration as answered:
+        _settle_batch(slot, alerts, fragments, statuses, answered.value, started, breaker)
+        return None
+    except Exception as exc:
+        _settle_batch(slot, alerts, fragments, statuses, exc, started, breaker)
+        return None
+    return _finish_batch(slot, alerts, fragments, statuses, call, _Resumed(call, yielded), deadline, started, breaker)
+
+
+async def _finish_batch(
+    slot: EnricherSlot,
+    alerts: Sequence[DlpAlert],
+    fragments: Sequence[dict[str, BaseModel]],
+    statuses: Sequence[dict[str, EnrichmentStatus]],
+    call: Any,
+    resumed: _Resumed | None,
+    deadline: float | None,
+    started: float,
+    breaker: Any,
+) -> None:
+    """The rest of a batch call that waits: under a timer ending at `deadline` (loop time)."""
+    answer: Any
+    try:
+        async with asyncio.timeout_at(deadline):
+            answer = await (resumed if resumed is not None else call)
+    except Exception as exc:  # TimeoutError included: _outcome tells them apart
+        answer = exc
+    _settle_batch(slot, alerts, fragments, statuses, answer, started, breaker)
+
+
+class _Resumed:
+    """Awaiting it drives a coroutine already started (its first step ran and yielded `yielded`) to
+    its end, as `await coroutine` would have: every later step, value and exception (a timer's
+    cancellation included) goes through to it."""
+
+    __slots__ = ("coroutine", "yielded")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        self.coroutine = coroutine
+        self.yielded = yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coroutine, yielded = self.coroutine, self.yielded
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coroutine.close()
+                raise
+            except BaseException as exc:  # a cancellation (the timer's) or an error thrown in: passed on
+                try:
+                    yielded = coroutine.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    yielded = coroutine.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
+def _settle_batch(
+    slot: EnricherSlot,
+    alerts: Sequence[DlpAlert],
+    fragments: Sequence[dict[str, BaseModel]],
+    statuses: Sequence[dict[str, EnrichmentStatus]],
+    answer: Any,
+    started: float,
+    breaker: Any,
+) -> None:
+    """Record each alert's outcome of one batch call's answer (a sequence of results, or the
+    exception the call ended with)."""
+    results: list[Any]
+    if isinstance(answer, Exception):
+        results = [answer] * len(alerts)
+    else:
+        try:
+            results = list(answer)
+        except Exception as exc:
+            results = [exc] * len(alerts)
         if len(results) != len(alerts):
             results = [EnricherError(f"enrich_batch returned {len(results)} results for {len(alerts)} alerts")] * len(alerts)
-    except Exception as exc:  # TimeoutError included: _outcome tells them apart
-        results = [exc] * len(alerts)
     duration_ms = round((perf_counter() - started) * 1000, 3)
     failed: list[tuple[DlpAlert, EnrichmentState, str]] = []
     counts: Counter[EnrichmentState] = Counter()

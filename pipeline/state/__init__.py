@@ -13,6 +13,7 @@ implementation, by tests/support/state_contract.py.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -68,6 +69,10 @@ class StateStore(Protocol):
       batch with this fingerprint (the outage rule, pipeline/deliver/stage.py) and returns the count
       including this one; counts not touched for `REDELIVERY_FORGET_SECONDS` are dropped.
       `forget_redelivery` drops one (the batch was dead-lettered).
+    - `joined_writes()` is a context manager: the writes made while its block runs may be committed
+      together when it ends (SQLite: one transaction, begun at the first write, so a block that
+      writes nothing costs nothing), or none of them when it raises. A store that commits each write
+      as it comes makes it a no-op. Nothing else may use the store while the block runs.
     - `local_history` is a history store that lives beside this state (same file, same lifetime:
       closing the history leaves the state open), or None when the store has none; the history
       settings then decide where the history lives (pipeline/state/history.py).
@@ -92,6 +97,8 @@ class StateStore(Protocol):
     async def count_redelivery(self, fingerprint: str, *, now: float) -> int: ...
 
     async def forget_redelivery(self, fingerprint: str) -> None: ...
+
+    def joined_writes(self) -> AbstractContextManager[None]: ...
 
     def local_history(self, *, retention_days: float) -> HistoryStore | None: ...
 

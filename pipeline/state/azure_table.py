@@ -53,6 +53,7 @@ write is idempotent and nothing is marked emitted before delivery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -291,6 +292,10 @@ class TableStateStore:
                 raise _unavailable(exc, f"open the state table {self.table_name}") from exc
             self._ready = True
         return self._client
+
+    def joined_writes(self) -> contextlib.AbstractContextManager[None]:
+        """Each write is its own request (entity batches are per partition): nothing to join."""
+        return contextlib.nullcontext()
 
     async def aclose(self) -> None:
         if self._client is not None:

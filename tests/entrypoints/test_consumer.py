@@ -29,6 +29,7 @@ from tests import faults
 from tests.support.azurite import docker_available
 from tests.support.config import FAST_RETRIES, LAKE, pipeline_toml, sink_entry
 from tests.support.paths import ROOT
+from tests.support.streaming import streaming_records
 
 NAMESPACE, HUB, GROUP = "ns.servicebus.windows.net", "dlp", "$Default"
 
@@ -50,6 +51,18 @@ def received_event(body: bytes, sequence: int) -> EventData:
 def events(fixture_bytes, count: int, start: int = 0) -> list[EventData]:
     alert = json.loads(fixture_bytes("graph_alert_v2_dlp.json"))
     return [received_event(orjson.dumps(dict(alert, id=f"ev-{i}")), i) for i in range(start, start + count)]
+
+
+def split_events(fixture_bytes, count: int) -> list[EventData]:
+    """`count` events, each one whole split Streaming API alert of its own (parts the state store must hold)."""
+    parts = streaming_records(fixture_bytes)[:4]  # AlertInfo and its evidence rows
+    bodies = []
+    for i in range(count):
+        copies = json.loads(json.dumps(parts))
+        for record in copies:
+            record["properties"]["AlertId"] = f"dl-outage-{i}"
+        bodies.append(orjson.dumps({"records": copies}))
+    return [received_event(body, i) for i, body in enumerate(bodies)]
 
 
 @pytest.fixture
@@ -96,7 +109,7 @@ async def test_store_outage_retries_in_process_without_checkpointing(write_confi
     async with Runner(loaded) as runner:
         runner.state._db.execute("PRAGMA busy_timeout=50")  # the SQLite file itself: fail fast on its lock
         blocker = sqlite3.connect(runner.state.path, isolation_level=None)
-        blocker.execute("BEGIN EXCLUSIVE")  # the state store is unavailable
+        blocker.execute("BEGIN EXCLUSIVE")  # the state store is unavailable for writes (WAL: reads go on)
 
         async def wait(seconds: float) -> None:  # what the handler does between runs: look, then end the outage
             seen_while_failing.append(await checkpoints(checkpoint_store))
@@ -104,7 +117,8 @@ async def test_store_outage_retries_in_process_without_checkpointing(write_confi
                 blocker.execute("ROLLBACK")
 
         handler = BatchHandler(runner, retry_initial_seconds=0.01, sleep=wait)
-        await handler.on_event_batch(context, events(fixture_bytes, 4))
+        # Split alerts: every run must write their parts (a batch with nothing to write needs no write lock).
+        await handler.on_event_batch(context, split_events(fixture_bytes, 4))
         blocker.close()
     assert seen_while_failing == [{}, {}] and handler.failed_runs == 2
     assert await checkpoints(checkpoint_store) == {"1": (3, "3000")}

@@ -1,0 +1,170 @@
+"""The fixed cost of a batch (issue 19, item 5): batch enrichers that answer from local data run inline,
+without a task or a timer; one sink is awaited without a task; a SQLite claim with nothing due is a read,
+not a write transaction. The enricher's timeout still counts from the call's start."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from contextlib import contextmanager
+
+import pytest
+
+from pipeline.plugin_kit.testing import make_alerts
+from pipeline.runner import Message, Runner
+from pipeline.state import sqlite as sqlite_state
+from pipeline.state.sqlite import SqliteStateStore
+from tests.support.config import enricher_entry, pipeline_toml
+from tests.support.records import lake_lines
+
+
+@contextmanager
+def counting_tasks():
+    """Counts the asyncio tasks made on the running loop while the block runs."""
+    loop = asyncio.get_running_loop()
+    made: list[asyncio.Task] = []
+    previous = loop.get_task_factory()
+
+    def factory(loop, coro, **kwargs):
+        task = previous(loop, coro, **kwargs) if previous is not None else asyncio.Task(coro, loop=loop, **kwargs)
+        made.append(task)
+        return task
+
+    loop.set_task_factory(factory)
+    try:
+        yield made
+    finally:
+        loop.set_task_factory(previous)
+
+
+def two_local_batch_enrichers() -> str:
+    return pipeline_toml(enrichers=[enricher_entry("one", "tests.plugins:PerBatch"), enricher_entry("two", "tests.plugins:PerBatch")])
+
+
+async def test_batch_enrichers_that_answer_without_waiting_run_without_a_task(write_config):
+    alerts = make_alerts("graph_alert") * 3
+    async with Runner(write_config(two_local_batch_enrichers())) as runner:
+        assert [[slot.name for slot in wave] for wave in runner.chain.waves] == [["one", "two"]]  # siblings of one wave
+        with counting_tasks() as made:
+            enriched = await runner.engine.enrich(alerts)
+    assert made == []
+    assert enriched.states == {("one", "ok"): 3, ("two", "ok"): 3}
+    (record,) = enriched.records  # the same alert three times: one record
+    assert record.enrichments["one"]["value"] == record.alert.alert_id
+    assert record.enrichment_status["two"].state == "ok" and record.enrichment_status["two"].duration_ms >= 0
+
+
+async def test_one_sink_is_awaited_without_a_task(write_config):
+    async with Runner(write_config(pipeline_toml(sinks=[{"name": "flaky", "kind": "tests.plugins:FlakySink"}]))) as runner:
+        enriched = await runner.engine.enrich(make_alerts("graph_alert"))
+        with counting_tasks() as made:
+            delivered = await runner.delivery.deliver(enriched.records)
+    assert made == [] and delivered.delivered == {"flaky": 1}
+
+
+async def test_a_timeout_counts_from_the_start_of_the_call_not_from_its_first_wait(write_config, fixture_bytes):
+    config = pipeline_toml(enrichers=[enricher_entry("busy", "tests.plugins:BusyThenWaits", {"busy_seconds": 0.15, "wait_seconds": 5.0})])
+    async with Runner(write_config(config)) as runner:
+        started = time.perf_counter()
+        await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+        elapsed = time.perf_counter() - started
+        (line,) = lake_lines(runner)
+    status = line["enrichment_status"]["busy"]
+    assert status["state"] == "timed_out" and status["error"] == "no result within 0.2s"
+    assert 150 <= status["duration_ms"] < 320 and elapsed < 2  # 0.2 s from the start, not 0.15 + 0.2
+
+
+async def test_a_batch_enricher_that_raises_before_waiting_fails_its_alerts_and_the_batch_goes_on(write_config, fixture_bytes):
+    config = pipeline_toml(enrichers=[enricher_entry("per_batch", "tests.plugins:PerBatch", {"mode": "raise"})])
+    async with Runner(write_config(config)) as runner:
+        report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+        (line,) = lake_lines(runner)
+    assert report.delivered["lake"] == 1
+    assert line["enrichment_status"]["per_batch"]["state"] == "failed" and line["enrichment_status"]["per_batch"]["error"] == "RuntimeError"
+
+
+async def test_a_claim_with_nothing_due_does_not_wait_for_another_writer(tmp_path, monkeypatch):
+    monkeypatch.setattr(sqlite_state, "BUSY_WAIT_SECONDS", 0.3)
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    other = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.perf_counter()
+        assert await store.claim_due(now=1000.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30) == []
+        assert await store.claim_due(now=1000.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30, force=True) == []
+        assert time.perf_counter() - started < 0.25
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+        await store.aclose()
+
+
+async def test_a_claim_with_alerts_due_still_leases_them_once(tmp_path):
+    from pipeline.ingest.formats.contract import AlertPart
+
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    second = SqliteStateStore(tmp_path / "state.sqlite")
+    try:
+        part = AlertPart(alert_id="a1", rank=0, data={"AlertId": "a1"}, digest="d1")
+        await store.add_parts([part], now=1000.0)
+        (claimed,) = await store.claim_due(now=1001.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30)
+        assert claimed.alert_id == "a1" and [p.digest for p in claimed.parts] == ["d1"]
+        assert await second.claim_due(now=1002.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30) == []  # leased
+    finally:
+        await store.aclose()
+        await second.aclose()
+
+
+def _part(alert_id: str, digest: str):
+    from pipeline.ingest.formats.contract import AlertPart
+
+    return AlertPart(alert_id=alert_id, rank=0, data={"AlertId": alert_id}, digest=digest)
+
+
+async def test_a_batchs_parts_and_claim_are_committed_together_when_the_block_ends(tmp_path):
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    reader = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
+    try:
+        with store.joined_writes():
+            await store.add_parts([_part("a1", "d1")], now=1000.0)
+            await store.add_parts([_part("a2", "d2")], now=1000.0)
+            claimed = await store.claim_due(now=1001.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30)
+            assert reader.execute("SELECT count(*) FROM alert_parts").fetchone() == (0,)  # nothing committed yet
+        assert sorted(alert.alert_id for alert in claimed) == ["a1", "a2"]  # the claim saw the block's own parts
+        assert reader.execute("SELECT count(*) FROM alert_parts").fetchone() == (2,)
+        assert reader.execute("SELECT count(*) FROM alerts WHERE lease_until > 0").fetchone() == (2,)
+    finally:
+        reader.close()
+        await store.aclose()
+
+
+async def test_a_joined_block_that_raises_commits_none_of_its_writes(tmp_path):
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    try:
+        with pytest.raises(LookupError), store.joined_writes():
+            await store.add_parts([_part("a1", "d1")], now=1000.0)
+            raise LookupError("the batch failed")
+        assert await store.pending_count() == 0
+        with store.joined_writes():  # nothing written: no transaction left open, the next block works
+            assert await store.claim_due(now=1001.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30) == []
+        assert (await store.add_parts([_part("a1", "d1")], now=1000.0)).new == 1
+    finally:
+        await store.aclose()
+
+
+async def test_siblings_that_wait_each_go_on_in_the_task_they_started_in_and_overlap(write_config):
+    """Two siblings that open their own timer before waiting: each timer fires in its own call only
+    (neither cancels the batch), and the two waits overlap."""
+    config = pipeline_toml(enrichers=[
+        enricher_entry("one", "tests.plugins:TimesItself", {"own_timeout": 0.3}),
+        enricher_entry("two", "tests.plugins:TimesItself", {"own_timeout": 0.3}),
+        enricher_entry("three", "tests.plugins:PerBatch"),
+    ])
+    async with Runner(write_config(config)) as runner:
+        assert [[slot.name for slot in wave] for wave in runner.chain.waves] == [["one", "two", "three"]]
+        started = time.perf_counter()
+        enriched = await runner.engine.enrich(make_alerts("graph_alert"))
+        elapsed = time.perf_counter() - started
+    assert enriched.states == {("one", "ok"): 1, ("two", "ok"): 1, ("three", "ok"): 1}
+    assert elapsed < 0.55  # 0.3 s each, side by side
