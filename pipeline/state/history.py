@@ -218,7 +218,9 @@ class AlertTally:
     Guarantees: each entry id counts once, at the time, policy, severity and type names of its latest
     applied revision (a revision moves it; the same revision applied again changes nothing). A
     window's figures cost bisections over the distinct times plus one pass over the user's distinct
-    policies and type names, never a pass over the entries; `newest` walks at most `k` points.
+    policies and type names, never a pass over the entries; `newest` walks at most `k` points. The
+    index behind the bisections grows at its end when an entry comes at the newest time (the usual
+    case) and is rebuilt once, at the next window, after any other change.
     Memory: one small record per entry id (its time and content id, to place a revision) and one
     `_Point` per distinct time."""
 
@@ -239,6 +241,7 @@ class AlertTally:
             if held[1] == entry.content_id:
                 return
             self._remove(entry.entry_id, held)
+        in_order = held is None and self._index is not None and (not self._times or entry.at >= self._times[-1])
         point = self._points.get(entry.at)
         if point is None:
             point = self._points[entry.at] = _Point(entry.at)
@@ -250,7 +253,16 @@ class AlertTally:
         point.newest.insert(0, (entry.entry_id, entry.policy, entry.severity))
         del point.newest[RECENT_PER_POINT:]
         self._of[entry.entry_id] = (entry.at, entry.content_id, entry.policy, names)
-        self._index = None
+        if in_order:  # the usual case, a new alert at the newest time: the index grows at its end
+            prefix, policies, by_name = self._index
+            if point.count == 1:
+                prefix.append(prefix[-1] + 1)
+            else:
+                prefix[-1] += 1
+            for found in [policies.setdefault(entry.policy, ([], [0]))] + [by_name.setdefault(name, ([], [0])) for name in names]:
+                _count_at_end(found, entry.at)
+        else:
+            self._index = None
 
     def _remove(self, entry_id: str, held: tuple[float, str, str | None, frozenset[str]]) -> None:
         at, _content, policy, names = held
@@ -327,6 +339,15 @@ class AlertTally:
             newest.extend((entry_id, at, pol, severity) for entry_id, pol, severity in self._points[at].newest[: k - len(newest)])
             index -= 1
         return TallyWindow(prefix[end] - prefix[first], same, present, newest)
+
+
+def _count_at_end(found: tuple[list[float], list[int]], at: float) -> None:
+    times, counts = found
+    if times and times[-1] == at:
+        counts[-1] += 1
+    else:
+        times.append(at)
+        counts.append(counts[-1] + 1)
 
 
 def _between_count(found: tuple[list[float], list[int]] | None, since: float, until: float) -> int:
