@@ -161,6 +161,33 @@ async def test_table_store_is_idempotent_and_reads_a_time_window(azurite, monkey
         await store.aclose()
 
 
+async def test_table_store_reads_only_what_was_written_after_its_cursor(azurite, monkeypatch):
+    """`entries_after` on Table storage: the first read returns the user's entries from `since` on,
+    the next one (no slack) only those written after it (and the cursor's own, again), oldest write first."""
+    from pipeline.state import history as history_module
+
+    monkeypatch.setenv("TEST_TABLES", azurite.connection_string)
+    monkeypatch.setattr(history_module, "TIMESTAMP_SLACK", 0.0)
+    store = TableHistoryStore(HistorySettings(kind="azure_table", connection_string_env="TEST_TABLES", table_name="hist" + uuid.uuid4().hex[:12]))
+    user = "user#ext#@contoso.com"
+    try:
+        await store.record("alert", [HistoryEntry(entry_id=f"a{i}", content_id="c", user=user, at=1000.0 + i) for i in range(5)])
+        first, cursor = await store.entries_after("alert", user, None, since=1001.0)
+        assert sorted(e.entry_id for e in first) == ["a1", "a2", "a3", "a4"]
+        await asyncio.sleep(1.1)  # the service's Timestamp moves on
+        await store.record("alert", [HistoryEntry(entry_id="a5", content_id="c", user=user, at=1005.0)])
+        await asyncio.sleep(1.1)
+        await store.record("alert", [HistoryEntry(entry_id="a6", content_id="c", user=user, at=900.0)])  # before `since`: not read
+        later, cursor = await store.entries_after("alert", user, cursor, since=1001.0)
+        ids = [e.entry_id for e in later]
+        # a5, after what was read at the cursor's own Timestamp again (the read asks for Timestamp >= it)
+        assert ids[-1] == "a5" and set(ids[:-1]) <= {e.entry_id for e in first} and len(ids) < len(first) + 1
+        again, _ = await store.entries_after("alert", user, cursor, since=1001.0)
+        assert [e.entry_id for e in again] == ["a5"]  # nothing new: only the cursor's own entity again
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.integration
 async def test_prior_incidents_on_azure_table_storage(azurite, monkeypatch, write_config):
     monkeypatch.setenv("TEST_TABLES", azurite.connection_string)
