@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -131,33 +132,43 @@ class HistoryWriter:
 
 
 class UserHistories:
-    """Each user's history of one kind, read from the store once and reused across batches.
+    """Each user's history of one kind, read from the store incrementally and reused across batches.
 
     Guarantees: `rows(user)` after `ensure({user: since})` holds every entry of the user at or after
-    `since` that this process wrote (`add`) or that the store held when it was read, newest first;
-    a read is reused for `ttl` seconds, so other hosts' writes show up within `ttl`. At most
-    `max_users` users are kept, the least recently needed dropped first. `convert` turns the store's
-    entries into the rows the reader counts on (once per entry, not once per alert); a row has the
-    entry's time as `at`.
+    `since` that this process wrote (`add`) or that the store held when it was last read, newest
+    first (at one time, the latest written first). A user's first read takes their entries from
+    `since` on; later ones, at most `ttl` seconds apart (other hosts' writes show up within `ttl`),
+    only what was written since (`HistoryStore.entries_after`), so their cost follows the new
+    entries, not the length of the history. Memory is bounded: at most `max_users` users (the least
+    recently needed dropped first) of at most `max_rows` rows each (past it, the rows older than the
+    newest half are dropped and the user's rows then start later: an alert older than that reads
+    them again). `convert` turns the store's entries into the rows the reader counts on (once per
+    entry, not once per alert); a row has the entry's time as `at`.
     """
 
     def __init__(
-        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 5_000, limit: int = 5_000
+        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 2_000, max_rows: int = 2_000
     ) -> None:
         self.store, self.kind, self.convert = store, kind, convert
-        self.ttl, self.max_users, self.limit = ttl, max_users, limit
+        self.ttl, self.max_users, self.max_rows = ttl, max_users, max_rows
         self._users: OrderedDict[str, _Held] = OrderedDict()
 
     async def ensure(self, since: dict[str, float]) -> None:
-        """Make every user's history from `since[user]` on available to `rows` (one read per stale user)."""
+        """Make every user's history from `since[user]` on available to `rows` (at most one read per user)."""
         now = time.monotonic()
-        stale = [user for user, start in since.items() if not self._fresh(user, start, now)]
 
-        async def load(user: str) -> None:
-            entries = await self.store.entries(self.kind, user, since=since[user], until=FAR_FUTURE, limit=self.limit)
-            self._users[user] = _Held(since=since[user], loaded_at=now, rows=self.convert(entries))
+        async def refresh(user: str) -> None:
+            held = self._users.get(user)
+            if held is not None and held.since <= since[user] and now - held.loaded_at < self.ttl:
+                return
+            if held is None or held.since > since[user]:
+                held = _Held(since=since[user], loaded_at=now, rows=[], cursor=None)
+            entries, held.cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
+            held.loaded_at = now
+            self._users[user] = held
+            self._merge(held, entries)
 
-        await asyncio.gather(*(load(user) for user in stale))
+        await asyncio.gather(*(refresh(user) for user in since))
         for user in since:
             self._users.move_to_end(user)
         while len(self._users) > max(self.max_users, len(since)):
@@ -169,18 +180,31 @@ class UserHistories:
 
     def add(self, entries: Sequence[HistoryEntry]) -> None:
         """Entries this process just wrote: kept in the histories already held, newest first."""
-        touched = set()
+        by_user: dict[str, list[HistoryEntry]] = {}
         for entry in entries:
             held = self._users.get(entry.user)
             if held is not None and entry.at >= held.since:
-                held.rows.extend(self.convert([entry]))
-                touched.add(entry.user)
-        for user in touched:
-            self._users[user].rows.sort(key=_AT, reverse=True)
+                by_user.setdefault(entry.user, []).append(entry)
+        for user, mine in by_user.items():
+            self._merge(self._users[user], mine)
 
-    def _fresh(self, user: str, since: float, now: float) -> bool:
-        held = self._users.get(user)
-        return held is not None and now - held.loaded_at < self.ttl and held.since <= since
+    def _merge(self, held: _Held, entries: Sequence[HistoryEntry]) -> None:
+        """Entries in write order into the rows: an (entry id, content id) held already is not added
+        again; the latest written comes first among rows of one time. Past `max_rows`, the rows older
+        than the newest half are dropped (cut between two times, never inside one)."""
+        fresh = [e for e in entries if (e.entry_id, e.content_id) not in held.keys]
+        if not fresh:
+            return
+        held.keys.update(((e.entry_id, e.content_id), e.at) for e in fresh)
+        held.rows[:0] = self.convert(fresh[::-1])
+        held.rows.sort(key=_AT, reverse=True)  # stable: at one time, the later write stays first
+        if len(held.rows) > self.max_rows:
+            cut = held.rows[self.max_rows // 2].at  # the newest time that goes
+            kept = bisect_left(held.rows, -cut, key=_minus_at)
+            if kept > 0:
+                held.rows = held.rows[:kept]
+                held.since = math.nextafter(cut, math.inf)
+                held.keys = {key: at for key, at in held.keys.items() if at >= held.since}
 
 
 FAR_FUTURE = 1e12  # an `until` past any event: the history up to now
@@ -433,6 +457,8 @@ class _Held:
     since: float  # the rows cover every entry at or after this time
     loaded_at: float  # time.monotonic() of the read
     rows: list[Any]  # newest first
+    cursor: Any  # the store's, for the next incremental read
+    keys: dict[tuple[str, str], float] = field(default_factory=dict)  # (entry id, content id) -> at, of the entries held
 
 
 class HistorySettings(BaseModel):

@@ -280,13 +280,13 @@ async def test_user_histories_are_read_once_kept_current_and_read_again_after_th
 
     store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
     reads: list[str] = []
-    entries = store.entries
+    entries_after = store.entries_after
 
-    async def counted(kind, user, **kwargs):
+    async def counted(kind, user, cursor, **kwargs):
         reads.append(user)
-        return await entries(kind, user, **kwargs)
+        return await entries_after(kind, user, cursor, **kwargs)
 
-    monkeypatch.setattr(store, "entries", counted)
+    monkeypatch.setattr(store, "entries_after", counted)
     now = [1000.0]
     monkeypatch.setattr(history_module.time, "monotonic", lambda: now[0])
 
