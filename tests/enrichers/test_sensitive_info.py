@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC
 
-from werkzeug import Response
-
 import pytest
+from werkzeug import Response
 
 from pipeline.ingest.formats.management_activity import match_key
 from pipeline.runner import Message, Runner
