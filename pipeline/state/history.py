@@ -141,8 +141,9 @@ class UserHistories:
     only what was written since (`HistoryStore.entries_after`), so their cost follows the new
     entries, not the length of the history. Memory is bounded: at most `max_users` users (the least
     recently needed dropped first) of at most `max_rows` rows each (past it, the rows older than the
-    newest half are dropped and the user's rows then start later: an alert older than that reads
-    them again). `convert` turns the store's entries into the rows the reader counts on (once per
+    newest half are dropped, never those the latest `ensure` asked for, and the user's rows then
+    start later: an alert older than that reads the range it lacks). An alert older than the rows
+    held reads only the range they lack, and the entries written since the last read. `convert` turns the store's entries into the rows the reader counts on (once per
     entry, not once per alert); a row has the entry's time as `at`.
     """
 
@@ -159,10 +160,15 @@ class UserHistories:
 
         async def refresh(user: str) -> None:
             held = self._users.get(user)
-            if held is not None and held.since <= since[user] and now - held.loaded_at < self.ttl:
-                return
-            if held is None or held.since > since[user]:
+            if held is None:
                 held = _Held(since=since[user], loaded_at=now, rows=[], cursor=None)
+            held.needed = since[user]
+            if held.since > since[user]:  # older entries needed: only the range not held yet
+                older = await _older(self.store, self.kind, user, since[user], held.since)
+                held.since = since[user]
+                self._merge(held, older[::-1])
+            elif held.cursor is not None and now - held.loaded_at < self.ttl:
+                return
             entries, held.cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
             held.loaded_at = now
             self._users[user] = held
@@ -199,15 +205,22 @@ class UserHistories:
         held.rows[:0] = self.convert(fresh[::-1])
         held.rows.sort(key=_AT, reverse=True)  # stable: at one time, the later write stays first
         if len(held.rows) > self.max_rows:
-            cut = held.rows[self.max_rows // 2].at  # the newest time that goes
+            # the newest time that goes: never one the latest `ensure` asked for
+            cut = min(held.rows[self.max_rows // 2].at, math.nextafter(held.needed, -math.inf))
             kept = bisect_left(held.rows, -cut, key=_minus_at)
-            if kept > 0:
+            if kept < len(held.rows):
                 held.rows = held.rows[:kept]
                 held.since = math.nextafter(cut, math.inf)
                 held.keys = {key: at for key, at in held.keys.items() if at >= held.since}
 
 
 FAR_FUTURE = 1e12  # an `until` past any event: the history up to now
+
+
+async def _older(store: HistoryStore, kind: Kind, user: str, since: float, held_since: float) -> list[HistoryEntry]:
+    """The user's entries with since <= at < held_since, newest first: what a holder that starts at
+    `held_since` lacks for an alert older than the ones it was read for."""
+    return await store.entries(kind, user, since=since, until=math.nextafter(held_since, -math.inf), limit=1_000_000)
 
 
 # -- Tallies: each user's prior alerts as counters per point in time ------------------------------
@@ -386,7 +399,8 @@ class UserTallies:
 
     Guarantees: after `ensure({user: since})` the user's tally holds every entry at or after `since`
     that this process applied (`add`) or that the store held at its last read; reads are at most
-    `ttl` seconds apart per user and return only what was written since the user's previous read
+    `ttl` seconds apart per user (an alert older than the tally reads the range it lacks, and what
+    was written since) and return only what was written since the user's previous read
     (`HistoryStore.entries_after`), so their cost follows the new entries, not the history's length.
     At most `max_users` users are held (least recently needed dropped first): memory is bounded by
     them, not by the length of the run. `names` turns an entry into its type names."""
@@ -401,9 +415,13 @@ class UserTallies:
 
         async def refresh(user: str) -> None:
             held = self._users.get(user)
-            if held is None or held.since > since[user]:
+            if held is None:
                 held = _Tallied(since=since[user], loaded_at=now, cursor=None, tally=AlertTally())
-            elif now - held.loaded_at < self.ttl:
+            elif held.since > since[user]:  # older entries needed: only the range not held yet
+                for entry in reversed(await _older(self.store, self.kind, user, since[user], held.since)):
+                    held.tally.apply(entry, self.names(entry))
+                held.since = since[user]
+            elif held.cursor is not None and now - held.loaded_at < self.ttl:
                 self._users[user] = held
                 return
             entries, cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
@@ -458,6 +476,7 @@ class _Held:
     loaded_at: float  # time.monotonic() of the read
     rows: list[Any]  # newest first
     cursor: Any  # the store's, for the next incremental read
+    needed: float = -math.inf  # the `since` the latest `ensure` asked for: rows from it on are never dropped
     keys: dict[tuple[str, str], float] = field(default_factory=dict)  # (entry id, content id) -> at, of the entries held
 
 

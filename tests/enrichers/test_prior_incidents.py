@@ -475,3 +475,26 @@ async def test_the_rows_read_per_batch_follow_the_new_alerts_not_the_history(tmp
         finally:
             await enricher.aclose()
     assert read_after_first[200] == read_after_first[2_000] <= 30  # the 30 new alerts at most, whatever the history
+
+
+async def test_user_histories_hold_at_most_max_rows_and_never_the_rows_asked_for(tmp_path):
+    """Past `max_rows` a user's oldest rows go, cut between two times and never below the `since`
+    the latest `ensure` asked for; an older `since` later reads only the range that went."""
+    from pipeline.state.history import SqliteHistoryStore, UserHistories
+
+    store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
+    user = "u@contoso.com"
+    await store.record("alert", [HistoryEntry(entry_id=f"e{i}", content_id="c", user=user, at=float(i)) for i in range(10)])
+    histories = UserHistories(store, "alert", ttl=30.0, max_rows=4)
+    await histories.ensure({user: 7.0})
+    assert [e.entry_id for e in histories.rows(user)] == ["e9", "e8", "e7"]
+    mine = [HistoryEntry(entry_id=f"n{i}", content_id="c", user=user, at=20.0 + i) for i in range(5)]
+    await store.record("alert", mine)
+    histories.add(mine[:4])  # 7 rows, all at or after the 7.0 asked for: kept
+    assert len(histories.rows(user)) == 7
+    await histories.ensure({user: 21.0})  # a later batch
+    histories.add(mine[4:])  # 8 rows: the oldest go, down to the newest half, none of those from 21.0 on
+    assert [e.entry_id for e in histories.rows(user)] == ["n4", "n3", "n2", "n1"]
+    await histories.ensure({user: 2.0})  # an older alert: the range that went is read again
+    assert [e.entry_id for e in histories.rows(user)] == ["n4", "n3", "n2", "n1", "n0", "e9", "e8", "e7", "e6", "e5", "e4", "e3", "e2"]
+    await store.aclose()
