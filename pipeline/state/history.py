@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import sqlite3
+import sys
 import time
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
@@ -266,16 +267,17 @@ class AlertTally:
     def __init__(self) -> None:
         self._points: dict[float, _Point] = {}
         self._times: list[float] = []  # sorted, ascending
-        self._of: dict[str, tuple[float, str, str | None, frozenset[str]]] = {}  # entry id -> (at, content id, policy, names)
+        self._of: dict[str, tuple[float, int, str | None, frozenset[str]]] = {}  # entry id -> (at, hash of the content id, policy, names)
         self._index: Any = None  # (prefix counts, {policy: (times, prefix)}, {name: times}), rebuilt after a change
 
     def __len__(self) -> int:
         return len(self._of)
 
     def apply(self, entry: HistoryEntry, names: frozenset[str]) -> None:
+        content = hash(entry.content_id)  # a revision is told by its content id; its hash is kept, not the string
         held = self._of.get(entry.entry_id)
         if held is not None:
-            if held[1] == entry.content_id:
+            if held[1] == content:
                 return
             self._remove(entry.entry_id, held)
         in_order = held is None and self._index is not None and (not self._times or entry.at >= self._times[-1])
@@ -289,7 +291,7 @@ class AlertTally:
             point.names[name] = point.names.get(name, 0) + 1
         point.newest.insert(0, (entry.entry_id, entry.policy, entry.severity))
         del point.newest[RECENT_PER_POINT:]
-        self._of[entry.entry_id] = (entry.at, entry.content_id, entry.policy, names)
+        self._of[entry.entry_id] = (entry.at, content, sys.intern(entry.policy) if entry.policy else entry.policy, names)
         if in_order:  # the usual case, a new alert at the newest time: the index grows at its end
             prefix, policies, by_name = self._index
             if point.count == 1:
@@ -301,7 +303,7 @@ class AlertTally:
         else:
             self._index = None
 
-    def _remove(self, entry_id: str, held: tuple[float, str, str | None, frozenset[str]]) -> None:
+    def _remove(self, entry_id: str, held: tuple[float, int, str | None, frozenset[str]]) -> None:
         at, _content, policy, names = held
         point = self._points[at]
         point.count -= 1
