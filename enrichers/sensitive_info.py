@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Literal, cast
 
 import orjson
@@ -385,9 +386,18 @@ def _alert_keys(alert: DlpAlert) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(f.name.lower() for f in alert.files if f.name), frozenset(s.name.lower() for s in alert.sensitive_info if s.name)
 
 
-def _types_key(entry: HistoryEntry) -> bytes:
-    """A hashable form of an entry's types (name, type id, count, confidence): equal lists, equal keys."""
-    return orjson.dumps(entry.sensitive_info, option=orjson.OPT_SORT_KEYS)
+def _shared_types(entry: HistoryEntry) -> bytes:
+    """Replace the entry's list of types by one shared with every held activity of equal types, and
+    return its hashable key: equal lists, one key and one list in memory (activities of one kind
+    of document carry the same types), at most 4,096 distinct lists shared."""
+    key, shared = _types_of(orjson.dumps(entry.sensitive_info, option=orjson.OPT_SORT_KEYS))
+    entry.sensitive_info = shared
+    return key
+
+
+@lru_cache(maxsize=4096)
+def _types_of(key: bytes) -> tuple[bytes, list[dict[str, Any]]]:
+    return key, orjson.loads(key)
 
 
 @dataclass(slots=True, frozen=True)
@@ -404,7 +414,7 @@ class _Activity:
 
 def _prepared(entries: list[HistoryEntry]) -> list[_Activity]:
     return [
-        _Activity(e.at, frozenset(e.files), e.policy, frozenset(str(s.get("name", "")).lower() for s in e.sensitive_info), e, _types_key(e))
+        _Activity(e.at, frozenset(e.files), e.policy, frozenset(str(s.get("name", "")).lower() for s in e.sensitive_info), e, _shared_types(e))
         for e in entries
     ]
 

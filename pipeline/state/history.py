@@ -226,7 +226,7 @@ async def _older(store: HistoryStore, kind: Kind, user: str, since: float, held_
 
 # -- Tallies: each user's prior alerts as counters per point in time ------------------------------
 
-RECENT_PER_POINT = 64  # the newest entries kept by id at one point in time (`recent` asks for at most 50)
+RECENT_PER_POINT = 51  # the newest entries kept by id at one point in time (`recent` asks for at most 50, and one is the alert's own)
 
 
 @dataclass(slots=True)
