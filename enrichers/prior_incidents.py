@@ -139,9 +139,9 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         own_at = tally.at_of(own)
         mine = own_at is not None and until - 90 * DAY <= own_at <= last  # a revision of this alert at an earlier time
         extra = 1 if mine else 0
-        windows = {days: tally.window(until - days * DAY, last, policy=policy, k=k + extra if days == 90 else 0) for days in (7, 30, 90)}
-        counts = {days: w.count - (1 if mine and own_at is not None and own_at >= until - days * DAY else 0) for days, w in windows.items()}
-        wide = windows[90]
+        wide = tally.window(until - 90 * DAY, last, policy=policy, k=k + extra)
+        in_window = {7: tally.count(until - 7 * DAY, last), 30: tally.count(until - 30 * DAY, last), 90: wide.count}
+        counts = {days: count - (1 if mine and own_at is not None and own_at >= until - days * DAY else 0) for days, count in in_window.items()}
         same_policy = wide.same_policy - (1 if mine and policy and tally.policy_of(own) == policy else 0) if policy else 0
         own_names = tally.names_of(own) if mine else frozenset()
         names = [name for name, count in wide.names.items() if count > (1 if name in own_names else 0)]

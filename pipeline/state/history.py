@@ -363,6 +363,11 @@ class AlertTally:
             self._index = (prefix, policies, names)
         return self._index
 
+    def count(self, since: float, until: float) -> int:
+        """The entries with since <= at <= until: two bisections."""
+        prefix = self._built()[0]
+        return prefix[bisect_right(self._times, until)] - prefix[bisect_left(self._times, since)]
+
     def window(self, since: float, until: float, *, policy: str | None, k: int) -> TallyWindow:
         """The entries with since <= at <= until: their count, those of `policy`, their type names,
         and the newest `k` of them (newest time first; at one time, the latest written first)."""
