@@ -15,11 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from functools import lru_cache
-from operator import attrgetter
-from typing import Any, NamedTuple
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -29,7 +27,7 @@ from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
 from pipeline.plugins import shared_credential
-from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, open_history_store
+from pipeline.state.history import AlertTally, HistoryEntry, HistorySettings, HistoryWriter, UserTallies, entry_of, open_history_store
 
 log = logging.getLogger("pipeline.enrichers.prior_incidents")
 
@@ -85,9 +83,9 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         self.hunting = HuntingClient(self.settings.hunting) if self.settings.hunting is not None else None
         self.writer = HistoryWriter(self.store)
         self._clock = services.clock if services is not None else None
-        # Per-user history read from the store, reused across batches for `store.reuse_seconds` and kept
-        # current with this process's own writes (other hosts' writes show up within that time).
-        self.histories = UserHistories(self.store, "alert", convert=_rows, ttl=self.settings.store.reuse_seconds)
+        # Each user's prior alerts as counters (`AlertTally`), read incrementally from the store at most
+        # every `store.reuse_seconds` and kept current with this process's own writes at once.
+        self.tallies = UserTallies(self.store, "alert", names=_entry_names, ttl=self.settings.store.reuse_seconds)
 
     async def start(self) -> None:
         await self.store.start()
@@ -115,11 +113,11 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         entries = [entry_of(alert, now=now) for alert in alerts]
         pairs = [(alert, entry) for alert, entry in zip(alerts, entries) if entry is not None]
         written = await self._record([entry for alert, entry in pairs if alert.kind == "alert"])
-        self.histories.add(written)  # the histories held stay current with what this batch wrote
+        self.tallies.add(written)  # the tallies held count what this batch wrote at once
         since: dict[str, float] = {}
         for _, paired in pairs:
             since[paired.user] = min(since.get(paired.user, paired.at), paired.at) - 90 * DAY
-        await self.histories.ensure(since)
+        await self.tallies.ensure(since)
         hunted: dict[Any, Any] = {}
         if self.hunting is not None:
             first = {entry.user: alert for alert, entry in pairs}
@@ -129,50 +127,50 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         for index, (alert, entry) in enumerate(zip(alerts, entries)):
             if entry is None:
                 continue
-            rows = between(self.histories.rows(entry.user), entry.at - 90 * DAY, _before(entry.at))
             found = hunted.get(("hunting", entry.user)) if self.hunting is not None else None
-            results[index] = found if isinstance(found, Exception) else self._summary(alert, entry.at, rows, found)
+            results[index] = found if isinstance(found, Exception) else self._summary(alert, entry.at, self.tallies.tally(entry.user), found)
         return results
 
-    def _summary(self, alert: DlpAlert, until: float, rows: list[_Row], hunted: list[PriorAlert] | None) -> PriorIncidents:
-        # Count on plain tuples with C-level passes (map, count, set); build models only for the
-        # bounded `recent` list.
-        own = alert.alert_id
-        ids = list(map(_ID, rows))
-        mine = ids.count(own)  # the alert never counts in its own history
-        if mine == 0:
-            ordered = rows
-        elif mine == 1:
-            at = ids.index(own)
-            ordered = rows[:at] + rows[at + 1 :]
-        else:
-            ordered = [row for row in rows if row.entry_id != own]
-        distinct = set(ids)
-        distinct.discard(own)
-        types: set[str] = set().union(*set(map(_TYPES, ordered)))  # few distinct sets, each hashed once
+    def _summary(self, alert: DlpAlert, until: float, tally: AlertTally, hunted: list[PriorAlert] | None) -> PriorIncidents:
+        """The figures of the windows ending just before `until`, from the user's tally: bisections and
+        counters, never a pass over the user's alerts. The alert's own id never counts."""
+        own, policy, k = alert.alert_id, alert.policy_name, self.settings.max_recent
+        last = _before(until)
+        own_at = tally.at_of(own)
+        mine = own_at is not None and until - 90 * DAY <= own_at <= last  # a revision of this alert at an earlier time
+        extra = 1 if mine else 0
+        wide = tally.window(until - 90 * DAY, last, policy=policy, k=k + extra)
+        in_window = {7: tally.count(until - 7 * DAY, last), 30: tally.count(until - 30 * DAY, last), 90: wide.count}
+        counts = {days: count - (1 if mine and own_at is not None and own_at >= until - days * DAY else 0) for days, count in in_window.items()}
+        same_policy = wide.same_policy - (1 if mine and policy and tally.policy_of(own) == policy else 0) if policy else 0
+        own_names = tally.names_of(own) if mine else frozenset()
+        names = [name for name, count in wide.names.items() if count > (1 if name in own_names else 0)]
+        newest = [(entry_id, at, pol, severity, "pipeline") for entry_id, at, pol, severity in wide.newest if entry_id != own][:k]
         sources: list[str] = [self.settings.store.kind]
-        if hunted is not None or len(distinct) != len(ordered):
-            prior: dict[str, _Row] = {}
-            for row in ordered:  # newest first: a revised alert counts once, as its newest content
-                prior.setdefault(row.entry_id, row)
-            if hunted is not None:
-                for found in hunted:
-                    found_at = found.at.timestamp()
-                    if found.alert_id != own and found.alert_id not in prior and until - 90 * DAY <= found_at < until:
-                        prior[found.alert_id] = _Row(found.alert_id, found_at, found.policy, found.severity, frozenset(), found.source)
-                sources.append("hunting")
-            ordered = sorted(prior.values(), key=_AT, reverse=True)
-        # One row per prior alert, newest first: each window's count is a bisection, the policy count
-        # one C-level pass (no Python loop over a history of hundreds of alerts).
-        policy = alert.policy_name
-        recent = [_prior_alert(row.entry_id, row.at, row.policy, row.severity, row.source) for row in ordered[: self.settings.max_recent]]
+        last_at = newest[0][1] if newest else (tally.newest_at(until - 90 * DAY, last, skip=own) if counts[90] else None)
+        if hunted is not None:
+            sources.append("hunting")
+            added = []
+            for found in hunted:
+                found_at = found.at.timestamp()
+                if found.alert_id != own and until - 90 * DAY <= found_at < until and not _counted(tally, found.alert_id, until):
+                    added.append((found.alert_id, found_at, found.policy, found.severity, found.source))
+            for days in counts:
+                counts[days] += sum(1 for item in added if item[1] >= until - days * DAY)
+            if policy:
+                same_policy += sum(1 for item in added if item[2] == policy)
+            newest = sorted(newest + added, key=lambda item: item[1], reverse=True)[:k]  # stable: the store's first at one time
+            if added:
+                newest_added = max(item[1] for item in added)
+                last_at = newest_added if last_at is None or newest_added > last_at else last_at
+        recent = [_prior_alert(*item) for item in newest]
         return PriorIncidents(
-            last_7_days=len(between(ordered, until - 7 * DAY, until)),
-            last_30_days=len(between(ordered, until - 30 * DAY, until)),
-            last_90_days=len(ordered),
-            same_policy_90_days=list(map(_POLICY, ordered)).count(policy) if policy else 0,
-            sensitive_types=sorted(types),
-            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(ordered[0].at, tz=UTC) if ordered else None),
+            last_7_days=counts[7],
+            last_30_days=counts[30],
+            last_90_days=counts[90],
+            same_policy_90_days=same_policy,
+            sensitive_types=sorted(names),
+            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(last_at, tz=UTC) if last_at is not None else None),
             recent=recent,
             sources=sources,
         )
@@ -200,25 +198,15 @@ def _before(at: float) -> float:
     return math.nextafter(at, -math.inf)
 
 
-class _Row(NamedTuple):
-    """What the counting needs of one prior alert (a history entry, or an alert found by hunting).
-    Rows are held for every user's whole history (`UserHistories`): kept small."""
-
-    entry_id: str
-    at: float
-    policy: str | None
-    severity: str | None
-    names: frozenset[str]  # sensitive information type names (one shared set per distinct set)
-    source: str
+def _counted(tally: AlertTally, alert_id: str, until: float) -> bool:
+    at = tally.at_of(alert_id)
+    return at is not None and until - 90 * DAY <= at < until
 
 
-_ID, _AT, _POLICY, _TYPES = attrgetter("entry_id"), attrgetter("at"), attrgetter("policy"), attrgetter("names")
-
-
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=1024)
 def _prior_alert(entry_id: str, at: float, policy: str | None, severity: str | None, source: str) -> PriorAlert:
-    """The `recent` entry of a row. Each user's newest rows are in every one of their alerts' `recent`
-    lists: made once, shared (fragments are read-only)."""
+    """The `recent` entry of a prior alert. Each user's newest alerts are in every one of their
+    alerts' `recent` lists: made once, shared (fragments are read-only); at most 1,024 held."""
     return PriorAlert(alert_id=entry_id, at=datetime.fromtimestamp(at, tz=UTC), policy=policy, severity=severity, source=source)
 
 
@@ -227,9 +215,6 @@ def _names(names: tuple[str, ...]) -> frozenset[str]:
     return frozenset(names)
 
 
-def _row(entry_id: str, at: float, policy: str | None, severity: str | None, names: Iterable[str], source: str = "pipeline") -> _Row:
-    return _Row(entry_id, at, policy, severity, _names(tuple(names)), source)
-
-
-def _rows(entries: list[HistoryEntry]) -> list[_Row]:
-    return [_row(e.entry_id, e.at, e.policy, e.severity, (s["name"] for s in e.sensitive_info if s.get("name"))) for e in entries]
+def _entry_names(entry: HistoryEntry) -> frozenset[str]:
+    """The sensitive information type names of a stored alert (one shared set per distinct set)."""
+    return _names(tuple(s["name"] for s in entry.sensitive_info if s.get("name")))

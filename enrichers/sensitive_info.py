@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Literal, cast
 
 import orjson
@@ -204,8 +205,16 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         hunted: dict[int, Any] = {}  # alert index -> the same from Advanced Hunting, or the exception
         if needing:
             activities = await self._activities([alerts[index] for index in needing])
+            # Alerts of one user with the same time, files, policy and type names correlate alike: once
+            # per batch (a user's activities do not change while the batch is correlated).
+            answers: dict[tuple[Any, ...], Any] = {}
             for index in needing:
-                correlated[index] = self._correlate(alerts[index], activities.get(user_key(alerts[index]) or "", []))
+                alert = alerts[index]
+                user = user_key(alert) or ""
+                key = (user, event_time(alert, self._clock()), alert.policy_name, *_alert_keys(alert))
+                if key not in answers:
+                    answers[key] = self._correlate(alert, activities.get(user, []))
+                correlated[index] = answers[key]
             hunt = [index for index in needing if correlated[index] is None] if self.hunting is not None else []
             if hunt:
                 by_id = {alerts[index].alert_id: alerts[index] for index in hunt}
@@ -310,7 +319,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         window = self.settings.window_minutes * 60
         files = {f.name.lower() for f in alert.files if f.name}
         names = {s.name.lower() for s in alert.sensitive_info if s.name}
-        matched: dict[str, HistoryEntry] = {}
+        matched: dict[str, _Activity] = {}
         for row in between(activities, at - window, at + window):
             if files and row.files and not files & row.files:
                 continue
@@ -318,10 +327,11 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
                 continue
             if names and not names & row.names:
                 continue
-            matched.setdefault(row.entry.entry_id, row.entry)  # newest content of an activity first
+            matched.setdefault(row.entry.entry_id, row)  # newest content of an activity first
         if not matched:
             return None
-        return merge_types(e.sensitive_info for e in matched.values()), sorted(matched), sorted({label for e in matched.values() for label in e.labels})
+        groups = {row.types: row.entry.sensitive_info for row in matched.values()}  # each distinct list of types merged once
+        return merge_types(groups.values()), sorted(matched), sorted({label for row in matched.values() for label in row.entry.labels})
 
     async def _hunt(self, alert: DlpAlert) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
         assert self.hunting is not None
@@ -371,6 +381,25 @@ def _needs_correlation(alert: DlpAlert) -> bool:
     return alert.kind == "alert" and user_key(alert) is not None and not (any(s.count is not None for s in infos) and any(s.confidence is not None for s in infos))
 
 
+def _alert_keys(alert: DlpAlert) -> tuple[frozenset[str], frozenset[str]]:
+    """What `_correlate` compares of an alert besides its user, time and policy: file and type names."""
+    return frozenset(f.name.lower() for f in alert.files if f.name), frozenset(s.name.lower() for s in alert.sensitive_info if s.name)
+
+
+def _shared_types(entry: HistoryEntry) -> bytes:
+    """Replace the entry's list of types by one shared with every held activity of equal types, and
+    return its hashable key: equal lists, one key and one list in memory (activities of one kind
+    of document carry the same types), at most 4,096 distinct lists shared."""
+    key, shared = _types_of(orjson.dumps(entry.sensitive_info, option=orjson.OPT_SORT_KEYS))
+    entry.sensitive_info = shared
+    return key
+
+
+@lru_cache(maxsize=4096)
+def _types_of(key: bytes) -> tuple[bytes, list[dict[str, Any]]]:
+    return key, orjson.loads(key)
+
+
 @dataclass(slots=True, frozen=True)
 class _Activity:
     """A stored activity with what `_correlate` compares prepared once (not once per alert)."""
@@ -380,11 +409,12 @@ class _Activity:
     policy: str | None
     names: frozenset[str]
     entry: HistoryEntry
+    types: bytes  # the entry's types, hashable: equal lists, equal keys
 
 
 def _prepared(entries: list[HistoryEntry]) -> list[_Activity]:
     return [
-        _Activity(e.at, frozenset(e.files), e.policy, frozenset(str(s.get("name", "")).lower() for s in e.sensitive_info), e)
+        _Activity(e.at, frozenset(e.files), e.policy, frozenset(str(s.get("name", "")).lower() for s in e.sensitive_info), e, _shared_types(e))
         for e in entries
     ]
 

@@ -18,13 +18,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import sqlite3
+import sys
 import time
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -96,15 +99,22 @@ class HistoryStore(Protocol):
         """Entries of `user` with since <= at <= until, newest first, at most `limit`."""
         ...
 
+    async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
+        """Entries of `user` with at >= since written after `cursor` (None: all of them), oldest write
+        first, and the cursor to pass next time. A read returns only what was written since the
+        last one (an entry may come again; applying it twice changes nothing)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
 class HistoryWriter:
     """Writes entries to a store once per process: remembers the last `remember` (entry id, content id)
-    pairs written, so an alert seen again (a redelivery, a re-run) costs no write.
-    The store's own writes are idempotent anyway; this only saves the round trips."""
+    pairs written (4,096 by default: a redelivery comes within minutes, not after thousands
+    of other alerts), so an alert seen again costs no write. The store's own writes are idempotent
+    anyway; this only saves the round trips, so its memory stays bounded whatever the run's length."""
 
-    def __init__(self, store: HistoryStore, *, remember: int = 50_000) -> None:
+    def __init__(self, store: HistoryStore, *, remember: int = 4_096) -> None:
         self.store = store
         self.remember = remember
         self._written: OrderedDict[tuple[str, str], None] = OrderedDict()
@@ -123,33 +133,49 @@ class HistoryWriter:
 
 
 class UserHistories:
-    """Each user's history of one kind, read from the store once and reused across batches.
+    """Each user's history of one kind, read from the store incrementally and reused across batches.
 
     Guarantees: `rows(user)` after `ensure({user: since})` holds every entry of the user at or after
-    `since` that this process wrote (`add`) or that the store held when it was read, newest first;
-    a read is reused for `ttl` seconds, so other hosts' writes show up within `ttl`. At most
-    `max_users` users are kept, the least recently needed dropped first. `convert` turns the store's
-    entries into the rows the reader counts on (once per entry, not once per alert); a row has the
-    entry's time as `at`.
+    `since` that this process wrote (`add`) or that the store held when it was last read, newest
+    first (at one time, the latest written first). A user's first read takes their entries from
+    `since` on; later ones, at most `ttl` seconds apart (other hosts' writes show up within `ttl`),
+    only what was written since (`HistoryStore.entries_after`), so their cost follows the new
+    entries, not the length of the history. Memory is bounded: at most `max_users` users (the least
+    recently needed dropped first) of at most `max_rows` rows each (past it, the rows older than the
+    newest half are dropped, never those the latest `ensure` asked for, and the user's rows then
+    start later: an alert older than that reads the range it lacks). An alert older than the rows
+    held reads only the range they lack, and the entries written since the last read. `convert` turns the store's entries into the rows the reader counts on (once per
+    entry, not once per alert); a row has the entry's time as `at`.
     """
 
     def __init__(
-        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 5_000, limit: int = 5_000
+        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 2_000, max_rows: int = 2_000
     ) -> None:
         self.store, self.kind, self.convert = store, kind, convert
-        self.ttl, self.max_users, self.limit = ttl, max_users, limit
+        self.ttl, self.max_users, self.max_rows = ttl, max_users, max_rows
         self._users: OrderedDict[str, _Held] = OrderedDict()
 
     async def ensure(self, since: dict[str, float]) -> None:
-        """Make every user's history from `since[user]` on available to `rows` (one read per stale user)."""
+        """Make every user's history from `since[user]` on available to `rows` (at most one read per user)."""
         now = time.monotonic()
-        stale = [user for user, start in since.items() if not self._fresh(user, start, now)]
 
-        async def load(user: str) -> None:
-            entries = await self.store.entries(self.kind, user, since=since[user], until=FAR_FUTURE, limit=self.limit)
-            self._users[user] = _Held(since=since[user], loaded_at=now, rows=self.convert(entries))
+        async def refresh(user: str) -> None:
+            held = self._users.get(user)
+            if held is None:
+                held = _Held(since=since[user], loaded_at=now, rows=[], cursor=None)
+            held.needed = since[user]
+            if held.since > since[user]:  # older entries needed: only the range not held yet
+                older = await _older(self.store, self.kind, user, since[user], held.since)
+                held.since = since[user]
+                self._merge(held, older[::-1])
+            elif held.cursor is not None and now - held.loaded_at < self.ttl:
+                return
+            entries, held.cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
+            held.loaded_at = now
+            self._users[user] = held
+            self._merge(held, entries)
 
-        await asyncio.gather(*(load(user) for user in stale))
+        await asyncio.gather(*(refresh(user) for user in since))
         for user in since:
             self._users.move_to_end(user)
         while len(self._users) > max(self.max_users, len(since)):
@@ -161,21 +187,280 @@ class UserHistories:
 
     def add(self, entries: Sequence[HistoryEntry]) -> None:
         """Entries this process just wrote: kept in the histories already held, newest first."""
-        touched = set()
+        by_user: dict[str, list[HistoryEntry]] = {}
         for entry in entries:
             held = self._users.get(entry.user)
             if held is not None and entry.at >= held.since:
-                held.rows.extend(self.convert([entry]))
-                touched.add(entry.user)
-        for user in touched:
-            self._users[user].rows.sort(key=_AT, reverse=True)
+                by_user.setdefault(entry.user, []).append(entry)
+        for user, mine in by_user.items():
+            self._merge(self._users[user], mine)
 
-    def _fresh(self, user: str, since: float, now: float) -> bool:
-        held = self._users.get(user)
-        return held is not None and now - held.loaded_at < self.ttl and held.since <= since
+    def _merge(self, held: _Held, entries: Sequence[HistoryEntry]) -> None:
+        """Entries in write order into the rows: an (entry id, content id) held already is not added
+        again; the latest written comes first among rows of one time. Past `max_rows`, the rows older
+        than the newest half are dropped (cut between two times, never inside one)."""
+        fresh = [e for e in entries if (e.entry_id, e.content_id) not in held.keys]
+        if not fresh:
+            return
+        held.keys.update(((e.entry_id, e.content_id), e.at) for e in fresh)
+        held.rows[:0] = self.convert(fresh[::-1])
+        held.rows.sort(key=_AT, reverse=True)  # stable: at one time, the later write stays first
+        if len(held.rows) > self.max_rows:
+            # the newest time that goes: never one the latest `ensure` asked for
+            cut = min(held.rows[self.max_rows // 2].at, math.nextafter(held.needed, -math.inf))
+            kept = bisect_left(held.rows, -cut, key=_minus_at)
+            if kept < len(held.rows):
+                held.rows = held.rows[:kept]
+                held.since = math.nextafter(cut, math.inf)
+                held.keys = {key: at for key, at in held.keys.items() if at >= held.since}
 
 
 FAR_FUTURE = 1e12  # an `until` past any event: the history up to now
+
+
+async def _older(store: HistoryStore, kind: Kind, user: str, since: float, held_since: float) -> list[HistoryEntry]:
+    """The user's entries with since <= at < held_since, newest first: what a holder that starts at
+    `held_since` lacks for an alert older than the ones it was read for."""
+    return await store.entries(kind, user, since=since, until=math.nextafter(held_since, -math.inf), limit=1_000_000)
+
+
+# -- Tallies: each user's prior alerts as counters per point in time ------------------------------
+
+RECENT_PER_POINT = 51  # the newest entries kept by id at one point in time (`recent` asks for at most 50, and one is the alert's own)
+
+
+@dataclass(slots=True)
+class _Point:
+    """The entries of one user at one time: counters, and the newest few entries by id."""
+
+    at: float
+    count: int = 0
+    policies: dict[str | None, int] = field(default_factory=dict)
+    names: dict[str, int] = field(default_factory=dict)
+    newest: list[tuple[str, str | None, str | None]] = field(default_factory=list)  # (entry id, policy, severity), newest write first
+
+
+@dataclass(slots=True)
+class TallyWindow:
+    """What a tally answers for one window: counts, and the newest entries (id, at, policy, severity)."""
+
+    count: int
+    same_policy: int
+    names: dict[str, int]  # type name -> entries of the window that have it
+    newest: list[tuple[str, float, str | None, str | None]]
+
+
+class AlertTally:
+    """One user's alerts as counters per distinct time (`_Point`), not as a list of rows.
+
+    Guarantees: each entry id counts once, at the time, policy, severity and type names of its latest
+    applied revision (a revision moves it; the same revision applied again changes nothing). A
+    window's figures cost bisections over the distinct times plus one pass over the user's distinct
+    policies and type names, never a pass over the entries; `newest` walks at most `k` points. The
+    index behind the bisections grows at its end when an entry comes at the newest time (the usual
+    case) and is rebuilt once, at the next window, after any other change.
+    Memory: one small record per entry id (its time and content id, to place a revision) and one
+    `_Point` per distinct time."""
+
+    __slots__ = ("_points", "_times", "_of", "_index")
+
+    def __init__(self) -> None:
+        self._points: dict[float, _Point] = {}
+        self._times: list[float] = []  # sorted, ascending
+        self._of: dict[str, tuple[float, int, str | None, frozenset[str]]] = {}  # entry id -> (at, hash of the content id, policy, names)
+        self._index: Any = None  # (prefix counts, {policy: (times, prefix)}, {name: times}), rebuilt after a change
+
+    def __len__(self) -> int:
+        return len(self._of)
+
+    def apply(self, entry: HistoryEntry, names: frozenset[str]) -> None:
+        content = hash(entry.content_id)  # a revision is told by its content id; its hash is kept, not the string
+        held = self._of.get(entry.entry_id)
+        if held is not None:
+            if held[1] == content:
+                return
+            self._remove(entry.entry_id, held)
+        in_order = held is None and self._index is not None and (not self._times or entry.at >= self._times[-1])
+        point = self._points.get(entry.at)
+        if point is None:
+            point = self._points[entry.at] = _Point(entry.at)
+            insort(self._times, entry.at)
+        point.count += 1
+        point.policies[entry.policy] = point.policies.get(entry.policy, 0) + 1
+        for name in names:
+            point.names[name] = point.names.get(name, 0) + 1
+        point.newest.insert(0, (entry.entry_id, entry.policy, entry.severity))
+        del point.newest[RECENT_PER_POINT:]
+        self._of[entry.entry_id] = (entry.at, content, sys.intern(entry.policy) if entry.policy else entry.policy, names)
+        if in_order:  # the usual case, a new alert at the newest time: the index grows at its end
+            prefix, policies, by_name = self._index
+            if point.count == 1:
+                prefix.append(prefix[-1] + 1)
+            else:
+                prefix[-1] += 1
+            for found in [policies.setdefault(entry.policy, ([], [0]))] + [by_name.setdefault(name, ([], [0])) for name in names]:
+                _count_at_end(found, entry.at)
+        else:
+            self._index = None
+
+    def _remove(self, entry_id: str, held: tuple[float, int, str | None, frozenset[str]]) -> None:
+        at, _content, policy, names = held
+        point = self._points[at]
+        point.count -= 1
+        point.policies[policy] -= 1
+        if not point.policies[policy]:
+            del point.policies[policy]
+        for name in names:
+            point.names[name] -= 1
+            if not point.names[name]:
+                del point.names[name]
+        point.newest = [item for item in point.newest if item[0] != entry_id]
+        if point.count == 0:
+            del self._points[at]
+            self._times.pop(bisect_left(self._times, at))
+        del self._of[entry_id]
+
+    def at_of(self, entry_id: str) -> float | None:
+        held = self._of.get(entry_id)
+        return held[0] if held is not None else None
+
+    def policy_of(self, entry_id: str) -> str | None:
+        held = self._of.get(entry_id)
+        return held[2] if held is not None else None
+
+    def names_of(self, entry_id: str) -> frozenset[str]:
+        held = self._of.get(entry_id)
+        return held[3] if held is not None else frozenset()
+
+    def newest_at(self, since: float, until: float, *, skip: str | None = None) -> float | None:
+        """The time of the newest entry with since <= at <= until other than `skip`."""
+        skipped = self.at_of(skip) if skip is not None else None
+        index = bisect_right(self._times, until) - 1
+        while index >= 0 and self._times[index] >= since:
+            at = self._times[index]
+            if self._points[at].count - (1 if at == skipped else 0) > 0:
+                return at
+            index -= 1
+        return None
+
+    def _built(self) -> Any:
+        if self._index is None:
+            prefix, total = [0], 0
+            policies: dict[str | None, tuple[list[float], list[int]]] = {}
+            names: dict[str, tuple[list[float], list[int]]] = {}
+            for at in self._times:
+                point = self._points[at]
+                total += point.count
+                prefix.append(total)
+                for key, count in point.policies.items():
+                    times, counts = policies.setdefault(key, ([], [0]))
+                    times.append(at)
+                    counts.append(counts[-1] + count)
+                for name, count in point.names.items():
+                    times, counts = names.setdefault(name, ([], [0]))
+                    times.append(at)
+                    counts.append(counts[-1] + count)
+            self._index = (prefix, policies, names)
+        return self._index
+
+    def count(self, since: float, until: float) -> int:
+        """The entries with since <= at <= until: two bisections."""
+        prefix = self._built()[0]
+        return prefix[bisect_right(self._times, until)] - prefix[bisect_left(self._times, since)]
+
+    def window(self, since: float, until: float, *, policy: str | None, k: int) -> TallyWindow:
+        """The entries with since <= at <= until: their count, those of `policy`, their type names,
+        and the newest `k` of them (newest time first; at one time, the latest written first)."""
+        prefix, policies, names = self._built()
+        times = self._times
+        first, end = bisect_left(times, since), bisect_right(times, until)
+        same = _between_count(policies.get(policy), since, until) if policy else 0
+        present = {name: count for name, found in names.items() if (count := _between_count(found, since, until))}
+        newest: list[tuple[str, float, str | None, str | None]] = []
+        index = end - 1
+        while len(newest) < k and index >= first:
+            at = times[index]
+            newest.extend((entry_id, at, pol, severity) for entry_id, pol, severity in self._points[at].newest[: k - len(newest)])
+            index -= 1
+        return TallyWindow(prefix[end] - prefix[first], same, present, newest)
+
+
+def _count_at_end(found: tuple[list[float], list[int]], at: float) -> None:
+    times, counts = found
+    if times and times[-1] == at:
+        counts[-1] += 1
+    else:
+        times.append(at)
+        counts.append(counts[-1] + 1)
+
+
+def _between_count(found: tuple[list[float], list[int]] | None, since: float, until: float) -> int:
+    if found is None:
+        return 0
+    times, counts = found
+    return counts[bisect_right(times, until)] - counts[bisect_left(times, since)]
+
+
+class UserTallies:
+    """Each user's tally of one kind, kept current by incremental reads of the store.
+
+    Guarantees: after `ensure({user: since})` the user's tally holds every entry at or after `since`
+    that this process applied (`add`) or that the store held at its last read; reads are at most
+    `ttl` seconds apart per user (an alert older than the tally reads the range it lacks, and what
+    was written since) and return only what was written since the user's previous read
+    (`HistoryStore.entries_after`), so their cost follows the new entries, not the history's length.
+    At most `max_users` users are held (least recently needed dropped first): memory is bounded by
+    them, not by the length of the run. `names` turns an entry into its type names."""
+
+    def __init__(self, store: HistoryStore, kind: Kind, *, names: Any, ttl: float = 30.0, max_users: int = 2_000) -> None:
+        self.store, self.kind, self.names = store, kind, names
+        self.ttl, self.max_users = ttl, max_users
+        self._users: OrderedDict[str, _Tallied] = OrderedDict()
+
+    async def ensure(self, since: dict[str, float]) -> None:
+        now = time.monotonic()
+
+        async def refresh(user: str) -> None:
+            held = self._users.get(user)
+            if held is None:
+                held = _Tallied(since=since[user], loaded_at=now, cursor=None, tally=AlertTally())
+            elif held.since > since[user]:  # older entries needed: only the range not held yet
+                for entry in reversed(await _older(self.store, self.kind, user, since[user], held.since)):
+                    held.tally.apply(entry, self.names(entry))
+                held.since = since[user]
+            elif held.cursor is not None and now - held.loaded_at < self.ttl:
+                self._users[user] = held
+                return
+            entries, cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
+            for entry in entries:
+                held.tally.apply(entry, self.names(entry))
+            held.cursor, held.loaded_at = cursor, now
+            self._users[user] = held
+
+        await asyncio.gather(*(refresh(user) for user in since))
+        for user in since:
+            self._users.move_to_end(user)
+        while len(self._users) > max(self.max_users, len(since)):
+            self._users.popitem(last=False)
+
+    def tally(self, user: str) -> AlertTally:
+        held = self._users.get(user)
+        return held.tally if held is not None else AlertTally()
+
+    def add(self, entries: Sequence[HistoryEntry]) -> None:
+        """Entries this process just wrote: counted at once in the tallies held."""
+        for entry in entries:
+            held = self._users.get(entry.user)
+            if held is not None and entry.at >= held.since:
+                held.tally.apply(entry, self.names(entry))
+
+
+@dataclass(slots=True)
+class _Tallied:
+    since: float
+    loaded_at: float
+    cursor: Any
+    tally: AlertTally
 
 
 def between(rows: list[Any], since: float, until: float) -> list[Any]:
@@ -197,6 +482,9 @@ class _Held:
     since: float  # the rows cover every entry at or after this time
     loaded_at: float  # time.monotonic() of the read
     rows: list[Any]  # newest first
+    cursor: Any  # the store's, for the next incremental read
+    needed: float = -math.inf  # the `since` the latest `ensure` asked for: rows from it on are never dropped
+    keys: dict[tuple[str, str], float] = field(default_factory=dict)  # (entry id, content id) -> at, of the entries held
 
 
 class HistorySettings(BaseModel):
@@ -250,6 +538,8 @@ CREATE TABLE IF NOT EXISTS history_{kind}s (
     UNIQUE (user, entry_id, content_id)
 )"""
 _INDEX = "CREATE INDEX IF NOT EXISTS history_{kind}s_user_at ON history_{kind}s (user, at)"
+# (user, rowid): what a user's rows written after a cursor are found by (`entries_after`).
+_INDEX_USER = "CREATE INDEX IF NOT EXISTS history_{kind}s_user ON history_{kind}s (user)"
 
 
 def _convert_without_rowid(db: sqlite3.Connection, kind: str) -> None:
@@ -289,10 +579,12 @@ class SqliteHistoryStore:
                 _convert_without_rowid(self._db, kind)
                 self._db.execute(_TABLE.format(kind=kind))
                 self._db.execute(_INDEX.format(kind=kind))
+                self._db.execute(_INDEX_USER.format(kind=kind))
         except (OSError, sqlite3.Error) as exc:
             raise store_error(exc, path=path if path is not None else "the history store", operation="open the history store") from exc
         self.retention_seconds = retention_days * 86400
         self._next_purge = 0.0
+        self.rows_read = 0  # rows returned by `entries_after`, for tests and benchmarks
 
     async def start(self) -> None:
         return None
@@ -320,12 +612,30 @@ class SqliteHistoryStore:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
         return [HistoryEntry(**orjson.loads(row[0])) for row in rows]
 
+    async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
+        """The cursor is a rowid: a later read reads only the rows written after it."""
+        try:
+            if cursor is None:
+                rows = self._db.execute(f"SELECT rowid, data FROM history_{kind}s WHERE user = ? AND at >= ? ORDER BY rowid", (user, since)).fetchall()
+            else:
+                rows = self._db.execute(
+                    f"SELECT rowid, data FROM history_{kind}s INDEXED BY history_{kind}s_user WHERE user = ? AND rowid > ? AND at >= ? ORDER BY rowid",
+                    (user, cursor, since),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
+        self.rows_read += len(rows)
+        return [HistoryEntry(**orjson.loads(row[1])) for row in rows], (rows[-1][0] if rows else (cursor or 0))
+
     async def aclose(self) -> None:
         if self._owned:
             self._db.close()
 
 
 # -- Azure Table Storage -------------------------------------------------------------------------
+
+
+TIMESTAMP_SLACK = 60.0  # seconds re-read before the last `Timestamp` seen (writes in flight, clock steps)
 
 
 def _partition(kind: str, user: str) -> str:
@@ -349,6 +659,7 @@ class TableHistoryStore:
         self.credential = credential
         self._client: Any = None
         self._table_ready = False
+        self.rows_read = 0  # entities returned by `entries_after`, for tests and benchmarks
 
     async def start(self) -> None:
         """Build the client (no network call: a store that is down fails lookups, not start-up)."""
@@ -416,6 +727,26 @@ class TableHistoryStore:
             raise EnricherUnavailable(f"history table read failed: {type(exc).__name__}") from exc
         found.sort(key=lambda e: e.at, reverse=True)
         return found[:limit]
+
+    async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
+        """The cursor is the service's `Timestamp` of the newest entity read; a later read asks for
+        entities written from `TIMESTAMP_SLACK` seconds before it on (a write in flight during the
+        previous read is not missed; what comes again changes nothing)."""
+        await self._ready()
+        found: list[tuple[datetime, HistoryEntry]] = []
+        query = "PartitionKey eq @pk and At ge @since"
+        parameters: dict[str, Any] = {"pk": _partition(kind, user), "since": float(since)}
+        if cursor is not None:
+            query += " and Timestamp ge @after"
+            parameters["after"] = cursor - timedelta(seconds=TIMESTAMP_SLACK)
+        try:
+            async for entity in self._client.query_entities(query, parameters=parameters, select=["Data", "Timestamp"]):
+                found.append((entity.metadata["timestamp"], HistoryEntry(**orjson.loads(entity["Data"]))))
+        except Exception as exc:
+            raise EnricherUnavailable(f"history table read failed: {type(exc).__name__}") from exc
+        self.rows_read += len(found)
+        found.sort(key=lambda pair: pair[0])
+        return [entry for _, entry in found], (found[-1][0] if found else cursor)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -161,6 +161,33 @@ async def test_table_store_is_idempotent_and_reads_a_time_window(azurite, monkey
         await store.aclose()
 
 
+async def test_table_store_reads_only_what_was_written_after_its_cursor(azurite, monkeypatch):
+    """`entries_after` on Table storage: the first read returns the user's entries from `since` on,
+    the next one (no slack) only those written after it (and the cursor's own, again), oldest write first."""
+    from pipeline.state import history as history_module
+
+    monkeypatch.setenv("TEST_TABLES", azurite.connection_string)
+    monkeypatch.setattr(history_module, "TIMESTAMP_SLACK", 0.0)
+    store = TableHistoryStore(HistorySettings(kind="azure_table", connection_string_env="TEST_TABLES", table_name="hist" + uuid.uuid4().hex[:12]))
+    user = "user#ext#@contoso.com"
+    try:
+        await store.record("alert", [HistoryEntry(entry_id=f"a{i}", content_id="c", user=user, at=1000.0 + i) for i in range(5)])
+        first, cursor = await store.entries_after("alert", user, None, since=1001.0)
+        assert sorted(e.entry_id for e in first) == ["a1", "a2", "a3", "a4"]
+        await asyncio.sleep(1.1)  # the service's Timestamp moves on
+        await store.record("alert", [HistoryEntry(entry_id="a5", content_id="c", user=user, at=1005.0)])
+        await asyncio.sleep(1.1)
+        await store.record("alert", [HistoryEntry(entry_id="a6", content_id="c", user=user, at=900.0)])  # before `since`: not read
+        later, cursor = await store.entries_after("alert", user, cursor, since=1001.0)
+        ids = [e.entry_id for e in later]
+        # a5, after what was read at the cursor's own Timestamp again (the read asks for Timestamp >= it)
+        assert ids[-1] == "a5" and set(ids[:-1]) <= {e.entry_id for e in first} and len(ids) < len(first) + 1
+        again, _ = await store.entries_after("alert", user, cursor, since=1001.0)
+        assert [e.entry_id for e in again] == ["a5"]  # nothing new: only the cursor's own entity again
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.integration
 async def test_prior_incidents_on_azure_table_storage(azurite, monkeypatch, write_config):
     monkeypatch.setenv("TEST_TABLES", azurite.connection_string)
@@ -253,13 +280,13 @@ async def test_user_histories_are_read_once_kept_current_and_read_again_after_th
 
     store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
     reads: list[str] = []
-    entries = store.entries
+    entries_after = store.entries_after
 
-    async def counted(kind, user, **kwargs):
+    async def counted(kind, user, cursor, **kwargs):
         reads.append(user)
-        return await entries(kind, user, **kwargs)
+        return await entries_after(kind, user, cursor, **kwargs)
 
-    monkeypatch.setattr(store, "entries", counted)
+    monkeypatch.setattr(store, "entries_after", counted)
     now = [1000.0]
     monkeypatch.setattr(history_module.time, "monotonic", lambda: now[0])
 
@@ -325,15 +352,16 @@ async def test_a_history_file_of_an_earlier_version_is_converted_and_keeps_its_e
     await store.aclose()
 
 
-def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
-    """`_summary` counts by bisection over one row per prior alert (a revised alert's newest content);
-    a brute-force count over the same rows, revisions included, must give the same figures."""
+def test_the_tally_agrees_with_counting_every_row(tmp_path):
+    """`_summary` answers from the user's `AlertTally` (counters per point in time); a brute-force
+    count over every row written, revisions included (an alert counts once, as its latest
+    revision), must give the same figures, the alert's own id never counted."""
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _row
+    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher, _entry_names
     from pipeline.models import DlpAlert
-    from pipeline.state.history import between
+    from pipeline.state.history import AlertTally
 
     enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings(store={"path": str(tmp_path / "history.sqlite")}))
     until = 1_750_000_000.0
@@ -343,30 +371,37 @@ def test_the_counting_shortcut_agrees_with_counting_every_row(tmp_path):
         st.sampled_from([None, "Finance PII", "HR Data"]),
         st.sampled_from([None, "high", "low"]),
         st.sets(st.sampled_from(["IBAN", "Credit Card Number"])).map(tuple),
-        st.just("pipeline"),
     )
 
-    @settings(max_examples=300, deadline=None)
-    @given(rows=st.lists(row, max_size=12), policy=st.sampled_from([None, "Finance PII"]))
-    def agree(rows, policy):
-        raw = sorted(rows, key=lambda r: -r[1])  # (entry_id, at, policy, severity, names, source), newest first
-        rows = between([_row(*r) for r in raw], until - 90 * DAY, until)
+    @settings(max_examples=500, deadline=None)
+    @given(rows=st.lists(row, max_size=12), policy=st.sampled_from([None, "Finance PII"]), in_time_order=st.booleans())
+    def agree(rows, policy, in_time_order):
+        if in_time_order:  # as a live stream writes them, mostly
+            rows = sorted(rows, key=lambda r: r[1])
+        tally = AlertTally()
+        for number, (entry_id, at, pol, severity, names) in enumerate(rows):  # in write order
+            entry = HistoryEntry(entry_id=entry_id, content_id=f"c{number}", user="u", at=at, policy=pol, severity=severity,
+                                 sensitive_info=[{"name": n} for n in names])
+            tally.apply(entry, _entry_names(entry))
+            if number % 2:  # an index built between writes: the next in-order writes grow it at its end
+                tally.window(0, until, policy=None, k=0)
+        latest: dict[str, tuple[int, tuple]] = {}
+        for number, r in enumerate(rows):
+            latest[r[0]] = (number, r)
+        prior = [(number, r) for number, r in latest.values() if r[0] != "own" and until - 90 * DAY <= r[1] < until]
+        prior.sort(key=lambda item: (-item[1][1], -item[0]))  # newest first; at one time, the latest written first
+        newest = [r for _, r in prior]
         alert = DlpAlert(alert_id="own", source_format="graph_alert", policy_name=policy)
-        got = enricher._summary(alert, until, rows, None)
-        newest: dict[str, tuple] = {}
-        for r in raw:
-            if r[0] != "own" and until - 90 * DAY <= r[1] <= until:
-                newest.setdefault(r[0], r)
+        got = enricher._summary(alert, until, tally, None)
         assert got.last_90_days == len(newest)
-        assert got.last_7_days == sum(r[1] >= until - 7 * DAY for r in newest.values())
-        assert got.last_30_days == sum(r[1] >= until - 30 * DAY for r in newest.values())
-        assert got.same_policy_90_days == (sum(r[2] == policy for r in newest.values()) if policy else 0)
-        in_window = [r for r in raw if r[0] != "own" and until - 90 * DAY <= r[1] <= until]
-        assert got.sensitive_types == sorted({t for r in in_window for t in r[4]})
-        expected_recent = list(newest.values())[: enricher.settings.max_recent]
+        assert got.last_7_days == sum(r[1] >= until - 7 * DAY for r in newest)
+        assert got.last_30_days == sum(r[1] >= until - 30 * DAY for r in newest)
+        assert got.same_policy_90_days == (sum(r[2] == policy for r in newest) if policy else 0)
+        assert got.sensitive_types == sorted({t for r in newest for t in r[4]})
+        expected_recent = newest[: enricher.settings.max_recent]
         assert [(p.alert_id, p.policy, p.severity) for p in got.recent] == [(r[0], r[2], r[3]) for r in expected_recent]
         assert all(abs(p.at.timestamp() - r[1]) < 1e-3 for p, r in zip(got.recent, expected_recent))
-        assert got.last_alert_at == (datetime.fromtimestamp(max(r[1] for r in newest.values()), tz=UTC) if newest else None)
+        assert got.last_alert_at == (datetime.fromtimestamp(max(r[1] for r in newest), tz=UTC) if newest else None)
 
     agree()
     asyncio.run(enricher.aclose())
@@ -387,3 +422,79 @@ async def test_an_activity_never_counts_the_alert_raised_from_it(write_config, f
     assert own["enrichments"]["prior_incidents"]["last_7_days"] == 1  # "earlier", not "raised"
     assert [p["alert_id"] for p in own["enrichments"]["prior_incidents"]["recent"]] == ["earlier"]
     assert records["raised"]["enrichments"]["prior_incidents"]["last_7_days"] == 1
+
+
+@pytest.mark.parametrize("reuse_seconds", [0, 30])
+async def test_the_rows_read_per_batch_follow_the_new_alerts_not_the_history(tmp_path, monkeypatch, reuse_seconds):
+    """Per-alert work is flat in the history: after the first read of a user, a batch reads from the
+    store only what was written since (rows parsed counted, not time), whether the history holds
+    200 or 2,000 prior alerts, and the figures are still those of the whole history."""
+    import orjson
+
+    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher
+    from pipeline.models import DlpAlert
+    from pipeline.state import history as history_module
+
+    parsed = [0]
+
+    class CountingOrjson:
+        dumps = staticmethod(orjson.dumps)
+        JSONDecodeError = orjson.JSONDecodeError
+
+        @staticmethod
+        def loads(data):
+            parsed[0] += 1
+            return orjson.loads(data)
+
+    monkeypatch.setattr(history_module, "orjson", CountingOrjson)
+    now = 1_750_000_000.0
+    read_after_first: dict[int, int] = {}
+    for prior in (200, 2_000):
+        settings = {"store": {"path": str(tmp_path / f"history-{prior}.sqlite"), "reuse_seconds": reuse_seconds}}
+        enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings.model_validate(settings), None)
+        await enricher.start()
+        try:
+            await enricher.store.record("alert", [
+                HistoryEntry(entry_id=f"old{i}", content_id="c", user="u@contoso.com", at=now - 80 * DAY + i * 60, policy="P") for i in range(prior)
+            ])
+
+            def batch(number: int) -> list[DlpAlert]:
+                return [
+                    DlpAlert.model_validate({"alert_id": f"new{number}-{i}", "source_format": "graph_alert", "user": {"upn": "u@contoso.com"},
+                                             "created_at": datetime.fromtimestamp(now + number * 100 + i, tz=UTC), "policy_name": "P"})
+                    for i in range(10)
+                ]
+
+            await enricher.enrich_batch(batch(0), [])  # the first read of the user: its whole history, once
+            parsed[0] = 0
+            for number in range(1, 4):
+                results = await enricher.enrich_batch(batch(number), [])
+            read_after_first[prior] = parsed[0]
+            last = results[-1]
+            assert (last.last_90_days, last.same_policy_90_days) == (prior + 39, prior + 39)  # the whole history, the batches before, this batch's 9 others
+        finally:
+            await enricher.aclose()
+    assert read_after_first[200] == read_after_first[2_000] <= 30  # the 30 new alerts at most, whatever the history
+
+
+async def test_user_histories_hold_at_most_max_rows_and_never_the_rows_asked_for(tmp_path):
+    """Past `max_rows` a user's oldest rows go, cut between two times and never below the `since`
+    the latest `ensure` asked for; an older `since` later reads only the range that went."""
+    from pipeline.state.history import SqliteHistoryStore, UserHistories
+
+    store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
+    user = "u@contoso.com"
+    await store.record("alert", [HistoryEntry(entry_id=f"e{i}", content_id="c", user=user, at=float(i)) for i in range(10)])
+    histories = UserHistories(store, "alert", ttl=30.0, max_rows=4)
+    await histories.ensure({user: 7.0})
+    assert [e.entry_id for e in histories.rows(user)] == ["e9", "e8", "e7"]
+    mine = [HistoryEntry(entry_id=f"n{i}", content_id="c", user=user, at=20.0 + i) for i in range(5)]
+    await store.record("alert", mine)
+    histories.add(mine[:4])  # 7 rows, all at or after the 7.0 asked for: kept
+    assert len(histories.rows(user)) == 7
+    await histories.ensure({user: 21.0})  # a later batch
+    histories.add(mine[4:])  # 8 rows: the oldest go, down to the newest half, none of those from 21.0 on
+    assert [e.entry_id for e in histories.rows(user)] == ["n4", "n3", "n2", "n1"]
+    await histories.ensure({user: 2.0})  # an older alert: the range that went is read again
+    assert [e.entry_id for e in histories.rows(user)] == ["n4", "n3", "n2", "n1", "n0", "e9", "e8", "e7", "e6", "e5", "e4", "e3", "e2"]
+    await store.aclose()

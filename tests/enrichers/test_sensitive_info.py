@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC
 
+import pytest
 from werkzeug import Response
 
 from pipeline.ingest.formats.management_activity import match_key
@@ -164,3 +165,60 @@ def test_correlation_window_is_inclusive_on_both_sides_and_picks_the_newest_cont
     assert ids == ["early-in", "late-in", "revised"]
     assert [(i.name, i.count) for i in infos] == [("IBAN", 2)]  # only the newest content of "revised"
     assert enricher._correlate(alert, _prepared([activity("far", 7200)])) is None
+
+
+@pytest.mark.parametrize("reuse_seconds", [0, 30])
+async def test_the_activities_read_per_batch_follow_the_new_ones_not_the_history(tmp_path, monkeypatch, reuse_seconds):
+    """After a user's first read, a batch reads from the store only the activities written since
+    (rows parsed counted, not time), whether 200 or 1,000 are stored, and still correlates them all."""
+    from datetime import datetime
+
+    import orjson
+
+    from enrichers.sensitive_info import SensitiveInfoEnricher
+    from pipeline.models import DlpAlert
+    from pipeline.state import history as history_module
+    from pipeline.state.history import HistoryEntry
+
+    parsed = [0]
+
+    class CountingOrjson:
+        dumps = staticmethod(orjson.dumps)
+        JSONDecodeError = orjson.JSONDecodeError
+
+        @staticmethod
+        def loads(data):
+            parsed[0] += 1
+            return orjson.loads(data)
+
+    monkeypatch.setattr(history_module, "orjson", CountingOrjson)
+    at = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
+    read_after_first: dict[int, int] = {}
+    for stored in (200, 1_000):
+        settings = {"store": {"path": str(tmp_path / f"history-{stored}.sqlite"), "reuse_seconds": reuse_seconds}}
+        enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings.model_validate(settings))
+        await enricher.start()
+        try:
+            await enricher.store.record("activity", [
+                HistoryEntry(entry_id=f"act{i}", content_id="c", user=MEGAN, at=at.timestamp() - 3000 + i, files=["q1.xlsx"],
+                             sensitive_info=[{"name": "IBAN", "count": 1 + i % 7, "confidence": 85}])
+                for i in range(stored)
+            ])
+
+            def batch(number: int) -> list[DlpAlert]:
+                return [
+                    DlpAlert(alert_id=f"a{number}-{i}", source_format="sentinel_alert", created_at=at, user={"upn": MEGAN},
+                             files=[{"name": "Q1.xlsx"}], sensitive_info=[{"name": "IBAN"}])
+                    for i in range(10)
+                ]
+
+            await enricher.enrich_batch(batch(0), [])  # the first read of the user: every stored activity, once
+            parsed[0] = 0
+            for number in range(1, 4):
+                results = await enricher.enrich_batch(batch(number), [])
+            read_after_first[stored] = parsed[0]
+            assert len(results[-1].correlated_ids) == stored
+            assert results[-1].total_count == 7
+        finally:
+            await enricher.aclose()
+    assert read_after_first[200] == read_after_first[1_000] == 0  # nothing new was written
