@@ -135,6 +135,11 @@ class PathUnusable(ConfigError):
     help until the path is fixed, so the CLI exits 2, naming it."""
 
 
+# How long a local SQLite store (state, history, lake index) waits for another process's lock before
+# the wait becomes StoreBusy (pipeline/state/sqlite.py sets it as the connection's busy timeout).
+BUSY_WAIT_SECONDS = 5.0
+
+
 class StoreBusy(StoreUnavailable):
     """Another process holds a lock on a store's SQLite file (SQLITE_BUSY / SQLITE_LOCKED) for longer
     than the store's busy wait: transient. The batch is retried (consume, Functions); the CLI exits 1."""
@@ -143,7 +148,7 @@ class StoreBusy(StoreUnavailable):
 
     def __init__(self, path: str, *, operation: str) -> None:
         self.path = path
-        super().__init__(f"{path} is busy: another process holds a lock on it (waited {_busy_wait():g} s to {operation})")
+        super().__init__(f"{path} is busy: another process holds a lock on it (waited {BUSY_WAIT_SECONDS:g} s to {operation})")
 
 
 class DiskFull(StoreUnavailable):
@@ -160,12 +165,6 @@ class StoreDamaged(PipelineError):
     def __init__(self, path: str, *, what: str, advice: str) -> None:
         self.path = path
         super().__init__(f"{path} is damaged ({what}): {advice}")
-
-
-def _busy_wait() -> float:
-    from pipeline.state.sqlite import BUSY_WAIT_SECONDS  # not at the top: the state imports this module
-
-    return BUSY_WAIT_SECONDS
 
 
 # SQLite primary result codes (https://sqlite.org/rescode.html); an extended code's low byte is its primary.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from pipeline.errors import store_error
+from pipeline.errors import BUSY_WAIT_SECONDS, store_error  # BUSY_WAIT_SECONDS: SQLite's busy handler sleeps in growing steps (1 ms up to 100 ms) meanwhile: the backoff
 from pipeline.ingest.formats.contract import AlertPart
 from pipeline.state import REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
 
@@ -53,9 +53,6 @@ CREATE TABLE IF NOT EXISTS batch_redeliveries (
 # between checkpoints. Benchmarked in README, Performance.
 WAL_CHECKPOINT_PAGES = 10_000
 
-# How long a call waits for another process's lock on the file before it fails as busy (StoreBusy).
-# SQLite's busy handler sleeps in growing steps (1 ms up to 100 ms) while it waits: the backoff.
-BUSY_WAIT_SECONDS = 5.0
 
 DAMAGED_STATE_ADVICE = (
     "move it (and its -wal and -shm files) aside and run again: a new state store is created; split alerts "

@@ -32,9 +32,8 @@ from pydantic import Field
 
 from pipeline.config import StrictModel
 from pipeline.deliver.sinks import Outcome
-from pipeline.errors import PathUnusable, StoreDamaged, store_error
+from pipeline.errors import BUSY_WAIT_SECONDS, PathUnusable, StoreDamaged, store_error
 from pipeline.models import EnrichedRecord
-from pipeline.state.sqlite import BUSY_WAIT_SECONDS
 
 DAMAGED_INDEX_ADVICE = (
     "restore it from a backup, or move it (and its -wal and -shm files) aside and run again: a new index is "
