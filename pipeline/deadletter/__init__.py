@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import orjson
 
+from pipeline.durable import fsync_folder
 from pipeline.errors import StoreDamaged, store_error
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class LocalDeadLetterStore:
             written += 1
         if written:
             try:
-                _fsync_folder(self.root)
+                fsync_folder(self.root)
             except OSError as exc:
                 raise store_error(exc, path=self.root, operation="make the dead letters durable") from exc
 
@@ -199,16 +199,6 @@ class LocalDeadLetterStore:
             Path(temp).unlink(missing_ok=True)
             raise
 
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a folder's entries (the renames) durable (POSIX; NTFS journals its metadata itself)."""
-    if sys.platform == "win32":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_dead_letter_store(config: LoadedConfig, services: Services) -> DeadLetterStore:

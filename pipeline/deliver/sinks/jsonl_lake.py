@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from pydantic import Field
 
 from pipeline.config import StrictModel
 from pipeline.deliver.sinks import Outcome
+from pipeline.durable import fsync_folder
 from pipeline.errors import BUSY_WAIT_SECONDS, PathUnusable, StoreDamaged, store_error
 from pipeline.models import EnrichedRecord
 
@@ -127,7 +127,7 @@ class JsonlLakeSink:
                     os.fsync(handle.fileno())
         if self.settings.fsync:
             for folder in sorted(changed_folders, key=lambda p: len(p.parts), reverse=True):
-                _fsync_folder(folder)
+                fsync_folder(folder)
         self._index.execute("BEGIN")
         self._index.executemany("INSERT OR IGNORE INTO delivered (record_id) VALUES (?)", [(i,) for i in fresh])
         self._index.execute("DELETE FROM pending_append")
@@ -157,14 +157,3 @@ def _make_folders(folder: Path) -> set[Path]:
         missing[0].mkdir(parents=True, exist_ok=True)
     return {created.parent for created in missing}
 
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a folder's entries durable (POSIX). Windows cannot open a folder for this; NTFS journals
-    its metadata itself."""
-    if sys.platform == "win32":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
