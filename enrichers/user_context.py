@@ -21,13 +21,12 @@ import logging
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from pydantic import BaseModel, Field, model_validator
 
 from enrichers._files import WatchedFile, parse_datetime, read_csv, read_json_records
-from pipeline.doctor import Check
 from pipeline.enrich.batching import MicroBatcher
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
@@ -36,6 +35,9 @@ from pipeline.errors import EnricherUnavailable
 from pipeline.models import DlpAlert
 from pipeline.plugins import shared_credential
 from pipeline.resilience.retry import parse_retry_after
+
+if TYPE_CHECKING:
+    from pipeline.doctor import Check
 
 log = logging.getLogger("pipeline.enrichers.user_context")
 
@@ -306,7 +308,7 @@ async def _graph_checks(g: GraphSettings, services: Any) -> list[Check]:
     (User-LifeCycleInfo.Read.All for employeeLeaveDateTime). Reads only."""
     import httpx
 
-    from pipeline.doctor import ROLE_DELAY, token_check
+    from pipeline.doctor import ROLE_DELAY, Check, token_check
 
     credential = shared_credential(services, g.managed_identity_client_id)
     token = await token_check("Graph token", credential, g.scope)

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config import LoadedConfig, config_error_from_validation
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 log = logging.getLogger("pipeline.doctor")
 
@@ -140,7 +140,7 @@ async def _component(component: str, checks: Awaitable[Sequence[Check]], timeout
         found = [Check.failed("settings", str(exc), "correct the setting named, or set the environment variable")]
     except Exception as exc:  # a plugin's own check that raised: one line, no stack trace
         log.debug("doctor: checks of %s raised", component, exc_info=exc)
-        found = [Check.failed("checks", f"the check raised {type(exc).__name__}: {_first_line(exc)}", "run again with -vv for the details")]
+        found = [Check.failed("checks", f"the check raised {type(exc).__name__}: {first_line(exc)}", "run again with -vv for the details")]
     return [Result(component, check) for check in found]
 
 
@@ -171,9 +171,6 @@ def _split_key(key: str) -> tuple[Any, ...]:
     return (name, int(index.rstrip("]"))) if index else (name,)
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:limit] if text else ""
 
 
 def shown(path: Path) -> str:
@@ -210,7 +207,7 @@ def input_file_check(name: str, path: Path, read: Callable[[bytes], str]) -> Che
     try:
         return Check.ok(name, f"{shown(path)}: {read(data)}")
     except (ValueError, UnicodeDecodeError) as exc:
-        return Check.failed(name, f"{shown(path)}: {_first_line(exc)}", "fix the file, or the column names in the settings")
+        return Check.failed(name, f"{shown(path)}: {first_line(exc)}", "fix the file, or the column names in the settings")
 
 
 def csv_columns_check(name: str, path: Path, expected: dict[str, str], *, what: str = "rows") -> Check:
@@ -243,7 +240,7 @@ async def token_check(name: str, credential: Any, scope: str) -> Check:
     except Exception as exc:
         return Check.failed(
             name,
-            f"no token for {scope} ({type(exc).__name__}: {_first_line(exc, 160)})",
+            f"no token for {scope} ({type(exc).__name__}: {first_line(exc, 160)})",
             "in Azure, turn on the app's managed identity (a user-assigned one: set managed_identity_client_id); locally, sign in with `az login`",
         )
     return Check.ok(name, f"token for {scope}")
@@ -268,7 +265,7 @@ def azure_failure(name: str, exc: BaseException, *, what: str, role: str) -> Che
         return Check.failed(name, f"{what}: cannot reach the service ({type(exc).__name__})", "check the account URL or connection string endpoint, DNS and firewall rules")
     if isinstance(exc, HttpResponseError):
         return Check.failed(name, f"{what}: HTTP {status} {code}".strip(), "see the service's error code above")
-    return Check.failed(name, f"{what}: {type(exc).__name__}: {_first_line(exc, 160)}", "check the endpoint and the credentials")
+    return Check.failed(name, f"{what}: {type(exc).__name__}: {first_line(exc, 160)}", "check the endpoint and the credentials")
 
 
 async def blob_container_check(name: str, *, account_url: str | None, connection_string_env: Any, container: str, credential: Any, created_if_missing: bool, role: str = "Storage Blob Data Contributor") -> Check:
@@ -407,7 +404,7 @@ async def eventhub_check(name: str, *, fully_qualified_namespace: str | None, co
             return Check.failed(name, f"{where}: the namespace refused our credential", f"check the connection string's key, or give the identity '{role}'; {ROLE_DELAY}")
         if isinstance(exc, ConnectError):
             return Check.failed(name, f"{where}: cannot reach the namespace ({type(exc).__name__})", unreachable)
-        return Check.failed(name, f"{where}: {type(exc).__name__}: {_first_line(exc, 160)}", f"check the hub's name and that the identity has '{role}'")
+        return Check.failed(name, f"{where}: {type(exc).__name__}: {first_line(exc, 160)}", f"check the hub's name and that the identity has '{role}'")
     finally:
         try:
             await client.close()

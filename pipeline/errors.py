@@ -203,7 +203,7 @@ def store_error(exc: BaseException, *, path: object, operation: str, advice: str
             return PathUnusable(f"cannot {operation} ({text}): check that the folder exists and this user may write it", file=where)
         if primary == _SQLITE_FULL:
             return DiskFull(f"{where}: disk full (could not {operation})")
-        return StoreUnavailable(f"{where}: {operation} failed ({type(exc).__name__}: {_first_line(exc)})")
+        return StoreUnavailable(f"{where}: {operation} failed ({type(exc).__name__}: {first_line(exc)})")
     if isinstance(exc, OSError):
         name = errno.errorcode.get(exc.errno or 0, "")
         reason = exc.strerror or type(exc).__name__
@@ -213,7 +213,7 @@ def store_error(exc: BaseException, *, path: object, operation: str, advice: str
         if name in _DISK_FULL:
             return DiskFull(f"{target}: disk full (could not {operation})")
         return StoreUnavailable(f"{target}: {operation} failed ({reason})")
-    return StoreUnavailable(f"{where}: {operation} failed ({type(exc).__name__}: {_first_line(exc)})")
+    return StoreUnavailable(f"{where}: {operation} failed ({type(exc).__name__}: {first_line(exc)})")
 
 
 _RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -361,14 +361,14 @@ def translate(exc: BaseException, *, role: str = "sink") -> PipelineError:
             return EnricherTimeout(f"timed out ({name})")
         if status is not None:
             return EnricherUnavailable(f"HTTP {status}")
-        return EnricherUnavailable(f"{name}: {_first_line(exc)}")
+        return EnricherUnavailable(f"{name}: {first_line(exc)}")
     if status is not None:
         if is_retryable_status(status):
             return SinkUnavailable(f"HTTP {status}", retry_after=_retry_after(headers))
         return SinkRejected(f"HTTP {status}")
-    return meaning.sink(f"{name}: {_first_line(exc)}")
+    return meaning.sink(f"{name}: {first_line(exc)}")
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
+def first_line(exc: BaseException, limit: int = 200) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:limit] if text else ""

@@ -288,3 +288,12 @@ def _repair(data: dict[str, Any], location: tuple[Any, ...], *, drop: bool) -> N
         data.pop(location[0], None)
     else:
         data.pop(leaf, None)
+
+
+def validation_summary(exc: ValidationError) -> str:
+    """Where and why validation failed, without the offending values (they may be sensitive)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False)[:5]:
+        location = ".".join(str(part) for part in error["loc"]) or "(root)"
+        problems.append(f"{location}: {error['msg']}")
+    return "; ".join(problems)

@@ -20,7 +20,7 @@ from pipeline.deliver.sinks.servicenow import ServiceNowSink
 from pipeline.enrich.http import HttpClient
 from pipeline.errors import EnricherUnavailable
 from pipeline.resilience.retry import parse_retry_after
-from tests.support.itsm_servers import Failure, ServiceNow
+from tests.support.itsm_servers import Failure
 from tests.support.records import make_record
 
 LOCAL = ["localhost", "127.0.0.1"]
@@ -96,14 +96,6 @@ async def test_enricher_http_client_ignores_a_negative_retry_after(httpserver):
         with pytest.raises(EnricherUnavailable, match=r"retry after 0\.5s does not fit"):
             await client.request("GET", httpserver.url_for("/busy"))
         assert client.requests_sent == 1
-
-
-@pytest.fixture
-def snow(httpserver, monkeypatch):
-    monkeypatch.setenv("TEST_SNOW_PASSWORD", "pw-test")
-    server = ServiceNow()
-    server.install(httpserver)
-    return server
 
 
 async def snow_publish(httpserver, record):

@@ -30,10 +30,9 @@ from pydantic import ValidationError
 from pipeline.assemble.join import assemble, merge_parts
 from pipeline.config import AssemblySettings
 from pipeline.deadletter import DeadLetter
-from pipeline.ingest.decode import validation_summary
 from pipeline.ingest.formats.common import scrub
 from pipeline.ingest.formats.contract import RANK_LIFECYCLE, AlertPart
-from pipeline.models import DlpAlert
+from pipeline.models import DlpAlert, validation_summary
 from pipeline.state import StateStore
 
 log = logging.getLogger("pipeline")

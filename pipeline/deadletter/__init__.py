@@ -152,8 +152,15 @@ class LocalDeadLetterStore:
         for entry in entries:
             path = self.root / f"{entry.entry_id}.json"
             try:
-                if path.exists():
-                    entry.merged_with(orjson.loads(path.read_bytes()))
+                earlier = path.read_bytes() if path.exists() else None
+            except OSError as exc:
+                raise store_error(exc, path=path, operation="read a dead letter") from exc
+            if earlier is not None:
+                try:  # an entry already there that is not one: running again reads it again, so say what to do
+                    entry.merged_with(orjson.loads(earlier))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise StoreDamaged(str(path), what=f"not a dead-letter entry: {type(exc).__name__}", advice=DAMAGED_ENTRY_ADVICE) from None
+            try:
                 self._write_atomically(path, orjson.dumps(entry.to_document(), option=orjson.OPT_INDENT_2))
             except (OSError, ValueError, KeyError) as exc:
                 error = store_error(exc, path=self.root, operation=f"write dead letters ({written} of {len(entries)} written)")

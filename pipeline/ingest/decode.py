@@ -68,7 +68,7 @@ from pipeline.ingest.limits import (
     check_record_count,
     has_unicode_escape,
 )
-from pipeline.models import DlpAlert, validate_alert
+from pipeline.models import DlpAlert, validate_alert, validation_summary
 
 
 @dataclass(slots=True)
@@ -115,7 +115,7 @@ def decode_message(body: bytes, *, limits: Limits | None = None, keep_user_justi
         rows = decoder.envelope_rows(document)
         if rows is not None:
             if getattr(decoder, "parsed_row_may_be_dlp", None) is not None:
-                return _decode_parsed_rows(decoder, body, _counted(rows, limits), limits, keep=keep_user_justification)
+                return _decode_parsed_rows(decoder, _counted(rows, limits), limits, keep=keep_user_justification)
             clean, checked = _shortcuts(body, limits)
             return _decode_envelope(decoder, _counted(rows, limits), limits, clean=clean, checked=checked, keep=keep_user_justification)
     if isinstance(document, dict) and isinstance(document.get("value"), list):
@@ -173,15 +173,6 @@ def stored_body(body: bytes, reason: str) -> bytes:
             pass
     note = {"withheld": reason, "bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     return orjson.dumps(note)
-
-
-def validation_summary(exc: ValidationError) -> str:
-    """Where and why validation failed, without the offending values (they may be sensitive)."""
-    problems = []
-    for error in exc.errors(include_url=False, include_input=False, include_context=False)[:5]:
-        location = ".".join(str(part) for part in error["loc"]) or "(root)"
-        problems.append(f"{location}: {error['msg']}")
-    return "; ".join(problems)
 
 
 class _Output:
@@ -313,7 +304,7 @@ def _fast_envelope(body: bytes, decoders: tuple[Decoder, ...], limits: Limits, *
     """The decoded envelope when msgspec is installed, the first decoder has `row_may_be_dlp` and
     `body` is `{"records": [row objects with an object or null `properties`]}`; None sends the body
     the ordinary way (which also reports malformed JSON in orjson's words)."""
-    if msgspec is None or not decoders:
+    if msgspec is None or not decoders or b'"records"' not in body:  # not an envelope: parsed once, the ordinary way
         return None
     decoder = decoders[0]
     may_be_dlp = getattr(decoder, "row_may_be_dlp", None)
@@ -334,7 +325,7 @@ def _fast_envelope(body: bytes, decoders: tuple[Decoder, ...], limits: Limits, *
         properties = row.properties
         if properties is None:
             candidates.append(index)
-        elif may_be_dlp(row.category, True, properties.ServiceSource, properties.DetectionSource, properties.RawEventData):
+        elif may_be_dlp(row.category, properties.ServiceSource, properties.DetectionSource, properties.RawEventData):
             candidates.append(index)
     out = Decoded(format=decoder.name, records=len(rows), skipped=len(rows) - len(candidates))
     if not candidates:
@@ -352,7 +343,7 @@ def _fast_envelope(body: bytes, decoders: tuple[Decoder, ...], limits: Limits, *
     return out
 
 
-def _decode_parsed_rows(decoder: Decoder, body: bytes, rows: list[Any], limits: Limits, *, keep: bool = False) -> Decoded:
+def _decode_parsed_rows(decoder: Decoder, rows: list[Any], limits: Limits, *, keep: bool = False) -> Decoded:
     """The parsed rows of an envelope whose decoder has `parsed_row_may_be_dlp` (without msgspec): the
     rows that cannot be DLP are only counted."""
     may_be_dlp = decoder.parsed_row_may_be_dlp  # type: ignore[attr-defined]

@@ -152,11 +152,12 @@ def _damaged_rest(file: Path, start: int, records_read: int, exc: BaseException)
 
     import orjson
 
-    with open(file, "rb") as handle:
+    with open(file, "rb") as handle:  # hashed in chunks: the unread end of a Capture file may be large
         handle.seek(start)
-        rest = handle.read()
-    note = {"withheld": "damaged_input", "file": str(file), "from_byte": start, "bytes": len(rest), "sha256": hashlib.sha256(rest).hexdigest()}
-    why = f"Avro file damaged after {records_read} record(s) ({type(exc).__name__}); {len(rest)} byte(s) from byte {start} unread"
+        sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+        unread = handle.tell() - start
+    note = {"withheld": "damaged_input", "file": str(file), "from_byte": start, "bytes": unread, "sha256": sha256}
+    why = f"Avro file damaged after {records_read} record(s) ({type(exc).__name__}); {unread} byte(s) from byte {start} unread"
     return Message(body=orjson.dumps(note), source=f"{file}:from_byte={start}", damaged=why)
 
 

@@ -35,10 +35,10 @@ from typing import Any, Literal, Protocol
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.errors import EnricherUnavailable
+from pipeline.errors import EnricherUnavailable, store_error
 from pipeline.models import DlpAlert
 from pipeline.secrets import SecretEnv
-from pipeline.state.sqlite import Transaction
+from pipeline.state.sqlite import Transaction, connect
 
 log = logging.getLogger("pipeline.enrichers.history")
 
@@ -215,7 +215,6 @@ class UserHistories:
                 held.keys = {key: at for key, at in held.keys.items() if at >= held.since}
 
 
-FAR_FUTURE = 1e12  # an `until` past any event: the history up to now
 
 
 async def _older(store: HistoryStore, kind: Kind, user: str, since: float, held_since: float) -> list[HistoryEntry]:
@@ -565,8 +564,6 @@ class SqliteHistoryStore:
     def __init__(self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120) -> None:
         """`connection`: the state store's (its file, named by `path`), else a file of its own at `path`.
         A file that is busy, damaged or cannot be written raises as pipeline.errors.store_error says."""
-        from pipeline.errors import store_error
-        from pipeline.state.sqlite import connect
 
         self._owned = connection is None
         try:

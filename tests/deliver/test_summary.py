@@ -9,7 +9,7 @@ from pipeline.deliver.sinks.jira import JiraSink
 from pipeline.deliver.sinks.servicenow import ServiceNowSink
 from pipeline.deliver.summary import SummarySettings, render_text
 from tests.support.enriched import rich_record
-from tests.support.itsm_servers import Jira, ServiceNow, adf_text
+from tests.support.itsm_servers import adf_text
 
 EXPECTED = (
     "Triage: high (score 85; high from 70, medium from 40)",
@@ -26,10 +26,7 @@ EXPECTED = (
 )
 
 
-async def test_servicenow_description_and_work_note_carry_the_whole_summary(httpserver, monkeypatch):
-    monkeypatch.setenv("TEST_SNOW_PASSWORD", "pw-test")
-    snow = ServiceNow()
-    snow.install(httpserver)
+async def test_servicenow_description_and_work_note_carry_the_whole_summary(httpserver, snow):
     record = rich_record()
     sink = ServiceNowSink(ServiceNowSink.Settings(instance_url=httpserver.url_for("/"), username="svc-dlp", password_env="TEST_SNOW_PASSWORD"), None)
     try:
@@ -45,10 +42,7 @@ async def test_servicenow_description_and_work_note_carry_the_whole_summary(http
         assert "Triage score: 85" not in text
 
 
-async def test_jira_description_carries_the_whole_summary(httpserver, monkeypatch):
-    monkeypatch.setenv("TEST_JIRA_TOKEN", "jira-token-test")
-    jira = Jira()
-    jira.install(httpserver)
+async def test_jira_description_carries_the_whole_summary(httpserver, jira):
     sink = JiraSink(JiraSink.Settings(site_url=httpserver.url_for("/"), email="dlp-bot@contoso.com", api_token_env="TEST_JIRA_TOKEN", project_key="SEC"), None)
     try:
         (outcome,) = await sink.publish([rich_record()])

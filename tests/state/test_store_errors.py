@@ -136,3 +136,18 @@ def test_a_damaged_dead_letter_file_stops_a_replay_with_exit_2_naming_it(used_ou
     (line,) = result.stderr.decode().strip().splitlines()
     assert result.returncode == 2, line
     assert line.startswith(f"error: {entry} is damaged") and "move it out of the dead-letter folder" in line
+
+
+async def test_a_damaged_dead_letter_entry_met_by_a_new_failure_names_the_file_and_what_to_do(tmp_path):
+    """A put that meets an entry file which is not an entry said "run again" (StoreUnavailable),
+    which reads the same file again; it is StoreDamaged, naming the file and what to do."""
+    from pipeline.deadletter import DeadLetter, LocalDeadLetterStore
+    from pipeline.errors import StoreDamaged
+
+    store = LocalDeadLetterStore(tmp_path / "dead-letter")
+    entry = DeadLetter(stage="decode", reason="invalid_json", detail="bad", body=b"{trunc", source="in.jsonl:1")
+    await store.put([entry])
+    (tmp_path / "dead-letter" / f"{entry.entry_id}.json").write_bytes(b"{trunc")  # damaged on disk
+    with pytest.raises(StoreDamaged) as damaged:
+        await store.put([entry])
+    assert entry.entry_id in str(damaged.value) and "move it out of the dead-letter folder" in str(damaged.value)

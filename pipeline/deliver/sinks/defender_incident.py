@@ -39,12 +39,14 @@ from pipeline.deliver.sinks.writeback import (
     TagRule,
     alert_lookup_check,
     answer,
+    answer_object,
     bounded,
     doctor_client,
     graph_read_check,
     marker,
     merge_tags,
     render_tags,
+    send,
 )
 from pipeline.deliver.summary import SummarySettings, render_text
 from pipeline.plugins import shared_credential
@@ -132,7 +134,7 @@ class DefenderIncidentSink:
         async with self._incident_locks.hold(incident_id):
             document = record_document(record)
             url = f"{self.base}/security/incidents/{quote(incident_id, safe='')}"
-            incident = answer(await self._request("GET", url), ok=(200,), action="read incident", permission=INCIDENT_PERMISSION).json()
+            incident = answer_object(await self._request("GET", url), ok=(200,), action="read incident", permission=INCIDENT_PERMISSION)
             existing = [t for t in incident.get("customTags") or [] if isinstance(t, str)]
             patch: dict[str, Any] = {}
             tags = merge_tags(existing, render_tags(self.settings.tags, document))
@@ -160,11 +162,7 @@ class DefenderIncidentSink:
         return {}
 
     async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        response = await self.client.request(method, url, headers=await self.token.header(), **kwargs)
-        if response.status_code == 401:  # an expired or revoked token: one fresh one, one more try
-            self.token.forget()
-            response = await self.client.request(method, url, headers=await self.token.header(), **kwargs)
-        return response
+        return await send(self.client, self.token, method, url, **kwargs)
 
     async def aclose(self) -> None:
         await self.client.aclose()

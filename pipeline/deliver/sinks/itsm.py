@@ -36,7 +36,7 @@ import httpx
 
 from pipeline.deliver.minimise import alert_key
 from pipeline.deliver.sinks import Outcome, publish_deadline
-from pipeline.deliver.summary import SummarySettings, fill, render_lines
+from pipeline.deliver.summary import fill
 from pipeline.errors import SinkError, SinkUnavailable, is_retryable_status, translate
 from pipeline.resilience.retry import backoff_wait, parse_retry_after
 
@@ -215,14 +215,10 @@ class CallBudget:
 
 def render(template: str, document: dict[str, Any], *, summary: str = "") -> str:
     """`"DLP {alert.severity}: {alert.title}"` with values from the (projected) record; absent → "".
-    `{summary}` is the enrichment summary (summary_lines)."""
+    `{summary}` is the enrichment summary (pipeline.deliver.summary)."""
 
     return fill(template, document, named={"summary": summary}, text=str)
 
-
-def summary_lines(document: dict[str, Any], *, record_id: str, settings: SummarySettings | None = None) -> list[str]:
-    """The enrichment summary for a responder (pipeline.deliver.summary), from the projected record only."""
-    return render_lines(document, record_id=record_id, settings=settings)
 
 
 async def upsert_each(

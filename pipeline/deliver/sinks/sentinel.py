@@ -147,7 +147,7 @@ class SentinelSink:
         pending = list(requests)  # requests still to send, in order; a 413 puts its halves first
         while pending:
             members = pending.pop(0)
-            outcome = await self._send(members, pieces, costs)
+            outcome = await self._send(members, pieces)
             if outcome.status == "rejected" and outcome.reason == _TOO_LARGE and len(members) > 1:
                 middle = _halfway(members, costs)
                 log.warning("sentinel: request of %d row(s) refused as too large (HTTP 413): sending it again in two", len(members))
@@ -166,7 +166,7 @@ class SentinelSink:
                 break
         return [o if o is not None else Outcome.retryable("not attempted") for o in outcomes]
 
-    async def _send(self, members: list[int], pieces: list[bytes], costs: list[int]) -> Outcome:
+    async def _send(self, members: list[int], pieces: list[bytes]) -> Outcome:
         body = b"[" + b", ".join(pieces[i] for i in members) + b"]"
         self.requests += 1
         self.largest_request_bytes = max(self.largest_request_bytes, len(body))

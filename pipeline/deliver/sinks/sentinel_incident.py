@@ -32,7 +32,7 @@ from pydantic import Field
 from pipeline.config import StrictModel
 from pipeline.deliver.minimise import alert_key, record_document
 from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.sinks.itsm import CallBudget, KeyLocks, TicketError, TicketMemory, check_url, upsert_each
+from pipeline.deliver.sinks.itsm import CallBudget, KeyLocks, TicketError, TicketMemory, check_url, not_documented, upsert_each
 from pipeline.deliver.sinks.writeback import (
     DEFAULT_TAGS,
     GRANT_DOCS,
@@ -41,6 +41,7 @@ from pipeline.deliver.sinks.writeback import (
     TagRule,
     alert_lookup_check,
     answer,
+    answer_object,
     bounded,
     comment_id,
     doctor_client,
@@ -49,6 +50,7 @@ from pipeline.deliver.sinks.writeback import (
     merge_tags,
     read_one,
     render_tags,
+    send,
     status_text,
 )
 from pipeline.deliver.summary import SummarySettings, render_text
@@ -133,7 +135,7 @@ class SentinelIncidentSink:
         self._locks = KeyLocks()
         self._incident_locks = KeyLocks()
         self._written = TicketMemory()  # alert key → Sentinel incident name and the record last written
-        self._names: dict[str, str] = {}  # Defender incident id → Sentinel incident name
+        self._names = TicketMemory()  # Defender incident id → Sentinel incident name
 
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
         return await upsert_each(records, self._write, locks=self._locks, name="sentinel_incident")
@@ -151,20 +153,21 @@ class SentinelIncidentSink:
         log.info("sentinel_incident: incident %s: %d label(s) added, comment %s", name, added, commented)
 
     async def _incident_name(self, provider_incident_id: str) -> str:
-        if provider_incident_id in self._names:
-            return self._names[provider_incident_id]
+        known = self._names.ticket(provider_incident_id)
+        if known is not None:
+            return known
         params: dict[str, str] | None = {"api-version": self.settings.api_version, "$filter": f"properties/providerIncidentId eq '{provider_incident_id.replace(chr(39), chr(39) * 2)}'", "$top": "50"}
         url: str | None = self.incidents_url
         for _ in range(self.settings.max_list_pages):
             if url is None:
                 break
-            page = answer(await self._request("GET", url, params=params), ok=(200,), action="find Sentinel incident", permission=ROLE).json()
+            page = answer_object(await self._request("GET", url, params=params), ok=(200,), action="find Sentinel incident", permission=ROLE)
             for incident in page.get("value") or []:
-                properties = incident.get("properties") or {}
+                properties = (incident.get("properties") or {}) if isinstance(incident, dict) else {}
                 if str(properties.get("providerIncidentId")) == provider_incident_id and properties.get("providerName") in self.settings.provider_names:
-                    if len(self._names) >= 50_000:
-                        self._names.pop(next(iter(self._names)))
-                    self._names[provider_incident_id] = incident["name"]
+                    if not isinstance(incident.get("name"), str):
+                        raise not_documented("find Sentinel incident")
+                    self._names.remember(provider_incident_id, incident["name"], None)
                     return str(incident["name"])
             url, params = page.get("nextLink"), None
         raise TicketError(Outcome.retryable(f"no Sentinel incident mirrors Defender incident {provider_incident_id} yet (is the Defender XDR connector on?)", 60.0))
@@ -173,7 +176,7 @@ class SentinelIncidentSink:
         """Merge `wanted` into the incident's labels; the number added."""
         url = f"{self.incidents_url}/{quote(name, safe='')}"
         for attempt in range(self.settings.max_conflict_retries + 1):
-            incident = answer(await self._request("GET", url, params=self._version), ok=(200,), action="read Sentinel incident", permission=ROLE).json()
+            incident = answer_object(await self._request("GET", url, params=self._version), ok=(200,), action="read Sentinel incident", permission=ROLE)
             properties = incident.get("properties") or {}
             existing = [label["labelName"] for label in properties.get("labels") or [] if isinstance(label, dict) and label.get("labelName")]
             labels = merge_tags(existing, wanted)
@@ -201,7 +204,7 @@ class SentinelIncidentSink:
         url: str | None = comments_url
         params: dict[str, str] | None = self._version
         while url is not None and len(comments) <= MAX_COMMENTS:  # every page (at most 100 comments exist)
-            page = answer(await self._request("GET", url, params=params), ok=(200,), action="list incident comments", permission=ROLE).json()
+            page = answer_object(await self._request("GET", url, params=params), ok=(200,), action="list incident comments", permission=ROLE)
             comments.extend(c for c in page.get("value") or [] if isinstance(c, dict))
             url, params = page.get("nextLink"), None
         mine = next((c for c in comments if c.get("name") == ours), None)
@@ -221,17 +224,10 @@ class SentinelIncidentSink:
         return {"api-version": self.settings.api_version}
 
     async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        return await self._send(self.token, method, url, **kwargs)
+        return await send(self.client, self.token, method, url, **kwargs)
 
     async def _graph_request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        return await self._send(self.graph_token, method, url, **kwargs)
-
-    async def _send(self, token: BearerToken, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        response = await self.client.request(method, url, headers=await token.header(), **kwargs)
-        if response.status_code == 401:  # an expired or revoked token: one fresh one, one more try
-            token.forget()
-            response = await self.client.request(method, url, headers=await token.header(), **kwargs)
-        return response
+        return await send(self.client, self.graph_token, method, url, **kwargs)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -37,10 +37,9 @@ from pipeline.deliver.sinks.itsm import (
     not_documented,
     read_json,
     render,
-    summary_lines,
     upsert_each,
 )
-from pipeline.deliver.summary import SummarySettings
+from pipeline.deliver.summary import SummarySettings, render_text
 from pipeline.secrets import SecretEnv
 
 log = logging.getLogger("pipeline.deliver.sinks.servicenow")
@@ -151,7 +150,7 @@ class ServiceNowSink:
     def ticket(self, record: Any) -> dict[str, str]:
         document = record_document(record)
         key = alert_key(record)
-        summary = "\n".join(summary_lines(document, record_id=record.record_id, settings=self.settings.summary))
+        summary = render_text(document, record_id=record.record_id, settings=self.settings.summary)
         body: dict[str, str] = {"correlation_id": key, "correlation_display": self.settings.correlation_display}
         for field, template in self.settings.field_map.items():
             body[field] = render(template, document, summary=summary)

@@ -21,11 +21,11 @@ import httpx
 from pydantic import Field
 
 from pipeline.config import StrictModel
+from pipeline.deliver.minimise import get_path
 from pipeline.deliver.sinks import Outcome
-from pipeline.deliver.sinks.itsm import TicketError
+from pipeline.deliver.sinks.itsm import TicketError, TicketMemory, check, not_documented, read_json
 from pipeline.deliver.summary import fill
 from pipeline.errors import is_retryable_status
-from pipeline.resilience.retry import parse_retry_after
 
 if TYPE_CHECKING:
     from pipeline.doctor import Check
@@ -56,11 +56,7 @@ DEFAULT_TAGS: list[dict[str, str]] = [
 
 
 def _truthy(document: dict[str, Any], path: str) -> bool:
-    value: Any = document
-    for part in path.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return False
-        value = value[part]
+    value = get_path(document, path)
     return bool(value) and value not in ("false", "False", "0")
 
 
@@ -92,18 +88,31 @@ def bounded(text: str, limit: int, tail: str) -> str:
 
 
 def answer(response: httpx.Response, *, ok: Sequence[int], action: str, permission: str) -> httpx.Response:
-    """Raise TicketError unless the status is ok: 408/429/5xx retryable with Retry-After; 401/403
-    rejected naming the permission to grant; 404 rejected; other 4xx rejected."""
+    """Raise TicketError unless the status is ok: 401/403 rejected naming the permission to grant;
+    404 rejected; the rest as `itsm.check` (408/429/5xx and undocumented 2xx retryable)."""
     status = response.status_code
-    if status in ok:
-        return response
-    if is_retryable_status(status):
-        raise TicketError(Outcome.retryable(f"{action}: HTTP {status}", parse_retry_after(response.headers.get("Retry-After"))))
-    if status in (401, 403):
+    if status in (401, 403) and status not in ok:
         raise TicketError(Outcome.rejected(f"{action}: HTTP {status}: the pipeline's identity lacks {permission}; grant it as docs/deploy.md shows"))
-    if status == 404:
+    if status == 404 and status not in ok:
         raise TicketError(Outcome.rejected(f"{action}: HTTP 404: not found (deleted, or in another tenant or workspace)"))
-    raise TicketError(Outcome.rejected(f"{action}: HTTP {status}"))
+    return check(response, ok=ok, action=action)
+
+
+def answer_object(response: httpx.Response, *, ok: Sequence[int], action: str, permission: str) -> dict[str, Any]:
+    """`answer`, then its JSON object; a body cut short or not an object is retryable (never read as empty)."""
+    found = read_json(answer(response, ok=ok, action=action, permission=permission), action)
+    if not isinstance(found, dict):
+        raise not_documented(action)
+    return found
+
+
+async def send(client: httpx.AsyncClient, token: BearerToken, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """One request with the token's header; on 401 (an expired or revoked token) one fresh token, one more try."""
+    response = await client.request(method, url, headers=await token.header(), **kwargs)
+    if response.status_code == 401:
+        token.forget()
+        response = await client.request(method, url, headers=await token.header(), **kwargs)
+    return response
 
 
 class BearerToken:
@@ -135,8 +144,7 @@ class AlertIncidents:
     def __init__(self, graph_url: str, request: Callable[..., Awaitable[httpx.Response]], *, maxsize: int = 50_000) -> None:
         self.graph_url = graph_url
         self.request = request
-        self.maxsize = maxsize
-        self._known: dict[str, str] = {}
+        self._known = TicketMemory(maxsize)  # alert id → incident id
 
     async def incident_of(self, record: Any) -> str:
         alert = record.alert
@@ -145,15 +153,15 @@ class AlertIncidents:
         alert_id = alert.alert_id
         if not alert_id:
             raise TicketError(Outcome.rejected("the record has no alert id (is alert.alert_id outside the sink's fields?)"))
-        if alert_id not in self._known:
-            url = f"{self.graph_url}/security/alerts_v2/{quote(str(alert_id), safe='')}"
-            found = answer(await self.request("GET", url, params={"$select": "id,incidentId"}), ok=(200,), action="look up alert", permission=ALERT_PERMISSION).json()
-            if not found.get("incidentId"):
-                raise TicketError(Outcome.rejected("the alert belongs to no Defender incident yet"))
-            if len(self._known) >= self.maxsize:
-                self._known.pop(next(iter(self._known)))
-            self._known[alert_id] = str(found["incidentId"])
-        return self._known[alert_id]
+        known = self._known.ticket(str(alert_id))
+        if known is not None:
+            return known
+        url = f"{self.graph_url}/security/alerts_v2/{quote(str(alert_id), safe='')}"
+        found = answer_object(await self.request("GET", url, params={"$select": "id,incidentId"}), ok=(200,), action="look up alert", permission=ALERT_PERMISSION)
+        if not found.get("incidentId"):
+            raise TicketError(Outcome.rejected("the alert belongs to no Defender incident yet"))
+        self._known.remember(str(alert_id), str(found["incidentId"]), None)
+        return str(found["incidentId"])
 
 
 # -- `doctor`: one GET of one item each, never a write ------------------------------------------

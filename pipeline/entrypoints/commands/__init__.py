@@ -8,6 +8,8 @@
 and is listed in COMMANDS below, in the order `--help` shows them.
 """
 
+import argparse
+
 COMMANDS: list[str] = [
     "pipeline.entrypoints.commands.run",
     "pipeline.entrypoints.commands.schema",
@@ -18,3 +20,9 @@ COMMANDS: list[str] = [
     "pipeline.entrypoints.commands.doctor",
     "pipeline.entrypoints.commands.report",
 ]
+
+
+def data_dir_of(args: argparse.Namespace) -> str | None:
+    """The data folder a command uses: `--out`, else `out` for the embedded default config, else
+    the one its `--config` names (None)."""
+    return args.out if args.out is not None else ("out" if args.config is None else None)

@@ -10,6 +10,7 @@ import argparse
 import logging
 
 from pipeline.config import DEFAULT_CONFIG, load_config
+from pipeline.entrypoints.commands import data_dir_of
 
 NAME = "doctor"
 HELP = "check every configured component (files, tokens, permissions, tables, streams) with harmless reads; exit 1 if any fails"
@@ -26,7 +27,7 @@ async def main(args: argparse.Namespace) -> int:
     if args.verbose == 0:  # the SDKs' own warnings repeat what a failed line says (-v shows them)
         logging.getLogger("azure").setLevel(logging.ERROR)
 
-    loaded = load_config(args.config, data_dir=args.out if args.out is not None else ("out" if args.config is None else None))
+    loaded = load_config(args.config, data_dir=data_dir_of(args))
     print(f"config: {shown(loaded.file) if loaded.file else loaded.display_name}")
     report = await run_doctor(loaded)
     for result in report.results:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import DEFAULT_CONFIG, load_config
+from pipeline.entrypoints.commands import data_dir_of
 from pipeline.entrypoints.replay import replay_dead_letters
 from pipeline.state.folder_lock import held, local_folders
 
@@ -18,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def main(args: argparse.Namespace) -> int:
-    loaded = load_config(args.config, data_dir=args.out if args.out is not None else ("out" if args.config is None else None))
+    loaded = load_config(args.config, data_dir=data_dir_of(args))
     with held(local_folders(loaded)):
         report = await replay_dead_letters(loaded)
     print("\n".join(report.summary_lines()))

@@ -10,6 +10,7 @@ from itertools import islice
 from pathlib import Path
 
 from pipeline.config import DEFAULT_CONFIG, load_config
+from pipeline.entrypoints.commands import data_dir_of
 from pipeline.entrypoints.progress import Progress
 from pipeline.ingest.inputs import check_paths, read_messages
 from pipeline.runner import BatchReport, Message, Runner
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def main(args: argparse.Namespace) -> int:
     paths = args.paths or [str(SAMPLES)]
     files = check_paths(paths)
-    loaded = load_config(args.config, data_dir=args.out if args.out is not None else ("out" if args.config is None else None))
+    loaded = load_config(args.config, data_dir=data_dir_of(args))
     total = BatchReport()
     progress = Progress(len(files))  # drawn only when stderr is a terminal
     with held(local_folders(loaded)):  # before the stores open: the lake recovers its journal on open

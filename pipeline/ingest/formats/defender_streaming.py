@@ -25,18 +25,18 @@ ALERT_EVIDENCE = "AdvancedHunting-AlertEvidence"
 CLOUD_APP_EVENTS = "AdvancedHunting-CloudAppEvents"
 
 
-def row_may_be_dlp(category: Any, properties: Any, service_source: Any, detection_source: Any, raw_event_data: Any) -> bool:
+def row_may_be_dlp(category: Any, service_source: Any, detection_source: Any, raw_event_data: Any) -> bool:
     """False only when a row with these fields is surely skipped by `DefenderStreamingDecoder.decode`
     (the fast skip, pipeline/ingest/decode.py), so it need not be scrubbed, checked or decoded.
-    `properties`: whether the row has a `properties` object (the other three fields are its).
+    The three fields are those of the row's `properties` object (a row without one goes on: the
+    callers send it the whole way, where it is rejected as malformed).
 
-    The same tests as `decode`, on the same decoded values: a row without a category string or a
-    properties object goes on (it is rejected as malformed, as before); AlertInfo / AlertEvidence
+    The same tests as `decode`, on the same decoded values: a row without a category string goes on (it is rejected as malformed, as before); AlertInfo / AlertEvidence
     rows go on when they name the DLP service; CloudAppEvents rows when their RawEventData may be a
     DLP rule match (the operation spelled in any ASCII casing, or a \\u escape of the embedded JSON
     that could spell it; a RawEventData already an object is tested exactly); every other row is
     skipped."""
-    if not isinstance(category, str) or not properties:
+    if not isinstance(category, str):
         return True
     if category == CLOUD_APP_EVENTS:
         if isinstance(raw_event_data, str):
@@ -55,7 +55,7 @@ def parsed_row_may_be_dlp(row: Any) -> bool:
     if not isinstance(properties, dict):
         return True
     return row_may_be_dlp(
-        row.get("category"), True, properties.get("ServiceSource"), properties.get("DetectionSource"), properties.get("RawEventData")
+        row.get("category"), properties.get("ServiceSource"), properties.get("DetectionSource"), properties.get("RawEventData")
     )
 
 

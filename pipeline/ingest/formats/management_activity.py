@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from pipeline.ingest.formats import common as c
 from pipeline.ingest.formats.contract import RANK_LIFECYCLE, AlertPart, RecordOutput
 from pipeline.ingest.formats.registry import register
-from pipeline.models import LifecycleState, SourceFormat, clean_alert_fields
+from pipeline.models import LifecycleState, SourceFormat, clean_alert_fields, validation_summary
 
 DLP_RULE_MATCH = "dlprulematch"
 DLP_RULE_UNDO = "dlpruleundo"
@@ -257,8 +257,7 @@ class ManagementActivityDecoder:
             try:
                 part = lifecycle_part(record, justification=getattr(out, "free_text", {}).get("justification"))
             except ValidationError as exc:  # a required field (the record's Id) is missing or broken
-                problems = exc.errors(include_url=False, include_input=False, include_context=False)[:5]
-                out.reject("invalid_record", "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in problems))
+                out.reject("invalid_record", validation_summary(exc))
                 return
             out.part(part)
 

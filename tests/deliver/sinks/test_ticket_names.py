@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.deliver.sinks.itsm import summary_lines
+from pipeline.deliver.summary import render_lines as summary_lines
 
 CARD = "50842eb7-edc8-4019-85dd-5a5c1f2bb085"
 UNKNOWN = "d7c6b5a4-9382-4716-a5b4-c3d2e1f0a9b8"
