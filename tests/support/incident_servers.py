@@ -99,6 +99,9 @@ class GraphSecurity:
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, "InvalidAuthenticationToken", "Access token is empty or invalid.")
         failure = self.failures.popleft() if self.failures and self.failures[0].applies(request) else None
+        if failure is not None and failure.shape == "cut_short":  # the real answer, its body cut in half
+            answer = self._act(request, body).get_data()
+            return Response(answer[: len(answer) // 2], status=failure.status, content_type="application/json")
         if failure is not None and not failure.after_acting:
             return self._failure(failure)
         response = self._act(request, body)

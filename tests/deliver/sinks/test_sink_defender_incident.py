@@ -131,3 +131,12 @@ async def test_an_undone_match_reaches_its_incident_as_a_new_comment_saying_so(h
     assert [o.status for o in outcomes] == ["delivered", "delivered"]
     first, second = (c["comment"] for c in graph.incidents["48213"]["comments"])
     assert "DLP lifecycle" not in first and "DLP lifecycle: undone" in second  # a Graph alert has no lifecycle of its own
+
+
+async def test_an_incident_read_answered_with_a_cut_short_body_is_tried_again_not_dead_lettered(httpserver, graph):
+    """Issue 18's rule for every ticket-like sink: an answer that is not the documented shape is
+    retryable, never a rejection (it was read with .json() and dead-lettered as a decode error)."""
+    graph.failures.append(Failure("GET", 200, shape="cut_short", path="/v1.0/security/incidents/48213"))
+    (outcome,) = await publish(sink(httpserver), [rich_record()])
+    assert outcome.status == "delivered", outcome
+    assert len(graph.incidents["48213"]["comments"]) == 1
