@@ -38,6 +38,21 @@ class HuntingSettings(BaseModel):
         return self
 
 
+async def hunting_checks(hunting: HuntingSettings | None, services: Any) -> list[Any]:
+    """The doctor's Advanced Hunting lines (prior_incidents, sensitive_info): a token for its scope;
+    the query itself is not sent."""
+    if hunting is None:
+        return []
+    from pipeline.doctor import Check, token_check
+    from pipeline.plugins import shared_credential
+
+    credential = shared_credential(services, hunting.managed_identity_client_id)
+    return [
+        await token_check("Advanced Hunting token", credential, hunting.scope),
+        Check.skipped("Advanced Hunting query", "not sent by the doctor (ThreatHunting.Read.All is proven by the first query)"),
+    ]
+
+
 def kql_string(value: str) -> str:
     """A KQL string literal for `value`; EnricherUnavailable for characters that have no business in it."""
     if not _SAFE.match(value):

@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from enrichers._files import parse_datetime
-from enrichers._hunting import HuntingClient, HuntingSettings, user_filter
+from enrichers._hunting import HuntingClient, HuntingSettings, hunting_checks, user_filter
 from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
@@ -66,14 +66,10 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
     @classmethod
     async def doctor(cls, settings: Any, services: Any) -> list[Any]:
         """The history store (its folder, or its table); Advanced Hunting: a token for its scope."""
-        from pipeline.doctor import Check, history_store_checks, token_check
+        from pipeline.doctor import history_store_checks
 
         checks = await history_store_checks("history store", settings.store, services)
-        if settings.hunting is not None:
-            credential = shared_credential(services, settings.hunting.managed_identity_client_id)
-            checks.append(await token_check("Advanced Hunting token", credential, settings.hunting.scope))
-            checks.append(Check.skipped("Advanced Hunting query", "not sent by the doctor (ThreatHunting.Read.All is proven by the first query)"))
-        return checks
+        return checks + await hunting_checks(settings.hunting, services)
 
     credential: Any = None  # for hunting; the services' shared one (start()) unless given
 

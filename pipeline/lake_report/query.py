@@ -140,24 +140,23 @@ def connect() -> Any:
     return con
 
 
-def load(con: Any, files: list[LakeFile], progress: ReadProgress) -> int:
-    """Read the files into `records`; the number of records read."""
+def load(con: Any, files: list[LakeFile], progress: ReadProgress) -> None:
+    """Read the files into `records`: every line or row that is a record (one with a `record_id`)."""
     progress.start(len(files), sum(f.size for f in files))
     for group in chunks(files):
         jsonl = [str(f.path) for f in group if not f.is_parquet]
         parquet = [str(f.path) for f in group if f.is_parquet]
         if jsonl:
             con.execute(
-                f"INSERT INTO records SELECT {_COLUMNS} FROM (SELECT {_EXTRACT} FROM (SELECT json AS j FROM read_json_objects(?, format = 'newline_delimited', ignore_errors = true)))",
+                f"INSERT INTO records SELECT * FROM (SELECT {_COLUMNS} FROM (SELECT {_EXTRACT} FROM (SELECT json AS j FROM read_json_objects(?, format = 'newline_delimited', ignore_errors = true)))) WHERE record_id IS NOT NULL",
                 [jsonl],
             )
         if parquet:
-            con.execute(f"INSERT INTO records SELECT {_COLUMNS} FROM (SELECT {_EXTRACT} FROM (SELECT json(record_json) AS j FROM read_parquet(?, union_by_name = true)))",
+            con.execute(f"INSERT INTO records SELECT * FROM (SELECT {_COLUMNS} FROM (SELECT {_EXTRACT} FROM (SELECT json(record_json) AS j FROM read_parquet(?, union_by_name = true)))) WHERE record_id IS NOT NULL",
                 [parquet],
             )
         progress.advance(sum(f.size for f in group), files=len(group))
     progress.finish()
-    return int(con.execute("SELECT count(*) FROM records WHERE record_id IS NOT NULL").fetchone()[0])
 
 
 def _alerts_view(con: Any, since: date | None) -> None:
@@ -174,7 +173,7 @@ def _alerts_view(con: Any, since: date | None) -> None:
                  OR coalesce(TRY_CAST(exception->>'$.false_positive' AS BOOLEAN), false)
                  OR (lower(exception->>'$.kind') IN ('false_positive', 'reported_false_positive')) AS false_positive
         FROM records
-        WHERE record_id IS NOT NULL AND {since_filter}
+        WHERE {since_filter}
         QUALIFY row_number() OVER (PARTITION BY alert_key ORDER BY processed_at DESC NULLS LAST, record_id DESC) = 1
         """
     )
@@ -186,7 +185,7 @@ def summarise(con: Any, *, since: date | None = None, files: int = 0, top: int =
     rows = lambda sql, *params: [tuple(row) for row in con.execute(sql, list(params)).fetchall()]  # noqa: E731
     one = lambda sql: con.execute(sql).fetchone()  # noqa: E731
     summary = Summary(files=files, since=since)
-    summary.records = int(one("SELECT count(*) FROM records WHERE record_id IS NOT NULL")[0])
+    summary.records = int(one("SELECT count(*) FROM records")[0])
     summary.alerts, summary.users, summary.first_day, summary.last_day = one("SELECT count(*), count(DISTINCT user_key), min(day), max(day) FROM alerts")
     summary.has_lifecycle = bool(one("SELECT count(*) FROM records WHERE lifecycle IS NOT NULL OR exception IS NOT NULL")[0])
 

@@ -133,8 +133,8 @@ class JiraSink:
     async def publish(self, records: Sequence[Any]) -> list[Outcome]:
         return await upsert_each(records, self._upsert, locks=self._locks, name="jira")
 
-    def fields(self, record: Any) -> dict[str, Any]:
-        document = record_document(record)
+    def fields(self, record: Any, document: dict[str, Any]) -> dict[str, Any]:
+        """The issue fields of `record`, from its document as projected for this sink."""
         summary = neutralise_formula(render(self.settings.summary, document) or "DLP alert")
         summary = summary if len(summary) <= 255 else summary[:254] + "…"
         fields: dict[str, Any] = {
@@ -150,7 +150,9 @@ class JiraSink:
         key = alert_key(record)
         if self._issues.delivered(key, record.record_id):
             return  # this very record is on its issue already (a redelivered batch)
-        fields = self.fields(record)
+        document = record_document(record)
+        fields = self.fields(record, document)
+        undone = ((document.get("alert") or {}).get("lifecycle") or {}).get("state") == "undone"
         issue = self._issues.ticket(key) or await budget.repeat(partial(self._find, key))
         if issue is not None and not await budget.repeat(partial(self._update, issue, fields)):
             self._issues.forget(key)  # deleted meanwhile: look again, else create
@@ -158,7 +160,7 @@ class JiraSink:
             if issue is not None and not await budget.repeat(partial(self._update, issue, fields)):
                 issue = None
         if issue is not None:
-            await budget.repeat(partial(self._close_if_undone, record, issue))
+            await budget.repeat(partial(self._close_if_undone, issue, undone))
             self._issues.remember(key, issue, record.record_id)
             log.info("jira: updated %s for alert key %s", issue, key)
             return
@@ -177,13 +179,13 @@ class JiraSink:
         created = answer.get("key") if isinstance(answer, dict) else None
         if not isinstance(created, str):
             raise not_documented(action)
-        await budget.repeat(partial(self._close_if_undone, record, created))
+        await budget.repeat(partial(self._close_if_undone, created, undone))
         self._issues.remember(key, created, record.record_id)
         log.info("jira: created %s for alert key %s", created, key)
 
-    async def _close_if_undone(self, record: Any, issue: str) -> None:
+    async def _close_if_undone(self, issue: str, undone: bool) -> None:
         transition = self.settings.undone_transition_id
-        if transition is None or ((record_document(record).get("alert") or {}).get("lifecycle") or {}).get("state") != "undone":
+        if transition is None or not undone:
             return
         response = await self.client.post(f"{self.base}/rest/api/3/issue/{issue}/transitions", json={"transition": {"id": transition}})
         if response.status_code == 400:  # not available from the issue's status (closed already, or another workflow)
