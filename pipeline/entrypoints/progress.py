@@ -7,39 +7,34 @@ shows files done out of total, messages, alerts and the message rate.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import TextIO
 
+from pipeline.observability.live_line import LiveLine
 
-class Progress:
+
+class Progress(LiveLine):
     def __init__(self, total_files: int, *, stream: TextIO | None = None, enabled: bool | None = None, interval: float = 0.2, clock=time.monotonic) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = bool(self.stream.isatty()) if enabled is None else enabled
+        super().__init__(stream=stream, enabled=enabled, interval=interval, clock=clock)
         self.total_files = total_files
         self.files = 0
         self.messages = 0
         self.alerts = 0
-        self.interval = interval
-        self._clock = clock
-        self._started = clock()
-        self._last = float("-inf")
-        self._width = 0
         self._filter: _ClearLine | None = None
-        if self.enabled:  # a log line first wipes the progress line, which is redrawn on the next update
+        if self.live:  # a log line first wipes the progress line, which is redrawn on the next update
             self._filter = _ClearLine(self)
             for handler in logging.getLogger().handlers:
                 handler.addFilter(self._filter)
 
     def file_started(self, path: Path) -> None:
         self.files += 1
-        self._maybe_draw()
+        self.draw()
 
     def batch_done(self, messages: int, alerts: int) -> None:
         self.messages += messages
         self.alerts += alerts
-        self._maybe_draw()
+        self.draw()
 
     def line(self) -> str:
         elapsed = max(self._clock() - self._started, 1e-9)
@@ -51,30 +46,8 @@ class Progress:
             bar = "stdin"
         return f"{bar}  {self.messages} messages  {self.alerts} alerts  {self.messages / elapsed:.0f} msg/s"
 
-    def _maybe_draw(self, force: bool = False) -> None:
-        if not self.enabled:
-            return
-        now = self._clock()
-        if not force and now - self._last < self.interval:
-            return
-        self._last = now
-        text = self.line()
-        self.stream.write("\r" + text.ljust(self._width))
-        self.stream.flush()
-        self._width = len(text)
-
-    def clear(self) -> None:
-        if self.enabled and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-            self._width = 0
-            self._last = float("-inf")
-
     def close(self) -> None:
-        if self.enabled:
-            self._maybe_draw(force=True)
-            self.stream.write("\n")
-            self.stream.flush()
+        self.end()
         if self._filter is not None:
             for handler in logging.getLogger().handlers:
                 handler.removeFilter(self._filter)

@@ -9,7 +9,6 @@ file without reading it.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pydantic import ValidationError
 
 from pipeline.config import LoadedConfig, config_error_from_validation
 from pipeline.errors import ConfigError, translate
+from pipeline.observability.live_line import LiveLine
 
 log = logging.getLogger("pipeline.lake_report")
 
@@ -175,7 +175,7 @@ def download_blob_lake(settings: Any, destination: Path, *, since: date | None, 
     return files
 
 
-class ReadProgress:
+class ReadProgress(LiveLine):
     """One line on standard error while lake files are downloaded or read: files and MB done, rate.
 
     Drawn in place (carriage return) when the stream is a terminal, at most every `interval` seconds;
@@ -184,55 +184,34 @@ class ReadProgress:
     """
 
     def __init__(self, *, stream: TextIO | None = None, enabled: bool | None = None, interval: float = 0.2, quiet_seconds: float = 2.0, clock=time.monotonic) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.live = bool(getattr(self.stream, "isatty", lambda: False)()) if enabled is None else enabled
-        self.interval = interval
+        super().__init__(stream=stream, enabled=enabled, interval=interval, clock=clock)
         self.quiet_seconds = quiet_seconds
-        self._clock = clock
         self.verb = "reading"
         self.total_files = 0
         self.total_bytes = 0
         self.files = 0
         self.bytes = 0
-        self._started = clock()
-        self._last = float("-inf")
-        self._width = 0
 
     def start(self, total_files: int, total_bytes: int, *, verb: str = "reading") -> None:
         self.verb, self.total_files, self.total_bytes = verb, total_files, total_bytes
         self.files = self.bytes = 0
         self._started = self._clock()
         self._last = float("-inf")
-        self._draw()
+        self.draw()
 
     def advance(self, size: int, files: int = 1) -> None:
         self.files += files
         self.bytes += size
-        self._draw()
+        self.draw()
 
     def line(self) -> str:
         elapsed = max(self._clock() - self._started, 1e-9)
         megabytes = self.bytes / 1e6
         return f"{self.verb} lake: {self.files}/{self.total_files} files  {megabytes:.1f}/{self.total_bytes / 1e6:.1f} MB  {megabytes / elapsed:.1f} MB/s"
 
-    def _draw(self, force: bool = False) -> None:
-        if not self.live:
-            return
-        now = self._clock()
-        if not force and now - self._last < self.interval:
-            return
-        self._last = now
-        text = self.line()
-        self.stream.write("\r" + text.ljust(self._width))
-        self.stream.flush()
-        self._width = len(text)
-
     def finish(self) -> None:
         if self.live:
-            self._draw(force=True)
-            self.stream.write("\n")
-            self.stream.flush()
-            self._width = 0
+            self.end()
         elif self._clock() - self._started >= self.quiet_seconds:
             self.stream.write(self.line() + "\n")
             self.stream.flush()
