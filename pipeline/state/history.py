@@ -21,8 +21,8 @@ import logging
 import math
 import os
 import sqlite3
-import sys
 import time
+from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -258,28 +258,54 @@ class AlertTally:
     policies and type names, never a pass over the entries; `newest` walks at most `k` points. The
     index behind the bisections grows at its end when an entry comes at the newest time (the usual
     case) and is rebuilt once, at the next window, after any other change.
-    Memory: one small record per entry id (its time and content id, to place a revision) and one
-    `_Point` per distinct time."""
 
-    __slots__ = ("_points", "_times", "_of", "_index")
+    Memory: 32 bytes per entry id, in flat arrays sorted by the id's hash (its time, the hash of its
+    content id, and the numbers of its policy and type-name set in two small per-tally tables), and
+    one `_Point` per distinct time; the id strings themselves are not kept (only the newest few per
+    point are). Entry ids and content ids are told apart by their 64-bit `hash()`: two ids of one user
+    with equal hashes (odds about n² / 2⁶⁵ for n ids, the hash keyed afresh in every process) would
+    count as revisions of one entry."""
+
+    __slots__ = ("_points", "_times", "_ids", "_ats", "_contents", "_policy_numbers", "_names_numbers", "_policies", "_name_sets", "_numbers", "_index")
 
     def __init__(self) -> None:
         self._points: dict[float, _Point] = {}
         self._times: list[float] = []  # sorted, ascending
-        self._of: dict[str, tuple[float, int, str | None, frozenset[str]]] = {}  # entry id -> (at, hash of the content id, policy, names)
+        # One slot per entry id, sorted by the id's hash: what places a revision and answers `at_of`.
+        self._ids = array("q")  # hash of the entry id
+        self._ats = array("d")  # time of its latest applied revision
+        self._contents = array("q")  # hash of that revision's content id
+        self._policy_numbers = array("I")  # its policy, as a number into `_policies`
+        self._names_numbers = array("I")  # its type names, as a number into `_name_sets`
+        self._policies: list[str | None] = []
+        self._name_sets: list[frozenset[str]] = []
+        self._numbers: dict[Any, int] = {}  # ("policy", p) / ("names", set) -> its number
         self._index: Any = None  # (prefix counts, {policy: (times, prefix)}, {name: times}), rebuilt after a change
 
     def __len__(self) -> int:
-        return len(self._of)
+        return len(self._ids)
+
+    def _slot(self, entry_id: str) -> int | None:
+        key = hash(entry_id)
+        slot = bisect_left(self._ids, key)
+        return slot if slot < len(self._ids) and self._ids[slot] == key else None
+
+    def _number(self, kind: str, value: Any, table: list[Any]) -> int:
+        number = self._numbers.get((kind, value))
+        if number is None:
+            number = self._numbers[(kind, value)] = len(table)
+            table.append(value)
+        return number
 
     def apply(self, entry: HistoryEntry, names: frozenset[str]) -> None:
-        content = hash(entry.content_id)  # a revision is told by its content id; its hash is kept, not the string
-        held = self._of.get(entry.entry_id)
-        if held is not None:
-            if held[1] == content:
+        key, content = hash(entry.entry_id), hash(entry.content_id)
+        slot = bisect_left(self._ids, key)
+        known = slot < len(self._ids) and self._ids[slot] == key
+        if known:
+            if self._contents[slot] == content:
                 return
-            self._remove(entry.entry_id, held)
-        in_order = held is None and self._index is not None and (not self._times or entry.at >= self._times[-1])
+            self._uncount(entry.entry_id, slot)
+        in_order = not known and self._index is not None and (not self._times or entry.at >= self._times[-1])
         point = self._points.get(entry.at)
         if point is None:
             point = self._points[entry.at] = _Point(entry.at)
@@ -290,7 +316,17 @@ class AlertTally:
             point.names[name] = point.names.get(name, 0) + 1
         point.newest.insert(0, (entry.entry_id, entry.policy, entry.severity))
         del point.newest[RECENT_PER_POINT:]
-        self._of[entry.entry_id] = (entry.at, content, sys.intern(entry.policy) if entry.policy else entry.policy, names)
+        policy_number = self._number("policy", entry.policy, self._policies)
+        names_number = self._number("names", names, self._name_sets)
+        if known:
+            self._ats[slot], self._contents[slot] = entry.at, content
+            self._policy_numbers[slot], self._names_numbers[slot] = policy_number, names_number
+        else:
+            self._ids.insert(slot, key)
+            self._ats.insert(slot, entry.at)
+            self._contents.insert(slot, content)
+            self._policy_numbers.insert(slot, policy_number)
+            self._names_numbers.insert(slot, names_number)
         if in_order:  # the usual case, a new alert at the newest time: the index grows at its end
             prefix, policies, by_name = self._index
             if point.count == 1:
@@ -302,8 +338,9 @@ class AlertTally:
         else:
             self._index = None
 
-    def _remove(self, entry_id: str, held: tuple[float, int, str | None, frozenset[str]]) -> None:
-        at, _content, policy, names = held
+    def _uncount(self, entry_id: str, slot: int) -> None:
+        """Take the revision held in `slot` out of its point's counters (the slot itself is rewritten by the caller)."""
+        at, policy, names = self._ats[slot], self._policies[self._policy_numbers[slot]], self._name_sets[self._names_numbers[slot]]
         point = self._points[at]
         point.count -= 1
         point.policies[policy] -= 1
@@ -317,19 +354,18 @@ class AlertTally:
         if point.count == 0:
             del self._points[at]
             self._times.pop(bisect_left(self._times, at))
-        del self._of[entry_id]
 
     def at_of(self, entry_id: str) -> float | None:
-        held = self._of.get(entry_id)
-        return held[0] if held is not None else None
+        slot = self._slot(entry_id)
+        return self._ats[slot] if slot is not None else None
 
     def policy_of(self, entry_id: str) -> str | None:
-        held = self._of.get(entry_id)
-        return held[2] if held is not None else None
+        slot = self._slot(entry_id)
+        return self._policies[self._policy_numbers[slot]] if slot is not None else None
 
     def names_of(self, entry_id: str) -> frozenset[str]:
-        held = self._of.get(entry_id)
-        return held[3] if held is not None else frozenset()
+        slot = self._slot(entry_id)
+        return self._name_sets[self._names_numbers[slot]] if slot is not None else frozenset()
 
     def newest_at(self, since: float, until: float, *, skip: str | None = None) -> float | None:
         """The time of the newest entry with since <= at <= until other than `skip`."""
