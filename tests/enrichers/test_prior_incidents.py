@@ -498,3 +498,34 @@ async def test_user_histories_hold_at_most_max_rows_and_never_the_rows_asked_for
     await histories.ensure({user: 2.0})  # an older alert: the range that went is read again
     assert [e.entry_id for e in histories.rows(user)] == ["n4", "n3", "n2", "n1", "n0", "e9", "e8", "e7", "e6", "e5", "e4", "e3", "e2"]
     await store.aclose()
+
+
+def test_a_tally_holds_a_few_bytes_per_entry_id_and_not_the_id_strings():
+    """Bounded memory (issue 19): a tally of 4N entries holds at most 48 bytes more per added entry
+    than one of N (a 32-byte slot and array growth), not a record per id that keeps the id string,
+    its time and a tuple alive (about 250 bytes each)."""
+    import tracemalloc
+
+    from enrichers.prior_incidents import _entry_names
+    from pipeline.state.history import AlertTally
+
+    def entries(first: int, last: int):
+        for number in range(first, last):
+            entry = HistoryEntry(entry_id=f"da{number:010d}-0000-4000-8000-{number:012d}", content_id=f"content-{number}", user="u",
+                                 at=1_750_000_000.0 + number % 3, policy="Finance PII", severity="high", sensitive_info=[{"name": "IBAN"}])
+            yield entry, _entry_names(entry)
+
+    small = 2_000
+    tally = AlertTally()
+    tracemalloc.start()
+    try:
+        for entry, names in entries(0, small):
+            tally.apply(entry, names)
+        held_small = tracemalloc.get_traced_memory()[0]
+        for entry, names in entries(small, 4 * small):
+            tally.apply(entry, names)
+        held_large = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(tally) == 4 * small and tally.count(0, 2e9) == 4 * small
+    assert (held_large - held_small) / (3 * small) <= 48
