@@ -225,6 +225,7 @@ async def _older(store: HistoryStore, kind: Kind, user: str, since: float, held_
 
 # -- Tallies: each user's prior alerts as counters per point in time ------------------------------
 
+SORT_IN_MIN = 64  # unsorted slots a tally holds before it sorts them in, at least
 RECENT_PER_POINT = 51  # the newest entries kept by id at one point in time (`recent` asks for at most 50, and one is the alert's own)
 
 
@@ -259,53 +260,102 @@ class AlertTally:
     index behind the bisections grows at its end when an entry comes at the newest time (the usual
     case) and is rebuilt once, at the next window, after any other change.
 
-    Memory: 32 bytes per entry id, in flat arrays sorted by the id's hash (its time, the hash of its
-    content id, and the numbers of its policy and type-name set in two small per-tally tables), and
-    one `_Point` per distinct time; the id strings themselves are not kept (only the newest few per
-    point are). Entry ids and content ids are told apart by their 64-bit `hash()`: two ids of one user
-    with equal hashes (odds about n² / 2⁶⁵ for n ids, the hash keyed afresh in every process) would
-    count as revisions of one entry."""
+    Memory: about 36 bytes per entry id (a 32-byte slot in flat arrays: the id's hash, its time, the
+    hash of its content id, and the numbers of its policy and type-name set in two small per-tally
+    tables; and a share of the few slots not yet sorted in), and one `_Point` per distinct time. The id
+    strings themselves are not kept, only the newest few per point. Entry ids and content ids are told
+    apart by their 64-bit `hash()`: two ids of one user with equal hashes (odds about n² / 2⁶⁵ for n
+    ids; the hash is keyed afresh in every process) would count as revisions of one entry."""
 
-    __slots__ = ("_points", "_times", "_ids", "_ats", "_contents", "_policy_numbers", "_names_numbers", "_policies", "_name_sets", "_numbers", "_index")
+    __slots__ = ("_points", "_times", "_ids", "_ats", "_contents", "_policy_numbers", "_names_numbers", "_sorted", "_unsorted",
+                 "_policies", "_name_sets", "_policy_number_of", "_names_number_of", "_index")
 
     def __init__(self) -> None:
         self._points: dict[float, _Point] = {}
         self._times: list[float] = []  # sorted, ascending
-        # One slot per entry id, sorted by the id's hash: what places a revision and answers `at_of`.
+        # One slot per entry id, what places a revision and answers `at_of`: slots [0, _sorted) are
+        # sorted by the id's hash (found by bisection); later ones are found through `_unsorted`
+        # until there are enough of them to sort in (`_sort_in`), so adding an id costs no shift of
+        # the whole arrays.
         self._ids = array("q")  # hash of the entry id
         self._ats = array("d")  # time of its latest applied revision
         self._contents = array("q")  # hash of that revision's content id
         self._policy_numbers = array("I")  # its policy, as a number into `_policies`
         self._names_numbers = array("I")  # its type names, as a number into `_name_sets`
+        self._sorted = 0
+        self._unsorted: dict[int, int] = {}  # hash of the entry id -> its slot, for the slots past `_sorted`
         self._policies: list[str | None] = []
         self._name_sets: list[frozenset[str]] = []
-        self._numbers: dict[Any, int] = {}  # ("policy", p) / ("names", set) -> its number
+        self._policy_number_of: dict[str | None, int] = {}
+        self._names_number_of: dict[frozenset[str], int] = {}
         self._index: Any = None  # (prefix counts, {policy: (times, prefix)}, {name: times}), rebuilt after a change
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def _slot(self, entry_id: str) -> int | None:
-        key = hash(entry_id)
-        slot = bisect_left(self._ids, key)
-        return slot if slot < len(self._ids) and self._ids[slot] == key else None
+    def _slot(self, key: int) -> int | None:
+        """The slot of the entry id whose hash is `key`, if any."""
+        slot = bisect_left(self._ids, key, 0, self._sorted)
+        if slot < self._sorted and self._ids[slot] == key:
+            return slot
+        return self._unsorted.get(key)
 
-    def _number(self, kind: str, value: Any, table: list[Any]) -> int:
-        number = self._numbers.get((kind, value))
+    def _sort_in(self) -> None:
+        """Sort every slot by the id's hash (done once the unsorted ones are an eighth of them, so each
+        id's share of the sorting stays constant however many ids the tally holds). A few unsorted
+        slots are merged into many sorted ones, the sorted runs copied whole; otherwise all are sorted."""
+        arrays = ("_ids", "_ats", "_contents", "_policy_numbers", "_names_numbers")
+        if 3 * len(self._unsorted) < self._sorted:
+            tail = sorted(self._unsorted.items())  # (hash, slot), by hash
+            cuts = [bisect_left(self._ids, key, 0, self._sorted) for key, _ in tail]
+            for name in arrays:
+                values = getattr(self, name)
+                view, size, merged, start = memoryview(values).cast("B"), values.itemsize, array(values.typecode), 0
+                for cut, (_, slot) in zip(cuts, tail):
+                    merged.frombytes(view[start * size : cut * size])
+                    merged.append(values[slot])
+                    start = cut
+                merged.frombytes(view[start * size : self._sorted * size])
+                view.release()
+                setattr(self, name, merged)
+        else:
+            order = sorted(range(len(self._ids)), key=self._ids.__getitem__)
+            for name in arrays:
+                values = getattr(self, name)
+                setattr(self, name, array(values.typecode, map(values.__getitem__, order)))
+        self._sorted = len(self._ids)
+        self._unsorted = {}
+
+    def _sort_in_if_due(self) -> None:
+        if len(self._unsorted) > max(SORT_IN_MIN, self._sorted // 8):
+            self._sort_in()
+
+    def apply_all(self, entries: Sequence[HistoryEntry], names: Any) -> None:
+        """`apply` each entry in turn (`names(entry)`: its type names); the slots are sorted once at the end."""
+        for entry in entries:
+            self._apply(entry, names(entry))
+        self._sort_in_if_due()
+
+    @staticmethod
+    def _number(value: Any, numbers: dict[Any, int], table: list[Any]) -> int:
+        number = numbers.get(value)
         if number is None:
-            number = self._numbers[(kind, value)] = len(table)
+            number = numbers[value] = len(table)
             table.append(value)
         return number
 
     def apply(self, entry: HistoryEntry, names: frozenset[str]) -> None:
+        self._apply(entry, names)
+        self._sort_in_if_due()
+
+    def _apply(self, entry: HistoryEntry, names: frozenset[str]) -> None:
         key, content = hash(entry.entry_id), hash(entry.content_id)
-        slot = bisect_left(self._ids, key)
-        known = slot < len(self._ids) and self._ids[slot] == key
-        if known:
+        slot = self._slot(key)
+        if slot is not None:
             if self._contents[slot] == content:
                 return
             self._uncount(entry.entry_id, slot)
-        in_order = not known and self._index is not None and (not self._times or entry.at >= self._times[-1])
+        in_order = slot is None and self._index is not None and (not self._times or entry.at >= self._times[-1])
         point = self._points.get(entry.at)
         if point is None:
             point = self._points[entry.at] = _Point(entry.at)
@@ -316,17 +366,18 @@ class AlertTally:
             point.names[name] = point.names.get(name, 0) + 1
         point.newest.insert(0, (entry.entry_id, entry.policy, entry.severity))
         del point.newest[RECENT_PER_POINT:]
-        policy_number = self._number("policy", entry.policy, self._policies)
-        names_number = self._number("names", names, self._name_sets)
-        if known:
+        policy_number = self._number(entry.policy, self._policy_number_of, self._policies)
+        names_number = self._number(names, self._names_number_of, self._name_sets)
+        if slot is not None:
             self._ats[slot], self._contents[slot] = entry.at, content
             self._policy_numbers[slot], self._names_numbers[slot] = policy_number, names_number
         else:
-            self._ids.insert(slot, key)
-            self._ats.insert(slot, entry.at)
-            self._contents.insert(slot, content)
-            self._policy_numbers.insert(slot, policy_number)
-            self._names_numbers.insert(slot, names_number)
+            self._unsorted[key] = len(self._ids)
+            self._ids.append(key)
+            self._ats.append(entry.at)
+            self._contents.append(content)
+            self._policy_numbers.append(policy_number)
+            self._names_numbers.append(names_number)
         if in_order:  # the usual case, a new alert at the newest time: the index grows at its end
             prefix, policies, by_name = self._index
             if point.count == 1:
@@ -339,7 +390,7 @@ class AlertTally:
             self._index = None
 
     def _uncount(self, entry_id: str, slot: int) -> None:
-        """Take the revision held in `slot` out of its point's counters (the slot itself is rewritten by the caller)."""
+        """Take the revision held in `slot` out of its point's counters (the caller rewrites the slot)."""
         at, policy, names = self._ats[slot], self._policies[self._policy_numbers[slot]], self._name_sets[self._names_numbers[slot]]
         point = self._points[at]
         point.count -= 1
@@ -356,15 +407,15 @@ class AlertTally:
             self._times.pop(bisect_left(self._times, at))
 
     def at_of(self, entry_id: str) -> float | None:
-        slot = self._slot(entry_id)
+        slot = self._slot(hash(entry_id))
         return self._ats[slot] if slot is not None else None
 
     def policy_of(self, entry_id: str) -> str | None:
-        slot = self._slot(entry_id)
+        slot = self._slot(hash(entry_id))
         return self._policies[self._policy_numbers[slot]] if slot is not None else None
 
     def names_of(self, entry_id: str) -> frozenset[str]:
-        slot = self._slot(entry_id)
+        slot = self._slot(hash(entry_id))
         return self._name_sets[self._names_numbers[slot]] if slot is not None else frozenset()
 
     def newest_at(self, since: float, until: float, *, skip: str | None = None) -> float | None:
@@ -460,15 +511,13 @@ class UserTallies:
             if held is None:
                 held = _Tallied(since=since[user], loaded_at=now, cursor=None, tally=AlertTally())
             elif held.since > since[user]:  # older entries needed: only the range not held yet
-                for entry in reversed(await _older(self.store, self.kind, user, since[user], held.since)):
-                    held.tally.apply(entry, self.names(entry))
+                held.tally.apply_all(list(reversed(await _older(self.store, self.kind, user, since[user], held.since))), self.names)
                 held.since = since[user]
             elif held.cursor is not None and now - held.loaded_at < self.ttl:
                 self._users[user] = held
                 return
             entries, cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
-            for entry in entries:
-                held.tally.apply(entry, self.names(entry))
+            held.tally.apply_all(entries, self.names)
             held.cursor, held.loaded_at = cursor, now
             self._users[user] = held
 

@@ -529,3 +529,42 @@ def test_a_tally_holds_a_few_bytes_per_entry_id_and_not_the_id_strings():
         tracemalloc.stop()
     assert len(tally) == 4 * small and tally.count(0, 2e9) == 4 * small
     assert (held_large - held_small) / (3 * small) <= 48
+
+
+@pytest.mark.parametrize("sort_in_min", [4, 64])
+def test_a_tally_places_every_revision_however_its_slots_were_sorted_in(monkeypatch, sort_in_min):
+    """A tally's slots are sorted in by batches (a few merged into many, or all sorted again): 3,000
+    writes of 600 ids, revisions moving them in time and policy, one by one and in bulk, must leave
+    each id once at its latest revision, as a dict of every write says."""
+    import random
+
+    from enrichers.prior_incidents import _entry_names
+    from pipeline.state import history as history_module
+
+    monkeypatch.setattr(history_module, "SORT_IN_MIN", sort_in_min)
+    rng = random.Random(19)
+    tally, latest = history_module.AlertTally(), {}
+    writes = [
+        HistoryEntry(entry_id=f"a{rng.randrange(600)}", content_id=f"c{rng.randrange(3)}", user="u", at=float(rng.randrange(40)),
+                             policy=rng.choice([None, "Finance PII", "HR Data"]), sensitive_info=[{"name": n} for n in rng.sample(["IBAN", "SSN"], rng.randrange(3))])
+        for _ in range(3_000)
+    ]
+    for start in range(0, len(writes), 500):
+        chunk = writes[start : start + 500]
+        if start % 1_000:
+            tally.apply_all(chunk, _entry_names)
+        else:
+            for entry in chunk:
+                tally.apply(entry, _entry_names(entry))
+        for entry in chunk:  # the same (id, content id) again changes nothing: the first write of it stays
+            if latest.get(entry.entry_id, (None, None))[0] != entry.content_id:
+                latest[entry.entry_id] = (entry.content_id, entry)
+    assert len(tally) == len(latest)
+    for entry_id, (_, entry) in latest.items():
+        assert (tally.at_of(entry_id), tally.policy_of(entry_id), tally.names_of(entry_id)) == (entry.at, entry.policy, _entry_names(entry))
+    assert tally.at_of("never") is None
+    assert tally.count(0, 40) == len(latest)
+    assert tally.count(10, 19) == sum(10 <= entry.at <= 19 for _, entry in latest.values())
+    window = tally.window(0, 40, policy="HR Data", k=0)
+    assert window.same_policy == sum(entry.policy == "HR Data" for _, entry in latest.values())
+    assert window.names == {name: sum(name in _entry_names(entry) for _, entry in latest.values()) for name in ("IBAN", "SSN")}
