@@ -260,10 +260,10 @@ class AlertTally:
     index behind the bisections grows at its end when an entry comes at the newest time (the usual
     case) and is rebuilt once, at the next window, after any other change.
 
-    Memory: about 36 bytes per entry id (a 32-byte slot in flat arrays: the id's hash, its time, the
+    Memory: 32 to 48 bytes per entry id (a 32-byte slot in flat arrays: the id's hash, its time, the
     hash of its content id, and the numbers of its policy and type-name set in two small per-tally
-    tables; and a share of the few slots not yet sorted in), and one `_Point` per distinct time. The id
-    strings themselves are not kept, only the newest few per point. Entry ids and content ids are told
+    tables; and a share of the dict that finds the slots not sorted in yet), and one `_Point` per
+    distinct time. The id strings themselves are not kept, only the newest few per point. Entry ids and content ids are told
     apart by their 64-bit `hash()`: two ids of one user with equal hashes (odds about n² / 2⁶⁵ for n
     ids; the hash is keyed afresh in every process) would count as revisions of one entry."""
 
