@@ -179,7 +179,7 @@ class _Output:
     """The `RecordOutput` decoders report to: collects into one message's `Decoded`, for the record
     the loop is at (`index`, `record`)."""
 
-    __slots__ = ("decoded", "limits", "index", "record", "free_text")
+    __slots__ = ("decoded", "limits", "index", "record", "free_text", "clean")
 
     def __init__(self, decoded: Decoded, limits: Limits) -> None:
         self.decoded = decoded
@@ -187,6 +187,7 @@ class _Output:
         self.index = 0
         self.record: Any = None
         self.free_text: dict[str, str] = {}
+        self.clean = False
 
     def skip(self) -> None:
         self.decoded.skipped += 1
@@ -269,7 +270,7 @@ def _decode_records(decoders: tuple[Decoder, ...], items: list[Any], limits: Lim
         try:
             output.free_text = _free_text(decoder, item, keep)
             item = item if clean else common.scrub(item)
-            output.record = item
+            output.record, output.clean = item, clean
             decoder.decode(item, output)
         except Exception as exc:  # a decoder bug must cost one record, never the message
             out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, item))
@@ -374,7 +375,7 @@ def _decode_row(decoder: Decoder, output: _Output, index: int, row: Any, limits:
     try:
         output.free_text = _free_text(decoder, row, keep)
         row = row if clean else common.scrub(row)
-        output.record = row
+        output.record, output.clean = row, clean
         decoder.decode(row, output)
     except Exception as exc:  # a decoder bug must cost one record, never the message
         out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, row))
