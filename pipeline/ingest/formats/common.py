@@ -83,16 +83,13 @@ def mentions_removed_key(text: str | bytes, *, has_escape: bool | None = None) -
     `has_escape`: whether valid JSON `text` holds a \\u escape, when the caller already knows."""
     if has_escape or (has_escape is None and has_unicode_escape(text)):
         return True
-    lowered = text.lower()
-    return any(_named(lowered, key) for key in (_KEYS_BYTES if isinstance(lowered, bytes) else _KEYS_TEXT))
-
-
-def _named(lowered: Any, key: Any) -> bool:
-    at = lowered.find(key)
-    while at != -1:
-        if at == 0 or not lowered[at - 1 : at].isalnum():
-            return True
-        at = lowered.find(key, at + 1)
+    lowered: Any = text.lower()
+    for key in _KEYS_BYTES if isinstance(lowered, bytes) else _KEYS_TEXT:  # one loop, no call per key: this runs on every DLP row
+        at = lowered.find(key)
+        while at != -1:
+            if at == 0 or not lowered[at - 1 : at].isalnum():
+                return True
+            at = lowered.find(key, at + 1)
     return False
 
 
@@ -163,7 +160,10 @@ def as_list(value: Any) -> list[Any]:
 
 def is_dlp_service(*values: Any) -> bool:
     """True when any value names the DLP service ("Microsoft Data Loss Prevention" and variants)."""
-    return any(isinstance(v, str) and DLP_SERVICE in v.lower() for v in values)
+    for value in values:
+        if isinstance(value, str) and DLP_SERVICE in value.lower():
+            return True
+    return False
 
 
 def severity(value: Any) -> str:
@@ -174,11 +174,11 @@ def severity(value: Any) -> str:
 
 def text(value: Any) -> str | None:
     """A non-empty stripped string, or None."""
+    if type(value) is str:
+        return value.strip() or None
     if value is None:
         return None
-    if not isinstance(value, str):
-        value = str(value)
-    value = value.strip()
+    value = value.strip() if isinstance(value, str) else str(value).strip()
     return value or None
 
 
