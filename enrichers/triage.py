@@ -143,20 +143,28 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
 
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[Triage | None | Exception]:
         results: list[Triage | None | Exception] = []
+        contractor_types = self._contractor_types()  # once per batch, not per alert
         for alert, ctx in zip(alerts, contexts):
             try:
-                results.append(self.score(alert, ctx))
+                results.append(self.score(alert, ctx, contractor_types=contractor_types))
             except Exception as exc:  # one alert's surprise fails that alert only
                 results.append(exc)
         return results
 
-    def score(self, alert: DlpAlert, ctx: EnrichmentContext) -> Triage:
+    def _contractor_types(self) -> frozenset[str]:
+        return frozenset(t.lower() for t in self.settings.contractor_types)
+
+    def score(self, alert: DlpAlert, ctx: EnrichmentContext, *, contractor_types: frozenset[str] | None = None) -> Triage:
+        """The alert's triage; `contractor_types`: the settings' contractor types lowercased, when
+        the caller made them already."""
         s, w = self.settings, self.settings.weights
-        reasons: list[Reason] = []
+        # The reasons' fields, validated as `Reason`s by the one validation of `Triage` below (one call
+        # into pydantic per alert, not one per reason).
+        reasons: list[dict[str, Any]] = []
 
         def add(code: str, points: int, detail: str, source: str = "alert", **evidence: Evidence) -> None:
             if points > 0:
-                reasons.append(Reason(code=code, points=points, detail=detail, source=source, evidence=evidence))
+                reasons.append({"code": code, "points": points, "detail": detail, "source": source, "evidence": evidence})
 
         # Fields are read by name (`_field`), so a plugin that replaces a built-in input is read the same way.
         fragments = {name: ctx.fragment(name) for name in INPUTS}
@@ -178,7 +186,7 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
             if _field(user, "account_enabled") is False:
                 add("account_disabled", w.account_disabled, "the account is disabled", "user_context", account_enabled=False)
             employee_type = _field(user, "employee_type")
-            if isinstance(employee_type, str) and employee_type.strip().lower() in {t.lower() for t in s.contractor_types}:
+            if isinstance(employee_type, str) and employee_type.strip().lower() in (contractor_types if contractor_types is not None else self._contractor_types()):
                 add("contractor", w.contractor, f"employee type {employee_type}", "user_context", employee_type=employee_type)
 
         info = fragments["sensitive_info"]
@@ -223,8 +231,9 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
         if telemetry is not None:
             fired = False
             sources = _field(telemetry, "sources") or {}
-            for rule in s.telemetry_rules:
-                hit = _first_hit(rule, sources)
+            found = [(name, sources[name]) for name in sorted(sources) if _field(sources[name], "found")]  # in name order
+            for rule in s.telemetry_rules if found else ():  # no source found anything: no rule can fire
+                hit = _first_hit(rule, found)
                 if hit is not None:
                     source_name, field, value = hit
                     fired = True
@@ -233,19 +242,19 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
                 known = sorted(name for name, result in sources.items() if _field(result, "found"))
                 add("telemetry_hit", w.telemetry_hit, "known to " + ", ".join(known), "telemetry", sources=", ".join(known))
 
-        score = min(100, sum(r.points for r in reasons))
+        score = min(100, sum(r["points"] for r in reasons))
         band: Literal["low", "medium", "high"] = "high" if score >= s.high_at else "medium" if score >= s.medium_at else "low"
-        reasons.sort(key=lambda r: (-r.points, r.code))
-        return Triage(score=score, band=band, thresholds={"medium": s.medium_at, "high": s.high_at}, reasons=reasons, missing_inputs=missing)
+        reasons.sort(key=lambda r: (-r["points"], r["code"]))
+        return Triage.model_validate(
+            {"score": score, "band": band, "thresholds": {"medium": s.medium_at, "high": s.high_at}, "reasons": reasons, "missing_inputs": missing}
+        )
 
 
-def _first_hit(rule: TelemetryRule, sources: dict[str, Any]) -> tuple[str, str, Any] | None:
-    """(source, field, value) of the first value the rule holds for, sources in name order."""
-    for source_name in sorted(sources):
+def _first_hit(rule: TelemetryRule, found: list[tuple[str, Any]]) -> tuple[str, str, Any] | None:
+    """(source, field, value) of the first value the rule holds for; `found`: (name, result) of the
+    sources that found something, in name order."""
+    for source_name, result in found:
         if rule.source is not None and source_name != rule.source:
-            continue
-        result = sources[source_name]
-        if not _field(result, "found"):
             continue
         fields = _field(result, "fields") or {}
         for field in rule.fields:
