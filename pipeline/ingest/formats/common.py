@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
@@ -230,22 +231,36 @@ def utc_timestamp(value: Any) -> str | None:
     return value
 
 
+# The rows of one split alert repeat its title (and often its application): the two functions of a
+# text below are kept for the last 1,024 texts, so each is worked out once per alert, not per row.
+@lru_cache(maxsize=1024)
+def _rule_in(title: str) -> str | None:
+    match = _RULE_IN_TITLE.search(title)
+    return match.group(1).strip() if match else None
+
+
+@lru_cache(maxsize=1024)
+def _workload_in(text: str) -> str | None:
+    lowered = text.lower()
+    for needle, name in _WORKLOADS:
+        if needle in lowered:
+            return name
+    return None
+
+
 def rule_from_title(title: str | None) -> str | None:
     if not title:
         return None
-    match = _RULE_IN_TITLE.search(title)
-    return match.group(1).strip() if match else None
+    return _rule_in(title)
 
 
 def workload_from_text(*values: Any) -> str | None:
     """Best-effort workload name (SharePoint, OneDrive, Exchange, Teams, Endpoint) from free text."""
     for value in values:
-        if not isinstance(value, str):
-            continue
-        lowered = value.lower()
-        for needle, name in _WORKLOADS:
-            if needle in lowered:
-                return name
+        if isinstance(value, str):
+            found = _workload_in(value)
+            if found is not None:
+                return found
     return None
 
 
