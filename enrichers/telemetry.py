@@ -209,7 +209,8 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
         """Source by source over the whole batch: each distinct HTTP request is sent once (through the
         cache), the batch's Log Analytics queries run together, tables are read in memory."""
         cache = contexts[0].cache if contexts else None
-        progress = [_Progress(_variables(alert, ctx, self.settings.window_minutes)) for alert, ctx in zip(alerts, contexts)]
+        window = bool(self.settings.http or self.settings.log_analytics)  # {start}/{end} are for their templates only
+        progress = [_Progress(_variables(alert, ctx, self.settings.window_minutes, window=window)) for alert, ctx in zip(alerts, contexts)]
         for lookup in self.settings.http:
             requests: dict[int, tuple[str, str, str]] = {}
             planned: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -243,16 +244,22 @@ class TelemetryEnricher(BatchEnricher["TelemetryEnricher.Settings"]):
                 progress[index].take(query.name, answer)
         for table in self.settings.tables:
             rows = self._tables[table.name].get()
+            looked_up: dict[str, SourceResult] = {}  # one result per key and batch, shared by its alerts (fragments are read-only)
             for item in progress:
                 value = item.values.get(table.key)
                 if not value:
                     continue
-                row = rows.get(str(value).lower())
-                if row is None and table.key == "device":
-                    row = rows.get(str(value).lower().split(".", 1)[0])
-                fields = {} if row is None else {k: v for k, v in row.items() if k != table.key_column and (table.columns is None or k in table.columns)}
-                item.take(table.name, SourceResult(kind="table", found=row is not None, fields=fields))
-        return [item.result() for item in progress]
+                row_key = str(value).lower()
+                found = looked_up.get(row_key)
+                if found is None:
+                    row = rows.get(row_key)
+                    if row is None and table.key == "device":
+                        row = rows.get(row_key.split(".", 1)[0])
+                    fields = {} if row is None else {k: v for k, v in row.items() if k != table.key_column and (table.columns is None or k in table.columns)}
+                    found = looked_up[row_key] = SourceResult(kind="table", found=row is not None, fields=fields)
+                item.take(table.name, found)
+        made: dict[tuple[Any, ...], Telemetry] = {}
+        return [item.result(made) for item in progress]
 
     async def _call_http(self, lookup: HttpLookup, request: dict[str, Any]) -> SourceResult:
         client = self._http[lookup.name]
@@ -338,7 +345,9 @@ class _Progress:
                 if isinstance(value, str) and value and key not in self.values:
                     self.values[key] = value
 
-    def result(self) -> Telemetry | None | Exception:
+    def result(self, made: dict[tuple[Any, ...], Telemetry] | None = None) -> Telemetry | None | Exception:
+        """The alert's fragment; `made`: the fragments of the batch so far, by the results they hold
+        (the same results, shared by several alerts, give one shared fragment: fragments are read-only)."""
         if self.failure is not None:
             return self.failure
         if self.applicable == 0:
@@ -347,21 +356,28 @@ class _Progress:
             first = next(iter(self.errors.values()))
             error = EnricherTimeout if self.timeouts == len(self.errors) else EnricherUnavailable
             return error(f"every telemetry source failed ({len(self.errors)}); first: {first}")
-        return Telemetry(sources=self.results, found_any=any(r.found for r in self.results.values()), errors=self.errors)
+        key = (tuple((name, id(result)) for name, result in self.results.items()), tuple(self.errors.items()))
+        fragment = made.get(key) if made is not None else None
+        if fragment is None:
+            fragment = Telemetry(sources=self.results, found_any=any(r.found for r in self.results.values()), errors=self.errors)
+            if made is not None:
+                made[key] = fragment
+        return fragment
 
 
 # -- templates -----------------------------------------------------------------------------------
 
 
-def _variables(alert: DlpAlert, ctx: EnrichmentContext, window_minutes: float) -> dict[str, Any]:
+def _variables(alert: DlpAlert, ctx: EnrichmentContext, window_minutes: float, *, window: bool = True) -> dict[str, Any]:
+    """The template values of one alert; `window`: with {start} and {end} (only templates use them)."""
     at = alert.created_at or alert.last_activity_at or alert.first_activity_at or ctx.now()
     at = at if at.tzinfo else at.replace(tzinfo=UTC)
-    window = timedelta(minutes=window_minutes)
+    span = timedelta(minutes=window_minutes)
     upn = alert.user.upn if alert.user else None
     values: dict[str, Any] = {
         "_at": at,
-        "start": (at - window).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "end": (at + window).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "start": (at - span).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if window else None,
+        "end": (at + span).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if window else None,
         "alert_id": alert.alert_id,
         "policy": alert.policy_name,
         "workload": alert.workload,

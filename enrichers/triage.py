@@ -17,7 +17,8 @@ when no telemetry rule fired.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -143,20 +144,28 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
 
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[Triage | None | Exception]:
         results: list[Triage | None | Exception] = []
+        contractor_types = self._contractor_types()  # once per batch, not per alert
         for alert, ctx in zip(alerts, contexts):
             try:
-                results.append(self.score(alert, ctx))
+                results.append(self.score(alert, ctx, contractor_types=contractor_types))
             except Exception as exc:  # one alert's surprise fails that alert only
                 results.append(exc)
         return results
 
-    def score(self, alert: DlpAlert, ctx: EnrichmentContext) -> Triage:
+    def _contractor_types(self) -> frozenset[str]:
+        return frozenset(t.lower() for t in self.settings.contractor_types)
+
+    def score(self, alert: DlpAlert, ctx: EnrichmentContext, *, contractor_types: frozenset[str] | None = None) -> Triage:
+        """The alert's triage; `contractor_types`: the settings' contractor types lowercased, when
+        the caller made them already."""
         s, w = self.settings, self.settings.weights
-        reasons: list[Reason] = []
+        # The reasons' fields, validated as `Reason`s by the one validation of `Triage` below (one call
+        # into pydantic per alert, not one per reason).
+        reasons: list[dict[str, Any]] = []
 
         def add(code: str, points: int, detail: str, source: str = "alert", **evidence: Evidence) -> None:
             if points > 0:
-                reasons.append(Reason(code=code, points=points, detail=detail, source=source, evidence=evidence))
+                reasons.append({"code": code, "points": points, "detail": detail, "source": source, "evidence": evidence})
 
         # Fields are read by name (`_field`), so a plugin that replaces a built-in input is read the same way.
         fragments = {name: ctx.fragment(name) for name in INPUTS}
@@ -164,34 +173,34 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
 
         user = fragments["user_context"]
         if user is not None:
-            days = _field(user, "days_until_departure")
-            leaves = _field(user, "last_working_date") or _field(user, "leave_date")
+            days = _field(user, "days_until_departure", None)
+            leaves = _field(user, "last_working_date", None) or _field(user, "leave_date", None)
             when = leaves.date().isoformat() if hasattr(leaves, "date") else None
-            if _field(user, "departed"):
+            if _field(user, "departed", None):
                 add("departing_user", w.departing_user, f"left {-days} day(s) before the alert" if days is not None else "has left", "user_context", days_until_departure=days, last_working_date=when)
-            elif _field(user, "departing") and days is None:
+            elif _field(user, "departing", None) and days is None:
                 add("departing_user", w.departing_user, "resigned, last working day unknown", "user_context", days_until_departure=None)
-            elif _field(user, "departing") and days is not None and days <= s.departing_within_days:
+            elif _field(user, "departing", None) and days is not None and days <= s.departing_within_days:
                 add("departing_user", w.departing_user, f"leaves in {days} day(s)", "user_context", days_until_departure=days, last_working_date=when)
-            elif _field(user, "departing") and days is not None and days <= s.departing_soon_days:
+            elif _field(user, "departing", None) and days is not None and days <= s.departing_soon_days:
                 add("departing_soon", w.departing_soon, f"leaves in {days} day(s)", "user_context", days_until_departure=days, last_working_date=when)
-            if _field(user, "account_enabled") is False:
+            if _field(user, "account_enabled", None) is False:
                 add("account_disabled", w.account_disabled, "the account is disabled", "user_context", account_enabled=False)
-            employee_type = _field(user, "employee_type")
-            if isinstance(employee_type, str) and employee_type.strip().lower() in {t.lower() for t in s.contractor_types}:
+            employee_type = _field(user, "employee_type", None)
+            if isinstance(employee_type, str) and employee_type.strip().lower() in (contractor_types if contractor_types is not None else self._contractor_types()):
                 add("contractor", w.contractor, f"employee type {employee_type}", "user_context", employee_type=employee_type)
 
         info = fragments["sensitive_info"]
         if info is not None:
             by_category: dict[str, int] = {}
             confidence_of: dict[str, int] = {}
-            for item in _field(info, "types") or []:
-                category = _field(item, "category")
-                if category == "credentials" and (_field(item, "count") or 0) > 0:
-                    by_category["credentials"] = by_category.get("credentials", 0) + _field(item, "count")
-                confidence = _field(item, "confidence")
+            for item in _field(info, "types", None) or []:
+                category = _field(item, "category", None)
+                if category == "credentials" and (_field(item, "count", None) or 0) > 0:
+                    by_category["credentials"] = by_category.get("credentials", 0) + _field(item, "count", None)
+                confidence = _field(item, "confidence", None)
                 if confidence is not None and confidence >= s.high_confidence_threshold:
-                    by_category[category] = by_category.get(category, 0) + (_field(item, "count") or 0)
+                    by_category[category] = by_category.get(category, 0) + (_field(item, "count", None) or 0)
                     confidence_of[category] = max(confidence_of.get(category, 0), confidence)
             for category, weight in (("financial", w.high_confidence_financial), ("health", w.high_confidence_health), ("personal", w.high_confidence_personal)):
                 if by_category.get(category):
@@ -199,16 +208,16 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
                         matches=by_category[category], max_confidence=confidence_of.get(category), threshold=s.high_confidence_threshold)
             if by_category.get("credentials"):
                 add("credentials", w.credentials, f"{by_category['credentials']} credential match(es)", "sensitive_info", matches=by_category["credentials"])
-            total = _field(info, "total_count") or 0
+            total = _field(info, "total_count", None) or 0
             if total >= s.volume_threshold:
                 add("volume", w.volume, f"{total} matches (threshold {s.volume_threshold})", "sensitive_info", matches=total, threshold=s.volume_threshold)
 
         prior = fragments["prior_incidents"]
         if prior is not None:
-            recent = _field(prior, "last_30_days") or 0
+            recent = _field(prior, "last_30_days", None) or 0
             if recent >= s.repeat_threshold:
                 add("repeat_offender", w.repeat_offender, f"{recent} prior DLP alert(s) in 30 days", "prior_incidents", last_30_days=recent, threshold=s.repeat_threshold)
-            same_policy = _field(prior, "same_policy_90_days")
+            same_policy = _field(prior, "same_policy_90_days", None)
             if same_policy:
                 add("same_policy_repeat", w.same_policy_repeat, f"{same_policy} prior alert(s) of the same policy in 90 days", "prior_incidents", same_policy_90_days=same_policy)
 
@@ -222,32 +231,33 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
         telemetry = fragments["telemetry"]
         if telemetry is not None:
             fired = False
-            sources = _field(telemetry, "sources") or {}
-            for rule in s.telemetry_rules:
-                hit = _first_hit(rule, sources)
+            sources = _field(telemetry, "sources", None) or {}
+            found = [(name, sources[name]) for name in sorted(sources) if _field(sources[name], "found", None)]  # in name order
+            for rule in s.telemetry_rules if found else ():  # no source found anything: no rule can fire
+                hit = _first_hit(rule, found)
                 if hit is not None:
                     source_name, field, value = hit
                     fired = True
                     add(rule.code, rule.points, f"{rule.label} ({source_name}.{field} = {value})", "telemetry", **{f"{source_name}.{field}": _evidence(value)})
-            if not fired and _field(telemetry, "found_any"):
-                known = sorted(name for name, result in sources.items() if _field(result, "found"))
+            if not fired and _field(telemetry, "found_any", None):
+                known = sorted(name for name, result in sources.items() if _field(result, "found", None))
                 add("telemetry_hit", w.telemetry_hit, "known to " + ", ".join(known), "telemetry", sources=", ".join(known))
 
-        score = min(100, sum(r.points for r in reasons))
+        score = min(100, sum(r["points"] for r in reasons))
         band: Literal["low", "medium", "high"] = "high" if score >= s.high_at else "medium" if score >= s.medium_at else "low"
-        reasons.sort(key=lambda r: (-r.points, r.code))
-        return Triage(score=score, band=band, thresholds={"medium": s.medium_at, "high": s.high_at}, reasons=reasons, missing_inputs=missing)
+        reasons.sort(key=lambda r: (-r["points"], r["code"]))
+        return Triage.model_validate(
+            {"score": score, "band": band, "thresholds": {"medium": s.medium_at, "high": s.high_at}, "reasons": reasons, "missing_inputs": missing}
+        )
 
 
-def _first_hit(rule: TelemetryRule, sources: dict[str, Any]) -> tuple[str, str, Any] | None:
-    """(source, field, value) of the first value the rule holds for, sources in name order."""
-    for source_name in sorted(sources):
+def _first_hit(rule: TelemetryRule, found: list[tuple[str, Any]]) -> tuple[str, str, Any] | None:
+    """(source, field, value) of the first value the rule holds for; `found`: (name, result) of the
+    sources that found something, in name order."""
+    for source_name, result in found:
         if rule.source is not None and source_name != rule.source:
             continue
-        result = sources[source_name]
-        if not _field(result, "found"):
-            continue
-        fields = _field(result, "fields") or {}
+        fields = _field(result, "fields", None) or {}
         for field in rule.fields:
             if field in fields and fields[field] not in (None, ""):
                 if rule.holds(fields[field]):
@@ -284,6 +294,6 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _field(fragment: Any, name: str) -> Any:
-    """A fragment's field by name, or None when it has no such field."""
-    return getattr(fragment, name, None)
+# A fragment's field by name: `_field(fragment, name, None)`, None when it has no such field
+# (the builtin itself: ~20 reads per alert, no Python call around each).
+_field = cast(Callable[[Any, str, None], Any], getattr)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -213,24 +213,34 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
             if fallback:
                 users.update((f"upn:{upn}", value) for upn, value in (await load_many(cache, fallback, self._lookup_directory, timeout=self.lookup_timeout)).items())
         results: list[UserContext | None | Exception] = []
+        # Alerts of one user on one day get the same fragment: made once per batch and shared
+        # (fragments are read-only), keyed by what it is made of.
+        made: dict[tuple[str, str | None, str | None, date], UserContext] = {}
         for alert, key, ctx in zip(alerts, keys, contexts):
             if key is None:
                 results.append(None)
                 continue
+            upn_key = alert.user.upn if alert.user else None
             user = users.get(key)
-            if user is None and alert.user and alert.user.upn:
-                user = users.get(f"upn:{alert.user.upn}")
+            if user is None and upn_key:
+                user = users.get(f"upn:{upn_key}")
             if isinstance(user, Exception):
                 results.append(user)
                 continue
             sources = ["graph" if self._batcher is not None else "directory"] if user is not None else []
             hr = None
+            upn = None
             if self._hr is not None:
-                upn = (alert.user.upn if alert.user else None) or (str(user.get("userPrincipalName") or "").lower() if user else None)
+                upn = upn_key or (str(user.get("userPrincipalName") or "").lower() if user else None)
                 hr = self._hr.get().get(upn) if upn else None
                 if hr is not None:
                     sources.append("hr")
-            results.append(_fragment(user, hr, sources, _alert_time(alert, ctx)))
+            at = _alert_time(alert, ctx)
+            made_key = (key, upn_key, upn, at.date())
+            fragment = made.get(made_key)
+            if fragment is None:
+                fragment = made[made_key] = _fragment(user, hr, sources, at)
+            results.append(fragment)
         return results
 
     # -- sources -------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from operator import attrgetter
 from typing import Any
 
 from pipeline.ingest.formats.common import named_policies
@@ -35,6 +36,8 @@ from pipeline.ingest.formats.contract import RANK_LIFECYCLE, AlertPart
 from pipeline.models import DlpAlert, validate_alert
 
 _LIST_FIELDS = ("files", "sensitive_info")
+_MERGED_FIELDS = frozenset(_LIST_FIELDS + ("user", "device"))  # merged from every part; any other field: the first part's
+_RANK_THEN_DIGEST = attrgetter("rank", "digest")
 _STATE_ORDER = {"matched": 0, "overridden": 1, "reported_false_positive": 2, "undone": 3}
 
 
@@ -45,22 +48,23 @@ def merge_parts(parts: Iterable[AlertPart]) -> dict[str, Any]:
     if any(part.rank == RANK_LIFECYCLE for part in parts):
         return merge_lifecycle(part for part in parts if part.rank == RANK_LIFECYCLE)
     merged: dict[str, Any] = {"source_format": "defender_streaming"}
-    for part in sorted(parts, key=lambda p: (p.rank, p.digest)):
+    for part in sorted(parts, key=_RANK_THEN_DIGEST):
         for key, value in part.data.items():
             if value is None:
                 continue
-            if key in _LIST_FIELDS:
+            if key not in _MERGED_FIELDS:  # most fields: the first value wins
+                if key not in merged:
+                    merged[key] = value
+            elif key in _LIST_FIELDS:
                 bucket = merged.setdefault(key, [])
                 for item in value:
                     if item not in bucket:
                         bucket.append(item)
-            elif key in ("user", "device"):
+            else:  # user, device: field by field
                 current = merged.setdefault(key, {})
                 for sub_key, sub_value in value.items():
                     if sub_value is not None and current.get(sub_key) is None:
                         current[sub_key] = sub_value
-            elif key not in merged:
-                merged[key] = value
     if not merged.get("policies"):
         merged["policies"] = named_policies(merged.get("policy_name"), merged.get("rule_name"))
     return merged

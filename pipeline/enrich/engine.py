@@ -12,7 +12,8 @@ Guarantees:
 - every alert gets a status per enricher (ok / skipped / failed / timed_out, with `duration_ms`); an
   enricher's failure, timeout, wrong answer or open circuit breaker never drops an alert;
 - records carry the alert's content id as `record_id`; alerts of one batch with the same content
-  become one record.
+  become one record; a fragment shared by several alerts is dumped once, and their records share
+  that dump (read a record's `enrichments`, do not change them: `to_dict()` gives a copy to change).
 """
 
 from __future__ import annotations
@@ -81,11 +82,21 @@ class EnrichmentEngine:
         for wave in self.chain.waves:
             await self._run_wave(wave, alerts, fragments, statuses)
         unique: dict[str, EnrichedRecord] = {}
+        # A fragment shared by several alerts (made once per user, say) is dumped once, and its records
+        # share the dump; the fragments, alive until the loop ends, are told apart by identity.
+        dumps: dict[int, dict[str, Any]] = {}
+
+        def dumped(fragment: BaseModel) -> dict[str, Any]:
+            dump = dumps.get(id(fragment))
+            if dump is None:
+                dump = dumps[id(fragment)] = fragment.model_dump(mode="json")
+            return dump
+
         for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses):
             record = EnrichedRecord.model_construct(
                 record_id=alert.content_id(),
                 alert=alert,
-                enrichments={name: fragment.model_dump(mode="json") for name, fragment in alert_fragments.items()},
+                enrichments={name: dumped(fragment) for name, fragment in alert_fragments.items()},
                 enrichment_status=alert_statuses,
                 pipeline_version=__version__,
                 processed_at=processed_at,

@@ -125,6 +125,40 @@ def test_the_dlp_dense_stream_decodes_byte_identical():
         assert outcome(fast) == outcome(full_path(body)) and len(fast.parts) == 100 and fast.skipped == 0
 
 
+@pytest.mark.usefixtures("path")
+def test_a_dlp_dense_body_is_searched_for_removed_keys_once_not_per_row(monkeypatch):
+    body = streams.dense_bodies(1)[0]
+    search = CallCounter(common.mentions_removed_key)
+    scrub = CallCounter(common.scrub)
+    monkeypatch.setattr(common, "mentions_removed_key", search)
+    monkeypatch.setattr(common, "scrub", scrub)
+    decoded = decode_message(body)
+    assert len(decoded.parts) == 100 and not decoded.rejected
+    expected = 1 if HAS_MSGSPEC and decode.msgspec is not None else 100  # the orjson path proves each row from its own bytes
+    assert search.calls == expected and scrub.calls == 0
+
+
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("spoiler", ["removed_key", "u_escape"])
+def test_one_row_that_needs_scrubbing_spoils_the_proof_of_a_dlp_dense_body(spoiler):
+    """A removed key (in a row's AdditionalFields) or a \\u escape anywhere in a dense body: the body
+    proves nothing, each row is searched on its own, and the row that names the key is scrubbed."""
+    document = orjson.loads(streams.dense_bodies(1)[0])
+    rows = document["records"]
+    evidence = rows[2]["properties"]  # the file evidence of the first alert
+    extra = json.loads(evidence["AdditionalFields"])
+    if spoiler == "removed_key":
+        extra["DetectedValues"] = [{"Name": "Credit Card Number", "Value": "4111 1111 1111 1111"}]
+        evidence["AdditionalFields"] = json.dumps(extra)
+    else:
+        rows[50]["properties"]["Title"] += " \\u00e9"  # a backslash and u00e9 in another alert's row: taken for a \\u escape
+    body = orjson.dumps(document)
+    assert not decode._names_nothing_removed(body)
+    fast = decode_message(body)
+    assert outcome(fast) == outcome(full_path(body)) and len(fast.parts) == 100
+    assert b"4111" not in orjson.dumps([part.data for part in fast.parts])
+
+
 # --- no DLP row is missed ---------------------------------------------------------------------
 
 def escape_letters(text: bytes, choose) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
@@ -83,16 +84,13 @@ def mentions_removed_key(text: str | bytes, *, has_escape: bool | None = None) -
     `has_escape`: whether valid JSON `text` holds a \\u escape, when the caller already knows."""
     if has_escape or (has_escape is None and has_unicode_escape(text)):
         return True
-    lowered = text.lower()
-    return any(_named(lowered, key) for key in (_KEYS_BYTES if isinstance(lowered, bytes) else _KEYS_TEXT))
-
-
-def _named(lowered: Any, key: Any) -> bool:
-    at = lowered.find(key)
-    while at != -1:
-        if at == 0 or not lowered[at - 1 : at].isalnum():
-            return True
-        at = lowered.find(key, at + 1)
+    lowered: Any = text.lower()
+    for key in _KEYS_BYTES if isinstance(lowered, bytes) else _KEYS_TEXT:  # one loop, no call per key: this runs on every DLP row
+        at = lowered.find(key)
+        while at != -1:
+            if at == 0 or not lowered[at - 1 : at].isalnum():
+                return True
+            at = lowered.find(key, at + 1)
     return False
 
 
@@ -163,7 +161,10 @@ def as_list(value: Any) -> list[Any]:
 
 def is_dlp_service(*values: Any) -> bool:
     """True when any value names the DLP service ("Microsoft Data Loss Prevention" and variants)."""
-    return any(isinstance(v, str) and DLP_SERVICE in v.lower() for v in values)
+    for value in values:
+        if isinstance(value, str) and DLP_SERVICE in value.lower():
+            return True
+    return False
 
 
 def severity(value: Any) -> str:
@@ -174,11 +175,11 @@ def severity(value: Any) -> str:
 
 def text(value: Any) -> str | None:
     """A non-empty stripped string, or None."""
+    if type(value) is str:
+        return value.strip() or None
     if value is None:
         return None
-    if not isinstance(value, str):
-        value = str(value)
-    value = value.strip()
+    value = value.strip() if isinstance(value, str) else str(value).strip()
     return value or None
 
 
@@ -230,22 +231,36 @@ def utc_timestamp(value: Any) -> str | None:
     return value
 
 
+# The rows of one split alert repeat its title (and often its application): the two functions of a
+# text below are kept for the last 1,024 texts, so each is worked out once per alert, not per row.
+@lru_cache(maxsize=1024)
+def _rule_in(title: str) -> str | None:
+    match = _RULE_IN_TITLE.search(title)
+    return match.group(1).strip() if match else None
+
+
+@lru_cache(maxsize=1024)
+def _workload_in(text: str) -> str | None:
+    lowered = text.lower()
+    for needle, name in _WORKLOADS:
+        if needle in lowered:
+            return name
+    return None
+
+
 def rule_from_title(title: str | None) -> str | None:
     if not title:
         return None
-    match = _RULE_IN_TITLE.search(title)
-    return match.group(1).strip() if match else None
+    return _rule_in(title)
 
 
 def workload_from_text(*values: Any) -> str | None:
     """Best-effort workload name (SharePoint, OneDrive, Exchange, Teams, Endpoint) from free text."""
     for value in values:
-        if not isinstance(value, str):
-            continue
-        lowered = value.lower()
-        for needle, name in _WORKLOADS:
-            if needle in lowered:
-                return name
+        if isinstance(value, str):
+            found = _workload_in(value)
+            if found is not None:
+                return found
     return None
 
 

@@ -85,11 +85,18 @@ def info_part(record: dict[str, Any], properties: dict[str, Any]) -> dict[str, A
     })
 
 
-def evidence_part(record: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
-    """Entity fields of one AlertEvidence row (user, file, device or cloud app)."""
+def evidence_part(
+    record: dict[str, Any], properties: dict[str, Any], *, extra: dict[str, Any] | None = None, clean: bool = False
+) -> dict[str, Any]:
+    """Entity fields of one AlertEvidence row (user, file, device or cloud app).
+
+    `extra`: the row's AdditionalFields already parsed (`common.json_object`), when the caller has
+    them; `clean`: the row's own bytes were searched and name no removed key (`RecordOutput.clean`),
+    so neither does its AdditionalFields text, and they need no scrubbing of their own."""
     raw_extra = properties.get("AdditionalFields")
-    extra = c.json_object(raw_extra)
-    if not isinstance(raw_extra, str) or c.mentions_removed_key(raw_extra):  # the text cannot spell a removed key otherwise
+    if extra is None:
+        extra = c.json_object(raw_extra)
+    if not clean and (not isinstance(raw_extra, str) or c.mentions_removed_key(raw_extra)):  # the text cannot spell a removed key otherwise
         extra = c.scrub(extra)
     entity = str(properties.get("EntityType") or "").lower()
     title = c.text(properties.get("Title"))
@@ -169,20 +176,17 @@ class DefenderStreamingDecoder:
             elif out.within_evidence_limit(management_activity.sensitive_info_entries(raw), "sensitive information entries"):
                 out.alert(cloud_app_dlp_activity(record, raw))
             return
-        if category == ALERT_INFO:
-            rank, build = RANK_ALERT_INFO, info_part
-        elif category == ALERT_EVIDENCE:
-            rank, build = RANK_EVIDENCE, evidence_part
-        else:
+        if category != ALERT_INFO and category != ALERT_EVIDENCE or not is_dlp_row(properties):
             out.skip()
             return
-        if not is_dlp_row(properties):
-            out.skip()
-            return
-        types = c.json_object(properties.get("AdditionalFields")).get("SensitiveInfoTypes")
+        extra = c.json_object(properties.get("AdditionalFields"))  # parsed once: the limit below and the evidence fields
+        types = extra.get("SensitiveInfoTypes")
         if not out.within_evidence_limit(len(types) if isinstance(types, list) else 0, "sensitive information types"):
             return
-        data = build(record, properties)
+        if category == ALERT_INFO:
+            rank, data = RANK_ALERT_INFO, info_part(record, properties)
+        else:
+            rank, data = RANK_EVIDENCE, evidence_part(record, properties, extra=extra, clean=getattr(out, "clean", False))
         alert_id = data.get("alert_id")
         if not alert_id:
             out.reject("invalid_record", "alert row without AlertId")

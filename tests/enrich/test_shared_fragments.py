@@ -1,0 +1,45 @@
+"""Fewer passes per alert (issue 19, item 6): alerts of one user in one batch share the fragments that
+depend only on the user (user_context for one day, telemetry for the same lookups), and a shared
+fragment is dumped once for their records. Every alert still gets exactly the values it got alone."""
+
+from __future__ import annotations
+
+import orjson
+
+from benchmarks import streams
+from benchmarks.__main__ import bench_config
+from pipeline.plugin_kit.testing import make_alerts
+from pipeline.runner import Runner
+
+
+def dense_alerts(users: int) -> list:
+    """The split alerts of one DLP-dense body (25 alerts), spread over `users` users."""
+    return make_alerts(streams.dense_bodies(1, users=users, seed=7)[0])
+
+
+async def test_alerts_of_one_user_share_one_dump_of_their_user_and_telemetry_fragments(tmp_path):
+    alerts = dense_alerts(users=3)
+    async with Runner(bench_config(tmp_path)) as runner:
+        records = (await runner.engine.enrich(alerts)).records
+    by_user: dict[str, list] = {}
+    for record in records:
+        by_user.setdefault(record.alert.user.upn, []).append(record)
+    assert len(records) == 25 and len(by_user) == 3
+    for same in by_user.values():
+        first = same[0]
+        for name in ("user_context", "telemetry"):
+            assert all(record.enrichments[name] is first.enrichments[name] for record in same), name
+        assert all(record.enrichments["triage"] is not first.enrichments["triage"] for record in same[1:])  # made per alert
+    one, other = (group[0] for group in list(by_user.values())[:2])
+    assert one.enrichments["user_context"] is not other.enrichments["user_context"]
+
+
+async def test_a_shared_fragment_gives_each_alert_what_it_gets_alone(tmp_path):
+    alerts = dense_alerts(users=3)
+    async with Runner(bench_config(tmp_path / "batch")) as runner:
+        together = {record.alert.alert_id: record for record in (await runner.engine.enrich(alerts)).records}
+    for alert in alerts[:6]:
+        async with Runner(bench_config(tmp_path / alert.alert_id)) as runner:
+            (alone,) = (await runner.engine.enrich([alert])).records
+        for name in ("user_context", "telemetry"):
+            assert orjson.dumps(together[alert.alert_id].enrichments[name]) == orjson.dumps(alone.enrichments[name])
