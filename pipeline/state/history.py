@@ -25,7 +25,7 @@ import sys
 import time
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from operator import attrgetter
@@ -145,13 +145,17 @@ class UserHistories:
     newest half are dropped, never those the latest `ensure` asked for, and the user's rows then
     start later: an alert older than that reads the range it lacks). An alert older than the rows
     held reads only the range they lack, and the entries written since the last read. `convert` turns the store's entries into the rows the reader counts on (once per
-    entry, not once per alert); a row has the entry's time as `at`.
+    entry, not once per alert); a row has the entry's time as `at`. `holder`, when given, makes
+    what `rows` returns instead of that list: any `HeldRows` (sensitive_info holds equal
+    activities as one group); the guarantees above are the holder's rows'.
     """
 
     def __init__(
-        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 2_000, max_rows: int = 2_000
+        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 2_000, max_rows: int = 2_000,
+        holder: Callable[[], HeldRows] | None = None,
     ) -> None:
         self.store, self.kind, self.convert = store, kind, convert
+        self.holder: Callable[[], HeldRows] = holder if holder is not None else (lambda: RowList(convert))
         self.ttl, self.max_users, self.max_rows = ttl, max_users, max_rows
         self._users: OrderedDict[str, _Held] = OrderedDict()
 
@@ -162,7 +166,7 @@ class UserHistories:
         async def refresh(user: str) -> None:
             held = self._users.get(user)
             if held is None:
-                held = _Held(since=since[user], loaded_at=now, rows=[], cursor=None)
+                held = _Held(since=since[user], loaded_at=now, rows=self.holder(), cursor=None)
             held.needed = since[user]
             if held.since > since[user]:  # older entries needed: only the range not held yet
                 older = await _older(self.store, self.kind, user, since[user], held.since)
@@ -181,9 +185,10 @@ class UserHistories:
         while len(self._users) > max(self.max_users, len(since)):
             self._users.popitem(last=False)
 
-    def rows(self, user: str) -> list[Any]:
+    def rows(self, user: str) -> Any:
+        """The user's held rows: a `RowList` newest first, or what `holder` makes (empty for a user not held)."""
         held = self._users.get(user)
-        return held.rows if held is not None else []
+        return held.rows if held is not None else self.holder()
 
     def add(self, entries: Sequence[HistoryEntry]) -> None:
         """Entries this process just wrote: kept in the histories already held, newest first."""
@@ -203,16 +208,56 @@ class UserHistories:
         if not fresh:
             return
         held.keys.update(((e.entry_id, e.content_id), e.at) for e in fresh)
-        held.rows[:0] = self.convert(fresh[::-1])
-        held.rows.sort(key=_AT, reverse=True)  # stable: at one time, the later write stays first
+        held.rows.add(fresh)
         if len(held.rows) > self.max_rows:
             # the newest time that goes: never one the latest `ensure` asked for
-            cut = min(held.rows[self.max_rows // 2].at, math.nextafter(held.needed, -math.inf))
-            kept = bisect_left(held.rows, -cut, key=_minus_at)
-            if kept < len(held.rows):
-                held.rows = held.rows[:kept]
+            cut = min(held.rows.at_of(self.max_rows // 2), math.nextafter(held.needed, -math.inf))
+            if held.rows.drop_through(cut):
                 held.since = math.nextafter(cut, math.inf)
                 held.keys = {key: at for key, at in held.keys.items() if at >= held.since}
+
+
+class HeldRows(Protocol):
+    """What `UserHistories` keeps of one user: rows with a time, each (entry id, content id) once."""
+
+    def __len__(self) -> int:
+        """The rows held."""
+        ...
+
+    def add(self, entries: Sequence[HistoryEntry]) -> None:
+        """Entries in write order (oldest write first), none of them held already."""
+        ...
+
+    def at_of(self, index: int) -> float:
+        """The time of the `index`-th newest row (0: the newest; at one time, the latest written first)."""
+        ...
+
+    def drop_through(self, cut: float) -> bool:
+        """Drop every row with at <= cut; whether any was dropped."""
+        ...
+
+
+class RowList(list[Any]):
+    """The default `HeldRows`: a list of `convert`ed entries, newest first (at one time, the latest
+    written first), so `between` finds a time range by bisection."""
+
+    def __init__(self, convert: Any = list) -> None:
+        super().__init__()
+        self.convert = convert
+
+    def add(self, entries: Sequence[HistoryEntry]) -> None:
+        self[:0] = self.convert(list(entries)[::-1])
+        self.sort(key=_AT, reverse=True)  # stable: at one time, the later write stays first
+
+    def at_of(self, index: int) -> float:
+        return float(self[index].at)
+
+    def drop_through(self, cut: float) -> bool:
+        kept = bisect_left(self, -cut, key=_minus_at)
+        if kept == len(self):
+            return False
+        del self[kept:]
+        return True
 
 
 
@@ -480,7 +525,7 @@ def _minus_at(row: Any) -> float:
 class _Held:
     since: float  # the rows cover every entry at or after this time
     loaded_at: float  # time.monotonic() of the read
-    rows: list[Any]  # newest first
+    rows: HeldRows
     cursor: Any  # the store's, for the next incremental read
     needed: float = -math.inf  # the `since` the latest `ensure` asked for: rows from it on are never dropped
     keys: dict[tuple[str, str], float] = field(default_factory=dict)  # (entry id, content id) -> at, of the entries held
