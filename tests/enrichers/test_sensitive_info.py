@@ -161,8 +161,8 @@ def test_correlation_window_is_inclusive_on_both_sides_and_picks_the_newest_cont
 
     entries = [activity("late-out", 1801), activity("late-in", 1800), activity("revised", 60, count=2, content="new"),
                activity("revised", 30, count=7), activity("early-in", -1800), activity("early-out", -1801)]
-    infos, ids, _labels = enricher._correlate(alert, _prepared(sorted(entries, key=lambda e: -e.at)))
-    assert ids == ["early-in", "late-in", "revised"]
+    infos, ids, _labels, used = enricher._correlate(alert, _prepared(sorted(entries, key=lambda e: -e.at)))
+    assert sorted(ids) == ["early-in", "late-in", "revised"] and used == 3
     assert [(i.name, i.count) for i in infos] == [("IBAN", 2)]  # only the newest content of "revised"
     assert enricher._correlate(alert, _prepared([activity("far", 7200)])) is None
 
@@ -217,7 +217,8 @@ async def test_the_activities_read_per_batch_follow_the_new_ones_not_the_history
             for number in range(1, 4):
                 results = await enricher.enrich_batch(batch(number), [])
             read_after_first[stored] = parsed[0]
-            assert len(results[-1].correlated_ids) == stored
+            assert results[-1].correlated_count == stored  # every activity counted, the newest 20 listed
+            assert results[-1].correlated_ids == sorted(f"act{i}" for i in range(stored - 20, stored))
             assert results[-1].total_count == 7
         finally:
             await enricher.aclose()
