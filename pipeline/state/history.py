@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -648,30 +649,51 @@ class SqliteHistoryStore:
     async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
         try:
             rows = self._db.execute(
-                f"SELECT data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?", (user, since, until, limit)
+                f"SELECT entry_id, content_id, at, data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?",
+                (user, since, until, limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
-        return [HistoryEntry(**orjson.loads(row[0])) for row in rows]
+        return [_stored_entry(user, *row) for row in rows]
 
     async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
         """The cursor is a rowid: a later read reads only the rows written after it."""
+        columns = "rowid, entry_id, content_id, at, data"
         try:
             if cursor is None:
-                rows = self._db.execute(f"SELECT rowid, data FROM history_{kind}s WHERE user = ? AND at >= ? ORDER BY rowid", (user, since)).fetchall()
+                rows = self._db.execute(f"SELECT {columns} FROM history_{kind}s WHERE user = ? AND at >= ? ORDER BY rowid", (user, since)).fetchall()
             else:
                 rows = self._db.execute(
-                    f"SELECT rowid, data FROM history_{kind}s INDEXED BY history_{kind}s_user WHERE user = ? AND rowid > ? AND at >= ? ORDER BY rowid",
+                    f"SELECT {columns} FROM history_{kind}s INDEXED BY history_{kind}s_user WHERE user = ? AND rowid > ? AND at >= ? ORDER BY rowid",
                     (user, cursor, since),
                 ).fetchall()
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
         self.rows_read += len(rows)
-        return [HistoryEntry(**orjson.loads(row[1])) for row in rows], (rows[-1][0] if rows else (cursor or 0))
+        return [_stored_entry(user, *row[1:]) for row in rows], (rows[-1][0] if rows else (cursor or 0))
 
     async def aclose(self) -> None:
         if self._owned:
             self._db.close()
+
+
+_CONTENT_START = b',"policy":'  # the first field of an entry's JSON after its ids, user and time (`record` writes the dataclass in field order)
+
+
+def _stored_entry(user: str, entry_id: str, content_id: str, at: float, data: Any) -> HistoryEntry:
+    """The entry of one stored row. Its ids and time are the row's columns; the rest of its JSON (policy,
+    severity, files, types, labels), equal across the entries of one kind of document and policy, is
+    parsed once per distinct text (`_content_of`), so the lists of equal entries are one object each:
+    entries read from the store are read-only. A row whose JSON is not laid out so is parsed whole."""
+    start = data.find(_CONTENT_START) if isinstance(data, bytes) else -1
+    if start < 0:
+        return HistoryEntry(**orjson.loads(data))
+    return HistoryEntry(entry_id=entry_id, content_id=content_id, user=user, at=at, **_content_of(b"{" + data[start + 1 :]))
+
+
+@lru_cache(maxsize=1024)
+def _content_of(text: bytes) -> dict[str, Any]:
+    return orjson.loads(text)
 
 
 # -- Azure Table Storage -------------------------------------------------------------------------
