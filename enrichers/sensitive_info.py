@@ -24,7 +24,7 @@ import logging
 import re
 import time
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -344,7 +344,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             return _revisions_correlated(matched, limit)
         # Every id is in one group only: counts add up, and each group's types and labels are used.
         types = {group.types: group.infos for group in matched}  # each distinct list of types merged once, newest first
-        newest = heapq.merge(*(((group.at, number, entry_id) for entry_id, number in reversed(group.ids.items())) for group in matched), reverse=True)
+        newest = heapq.merge(*(group.rows_newest_first() for group in matched), reverse=True)
         return _Correlation(
             merge_types(types.values()),
             [entry_id for _at, _number, entry_id in itertools.islice(newest, limit)],
@@ -461,7 +461,14 @@ class _Group:
     shares_ids: bool = False  # may hold an entry id another group holds too (a revision of other content)
 
     def newest(self) -> int:
+        """The write number of the group's latest written row."""
         return next(reversed(self.ids.values()))
+
+    def rows_newest_first(self) -> Iterator[tuple[float, int, str]]:
+        """(time, write number, entry id) of each row, the latest written first."""
+        at = self.at
+        for entry_id, number in reversed(self.ids.items()):
+            yield at, number, entry_id
 
 
 class _Activities:

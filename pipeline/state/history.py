@@ -677,23 +677,31 @@ class SqliteHistoryStore:
             self._db.close()
 
 
+_ENTRY_START = b'{"entry_id":'
 _CONTENT_START = b',"policy":'  # the first field of an entry's JSON after its ids, user and time (`record` writes the dataclass in field order)
+_CONTENT_FIELDS = frozenset(("policy", "severity", "files", "sensitive_info", "labels"))
 
 
 def _stored_entry(user: str, entry_id: str, content_id: str, at: float, data: Any) -> HistoryEntry:
-    """The entry of one stored row. Its ids and time are the row's columns; the rest of its JSON (policy,
-    severity, files, types, labels), equal across the entries of one kind of document and policy, is
-    parsed once per distinct text (`_content_of`), so the lists of equal entries are one object each:
-    entries read from the store are read-only. A row whose JSON is not laid out so is parsed whole."""
-    start = data.find(_CONTENT_START) if isinstance(data, bytes) else -1
-    if start < 0:
-        return HistoryEntry(**orjson.loads(data))
-    return HistoryEntry(entry_id=entry_id, content_id=content_id, user=user, at=at, **_content_of(b"{" + data[start + 1 :]))
+    """The entry of one stored row, equal to its JSON parsed whole. Its ids and time are the row's
+    columns; the rest of its JSON (policy, severity, files, types, labels), equal across the entries
+    of one kind of document and policy, is parsed once per distinct text (`_content_of`), so equal
+    entries share their lists: entries read from the store are read-only. A row whose JSON is not
+    laid out so (ids, user and time first, then exactly those fields) is parsed whole."""
+    if isinstance(data, bytes) and data.startswith(_ENTRY_START) and (start := data.find(_CONTENT_START)) > 0:
+        try:
+            content = _content_of(b"{" + data[start + 1 :])
+        except orjson.JSONDecodeError:
+            content = None
+        if content is not None:
+            return HistoryEntry(entry_id=entry_id, content_id=content_id, user=user, at=at, **content)
+    return HistoryEntry(**orjson.loads(data))
 
 
 @lru_cache(maxsize=1024)
-def _content_of(text: bytes) -> dict[str, Any]:
-    return orjson.loads(text)
+def _content_of(text: bytes) -> dict[str, Any] | None:
+    fields = orjson.loads(text)
+    return fields if isinstance(fields, dict) and fields.keys() == _CONTENT_FIELDS else None
 
 
 # -- Azure Table Storage -------------------------------------------------------------------------
