@@ -205,10 +205,10 @@ class UserHistories:
         """Entries in write order into the rows: an (entry id, content id) held already is not added
         again; the latest written comes first among rows of one time. Past `max_rows`, the rows older
         than the newest half are dropped (cut between two times, never inside one)."""
-        fresh = [e for e in entries if (e.entry_id, e.content_id) not in held.keys]
+        fresh = [e for e in entries if (e.entry_id, hash(e.content_id)) not in held.keys]
         if not fresh:
             return
-        held.keys.update(((e.entry_id, e.content_id), e.at) for e in fresh)
+        held.keys.update(((e.entry_id, hash(e.content_id)), e.at) for e in fresh)
         held.rows.add(fresh)
         if len(held.rows) > self.max_rows:
             # the newest time that goes: never one the latest `ensure` asked for
@@ -529,7 +529,8 @@ class _Held:
     rows: HeldRows
     cursor: Any  # the store's, for the next incremental read
     needed: float = -math.inf  # the `since` the latest `ensure` asked for: rows from it on are never dropped
-    keys: dict[tuple[str, str], float] = field(default_factory=dict)  # (entry id, content id) -> at, of the entries held
+    # (entry id, hash of the content id) -> at, of the entries held: the hash, not the string, is kept (as `AlertTally` does)
+    keys: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
 class HistorySettings(BaseModel):
