@@ -27,6 +27,7 @@ from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import datetime, timedelta
 from functools import lru_cache
 from operator import attrgetter
@@ -658,16 +659,14 @@ class SqliteHistoryStore:
         return [_stored_entry(user, *row) for row in rows]
 
     async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
-        """The cursor is a rowid: a later read reads only the rows written after it."""
-        columns = "rowid, entry_id, content_id, at, data"
+        """The cursor is a rowid: a later read reads only the rows written after it. Every read walks
+        the (user) index, in rowid order: no sort, even for a user's first read of all their rows."""
         try:
-            if cursor is None:
-                rows = self._db.execute(f"SELECT {columns} FROM history_{kind}s WHERE user = ? AND at >= ? ORDER BY rowid", (user, since)).fetchall()
-            else:
-                rows = self._db.execute(
-                    f"SELECT {columns} FROM history_{kind}s INDEXED BY history_{kind}s_user WHERE user = ? AND rowid > ? AND at >= ? ORDER BY rowid",
-                    (user, cursor, since),
-                ).fetchall()
+            rows = self._db.execute(
+                f"SELECT rowid, entry_id, content_id, at, data FROM history_{kind}s INDEXED BY history_{kind}s_user"
+                " WHERE user = ? AND rowid > ? AND at >= ? ORDER BY rowid",
+                (user, cursor or 0, since),
+            ).fetchall()
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
         self.rows_read += len(rows)
@@ -678,9 +677,11 @@ class SqliteHistoryStore:
             self._db.close()
 
 
+# `record` writes an entry's JSON in the dataclass's field order: its ids, user and time (the row's
+# columns too), then the fields `_content_of` parses, from `policy` on.
 _ENTRY_START = b'{"entry_id":'
-_CONTENT_START = b',"policy":'  # the first field of an entry's JSON after its ids, user and time (`record` writes the dataclass in field order)
-_CONTENT_FIELDS = frozenset(("policy", "severity", "files", "sensitive_info", "labels"))
+_CONTENT_FIELDS = tuple(f.name for f in dataclass_fields(HistoryEntry))[4:]
+_CONTENT_START = b',"' + _CONTENT_FIELDS[0].encode() + b'":'
 
 
 def _stored_entry(user: str, entry_id: str, content_id: str, at: float, data: Any) -> HistoryEntry:
@@ -695,14 +696,17 @@ def _stored_entry(user: str, entry_id: str, content_id: str, at: float, data: An
         except orjson.JSONDecodeError:
             content = None
         if content is not None:
-            return HistoryEntry(entry_id=entry_id, content_id=content_id, user=user, at=at, **content)
+            return HistoryEntry(entry_id, content_id, user, at, *content)
     return HistoryEntry(**orjson.loads(data))
 
 
 @lru_cache(maxsize=1024)
-def _content_of(text: bytes) -> dict[str, Any] | None:
+def _content_of(text: bytes) -> tuple[Any, ...] | None:
+    """The fields of `_CONTENT_FIELDS` in `HistoryEntry`'s order; None when the text has other keys."""
     fields = orjson.loads(text)
-    return fields if isinstance(fields, dict) and fields.keys() == _CONTENT_FIELDS else None
+    if not isinstance(fields, dict) or fields.keys() != set(_CONTENT_FIELDS):
+        return None
+    return tuple(fields[name] for name in _CONTENT_FIELDS)
 
 
 # -- Azure Table Storage -------------------------------------------------------------------------
