@@ -47,7 +47,8 @@ log = logging.getLogger("pipeline.enrichers.history")
 
 @dataclass(slots=True)
 class HistoryEntry:
-    """One alert or activity of one user, reduced to what the enrichers need."""
+    """One alert or activity of one user, reduced to what the enrichers need. Entries read from a
+    store are read-only: those of equal content may share their lists (`SqliteHistoryStore`)."""
 
     entry_id: str
     content_id: str
