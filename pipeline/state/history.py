@@ -692,19 +692,20 @@ def _stored_entry(user: str, entry_id: str, content_id: str, at: float, data: An
     entries share their lists: entries read from the store are read-only. A row whose JSON is not
     laid out so (ids, user and time first, then exactly those fields) is parsed whole."""
     if isinstance(data, bytes) and data.startswith(_ENTRY_START) and (start := data.find(_CONTENT_START)) > 0:
-        try:
-            content = _content_of(b"{" + data[start + 1 :])
-        except orjson.JSONDecodeError:
-            content = None
+        content = _content_of(data[start:])
         if content is not None:
             return HistoryEntry(entry_id, content_id, user, at, *content)
     return HistoryEntry(**orjson.loads(data))
 
 
 @lru_cache(maxsize=1024)
-def _content_of(text: bytes) -> tuple[Any, ...] | None:
-    """The fields of `_CONTENT_FIELDS` in `HistoryEntry`'s order; None when the text has other keys."""
-    fields = orjson.loads(text)
+def _content_of(rest: bytes) -> tuple[Any, ...] | None:
+    """The fields of `_CONTENT_FIELDS` in `HistoryEntry`'s order, from the rest of an entry's JSON
+    (`,"policy":…}`); None when that is not a JSON object of exactly those keys."""
+    try:
+        fields = orjson.loads(b"{" + rest[1:])
+    except orjson.JSONDecodeError:
+        return None
     if not isinstance(fields, dict) or fields.keys() != set(_CONTENT_FIELDS):
         return None
     return tuple(fields[name] for name in _CONTENT_FIELDS)
