@@ -18,14 +18,17 @@ then the `labels.names` table. A lookup service that is down or refuses costs na
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import re
 import time
-from collections.abc import Awaitable
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -36,7 +39,7 @@ from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert, SensitiveInfo
 from pipeline.plugins import shared_credential
-from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, between, entry_of, event_time, open_history_store, user_key
+from pipeline.state.history import HistoryEntry, HistorySettings, HistoryWriter, UserHistories, entry_of, event_time, open_history_store, user_key
 
 log = logging.getLogger("pipeline.enrichers.sensitive_info")
 
@@ -102,7 +105,10 @@ class SensitiveInfoSummary(BaseModel):
     sensitivity_labels: list[SensitivityLabel] = Field(default_factory=list, description="each label id with its name")
     sensitivity_label_names: list[str] = Field(default_factory=list)
     source: Literal["alert", "correlated", "hunting"] = Field("alert", description="where the types came from")
-    correlated_ids: list[str] = Field(default_factory=list, description="ids of the rule-match activities used")
+    correlated_ids: list[str] = Field(
+        default_factory=list, description="ids of the rule-match activities used, sorted: the newest `max_correlated_ids` of them when there are more"
+    )
+    correlated_count: int = Field(0, description="how many rule-match activities were used (`correlated_ids` lists at most `max_correlated_ids`)")
 
 
 class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
@@ -114,6 +120,9 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         high_confidence_threshold: int = Field(85, ge=0, le=100)
         correlate: bool = Field(True, description="fill alerts without SIT data from rule-match activities seen by the pipeline")
         window_minutes: float = Field(60, gt=0, le=7 * 24 * 60, description="an activity matches within this time of the alert")
+        max_correlated_ids: int = Field(
+            20, ge=0, le=1000, description="`correlated_ids` lists at most this many activities, the newest; `correlated_count` counts them all"
+        )
         store: HistorySettings = Field(default_factory=HistorySettings)
         hunting: HuntingSettings | None = Field(None, description="else look for the rule match in CloudAppEvents via Advanced Hunting")
         custom_types: dict[str, CustomType] = Field(default_factory=dict, description="type id -> name and category, for the tenant's custom types")
@@ -143,7 +152,8 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         self.writer = HistoryWriter(self.store) if self.store is not None else None
         # Each user's activities, read once and reused across batches for `store.reuse_seconds`, kept
         # current with this process's own writes (other hosts' writes show up within that time).
-        self.activities = UserHistories(self.store, "activity", convert=_prepared, ttl=self.settings.store.reuse_seconds) if self.store is not None else None
+        # Held as groups of equal activities (`_Activities`): correlation walks groups, not rows.
+        self.activities = UserHistories(self.store, "activity", holder=_Activities, ttl=self.settings.store.reuse_seconds) if self.store is not None else None
         self._tenant_client: TenantTypes | None = None
         self._labels_client: GraphLabels | None = None
         self.tenant_types: RefreshedTable[str] | None = None
@@ -197,7 +207,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         await self._record(alerts)
         cache = contexts[0].cache if contexts else None
         needing = [index for index, alert in enumerate(alerts) if _needs_correlation(alert)]
-        correlated: dict[int, Any] = {}  # alert index -> (types, activity ids, labels) or None
+        correlated: dict[int, Any] = {}  # alert index -> a _Correlation or None
         hunted: dict[int, Any] = {}  # alert index -> the same from Advanced Hunting, or the exception
         if needing:
             activities = await self._activities([alerts[index] for index in needing])
@@ -209,17 +219,17 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
                 user = user_key(alert) or ""
                 key = (user, event_time(alert, self._clock()), alert.policy_name, *_alert_keys(alert))
                 if key not in answers:
-                    answers[key] = self._correlate(alert, activities.get(user, []))
+                    answers[key] = self._correlate(alert, activities.get(user) or _Activities())
                 correlated[index] = answers[key]
             hunt = [index for index in needing if correlated[index] is None] if self.hunting is not None else []
             if hunt:
                 by_id = {alerts[index].alert_id: alerts[index] for index in hunt}
                 answers = await load_many(cache, (("hunting", alert_id) for alert_id in by_id), lambda key: self._hunt(by_id[key[1]]), timeout=self.lookup_timeout)
                 hunted = {index: answers[("hunting", alerts[index].alert_id)] for index in hunt}
-        found: list[tuple[list[SensitiveInfo], list[str], str, list[str]] | Exception] = []
+        found: list[tuple[list[SensitiveInfo], list[str], str, list[str], int] | Exception] = []
         for index, alert in enumerate(alerts):
             labels = sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id})
-            infos, ids, source = list(alert.sensitive_info), [], "alert"
+            infos, ids, source, count = list(alert.sensitive_info), [], "alert", 0
             match, source_if_found = correlated.get(index), "correlated"
             if index in hunted:
                 match, source_if_found = hunted[index], "hunting"
@@ -227,16 +237,16 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
                     found.append(match)
                     continue
             if match:
-                (infos, ids, found_labels), source = match, source_if_found
+                (infos, ids, found_labels, count), source = match, source_if_found
                 labels = sorted(set(labels) | set(found_labels))
-            found.append((infos, labels, source, ids))
+            found.append((infos, labels, source, ids, count))
         await self._refresh_names([item for item in found if not isinstance(item, Exception)])
         return [
-            item if isinstance(item, Exception) else (self.summarize(item[0], item[1], source=item[2], ids=item[3]) if item[0] or item[1] else None)
+            item if isinstance(item, Exception) else (self.summarize(item[0], item[1], source=item[2], ids=item[3], count=item[4]) if item[0] or item[1] else None)
             for item in found
         ]
 
-    async def _refresh_names(self, found: list[tuple[list[SensitiveInfo], list[str], str, list[str]]]) -> None:
+    async def _refresh_names(self, found: list[tuple[list[SensitiveInfo], list[str], str, list[str], int]]) -> None:
         """Fetch the tenant's lists when stale, and only when the batch has an id they could name."""
         waits: list[Awaitable[Any]] = []
         if self.tenant_types is not None and any(self._local_name(s)[0] is None for infos, *_ in found for s in infos if s.type_id):
@@ -275,7 +285,10 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             return SensitivityLabel(id=label_id, name=name, source="config")
         return SensitivityLabel(id=label_id, name=None)
 
-    def summarize(self, infos: list[SensitiveInfo], labels: list[str], *, source: str = "alert", ids: list[str] | None = None) -> SensitiveInfoSummary:
+    def summarize(
+        self, infos: list[SensitiveInfo], labels: list[str], *, source: str = "alert", ids: list[str] | None = None, count: int | None = None
+    ) -> SensitiveInfoSummary:
+        """`ids`: the activity ids to list (the caller bounds them); `count`: how many were used (default: len(ids))."""
         threshold = self.settings.high_confidence_threshold
         types = [self.named_type(s) for s in infos]
         named_labels = [self.named_label(label) for label in labels]
@@ -293,9 +306,10 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
             sensitivity_label_names=[label.name for label in named_labels if label.name],
             source=source,
             correlated_ids=sorted(ids or []),
+            correlated_count=len(ids or []) if count is None else count,
         )
 
-    async def _activities(self, alerts: list[DlpAlert]) -> dict[str, list[_Activity]]:
+    async def _activities(self, alerts: list[DlpAlert]) -> dict[str, _Activities]:
         """Each user's stored rule-match activities around the batch's alerts: one read per user,
         reused across batches (`UserHistories`)."""
         if self.activities is None:
@@ -309,27 +323,36 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         await self.activities.ensure(since)
         return {user: self.activities.rows(user) for user in since}
 
-    def _correlate(self, alert: DlpAlert, activities: list[_Activity]) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
-        """Rule-match activities of the same user near the alert's time, on the same file and policy."""
+    def _correlate(self, alert: DlpAlert, activities: _Activities) -> _Correlation | None:
+        """Rule-match activities of the same user near the alert's time, on the same file and policy:
+        of each activity, its newest content that matches. One test per group of equal activities
+        (`_Activities`), never one per activity; the ids are bounded (`max_correlated_ids`, the newest)."""
         at = event_time(alert, self._clock())
         window = self.settings.window_minutes * 60
         files = {f.name.lower() for f in alert.files if f.name}
         names = {s.name.lower() for s in alert.sensitive_info if s.name}
-        matched: dict[str, _Activity] = {}
-        for row in between(activities, at - window, at + window):
-            if files and row.files and not files & row.files:
-                continue
-            if alert.policy_name and row.policy and alert.policy_name != row.policy:
-                continue
-            if names and not names & row.names:
-                continue
-            matched.setdefault(row.entry.entry_id, row)  # newest content of an activity first
+        matched = [
+            group for group in activities.between(at - window, at + window)
+            if not (files and group.files and not files & group.files)
+            and not (alert.policy_name and group.policy and alert.policy_name != group.policy)
+            and not (names and not names & group.names)
+        ]
         if not matched:
             return None
-        groups = {row.types: row.entry.sensitive_info for row in matched.values()}  # each distinct list of types merged once
-        return merge_types(groups.values()), sorted(matched), sorted({label for row in matched.values() for label in row.entry.labels})
+        limit = self.settings.max_correlated_ids
+        if any(group.shares_ids for group in matched):
+            return _revisions_correlated(matched, limit)
+        # Every id is in one group only: counts add up, and each group's types and labels are used.
+        types = {group.types: group.infos for group in matched}  # each distinct list of types merged once, newest first
+        newest = heapq.merge(*(group.rows_newest_first() for group in matched), reverse=True)
+        return _Correlation(
+            merge_types(types.values()),
+            [entry_id for _at, _number, entry_id in itertools.islice(newest, limit)],
+            sorted({label for group in matched for label in group.labels}),
+            sum(len(group.ids) for group in matched),
+        )
 
-    async def _hunt(self, alert: DlpAlert) -> tuple[list[SensitiveInfo], list[str], list[str]] | None:
+    async def _hunt(self, alert: DlpAlert) -> _Correlation | None:
         assert self.hunting is not None
         if alert.user is None:
             return None
@@ -346,7 +369,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         )
         files = {f.name.lower() for f in alert.files if f.name}
         infos: list[list[dict[str, Any]]] = []
-        ids: list[str] = []
+        ids: list[tuple[str, str]] = []  # (Timestamp, activity id)
         labels: set[str] = set()
         for row in await self.hunting.query(kql):
             raw = row.get("RawEventData")
@@ -365,10 +388,11 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
                 continue
             infos.append(list(activity.get("sensitive_info") or []))
             labels.update(f.get("sensitivity_label_id") for f in activity.get("files") or [] if f.get("sensitivity_label_id"))
-            ids.append(str(activity.get("alert_id") or row.get("ReportId") or ""))
+            ids.append((str(row.get("Timestamp") or ""), str(activity.get("alert_id") or row.get("ReportId") or "")))
         if not infos:
             return None
-        return merge_types(infos), sorted(i for i in ids if i), sorted(labels)
+        named = [pair for pair in ids if pair[1]]
+        return _Correlation(merge_types(infos), [entry_id for _at, entry_id in sorted(named, reverse=True)[: self.settings.max_correlated_ids]], sorted(labels), len(named))
 
 
 def _needs_correlation(alert: DlpAlert) -> bool:
@@ -382,37 +406,143 @@ def _alert_keys(alert: DlpAlert) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(f.name.lower() for f in alert.files if f.name), frozenset(s.name.lower() for s in alert.sensitive_info if s.name)
 
 
-def _shared_types(entry: HistoryEntry) -> bytes:
-    """Replace the entry's list of types by one shared with every held activity of equal types, and
-    return its hashable key: equal lists, one key and one list in memory (activities of one kind
-    of document carry the same types), at most 4,096 distinct lists shared."""
-    key, shared = _types_of(orjson.dumps(entry.sensitive_info, option=orjson.OPT_SORT_KEYS))
-    entry.sensitive_info = shared
-    return key
-
-
 @lru_cache(maxsize=4096)
 def _types_of(key: bytes) -> tuple[bytes, list[dict[str, Any]]]:
+    """The types of a held activity, hashable, and one list in memory for equal types (activities
+    of one kind of document carry the same types), at most 4,096 distinct lists shared."""
     return key, orjson.loads(key)
 
 
-@dataclass(slots=True, frozen=True)
-class _Activity:
-    """A stored activity with what `_correlate` compares prepared once (not once per alert)."""
+class _Correlation(NamedTuple):
+    infos: list[SensitiveInfo]  # the types, merged
+    ids: list[str]  # the newest activities used, at most `max_correlated_ids`
+    labels: list[str]
+    used: int  # every activity used
+
+
+def _revisions_correlated(matched: list[_Group], limit: int) -> _Correlation:
+    """`_correlate` when an entry id is in more than one matching group (revisions of other
+    content): rows walked newest first, each id taken once, at its newest matching content."""
+    rows = sorted(((group.at, number, entry_id, group) for group in matched for entry_id, number in group.ids.items()), key=lambda row: row[:2], reverse=True)
+    chosen: dict[str, _Group] = {}
+    for _at, _number, entry_id, group in rows:
+        chosen.setdefault(entry_id, group)
+    types = {group.types: group.infos for group in chosen.values()}
+    return _Correlation(
+        merge_types(types.values()), list(itertools.islice(chosen, limit)), sorted({label for group in chosen.values() for label in group.labels}), len(chosen)
+    )
+
+
+def _prepared(entries: list[HistoryEntry]) -> _Activities:
+    """The held form of `entries` (in write order, oldest write first): what `_correlate` reads."""
+    held = _Activities()
+    held.add(entries)
+    return held
+
+
+@lru_cache(maxsize=4096)
+def _shared(value: Any) -> Any:
+    """One object for equal values (file and type name sets, label tuples): the first one met."""
+    return value
+
+
+@dataclass(slots=True, eq=False)
+class _Group:
+    """Activities of one user at one time equal in all that `_correlate` reads but their ids."""
 
     at: float
     files: frozenset[str]
     policy: str | None
     names: frozenset[str]
-    entry: HistoryEntry
-    types: bytes  # the entry's types, hashable: equal lists, equal keys
+    types: bytes  # the types, hashable: equal lists, equal keys
+    infos: list[dict[str, Any]]  # the types, shared by every group of equal types
+    labels: tuple[str, ...]
+    ids: dict[str, int]  # entry id -> write number; in write order, the latest last
+    shares_ids: bool = False  # may hold an entry id another group holds too (a revision of other content)
+
+    def newest(self) -> int:
+        """The write number of the group's latest written row."""
+        return next(reversed(self.ids.values()))
+
+    def rows_newest_first(self) -> Iterator[tuple[float, int, str]]:
+        """(time, write number, entry id) of each row, the latest written first."""
+        at = self.at
+        for entry_id, number in reversed(self.ids.items()):
+            yield at, number, entry_id
 
 
-def _prepared(entries: list[HistoryEntry]) -> list[_Activity]:
-    return [
-        _Activity(e.at, frozenset(e.files), e.policy, frozenset(str(s.get("name", "")).lower() for s in e.sensitive_info), e, _shared_types(e))
-        for e in entries
-    ]
+class _Activities:
+    """One user's held rule-match activities (`HeldRows` of `UserHistories`), as groups of equal ones.
+
+    Guarantees: every (entry id, content) added is held, as the entry id in the group of what
+    `_correlate` compares (time, files, policy, type names, types, labels); equal activities (one
+    kind of document, one policy: the common case) cost one group and an id each, not a row each,
+    and `_correlate` walks the groups of its window, not the activities. A row is an id in a group
+    (a content of an entry equal to one held in the same group replaces it); rows are ordered newest
+    time first, at one time the latest written first (by write number)."""
+
+    __slots__ = ("_groups", "_times", "_keys", "_group_of", "_rows", "_written")
+
+    def __init__(self) -> None:
+        self._groups: dict[float, list[_Group]] = {}  # time -> its groups
+        self._times: list[float] = []  # the distinct times held, ascending
+        self._keys: dict[tuple[Any, ...], _Group] = {}  # (time, files, policy, names, types, labels) -> group
+        self._group_of: dict[str, _Group] = {}  # entry id -> a group holding it, to tell one held by two groups
+        self._rows = 0
+        self._written = 0
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def add(self, entries: Sequence[HistoryEntry]) -> None:
+        for entry in entries:
+            types, infos = _types_of(orjson.dumps(entry.sensitive_info, option=orjson.OPT_SORT_KEYS))
+            files = _shared(frozenset(entry.files))
+            names = _shared(frozenset(str(s.get("name", "")).lower() for s in infos))
+            labels = _shared(tuple(entry.labels))
+            key = (entry.at, files, entry.policy, names, types, labels)
+            group = self._keys.get(key)
+            if group is None:
+                group = self._keys[key] = _Group(entry.at, files, entry.policy, names, types, infos, labels, {})
+                if entry.at not in self._groups:
+                    self._groups[entry.at] = []
+                    insort(self._times, entry.at)
+                self._groups[entry.at].append(group)
+            entry_id = entry.entry_id
+            if group.ids.pop(entry_id, None) is None:
+                self._rows += 1
+            self._written += 1
+            group.ids[entry_id] = self._written
+            other = self._group_of.setdefault(entry_id, group)
+            if other is not group:
+                other.shares_ids = group.shares_ids = True
+
+    def at_of(self, index: int) -> float:
+        for at in reversed(self._times):
+            index -= sum(len(group.ids) for group in self._groups[at])
+            if index < 0:
+                return at
+        raise IndexError(index)
+
+    def drop_through(self, cut: float) -> bool:
+        gone = bisect_right(self._times, cut)
+        if not gone:
+            return False
+        for at in self._times[:gone]:
+            for group in self._groups.pop(at):
+                del self._keys[(group.at, group.files, group.policy, group.names, group.types, group.labels)]
+                self._rows -= len(group.ids)
+                for entry_id in group.ids:
+                    if self._group_of.get(entry_id) is group:
+                        del self._group_of[entry_id]
+        del self._times[:gone]
+        return True
+
+    def between(self, since: float, until: float) -> list[_Group]:
+        """The groups with since <= at <= until, newest time first; at one time, the latest written first."""
+        found = [group for at in reversed(self._times[bisect_left(self._times, since) : bisect_right(self._times, until)]) for group in self._groups[at]]
+        found.sort(key=lambda group: (group.at, group.newest()), reverse=True)
+        return found
 
 
 def merge_types(groups: Any) -> list[SensitiveInfo]:

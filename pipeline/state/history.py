@@ -25,9 +25,11 @@ import time
 from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import datetime, timedelta
+from functools import lru_cache
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -45,7 +47,8 @@ log = logging.getLogger("pipeline.enrichers.history")
 
 @dataclass(slots=True)
 class HistoryEntry:
-    """One alert or activity of one user, reduced to what the enrichers need."""
+    """One alert or activity of one user, reduced to what the enrichers need. Entries read from a
+    store are read-only: those of equal content may share their lists (`SqliteHistoryStore`)."""
 
     entry_id: str
     content_id: str
@@ -145,13 +148,17 @@ class UserHistories:
     newest half are dropped, never those the latest `ensure` asked for, and the user's rows then
     start later: an alert older than that reads the range it lacks). An alert older than the rows
     held reads only the range they lack, and the entries written since the last read. `convert` turns the store's entries into the rows the reader counts on (once per
-    entry, not once per alert); a row has the entry's time as `at`.
+    entry, not once per alert); a row has the entry's time as `at`. `holder`, when given, makes
+    what `rows` returns instead of that list: any `HeldRows` (sensitive_info holds equal
+    activities as one group); the guarantees above are the holder's rows'.
     """
 
     def __init__(
-        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 2_000, max_rows: int = 2_000
+        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 2_000, max_rows: int = 2_000,
+        holder: Callable[[], HeldRows] | None = None,
     ) -> None:
         self.store, self.kind, self.convert = store, kind, convert
+        self.holder: Callable[[], HeldRows] = holder if holder is not None else (lambda: RowList(convert))
         self.ttl, self.max_users, self.max_rows = ttl, max_users, max_rows
         self._users: OrderedDict[str, _Held] = OrderedDict()
 
@@ -162,7 +169,7 @@ class UserHistories:
         async def refresh(user: str) -> None:
             held = self._users.get(user)
             if held is None:
-                held = _Held(since=since[user], loaded_at=now, rows=[], cursor=None)
+                held = _Held(since=since[user], loaded_at=now, rows=self.holder(), cursor=None)
             held.needed = since[user]
             if held.since > since[user]:  # older entries needed: only the range not held yet
                 older = await _older(self.store, self.kind, user, since[user], held.since)
@@ -181,9 +188,10 @@ class UserHistories:
         while len(self._users) > max(self.max_users, len(since)):
             self._users.popitem(last=False)
 
-    def rows(self, user: str) -> list[Any]:
+    def rows(self, user: str) -> Any:
+        """The user's held rows: a `RowList` newest first, or what `holder` makes (empty for a user not held)."""
         held = self._users.get(user)
-        return held.rows if held is not None else []
+        return held.rows if held is not None else self.holder()
 
     def add(self, entries: Sequence[HistoryEntry]) -> None:
         """Entries this process just wrote: kept in the histories already held, newest first."""
@@ -199,20 +207,60 @@ class UserHistories:
         """Entries in write order into the rows: an (entry id, content id) held already is not added
         again; the latest written comes first among rows of one time. Past `max_rows`, the rows older
         than the newest half are dropped (cut between two times, never inside one)."""
-        fresh = [e for e in entries if (e.entry_id, e.content_id) not in held.keys]
+        fresh = [e for e in entries if (e.entry_id, hash(e.content_id)) not in held.keys]
         if not fresh:
             return
-        held.keys.update(((e.entry_id, e.content_id), e.at) for e in fresh)
-        held.rows[:0] = self.convert(fresh[::-1])
-        held.rows.sort(key=_AT, reverse=True)  # stable: at one time, the later write stays first
+        held.keys.update(((e.entry_id, hash(e.content_id)), e.at) for e in fresh)
+        held.rows.add(fresh)
         if len(held.rows) > self.max_rows:
             # the newest time that goes: never one the latest `ensure` asked for
-            cut = min(held.rows[self.max_rows // 2].at, math.nextafter(held.needed, -math.inf))
-            kept = bisect_left(held.rows, -cut, key=_minus_at)
-            if kept < len(held.rows):
-                held.rows = held.rows[:kept]
+            cut = min(held.rows.at_of(self.max_rows // 2), math.nextafter(held.needed, -math.inf))
+            if held.rows.drop_through(cut):
                 held.since = math.nextafter(cut, math.inf)
                 held.keys = {key: at for key, at in held.keys.items() if at >= held.since}
+
+
+class HeldRows(Protocol):
+    """What `UserHistories` keeps of one user: rows with a time, each (entry id, content id) once."""
+
+    def __len__(self) -> int:
+        """The rows held."""
+        ...
+
+    def add(self, entries: Sequence[HistoryEntry]) -> None:
+        """Entries in write order (oldest write first), none of them held already."""
+        ...
+
+    def at_of(self, index: int) -> float:
+        """The time of the `index`-th newest row (0: the newest; at one time, the latest written first)."""
+        ...
+
+    def drop_through(self, cut: float) -> bool:
+        """Drop every row with at <= cut; whether any was dropped."""
+        ...
+
+
+class RowList(list[Any]):
+    """The default `HeldRows`: a list of `convert`ed entries, newest first (at one time, the latest
+    written first), so `between` finds a time range by bisection."""
+
+    def __init__(self, convert: Any = list) -> None:
+        super().__init__()
+        self.convert = convert
+
+    def add(self, entries: Sequence[HistoryEntry]) -> None:
+        self[:0] = self.convert(list(entries)[::-1])
+        self.sort(key=_AT, reverse=True)  # stable: at one time, the later write stays first
+
+    def at_of(self, index: int) -> float:
+        return float(self[index].at)
+
+    def drop_through(self, cut: float) -> bool:
+        kept = bisect_left(self, -cut, key=_minus_at)
+        if kept == len(self):
+            return False
+        del self[kept:]
+        return True
 
 
 
@@ -565,10 +613,11 @@ def _minus_at(row: Any) -> float:
 class _Held:
     since: float  # the rows cover every entry at or after this time
     loaded_at: float  # time.monotonic() of the read
-    rows: list[Any]  # newest first
+    rows: HeldRows
     cursor: Any  # the store's, for the next incremental read
     needed: float = -math.inf  # the `since` the latest `ensure` asked for: rows from it on are never dropped
-    keys: dict[tuple[str, str], float] = field(default_factory=dict)  # (entry id, content id) -> at, of the entries held
+    # (entry id, hash of the content id) -> at, of the entries held: the hash, not the string, is kept (as `AlertTally` does)
+    keys: dict[tuple[str, int], float] = field(default_factory=dict)
 
 
 class HistorySettings(BaseModel):
@@ -688,30 +737,63 @@ class SqliteHistoryStore:
     async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
         try:
             rows = self._db.execute(
-                f"SELECT data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?", (user, since, until, limit)
+                f"SELECT entry_id, content_id, at, data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?",
+                (user, since, until, limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
-        return [HistoryEntry(**orjson.loads(row[0])) for row in rows]
+        return [_stored_entry(user, *row) for row in rows]
 
     async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
-        """The cursor is a rowid: a later read reads only the rows written after it."""
+        """The cursor is a rowid: a later read reads only the rows written after it. Every read walks
+        the (user) index, in rowid order: no sort, even for a user's first read of all their rows."""
         try:
-            if cursor is None:
-                rows = self._db.execute(f"SELECT rowid, data FROM history_{kind}s WHERE user = ? AND at >= ? ORDER BY rowid", (user, since)).fetchall()
-            else:
-                rows = self._db.execute(
-                    f"SELECT rowid, data FROM history_{kind}s INDEXED BY history_{kind}s_user WHERE user = ? AND rowid > ? AND at >= ? ORDER BY rowid",
-                    (user, cursor, since),
-                ).fetchall()
+            rows = self._db.execute(
+                f"SELECT rowid, entry_id, content_id, at, data FROM history_{kind}s INDEXED BY history_{kind}s_user"
+                " WHERE user = ? AND rowid > ? AND at >= ? ORDER BY rowid",
+                (user, cursor or 0, since),
+            ).fetchall()
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
         self.rows_read += len(rows)
-        return [HistoryEntry(**orjson.loads(row[1])) for row in rows], (rows[-1][0] if rows else (cursor or 0))
+        return [_stored_entry(user, *row[1:]) for row in rows], (rows[-1][0] if rows else (cursor or 0))
 
     async def aclose(self) -> None:
         if self._owned:
             self._db.close()
+
+
+# `record` writes an entry's JSON in the dataclass's field order: its ids, user and time (the row's
+# columns too), then the fields `_content_of` parses, from `policy` on.
+_ENTRY_START = b'{"entry_id":'
+_CONTENT_FIELDS = tuple(f.name for f in dataclass_fields(HistoryEntry))[4:]
+_CONTENT_START = b',"' + _CONTENT_FIELDS[0].encode() + b'":'
+
+
+def _stored_entry(user: str, entry_id: str, content_id: str, at: float, data: Any) -> HistoryEntry:
+    """The entry of one stored row, equal to its JSON parsed whole. Its ids and time are the row's
+    columns; the rest of its JSON (policy, severity, files, types, labels), equal across the entries
+    of one kind of document and policy, is parsed once per distinct text (`_content_of`), so equal
+    entries share their lists: entries read from the store are read-only. A row whose JSON is not
+    laid out so (ids, user and time first, then exactly those fields) is parsed whole."""
+    if isinstance(data, bytes) and data.startswith(_ENTRY_START) and (start := data.find(_CONTENT_START)) > 0:
+        content = _content_of(data[start:])
+        if content is not None:
+            return HistoryEntry(entry_id, content_id, user, at, *content)
+    return HistoryEntry(**orjson.loads(data))
+
+
+@lru_cache(maxsize=1024)
+def _content_of(rest: bytes) -> tuple[Any, ...] | None:
+    """The fields of `_CONTENT_FIELDS` in `HistoryEntry`'s order, from the rest of an entry's JSON
+    (`,"policy":…}`); None when that is not a JSON object of exactly those keys."""
+    try:
+        fields = orjson.loads(b"{" + rest[1:])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(fields, dict) or fields.keys() != set(_CONTENT_FIELDS):
+        return None
+    return tuple(fields[name] for name in _CONTENT_FIELDS)
 
 
 # -- Azure Table Storage -------------------------------------------------------------------------

@@ -161,8 +161,8 @@ def test_correlation_window_is_inclusive_on_both_sides_and_picks_the_newest_cont
 
     entries = [activity("late-out", 1801), activity("late-in", 1800), activity("revised", 60, count=2, content="new"),
                activity("revised", 30, count=7), activity("early-in", -1800), activity("early-out", -1801)]
-    infos, ids, _labels = enricher._correlate(alert, _prepared(sorted(entries, key=lambda e: -e.at)))
-    assert ids == ["early-in", "late-in", "revised"]
+    infos, ids, _labels, used = enricher._correlate(alert, _prepared(sorted(entries, key=lambda e: -e.at)))
+    assert sorted(ids) == ["early-in", "late-in", "revised"] and used == 3
     assert [(i.name, i.count) for i in infos] == [("IBAN", 2)]  # only the newest content of "revised"
     assert enricher._correlate(alert, _prepared([activity("far", 7200)])) is None
 
@@ -217,8 +217,121 @@ async def test_the_activities_read_per_batch_follow_the_new_ones_not_the_history
             for number in range(1, 4):
                 results = await enricher.enrich_batch(batch(number), [])
             read_after_first[stored] = parsed[0]
-            assert len(results[-1].correlated_ids) == stored
+            assert results[-1].correlated_count == stored  # every activity counted, the newest 20 listed
+            assert results[-1].correlated_ids == sorted(f"act{i}" for i in range(stored - 20, stored))
             assert results[-1].total_count == 7
         finally:
             await enricher.aclose()
     assert read_after_first[200] == read_after_first[1_000] == 0  # nothing new was written
+
+
+def _activity_entry(entry_id: str, at: float, *, content: str = "c", files=("q1.xlsx",), policy: str | None = "Finance", types=None, labels=()):
+    from pipeline.state.history import HistoryEntry
+
+    return HistoryEntry(
+        entry_id=entry_id, content_id=content, user=MEGAN, at=at, policy=policy, files=list(files),
+        sensitive_info=list(types if types is not None else [{"name": "IBAN", "count": 1, "confidence": 85}]), labels=list(labels),
+    )
+
+
+def test_equal_activities_are_one_group_walked_once_and_the_ids_listed_are_bounded():
+    """1,000 equal activities (one kind of document, one policy, one time) are held as one group:
+    correlation tests one group, counts all 1,000 and lists the newest `max_correlated_ids`."""
+    from datetime import datetime
+
+    from enrichers.sensitive_info import SensitiveInfoEnricher, _prepared
+    from pipeline.models import DlpAlert
+
+    at = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
+    held = _prepared([_activity_entry(f"act{i:04d}", at.timestamp(), content=f"c{i}") for i in range(1_000)])
+    assert len(held) == 1_000 and len(held.between(at.timestamp() - 60, at.timestamp() + 60)) == 1
+    enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings(correlate=False, max_correlated_ids=5))
+    alert = DlpAlert(alert_id="a", source_format="sentinel_alert", created_at=at, user={"upn": MEGAN}, files=[{"name": "Q1.xlsx"}],
+                     sensitive_info=[{"name": "IBAN"}])
+    infos, ids, _labels, used = enricher._correlate(alert, held)
+    assert used == 1_000 and ids == ["act0999", "act0998", "act0997", "act0996", "act0995"]  # the latest written first
+    summary = enricher.summarize(infos, [], source="correlated", ids=ids, count=used)
+    assert summary.correlated_count == 1_000 and summary.correlated_ids == sorted(ids)
+
+
+def _correlated_row_by_row(alert, entries, window: float, limit: int):
+    """What `_correlate` answered before activities were grouped: every stored activity walked,
+    newest first (at one time, the latest written first), each id at its newest matching content."""
+    import orjson
+
+    from enrichers.sensitive_info import merge_types
+    from pipeline.state.history import event_time
+
+    at = event_time(alert, 0.0)
+    files = {f.name.lower() for f in alert.files if f.name}
+    names = {s.name.lower() for s in alert.sensitive_info if s.name}
+    matched = {}
+    for _written, entry in sorted(enumerate(entries), key=lambda pair: (pair[1].at, pair[0]), reverse=True):
+        entry_names = {str(s.get("name", "")).lower() for s in entry.sensitive_info}
+        if not at - window <= entry.at <= at + window:
+            continue
+        if files and entry.files and not files & set(entry.files):
+            continue
+        if alert.policy_name and entry.policy and alert.policy_name != entry.policy:
+            continue
+        if names and not names & entry_names:
+            continue
+        matched.setdefault(entry.entry_id, entry)
+    if not matched:
+        return None
+    types = {orjson.dumps(e.sensitive_info, option=orjson.OPT_SORT_KEYS): e.sensitive_info for e in matched.values()}
+    return merge_types(types.values()), list(matched)[:limit], sorted({label for e in matched.values() for label in e.labels}), len(matched)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grouped_correlation_answers_as_walking_every_activity(seed):
+    """Against the row-by-row walk, on random activities with revisions (one id, other content or
+    time), ties in time, equal and differing types of one name: the same types in the same order,
+    labels, count and newest ids; and the same after the oldest rows are dropped."""
+    import random
+    from datetime import datetime
+
+    from enrichers.sensitive_info import SensitiveInfoEnricher, _prepared
+    from pipeline.models import DlpAlert
+
+    rng = random.Random(seed)
+    base = datetime(2025, 3, 14, 9, 0, tzinfo=UTC).timestamp()
+    type_lists = [
+        [{"name": "IBAN", "count": 1, "confidence": 85}],
+        [{"name": "IBAN", "count": 4}],
+        [{"name": "Credit Card Number", "type_id": "50842eb7", "count": 2, "confidence": 75}, {"name": "IBAN", "count": 2}],
+        [{"type_id": "50842eb7", "name": "Card", "count": 9}],
+        [],
+    ]
+    for case in range(40):
+        entries = []
+        for index in range(rng.randrange(1, 60)):
+            entries.append(_activity_entry(
+                f"act{rng.randrange(25)}", base + rng.choice((-4000, -1800, -60, 0, 0, 0, 30, 1800, 1801)), content=f"c{case}-{index}",
+                files=rng.choice((("q1.xlsx",), ("q1.xlsx", "q2.xlsx"), ("other.docx",), ())), policy=rng.choice(("Finance", "HR", None)),
+                types=rng.choice(type_lists), labels=rng.choice(((), ("label-a",), ("label-a", "label-b"))),
+            ))
+        limit = rng.choice((0, 1, 3, 20))
+        enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings(correlate=False, window_minutes=30, max_correlated_ids=limit))
+        alert = DlpAlert(
+            alert_id="a", source_format="sentinel_alert", created_at=datetime.fromtimestamp(base + rng.choice((0, 60)), tz=UTC), user={"upn": MEGAN},
+            files=[{"name": name} for name in rng.choice(((), ("Q1.xlsx",), ("Q2.xlsx",)))], policy_name=rng.choice(("Finance", None)),
+            sensitive_info=[{"name": name} for name in rng.choice(((), ("IBAN",), ("Card",)))],
+        )
+        held = _prepared(entries)
+        assert enricher._correlate(alert, held) == _correlated_row_by_row(alert, entries, 30 * 60, limit), case
+        cut = rng.choice((base - 4000, base - 60, base))
+        held.drop_through(cut)
+        assert enricher._correlate(alert, held) == _correlated_row_by_row(alert, [e for e in entries if e.at > cut], 30 * 60, limit), case
+
+
+def test_the_held_activities_count_and_order_their_rows_as_the_rows_list_does():
+    """`_Activities` as `HeldRows`: a row per id and group (a content equal to one held replaces it),
+    `at_of` the time of the i-th newest row, `drop_through` every row at or before the cut."""
+    from enrichers.sensitive_info import _prepared
+
+    held = _prepared([_activity_entry("a", 10.0), _activity_entry("b", 30.0), _activity_entry("a", 10.0, content="again"),
+                      _activity_entry("a", 20.0, content="moved"), _activity_entry("c", 20.0, policy="HR")])
+    assert len(held) == 4 and [held.at_of(i) for i in range(4)] == [30.0, 20.0, 20.0, 10.0]
+    assert not held.drop_through(5.0) and held.drop_through(20.0)
+    assert len(held) == 1 and held.at_of(0) == 30.0
