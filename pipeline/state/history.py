@@ -25,7 +25,7 @@ import sys
 import time
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from operator import attrgetter
@@ -156,7 +156,9 @@ class UserHistories:
         self._users: OrderedDict[str, _Held] = OrderedDict()
 
     async def ensure(self, since: dict[str, float]) -> None:
-        """Make every user's history from `since[user]` on available to `rows` (at most one read per user)."""
+        """Make every user's history from `since[user]` on available to `rows` (at most one read per
+        user; none for a user whose rows are held from `since[user]` on and were read less than `ttl`
+        seconds ago)."""
         now = time.monotonic()
 
         async def refresh(user: str) -> None:
@@ -168,14 +170,19 @@ class UserHistories:
                 older = await _older(self.store, self.kind, user, since[user], held.since)
                 held.since = since[user]
                 self._merge(held, older[::-1])
-            elif held.cursor is not None and now - held.loaded_at < self.ttl:
-                return
             entries, held.cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
             held.loaded_at = now
             self._users[user] = held
             self._merge(held, entries)
 
-        await asyncio.gather(*(refresh(user) for user in since))
+        stale = []
+        for user, wanted in since.items():
+            held = self._users.get(user)
+            if held is not None and _fresh(held, wanted, now, self.ttl):
+                held.needed = wanted
+            else:
+                stale.append(user)
+        await _read_all([refresh(user) for user in stale])
         for user in since:
             self._users.move_to_end(user)
         while len(self._users) > max(self.max_users, len(since)):
@@ -215,6 +222,22 @@ class UserHistories:
                 held.keys = {key: at for key, at in held.keys.items() if at >= held.since}
 
 
+
+
+def _fresh(held: _Held | _Tallied, since: float, now: float, ttl: float) -> bool:
+    """Whether a user's held history serves a batch that needs it from `since` on without a read:
+    it starts no later than that and was read less than `ttl` seconds ago."""
+    return held.since <= since and held.cursor is not None and now - held.loaded_at < ttl
+
+
+async def _read_all(reads: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the users' reads side by side. One read is awaited in this task, so a batch that needs
+    one user read from a local store never waits on the loop (a task would make the caller wait for
+    the loop's next turn, and the enrichment engine would start the enricher's siblings in tasks)."""
+    if len(reads) == 1:
+        await reads[0]
+    elif reads:
+        await asyncio.gather(*reads)
 
 
 async def _older(store: HistoryStore, kind: Kind, user: str, since: float, held_since: float) -> list[HistoryEntry]:
@@ -427,16 +450,14 @@ class UserTallies:
                 for entry in reversed(await _older(self.store, self.kind, user, since[user], held.since)):
                     held.tally.apply(entry, self.names(entry))
                 held.since = since[user]
-            elif held.cursor is not None and now - held.loaded_at < self.ttl:
-                self._users[user] = held
-                return
             entries, cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
             for entry in entries:
                 held.tally.apply(entry, self.names(entry))
             held.cursor, held.loaded_at = cursor, now
             self._users[user] = held
 
-        await asyncio.gather(*(refresh(user) for user in since))
+        stale = [user for user, wanted in since.items() if (held := self._users.get(user)) is None or not _fresh(held, wanted, now, self.ttl)]
+        await _read_all([refresh(user) for user in stale])
         for user in since:
             self._users.move_to_end(user)
         while len(self._users) > max(self.max_users, len(since)):

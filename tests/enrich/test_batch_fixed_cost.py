@@ -8,6 +8,7 @@ import asyncio
 import sqlite3
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
 
@@ -168,3 +169,34 @@ async def test_siblings_that_wait_each_go_on_in_the_task_they_started_in_and_ove
         elapsed = time.perf_counter() - started
     assert enriched.states == {("one", "ok"): 1, ("two", "ok"): 1, ("three", "ok"): 1}
     assert elapsed < 0.55  # 0.3 s each, side by side
+
+
+def _alert_of_the_same_user(alert, alert_id: str):
+    """Another alert of the alert's user, an hour later (a window ends just before an alert's own time)."""
+    later = {name: getattr(alert, name) + timedelta(hours=1) for name in ("first_activity_at", "created_at", "last_activity_at") if getattr(alert, name)}
+    return alert.model_copy(update={"alert_id": alert_id, **later})
+
+
+async def test_a_batch_whose_users_histories_are_held_makes_no_task(write_config):
+    """The history enrichers read a user's history at most every `store.reuse_seconds`; a batch whose
+    users were read within it answers inline (no task, no wait on the loop), and so do their siblings."""
+    config = pipeline_toml(enrichers=[enricher_entry("prior_incidents"), enricher_entry("sensitive_info"), enricher_entry("triage")])
+    (alert,) = make_alerts("graph_alert")
+    async with Runner(write_config(config)) as runner:
+        first = await runner.engine.enrich([alert])
+        with counting_tasks() as made:
+            second = await runner.engine.enrich([_alert_of_the_same_user(alert, "second")])
+    assert made == []
+    assert first.records[0].enrichments["prior_incidents"]["last_90_days"] == 0
+    assert second.records[0].enrichments["prior_incidents"]["recent"][0]["alert_id"] == alert.alert_id  # the first one counted
+
+
+async def test_a_batch_that_reads_one_users_history_from_the_local_store_makes_no_task(write_config):
+    config = pipeline_toml(enrichers=[enricher_entry("prior_incidents", settings={"store": {"reuse_seconds": 0}})])
+    (alert,) = make_alerts("graph_alert")
+    async with Runner(write_config(config)) as runner:
+        await runner.engine.enrich([alert])
+        with counting_tasks() as made:
+            second = await runner.engine.enrich([_alert_of_the_same_user(alert, "second")])
+    assert made == []
+    assert second.records[0].enrichments["prior_incidents"]["last_90_days"] == 1
