@@ -148,7 +148,10 @@ class SqliteStateStore:
         try:
             # Nothing due (most batches of a quiet hub): one read, no write transaction. What is due is
             # read again inside the transaction, so an alert claimed elsewhere in between is not taken.
-            if self._db.execute(query, arguments).fetchone() is None:
+            # In a joined block whose transaction has begun (the batch stored parts) the lock is held
+            # already: no need to look first.
+            in_transaction = self._joined is not None and self._joined.begun
+            if not in_transaction and self._db.execute(query, arguments).fetchone() is None:
                 return []
             with self._transaction() as db:
                 ids = [row[0] for row in db.execute(query, arguments).fetchall()]
