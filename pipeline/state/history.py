@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import EnricherUnavailable, store_error
 from pipeline.models import DlpAlert
 from pipeline.secrets import SecretEnv
-from pipeline.state.sqlite import Transaction, connect
+from pipeline.state.sqlite import HeldWrites, Statement, Transaction, connect
 
 log = logging.getLogger("pipeline.enrichers.history")
 
@@ -582,11 +582,16 @@ def _convert_without_rowid(db: sqlite3.Connection, kind: str) -> None:
 class SqliteHistoryStore:
     """Short local transactions under an async signature, like the SQLite state store."""
 
-    def __init__(self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120) -> None:
+    def __init__(
+        self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120, held: HeldWrites | None = None
+    ) -> None:
         """`connection`: the state store's (its file, named by `path`), else a file of its own at `path`.
+        `held`: the state store's, which holds this store's writes while a batch runs (they are
+        committed with the batch's mark, or before any read of this store, so a read sees them).
         A file that is busy, damaged or cannot be written raises as pipeline.errors.store_error says."""
 
         self._owned = connection is None
+        self._held = held
         try:
             if connection is None:
                 assert path is not None
@@ -611,17 +616,30 @@ class SqliteHistoryStore:
         if not entries:
             return
         rows = [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(e)) for e in entries]
+        statements: list[Statement] = [(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)]
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + 600
+            newest = max(e.at for e in entries)
+            statements.append((f"DELETE FROM history_{kind}s WHERE at < ?", [(newest - self.retention_seconds,)]))
+        if self._held is not None and self._held.hold(statements):
+            return
         try:
             with Transaction(self._db) as db:
-                db.executemany(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)
-                if time.monotonic() >= self._next_purge:
-                    self._next_purge = time.monotonic() + 600
-                    newest = max(e.at for e in entries)
-                    db.execute(f"DELETE FROM history_{kind}s WHERE at < ?", (newest - self.retention_seconds,))
+                for sql, arguments in statements:
+                    db.executemany(sql, arguments)
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store write failed: {type(exc).__name__}") from exc
 
+    def _commit_held(self) -> None:
+        """Before a read: the writes the state holds are committed, so the read sees them."""
+        if self._held is not None:
+            try:
+                self._held.commit(self._db)
+            except sqlite3.Error as exc:
+                raise EnricherUnavailable(f"history store write failed: {type(exc).__name__}") from exc
+
     async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
+        self._commit_held()
         try:
             rows = self._db.execute(
                 f"SELECT data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?", (user, since, until, limit)
@@ -632,6 +650,7 @@ class SqliteHistoryStore:
 
     async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
         """The cursor is a rowid: a later read reads only the rows written after it."""
+        self._commit_held()
         try:
             if cursor is None:
                 rows = self._db.execute(f"SELECT rowid, data FROM history_{kind}s WHERE user = ? AND at >= ? ORDER BY rowid", (user, since)).fetchall()

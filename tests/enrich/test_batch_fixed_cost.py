@@ -7,17 +7,19 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import timedelta
 
+import orjson
 import pytest
 
 from pipeline.plugin_kit.testing import make_alerts
 from pipeline.runner import Message, Runner
 from pipeline.state import sqlite as sqlite_state
 from pipeline.state.sqlite import SqliteStateStore
-from tests.support.config import enricher_entry, pipeline_toml
+from tests.support.config import enricher_entry, pipeline_toml, sink_entry
 from tests.support.records import lake_lines
+from tests.support.streaming import envelope, streaming_records
 
 
 @contextmanager
@@ -200,3 +202,110 @@ async def test_a_batch_that_reads_one_users_history_from_the_local_store_makes_n
             second = await runner.engine.enrich([_alert_of_the_same_user(alert, "second")])
     assert made == []
     assert second.records[0].enrichments["prior_incidents"]["last_90_days"] == 1
+
+
+def _split_alert(fixture_bytes, alert_id: str) -> Message:
+    """The shared batch's first split alert (AlertInfo and its evidence rows), renamed `alert_id`, in one message."""
+    info, user, file_, app, _ = streaming_records(fixture_bytes)
+    parts = orjson.loads(orjson.dumps([info, user, file_, app]).replace(info["properties"]["AlertId"].encode(), alert_id.encode()))
+    return envelope(*parts)
+
+
+@contextmanager
+def counting_commits(store: SqliteStateStore):
+    commits: list[str] = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    try:
+        yield commits
+    finally:
+        store._db.set_trace_callback(None)
+
+
+HISTORY_AND_SINK_DOWN = dict(
+    enrichers=[enricher_entry("prior_incidents")],
+    delivery={"max_attempts": 1, "budget_seconds": 5, "max_batch_redeliveries": 3},
+    sinks=[sink_entry("flaky", "tests.plugins:FlakySink", {"failures": 100})],
+)
+
+
+async def test_a_split_alerts_batch_is_two_commits_its_parts_and_claim_then_its_history_and_mark(write_config, fixture_bytes):
+    async with Runner(write_config(pipeline_toml(enrichers=[enricher_entry("prior_incidents")]))) as runner:
+        await runner.process_batch([_split_alert(fixture_bytes, "dl-first")])  # the user's history is read (and held) now
+        with counting_commits(runner.state) as commits:
+            report = await runner.process_batch([_split_alert(fixture_bytes, "dl-second")])
+        assert report.emitted_split == 1 and report.delivered == {"lake": 1}
+        assert len(commits) == 2
+        with closing(sqlite3.connect(runner.state.path)) as other:  # both committed when the batch returned
+            assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'dl-second'").fetchone() == (1,)
+            assert other.execute("SELECT state FROM alerts WHERE alert_id = 'dl-second'").fetchone() == ("emitted",)
+
+
+async def test_a_batch_that_raises_for_a_sink_outage_has_committed_its_history_and_released_its_alert(write_config, fixture_bytes):
+    from pipeline.errors import SinkOutage
+
+    async with Runner(write_config(pipeline_toml(**HISTORY_AND_SINK_DOWN))) as runner:
+        with pytest.raises(SinkOutage):
+            await runner.process_batch([_split_alert(fixture_bytes, "dl-outage")])
+        with closing(sqlite3.connect(runner.state.path)) as other:
+            assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'dl-outage'").fetchone() == (1,)
+            assert other.execute("SELECT state, lease_until FROM alerts WHERE alert_id = 'dl-outage'").fetchone() == ("pending", 0)
+            assert other.execute("SELECT attempts FROM batch_redeliveries").fetchall() == [(1,)]  # the outage rule's count too
+
+
+def _entry(entry_id: str, at: float = 1000.0):
+    from pipeline.state.history import HistoryEntry
+
+    return HistoryEntry(entry_id=entry_id, content_id="c-" + entry_id, user="u@contoso.com", at=at)
+
+
+async def test_history_writes_held_by_a_batch_are_read_back_within_it_and_committed_by_its_mark(tmp_path):
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    history = store.local_history(retention_days=1)
+    other = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
+    try:
+        await store.add_parts([_part("a1", "d1")], now=1000.0)
+        with store.holding_history_writes():
+            await history.record("alert", [_entry("e1")])
+            assert other.execute("SELECT count(*) FROM history_alerts").fetchone() == (0,)  # held
+            await store.mark_emitted(["a1"], now=1001.0)
+            assert other.execute("SELECT count(*) FROM history_alerts").fetchone() == (1,)  # with the mark
+            await history.record("alert", [_entry("e2")])
+            entries, _ = await history.entries_after("alert", "u@contoso.com", None, since=0.0)
+            assert [e.entry_id for e in entries] == ["e1", "e2"]  # a read sees every write before it
+        await history.record("alert", [_entry("e3")])  # no batch holds writes: committed at once
+        assert other.execute("SELECT entry_id FROM history_alerts ORDER BY rowid").fetchall() == [("e1",), ("e2",), ("e3",)]
+    finally:
+        other.close()
+        await store.aclose()
+
+
+async def test_history_writes_whose_commit_failed_stay_held_until_a_commit_succeeds(tmp_path, monkeypatch):
+    """The enricher remembers what it wrote and does not write it again: a held write must never be
+    dropped by a commit that failed (the store busy), whether the batch goes on or raises."""
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setattr(sqlite_state, "BUSY_WAIT_SECONDS", 0.05)
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    history = store.local_history(retention_days=1)
+    other = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
+    try:
+        await store.add_parts([_part("a1", "d1")], now=1000.0)
+        with store.holding_history_writes():
+            await history.record("alert", [_entry("e1")])
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+            with pytest.raises(PipelineError):
+                await store.mark_emitted(["a1"], now=1001.0)
+            other.execute("ROLLBACK")
+        assert other.execute("SELECT entry_id FROM history_alerts").fetchall() == [("e1",)]  # committed when the block ended
+
+        with pytest.raises(LookupError), store.holding_history_writes():
+            await history.record("alert", [_entry("e2")])
+            other.execute("BEGIN IMMEDIATE")
+            raise LookupError("the batch failed")  # and the commit at the block's end fails too: not raised
+        other.execute("ROLLBACK")
+        assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'e2'").fetchone() == (0,)
+        await store.mark_emitted(["a1"], now=1002.0)  # the next write commits it
+        assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'e2'").fetchone() == (1,)
+    finally:
+        other.close()
+        await store.aclose()
