@@ -309,11 +309,11 @@ def _settle_batch(
             results = [EnricherError(f"enrich_batch returned {len(results)} results for {len(alerts)} alerts")] * len(alerts)
     duration_ms = round((perf_counter() - started) * 1000, 3)
     failed: list[tuple[DlpAlert, EnrichmentState, str]] = []
-    counts: Counter[EnrichmentState] = Counter()
+    counts: dict[EnrichmentState, int] = {}
     made: dict[tuple[str, str | None], EnrichmentStatus] = {}  # alerts of one outcome share one (never changed) status
     for alert, result, alert_fragments, alert_statuses in zip(alerts, results, fragments, statuses):
         state, error = _outcome(slot, alert, result, alert_fragments)
-        counts[state] += 1
+        counts[state] = counts.get(state, 0) + 1
         if error is not None:
             failed.append((alert, state, error))
         status = made.get((state, error))
