@@ -1,6 +1,8 @@
 """The fixed cost of a batch (issue 19, item 5): batch enrichers that answer from local data run inline,
 without a task or a timer; one sink is awaited without a task; a SQLite claim with nothing due is a read,
-not a write transaction. The enricher's timeout still counts from the call's start."""
+not a write transaction. The enricher's timeout still counts from the call's start. History reads of
+users held and fresh make no task; on SQLite a batch's history writes are held and committed with its
+mark (one commit), never lost by a commit that failed, and committed before the batch returns."""
 
 from __future__ import annotations
 
