@@ -311,3 +311,20 @@ async def test_history_writes_whose_commit_failed_stay_held_until_a_commit_succe
     finally:
         other.close()
         await store.aclose()
+
+
+async def test_batches_running_side_by_side_each_return_with_their_history_committed(write_config, fixture_bytes):
+    """Two batches of one runner at once (the consumer's partitions): the history one holds may be
+    committed by the other's mark; each returns with its own committed, and both alerts are delivered."""
+    config = pipeline_toml(enrichers=[enricher_entry("prior_incidents"), enricher_entry("waits", "tests.plugins:TimesItself", {"own_timeout": 0.05})])
+    async with Runner(write_config(config)) as runner:
+        with closing(sqlite3.connect(runner.state.path)) as other:
+
+            async def batch(alert_id: str) -> int:
+                report = await runner.process_batch([_split_alert(fixture_bytes, alert_id)])
+                assert report.emitted_split == 1
+                return other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = ?", (alert_id,)).fetchone()[0]
+
+            assert await asyncio.gather(batch("dl-one"), batch("dl-two")) == [1, 1]
+            assert other.execute("SELECT alert_id, state FROM alerts ORDER BY alert_id").fetchall() == [("dl-one", "emitted"), ("dl-two", "emitted")]
+        assert sorted(line["alert"]["alert_id"] for line in lake_lines(runner)) == ["dl-one", "dl-two"]
