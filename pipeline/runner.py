@@ -149,13 +149,16 @@ class Runner:
         report.emitted_split = len(claimed.alert_ids)
         report.field_warnings += claimed.warnings
         await self._dead_letter(claimed.dead, report)
-        records = await self._enrich(ingested.alerts + claimed.alerts, report)
-        try:
-            await self._deliver(records, report)
-        except SinkOutage:
-            await self.assembler.release(claimed.alert_ids)
-            raise
-        await self.assembler.mark_emitted(claimed.alert_ids, now=self.clock())
+        # The enrichers' history writes (SQLite: in the state file) ride with the mark of the batch's
+        # split alerts, or the release of an outage: one commit, made before the batch returns.
+        with self.state.holding_history_writes():
+            records = await self._enrich(ingested.alerts + claimed.alerts, report)
+            try:
+                await self._deliver(records, report)
+            except SinkOutage:
+                await self.assembler.release(claimed.alert_ids)
+                raise
+            await self.assembler.mark_emitted(claimed.alert_ids, now=self.clock())
         report.pending = await self.state.pending_count()
         await self._maybe_purge(now)
         observability.record_batch(report)

@@ -73,6 +73,12 @@ class StateStore(Protocol):
       together when it ends (SQLite: one transaction, begun at the first write, so a block that
       writes nothing costs nothing), or none of them when it raises. A store that commits each write
       as it comes makes it a no-op. Nothing else may use the store while the block runs.
+    - `holding_history_writes()` is a context manager that may span awaits (a batch's enrichment and
+      delivery): while it runs, the writes of the `local_history` may be held in memory and committed
+      with the store's next write (`mark_emitted`, `release`: a batch's history and its mark in one
+      commit), before that history is read (a read sees every write before it), or when the block
+      ends; every write held is committed before the block ends without raising. A store without a
+      local history makes it a no-op.
     - `local_history` is a history store that lives beside this state (same file, same lifetime:
       closing the history leaves the state open), or None when the store has none; the history
       settings then decide where the history lives (pipeline/state/history.py).
@@ -99,6 +105,8 @@ class StateStore(Protocol):
     async def forget_redelivery(self, fingerprint: str) -> None: ...
 
     def joined_writes(self) -> AbstractContextManager[None]: ...
+
+    def holding_history_writes(self) -> AbstractContextManager[None]: ...
 
     def local_history(self, *, retention_days: float) -> HistoryStore | None: ...
 

@@ -297,6 +297,10 @@ class TableStateStore:
         """Each write is its own request (entity batches are per partition): nothing to join."""
         return contextlib.nullcontext()
 
+    def holding_history_writes(self) -> contextlib.AbstractContextManager[None]:
+        """No history lives here (`local_history` is None): nothing to hold."""
+        return contextlib.nullcontext()
+
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()

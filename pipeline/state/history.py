@@ -25,7 +25,7 @@ import time
 from array import array
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from datetime import datetime, timedelta
@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import EnricherUnavailable, store_error
 from pipeline.models import DlpAlert
 from pipeline.secrets import SecretEnv
-from pipeline.state.sqlite import Transaction, connect
+from pipeline.state.sqlite import HeldWrites, Statement, Transaction, connect
 
 log = logging.getLogger("pipeline.enrichers.history")
 
@@ -163,7 +163,9 @@ class UserHistories:
         self._users: OrderedDict[str, _Held] = OrderedDict()
 
     async def ensure(self, since: dict[str, float]) -> None:
-        """Make every user's history from `since[user]` on available to `rows` (at most one read per user)."""
+        """Make every user's history from `since[user]` on available to `rows` (at most one read per
+        user; none for a user whose rows are held from `since[user]` on and were read less than `ttl`
+        seconds ago)."""
         now = time.monotonic()
 
         async def refresh(user: str) -> None:
@@ -175,14 +177,19 @@ class UserHistories:
                 older = await _older(self.store, self.kind, user, since[user], held.since)
                 held.since = since[user]
                 self._merge(held, older[::-1])
-            elif held.cursor is not None and now - held.loaded_at < self.ttl:
-                return
             entries, held.cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
             held.loaded_at = now
             self._users[user] = held
             self._merge(held, entries)
 
-        await asyncio.gather(*(refresh(user) for user in since))
+        stale = []
+        for user, wanted in since.items():
+            held = self._users.get(user)
+            if held is not None and _fresh(held, wanted, now, self.ttl):
+                held.needed = wanted
+            else:
+                stale.append(user)
+        await _read_all([refresh(user) for user in stale])
         for user in since:
             self._users.move_to_end(user)
         while len(self._users) > max(self.max_users, len(since)):
@@ -263,6 +270,22 @@ class RowList(list[Any]):
         return True
 
 
+
+
+def _fresh(held: _Held | _Tallied, since: float, now: float, ttl: float) -> bool:
+    """Whether a user's held history serves a batch that needs it from `since` on without a read:
+    it starts no later than that and was read less than `ttl` seconds ago."""
+    return held.since <= since and held.cursor is not None and now - held.loaded_at < ttl
+
+
+async def _read_all(reads: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the users' reads side by side. One read is awaited in this task, so a batch that needs
+    one user read from a local store never waits on the loop (a task would make the caller wait for
+    the loop's next turn, and the enrichment engine would start the enricher's siblings in tasks)."""
+    if len(reads) == 1:
+        await reads[0]
+    elif reads:
+        await asyncio.gather(*reads)
 
 
 async def _older(store: HistoryStore, kind: Kind, user: str, since: float, held_since: float) -> list[HistoryEntry]:
@@ -561,15 +584,13 @@ class UserTallies:
             elif held.since > since[user]:  # older entries needed: only the range not held yet
                 held.tally.apply_all(list(reversed(await _older(self.store, self.kind, user, since[user], held.since))), self.names)
                 held.since = since[user]
-            elif held.cursor is not None and now - held.loaded_at < self.ttl:
-                self._users[user] = held
-                return
             entries, cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
             held.tally.apply_all(entries, self.names)
             held.cursor, held.loaded_at = cursor, now
             self._users[user] = held
 
-        await asyncio.gather(*(refresh(user) for user in since))
+        stale = [user for user, wanted in since.items() if (held := self._users.get(user)) is None or not _fresh(held, wanted, now, self.ttl)]
+        await _read_all([refresh(user) for user in stale])
         for user in since:
             self._users.move_to_end(user)
         while len(self._users) > max(self.max_users, len(since)):
@@ -695,11 +716,16 @@ def _convert_without_rowid(db: sqlite3.Connection, kind: str) -> None:
 class SqliteHistoryStore:
     """Short local transactions under an async signature, like the SQLite state store."""
 
-    def __init__(self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120) -> None:
+    def __init__(
+        self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120, held: HeldWrites | None = None
+    ) -> None:
         """`connection`: the state store's (its file, named by `path`), else a file of its own at `path`.
+        `held`: the state store's, which holds this store's writes while a batch runs (they are
+        committed with the batch's mark, or before any read of this store, so a read sees them).
         A file that is busy, damaged or cannot be written raises as pipeline.errors.store_error says."""
 
         self._owned = connection is None
+        self._held = held
         try:
             if connection is None:
                 assert path is not None
@@ -724,17 +750,30 @@ class SqliteHistoryStore:
         if not entries:
             return
         rows = [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(e)) for e in entries]
+        statements: list[Statement] = [(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)]
+        if time.monotonic() >= self._next_purge:
+            self._next_purge = time.monotonic() + 600
+            newest = max(e.at for e in entries)
+            statements.append((f"DELETE FROM history_{kind}s WHERE at < ?", [(newest - self.retention_seconds,)]))
+        if self._held is not None and self._held.hold(statements):
+            return
         try:
             with Transaction(self._db) as db:
-                db.executemany(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)
-                if time.monotonic() >= self._next_purge:
-                    self._next_purge = time.monotonic() + 600
-                    newest = max(e.at for e in entries)
-                    db.execute(f"DELETE FROM history_{kind}s WHERE at < ?", (newest - self.retention_seconds,))
+                for sql, arguments in statements:
+                    db.executemany(sql, arguments)
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store write failed: {type(exc).__name__}") from exc
 
+    def _commit_held(self) -> None:
+        """Before a read: the writes the state holds are committed, so the read sees them."""
+        if self._held is not None:
+            try:
+                self._held.commit(self._db)
+            except sqlite3.Error as exc:
+                raise EnricherUnavailable(f"history store write failed: {type(exc).__name__}") from exc
+
     async def entries(self, kind: Kind, user: str, *, since: float, until: float, limit: int = 1000) -> list[HistoryEntry]:
+        self._commit_held()
         try:
             rows = self._db.execute(
                 f"SELECT entry_id, content_id, at, data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?",
@@ -747,6 +786,7 @@ class SqliteHistoryStore:
     async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
         """The cursor is a rowid: a later read reads only the rows written after it. Every read walks
         the (user) index, in rowid order: no sort, even for a user's first read of all their rows."""
+        self._commit_held()
         try:
             rows = self._db.execute(
                 f"SELECT rowid, entry_id, content_id, at, data FROM history_{kind}s INDEXED BY history_{kind}s_user"

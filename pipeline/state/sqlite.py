@@ -7,11 +7,13 @@ instances sharing state, use a shared store instead.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -21,6 +23,8 @@ from pipeline.state import REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
 
 if TYPE_CHECKING:
     from pipeline.state.history import SqliteHistoryStore
+
+log = logging.getLogger("pipeline")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS alert_parts (
@@ -87,6 +91,7 @@ class SqliteStateStore:
             self._db = connect(self.path)
             self._db.executescript(_SCHEMA)
             self._joined: _JoinedWrites | None = None
+            self._held = HeldWrites()
         except (OSError, sqlite3.Error) as exc:
             raise store_error(exc, path=self.path, operation="open the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
@@ -148,7 +153,10 @@ class SqliteStateStore:
         try:
             # Nothing due (most batches of a quiet hub): one read, no write transaction. What is due is
             # read again inside the transaction, so an alert claimed elsewhere in between is not taken.
-            if self._db.execute(query, arguments).fetchone() is None:
+            # In a joined block whose transaction has begun (the batch stored parts) the lock is held
+            # already: no need to look first.
+            in_transaction = self._joined is not None and self._joined.begun
+            if not in_transaction and self._db.execute(query, arguments).fetchone() is None:
                 return []
             with self._transaction() as db:
                 ids = [row[0] for row in db.execute(query, arguments).fetchall()]
@@ -175,6 +183,8 @@ class SqliteStateStore:
                     "UPDATE alerts SET state = 'emitted', emitted_at = ?, lease_until = 0 WHERE alert_id = ?",
                     [(now, alert_id) for alert_id in alert_ids],
                 )
+                held = self._held.execute(db) if self._joined is None else 0
+            self._held.committed(held)
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
@@ -185,6 +195,8 @@ class SqliteStateStore:
         try:
             with self._transaction() as db:
                 db.executemany("UPDATE alerts SET lease_until = 0 WHERE alert_id = ? AND state = 'pending'", [(i,) for i in alert_ids])
+                held = self._held.execute(db) if self._joined is None else 0
+            self._held.committed(held)
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
@@ -228,10 +240,37 @@ class SqliteStateStore:
         """The history tables in this same file, on this connection (closed with the state, not the history)."""
         from pipeline.state.history import SqliteHistoryStore
 
-        return SqliteHistoryStore(connection=self._db, path=self.path, retention_days=retention_days)
+        return SqliteHistoryStore(connection=self._db, path=self.path, retention_days=retention_days, held=self._held)
 
     async def aclose(self) -> None:
-        self._db.close()
+        try:
+            self._held.commit(self._db)  # what a batch that raised left held
+        except sqlite3.Error as exc:  # closing must not hide the run's own result; that batch was not accounted for
+            log.warning("history writes held by the state store not committed at close: %s", type(exc).__name__)
+        finally:
+            self._db.close()
+
+    @contextmanager
+    def holding_history_writes(self) -> Iterator[None]:
+        """While the block runs (it may wait), the local history's writes are held in memory and
+        committed with the state's next write transaction (`mark_emitted`, `release`), or before the
+        history is read, or when the block ends, whichever comes first: a batch's history and its
+        mark cost one commit. Every held write is committed before the block ends; when the block
+        raises, a commit that fails there is not raised (the batch raises, and the writes stay held
+        for the next commit)."""
+        self._held.holders += 1
+        try:
+            yield
+        except BaseException:
+            self._held.holders -= 1
+            with suppress(sqlite3.Error):
+                self._held.commit(self._db)
+            raise
+        self._held.holders -= 1
+        try:
+            self._held.commit(self._db)
+        except sqlite3.Error as exc:
+            raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
     def joined_writes(self) -> _JoinedWrites:
         """While the block runs, the store's writes share one transaction, begun at the first of them
@@ -286,6 +325,49 @@ class _JoinedStep:
         if exc_type is not None and self.joined.begun:
             self.joined.begun = False
             self.joined.store._db.execute("ROLLBACK")
+
+
+Statement = tuple[str, list[tuple[Any, ...]]]  # SQL and the rows of one `executemany`
+
+
+class HeldWrites:
+    """The writes of a store that shares the state's connection (its local history), held back while
+    a batch runs (`SqliteStateStore.holding_history_writes`) to be committed with a later transaction.
+
+    Guarantees: writes are held only while some batch holds them (`holders`); held writes are kept,
+    in their order, until a transaction that executed them has committed, so a commit that fails
+    loses none of them."""
+
+    __slots__ = ("holders", "statements")
+
+    def __init__(self) -> None:
+        self.holders = 0
+        self.statements: list[Statement] = []
+
+    def hold(self, statements: list[Statement]) -> bool:
+        """Hold the statements if a batch holds writes now (True), else leave them to the caller (False)."""
+        if not self.holders:
+            return False
+        self.statements.extend(statements)
+        return True
+
+    def execute(self, db: sqlite3.Connection) -> int:
+        """Execute the held statements in the caller's transaction; returns how many, for `committed`."""
+        count = len(self.statements)
+        for sql, rows in self.statements[:count]:
+            db.executemany(sql, rows)
+        return count
+
+    def committed(self, count: int) -> None:
+        """The transaction that executed the first `count` held statements has committed."""
+        del self.statements[:count]
+
+    def commit(self, db: sqlite3.Connection) -> None:
+        """Commit the held statements now, in one transaction of their own (nothing held: nothing done)."""
+        if self.statements:
+            with Transaction(db):
+                count = self.execute(db)
+            self.committed(count)
 
 
 class Transaction:

@@ -1,22 +1,27 @@
 """The fixed cost of a batch (issue 19, item 5): batch enrichers that answer from local data run inline,
 without a task or a timer; one sink is awaited without a task; a SQLite claim with nothing due is a read,
-not a write transaction. The enricher's timeout still counts from the call's start."""
+not a write transaction. The enricher's timeout still counts from the call's start. History reads of
+users held and fresh make no task; on SQLite a batch's history writes are held and committed with its
+mark (one commit), never lost by a commit that failed, and committed before the batch returns."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from datetime import timedelta
 
+import orjson
 import pytest
 
 from pipeline.plugin_kit.testing import make_alerts
 from pipeline.runner import Message, Runner
 from pipeline.state import sqlite as sqlite_state
 from pipeline.state.sqlite import SqliteStateStore
-from tests.support.config import enricher_entry, pipeline_toml
+from tests.support.config import enricher_entry, pipeline_toml, sink_entry
 from tests.support.records import lake_lines
+from tests.support.streaming import envelope, streaming_records
 
 
 @contextmanager
@@ -168,3 +173,158 @@ async def test_siblings_that_wait_each_go_on_in_the_task_they_started_in_and_ove
         elapsed = time.perf_counter() - started
     assert enriched.states == {("one", "ok"): 1, ("two", "ok"): 1, ("three", "ok"): 1}
     assert elapsed < 0.55  # 0.3 s each, side by side
+
+
+def _alert_of_the_same_user(alert, alert_id: str):
+    """Another alert of the alert's user, an hour later (a window ends just before an alert's own time)."""
+    later = {name: getattr(alert, name) + timedelta(hours=1) for name in ("first_activity_at", "created_at", "last_activity_at") if getattr(alert, name)}
+    return alert.model_copy(update={"alert_id": alert_id, **later})
+
+
+async def test_a_batch_whose_users_histories_are_held_makes_no_task(write_config):
+    """The history enrichers read a user's history at most every `store.reuse_seconds`; a batch whose
+    users were read within it answers inline (no task, no wait on the loop), and so do their siblings."""
+    config = pipeline_toml(enrichers=[enricher_entry("prior_incidents"), enricher_entry("sensitive_info"), enricher_entry("triage")])
+    (alert,) = make_alerts("graph_alert")
+    async with Runner(write_config(config)) as runner:
+        first = await runner.engine.enrich([alert])
+        with counting_tasks() as made:
+            second = await runner.engine.enrich([_alert_of_the_same_user(alert, "second")])
+    assert made == []
+    assert first.records[0].enrichments["prior_incidents"]["last_90_days"] == 0
+    assert second.records[0].enrichments["prior_incidents"]["recent"][0]["alert_id"] == alert.alert_id  # the first one counted
+
+
+async def test_a_batch_that_reads_one_users_history_from_the_local_store_makes_no_task(write_config):
+    config = pipeline_toml(enrichers=[enricher_entry("prior_incidents", settings={"store": {"reuse_seconds": 0}})])
+    (alert,) = make_alerts("graph_alert")
+    async with Runner(write_config(config)) as runner:
+        await runner.engine.enrich([alert])
+        with counting_tasks() as made:
+            second = await runner.engine.enrich([_alert_of_the_same_user(alert, "second")])
+    assert made == []
+    assert second.records[0].enrichments["prior_incidents"]["last_90_days"] == 1
+
+
+def _split_alert(fixture_bytes, alert_id: str) -> Message:
+    """The shared batch's first split alert (AlertInfo and its evidence rows), renamed `alert_id`, in one message."""
+    info, user, file_, app, _ = streaming_records(fixture_bytes)
+    parts = orjson.loads(orjson.dumps([info, user, file_, app]).replace(info["properties"]["AlertId"].encode(), alert_id.encode()))
+    return envelope(*parts)
+
+
+@contextmanager
+def counting_commits(store: SqliteStateStore):
+    commits: list[str] = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    try:
+        yield commits
+    finally:
+        store._db.set_trace_callback(None)
+
+
+HISTORY_AND_SINK_DOWN = dict(
+    enrichers=[enricher_entry("prior_incidents")],
+    delivery={"max_attempts": 1, "budget_seconds": 5, "max_batch_redeliveries": 3},
+    sinks=[sink_entry("flaky", "tests.plugins:FlakySink", {"failures": 100})],
+)
+
+
+async def test_a_split_alerts_batch_is_two_commits_its_parts_and_claim_then_its_history_and_mark(write_config, fixture_bytes):
+    async with Runner(write_config(pipeline_toml(enrichers=[enricher_entry("prior_incidents")]))) as runner:
+        await runner.process_batch([_split_alert(fixture_bytes, "dl-first")])  # the user's history is read (and held) now
+        with counting_commits(runner.state) as commits:
+            report = await runner.process_batch([_split_alert(fixture_bytes, "dl-second")])
+        assert report.emitted_split == 1 and report.delivered == {"lake": 1}
+        assert len(commits) == 2
+        with closing(sqlite3.connect(runner.state.path)) as other:  # both committed when the batch returned
+            assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'dl-second'").fetchone() == (1,)
+            assert other.execute("SELECT state FROM alerts WHERE alert_id = 'dl-second'").fetchone() == ("emitted",)
+
+
+async def test_a_batch_that_raises_for_a_sink_outage_has_committed_its_history_and_released_its_alert(write_config, fixture_bytes):
+    from pipeline.errors import SinkOutage
+
+    async with Runner(write_config(pipeline_toml(**HISTORY_AND_SINK_DOWN))) as runner:
+        with pytest.raises(SinkOutage):
+            await runner.process_batch([_split_alert(fixture_bytes, "dl-outage")])
+        with closing(sqlite3.connect(runner.state.path)) as other:
+            assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'dl-outage'").fetchone() == (1,)
+            assert other.execute("SELECT state, lease_until FROM alerts WHERE alert_id = 'dl-outage'").fetchone() == ("pending", 0)
+            assert other.execute("SELECT attempts FROM batch_redeliveries").fetchall() == [(1,)]  # the outage rule's count too
+
+
+def _entry(entry_id: str, at: float = 1000.0):
+    from pipeline.state.history import HistoryEntry
+
+    return HistoryEntry(entry_id=entry_id, content_id="c-" + entry_id, user="u@contoso.com", at=at)
+
+
+async def test_history_writes_held_by_a_batch_are_read_back_within_it_and_committed_by_its_mark(tmp_path):
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    history = store.local_history(retention_days=1)
+    other = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
+    try:
+        await store.add_parts([_part("a1", "d1")], now=1000.0)
+        with store.holding_history_writes():
+            await history.record("alert", [_entry("e1")])
+            assert other.execute("SELECT count(*) FROM history_alerts").fetchone() == (0,)  # held
+            await store.mark_emitted(["a1"], now=1001.0)
+            assert other.execute("SELECT count(*) FROM history_alerts").fetchone() == (1,)  # with the mark
+            await history.record("alert", [_entry("e2")])
+            entries, _ = await history.entries_after("alert", "u@contoso.com", None, since=0.0)
+            assert [e.entry_id for e in entries] == ["e1", "e2"]  # a read sees every write before it
+        await history.record("alert", [_entry("e3")])  # no batch holds writes: committed at once
+        assert other.execute("SELECT entry_id FROM history_alerts ORDER BY rowid").fetchall() == [("e1",), ("e2",), ("e3",)]
+    finally:
+        other.close()
+        await store.aclose()
+
+
+async def test_history_writes_whose_commit_failed_stay_held_until_a_commit_succeeds(tmp_path, monkeypatch):
+    """The enricher remembers what it wrote and does not write it again: a held write must never be
+    dropped by a commit that failed (the store busy), whether the batch goes on or raises."""
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setattr(sqlite_state, "BUSY_WAIT_SECONDS", 0.05)
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    history = store.local_history(retention_days=1)
+    other = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
+    try:
+        await store.add_parts([_part("a1", "d1")], now=1000.0)
+        with store.holding_history_writes():
+            await history.record("alert", [_entry("e1")])
+            other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+            with pytest.raises(PipelineError):
+                await store.mark_emitted(["a1"], now=1001.0)
+            other.execute("ROLLBACK")
+        assert other.execute("SELECT entry_id FROM history_alerts").fetchall() == [("e1",)]  # committed when the block ended
+
+        with pytest.raises(LookupError), store.holding_history_writes():
+            await history.record("alert", [_entry("e2")])
+            other.execute("BEGIN IMMEDIATE")
+            raise LookupError("the batch failed")  # and the commit at the block's end fails too: not raised
+        other.execute("ROLLBACK")
+        assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'e2'").fetchone() == (0,)
+        await store.mark_emitted(["a1"], now=1002.0)  # the next write commits it
+        assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'e2'").fetchone() == (1,)
+    finally:
+        other.close()
+        await store.aclose()
+
+
+async def test_batches_running_side_by_side_each_return_with_their_history_committed(write_config, fixture_bytes):
+    """Two batches of one runner at once (the consumer's partitions): the history one holds may be
+    committed by the other's mark; each returns with its own committed, and both alerts are delivered."""
+    config = pipeline_toml(enrichers=[enricher_entry("prior_incidents"), enricher_entry("waits", "tests.plugins:TimesItself", {"own_timeout": 0.05})])
+    async with Runner(write_config(config)) as runner:
+        with closing(sqlite3.connect(runner.state.path)) as other:
+
+            async def batch(alert_id: str) -> int:
+                report = await runner.process_batch([_split_alert(fixture_bytes, alert_id)])
+                assert report.emitted_split == 1
+                return other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = ?", (alert_id,)).fetchone()[0]
+
+            assert await asyncio.gather(batch("dl-one"), batch("dl-two")) == [1, 1]
+            assert other.execute("SELECT alert_id, state FROM alerts ORDER BY alert_id").fetchall() == [("dl-one", "emitted"), ("dl-two", "emitted")]
+        assert sorted(line["alert"]["alert_id"] for line in lake_lines(runner)) == ["dl-one", "dl-two"]
