@@ -27,7 +27,7 @@ from pipeline.enrich.cache import CachePolicy, load_many
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
 from pipeline.models import DlpAlert
 from pipeline.plugins import shared_credential
-from pipeline.state.history import AlertTally, HistoryEntry, HistorySettings, HistoryWriter, UserTallies, entry_of, open_history_store
+from pipeline.state.history import AlertTally, HistoryEntry, HistorySettings, HistoryWriter, UserTallies, entry_of, open_history_store, recent_depth
 
 log = logging.getLogger("pipeline.enrichers.prior_incidents")
 
@@ -81,7 +81,9 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         self._clock = services.clock if services is not None else None
         # Each user's prior alerts as counters (`AlertTally`), read incrementally from the store at most
         # every `store.reuse_seconds` and kept current with this process's own writes at once.
-        self.tallies = UserTallies(self.store, "alert", names=_entry_names, ttl=self.settings.store.reuse_seconds)
+        self.tallies = UserTallies(
+            self.store, "alert", names=_entry_names, ttl=self.settings.store.reuse_seconds, recent_per_point=recent_depth(self.settings.max_recent)
+        )
 
     async def start(self) -> None:
         await self.store.start()

@@ -120,16 +120,21 @@ class HistoryWriter:
     def __init__(self, store: HistoryStore, *, remember: int = 4_096) -> None:
         self.store = store
         self.remember = remember
-        self._written: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # The hash of each (entry id, content id) pair, not the pair: the id strings stay unreferenced
+        # (about 150 bytes less per remembered entry). Equal hashes of two pairs (odds about 2⁻⁶⁴ per
+        # pair) would save a write the store would have ignored only if they were the same entry.
+        self._written: OrderedDict[int, None] = OrderedDict()
 
     async def write(self, kind: Kind, entries: Sequence[HistoryEntry]) -> list[HistoryEntry]:
         """Write the entries not written before by this process; returns those."""
-        fresh = [e for e in entries if (e.entry_id, e.content_id) not in self._written]
-        if not fresh:
-            return fresh
+        keys = [hash((e.entry_id, e.content_id)) for e in entries]
+        fresh_keys = [key for key in keys if key not in self._written]
+        if not fresh_keys:
+            return []
+        fresh = [e for e, key in zip(entries, keys) if key not in self._written]
         await self.store.record(kind, fresh)
-        for entry in fresh:
-            self._written[(entry.entry_id, entry.content_id)] = None
+        for key in fresh_keys:
+            self._written[key] = None
         while len(self._written) > self.remember:
             self._written.popitem(last=False)
         return fresh
@@ -214,10 +219,10 @@ class UserHistories:
         """Entries in write order into the rows: an (entry id, content id) held already is not added
         again; the latest written comes first among rows of one time. Past `max_rows`, the rows older
         than the newest half are dropped (cut between two times, never inside one)."""
-        fresh = [e for e in entries if (e.entry_id, hash(e.content_id)) not in held.keys]
+        fresh = [e for e in entries if hash((e.entry_id, e.content_id)) not in held.keys]
         if not fresh:
             return
-        held.keys.update(((e.entry_id, hash(e.content_id)), e.at) for e in fresh)
+        held.keys.update((hash((e.entry_id, e.content_id)), e.at) for e in fresh)
         held.rows.add(fresh)
         if len(held.rows) > self.max_rows:
             # the newest time that goes: never one the latest `ensure` asked for
@@ -297,7 +302,15 @@ async def _older(store: HistoryStore, kind: Kind, user: str, since: float, held_
 # -- Tallies: each user's prior alerts as counters per point in time ------------------------------
 
 SORT_IN_MIN = 64  # unsorted slots a tally holds before it sorts them in, at least
-RECENT_PER_POINT = 51  # the newest entries kept by id at one point in time (`recent` asks for at most 50, and one is the alert's own)
+RECENT_PER_POINT = 51  # the newest entries kept by id at one point in time, at most (`recent` asks for at most 50, and one is the alert's own)
+
+
+def recent_depth(max_recent: int) -> int:
+    """The newest ids a tally keeps per point for `recent` lists of `max_recent`: twice what one
+    window asks (`max_recent`, and the alert's own id), so that a point's list still answers after as
+    many of its entries moved to another time by a revision (a moved entry leaves the list; what
+    was behind it is not known again until the user's tally is read anew)."""
+    return min(RECENT_PER_POINT, 2 * (max_recent + 1))
 
 
 @dataclass(slots=True)
@@ -339,9 +352,10 @@ class AlertTally:
     ids; the hash is keyed afresh in every process) would count as revisions of one entry."""
 
     __slots__ = ("_points", "_times", "_ids", "_ats", "_contents", "_policy_numbers", "_names_numbers", "_sorted", "_unsorted",
-                 "_policies", "_name_sets", "_policy_number_of", "_names_number_of", "_index")
+                 "_policies", "_name_sets", "_policy_number_of", "_names_number_of", "_index", "_depth")
 
-    def __init__(self) -> None:
+    def __init__(self, recent_per_point: int = RECENT_PER_POINT) -> None:
+        self._depth = recent_per_point  # the newest ids kept per point (`recent_depth`)
         self._points: dict[float, _Point] = {}
         self._times: list[float] = []  # sorted, ascending
         # One slot per entry id, what places a revision and answers `at_of`: slots [0, _sorted) are
@@ -436,7 +450,7 @@ class AlertTally:
         for name in names:
             point.names[name] = point.names.get(name, 0) + 1
         point.newest.insert(0, (entry.entry_id, entry.policy, entry.severity))
-        del point.newest[RECENT_PER_POINT:]
+        del point.newest[self._depth :]
         policy_number = self._number(entry.policy, self._policy_number_of, self._policies)
         names_number = self._number(names, self._names_number_of, self._name_sets)
         if slot is not None:
@@ -567,11 +581,14 @@ class UserTallies:
     was written since) and return only what was written since the user's previous read
     (`HistoryStore.entries_after`), so their cost follows the new entries, not the history's length.
     At most `max_users` users are held (least recently needed dropped first): memory is bounded by
-    them, not by the length of the run. `names` turns an entry into its type names."""
+    them, not by the length of the run. `names` turns an entry into its type names; each tally keeps
+    `recent_per_point` newest ids per point in time (`recent_depth`)."""
 
-    def __init__(self, store: HistoryStore, kind: Kind, *, names: Any, ttl: float = 30.0, max_users: int = 2_000) -> None:
+    def __init__(
+        self, store: HistoryStore, kind: Kind, *, names: Any, ttl: float = 30.0, max_users: int = 2_000, recent_per_point: int = RECENT_PER_POINT
+    ) -> None:
         self.store, self.kind, self.names = store, kind, names
-        self.ttl, self.max_users = ttl, max_users
+        self.ttl, self.max_users, self.recent_per_point = ttl, max_users, recent_per_point
         self._users: OrderedDict[str, _Tallied] = OrderedDict()
 
     async def ensure(self, since: dict[str, float]) -> None:
@@ -580,7 +597,7 @@ class UserTallies:
         async def refresh(user: str) -> None:
             held = self._users.get(user)
             if held is None:
-                held = _Tallied(since=since[user], loaded_at=now, cursor=None, tally=AlertTally())
+                held = _Tallied(since=since[user], loaded_at=now, cursor=None, tally=AlertTally(self.recent_per_point))
             elif held.since > since[user]:  # older entries needed: only the range not held yet
                 held.tally.apply_all(list(reversed(await _older(self.store, self.kind, user, since[user], held.since))), self.names)
                 held.since = since[user]
@@ -637,8 +654,8 @@ class _Held:
     rows: HeldRows
     cursor: Any  # the store's, for the next incremental read
     needed: float = -math.inf  # the `since` the latest `ensure` asked for: rows from it on are never dropped
-    # (entry id, hash of the content id) -> at, of the entries held: the hash, not the string, is kept (as `AlertTally` does)
-    keys: dict[tuple[str, int], float] = field(default_factory=dict)
+    # hash of (entry id, content id) -> at, of the entries held: hashes, not the strings, are kept (as `AlertTally` does)
+    keys: dict[int, float] = field(default_factory=dict)
 
 
 class HistorySettings(BaseModel):

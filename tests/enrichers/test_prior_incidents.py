@@ -602,3 +602,80 @@ async def test_the_first_read_gives_each_entry_as_its_stored_json_parsed_whole(t
     assert [e.at for e in newest_first] == sorted((e.at for e in stored), reverse=True)
     assert sorted(newest_first, key=lambda e: (e.at, e.entry_id)) == sorted(stored, key=lambda e: (e.at, e.entry_id))
     await store.aclose()
+
+
+def test_a_tally_keeps_per_point_only_the_newest_ids_that_recent_lists_can_ask_for(tmp_path):
+    """Bounded memory (issue 19): prior_incidents' tallies keep `recent_depth(max_recent)` newest ids
+    per point in time (twice what one window asks), not 51 whatever `max_recent` is; the `recent`
+    lists stay right, even after revisions moved as many of a point's newest entries away as one
+    window asks for."""
+    import tracemalloc
+
+    from enrichers.prior_incidents import PriorIncidentsEnricher, _entry_names
+    from pipeline.state.history import AlertTally, recent_depth
+
+    enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings(max_recent=2, store={"path": str(tmp_path / "history.sqlite")}))
+    assert enricher.tallies.recent_per_point == recent_depth(2) == 6
+
+    def entry(number: int, at: float, content: str = "first") -> HistoryEntry:
+        return HistoryEntry(entry_id=f"da{number:010d}-0000-4000-8000-{number:012d}", content_id=f"{content}-{number}", user="u",
+                            at=at, policy="Finance PII", severity="high", sensitive_info=[{"name": "IBAN"}])
+
+    points, per_point = 100, 60
+    tally = AlertTally(recent_depth(2))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(points * per_point):
+            made = entry(number, 1_750_000_000.0 + number % points)
+            tally.apply(made, _entry_names(made))
+            del made
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    # 32–48 bytes of slot per id, the points, and 6 newest ids per point: 82–89 bytes per id here;
+    # 51 per point held ~180.
+    assert held / (points * per_point) <= 120
+
+    last = 1_750_000_000.0 + points - 1  # the newest point: ids 99, 199, …, 5999 (written in that order)
+    newest_first = [number for number in range(points * per_point - 1, -1, -1) if number % points == points - 1]
+    moved = newest_first[:3]  # max_recent + 1 of them moved to an older time by a revision
+    for number in moved:
+        revised = entry(number, 1_700_000_000.0, content="revised")
+        tally.apply(revised, _entry_names(revised))
+    window = tally.window(last, last, policy="Finance PII", k=3)
+    assert [item[0] for item in window.newest] == [entry(number, last).entry_id for number in newest_first[3:6]]
+    assert window.count == per_point - 3
+
+
+async def test_the_history_writer_remembers_what_it_wrote_without_holding_the_id_strings():
+    """Bounded memory (issue 19): the writer's memory of the last 4,096 entries written holds a hash
+    per entry (about 130 bytes with its place in the order), not the two id strings and a tuple
+    (about 300); an entry written again is still not written twice."""
+    import tracemalloc
+
+    from pipeline.state.history import HistoryWriter
+
+    class CountingStore:
+        def __init__(self) -> None:
+            self.written = 0
+
+        async def record(self, kind, entries) -> None:
+            self.written += len(entries)
+
+    def entries(first: int, last: int) -> list[HistoryEntry]:
+        return [HistoryEntry(entry_id=f"da{n:010d}-0000-4000-8000-{n:012d}", content_id=f"{n:032x}", user="u", at=1.0) for n in range(first, last)]
+
+    store = CountingStore()
+    writer = HistoryWriter(store, remember=4_096)  # type: ignore[arg-type]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for first in range(0, 4_000, 100):
+            await writer.write("alert", entries(first, first + 100))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert store.written == 4_000
+    assert held / 4_000 <= 160
+    assert await writer.write("alert", entries(3_900, 4_100)) != [] and store.written == 4_100  # only the 100 new ones
