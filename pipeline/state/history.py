@@ -195,10 +195,7 @@ class UserHistories:
             else:
                 stale.append(user)
         await _read_all([refresh(user) for user in stale])
-        for user in since:
-            self._users.move_to_end(user)
-        while len(self._users) > max(self.max_users, len(since)):
-            self._users.popitem(last=False)
+        _keep_recently_needed(self._users, since, self.max_users)
 
     def rows(self, user: str) -> Any:
         """The user's held rows: a `RowList` newest first, or what `holder` makes (empty for a user not held)."""
@@ -291,6 +288,15 @@ async def _read_all(reads: list[Coroutine[Any, Any, None]]) -> None:
         await reads[0]
     elif reads:
         await asyncio.gather(*reads)
+
+
+def _keep_recently_needed(users: OrderedDict[str, Any], since: dict[str, float], max_users: int) -> None:
+    """The users of `since` become the most recently needed; past `max_users` (never fewer than a
+    batch needs), the least recently needed are dropped."""
+    for user in since:
+        users.move_to_end(user)
+    while len(users) > max(max_users, len(since)):
+        users.popitem(last=False)
 
 
 async def _older(store: HistoryStore, kind: Kind, user: str, since: float, held_since: float) -> list[HistoryEntry]:
@@ -608,10 +614,7 @@ class UserTallies:
 
         stale = [user for user, wanted in since.items() if (held := self._users.get(user)) is None or not _fresh(held, wanted, now, self.ttl)]
         await _read_all([refresh(user) for user in stale])
-        for user in since:
-            self._users.move_to_end(user)
-        while len(self._users) > max(self.max_users, len(since)):
-            self._users.popitem(last=False)
+        _keep_recently_needed(self._users, since, self.max_users)
 
     def tally(self, user: str) -> AlertTally:
         held = self._users.get(user)
