@@ -60,7 +60,25 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-class GraphSecurity:
+class _Recording:
+    """What a local incident server keeps of each request: (method, path, JSON body) and its query."""
+
+    requests: list[tuple[str, str, Any]]
+    queries: list[dict[str, str]]
+
+    @property
+    def writes(self) -> list[tuple[str, str, Any]]:
+        return [r for r in self.requests if r[0] in ("PATCH", "POST", "PUT", "DELETE")]
+
+    def record(self, request: Request) -> Any:
+        """Keep the request; returns its JSON body (None when it has none)."""
+        body = request.get_json(silent=True)
+        self.requests.append((request.method, request.path, body))
+        self.queries.append(dict(request.args))
+        return body
+
+
+class GraphSecurity(_Recording):
     """Defender XDR incidents and alerts as Microsoft Graph v1.0 serves them."""
 
     def __init__(self, *, token: str = "test-token") -> None:
@@ -88,14 +106,8 @@ class GraphSecurity:
     def install(self, server) -> None:
         server.expect_request(re.compile(r"^/v1\.0/security/(incidents|alerts_v2)(/[^/]+(/comments)?)?$")).respond_with_handler(self.handle)
 
-    @property
-    def writes(self) -> list[tuple[str, str, Any]]:
-        return [r for r in self.requests if r[0] in ("PATCH", "POST", "PUT", "DELETE")]
-
     def handle(self, request: Request) -> Response:
-        body = request.get_json(silent=True)
-        self.requests.append((request.method, request.path, body))
-        self.queries.append(dict(request.args))
+        body = self.record(request)
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, "InvalidAuthenticationToken", "Access token is empty or invalid.")
         failure = self.failures.popleft() if self.failures and self.failures[0].applies(request) else None
@@ -163,7 +175,7 @@ class GraphSecurity:
         return _json(page)
 
 
-class SentinelIncidents:
+class SentinelIncidents(_Recording):
     """Microsoft Sentinel incidents of one workspace through the ARM SecurityInsights provider."""
 
     API_VERSION = "2025-09-01"
@@ -208,14 +220,8 @@ class SentinelIncidents:
     def install(self, server) -> None:
         server.expect_request(re.compile("^" + re.escape(self.prefix) + r"(/[^/]+(/comments(/[^/]+)?)?)?$")).respond_with_handler(self.handle)
 
-    @property
-    def writes(self) -> list[tuple[str, str, Any]]:
-        return [r for r in self.requests if r[0] in ("PATCH", "POST", "PUT", "DELETE")]
-
     def handle(self, request: Request) -> Response:
-        body = request.get_json(silent=True)
-        self.requests.append((request.method, request.path, body))
-        self.queries.append(dict(request.args))
+        body = self.record(request)
         if request.headers.get("Authorization") != f"Bearer {self.token}":
             return _error(401, "AuthenticationFailed", "Authentication failed.")
         if request.args.get("api-version") != self.API_VERSION:
