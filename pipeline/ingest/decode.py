@@ -179,7 +179,7 @@ class _Output:
     """The `RecordOutput` decoders report to: collects into one message's `Decoded`, for the record
     the loop is at (`index`, `record`)."""
 
-    __slots__ = ("decoded", "limits", "index", "record", "free_text", "clean")
+    __slots__ = ("decoded", "limits", "index", "record", "free_text")
 
     def __init__(self, decoded: Decoded, limits: Limits) -> None:
         self.decoded = decoded
@@ -187,7 +187,6 @@ class _Output:
         self.index = 0
         self.record: Any = None
         self.free_text: dict[str, str] = {}
-        self.clean = False
 
     def skip(self) -> None:
         self.decoded.skipped += 1
@@ -270,7 +269,7 @@ def _decode_records(decoders: tuple[Decoder, ...], items: list[Any], limits: Lim
         try:
             output.free_text = _free_text(decoder, item, keep)
             item = item if clean else common.scrub(item)
-            output.record, output.clean = item, clean
+            output.record = item
             decoder.decode(item, output)
         except Exception as exc:  # a decoder bug must cost one record, never the message
             out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, item))
@@ -336,7 +335,7 @@ def _fast_envelope(body: bytes, decoders: tuple[Decoder, ...], limits: Limits, *
     # When most rows go on (a DLP-dense body), one search of the whole body serves them all: a row's
     # bytes are part of the body's, so a body that names no removed key and holds no \u escape
     # proves each of its rows clean, and only the row's own limits are left to prove.
-    body_clean = 2 * len(candidates) > len(rows) and _names_nothing_removed(body)
+    body_clean = 2 * len(candidates) > len(rows) and not common.mentions_removed_key(body)
     for index in candidates:
         raw = bytes(raw_rows[index])
         try:
@@ -349,11 +348,6 @@ def _fast_envelope(body: bytes, decoders: tuple[Decoder, ...], limits: Limits, *
             clean, checked = _shortcuts(raw, limits)
         _decode_row(decoder, output, index, row, limits, clean=clean, checked=checked, keep=keep)
     return out
-
-
-def _names_nothing_removed(body: bytes) -> bool:
-    """True when `body` holds no \\u escape and names no removed key: nothing in it needs scrubbing."""
-    return not has_unicode_escape(body) and not common.mentions_removed_key(body, has_escape=False)
 
 
 def _decode_parsed_rows(decoder: Decoder, rows: list[Any], limits: Limits, *, keep: bool = False) -> Decoded:
@@ -387,7 +381,7 @@ def _decode_row(decoder: Decoder, output: _Output, index: int, row: Any, limits:
     try:
         output.free_text = _free_text(decoder, row, keep)
         row = row if clean else common.scrub(row)
-        output.record, output.clean = row, clean
+        output.record = row
         decoder.decode(row, output)
     except Exception as exc:  # a decoder bug must cost one record, never the message
         out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, row))

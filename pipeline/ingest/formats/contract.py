@@ -72,11 +72,6 @@ class RecordOutput(Protocol):
     # before it was scrubbed), only when `[lifecycle] keep_user_justification` is set; else empty.
     free_text: dict[str, str]
 
-    # True when the record's own bytes, embedded JSON included, were searched and name no removed key
-    # (`common.mentions_removed_key`): nothing in it needed scrubbing, so a decoder need not check
-    # the JSON it parses out of the record's strings again. False when unknown.
-    clean: bool
-
 
 class Decoder(Protocol):
     """One input format. A format either owns whole bodies that are envelopes of its rows

@@ -85,19 +85,17 @@ def info_part(record: dict[str, Any], properties: dict[str, Any]) -> dict[str, A
     })
 
 
-def evidence_part(
-    record: dict[str, Any], properties: dict[str, Any], *, extra: dict[str, Any] | None = None, clean: bool = False
-) -> dict[str, Any]:
+def evidence_part(record: dict[str, Any], properties: dict[str, Any], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Entity fields of one AlertEvidence row (user, file, device or cloud app).
 
-    `extra`: the row's AdditionalFields already parsed (`common.json_object`), when the caller has
-    them; `clean`: the row's own bytes were searched and name no removed key (`RecordOutput.clean`),
-    so neither does its AdditionalFields text, and they need no scrubbing of their own."""
-    raw_extra = properties.get("AdditionalFields")
+    `extra`: the row's AdditionalFields already parsed (`common.json_object`) from a record that
+    `decode` got, so already scrubbed or proved clean (the decoder contract); without it they are
+    parsed here and scrubbed when their text could name a removed key."""
     if extra is None:
+        raw_extra = properties.get("AdditionalFields")
         extra = c.json_object(raw_extra)
-    if not clean and (not isinstance(raw_extra, str) or c.mentions_removed_key(raw_extra)):  # the text cannot spell a removed key otherwise
-        extra = c.scrub(extra)
+        if not isinstance(raw_extra, str) or c.mentions_removed_key(raw_extra):  # the text cannot spell a removed key otherwise
+            extra = c.scrub(extra)
     entity = str(properties.get("EntityType") or "").lower()
     title = c.text(properties.get("Title"))
     categories = c.json_list(properties.get("Categories"))
@@ -186,7 +184,7 @@ class DefenderStreamingDecoder:
         if category == ALERT_INFO:
             rank, data = RANK_ALERT_INFO, info_part(record, properties)
         else:
-            rank, data = RANK_EVIDENCE, evidence_part(record, properties, extra=extra, clean=getattr(out, "clean", False))
+            rank, data = RANK_EVIDENCE, evidence_part(record, properties, extra=extra)
         alert_id = data.get("alert_id")
         if not alert_id:
             out.reject("invalid_record", "alert row without AlertId")
