@@ -804,15 +804,18 @@ class SqliteHistoryStore:
         return [_stored_entry(user, *row) for row in rows]
 
     async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
-        """The cursor is a rowid: a later read reads only the rows written after it. Every read walks
-        the (user) index, in rowid order: no sort, even for a user's first read of all their rows."""
+        """The cursor is a rowid: a later read reads only the rows written after it, walking the (user)
+        index in rowid order. A first read (no cursor) finds the user's rows from `since` on through
+        the (user, at) index, so its cost follows that range, not the user's whole retained history."""
         self._commit_held()
+        columns = f"SELECT rowid, entry_id, content_id, at, data FROM history_{kind}s"
         try:
-            rows = self._db.execute(
-                f"SELECT rowid, entry_id, content_id, at, data FROM history_{kind}s INDEXED BY history_{kind}s_user"
-                " WHERE user = ? AND rowid > ? AND at >= ? ORDER BY rowid",
-                (user, cursor or 0, since),
-            ).fetchall()
+            if cursor is None:
+                rows = self._db.execute(f"{columns} WHERE user = ? AND at >= ? ORDER BY rowid", (user, since)).fetchall()
+            else:
+                rows = self._db.execute(
+                    f"{columns} INDEXED BY history_{kind}s_user WHERE user = ? AND rowid > ? AND at >= ? ORDER BY rowid", (user, cursor, since)
+                ).fetchall()
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
         self.rows_read += len(rows)

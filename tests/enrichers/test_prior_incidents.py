@@ -663,3 +663,31 @@ async def test_the_history_writer_remembers_what_it_wrote_without_holding_the_id
     assert store.written == 4_000
     assert held / 4_000 <= 160
     assert await writer.write("alert", entries(3_900, 4_100)) != [] and store.written == 4_100  # only the 100 new ones
+
+
+async def test_a_first_history_read_costs_the_range_asked_for_not_the_whole_history(tmp_path):
+    """sensitive_info's first read of a user asks for an hour around its alerts: the SQLite store must
+    find that range through its (user, at) index, not walk every row the user has retained (counted
+    in SQLite's own steps, not time)."""
+    from pipeline.state.history import SqliteHistoryStore
+
+    store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
+    await store.record("activity", [HistoryEntry(entry_id=f"e{i}", content_id="c", user="u", at=float(i)) for i in range(20_000)])
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    store._db.set_progress_handler(count, 100)
+
+    async def first_read(since: float) -> int:
+        steps[0] = 0
+        entries, _ = await store.entries_after("activity", "u", None, since=since)
+        assert [e.entry_id for e in entries] == [f"e{i}" for i in range(int(since), 20_000)]
+        return steps[0]
+
+    whole, last_hour = await first_read(0.0), await first_read(19_900.0)
+    store._db.set_progress_handler(None, 0)
+    await store.aclose()
+    assert last_hour * 20 < whole
