@@ -776,6 +776,8 @@ class SqliteHistoryStore:
             newest = max(e.at for e in entries)
             statements.append((f"DELETE FROM history_{kind}s WHERE at < ?", [(newest - self.retention_seconds,)]))
         if self._held is not None and self._held.hold(statements):
+            if not self._held.holders:  # held only behind writes whose commit failed: all of them, in order, now
+                self._commit_held()
             return
         try:
             with Transaction(self._db) as db:

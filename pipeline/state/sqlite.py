@@ -11,7 +11,7 @@ import logging
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -263,8 +263,10 @@ class SqliteStateStore:
             yield
         except BaseException:
             self._held.holders -= 1
-            with suppress(sqlite3.Error):
+            try:
                 self._held.commit(self._db)
+            except sqlite3.Error as exc:  # the batch's own error is what is raised; the writes stay held
+                log.warning("history writes held by a failed batch not committed yet (%s): they go with the next commit", type(exc).__name__)
             raise
         self._held.holders -= 1
         try:
@@ -334,9 +336,10 @@ class HeldWrites:
     """The writes of a store that shares the state's connection (its local history), held back while
     a batch runs (`SqliteStateStore.holding_history_writes`) to be committed with a later transaction.
 
-    Guarantees: writes are held only while some batch holds them (`holders`); held writes are kept,
-    in their order, until a transaction that executed them has committed, so a commit that fails
-    loses none of them."""
+    Guarantees: writes are held while some batch holds them (`holders`), or while earlier held ones
+    wait for a commit that failed (a later write goes behind them, so writes commit in their order);
+    held writes are kept, in their order, until a transaction that executed them has committed, so
+    a commit that fails loses none of them."""
 
     __slots__ = ("holders", "statements")
 
@@ -345,8 +348,9 @@ class HeldWrites:
         self.statements: list[Statement] = []
 
     def hold(self, statements: list[Statement]) -> bool:
-        """Hold the statements if a batch holds writes now (True), else leave them to the caller (False)."""
-        if not self.holders:
+        """Hold the statements if a batch holds writes now or earlier ones are still held (True), else
+        leave them to the caller (False)."""
+        if not self.holders and not self.statements:
             return False
         self.statements.extend(statements)
         return True

@@ -313,6 +313,29 @@ async def test_history_writes_whose_commit_failed_stay_held_until_a_commit_succe
         await store.aclose()
 
 
+async def test_a_write_outside_a_batch_is_committed_after_the_held_ones_whose_commit_failed(tmp_path, monkeypatch):
+    """A batch raised and the commit at its end failed: its writes stay held. A write made afterwards
+    outside any batch must go in behind them, not before, or the older revision of an entry gets
+    the later rowid and readers take it for the latest one written."""
+    monkeypatch.setattr(sqlite_state, "BUSY_WAIT_SECONDS", 0.05)
+    store = SqliteStateStore(tmp_path / "state.sqlite")
+    history = store.local_history(retention_days=1)
+    other = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
+    try:
+        with pytest.raises(LookupError), store.holding_history_writes():
+            await history.record("alert", [_entry("e1")])  # content c-e1
+            other.execute("BEGIN IMMEDIATE")
+            raise LookupError("the batch failed")
+        other.execute("ROLLBACK")
+        revised = _entry("e1")
+        revised.content_id = "c-e1-revised"
+        await history.record("alert", [revised])  # no batch holds writes
+        assert other.execute("SELECT content_id FROM history_alerts ORDER BY rowid").fetchall() == [("c-e1",), ("c-e1-revised",)]
+    finally:
+        other.close()
+        await store.aclose()
+
+
 async def test_batches_running_side_by_side_each_return_with_their_history_committed(write_config, fixture_bytes):
     """Two batches of one runner at once (the consumer's partitions): the history one holds may be
     committed by the other's mark; each returns with its own committed, and both alerts are delivered."""
