@@ -540,7 +540,7 @@ class _Activities:
 
     def between(self, since: float, until: float) -> list[_Group]:
         """The groups with since <= at <= until, newest time first; at one time, the latest written first."""
-        found = [group for at in reversed(self._times[bisect_left(self._times, since) : bisect_right(self._times, until)]) for group in self._groups[at]]
+        found = [group for at in self._times[bisect_left(self._times, since) : bisect_right(self._times, until)] for group in self._groups[at]]
         found.sort(key=lambda group: (group.at, group.newest()), reverse=True)
         return found
 

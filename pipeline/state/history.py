@@ -127,17 +127,15 @@ class HistoryWriter:
 
     async def write(self, kind: Kind, entries: Sequence[HistoryEntry]) -> list[HistoryEntry]:
         """Write the entries not written before by this process; returns those."""
-        keys = [hash((e.entry_id, e.content_id)) for e in entries]
-        fresh_keys = [key for key in keys if key not in self._written]
-        if not fresh_keys:
+        fresh = [(e, key) for e in entries if (key := hash((e.entry_id, e.content_id))) not in self._written]
+        if not fresh:
             return []
-        fresh = [e for e, key in zip(entries, keys) if key not in self._written]
-        await self.store.record(kind, fresh)
-        for key in fresh_keys:
+        await self.store.record(kind, [e for e, _ in fresh])
+        for _, key in fresh:
             self._written[key] = None
         while len(self._written) > self.remember:
             self._written.popitem(last=False)
-        return fresh
+        return [e for e, _ in fresh]
 
 
 class UserHistories:
@@ -152,18 +150,17 @@ class UserHistories:
     recently needed dropped first) of at most `max_rows` rows each (past it, the rows older than the
     newest half are dropped, never those the latest `ensure` asked for, and the user's rows then
     start later: an alert older than that reads the range it lacks). An alert older than the rows
-    held reads only the range they lack, and the entries written since the last read. `convert` turns the store's entries into the rows the reader counts on (once per
-    entry, not once per alert); a row has the entry's time as `at`. `holder`, when given, makes
-    what `rows` returns instead of that list: any `HeldRows` (sensitive_info holds equal
-    activities as one group); the guarantees above are the holder's rows'.
+    held reads only the range they lack, and the entries written since the last read. The rows are
+    the entries themselves (`RowList`), or what `holder` makes: any `HeldRows` (sensitive_info holds
+    equal activities as one group); the guarantees above are the holder's rows'.
     """
 
     def __init__(
-        self, store: HistoryStore, kind: Kind, *, convert: Any = list, ttl: float = 30.0, max_users: int = 2_000, max_rows: int = 2_000,
+        self, store: HistoryStore, kind: Kind, *, ttl: float = 30.0, max_users: int = 2_000, max_rows: int = 2_000,
         holder: Callable[[], HeldRows] | None = None,
     ) -> None:
-        self.store, self.kind, self.convert = store, kind, convert
-        self.holder: Callable[[], HeldRows] = holder if holder is not None else (lambda: RowList(convert))
+        self.store, self.kind = store, kind
+        self.holder: Callable[[], HeldRows] = holder if holder is not None else RowList
         self.ttl, self.max_users, self.max_rows = ttl, max_users, max_rows
         self._users: OrderedDict[str, _Held] = OrderedDict()
 
@@ -250,15 +247,10 @@ class HeldRows(Protocol):
 
 
 class RowList(list[Any]):
-    """The default `HeldRows`: a list of `convert`ed entries, newest first (at one time, the latest
-    written first), so `between` finds a time range by bisection."""
-
-    def __init__(self, convert: Any = list) -> None:
-        super().__init__()
-        self.convert = convert
+    """The default `HeldRows`: the entries, newest first (at one time, the latest written first)."""
 
     def add(self, entries: Sequence[HistoryEntry]) -> None:
-        self[:0] = self.convert(list(entries)[::-1])
+        self[:0] = list(entries)[::-1]
         self.sort(key=_AT, reverse=True)  # stable: at one time, the later write stays first
 
     def at_of(self, index: int) -> float:
@@ -634,13 +626,6 @@ class _Tallied:
     loaded_at: float
     cursor: Any
     tally: AlertTally
-
-
-def between(rows: list[Any], since: float, until: float) -> list[Any]:
-    """The rows with since <= row.at <= until of `rows` held newest first (as `UserHistories` holds
-    them): one slice, found by bisection."""
-    first = bisect_left(rows, -until, key=_minus_at)
-    return rows[first : bisect_right(rows, -since, lo=first, key=_minus_at)]
 
 
 _AT = attrgetter("at")

@@ -162,7 +162,7 @@ def test_correlation_window_is_inclusive_on_both_sides_and_picks_the_newest_cont
     entries = [activity("late-out", 1801), activity("late-in", 1800), activity("revised", 60, count=2, content="new"),
                activity("revised", 30, count=7), activity("early-in", -1800), activity("early-out", -1801)]
     infos, ids, _labels, used = enricher._correlate(alert, _prepared(sorted(entries, key=lambda e: -e.at)))
-    assert sorted(ids) == ["early-in", "late-in", "revised"] and used == 3
+    assert ids == ["late-in", "revised", "early-in"] and used == 3  # newest first (the newest are kept when the list is cut)
     assert [(i.name, i.count) for i in infos] == [("IBAN", 2)]  # only the newest content of "revised"
     assert enricher._correlate(alert, _prepared([activity("far", 7200)])) is None
 
