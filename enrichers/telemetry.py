@@ -345,7 +345,7 @@ class _Progress:
                 if isinstance(value, str) and value and key not in self.values:
                     self.values[key] = value
 
-    def result(self, made: dict[tuple[Any, ...], Telemetry] | None = None) -> Telemetry | None | Exception:
+    def result(self, made: dict[tuple[Any, ...], Telemetry]) -> Telemetry | None | Exception:
         """The alert's fragment; `made`: the fragments of the batch so far, by the results they hold
         (the same results, shared by several alerts, give one shared fragment: fragments are read-only)."""
         if self.failure is not None:
@@ -357,11 +357,9 @@ class _Progress:
             error = EnricherTimeout if self.timeouts == len(self.errors) else EnricherUnavailable
             return error(f"every telemetry source failed ({len(self.errors)}); first: {first}")
         key = (tuple((name, id(result)) for name, result in self.results.items()), tuple(self.errors.items()))
-        fragment = made.get(key) if made is not None else None
+        fragment = made.get(key)
         if fragment is None:
-            fragment = Telemetry(sources=self.results, found_any=any(r.found for r in self.results.values()), errors=self.errors)
-            if made is not None:
-                made[key] = fragment
+            fragment = made[key] = Telemetry(sources=self.results, found_any=any(r.found for r in self.results.values()), errors=self.errors)
         return fragment
 
 

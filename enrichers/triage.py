@@ -18,6 +18,7 @@ when no telemetry rule fired.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -144,20 +145,20 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
 
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[Triage | None | Exception]:
         results: list[Triage | None | Exception] = []
-        contractor_types = self._contractor_types()  # once per batch, not per alert
         for alert, ctx in zip(alerts, contexts):
             try:
-                results.append(self.score(alert, ctx, contractor_types=contractor_types))
+                results.append(self.score(alert, ctx))
             except Exception as exc:  # one alert's surprise fails that alert only
                 results.append(exc)
         return results
 
+    @cached_property
     def _contractor_types(self) -> frozenset[str]:
+        """The settings' contractor types, lowercased (settings do not change once the enricher is built)."""
         return frozenset(t.lower() for t in self.settings.contractor_types)
 
-    def score(self, alert: DlpAlert, ctx: EnrichmentContext, *, contractor_types: frozenset[str] | None = None) -> Triage:
-        """The alert's triage; `contractor_types`: the settings' contractor types lowercased, when
-        the caller made them already."""
+    def score(self, alert: DlpAlert, ctx: EnrichmentContext) -> Triage:
+        """The alert's triage."""
         s, w = self.settings, self.settings.weights
         # The reasons' fields, validated as `Reason`s by the one validation of `Triage` below (one call
         # into pydantic per alert, not one per reason).
@@ -187,7 +188,7 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
             if _field(user, "account_enabled", None) is False:
                 add("account_disabled", w.account_disabled, "the account is disabled", "user_context", account_enabled=False)
             employee_type = _field(user, "employee_type", None)
-            if isinstance(employee_type, str) and employee_type.strip().lower() in (contractor_types if contractor_types is not None else self._contractor_types()):
+            if isinstance(employee_type, str) and employee_type.strip().lower() in self._contractor_types:
                 add("contractor", w.contractor, f"employee type {employee_type}", "user_context", employee_type=employee_type)
 
         info = fragments["sensitive_info"]
@@ -240,7 +241,7 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
                     fired = True
                     add(rule.code, rule.points, f"{rule.label} ({source_name}.{field} = {value})", "telemetry", **{f"{source_name}.{field}": _evidence(value)})
             if not fired and _field(telemetry, "found_any", None):
-                known = sorted(name for name, result in sources.items() if _field(result, "found", None))
+                known = [name for name, _ in found]
                 add("telemetry_hit", w.telemetry_hit, "known to " + ", ".join(known), "telemetry", sources=", ".join(known))
 
         score = min(100, sum(r["points"] for r in reasons))

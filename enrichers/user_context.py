@@ -215,7 +215,7 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
         results: list[UserContext | None | Exception] = []
         # Alerts of one user on one day get the same fragment: made once per batch and shared
         # (fragments are read-only), keyed by what it is made of.
-        made: dict[tuple[str, str | None, str | None, date], UserContext] = {}
+        made: dict[tuple[str, str | None, date], UserContext] = {}
         for alert, key, ctx in zip(alerts, keys, contexts):
             if key is None:
                 results.append(None)
@@ -229,14 +229,13 @@ class UserContextEnricher(BatchEnricher["UserContextEnricher.Settings"]):
                 continue
             sources = ["graph" if self._batcher is not None else "directory"] if user is not None else []
             hr = None
-            upn = None
             if self._hr is not None:
                 upn = upn_key or (str(user.get("userPrincipalName") or "").lower() if user else None)
                 hr = self._hr.get().get(upn) if upn else None
                 if hr is not None:
                     sources.append("hr")
             at = _alert_time(alert, ctx)
-            made_key = (key, upn_key, upn, at.date())
+            made_key = (key, upn_key, at.date())  # the user, and so the HR row, follow from the two keys in a batch
             fragment = made.get(made_key)
             if fragment is None:
                 fragment = made[made_key] = _fragment(user, hr, sources, at)

@@ -43,3 +43,23 @@ async def test_a_shared_fragment_gives_each_alert_what_it_gets_alone(tmp_path):
             (alone,) = (await runner.engine.enrich([alert])).records
         for name in ("user_context", "telemetry"):
             assert orjson.dumps(together[alert.alert_id].enrichments[name]) == orjson.dumps(alone.enrichments[name])
+
+
+async def test_alerts_of_one_user_on_different_days_do_not_share_their_user_context(tmp_path):
+    """user_context counts the days to the user's last working day from the alert's own time: two
+    alerts of one departing user, ten days apart, in one batch, each get the count they get alone."""
+    from datetime import timedelta
+
+    base = dense_alerts(users=1)[0]
+    user = base.user.model_copy(update={"upn": "adele.vance@contoso.com"})  # leaves on 2025-03-28 (the bundled HR sample)
+    early, late = (
+        base.model_copy(update={"alert_id": alert_id, "user": user, "created_at": base.created_at + timedelta(days=days)})
+        for alert_id, days in (("early", 0), ("late", 10))
+    )
+    async with Runner(bench_config(tmp_path / "batch")) as runner:
+        together = {record.alert.alert_id: record.enrichments["user_context"] for record in (await runner.engine.enrich([early, late])).records}
+    assert together["early"]["days_until_departure"] - together["late"]["days_until_departure"] == 10
+    for alert in (early, late):
+        async with Runner(bench_config(tmp_path / alert.alert_id)) as runner:
+            (alone,) = (await runner.engine.enrich([alert])).records
+        assert orjson.dumps(together[alert.alert_id]) == orjson.dumps(alone.enrichments["user_context"])
