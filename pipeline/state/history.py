@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.errors import EnricherUnavailable, store_error
 from pipeline.models import DlpAlert
 from pipeline.secrets import SecretEnv
-from pipeline.state.sqlite import HeldWrites, Statement, Transaction, connect
+from pipeline.state.sqlite import HeldWrites, Statement, Transaction, WalCheckpointer, connect
 
 log = logging.getLogger("pipeline.enrichers.history")
 
@@ -742,6 +742,7 @@ class SqliteHistoryStore:
                 self._db.execute(_TABLE.format(kind=kind))
                 self._db.execute(_INDEX.format(kind=kind))
                 self._db.execute(_INDEX_USER.format(kind=kind))
+            self._checkpointer = WalCheckpointer(path, owner=self) if self._owned and path is not None else None
         except (OSError, sqlite3.Error) as exc:
             raise store_error(exc, path=path if path is not None else "the history store", operation="open the history store") from exc
         self.retention_seconds = retention_days * 86400
@@ -809,6 +810,8 @@ class SqliteHistoryStore:
         return [_stored_entry(user, *row[1:]) for row in rows], (rows[-1][0] if rows else (cursor or 0))
 
     async def aclose(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         if self._owned:
             self._db.close()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -52,9 +54,9 @@ CREATE TABLE IF NOT EXISTS batch_redeliveries (
 """
 
 
-# The write-ahead log is folded into the database (with an fsync) every this many pages (4 KiB each),
-# not SQLite's default 1,000: per-batch commits stay cheap, and the log file grows to ~40 MiB at most
-# between checkpoints. Benchmarked in README, Performance.
+# A commit folds the write-ahead log into the database (with an fsync) when it holds this many pages
+# (4 KiB each), not SQLite's default 1,000: the log file grows to ~40 MiB at most. With the background
+# checkpointer (`WalCheckpointer`) keeping up, the commits never reach it. Benchmarked in README, Performance.
 WAL_CHECKPOINT_PAGES = 10_000
 
 
@@ -62,6 +64,54 @@ DAMAGED_STATE_ADVICE = (
     "move it (and its -wal and -shm files) aside and run again: a new state store is created; split alerts "
     "whose parts were pending in the old one come out again only if their messages are read again"
 )
+
+
+# How often the background checkpointer (`WalCheckpointer`) folds the log into the database.
+CHECKPOINT_EVERY_SECONDS = 0.25
+
+
+class WalCheckpointer:
+    """Folds a SQLite file's write-ahead log into the database from a thread of its own, every
+    CHECKPOINT_EVERY_SECONDS, so that a batch's commit does not wait for a checkpoint's copy and fsync
+    (tens of milliseconds, every few thousand small commits otherwise).
+
+    Guarantees: the checkpoints are SQLite's PASSIVE ones (they never block a writer or a reader, and
+    are crash-safe); the connections keep their own `wal_autocheckpoint` (`connect`), so the log stays
+    bounded if this thread falls behind; `close` stops the thread and waits for it. Its own connection
+    runs only the checkpoint (SQLite releases the GIL meanwhile); the thread ends with `close`, or
+    when its owner is garbage."""
+
+    def __init__(self, path: Path, *, owner: object, every_seconds: float = CHECKPOINT_EVERY_SECONDS) -> None:
+        """`owner`: the store whose file it is; when it is garbage without having been closed, the thread ends too."""
+        self.path = path
+        self.every_seconds = every_seconds
+        self.checkpoints = 0  # rounds that found the whole log folded into the database (tests)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sqlite-checkpoint:{path.name}", daemon=True)
+        self._thread.start()
+        weakref.finalize(owner, self._stop.set)
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_WAIT_SECONDS)
+        except sqlite3.Error as exc:
+            log.warning("no background checkpoints for %s (%s): the commits make them", self.path.name, type(exc).__name__)
+            return
+        try:
+            while not self._stop.wait(self.every_seconds):
+                try:
+                    busy, frames, folded = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # the next round tries again; the commits' own checkpoints bound the log
+                    log.debug("background checkpoint of %s failed: %s", self.path.name, type(exc).__name__)
+                    continue
+                if busy == 0 and frames == folded:
+                    self.checkpoints += 1
+        finally:
+            db.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -90,6 +140,7 @@ class SqliteStateStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = connect(self.path)
             self._db.executescript(_SCHEMA)
+            self._checkpointer = WalCheckpointer(self.path, owner=self)
             self._joined: _JoinedWrites | None = None
             self._held = HeldWrites()
         except (OSError, sqlite3.Error) as exc:
@@ -248,6 +299,7 @@ class SqliteStateStore:
         except sqlite3.Error as exc:  # closing must not hide the run's own result; that batch was not accounted for
             log.warning("history writes held by the state store not committed at close: %s", type(exc).__name__)
         finally:
+            self._checkpointer.close()
             self._db.close()
 
     @contextmanager
