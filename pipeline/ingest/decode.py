@@ -332,22 +332,56 @@ def _fast_envelope(body: bytes, decoders: tuple[Decoder, ...], limits: Limits, *
         return out
     raw_rows = _RAW_ENVELOPE.decode(body).records
     output = _Output(out, limits)
-    # When most rows go on (a DLP-dense body), one search of the whole body serves them all: a row's
-    # bytes are part of the body's, so a body that names no removed key and holds no \u escape
-    # proves each of its rows clean, and only the row's own limits are left to prove.
-    body_clean = 2 * len(candidates) > len(rows) and not common.mentions_removed_key(body)
+    if 2 * len(candidates) > len(rows):  # DLP-dense
+        _decode_dense_rows(decoder, output, body, [raw_rows[index] for index in candidates], candidates, limits, keep)
+        return out
     for index in candidates:
         raw = bytes(raw_rows[index])
-        try:
-            row = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:  # what msgspec lets through (a lone surrogate escape)
-            raise DecodeError("invalid_json", f"{exc.msg} in record {index}") from None
-        if body_clean:
-            clean, checked = True, limits_module.records_surely_within(raw, limits, has_escape=False)
-        else:
-            clean, checked = _shortcuts(raw, limits)
+        row = _loaded(raw, index)
+        clean, checked = _shortcuts(raw, limits)
         _decode_row(decoder, output, index, row, limits, clean=clean, checked=checked, keep=keep)
     return out
+
+
+def _decode_dense_rows(decoder: Decoder, output: _Output, body: bytes, raw_rows: list[Any], indexes: list[int], limits: Limits, keep: bool) -> None:
+    """The rows of a DLP-dense body (most of its rows go on). One search of the whole body serves
+    them all: a row's bytes are part of the body's, so a body that names no removed key and holds no
+    \\u escape proves each of its rows clean, and one without three backslashes in a row leaves only
+    a row's length and brackets to count (`limits.records_surely_within`)."""
+    if limits_module.escape_or_deep_embedding(body):  # which of the two, the ordinary searches tell
+        clean, deep = not common.mentions_removed_key(body), None
+    else:
+        clean, deep = not common.mentions_removed_key(body, has_escape=False), False
+    if not clean or deep is None or keep:
+        for index, raw_row in zip(indexes, raw_rows):
+            raw = bytes(raw_row)
+            row = _loaded(raw, index)
+            row_clean, checked = (True, limits_module.records_surely_within(raw, limits, has_escape=False)) if clean else _shortcuts(raw, limits)
+            _decode_row(decoder, output, index, row, limits, clean=row_clean, checked=checked, keep=keep)
+        return
+    # Clean rows, no free text kept: `_decode_row` with its checks worked out here.
+    out, decode, surely_within = output.decoded, decoder.decode, limits_module.records_surely_within
+    output.free_text = {}
+    for index, raw_row in zip(indexes, raw_rows):
+        raw = bytes(raw_row)
+        row = _loaded(raw, index)
+        if not surely_within(raw, limits, has_escape=False, has_deep_embedding=False) and not _within_record_limits(out, index, row, limits):
+            continue
+        output.index = index
+        output.record = row
+        try:
+            decode(row, output)
+        except Exception as exc:  # a decoder bug must cost one record, never the message
+            out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, row))
+
+
+def _loaded(raw: bytes, index: int) -> Any:
+    """A row's bytes parsed; what msgspec let through and orjson refuses (a lone surrogate escape, a
+    number out of range) makes the whole body invalid."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError("invalid_json", f"{exc.msg} in record {index}") from None
 
 
 def _decode_parsed_rows(decoder: Decoder, rows: list[Any], limits: Limits, *, keep: bool = False) -> Decoded:

@@ -116,7 +116,7 @@ def has_unicode_escape(text: bytes | str) -> bool:
     return _UNICODE_ESCAPE.search(text) is not None
 
 
-def records_surely_within(body: bytes, limits: Limits, *, has_escape: bool | None = None) -> bool:
+def records_surely_within(body: bytes, limits: Limits, *, has_escape: bool | None = None, has_deep_embedding: bool | None = None) -> bool:
     """True when the bytes alone prove that no record of `body` breaks the depth or string limits, so
     `check_record` need not walk them (most real bodies: a few KB, a few dozen brackets). Sound because:
     - a string (or key), embedded JSON's included, has no more characters than the body has bytes;
@@ -124,19 +124,27 @@ def records_surely_within(body: bytes, limits: Limits, *, has_escape: bool | Non
       unless spelled with a \\u escape (then no proof);
     - JSON embedded two or more levels deep shows as a run of three backslashes (then no proof), so
       the embedding limit cannot be reached either.
-    When this is False, nothing is wrong yet: `check_record` decides. `has_escape`: whether the
-    body holds a \\u escape, when the caller already knows."""
+    When this is False, nothing is wrong yet: `check_record` decides. `has_escape`, `has_deep_embedding`:
+    whether the body holds a \\u escape or three backslashes in a row, when the caller already knows
+    (`escape_or_deep_embedding` of a body that holds these bytes)."""
     return (
         len(body) <= limits.max_string_length
         and not (has_unicode_escape(body) if has_escape is None else has_escape)
         and body.count(b"{") + body.count(b"[") <= limits.max_nesting_depth
-        and _DEEP_EMBEDDING.search(body) is None
+        and not (_DEEP_EMBEDDING.search(body) is not None if has_deep_embedding is None else has_deep_embedding)
     )
 
 
 # Three backslashes in a row: JSON embedded in a string embedded in a string. A regular expression,
 # not a substring test: its search skips from backslash to backslash, faster on escaped JSON.
 _DEEP_EMBEDDING = re.compile(rb"\\\\\\")
+_ESCAPE_OR_DEEP_EMBEDDING = re.compile(rb"\\(?:u[0-9a-fA-F]{4}|\\\\)")
+
+
+def escape_or_deep_embedding(body: bytes) -> bool:
+    """`has_unicode_escape(body) or` three backslashes in a row, in one search: False proves both
+    absent from every part of `body` (a record's bytes are part of its body's)."""
+    return _ESCAPE_OR_DEEP_EMBEDDING.search(body) is not None
 
 
 def check_record(record: Any, limits: Limits, *, base_depth: int = 0) -> None:
@@ -207,6 +215,7 @@ __all__ = [
     "records_surely_within",
     "check_record_count",
     "embedded_json",
+    "escape_or_deep_embedding",
     "has_unicode_escape",
     "looks_like_json",
 ]

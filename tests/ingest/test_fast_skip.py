@@ -288,3 +288,47 @@ def test_a_repeated_key_is_read_as_orjson_reads_it_the_last_one():
     for body in bodies:
         decoded = decode_message(body.encode())
         assert len(decoded.parts) == 1 and decoded.skipped == 0 and outcome(decoded) == outcome(full_path(body.encode()))
+
+
+# --- DLP-dense bodies: one search of the body for the limits' proofs ---------------------------
+
+@given(st.binary(max_size=40).map(lambda b: b.translate(bytes.maketrans(b"\x00\x01\x02\x03\x04\x05", b"\\\\\\u0a"))))
+def test_one_search_for_escapes_and_deep_embedding_finds_what_the_two_searches_find(text):
+    assert limits.escape_or_deep_embedding(text) == (limits.has_unicode_escape(text) or b"\\\\\\" in text)
+
+
+def _dense_with(change) -> bytes:
+    document = orjson.loads(streams.dense_bodies(1)[0])
+    change(document["records"])
+    return orjson.dumps(document)
+
+
+def _deep(rows):
+    nested: object = 1
+    for _ in range(40):
+        nested = [nested]
+    rows[5]["properties"]["Nested"] = nested
+
+
+def _long(rows):
+    rows[6]["properties"]["Long"] = "x" * (limits.DEFAULT_LIMITS.max_string_length + 1)
+
+
+def _deep_embedded(rows):  # JSON in JSON in a string: three backslashes in a row, the body proves no row
+    rows[7]["properties"]["AdditionalFields"] = json.dumps({"Inner": json.dumps({"Deeper": json.dumps({"x": 1})}), "DlpRuleName": "r"})
+
+
+def _no_alert_id(rows):
+    rows[9]["properties"]["AlertId"] = None
+
+
+@pytest.mark.usefixtures("path")
+@pytest.mark.parametrize("change", [_deep, _long, _deep_embedded, _no_alert_id], ids=["too_deep", "string_too_long", "deep_embedding", "rejected"])
+def test_a_dlp_dense_body_rejects_its_broken_rows_as_the_full_path_does(change):
+    """The body-wide proofs leave each row's length and brackets to count: a row beyond a limit is
+    still rejected with the limit's reason, one the decoder rejects is dead-lettered whole, and every
+    other row decodes as the full path decodes it."""
+    body = _dense_with(change)
+    fast, full = decode_message(body), full_path(body)
+    assert outcome(fast) == outcome(full)
+    assert len(fast.rejected) == (0 if change is _deep_embedded else 1) and len(fast.parts) == 100 - len(fast.rejected)

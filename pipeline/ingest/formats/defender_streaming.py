@@ -11,6 +11,7 @@ checking or scrubbing it (pipeline/ingest/decode.py, "Fast skip").
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from pipeline.ingest.formats import common as c
@@ -72,14 +73,15 @@ def is_dlp_row(properties: dict[str, Any]) -> bool:
 
 def info_part(record: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
     """Alert-level fields of one AlertInfo row."""
-    title = c.text(properties.get("Title"))
+    get, text = properties.get, c.text
+    title = text(get("Title"))
     return _drop_none({
-        "alert_id": c.text(properties.get("AlertId")),
-        "tenant_id": c.text(record.get("tenantId")),
+        "alert_id": text(get("AlertId")),
+        "tenant_id": text(record.get("tenantId")),
         "title": title,
-        "severity": c.severity(properties.get("Severity")),
-        "category": c.text(properties.get("Category")),
-        "created_at": c.text(properties.get("Timestamp")),
+        "severity": c.severity(get("Severity")),
+        "category": text(get("Category")),
+        "created_at": text(get("Timestamp")),
         "rule_name": c.rule_from_title(title),
         "workload": c.workload_from_text(title),
     })
@@ -91,49 +93,65 @@ def evidence_part(record: dict[str, Any], properties: dict[str, Any], *, extra: 
     `extra`: the row's AdditionalFields already parsed (`common.json_object`) from a record that
     `decode` got, so already scrubbed or proved clean (the decoder contract); without it they are
     parsed here and scrubbed when their text could name a removed key."""
+    get, text = properties.get, c.text
     if extra is None:
-        raw_extra = properties.get("AdditionalFields")
+        raw_extra = get("AdditionalFields")
         extra = c.json_object(raw_extra)
         if not isinstance(raw_extra, str) or c.mentions_removed_key(raw_extra):  # the text cannot spell a removed key otherwise
             extra = c.scrub(extra)
-    entity = str(properties.get("EntityType") or "").lower()
-    title = c.text(properties.get("Title"))
-    categories = c.json_list(properties.get("Categories"))
+    extra_get = extra.get
+    entity = str(get("EntityType") or "").lower()
+    title = text(get("Title"))
     part: dict[str, Any] = {
-        "alert_id": c.text(properties.get("AlertId")),
-        "tenant_id": c.text(record.get("tenantId")),
+        "alert_id": text(get("AlertId")),
+        "tenant_id": text(record.get("tenantId")),
         "title": title,
-        "severity": c.severity(properties.get("Severity")),
-        "category": c.text(categories[0]) if categories else None,
-        "created_at": c.text(properties.get("Timestamp")),
-        "rule_name": c.text(extra.get("DlpRuleName")) or c.rule_from_title(title),
-        "policy_name": c.text(extra.get("DlpPolicyName")),
+        "severity": c.severity(get("Severity")),
+        "category": _first_category(get("Categories")),
+        "created_at": text(get("Timestamp")),
+        "rule_name": text(extra_get("DlpRuleName")) or c.rule_from_title(title),
+        "policy_name": text(extra_get("DlpPolicyName")),
     }
     if entity in ("user", "account", "mailbox"):
-        account_upn = c.upn(properties.get("AccountUpn"))
-        if not account_upn and extra.get("Name") and extra.get("UPNSuffix"):
+        account_upn = c.upn(get("AccountUpn"))
+        if not account_upn and extra_get("Name") and extra_get("UPNSuffix"):
             account_upn = f"{extra['Name']}@{extra['UPNSuffix']}"
         part["user"] = {
             "upn": account_upn,
-            "object_id": c.text(properties.get("AccountObjectId")) or c.text(extra.get("AadUserId")),
-            "display_name": c.text(extra.get("DisplayName")),
+            "object_id": text(get("AccountObjectId")) or text(extra_get("AadUserId")),
+            "display_name": text(extra_get("DisplayName")),
         }
     elif entity == "file":
         part["files"] = [_drop_none({
-            "name": c.url_decoded(properties.get("FileName")),
-            "path": c.url_decoded(properties.get("FolderPath")),
-            "size": c.integer(properties.get("FileSize")),
-            "sha256": c.text(properties.get("SHA256")),
-            "sensitivity_label_id": c.text(extra.get("SensitivityLabelId")),
+            "name": c.url_decoded(get("FileName")),
+            "path": c.url_decoded(get("FolderPath")),
+            "size": c.integer(get("FileSize")),
+            "sha256": text(get("SHA256")),
+            "sensitivity_label_id": text(extra_get("SensitivityLabelId")),
         })]
-        part["sensitive_info"] = c.sensitive_types_from_text(extra.get("SensitiveInfoTypes"))
-        part["workload"] = c.workload_from_text(properties.get("Application"))
+        part["sensitive_info"] = c.sensitive_types_from_text(extra_get("SensitiveInfoTypes"))
+        part["workload"] = c.workload_from_text(get("Application"))
     elif entity in ("machine", "device", "host"):
-        part["device"] = _drop_none({"name": c.text(properties.get("DeviceName")), "device_id": c.text(properties.get("DeviceId"))})
+        part["device"] = _drop_none({"name": text(get("DeviceName")), "device_id": text(get("DeviceId"))})
         part["workload"] = "Endpoint"
     elif entity in ("cloudapplication", "cloud-application", "cloudapp"):
-        part["workload"] = c.workload_from_text(properties.get("Application"), extra.get("Name"))
+        part["workload"] = c.workload_from_text(get("Application"), extra_get("Name"))
     return _drop_none(part)
+
+
+def _first_category(value: Any) -> str | None:
+    """The first of an evidence row's Categories (a JSON list in a string, or a list)."""
+    if type(value) is str and len(value) <= 256:  # (a long text is not kept)
+        return _first_category_in(value)
+    categories = c.json_list(value)
+    return c.text(categories[0]) if categories else None
+
+
+# The Categories of an alert's rows are one of a few texts (`["Exfiltration"]`): worked out once.
+@lru_cache(maxsize=256)
+def _first_category_in(value: str) -> str | None:
+    categories = c.json_list(value)
+    return c.text(categories[0]) if categories else None
 
 
 def cloud_app_dlp_activity(record: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +161,8 @@ def cloud_app_dlp_activity(record: dict[str, Any], raw: dict[str, Any]) -> dict[
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if v is not None and v != [] and v != "unknown"}
+    """`values` less its None, empty-list and "unknown" values."""
+    return {k: v for k, v in values.items() if v is not None and v != "unknown" and (v.__class__ is not list or v)}
 
 
 class DefenderStreamingDecoder:
@@ -179,8 +198,8 @@ class DefenderStreamingDecoder:
             return
         extra = c.json_object(properties.get("AdditionalFields"))  # parsed once: the limit below and the evidence fields
         types = extra.get("SensitiveInfoTypes")
-        if not out.within_evidence_limit(len(types) if isinstance(types, list) else 0, "sensitive information types"):
-            return
+        if isinstance(types, list) and types and not out.within_evidence_limit(len(types), "sensitive information types"):
+            return  # (no types are within any limit: the limit is at least 1)
         if category == ALERT_INFO:
             rank, data = RANK_ALERT_INFO, info_part(record, properties)
         else:
