@@ -113,8 +113,8 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         written = await self._record([entry for alert, entry in pairs if alert.kind == "alert"])
         self.tallies.add(written)  # the tallies held count what this batch wrote at once
         since: dict[str, float] = {}
-        for _, paired in pairs:
-            since[paired.user] = min(since.get(paired.user, paired.at), paired.at) - 90 * DAY
+        for _, paired in pairs:  # 90 days before each user's oldest alert of the batch
+            since[paired.user] = min(since.get(paired.user, math.inf), paired.at - 90 * DAY)
         await self.tallies.ensure(since)
         hunted: dict[Any, Any] = {}
         if self.hunting is not None:

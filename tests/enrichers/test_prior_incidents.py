@@ -691,3 +691,46 @@ async def test_a_first_history_read_costs_the_range_asked_for_not_the_whole_hist
     store._db.set_progress_handler(None, 0)
     await store.aclose()
     assert last_hour * 20 < whole
+
+
+async def test_a_batch_asks_each_users_history_from_90_days_before_their_oldest_alert(tmp_path):
+    """A user with several alerts in a batch needs their history from 90 days before the oldest one,
+    not 90 days more per alert: a later batch of the same user at the same times reads nothing older."""
+    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher
+    from pipeline.models import DlpAlert
+
+    now = 1_750_000_000.0
+    settings = {"store": {"path": str(tmp_path / "history.sqlite")}}
+    enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings.model_validate(settings), None)
+    await enricher.start()
+
+    def batch(number: int, size: int) -> list[DlpAlert]:
+        return [
+            DlpAlert.model_validate({"alert_id": f"a{number}-{i}", "source_format": "graph_alert", "user": {"upn": "u@contoso.com"},
+                                     "created_at": datetime.fromtimestamp(now + i, tz=UTC)})
+            for i in range(size)
+        ]
+
+    asked: list[dict[str, float]] = []
+    ensure = enricher.tallies.ensure
+
+    async def spy(since: dict[str, float]) -> None:
+        asked.append(dict(since))
+        await ensure(since)
+
+    enricher.tallies.ensure = spy  # type: ignore[method-assign]
+    older_reads = []
+    entries = enricher.store.entries
+
+    async def counted(*args, **kwargs):
+        older_reads.append(kwargs.get("since"))
+        return await entries(*args, **kwargs)
+
+    enricher.store.entries = counted  # type: ignore[method-assign]
+    try:
+        await enricher.enrich_batch(batch(0, 1), [])
+        await enricher.enrich_batch(batch(1, 3), [])
+    finally:
+        await enricher.aclose()
+    assert asked == [{"u@contoso.com": now - 90 * DAY}] * 2
+    assert older_reads == []
