@@ -241,10 +241,18 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
                 labels = sorted(set(labels) | set(found_labels))
             found.append((infos, labels, source, ids, count))
         await self._refresh_names([item for item in found if not isinstance(item, Exception)])
-        return [
-            item if isinstance(item, Exception) else (self.summarize(item[0], item[1], source=item[2], ids=item[3], count=item[4]) if item[0] or item[1] else None)
-            for item in found
-        ]
+        # Alerts of the batch with equal types, labels and correlation get one summary, shared (fragments
+        # are read-only; the engine dumps it once). Within the batch only: names can change between batches.
+        made: dict[tuple[Any, ...], SensitiveInfoSummary] = {}
+
+        def summary(infos: list[SensitiveInfo], labels: list[str], source: str, ids: list[str], count: int) -> SensitiveInfoSummary:
+            key = (tuple((s.name, s.type_id, s.count, s.confidence) for s in infos), tuple(labels), source, tuple(ids), count)
+            shared = made.get(key)
+            if shared is None:
+                shared = made[key] = self.summarize(infos, labels, source=source, ids=ids, count=count)
+            return shared
+
+        return [item if isinstance(item, Exception) else (summary(*item) if item[0] or item[1] else None) for item in found]
 
     async def _refresh_names(self, found: list[tuple[list[SensitiveInfo], list[str], str, list[str], int]]) -> None:
         """Fetch the tenant's lists when stale, and only when the batch has an id they could name."""

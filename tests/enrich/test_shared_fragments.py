@@ -29,8 +29,10 @@ async def test_alerts_of_one_user_share_one_dump_of_their_user_and_telemetry_fra
         first = same[0]
         for name in ("user_context", "telemetry"):
             assert all(record.enrichments[name] is first.enrichments[name] for record in same), name
-    # every alert of the body gets the same triage (equal reasons): one fragment, one dump for the batch
-    assert len({id(record.enrichments["triage"]) for record in records}) == 1
+    # every alert of the body has the same types and gets the same triage (equal reasons): one
+    # fragment of each, one dump for the batch
+    for name in ("sensitive_info", "triage"):
+        assert len({id(record.enrichments[name]) for record in records}) == 1, name
     one, other = (group[0] for group in list(by_user.values())[:2])
     assert one.enrichments["user_context"] is not other.enrichments["user_context"]
 
@@ -42,7 +44,7 @@ async def test_a_shared_fragment_gives_each_alert_what_it_gets_alone(tmp_path):
     for alert in alerts[:6]:
         async with Runner(bench_config(tmp_path / alert.alert_id)) as runner:
             (alone,) = (await runner.engine.enrich([alert])).records
-        for name in ("user_context", "telemetry"):
+        for name in ("user_context", "telemetry", "sensitive_info", "triage"):
             assert orjson.dumps(together[alert.alert_id].enrichments[name]) == orjson.dumps(alone.enrichments[name])
 
 
@@ -64,3 +66,16 @@ async def test_alerts_of_one_user_on_different_days_do_not_share_their_user_cont
         async with Runner(bench_config(tmp_path / alert.alert_id)) as runner:
             (alone,) = (await runner.engine.enrich([alert])).records
         assert orjson.dumps(together[alert.alert_id]) == orjson.dumps(alone.enrichments["user_context"])
+
+
+async def test_alerts_with_other_types_get_their_own_sensitive_info_summary(tmp_path):
+    """The summaries shared in a batch are those of equal types, labels and correlation only: an
+    alert whose type counts differ gets its own, with its own figures."""
+    alerts = dense_alerts(users=1)
+    base = alerts[1]
+    changed = base.model_copy(update={"alert_id": "changed", "sensitive_info": [s.model_copy(update={"count": (s.count or 0) + 5}) for s in base.sensitive_info]})
+    async with Runner(bench_config(tmp_path)) as runner:
+        records = {record.alert.alert_id: record for record in (await runner.engine.enrich([*alerts[:3], changed])).records}
+    first, other = records[alerts[0].alert_id].enrichments["sensitive_info"], records["changed"].enrichments["sensitive_info"]
+    assert other is not first and records[alerts[2].alert_id].enrichments["sensitive_info"] is first
+    assert other["total_count"] == first["total_count"] + 5 * len(base.sensitive_info)
