@@ -161,17 +161,7 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
             if added:
                 newest_added = max(item[1] for item in added)
                 last_at = newest_added if last_at is None or newest_added > last_at else last_at
-        recent = [_prior_alert(*item) for item in newest]
-        return PriorIncidents(
-            last_7_days=counts[7],
-            last_30_days=counts[30],
-            last_90_days=counts[90],
-            same_policy_90_days=same_policy,
-            sensitive_types=sorted(names),
-            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(last_at, tz=UTC) if last_at is not None else None),
-            recent=recent,
-            sources=sources,
-        )
+        return _incidents(counts[7], counts[30], counts[90], same_policy, tuple(sorted(names)), newest[0][1] if newest else last_at, tuple(newest), tuple(sources))
 
     async def _hunt(self, alert: DlpAlert) -> list[PriorAlert]:
         assert self.hunting is not None and alert.user is not None
@@ -199,6 +189,26 @@ def _before(at: float) -> float:
 def _counted(tally: AlertTally, alert_id: str, until: float) -> bool:
     at = tally.at_of(alert_id)
     return at is not None and until - 90 * DAY <= at < until
+
+
+@lru_cache(maxsize=1024)
+def _incidents(
+    last_7: int, last_30: int, last_90: int, same_policy: int, names: tuple[str, ...], last_at: float | None,
+    newest: tuple[tuple[str, float, str | None, str | None, str], ...], sources: tuple[str, ...],
+) -> PriorIncidents:
+    """The fragment of these figures. Alerts with equal figures (the first alert of every user, say)
+    share one (fragments are read-only), made once and dumped once per batch; at most 1,024 held.
+    `last_at`: the newest prior alert's time (that of `newest[0]` when there is one)."""
+    return PriorIncidents(
+        last_7_days=last_7,
+        last_30_days=last_30,
+        last_90_days=last_90,
+        same_policy_90_days=same_policy,
+        sensitive_types=list(names),
+        last_alert_at=datetime.fromtimestamp(last_at, tz=UTC) if last_at is not None else None,
+        recent=[_prior_alert(*item) for item in newest],
+        sources=list(sources),
+    )
 
 
 @lru_cache(maxsize=1024)

@@ -29,9 +29,9 @@ async def test_alerts_of_one_user_share_one_dump_of_their_user_and_telemetry_fra
         first = same[0]
         for name in ("user_context", "telemetry"):
             assert all(record.enrichments[name] is first.enrichments[name] for record in same), name
-    # every alert of the body has the same types and gets the same triage (equal reasons): one
-    # fragment of each, one dump for the batch
-    for name in ("sensitive_info", "triage"):
+    # every alert of the body has the same types, no prior alert (they are all of one time) and the
+    # same triage (equal reasons): one fragment of each, one dump for the batch
+    for name in ("sensitive_info", "prior_incidents", "triage"):
         assert len({id(record.enrichments[name]) for record in records}) == 1, name
     one, other = (group[0] for group in list(by_user.values())[:2])
     assert one.enrichments["user_context"] is not other.enrichments["user_context"]
@@ -44,7 +44,7 @@ async def test_a_shared_fragment_gives_each_alert_what_it_gets_alone(tmp_path):
     for alert in alerts[:6]:
         async with Runner(bench_config(tmp_path / alert.alert_id)) as runner:
             (alone,) = (await runner.engine.enrich([alert])).records
-        for name in ("user_context", "telemetry", "sensitive_info", "triage"):
+        for name in ("user_context", "telemetry", "sensitive_info", "prior_incidents", "triage"):
             assert orjson.dumps(together[alert.alert_id].enrichments[name]) == orjson.dumps(alone.enrichments[name])
 
 
