@@ -85,7 +85,8 @@ def entry_of(alert: DlpAlert, *, now: float) -> HistoryEntry | None:
         policy=alert.policy_name,
         severity=alert.severity,
         files=sorted({f.name.lower() for f in alert.files if f.name}),
-        sensitive_info=[s.model_dump(exclude_none=True) for s in alert.sensitive_info],
+        # as `model_dump(exclude_none=True)` writes them (scalar fields, in the model's order), without pydantic's call
+        sensitive_info=[{name: value for name, value in s.__dict__.items() if value is not None} for s in alert.sensitive_info],
         labels=sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id}),
     )
 

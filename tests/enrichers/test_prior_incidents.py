@@ -734,3 +734,18 @@ async def test_a_batch_asks_each_users_history_from_90_days_before_their_oldest_
         await enricher.aclose()
     assert asked == [{"u@contoso.com": now - 90 * DAY}] * 2
     assert older_reads == []
+
+
+def test_a_history_entry_holds_each_sensitive_type_as_pydantic_dumps_it_without_nones():
+    from pipeline.models import DlpAlert
+    from pipeline.state.history import entry_of
+
+    alert = DlpAlert.model_validate({"alert_id": "a", "source_format": "graph_alert", "user": {"upn": "u@contoso.com"}, "sensitive_info": [
+        {"name": "Credit Card Number", "type_id": "50842eb7-edc8-4019-85dd-5a5c1f2bb085", "count": 3, "confidence": 85},
+        {"name": "IBAN", "count": 1},
+        {"type_id": "a44669fe-0d48-453d-a9b1-2cc83f2cba77"},
+    ]})
+    entry = entry_of(alert, now=0.0)
+    assert entry is not None
+    assert entry.sensitive_info == [s.model_dump(exclude_none=True) for s in alert.sensitive_info]
+    assert [list(s) for s in entry.sensitive_info] == [["name", "type_id", "count", "confidence"], ["name", "count"], ["type_id"]]
