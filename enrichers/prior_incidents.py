@@ -104,18 +104,22 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         return await self.writer.write("alert", entries)
 
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[PriorIncidents | None | Exception]:
-        """Write every alert of the batch first, so alerts of one batch see each other; then make
-        sure each distinct user's history is at hand: read once per user and reused across batches
-        for `store.reuse_seconds` (one query per user, not per alert or per batch)."""
+        """Make sure each distinct user's history is at hand (read once per user and reused across
+        batches for `store.reuse_seconds`: one query per user, not per alert or per batch), then write
+        every alert of the batch and count it at once in its user's tally, so alerts of one batch see
+        each other. The writes are made even when the read fails. Reading first leaves the writes held
+        for the batch's own commit (`SqliteHistoryStore`), where a read after them committed them first."""
         now = self._now()
         entries = [entry_of(alert, now=now) for alert in alerts]
         pairs = [(alert, entry) for alert, entry in zip(alerts, entries) if entry is not None]
-        written = await self._record([entry for alert, entry in pairs if alert.kind == "alert"])
-        self.tallies.add(written)  # the tallies held count what this batch wrote at once
         since: dict[str, float] = {}
         for _, paired in pairs:  # 90 days before each user's oldest alert of the batch
             since[paired.user] = min(since.get(paired.user, math.inf), paired.at - 90 * DAY)
-        await self.tallies.ensure(since)
+        try:
+            await self.tallies.ensure(since)
+        finally:
+            written = await self._record([entry for alert, entry in pairs if alert.kind == "alert"])
+            self.tallies.add(written)  # every user of the batch is held now: the tallies count what it wrote
         hunted: dict[Any, Any] = {}
         if self.hunting is not None:
             first = {entry.user: alert for alert, entry in pairs}

@@ -242,6 +242,20 @@ async def test_a_split_alerts_batch_is_two_commits_its_parts_and_claim_then_its_
             assert other.execute("SELECT state FROM alerts WHERE alert_id = 'dl-second'").fetchone() == ("emitted",)
 
 
+async def test_a_batch_whose_user_is_read_for_the_first_time_is_two_commits_too(write_config, fixture_bytes):
+    """prior_incidents reads a user's history before it writes the batch's alerts (and counts them in
+    the tally read): the read finds no write of the batch held, so none is committed ahead of the mark."""
+    async with Runner(write_config(pipeline_toml(enrichers=[enricher_entry("prior_incidents")]))) as runner:
+        await runner.process_batch([_split_alert(fixture_bytes, "dl-first")])  # megan.bowen's history is read (and held) now
+        other_user = Message(_split_alert(fixture_bytes, "dl-adele").body.replace(b"megan.bowen@", b"adele.vance@"))
+        with counting_commits(runner.state) as commits:
+            report = await runner.process_batch([other_user])
+        assert report.emitted_split == 1 and report.delivered == {"lake": 1}
+        assert len(commits) == 2
+        with closing(sqlite3.connect(runner.state.path)) as other:  # committed with the mark
+            assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'dl-adele'").fetchone() == (1,)
+
+
 async def test_a_batch_that_raises_for_a_sink_outage_has_committed_its_history_and_released_its_alert(write_config, fixture_bytes):
     from pipeline.errors import SinkOutage
 

@@ -749,3 +749,30 @@ def test_a_history_entry_holds_each_sensitive_type_as_pydantic_dumps_it_without_
     assert entry is not None
     assert entry.sensitive_info == [s.model_dump(exclude_none=True) for s in alert.sensitive_info]
     assert [list(s) for s in entry.sensitive_info] == [["name", "type_id", "count", "confidence"], ["name", "count"], ["type_id"]]
+
+
+async def test_a_batch_whose_history_read_fails_is_still_written(tmp_path):
+    """The users' histories are read before the batch is written: a read that fails still leaves the
+    batch's alerts in the store (for the alerts after them), and the batch fails."""
+    from enrichers.prior_incidents import PriorIncidentsEnricher
+    from pipeline.errors import EnricherUnavailable
+    from pipeline.models import DlpAlert
+
+    settings = {"store": {"path": str(tmp_path / "history.sqlite")}}
+    enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings.model_validate(settings), None)
+    await enricher.start()
+
+    async def down(*args, **kwargs):
+        raise EnricherUnavailable("history store read failed: OperationalError")
+
+    alert = DlpAlert.model_validate({"alert_id": "a1", "source_format": "graph_alert", "user": {"upn": "u@contoso.com"}, "created_at": "2025-03-14T10:00:00Z"})
+    try:
+        reads = enricher.store.entries_after
+        enricher.store.entries_after = down  # type: ignore[method-assign]
+        with pytest.raises(EnricherUnavailable):
+            await enricher.enrich_batch([alert], [])
+        enricher.store.entries_after = reads  # type: ignore[method-assign]
+        entries, _ = await enricher.store.entries_after("alert", "u@contoso.com", None, since=0.0)
+    finally:
+        await enricher.aclose()
+    assert [e.entry_id for e in entries] == ["a1"]
