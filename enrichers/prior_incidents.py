@@ -55,6 +55,7 @@ class PriorIncidents(BaseModel):
 
 class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
     name = "prior_incidents"
+    fragments_unchanged = True  # its fragments (shared by equal alerts, across batches) are never changed
     timeout = 5.0
     cache_policy = CachePolicy(ttl_seconds=600, max_entries=20_000)  # hunting results only
 

@@ -116,6 +116,7 @@ SHARED_AT_MOST = 1_024  # distinct summaries kept for sharing across batches
 
 class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
     name = "sensitive_info"
+    fragments_unchanged = True  # its fragments (shared by equal alerts, across batches) are never changed
     timeout = 5.0
     cache_policy = CachePolicy(ttl_seconds=300, max_entries=20_000)  # hunting results only
 

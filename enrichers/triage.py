@@ -120,6 +120,7 @@ class Triage(BaseModel):
 
 class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
     name = "triage"
+    fragments_unchanged = True  # its fragments (shared by equal alerts, across batches) are never changed
     runs_after = INPUTS
     timeout = 1.0
 

@@ -13,7 +13,9 @@ Guarantees:
   enricher's failure, timeout, wrong answer or open circuit breaker never drops an alert;
 - records carry the alert's content id as `record_id`; alerts of one batch with the same content
   become one record; a fragment shared by several alerts is dumped once, and their records share
-  that dump (read a record's `enrichments`, do not change them: `to_dict()` gives a copy to change).
+  that dump (read a record's `enrichments`, do not change them: `to_dict()` gives a copy to change);
+  the fragments of an enricher with `fragments_unchanged` are dumped once across batches (at most
+  `KEPT_DUMPS` dumps kept, each with its fragment, so no other fragment takes its identity).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from pipeline.resilience.breaker import CircuitBreaker
 
 log = logging.getLogger("pipeline")
 
+KEPT_DUMPS = 4_096  # dumps of `fragments_unchanged` enrichers' fragments kept across batches, at most (then emptied)
+
 
 @dataclass
 class Enriched:
@@ -60,6 +64,8 @@ class EnrichmentEngine:
             slot.name: CircuitBreaker(slot.name, failure_threshold=breaker_threshold, cooldown_seconds=breaker_cooldown_seconds, clock=breaker_clock)
             for slot in chain.slots
         }
+        self._unchanged = frozenset(slot.name for slot in chain.slots if getattr(slot.plugin, "fragments_unchanged", False) is True)
+        self._kept: dict[int, tuple[BaseModel, dict[str, Any]]] = {}  # id(fragment) -> (fragment, its dump)
 
     async def start(self) -> None:
         for slot in self.chain.slots:
@@ -85,18 +91,30 @@ class EnrichmentEngine:
         # A fragment shared by several alerts (made once per user, say) is dumped once, and its records
         # share the dump; the fragments, alive until the loop ends, are told apart by identity.
         dumps: dict[int, dict[str, Any]] = {}
+        kept, unchanged = self._kept, self._unchanged
 
-        def dumped(fragment: BaseModel) -> dict[str, Any]:
+        def dumped(name: str, fragment: BaseModel) -> dict[str, Any]:
             dump = dumps.get(id(fragment))
             if dump is None:
-                dump = dumps[id(fragment)] = fragment.model_dump(mode="json")
+                if name in unchanged:  # its dump from an earlier batch, if kept (held with it: the identity is its own)
+                    found = kept.get(id(fragment))
+                    if found is not None and found[0] is fragment:
+                        dump = found[1]
+                    else:
+                        if len(kept) >= KEPT_DUMPS:
+                            kept.clear()
+                        dump = fragment.model_dump(mode="json")
+                        kept[id(fragment)] = (fragment, dump)
+                else:
+                    dump = fragment.model_dump(mode="json")
+                dumps[id(fragment)] = dump
             return dump
 
         for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses):
             record = EnrichedRecord.model_construct(
                 record_id=alert.content_id(),
                 alert=alert,
-                enrichments={name: dumped(fragment) for name, fragment in alert_fragments.items()},
+                enrichments={name: dumped(name, fragment) for name, fragment in alert_fragments.items()},
                 enrichment_status=alert_statuses,
                 pipeline_version=__version__,
                 processed_at=processed_at,

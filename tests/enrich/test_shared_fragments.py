@@ -79,3 +79,32 @@ async def test_alerts_with_other_types_get_their_own_sensitive_info_summary(tmp_
     first, other = records[alerts[0].alert_id].enrichments["sensitive_info"], records["changed"].enrichments["sensitive_info"]
     assert other is not first and records[alerts[2].alert_id].enrichments["sensitive_info"] is first
     assert other["total_count"] == first["total_count"] + 5 * len(base.sensitive_info)
+
+
+async def test_the_dumps_of_unchanged_fragments_are_kept_across_batches_and_no_others(write_config, monkeypatch):
+    """An enricher with `fragments_unchanged` (triage, say) that returns a fragment again in a later
+    batch has it dumped once; one without it is dumped anew in every batch (it may have changed it).
+    At most `KEPT_DUMPS` dumps are kept."""
+    from pipeline.enrich import engine as engine_module
+    from tests.support.config import enricher_entry, pipeline_toml
+
+    config = pipeline_toml(enrichers=[enricher_entry("reuses_one", "tests.plugins:ReusesOne"), enricher_entry("claims", "tests.plugins:ReusesOneUnchanged")])
+    alerts = dense_alerts(users=3)
+    async with Runner(write_config(config)) as runner:
+        first = (await runner.engine.enrich(alerts[:2])).records
+        second = (await runner.engine.enrich(alerts[2:4])).records
+        monkeypatch.setattr(engine_module, "KEPT_DUMPS", 1)
+        await runner.engine.enrich(alerts[4:6])
+        assert len(runner.engine._kept) <= 1
+    assert [r.enrichments["reuses_one"]["value"] for r in first + second] == ["1", "1", "2", "2"]  # dumped anew
+    assert first[0].enrichments["claims"] is second[0].enrichments["claims"]  # kept: the first batch's dump
+    assert second[0].enrichments["claims"]["value"] == "1"
+
+
+async def test_triage_and_sensitive_info_dumps_are_kept_across_batches(tmp_path):
+    alerts = dense_alerts(users=3)
+    async with Runner(bench_config(tmp_path)) as runner:
+        first = (await runner.engine.enrich(alerts[:10])).records
+        second = (await runner.engine.enrich(alerts[10:20])).records
+    for name in ("sensitive_info", "triage", "prior_incidents"):
+        assert first[0].enrichments[name] is second[0].enrichments[name], name
