@@ -206,6 +206,24 @@ async def test_a_batch_that_reads_one_users_history_from_the_local_store_makes_n
     assert second.records[0].enrichments["prior_incidents"]["last_90_days"] == 1
 
 
+async def test_a_batch_that_reads_several_users_histories_from_the_local_store_makes_no_task(write_config):
+    """SQLite reads never wait: the histories of a batch's users read for the first time are read one
+    after another in the enricher's task, and the batch's siblings answer inline too."""
+    from pipeline.models import UserRef
+
+    config = pipeline_toml(enrichers=[enricher_entry("prior_incidents"), enricher_entry("sensitive_info"), enricher_entry("triage")])
+    (alert,) = make_alerts("graph_alert")
+    batch = [alert.model_copy(update={"alert_id": f"u{i}", "user": UserRef(upn=f"user{i}@contoso.com")}) for i in range(3)]
+    async with Runner(write_config(config)) as runner:
+        await runner.engine.enrich([alert])
+        with counting_tasks() as made:
+            records = (await runner.engine.enrich(batch)).records
+        second = (await runner.engine.enrich([_alert_of_the_same_user(batch[1], "later")])).records
+    assert made == []
+    assert [r.enrichments["prior_incidents"]["last_90_days"] for r in records] == [0, 0, 0]
+    assert second[0].enrichments["prior_incidents"]["recent"][0]["alert_id"] == "u1"
+
+
 def _split_alert(fixture_bytes, alert_id: str) -> Message:
     """The shared batch's first split alert (AlertInfo and its evidence rows), renamed `alert_id`, in one message."""
     info, user, file_, app, _ = streaming_records(fixture_bytes)

@@ -776,3 +776,31 @@ async def test_a_batch_whose_history_read_fails_is_still_written(tmp_path):
     finally:
         await enricher.aclose()
     assert [e.entry_id for e in entries] == ["a1"]
+
+
+async def test_reads_one_after_another_stop_at_the_first_that_fails_and_leave_no_read_pending(tmp_path):
+    import gc
+    import warnings
+
+    from pipeline.errors import EnricherUnavailable
+    from pipeline.state.history import SqliteHistoryStore, UserTallies
+
+    store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
+    asked: list[str] = []
+
+    async def failing(kind, user, cursor, *, since):
+        asked.append(user)
+        raise EnricherUnavailable("history store read failed: OperationalError")
+
+    store.entries_after = failing  # type: ignore[method-assign]
+    tallies = UserTallies(store, "alert", names=lambda entry: frozenset())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(EnricherUnavailable):
+                await tallies.ensure({"a@contoso.com": 0.0, "b@contoso.com": 0.0, "c@contoso.com": 0.0})
+            gc.collect()
+    finally:
+        await store.aclose()
+    assert asked == ["a@contoso.com"]
+    assert not [w for w in caught if "never awaited" in str(w.message)]
