@@ -55,6 +55,7 @@ class PriorIncidents(BaseModel):
 
 class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
     name = "prior_incidents"
+    fragments_unchanged = True  # its fragments (shared by equal alerts, across batches) are never changed
     timeout = 5.0
     cache_policy = CachePolicy(ttl_seconds=600, max_entries=20_000)  # hunting results only
 
@@ -104,18 +105,22 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         return await self.writer.write("alert", entries)
 
     async def enrich_batch(self, alerts: list[DlpAlert], contexts: list[EnrichmentContext]) -> list[PriorIncidents | None | Exception]:
-        """Write every alert of the batch first, so alerts of one batch see each other; then make
-        sure each distinct user's history is at hand: read once per user and reused across batches
-        for `store.reuse_seconds` (one query per user, not per alert or per batch)."""
+        """Make sure each distinct user's history is at hand (read once per user and reused across
+        batches for `store.reuse_seconds`: one query per user, not per alert or per batch), then write
+        every alert of the batch and count it at once in its user's tally, so alerts of one batch see
+        each other. The writes are made even when the read fails. Reading first leaves the writes held
+        for the batch's own commit (`SqliteHistoryStore`), where a read after them committed them first."""
         now = self._now()
         entries = [entry_of(alert, now=now) for alert in alerts]
         pairs = [(alert, entry) for alert, entry in zip(alerts, entries) if entry is not None]
-        written = await self._record([entry for alert, entry in pairs if alert.kind == "alert"])
-        self.tallies.add(written)  # the tallies held count what this batch wrote at once
         since: dict[str, float] = {}
-        for _, paired in pairs:
-            since[paired.user] = min(since.get(paired.user, paired.at), paired.at) - 90 * DAY
-        await self.tallies.ensure(since)
+        for _, paired in pairs:  # 90 days before each user's oldest alert of the batch
+            since[paired.user] = min(since.get(paired.user, math.inf), paired.at - 90 * DAY)
+        try:
+            await self.tallies.ensure(since)
+        finally:
+            written = await self._record([entry for alert, entry in pairs if alert.kind == "alert"])
+            self.tallies.add(written)  # every user of the batch is held now: the tallies count what it wrote
         hunted: dict[Any, Any] = {}
         if self.hunting is not None:
             first = {entry.user: alert for alert, entry in pairs}
@@ -161,17 +166,7 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
             if added:
                 newest_added = max(item[1] for item in added)
                 last_at = newest_added if last_at is None or newest_added > last_at else last_at
-        recent = [_prior_alert(*item) for item in newest]
-        return PriorIncidents(
-            last_7_days=counts[7],
-            last_30_days=counts[30],
-            last_90_days=counts[90],
-            same_policy_90_days=same_policy,
-            sensitive_types=sorted(names),
-            last_alert_at=recent[0].at if recent else (datetime.fromtimestamp(last_at, tz=UTC) if last_at is not None else None),
-            recent=recent,
-            sources=sources,
-        )
+        return _incidents(counts[7], counts[30], counts[90], same_policy, tuple(sorted(names)), newest[0][1] if newest else last_at, tuple(newest), tuple(sources))
 
     async def _hunt(self, alert: DlpAlert) -> list[PriorAlert]:
         assert self.hunting is not None and alert.user is not None
@@ -199,6 +194,26 @@ def _before(at: float) -> float:
 def _counted(tally: AlertTally, alert_id: str, until: float) -> bool:
     at = tally.at_of(alert_id)
     return at is not None and until - 90 * DAY <= at < until
+
+
+@lru_cache(maxsize=1024)
+def _incidents(
+    last_7: int, last_30: int, last_90: int, same_policy: int, names: tuple[str, ...], last_at: float | None,
+    newest: tuple[tuple[str, float, str | None, str | None, str], ...], sources: tuple[str, ...],
+) -> PriorIncidents:
+    """The fragment of these figures. Alerts with equal figures (the first alert of every user, say)
+    share one (fragments are read-only), made once and dumped once per batch; at most 1,024 held.
+    `last_at`: the newest prior alert's time (that of `newest[0]` when there is one)."""
+    return PriorIncidents(
+        last_7_days=last_7,
+        last_30_days=last_30,
+        last_90_days=last_90,
+        same_policy_90_days=same_policy,
+        sensitive_types=list(names),
+        last_alert_at=datetime.fromtimestamp(last_at, tz=UTC) if last_at is not None else None,
+        recent=[_prior_alert(*item) for item in newest],
+        sources=list(sources),
+    )
 
 
 @lru_cache(maxsize=1024)

@@ -111,8 +111,12 @@ class SensitiveInfoSummary(BaseModel):
     correlated_count: int = Field(0, description="how many rule-match activities were used (`correlated_ids` lists at most `max_correlated_ids`)")
 
 
+SHARED_AT_MOST = 1_024  # distinct summaries kept for sharing across batches
+
+
 class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
     name = "sensitive_info"
+    fragments_unchanged = True  # its fragments (shared by equal alerts, across batches) are never changed
     timeout = 5.0
     cache_policy = CachePolicy(ttl_seconds=300, max_entries=20_000)  # hunting results only
 
@@ -158,6 +162,7 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         self._labels_client: GraphLabels | None = None
         self.tenant_types: RefreshedTable[str] | None = None
         self.graph_labels: RefreshedTable[LabelName] | None = None
+        self._shared: dict[tuple[Any, ...], tuple[Any, Any, SensitiveInfoSummary]] = {}  # `_shared_summary`'s
 
     async def start(self) -> None:
         s = self.settings
@@ -241,10 +246,23 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
                 labels = sorted(set(labels) | set(found_labels))
             found.append((infos, labels, source, ids, count))
         await self._refresh_names([item for item in found if not isinstance(item, Exception)])
-        return [
-            item if isinstance(item, Exception) else (self.summarize(item[0], item[1], source=item[2], ids=item[3], count=item[4]) if item[0] or item[1] else None)
-            for item in found
-        ]
+        return [item if isinstance(item, Exception) else (self._shared_summary(*item) if item[0] or item[1] else None) for item in found]
+
+    def _shared_summary(self, infos: list[SensitiveInfo], labels: list[str], source: str, ids: list[str], count: int) -> SensitiveInfoSummary:
+        """`summarize`, shared: alerts with equal types, labels and correlation get one summary
+        (fragments are read-only; the engine dumps it once per batch), across batches while the
+        tenant's name tables in use are the ones it was made with (a refresh replaces a table). At
+        most `SHARED_AT_MOST` summaries are kept (then emptied)."""
+        tables = (self.tenant_types.table if self.tenant_types is not None else None, self.graph_labels.table if self.graph_labels is not None else None)
+        key = (tuple((s.name, s.type_id, s.count, s.confidence) for s in infos), tuple(labels), source, tuple(ids), count)
+        shared = self._shared.get(key)
+        if shared is not None and shared[0] is tables[0] and shared[1] is tables[1]:
+            return shared[2]
+        if len(self._shared) >= SHARED_AT_MOST:
+            self._shared.clear()
+        summary = self.summarize(infos, labels, source=source, ids=ids, count=count)
+        self._shared[key] = (*tables, summary)
+        return summary
 
     async def _refresh_names(self, found: list[tuple[list[SensitiveInfo], list[str], str, list[str], int]]) -> None:
         """Fetch the tenant's lists when stale, and only when the batch has an id they could name."""

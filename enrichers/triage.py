@@ -21,6 +21,7 @@ from collections.abc import Callable
 from functools import cached_property
 from typing import Any, Literal, cast
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.enrich.contract import BatchEnricher, EnrichmentContext
@@ -119,6 +120,7 @@ class Triage(BaseModel):
 
 class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
     name = "triage"
+    fragments_unchanged = True  # its fragments (shared by equal alerts, across batches) are never changed
     runs_after = INPUTS
     timeout = 1.0
 
@@ -247,9 +249,28 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
         score = min(100, sum(r["points"] for r in reasons))
         band: Literal["low", "medium", "high"] = "high" if score >= s.high_at else "medium" if score >= s.medium_at else "low"
         reasons.sort(key=lambda r: (-r["points"], r["code"]))
-        return Triage.model_validate(
-            {"score": score, "band": band, "thresholds": {"medium": s.medium_at, "high": s.high_at}, "reasons": reasons, "missing_inputs": missing}
-        )
+        fields = {"score": score, "band": band, "thresholds": {"medium": s.medium_at, "high": s.high_at}, "reasons": reasons, "missing_inputs": missing}
+        # Equal reasons make an equal triage (score, band and the thresholds follow from them and the
+        # settings): one fragment, shared (fragments are read-only), so the engine dumps it once per batch.
+        # Told apart by their JSON, which tells apart what compares equal but is written otherwise (1, 1.0, true).
+        try:
+            key = orjson.dumps((reasons, missing))
+        except TypeError:  # what orjson cannot write (an int beyond 64 bits): not shared
+            return Triage.model_validate(fields)
+        made = self._made.get(key)
+        if made is None:
+            if len(self._made) >= MADE_AT_MOST:
+                self._made.clear()
+            made = self._made[key] = Triage.model_validate(fields)
+        return made
+
+    @cached_property
+    def _made(self) -> dict[bytes, Triage]:
+        """The triages made, by their reasons and missing inputs: at most `MADE_AT_MOST` (then emptied)."""
+        return {}
+
+
+MADE_AT_MOST = 1_024  # distinct triages kept for sharing
 
 
 def _first_hit(rule: TelemetryRule, found: list[tuple[str, Any]]) -> tuple[str, str, Any] | None:

@@ -182,3 +182,26 @@ class TimesItself(BatchEnricher):
         except TimeoutError:
             pass
         return [Value(value=alert.alert_id) for alert in alerts]
+
+
+class ReusesOne(BatchEnricher):
+    """Returns one fragment object for every alert, changed in place before each batch; with
+    `fragments_unchanged` set in settings, it claims (wrongly, for the test) that it never changes it."""
+
+    name = "reuses_one"
+    timeout = 1.0
+
+    def __init__(self, settings=None, services=None) -> None:
+        super().__init__(settings, services)
+        self.fragment = Value(value="0")
+        self.batches = 0
+
+    async def enrich_batch(self, alerts, contexts):
+        self.batches += 1
+        self.fragment.value = str(self.batches)
+        return [self.fragment] * len(alerts)
+
+
+class ReusesOneUnchanged(ReusesOne):
+    name = "reuses_one_unchanged"
+    fragments_unchanged = True

@@ -76,6 +76,10 @@ class BaseEnricher(Generic[SettingsT]):
     runs_after: ClassVar[tuple[str, ...]] = ()  # ordering only: honoured when those are configured
     timeout: float = 5.0
     cache_policy: ClassVar[CachePolicy | None] = None
+    # True: a fragment it returned is never changed afterwards, for as long as the process runs (it
+    # may return the same one again, in later batches too), so the engine may keep its dump across
+    # batches. Leave it False if a fragment, or a model inside it, may change once returned.
+    fragments_unchanged: ClassVar[bool] = False
 
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")

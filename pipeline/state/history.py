@@ -85,7 +85,8 @@ def entry_of(alert: DlpAlert, *, now: float) -> HistoryEntry | None:
         policy=alert.policy_name,
         severity=alert.severity,
         files=sorted({f.name.lower() for f in alert.files if f.name}),
-        sensitive_info=[s.model_dump(exclude_none=True) for s in alert.sensitive_info],
+        # as `model_dump(exclude_none=True)` writes them (scalar fields, in the model's order), without pydantic's call
+        sensitive_info=[{name: value for name, value in s.__dict__.items() if value is not None} for s in alert.sensitive_info],
         labels=sorted({f.sensitivity_label_id for f in alert.files if f.sensitivity_label_id}),
     )
 
@@ -191,7 +192,7 @@ class UserHistories:
                 held.needed = wanted
             else:
                 stale.append(user)
-        await _read_all([refresh(user) for user in stale])
+        await _read_all(self.store, [refresh(user) for user in stale])
         _keep_recently_needed(self._users, since, self.max_users)
 
     def rows(self, user: str) -> Any:
@@ -272,12 +273,19 @@ def _fresh(held: _Held | _Tallied, since: float, now: float, ttl: float) -> bool
     return held.since <= since and held.cursor is not None and now - held.loaded_at < ttl
 
 
-async def _read_all(reads: list[Coroutine[Any, Any, None]]) -> None:
-    """Run the users' reads side by side. One read is awaited in this task, so a batch that needs
-    one user read from a local store never waits on the loop (a task would make the caller wait for
-    the loop's next turn, and the enrichment engine would start the enricher's siblings in tasks)."""
-    if len(reads) == 1:
-        await reads[0]
+async def _read_all(store: HistoryStore, reads: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the users' reads side by side. One read, or every read of a store whose reads never wait
+    (`reads_without_waiting`: SQLite), is awaited in this task, one after another, so such a batch
+    never waits on the loop (a task would make the caller wait for the loop's next turn, and the
+    enrichment engine would start the enricher's siblings in tasks)."""
+    if len(reads) == 1 or getattr(store, "reads_without_waiting", False) is True:
+        for index, read in enumerate(reads):
+            try:
+                await read
+            except BaseException:
+                for left in reads[index + 1 :]:
+                    left.close()  # never started: nothing to wait for
+                raise
     elif reads:
         await asyncio.gather(*reads)
 
@@ -605,7 +613,7 @@ class UserTallies:
             self._users[user] = held
 
         stale = [user for user, wanted in since.items() if (held := self._users.get(user)) is None or not _fresh(held, wanted, now, self.ttl)]
-        await _read_all([refresh(user) for user in stale])
+        await _read_all(self.store, [refresh(user) for user in stale])
         _keep_recently_needed(self._users, since, self.max_users)
 
     def tally(self, user: str) -> AlertTally:
@@ -720,6 +728,8 @@ def _convert_without_rowid(db: sqlite3.Connection, kind: str) -> None:
 
 class SqliteHistoryStore:
     """Short local transactions under an async signature, like the SQLite state store."""
+
+    reads_without_waiting = True  # its reads never wait on the loop: the readers run them one after another
 
     def __init__(
         self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120, held: HeldWrites | None = None

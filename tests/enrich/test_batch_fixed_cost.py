@@ -206,6 +206,24 @@ async def test_a_batch_that_reads_one_users_history_from_the_local_store_makes_n
     assert second.records[0].enrichments["prior_incidents"]["last_90_days"] == 1
 
 
+async def test_a_batch_that_reads_several_users_histories_from_the_local_store_makes_no_task(write_config):
+    """SQLite reads never wait: the histories of a batch's users read for the first time are read one
+    after another in the enricher's task, and the batch's siblings answer inline too."""
+    from pipeline.models import UserRef
+
+    config = pipeline_toml(enrichers=[enricher_entry("prior_incidents"), enricher_entry("sensitive_info"), enricher_entry("triage")])
+    (alert,) = make_alerts("graph_alert")
+    batch = [alert.model_copy(update={"alert_id": f"u{i}", "user": UserRef(upn=f"user{i}@contoso.com")}) for i in range(3)]
+    async with Runner(write_config(config)) as runner:
+        await runner.engine.enrich([alert])
+        with counting_tasks() as made:
+            records = (await runner.engine.enrich(batch)).records
+        second = (await runner.engine.enrich([_alert_of_the_same_user(batch[1], "later")])).records
+    assert made == []
+    assert [r.enrichments["prior_incidents"]["last_90_days"] for r in records] == [0, 0, 0]
+    assert second[0].enrichments["prior_incidents"]["recent"][0]["alert_id"] == "u1"
+
+
 def _split_alert(fixture_bytes, alert_id: str) -> Message:
     """The shared batch's first split alert (AlertInfo and its evidence rows), renamed `alert_id`, in one message."""
     info, user, file_, app, _ = streaming_records(fixture_bytes)
@@ -240,6 +258,20 @@ async def test_a_split_alerts_batch_is_two_commits_its_parts_and_claim_then_its_
         with closing(sqlite3.connect(runner.state.path)) as other:  # both committed when the batch returned
             assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'dl-second'").fetchone() == (1,)
             assert other.execute("SELECT state FROM alerts WHERE alert_id = 'dl-second'").fetchone() == ("emitted",)
+
+
+async def test_a_batch_whose_user_is_read_for_the_first_time_is_two_commits_too(write_config, fixture_bytes):
+    """prior_incidents reads a user's history before it writes the batch's alerts (and counts them in
+    the tally read): the read finds no write of the batch held, so none is committed ahead of the mark."""
+    async with Runner(write_config(pipeline_toml(enrichers=[enricher_entry("prior_incidents")]))) as runner:
+        await runner.process_batch([_split_alert(fixture_bytes, "dl-first")])  # megan.bowen's history is read (and held) now
+        other_user = Message(_split_alert(fixture_bytes, "dl-adele").body.replace(b"megan.bowen@", b"adele.vance@"))
+        with counting_commits(runner.state) as commits:
+            report = await runner.process_batch([other_user])
+        assert report.emitted_split == 1 and report.delivered == {"lake": 1}
+        assert len(commits) == 2
+        with closing(sqlite3.connect(runner.state.path)) as other:  # committed with the mark
+            assert other.execute("SELECT count(*) FROM history_alerts WHERE entry_id = 'dl-adele'").fetchone() == (1,)
 
 
 async def test_a_batch_that_raises_for_a_sink_outage_has_committed_its_history_and_released_its_alert(write_config, fixture_bytes):

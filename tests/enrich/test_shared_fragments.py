@@ -29,7 +29,10 @@ async def test_alerts_of_one_user_share_one_dump_of_their_user_and_telemetry_fra
         first = same[0]
         for name in ("user_context", "telemetry"):
             assert all(record.enrichments[name] is first.enrichments[name] for record in same), name
-        assert all(record.enrichments["triage"] is not first.enrichments["triage"] for record in same[1:])  # made per alert
+    # every alert of the body has the same types, no prior alert (they are all of one time) and the
+    # same triage (equal reasons): one fragment of each, one dump for the batch
+    for name in ("sensitive_info", "prior_incidents", "triage"):
+        assert len({id(record.enrichments[name]) for record in records}) == 1, name
     one, other = (group[0] for group in list(by_user.values())[:2])
     assert one.enrichments["user_context"] is not other.enrichments["user_context"]
 
@@ -41,7 +44,7 @@ async def test_a_shared_fragment_gives_each_alert_what_it_gets_alone(tmp_path):
     for alert in alerts[:6]:
         async with Runner(bench_config(tmp_path / alert.alert_id)) as runner:
             (alone,) = (await runner.engine.enrich([alert])).records
-        for name in ("user_context", "telemetry"):
+        for name in ("user_context", "telemetry", "sensitive_info", "prior_incidents", "triage"):
             assert orjson.dumps(together[alert.alert_id].enrichments[name]) == orjson.dumps(alone.enrichments[name])
 
 
@@ -63,3 +66,61 @@ async def test_alerts_of_one_user_on_different_days_do_not_share_their_user_cont
         async with Runner(bench_config(tmp_path / alert.alert_id)) as runner:
             (alone,) = (await runner.engine.enrich([alert])).records
         assert orjson.dumps(together[alert.alert_id]) == orjson.dumps(alone.enrichments["user_context"])
+
+
+async def test_alerts_with_other_types_get_their_own_sensitive_info_summary(tmp_path):
+    """The summaries shared in a batch are those of equal types, labels and correlation only: an
+    alert whose type counts differ gets its own, with its own figures."""
+    alerts = dense_alerts(users=1)
+    base = alerts[1]
+    changed = base.model_copy(update={"alert_id": "changed", "sensitive_info": [s.model_copy(update={"count": (s.count or 0) + 5}) for s in base.sensitive_info]})
+    async with Runner(bench_config(tmp_path)) as runner:
+        records = {record.alert.alert_id: record for record in (await runner.engine.enrich([*alerts[:3], changed])).records}
+    first, other = records[alerts[0].alert_id].enrichments["sensitive_info"], records["changed"].enrichments["sensitive_info"]
+    assert other is not first and records[alerts[2].alert_id].enrichments["sensitive_info"] is first
+    assert other["total_count"] == first["total_count"] + 5 * len(base.sensitive_info)
+
+
+async def test_the_dumps_of_unchanged_fragments_are_kept_across_batches_and_no_others(write_config, monkeypatch):
+    """An enricher with `fragments_unchanged` (triage, say) that returns a fragment again in a later
+    batch has it dumped once; one without it is dumped anew in every batch (it may have changed it).
+    At most `KEPT_DUMPS` dumps are kept."""
+    from pipeline.enrich import engine as engine_module
+    from tests.support.config import enricher_entry, pipeline_toml
+
+    config = pipeline_toml(enrichers=[enricher_entry("reuses_one", "tests.plugins:ReusesOne"), enricher_entry("claims", "tests.plugins:ReusesOneUnchanged")])
+    alerts = dense_alerts(users=3)
+    async with Runner(write_config(config)) as runner:
+        first = (await runner.engine.enrich(alerts[:2])).records
+        second = (await runner.engine.enrich(alerts[2:4])).records
+        monkeypatch.setattr(engine_module, "KEPT_DUMPS", 1)
+        await runner.engine.enrich(alerts[4:6])
+        assert len(runner.engine._kept) <= 1
+    assert [r.enrichments["reuses_one"]["value"] for r in first + second] == ["1", "1", "2", "2"]  # dumped anew
+    assert first[0].enrichments["claims"] is second[0].enrichments["claims"]  # kept: the first batch's dump
+    assert second[0].enrichments["claims"]["value"] == "1"
+
+
+async def test_triage_and_sensitive_info_dumps_are_kept_across_batches(tmp_path):
+    alerts = dense_alerts(users=3)
+    async with Runner(bench_config(tmp_path)) as runner:
+        first = (await runner.engine.enrich(alerts[:10])).records
+        second = (await runner.engine.enrich(alerts[10:20])).records
+    for name in ("sensitive_info", "triage", "prior_incidents"):
+        assert first[0].enrichments[name] is second[0].enrichments[name], name
+
+
+async def test_a_record_is_the_one_model_construct_makes(tmp_path):
+    """The engine builds records without `model_construct`'s loop; they are what it would make."""
+    from pipeline.enrich import engine as engine_module
+    from pipeline.models import EnrichedRecord
+
+    assert engine_module._PLAIN_RECORD
+    async with Runner(bench_config(tmp_path)) as runner:
+        (record,) = (await runner.engine.enrich(dense_alerts(users=1)[:1])).records
+    made = EnrichedRecord.model_construct(**dict(record.__dict__))
+    assert record == made and record.__dict__ == made.__dict__
+    assert record.model_fields_set == made.model_fields_set == set(EnrichedRecord.model_fields)
+    assert (record.__pydantic_extra__, record.__pydantic_private__) == (made.__pydantic_extra__, made.__pydantic_private__)
+    assert record.to_json() == made.to_json() and record.to_dict() == made.to_dict()
+    assert record.model_copy(update={"record_id": "other"}).record_id == "other"

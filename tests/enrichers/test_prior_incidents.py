@@ -691,3 +691,116 @@ async def test_a_first_history_read_costs_the_range_asked_for_not_the_whole_hist
     store._db.set_progress_handler(None, 0)
     await store.aclose()
     assert last_hour * 20 < whole
+
+
+async def test_a_batch_asks_each_users_history_from_90_days_before_their_oldest_alert(tmp_path):
+    """A user with several alerts in a batch needs their history from 90 days before the oldest one,
+    not 90 days more per alert: a later batch of the same user at the same times reads nothing older."""
+    from enrichers.prior_incidents import DAY, PriorIncidentsEnricher
+    from pipeline.models import DlpAlert
+
+    now = 1_750_000_000.0
+    settings = {"store": {"path": str(tmp_path / "history.sqlite")}}
+    enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings.model_validate(settings), None)
+    await enricher.start()
+
+    def batch(number: int, size: int) -> list[DlpAlert]:
+        return [
+            DlpAlert.model_validate({"alert_id": f"a{number}-{i}", "source_format": "graph_alert", "user": {"upn": "u@contoso.com"},
+                                     "created_at": datetime.fromtimestamp(now + i, tz=UTC)})
+            for i in range(size)
+        ]
+
+    asked: list[dict[str, float]] = []
+    ensure = enricher.tallies.ensure
+
+    async def spy(since: dict[str, float]) -> None:
+        asked.append(dict(since))
+        await ensure(since)
+
+    enricher.tallies.ensure = spy  # type: ignore[method-assign]
+    older_reads = []
+    entries = enricher.store.entries
+
+    async def counted(*args, **kwargs):
+        older_reads.append(kwargs.get("since"))
+        return await entries(*args, **kwargs)
+
+    enricher.store.entries = counted  # type: ignore[method-assign]
+    try:
+        await enricher.enrich_batch(batch(0, 1), [])
+        await enricher.enrich_batch(batch(1, 3), [])
+    finally:
+        await enricher.aclose()
+    assert asked == [{"u@contoso.com": now - 90 * DAY}] * 2
+    assert older_reads == []
+
+
+def test_a_history_entry_holds_each_sensitive_type_as_pydantic_dumps_it_without_nones():
+    from pipeline.models import DlpAlert
+    from pipeline.state.history import entry_of
+
+    alert = DlpAlert.model_validate({"alert_id": "a", "source_format": "graph_alert", "user": {"upn": "u@contoso.com"}, "sensitive_info": [
+        {"name": "Credit Card Number", "type_id": "50842eb7-edc8-4019-85dd-5a5c1f2bb085", "count": 3, "confidence": 85},
+        {"name": "IBAN", "count": 1},
+        {"type_id": "a44669fe-0d48-453d-a9b1-2cc83f2cba77"},
+    ]})
+    entry = entry_of(alert, now=0.0)
+    assert entry is not None
+    assert entry.sensitive_info == [s.model_dump(exclude_none=True) for s in alert.sensitive_info]
+    assert [list(s) for s in entry.sensitive_info] == [["name", "type_id", "count", "confidence"], ["name", "count"], ["type_id"]]
+
+
+async def test_a_batch_whose_history_read_fails_is_still_written(tmp_path):
+    """The users' histories are read before the batch is written: a read that fails still leaves the
+    batch's alerts in the store (for the alerts after them), and the batch fails."""
+    from enrichers.prior_incidents import PriorIncidentsEnricher
+    from pipeline.errors import EnricherUnavailable
+    from pipeline.models import DlpAlert
+
+    settings = {"store": {"path": str(tmp_path / "history.sqlite")}}
+    enricher = PriorIncidentsEnricher(PriorIncidentsEnricher.Settings.model_validate(settings), None)
+    await enricher.start()
+
+    async def down(*args, **kwargs):
+        raise EnricherUnavailable("history store read failed: OperationalError")
+
+    alert = DlpAlert.model_validate({"alert_id": "a1", "source_format": "graph_alert", "user": {"upn": "u@contoso.com"}, "created_at": "2025-03-14T10:00:00Z"})
+    try:
+        reads = enricher.store.entries_after
+        enricher.store.entries_after = down  # type: ignore[method-assign]
+        with pytest.raises(EnricherUnavailable):
+            await enricher.enrich_batch([alert], [])
+        enricher.store.entries_after = reads  # type: ignore[method-assign]
+        entries, _ = await enricher.store.entries_after("alert", "u@contoso.com", None, since=0.0)
+    finally:
+        await enricher.aclose()
+    assert [e.entry_id for e in entries] == ["a1"]
+
+
+async def test_reads_one_after_another_stop_at_the_first_that_fails_and_leave_no_read_pending(tmp_path):
+    import gc
+    import warnings
+
+    from pipeline.errors import EnricherUnavailable
+    from pipeline.state.history import SqliteHistoryStore, UserTallies
+
+    store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
+    asked: list[str] = []
+
+    async def failing(kind, user, cursor, *, since):
+        asked.append(user)
+        raise EnricherUnavailable("history store read failed: OperationalError")
+
+    store.entries_after = failing  # type: ignore[method-assign]
+    tallies = UserTallies(store, "alert", names=lambda entry: frozenset())
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(EnricherUnavailable):
+                await tallies.ensure({"a@contoso.com": 0.0, "b@contoso.com": 0.0, "c@contoso.com": 0.0})
+            gc.collect()
+    finally:
+        await store.aclose()
+    assert asked == ["a@contoso.com"]
+    assert not [w for w in caught if "never awaited" in str(w.message)]

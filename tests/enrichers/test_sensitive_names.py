@@ -311,3 +311,35 @@ async def test_the_tenants_list_is_fetched_when_needed_and_once_a_day(httpserver
         assert len(server.requests) == 2
     finally:
         await enricher.aclose()
+
+
+async def test_equal_alerts_share_one_summary_across_batches_until_the_tenants_names_are_read_again(monkeypatch):
+    """Alerts with equal types share one summary (read-only), in later batches too, while the
+    tenant's list in use is the one it was named from: a list read again names them anew. At most
+    `SHARED_AT_MOST` summaries are kept."""
+    import enrichers.sensitive_info as sensitive_module
+    from enrichers._names import RefreshedTable
+
+    tables = iter([{NEWER: "Passport Number (first)"}, {NEWER: "Passport Number (second)"}])
+
+    async def fetch() -> dict[str, str]:
+        return next(tables)
+
+    now = [1_000_000.0]
+    enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings.model_validate({"correlate": False}))
+    enricher.tenant_types = RefreshedTable("tenant types", fetch, refresh_seconds=3600, retry_seconds=60, clock=lambda: now[0], hint="")
+
+    def alert(alert_id: str, type_id: str = NEWER, count: int = 1) -> DlpAlert:
+        return DlpAlert(alert_id=alert_id, source_format="management_activity", kind="activity", sensitive_info=[{"type_id": type_id, "count": count}])
+
+    (first,) = await enricher.enrich_batch([alert("a")], [])
+    (again,) = await enricher.enrich_batch([alert("b")], [])
+    assert again is first and first.types[0].name == "Passport Number (first)"
+    now[0] += 2 * 3600  # the list is read again
+    (renamed,) = await enricher.enrich_batch([alert("c")], [])
+    assert renamed is not first and renamed.types[0].name == "Passport Number (second)"
+    monkeypatch.setattr(sensitive_module, "SHARED_AT_MOST", 2)
+    for count in range(2, 7):
+        (summary,) = await enricher.enrich_batch([alert("d", CREDIT_CARD, count)], [])
+        assert summary.total_count == count
+    assert len(enricher._shared) <= 2

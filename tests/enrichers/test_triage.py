@@ -239,3 +239,31 @@ def test_a_rule_without_its_operand_and_inverted_bands_are_config_errors(write_c
         Runner(write_config(CONTRACTOR.format(rules='[[enrichers.settings.telemetry_rules]]\ncode = "x"\nlabel = "x"\nfields = ["a"]\ntest = "in"\npoints = 1\n')))
     with pytest.raises(ConfigError, match="medium_at"):
         Runner(write_config(CONTRACTOR.format(rules="[enrichers.settings]\nmedium_at = 80\nhigh_at = 70\n")))
+
+
+def test_alerts_with_equal_reasons_share_one_triage_and_the_shared_ones_are_bounded(monkeypatch):
+    """A triage follows from its reasons and missing inputs: equal ones are one fragment (read-only),
+    different ones their own; at most `MADE_AT_MOST` are kept for sharing."""
+    import time
+    from types import SimpleNamespace
+
+    import enrichers.triage as triage_module
+    from enrichers.triage import TriageEnricher
+    from pipeline.enrich.contract import EnrichmentContext
+    from pipeline.models import DlpAlert
+
+    enricher = TriageEnricher(TriageEnricher.Settings())
+
+    def scored(alert_id: str, total: int) -> object:
+        alert = DlpAlert.model_validate({"alert_id": alert_id, "source_format": "graph_alert", "severity": "high"})
+        info = SimpleNamespace(types=[], total_count=total)
+        return enricher.score(alert, EnrichmentContext(alert, fragments={"sensitive_info": info}, statuses={}, cache=None, clock=time.time))
+
+    one, same, other = scored("a", 60), scored("b", 60), scored("c", 70)
+    assert one is same and one is not other
+    assert [r.evidence for r in one.reasons if r.code == "volume"] == [{"matches": 60, "threshold": 50}]
+    assert [r.evidence for r in other.reasons if r.code == "volume"] == [{"matches": 70, "threshold": 50}]
+    monkeypatch.setattr(triage_module, "MADE_AT_MOST", 2)
+    for total in range(100, 110):
+        scored("d", total)
+    assert len(enricher._made) <= 2
