@@ -108,19 +108,3 @@ async def test_triage_and_sensitive_info_dumps_are_kept_across_batches(tmp_path)
         second = (await runner.engine.enrich(alerts[10:20])).records
     for name in ("sensitive_info", "triage", "prior_incidents"):
         assert first[0].enrichments[name] is second[0].enrichments[name], name
-
-
-async def test_a_record_is_the_one_model_construct_makes(tmp_path):
-    """The engine builds records without `model_construct`'s loop; they are what it would make."""
-    from pipeline.enrich import engine as engine_module
-    from pipeline.models import EnrichedRecord
-
-    assert engine_module._PLAIN_RECORD
-    async with Runner(bench_config(tmp_path)) as runner:
-        (record,) = (await runner.engine.enrich(dense_alerts(users=1)[:1])).records
-    made = EnrichedRecord.model_construct(**dict(record.__dict__))
-    assert record == made and record.__dict__ == made.__dict__
-    assert record.model_fields_set == made.model_fields_set == set(EnrichedRecord.model_fields)
-    assert (record.__pydantic_extra__, record.__pydantic_private__) == (made.__pydantic_extra__, made.__pydantic_private__)
-    assert record.to_json() == made.to_json() and record.to_dict() == made.to_dict()
-    assert record.model_copy(update={"record_id": "other"}).record_id == "other"
