@@ -175,7 +175,9 @@ class SqliteStateStore:
                 return []
             with self._transaction() as db:
                 ids = [row[0] for row in db.execute(query, arguments).fetchall()]
-                db.executemany("UPDATE alerts SET lease_until = ? WHERE alert_id = ?", [(now + lease_seconds, i) for i in ids])
+                for start in range(0, len(ids), 500):  # one statement per 500 alerts, not one per alert
+                    chunk = ids[start : start + 500]
+                    db.execute(f"UPDATE alerts SET lease_until = ? WHERE alert_id IN ({','.join('?' * len(chunk))})", [now + lease_seconds, *chunk])
                 # An alert this transaction stored every part of needs no read (`_JoinedWrites.whole`);
                 # the parts of the others are read, those this handle stored lately not parsed again.
                 whole = self._joined.whole if self._joined is not None else {}
