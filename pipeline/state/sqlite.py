@@ -57,9 +57,9 @@ CREATE TABLE IF NOT EXISTS batch_redeliveries (
 # between checkpoints. Benchmarked in README, Performance.
 WAL_CHECKPOINT_PAGES = 10_000
 
-# Parts a handle keeps of those it stored, for its own claims (`StoredParts`): at most this many
-# (a few KB each with their JSON; a batch of 100 DLP-dense messages stores 10,000).
-STORED_PARTS_KEPT = 20_000
+# Parts a handle keeps of those it stored, for its own claims (`StoredParts`): at most this many,
+# about 4 KB each with the JSON orjson wrote (8 MB; a message of 25 split alerts has 100 parts).
+STORED_PARTS_KEPT = 2048
 
 
 DAMAGED_STATE_ADVICE = (
