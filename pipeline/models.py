@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import to_jsonable_python
 
 SourceFormat = Literal["defender_streaming", "graph_alert", "management_activity", "sentinel_alert"]
@@ -156,21 +156,22 @@ class DlpAlert(_Model):
     # Optional fields the source sent broken, set to null: "<field>: <why>", never the value.
     decode_warnings: list[str] = Field(default_factory=list)
 
-    _json: bytes | None = PrivateAttr(default=None)
-    _content_id: str | None = PrivateAttr(default=None)
-
-    # Both are read several times per alert (history, record id, record JSON): the private values are
-    # read from `__pydantic_private__` itself, ~30x faster than through pydantic's attribute hook.
+    # The alert's JSON and content id, computed once, are kept in `__pydantic_private__`, made at the
+    # first use (None until then), and read from it directly, ~30x faster than through pydantic's
+    # attribute hook. Not declared as private attributes: pydantic would then call a Python hook
+    # after validating each alert to set their defaults (15 % of the validation of a split alert).
     def to_json(self) -> bytes:
         """The alert's JSON. Computed once: an alert is not changed after it is decoded (copy it to
         change it; `model_copy` forgets what was computed)."""
         private = self.__pydantic_private__
-        if private is None:  # not built by validation, construction or copy: nothing to keep it in
-            return self.__pydantic_serializer__.to_json(self)
-        json = private.get("_json")
-        if json is None:
-            json = private["_json"] = self.__pydantic_serializer__.to_json(self)
-        return json
+        if private is None:
+            json = self.__pydantic_serializer__.to_json(self)
+            object.__setattr__(self, "__pydantic_private__", {"_json": json})
+            return json
+        cached: bytes | None = private.get("_json")
+        if cached is None:
+            cached = private["_json"] = self.__pydantic_serializer__.to_json(self)
+        return cached
 
     def content_id(self) -> str:
         """A stable id of this alert's content: the same content always gives the same id."""
@@ -180,13 +181,14 @@ class DlpAlert(_Model):
             # Field order is fixed by the model and no field is a free-form dict, so the JSON
             # serialisation is canonical without sorting.
             content_id = hashlib.sha256(self.to_json()).hexdigest()[:32]
+            private = self.__pydantic_private__  # made by to_json
             if private is not None:
                 private["_content_id"] = content_id
         return content_id
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> DlpAlert:
         copied = super().model_copy(update=update, deep=deep)
-        copied._json = copied._content_id = None
+        object.__setattr__(copied, "__pydantic_private__", None)  # what was computed is forgotten
         return copied
 
 

@@ -86,3 +86,14 @@ def test_a_copied_alert_with_changes_has_its_own_json_and_content_id():
     assert changed.content_id() != before_id
     assert alert.to_json() == before_json and alert.content_id() == before_id
     assert alert.model_copy().content_id() == before_id
+
+
+def test_validating_an_alert_calls_no_python_hook_after_it():
+    """Issue 19 (DLP-dense path): what an alert computes once is kept without private attributes,
+    whose defaults pydantic would set by a Python call after validating each alert."""
+    assert DlpAlert.__pydantic_post_init__ is None
+    alert = DlpAlert.model_validate({"alert_id": "a1", "source_format": "graph_alert", "title": "t"})
+    assert alert.__pydantic_private__ is None
+    json, content_id = alert.to_json(), alert.content_id()
+    assert alert.to_json() is json and alert.content_id() is content_id  # computed once
+    assert alert.model_copy().__pydantic_private__ is None and alert.model_copy().content_id() == content_id

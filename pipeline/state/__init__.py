@@ -52,6 +52,8 @@ class StateStore(Protocol):
       a new part of an alert that already holds that many parts is not stored but returned in
       `over_limit` (the runner dead-letters it as `too_many_evidence`). A part larger than the store
       can hold is not stored but returned in `too_large` (dead-lettered as `part_too_large`).
+      A part's data are JSON values (dict, list, str, int, float, bool, None, as parsed JSON gives
+      them), not changed once given: a store may hand the same objects back from `claim_due`.
     - `claim_due` returns the pending alerts whose parts have settled (no new part for
       `settle_seconds`, or first part older than `max_hold_seconds`, or every one with `force`), and
       leases them for `lease_seconds` so that a second consumer does not take them too; at most

@@ -11,9 +11,9 @@ import logging
 import sqlite3
 import threading
 import weakref
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS batch_redeliveries (
 # (4 KiB each), not SQLite's default 1,000: the log file grows to ~40 MiB at most. With the background
 # checkpointer (`WalCheckpointer`) keeping up, the commits never reach it. Benchmarked in README, Performance.
 WAL_CHECKPOINT_PAGES = 10_000
+
+# Parts a handle keeps of those it stored, for its own claims (`StoredParts`): at most this many,
+# about 4 KB each with the JSON orjson wrote (8 MB; a message of 25 split alerts has 100 parts).
+STORED_PARTS_KEPT = 2048
 
 
 DAMAGED_STATE_ADVICE = (
@@ -126,6 +130,8 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+_RANK_THEN_DIGEST = attrgetter("rank", "digest")
+
 _CLAIM_ANY = "SELECT alert_id FROM alerts WHERE state = 'pending' ORDER BY first_part_at LIMIT ?"
 _CLAIM_DUE = """SELECT alert_id FROM alerts WHERE state = 'pending' AND lease_until <= ?
    AND (last_part_at <= ? OR first_part_at <= ?) ORDER BY first_part_at LIMIT ?"""
@@ -143,6 +149,7 @@ class SqliteStateStore:
             self._checkpointer = WalCheckpointer(self.path, owner=self)
             self._joined: _JoinedWrites | None = None
             self._held = HeldWrites()
+            self._stored = StoredParts()
         except (OSError, sqlite3.Error) as exc:
             raise store_error(exc, path=self.path, operation="open the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
@@ -153,31 +160,39 @@ class SqliteStateStore:
         try:
             with self._transaction() as db:
                 known = self._known_digests(db, {part.alert_id for part in parts})
-                per_alert = Counter(alert_id for alert_id, _ in known)
-                fresh: dict[tuple[str, str], AlertPart] = {}
+                held: dict[str, int] = {}  # the parts each alert holds already
+                for alert_id, _ in known:
+                    held[alert_id] = held.get(alert_id, 0) + 1
+                fresh: dict[str, dict[str, AlertPart]] = {}  # alert id -> digest -> part, in the order given
                 for part in parts:
-                    key = (part.alert_id, part.digest)
-                    if key in known or key in fresh:
+                    alert_id, digest = part.alert_id, part.digest
+                    of_alert = fresh.get(alert_id)
+                    if of_alert is None:
+                        of_alert = fresh[alert_id] = {}
+                    if digest in of_alert or (alert_id, digest) in known:
                         added.duplicate += 1
-                        continue
-                    if max_parts_per_alert is not None and per_alert[part.alert_id] >= max_parts_per_alert:
+                    elif max_parts_per_alert is not None and held.get(alert_id, 0) + len(of_alert) >= max_parts_per_alert:
                         added.over_limit.append(part)
-                        continue
-                    per_alert[part.alert_id] += 1
-                    fresh[key] = part
-                added.new = len(fresh)
-                db.executemany(
-                    "INSERT OR IGNORE INTO alert_parts (alert_id, digest, rank, data) VALUES (?, ?, ?, ?)",
-                    [(p.alert_id, p.digest, p.rank, orjson.dumps(p.data)) for p in fresh.values()],
-                )
+                    else:
+                        of_alert[digest] = part
+                rows: list[PartRow] = []
+                written: dict[str, dict[str, tuple[bytes, AlertPart]] | None] = {}  # per alert: the JSON of each part, None if one is not plain JSON
+                for alert_id, of_alert in fresh.items():
+                    if of_alert:
+                        written[alert_id] = _rows_of(alert_id, of_alert, rows)
+                added.new = len(rows)
+                db.executemany("INSERT OR IGNORE INTO alert_parts (alert_id, digest, rank, data) VALUES (?, ?, ?, ?)", rows)
                 db.executemany(
                     """INSERT INTO alerts (alert_id, state, first_part_at, last_part_at) VALUES (?, 'pending', ?, ?)
                        ON CONFLICT (alert_id) DO UPDATE SET
                          first_part_at = CASE WHEN state = 'emitted' THEN excluded.first_part_at ELSE first_part_at END,
                          last_part_at = excluded.last_part_at,
                          state = 'pending', lease_until = 0""",
-                    [(alert_id, now, now) for alert_id in {p.alert_id for p in fresh.values()}],
+                    [(alert_id, now, now) for alert_id in written],
                 )
+                self._stored.keep(written)
+                if self._joined is not None:
+                    self._joined.stored(written, held)
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
         return added
@@ -211,15 +226,38 @@ class SqliteStateStore:
                 return []
             with self._transaction() as db:
                 ids = [row[0] for row in db.execute(query, arguments).fetchall()]
-                db.executemany("UPDATE alerts SET lease_until = ? WHERE alert_id = ?", [(now + lease_seconds, i) for i in ids])
-                by_alert: dict[str, list[AlertPart]] = {alert_id: [] for alert_id in ids}
-                for start in range(0, len(ids), 500):
+                for start in range(0, len(ids), 500):  # one statement per 500 alerts, not one per alert
                     chunk = ids[start : start + 500]
+                    db.execute(f"UPDATE alerts SET lease_until = ? WHERE alert_id IN ({','.join('?' * len(chunk))})", [now + lease_seconds, *chunk])
+                # An alert this transaction stored every part of needs no read (`_JoinedWrites.whole`);
+                # the parts of the others are read, those this handle stored lately not parsed again.
+                whole = self._joined.whole if self._joined is not None else {}
+                by_alert: dict[str, list[AlertPart]] = {}
+                unread: list[str] = []
+                kept: dict[str, dict[str, tuple[bytes, AlertPart]]] = {}
+                for alert_id in ids:
+                    kept_parts = self._stored.take(alert_id)
+                    if (parts := whole.get(alert_id)) is not None:
+                        by_alert[alert_id] = sorted(parts, key=_RANK_THEN_DIGEST)
+                    else:
+                        by_alert[alert_id] = []
+                        unread.append(alert_id)
+                        if kept_parts:
+                            kept[alert_id] = kept_parts
+                for start in range(0, len(unread), 500):
+                    chunk = unread[start : start + 500]
                     marks = ",".join("?" * len(chunk))
-                    for alert_id, digest, rank, data in db.execute(
-                        f"SELECT alert_id, digest, rank, data FROM alert_parts WHERE alert_id IN ({marks}) ORDER BY rank, digest", chunk
-                    ):
-                        by_alert[alert_id].append(AlertPart(alert_id=alert_id, rank=rank, data=orjson.loads(data), digest=digest))
+                    # No ORDER BY: SQLite would sort every row, JSON and all, in a temporary tree; each
+                    # alert's few parts are put in (rank, digest) order below.
+                    for alert_id, digest, rank, data in db.execute(f"SELECT alert_id, digest, rank, data FROM alert_parts WHERE alert_id IN ({marks})", chunk):
+                        mine = kept.get(alert_id, _NONE_KEPT).get(digest)
+                        if mine is not None and mine[0] == data and mine[1].rank == rank:  # the row holds what was written for it
+                            part = mine[1]
+                        else:
+                            part = AlertPart(alert_id=alert_id, rank=rank, data=orjson.loads(data), digest=digest)
+                        by_alert[alert_id].append(part)
+                for alert_id in unread:
+                    by_alert[alert_id].sort(key=_RANK_THEN_DIGEST)
                 claimed = [PendingAlert(alert_id=alert_id, parts=parts) for alert_id, parts in by_alert.items()]
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="read the state store", advice=DAMAGED_STATE_ADVICE) from exc
@@ -344,6 +382,21 @@ class _JoinedWrites:
     def __init__(self, store: SqliteStateStore) -> None:
         self.store = store
         self.begun = False
+        # The split alerts every stored part of which this transaction stored, with those parts (reset
+        # when a transaction begins). It holds the write lock: nothing else adds a part meanwhile, so
+        # they are exactly the alert's rows, and a claim in the same transaction needs no read of them.
+        self.whole: dict[str, list[AlertPart]] = {}
+
+    def stored(self, written: dict[str, dict[str, tuple[bytes, AlertPart]] | None], held: dict[str, int]) -> None:
+        """Parts were just stored by this transaction (per alert, by digest, None: not plain JSON);
+        `held`: how many parts each alert held before."""
+        whole = self.whole
+        for alert_id, parts in written.items():
+            before = whole.get(alert_id, [])
+            if parts is None or len(before) != held.get(alert_id, 0):
+                whole.pop(alert_id, None)  # it holds parts stored elsewhere, or not plain JSON
+            else:
+                whole[alert_id] = before + [part for _, part in parts.values()]
 
     def __enter__(self) -> None:
         if self.store._joined is not None:
@@ -373,12 +426,79 @@ class _JoinedStep:
         if not self.joined.begun:
             db.execute("BEGIN IMMEDIATE")
             self.joined.begun = True
+            self.joined.whole = {}
         return db
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None and self.joined.begun:
             self.joined.begun = False
             self.joined.store._db.execute("ROLLBACK")
+
+
+_JSON_ONLY = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS
+_NONE_KEPT: dict[str, tuple[bytes, AlertPart]] = {}
+
+PartRow = tuple[str, str, int, bytes]  # alert_id, digest, rank, JSON of the data: one row of alert_parts
+
+
+def _rows_of(alert_id: str, parts: dict[str, AlertPart], rows: list[PartRow]) -> dict[str, tuple[bytes, AlertPart]] | None:
+    """Append the rows of one alert's `parts` (by digest) to `rows`; returns the JSON written for each
+    part, or None when the data of one are not plain JSON values (a time, a dataclass, a subclass of
+    str, int, dict or list: parsing the JSON would not give them back), so none is handed back as given."""
+    written: dict[str, tuple[bytes, AlertPart]] | None = {}
+    for digest, part in parts.items():
+        try:
+            data = orjson.dumps(part.data, option=_JSON_ONLY)
+        except TypeError:
+            data = orjson.dumps(part.data)
+            written = None
+        if written is not None:
+            written[digest] = (data, part)
+        rows.append((alert_id, digest, part.rank, data))
+    return written
+
+
+class StoredParts:
+    """The parts this handle stored lately, with the JSON it wrote for each, so that claiming them
+    need not parse that JSON again (split alerts are mostly claimed by the process that stored them,
+    soon after).
+
+    Guarantees: a kept part is used for a row only when the row holds exactly the JSON written for it
+    (`claim_due` compares the bytes), so it is what parsing the row gives (part data are JSON values,
+    not changed once stored: `pipeline.state.StateStore`); any other row is parsed. An alert's kept
+    parts are taken by its first claim (a claim rolled back or released parses its rows next time).
+    Bounded: beyond `limit` parts, the alerts stored first are forgotten first."""
+
+    __slots__ = ("count", "limit", "parts")
+
+    def __init__(self, limit: int = STORED_PARTS_KEPT) -> None:
+        self.limit = limit
+        self.count = 0
+        self.parts: dict[str, dict[str, tuple[bytes, AlertPart]]] = {}  # alert id -> digest -> (JSON written, part)
+
+    def keep(self, written: dict[str, dict[str, tuple[bytes, AlertPart]] | None]) -> None:
+        """Keep the parts just written, per alert by digest with their JSON (None: none of that alert's)."""
+        kept = self.parts
+        for alert_id, parts in written.items():
+            if parts is None:
+                continue
+            of_alert = kept.get(alert_id)
+            if of_alert is None:
+                kept[alert_id] = parts
+                self.count += len(parts)
+            else:
+                before = len(of_alert)
+                of_alert.update(parts)
+                self.count += len(of_alert) - before
+        while self.count > self.limit:
+            self.count -= len(kept.pop(next(iter(kept))))
+
+    def take(self, alert_id: str) -> dict[str, tuple[bytes, AlertPart]] | None:
+        """The parts kept for the alert (then forgotten), by digest, with the JSON written for each."""
+        of_alert = self.parts.pop(alert_id, None)
+        if of_alert is not None:
+            self.count -= len(of_alert)
+        return of_alert
 
 
 Statement = tuple[str, list[tuple[Any, ...]]]  # SQL and the rows of one `executemany`
