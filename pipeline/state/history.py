@@ -24,7 +24,7 @@ import sqlite3
 import time
 from array import array
 from bisect import bisect_left, bisect_right, insort
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -422,10 +422,59 @@ class AlertTally:
             self._sort_in()
 
     def apply_all(self, entries: Sequence[HistoryEntry], names: Any) -> None:
-        """`apply` each entry in turn (`names(entry)`: its type names); the slots are sorted once at the end."""
+        """`apply` each entry in turn (`names(entry)`: its type names, a function of the entry's
+        content: policy, severity, files, types and labels); the slots are sorted once at the end.
+        An empty tally given more than `SORT_IN_MIN` entries of distinct ids (a user's first read)
+        is built from them at once (`_load`), to the state the entries applied in turn would leave."""
+        if not self._ids and len(entries) > SORT_IN_MIN and self._load(entries, names):
+            return
         for entry in entries:
             self._apply(entry, names(entry))
         self._sort_in_if_due()
+
+    def _load(self, entries: Sequence[HistoryEntry], names: Any) -> bool:
+        """An empty tally built from `entries` (write order) as `_apply` of each, then `_sort_in`, would
+        leave it, without their per-entry work: entries of equal content (the lists that entries read
+        from the store share, `_stored_entry`) are counted as one per point in time, and `names` is
+        called once per content. False, the tally untouched, when two entries have equal id hashes
+        (a revision: applied in turn, it moves an entry from one point to another)."""
+        keys = [hash(entry.entry_id) for entry in entries]
+        if len(set(keys)) != len(keys):
+            return False
+        contents = [(entry.policy, entry.severity, id(entry.files), id(entry.sensitive_info), id(entry.labels)) for entry in entries]
+        ats = [entry.at for entry in entries]
+        numbers: dict[tuple[Any, ...], tuple[str | None, frozenset[str], int, int]] = {}
+        for content, entry in dict(zip(contents, entries)).items():  # each content once, in first-written order
+            entry_names = names(entry)
+            numbers[content] = (entry.policy, entry_names, self._number(entry.policy, self._policy_number_of, self._policies),
+                                self._number(entry_names, self._names_number_of, self._name_sets))
+        for (at, content), count in Counter(zip(ats, contents)).items():  # in first-written order
+            point = self._points.get(at)
+            if point is None:
+                point = self._points[at] = _Point(at)
+            policy, entry_names = numbers[content][:2]
+            point.count += count
+            point.policies[policy] = point.policies.get(policy, 0) + count
+            for name in entry_names:
+                point.names[name] = point.names.get(name, 0) + count
+        full, depth = 0, self._depth
+        for entry in reversed(entries):  # each point's newest ids: its latest written first
+            if full == len(self._points):
+                break
+            newest = self._points[entry.at].newest
+            if len(newest) < depth:
+                newest.append((entry.entry_id, entry.policy, entry.severity))
+                full += len(newest) == depth
+        self._times = sorted(self._points)
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        by_key = [numbers[content] for content in map(contents.__getitem__, order)]
+        self._ids = array("q", map(keys.__getitem__, order))
+        self._ats = array("d", map(ats.__getitem__, order))
+        self._contents = array("q", [hash(entries[slot].content_id) for slot in order])
+        self._policy_numbers = array("I", [found[2] for found in by_key])
+        self._names_numbers = array("I", [found[3] for found in by_key])
+        self._sorted, self._unsorted, self._index = len(keys), {}, None
+        return True
 
     @staticmethod
     def _number(value: Any, numbers: dict[Any, int], table: list[Any]) -> int:

@@ -804,3 +804,63 @@ async def test_reads_one_after_another_stop_at_the_first_that_fails_and_leave_no
         await store.aclose()
     assert asked == ["a@contoso.com"]
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+def _tally_state(tally) -> dict:
+    """Everything a tally holds, its dicts' orders included."""
+    from dataclasses import asdict
+
+    state = {name: getattr(tally, name) for name in type(tally).__slots__ if name != "_points"}
+    state["_points"] = [(at, asdict(point), list(point.policies), list(point.names)) for at, point in tally._points.items()]
+    return state
+
+
+@pytest.mark.parametrize("depth", [2, 6, 51])
+def test_a_first_read_builds_the_tally_at_once_as_applying_each_entry_would(depth):
+    """A user's first read (an empty tally, entries of distinct ids) is built at once: the same
+    state, dict orders included, as applying the entries one by one (then sorting the slots in), with `names` asked once per
+    distinct content (the lists that entries read from the store share), not once per entry."""
+    import random
+
+    from enrichers.prior_incidents import _entry_names
+    from pipeline.state.history import SORT_IN_MIN, AlertTally
+
+    rng = random.Random(23)
+    contents = [
+        ([f"f{i}.docx"], [{"name": name} for name in names], [], policy, severity)
+        for i, (names, policy, severity) in enumerate(
+            [(["IBAN", "SSN"], "Finance PII", "high"), (["SSN"], "HR Data", None), ([], None, "low"), (["IBAN"], "Finance PII", "high"), (["SSN", "IBAN"], "HR Data", "medium")]
+        )
+    ]
+    entries = []
+    for number in range(3_000):
+        files, infos, labels, policy, severity = rng.choice(contents)
+        entries.append(HistoryEntry(entry_id=f"a{number}", content_id=f"c{number}", user="u", at=float(rng.choice([5, 7, 7, 7, 9, rng.randrange(60)])),
+                                    policy=policy, severity=severity, files=files, sensitive_info=infos, labels=labels))
+    asked = []
+
+    def names(entry):
+        asked.append(entry.entry_id)
+        return _entry_names(entry)
+
+    def apply_each(tally, batch):  # what apply_all did before it built a first read at once
+        for entry in batch:
+            tally._apply(entry, _entry_names(entry))
+        tally._sort_in_if_due()
+
+    one_by_one = AlertTally(depth)
+    apply_each(one_by_one, entries)
+    at_once = AlertTally(depth)
+    at_once.apply_all(entries, names)
+    assert _tally_state(at_once) == _tally_state(one_by_one)
+    assert len(asked) == len(contents)
+    window = at_once.window(0, 60, policy="HR Data", k=depth)
+    assert window == one_by_one.window(0, 60, policy="HR Data", k=depth) and len(window.newest) == depth
+    # a revision among them (an id twice), a tally not empty, or a few entries: applied one by one
+    revised = [*entries[:100], HistoryEntry(entry_id="a3", content_id="again", user="u", at=61.0, policy="HR Data")]
+    for batches in ([revised], [entries[:100], entries[100:]], [entries[: SORT_IN_MIN]]):
+        expected, built = AlertTally(depth), AlertTally(depth)
+        for batch in batches:
+            apply_each(expected, batch)
+            built.apply_all(batch, _entry_names)
+        assert _tally_state(built) == _tally_state(expected)
