@@ -435,7 +435,7 @@ class AlertTally:
     def _load(self, entries: Sequence[HistoryEntry], names: Any) -> bool:
         """An empty tally built from `entries` (write order) as `_apply` of each, then `_sort_in`, would
         leave it, without their per-entry work: entries of equal content (the lists that entries read
-        from the store share, `_stored_entry`) are counted as one per point in time, and `names` is
+        from the store share, `_stored_entries`) are counted as one per point in time, and `names` is
         called once per content. False, the tally untouched, when two entries have equal id hashes
         (a revision: applied in turn, it moves an entry from one point to another)."""
         keys = [hash(entry.entry_id) for entry in entries]
@@ -843,12 +843,12 @@ class SqliteHistoryStore:
         self._commit_held()
         try:
             rows = self._db.execute(
-                f"SELECT entry_id, content_id, at, data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?",
+                f"SELECT rowid, entry_id, content_id, at, data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?",
                 (user, since, until, limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
-        return [_stored_entry(user, *row) for row in rows]
+        return _stored_entries(user, rows)
 
     async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
         """The cursor is a rowid: a later read reads only the rows written after it, walking the (user)
@@ -866,7 +866,7 @@ class SqliteHistoryStore:
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
         self.rows_read += len(rows)
-        return [_stored_entry(user, *row[1:]) for row in rows], (rows[-1][0] if rows else (cursor or 0))
+        return _stored_entries(user, rows), (rows[-1][0] if rows else (cursor or 0))
 
     async def aclose(self) -> None:
         if self._checkpointer is not None:
@@ -882,17 +882,21 @@ _CONTENT_FIELDS = tuple(f.name for f in dataclass_fields(HistoryEntry))[4:]
 _CONTENT_START = b',"' + _CONTENT_FIELDS[0].encode() + b'":'
 
 
-def _stored_entry(user: str, entry_id: str, content_id: str, at: float, data: Any) -> HistoryEntry:
-    """The entry of one stored row, equal to its JSON parsed whole. Its ids and time are the row's
-    columns; the rest of its JSON (policy, severity, files, types, labels), equal across the entries
-    of one kind of document and policy, is parsed once per distinct text (`_content_of`), so equal
-    entries share their lists: entries read from the store are read-only. A row whose JSON is not
-    laid out so (ids, user and time first, then exactly those fields) is parsed whole."""
-    if isinstance(data, bytes) and data.startswith(_ENTRY_START) and (start := data.find(_CONTENT_START)) > 0:
-        content = _content_of(data[start:])
-        if content is not None:
-            return HistoryEntry(entry_id, content_id, user, at, *content)
-    return HistoryEntry(**orjson.loads(data))
+def _stored_entries(user: str, rows: list[tuple[Any, ...]]) -> list[HistoryEntry]:
+    """The entries of stored rows (rowid, entry id, content id, at, data), each
+    equal to its JSON parsed whole. Its ids and time are the row's columns; the rest of its JSON
+    (policy, severity, files, types, labels), equal across the entries of one kind of document and
+    policy, is parsed once per distinct text (`_content_of`), so equal entries share their lists:
+    entries read from the store are read-only. A row whose JSON is not laid out so (ids, user and
+    time first, then exactly those fields) is parsed whole. One loop for the rows (a first read
+    makes thousands), not a call per row."""
+    entries: list[HistoryEntry] = []
+    append, find, content_of, entry, first, begin = entries.append, bytes.find, _content_of, HistoryEntry, _ENTRY_START, len(_ENTRY_START)
+    for _rowid, entry_id, content_id, at, data in rows:
+        start = find(data, _CONTENT_START, begin) if type(data) is bytes and data.startswith(first) else -1
+        content = content_of(data[start:]) if start > 0 else None
+        append(entry(entry_id, content_id, user, at, *content) if content is not None else entry(**orjson.loads(data)))
+    return entries
 
 
 @lru_cache(maxsize=1024)
