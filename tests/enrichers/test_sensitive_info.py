@@ -327,15 +327,11 @@ def test_held_activities_that_share_their_lists_have_them_keyed_once(monkeypatch
     per activity, and holds them as it holds activities of equal lists not shared."""
     from enrichers import sensitive_info
 
-    types, files, labels = [{"name": "IBAN", "count": 1, "confidence": 85}], ["q1.xlsx"], ["label-a"]
-    shared = [
-        _activity_entry(f"act{i}", 100.0 + i % 2, content=f"c{i}", files=files, types=types, labels=labels) for i in range(500)
-    ] + [_activity_entry(f"other{i}", 100.0, content=f"d{i}", files=files, types=[], labels=labels) for i in range(500)]
-    for entry in shared[:500]:
-        entry.files, entry.sensitive_info, entry.labels = files, types, labels
-    for entry in shared[500:]:
-        entry.files, entry.labels = files, labels
-        entry.sensitive_info = shared[500].sensitive_info
+    files, labels = ["q1.xlsx"], ["label-a"]
+    iban, none = [{"name": "IBAN", "count": 1, "confidence": 85}], []
+    shared = [_activity_entry(f"act{i}", 100.0 + i % 2, content=f"c{i}") for i in range(500)] + [_activity_entry(f"other{i}", 100.0, content=f"d{i}") for i in range(500)]
+    for number, entry in enumerate(shared):  # one list object per distinct content, as `_stored_entries` gives them
+        entry.files, entry.labels, entry.sensitive_info = files, labels, iban if number < 500 else none
     keyed = []
     real = sensitive_info._types_of
     monkeypatch.setattr(sensitive_info, "_types_of", lambda key: keyed.append(key) or real(key))
