@@ -489,6 +489,14 @@ class _Group:
             yield at, number, entry_id
 
 
+def _held_content(entry: HistoryEntry) -> tuple[bytes, list[dict[str, Any]], frozenset[str], frozenset[str], tuple[str, ...]]:
+    """What `_Activities` holds of an entry's lists: its types (as a key, and shared), its file names,
+    its lowercase type names and its labels, each one object for equal values."""
+    types, infos = _types_of(orjson.dumps(entry.sensitive_info, option=orjson.OPT_SORT_KEYS))
+    names = _shared(frozenset(str(s.get("name", "")).lower() for s in infos))
+    return types, infos, _shared(frozenset(entry.files)), names, _shared(tuple(entry.labels))
+
+
 class _Activities:
     """One user's held rule-match activities (`HeldRows` of `UserHistories`), as groups of equal ones.
 
@@ -513,11 +521,15 @@ class _Activities:
         return self._rows
 
     def add(self, entries: Sequence[HistoryEntry]) -> None:
+        # What an entry's lists make (`_held_content`), once per distinct set of lists: the entries
+        # read from the store share them when their contents are equal, as one kind of document's do.
+        made: dict[tuple[int, int, int], tuple[bytes, list[dict[str, Any]], frozenset[str], frozenset[str], tuple[str, ...]]] = {}
         for entry in entries:
-            types, infos = _types_of(orjson.dumps(entry.sensitive_info, option=orjson.OPT_SORT_KEYS))
-            files = _shared(frozenset(entry.files))
-            names = _shared(frozenset(str(s.get("name", "")).lower() for s in infos))
-            labels = _shared(tuple(entry.labels))
+            lists = (id(entry.files), id(entry.sensitive_info), id(entry.labels))
+            content = made.get(lists)
+            if content is None:
+                content = made[lists] = _held_content(entry)
+            types, infos, files, names, labels = content
             key = (entry.at, files, entry.policy, names, types, labels)
             group = self._keys.get(key)
             if group is None:

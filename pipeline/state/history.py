@@ -24,7 +24,7 @@ import sqlite3
 import time
 from array import array
 from bisect import bisect_left, bisect_right, insort
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
@@ -59,6 +59,11 @@ class HistoryEntry:
     files: list[str] = field(default_factory=list)
     sensitive_info: list[dict[str, Any]] = field(default_factory=list)  # name, type_id, count, confidence
     labels: list[str] = field(default_factory=list)
+
+
+# A stored entry as `SqliteHistoryStore.stored_after` gives it: entry id, content id, at, and the
+# rest of its fields in `HistoryEntry`'s order (policy, severity, files, types, labels).
+StoredRow = tuple[str, str, float, tuple[Any, ...]]
 
 
 def user_key(alert: DlpAlert) -> str | None:
@@ -422,10 +427,80 @@ class AlertTally:
             self._sort_in()
 
     def apply_all(self, entries: Sequence[HistoryEntry], names: Any) -> None:
-        """`apply` each entry in turn (`names(entry)`: its type names); the slots are sorted once at the end."""
+        """`apply` each entry in turn (`names(entry)`: its type names, a function of the entry's
+        content: policy, severity, files, types and labels); the slots are sorted once at the end.
+        An empty tally given more than `SORT_IN_MIN` entries of distinct ids (a user's first read)
+        is built from them at once (`_load`), to the state the entries applied in turn would leave."""
+        if not self._ids and len(entries) > SORT_IN_MIN and self._load(entries, names):
+            return
         for entry in entries:
             self._apply(entry, names(entry))
         self._sort_in_if_due()
+
+    def _load(self, entries: Sequence[HistoryEntry], names: Any) -> bool:
+        """An empty tally built from `entries` (write order) as `_apply` of each, then `_sort_in`, would
+        leave it, without their per-entry work: entries of equal content (the lists that entries read
+        from the store share, `_stored_entries`) are counted as one per point in time, and `names` is
+        called once per content. False, the tally untouched, when two entries have equal id hashes
+        (a revision: applied in turn, it moves an entry from one point to another)."""
+        contents = [(entry.policy, entry.severity, id(entry.files), id(entry.sensitive_info), id(entry.labels)) for entry in entries]
+        return self._build([entry.entry_id for entry in entries], [entry.content_id for entry in entries], [entry.at for entry in entries], contents,
+                           dict(zip(contents, entries)), names)
+
+    def load_stored(self, rows: Sequence[StoredRow], names: Any, user: str) -> bool:
+        """`_load` of the entries of stored rows (`SqliteHistoryStore.stored_after`), made from them
+        only once per distinct content (to ask `names`), not once per row. False, the tally
+        untouched, when it is not empty, the rows are too few or hold a revision (`apply_all` then)."""
+        if self._ids or len(rows) <= SORT_IN_MIN:
+            return False
+        entry_ids, content_ids, ats, fields = zip(*rows)
+        contents = list(map(id, fields))  # equal contents of one read share one tuple (`_content_of`)
+        samples = {content: HistoryEntry(row[0], row[1], user, row[2], *row[3]) for content, row in dict(zip(contents, rows)).items()}
+        return self._build(entry_ids, content_ids, ats, contents, samples, names)
+
+    def _build(
+        self, entry_ids: Sequence[str], content_ids: Sequence[str], ats: Sequence[float], contents: Sequence[Any],
+        samples: dict[Any, HistoryEntry], names: Any,
+    ) -> bool:
+        """The empty tally built from entries given as columns (write order): ids, content ids, times,
+        and a key per entry that is equal for entries of equal content, `samples` an entry of each key
+        (in first-written order; the policy, severity and type names of every entry of that key)."""
+        keys = [hash(entry_id) for entry_id in entry_ids]
+        if len(set(keys)) != len(keys):
+            return False
+        numbers: dict[Any, tuple[str | None, str | None, frozenset[str], int, int]] = {}
+        for content, entry in samples.items():  # each content once, in first-written order
+            entry_names = names(entry)
+            numbers[content] = (entry.policy, entry.severity, entry_names, self._number(entry.policy, self._policy_number_of, self._policies),
+                                self._number(entry_names, self._names_number_of, self._name_sets))
+        for (at, content), count in Counter(zip(ats, contents)).items():  # in first-written order
+            point = self._points.get(at)
+            if point is None:
+                point = self._points[at] = _Point(at)
+            policy, _severity, entry_names = numbers[content][:3]
+            point.count += count
+            point.policies[policy] = point.policies.get(policy, 0) + count
+            for name in entry_names:
+                point.names[name] = point.names.get(name, 0) + count
+        full, depth = 0, self._depth
+        for slot in range(len(keys) - 1, -1, -1):  # each point's newest ids: its latest written first
+            if full == len(self._points):
+                break
+            newest = self._points[ats[slot]].newest
+            if len(newest) < depth:
+                policy, severity = numbers[contents[slot]][:2]
+                newest.append((entry_ids[slot], policy, severity))
+                full += len(newest) == depth
+        self._times = sorted(self._points)
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        by_key = [numbers[content] for content in map(contents.__getitem__, order)]
+        self._ids = array("q", map(keys.__getitem__, order))
+        self._ats = array("d", map(ats.__getitem__, order))
+        self._contents = array("q", [hash(content_ids[slot]) for slot in order])
+        self._policy_numbers = array("I", [found[3] for found in by_key])
+        self._names_numbers = array("I", [found[4] for found in by_key])
+        self._sorted, self._unsorted, self._index = len(keys), {}, None
+        return True
 
     @staticmethod
     def _number(value: Any, numbers: dict[Any, int], table: list[Any]) -> int:
@@ -587,8 +662,10 @@ class UserTallies:
     was written since) and return only what was written since the user's previous read
     (`HistoryStore.entries_after`), so their cost follows the new entries, not the history's length.
     At most `max_users` users are held (least recently needed dropped first): memory is bounded by
-    them, not by the length of the run. `names` turns an entry into its type names; each tally keeps
-    `recent_per_point` newest ids per point in time (`recent_depth`)."""
+    them, not by the length of the run. `names` turns an entry into its type names (a function of its
+    content: policy, severity, files, types, labels); each tally keeps `recent_per_point` newest ids
+    per point in time (`recent_depth`). A user's first read of a store that gives stored rows
+    (`stored_after`: SQLite) builds the tally from their fields at once (`AlertTally.load_stored`)."""
 
     def __init__(
         self, store: HistoryStore, kind: Kind, *, names: Any, ttl: float = 30.0, max_users: int = 2_000, recent_per_point: int = RECENT_PER_POINT
@@ -607,8 +684,14 @@ class UserTallies:
             elif held.since > since[user]:  # older entries needed: only the range not held yet
                 held.tally.apply_all(list(reversed(await _older(self.store, self.kind, user, since[user], held.since))), self.names)
                 held.since = since[user]
-            entries, cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
-            held.tally.apply_all(entries, self.names)
+            stored_after = getattr(self.store, "stored_after", None) if held.cursor is None else None
+            if stored_after is not None:  # a first read: the tally is built from the stored fields at once
+                rows, cursor = await stored_after(self.kind, user, None, since=held.since)
+                if not held.tally.load_stored(rows, self.names, user):
+                    held.tally.apply_all([HistoryEntry(entry_id, content_id, user, at, *fields) for entry_id, content_id, at, fields in rows], self.names)
+            else:
+                entries, cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
+                held.tally.apply_all(entries, self.names)
             held.cursor, held.loaded_at = cursor, now
             self._users[user] = held
 
@@ -794,17 +877,30 @@ class SqliteHistoryStore:
         self._commit_held()
         try:
             rows = self._db.execute(
-                f"SELECT entry_id, content_id, at, data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?",
+                f"SELECT rowid, entry_id, content_id, at, data FROM history_{kind}s WHERE user = ? AND at >= ? AND at <= ? ORDER BY at DESC LIMIT ?",
                 (user, since, until, limit),
             ).fetchall()
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
-        return [_stored_entry(user, *row) for row in rows]
+        return _stored_entries(user, rows)
 
     async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
         """The cursor is a rowid: a later read reads only the rows written after it, walking the (user)
         index in rowid order. A first read (no cursor) finds the user's rows from `since` on through
         the (user, at) index, so its cost follows that range, not the user's whole retained history."""
+        rows = self._rows_after(kind, user, cursor, since)
+        return _stored_entries(user, rows), (rows[-1][0] if rows else (cursor or 0))
+
+    async def stored_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[StoredRow], Any]:
+        """`entries_after` as stored rows (entry id, content id, at, the rest of the entry's fields in
+        `HistoryEntry`'s order), not entries: one tuple of fields for the rows of one content text
+        (`_content_of`), no entry made per row. For a reader that needs the fields, not the entries
+        (`UserTallies`' first reads)."""
+        rows = self._rows_after(kind, user, cursor, since)
+        return _stored_rows(rows), (rows[-1][0] if rows else (cursor or 0))
+
+    def _rows_after(self, kind: Kind, user: str, cursor: Any, since: float) -> list[tuple[Any, ...]]:
+        """(rowid, entry id, content id, at, data) of `entries_after`, in rowid order."""
         self._commit_held()
         columns = f"SELECT rowid, entry_id, content_id, at, data FROM history_{kind}s"
         try:
@@ -817,7 +913,7 @@ class SqliteHistoryStore:
         except sqlite3.Error as exc:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
         self.rows_read += len(rows)
-        return [_stored_entry(user, *row[1:]) for row in rows], (rows[-1][0] if rows else (cursor or 0))
+        return rows
 
     async def aclose(self) -> None:
         if self._checkpointer is not None:
@@ -833,17 +929,37 @@ _CONTENT_FIELDS = tuple(f.name for f in dataclass_fields(HistoryEntry))[4:]
 _CONTENT_START = b',"' + _CONTENT_FIELDS[0].encode() + b'":'
 
 
-def _stored_entry(user: str, entry_id: str, content_id: str, at: float, data: Any) -> HistoryEntry:
-    """The entry of one stored row, equal to its JSON parsed whole. Its ids and time are the row's
-    columns; the rest of its JSON (policy, severity, files, types, labels), equal across the entries
-    of one kind of document and policy, is parsed once per distinct text (`_content_of`), so equal
-    entries share their lists: entries read from the store are read-only. A row whose JSON is not
-    laid out so (ids, user and time first, then exactly those fields) is parsed whole."""
-    if isinstance(data, bytes) and data.startswith(_ENTRY_START) and (start := data.find(_CONTENT_START)) > 0:
-        content = _content_of(data[start:])
-        if content is not None:
-            return HistoryEntry(entry_id, content_id, user, at, *content)
-    return HistoryEntry(**orjson.loads(data))
+def _stored_entries(user: str, rows: list[tuple[Any, ...]]) -> list[HistoryEntry]:
+    """The entries of stored rows (rowid, entry id, content id, at, data), each
+    equal to its JSON parsed whole. Its ids and time are the row's columns; the rest of its JSON
+    (policy, severity, files, types, labels), equal across the entries of one kind of document and
+    policy, is parsed once per distinct text (`_content_of`), so equal entries share their lists:
+    entries read from the store are read-only. A row whose JSON is not laid out so (ids, user and
+    time first, then exactly those fields) is parsed whole. One loop for the rows (a first read
+    makes thousands), not a call per row."""
+    entries: list[HistoryEntry] = []
+    append, find, content_of, entry, first, begin = entries.append, bytes.find, _content_of, HistoryEntry, _ENTRY_START, len(_ENTRY_START)
+    for _rowid, entry_id, content_id, at, data in rows:
+        start = find(data, _CONTENT_START, begin) if type(data) is bytes and data.startswith(first) else -1
+        content = content_of(data[start:]) if start > 0 else None
+        append(entry(entry_id, content_id, user, at, *content) if content is not None else entry(**orjson.loads(data)))
+    return entries
+
+
+def _stored_rows(rows: list[tuple[Any, ...]]) -> list[StoredRow]:
+    """`_stored_entries` as (entry id, content id, at, fields) rows: the fields (policy, severity,
+    files, types, labels) one tuple per distinct content text (`_content_of`), read-only; a row laid
+    out otherwise is parsed whole, as there."""
+    stored: list[StoredRow] = []
+    append, find, content_of, first, begin = stored.append, bytes.find, _content_of, _ENTRY_START, len(_ENTRY_START)
+    for _rowid, entry_id, content_id, at, data in rows:
+        start = find(data, _CONTENT_START, begin) if type(data) is bytes and data.startswith(first) else -1
+        content = content_of(data[start:]) if start > 0 else None
+        if content is None:
+            whole = HistoryEntry(**orjson.loads(data))
+            entry_id, content_id, at, content = whole.entry_id, whole.content_id, whole.at, tuple(getattr(whole, name) for name in _CONTENT_FIELDS)
+        append((entry_id, content_id, at, content))
+    return stored
 
 
 @lru_cache(maxsize=1024)

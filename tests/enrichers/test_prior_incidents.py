@@ -767,11 +767,11 @@ async def test_a_batch_whose_history_read_fails_is_still_written(tmp_path):
 
     alert = DlpAlert.model_validate({"alert_id": "a1", "source_format": "graph_alert", "user": {"upn": "u@contoso.com"}, "created_at": "2025-03-14T10:00:00Z"})
     try:
-        reads = enricher.store.entries_after
-        enricher.store.entries_after = down  # type: ignore[method-assign]
+        reads, first_reads = enricher.store.entries_after, enricher.store.stored_after
+        enricher.store.entries_after = enricher.store.stored_after = down  # type: ignore[method-assign]
         with pytest.raises(EnricherUnavailable):
             await enricher.enrich_batch([alert], [])
-        enricher.store.entries_after = reads  # type: ignore[method-assign]
+        enricher.store.entries_after, enricher.store.stored_after = reads, first_reads  # type: ignore[method-assign]
         entries, _ = await enricher.store.entries_after("alert", "u@contoso.com", None, since=0.0)
     finally:
         await enricher.aclose()
@@ -792,7 +792,7 @@ async def test_reads_one_after_another_stop_at_the_first_that_fails_and_leave_no
         asked.append(user)
         raise EnricherUnavailable("history store read failed: OperationalError")
 
-    store.entries_after = failing  # type: ignore[method-assign]
+    store.entries_after = store.stored_after = failing  # type: ignore[method-assign]
     tallies = UserTallies(store, "alert", names=lambda entry: frozenset())
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -804,3 +804,110 @@ async def test_reads_one_after_another_stop_at_the_first_that_fails_and_leave_no
         await store.aclose()
     assert asked == ["a@contoso.com"]
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+def _tally_state(tally) -> dict:
+    """Everything a tally holds, its dicts' orders included."""
+    from dataclasses import asdict
+
+    state = {name: getattr(tally, name) for name in type(tally).__slots__ if name != "_points"}
+    state["_points"] = [(at, asdict(point), list(point.policies), list(point.names)) for at, point in tally._points.items()]
+    return state
+
+
+@pytest.mark.parametrize("depth", [2, 6, 51])
+def test_a_first_read_builds_the_tally_at_once_as_applying_each_entry_would(depth):
+    """A user's first read (an empty tally, entries of distinct ids) is built at once: the same
+    state, dict orders included, as applying the entries one by one (then sorting the slots in), with `names` asked once per
+    distinct content (the lists that entries read from the store share), not once per entry."""
+    import random
+
+    from enrichers.prior_incidents import _entry_names
+    from pipeline.state.history import SORT_IN_MIN, AlertTally
+
+    rng = random.Random(23)
+    contents = [
+        ([f"f{i}.docx"], [{"name": name} for name in names], [], policy, severity)
+        for i, (names, policy, severity) in enumerate(
+            [(["IBAN", "SSN"], "Finance PII", "high"), (["SSN"], "HR Data", None), ([], None, "low"), (["IBAN"], "Finance PII", "high"), (["SSN", "IBAN"], "HR Data", "medium")]
+        )
+    ]
+    entries = []
+    for number in range(3_000):
+        files, infos, labels, policy, severity = rng.choice(contents)
+        entries.append(HistoryEntry(entry_id=f"a{number}", content_id=f"c{number}", user="u", at=float(rng.choice([5, 7, 7, 7, 9, rng.randrange(60)])),
+                                    policy=policy, severity=severity, files=files, sensitive_info=infos, labels=labels))
+    asked = []
+
+    def names(entry):
+        asked.append(entry.entry_id)
+        return _entry_names(entry)
+
+    def apply_each(tally, batch):  # what apply_all did before it built a first read at once
+        for entry in batch:
+            tally._apply(entry, _entry_names(entry))
+        tally._sort_in_if_due()
+
+    one_by_one = AlertTally(depth)
+    apply_each(one_by_one, entries)
+    at_once = AlertTally(depth)
+    at_once.apply_all(entries, names)
+    assert _tally_state(at_once) == _tally_state(one_by_one)
+    assert len(asked) == len(contents)
+    window = at_once.window(0, 60, policy="HR Data", k=depth)
+    assert window == one_by_one.window(0, 60, policy="HR Data", k=depth) and len(window.newest) == depth
+    # a revision among them (an id twice), a tally not empty, or a few entries: applied one by one
+    revised = [*entries[:100], HistoryEntry(entry_id="a3", content_id="again", user="u", at=61.0, policy="HR Data")]
+    for batches in ([revised], [entries[:100], entries[100:]], [entries[: SORT_IN_MIN]]):
+        expected, built = AlertTally(depth), AlertTally(depth)
+        for batch in batches:
+            apply_each(expected, batch)
+            built.apply_all(batch, _entry_names)
+        assert _tally_state(built) == _tally_state(expected)
+
+
+@pytest.mark.parametrize("case", ["plain", "revised", "few"])
+async def test_a_first_tally_read_of_sqlite_builds_from_the_stored_fields_without_an_entry_per_row(tmp_path, monkeypatch, case):
+    """A user's first read into a tally takes the stored rows' fields (`stored_after`), one tuple
+    per content text, and makes no entry per row: the tally's state is the one the entries read
+    (`entries_after`) applied one by one would leave, rows laid out otherwise (parsed whole), a
+    revision among them, or too few rows to build at once included."""
+    import orjson
+
+    from enrichers.prior_incidents import _entry_names
+    from pipeline.state import history as history_module
+    from pipeline.state.history import SORT_IN_MIN, AlertTally, SqliteHistoryStore, UserTallies
+
+    store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
+    user = "u@contoso.com"
+    kinds = [("Finance PII", "high", [{"name": "IBAN", "count": 2}]), ("HR Data", None, [{"name": "SSN"}, {"name": "IBAN"}]), (None, "low", [])]
+    count = SORT_IN_MIN if case == "few" else 400
+    written = [
+        HistoryEntry(entry_id=f"e{i}", content_id=f"c{i}", user=user, at=100.0 + i % 4, policy=kinds[i % 3][0], severity=kinds[i % 3][1],
+                     files=["q1.xlsx"], sensitive_info=kinds[i % 3][2])
+        for i in range(count)
+    ]
+    if case == "revised":
+        written.append(HistoryEntry(entry_id="e5", content_id="again", user=user, at=200.0, policy="HR Data", sensitive_info=[{"name": "SSN"}]))
+    await store.record("alert", written)
+    odd = {"policy": "HR Data", "entry_id": "reordered", "content_id": "c", "user": user, "at": 101.0, "sensitive_info": [{"name": "PAN"}]}
+    store._db.execute("INSERT INTO history_alerts (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)",
+                      (user, odd["entry_id"], odd["content_id"], odd["at"], orjson.dumps(odd)))
+    entries, _cursor = await store.entries_after("alert", user, None, since=0.0)
+    expected = AlertTally(12)
+    for entry in entries:
+        expected._apply(entry, _entry_names(entry))
+    expected._sort_in_if_due()
+
+    def no_entries(*args, **kwargs):
+        raise AssertionError("an entry made per row")
+
+    monkeypatch.setattr(history_module, "_stored_entries", no_entries)
+    tallies = UserTallies(store, "alert", names=_entry_names, recent_per_point=12)
+    try:
+        await tallies.ensure({user: 0.0})
+        assert _tally_state(tallies.tally(user)) == _tally_state(expected)
+        assert len(tallies.tally(user)) == len(entries) - (1 if case == "revised" else 0)
+        assert store.rows_read == 2 * len(entries)
+    finally:
+        await store.aclose()

@@ -319,3 +319,27 @@ def test_the_held_activities_count_and_order_their_rows_as_the_rows_list_does():
     assert len(held) == 4 and [held.at_of(i) for i in range(4)] == [30.0, 20.0, 20.0, 10.0]
     assert not held.drop_through(5.0) and held.drop_through(20.0)
     assert len(held) == 1 and held.at_of(0) == 30.0
+
+
+def test_held_activities_that_share_their_lists_have_them_keyed_once(monkeypatch):
+    """Activities read from the store share their lists when their contents are equal: `_Activities`
+    keys (types dumped, names, files, labels) once per distinct set of lists in an `add`, not once
+    per activity, and holds them as it holds activities of equal lists not shared."""
+    from enrichers import sensitive_info
+
+    files, labels = ["q1.xlsx"], ["label-a"]
+    iban, none = [{"name": "IBAN", "count": 1, "confidence": 85}], []
+    shared = [_activity_entry(f"act{i}", 100.0 + i % 2, content=f"c{i}") for i in range(500)] + [_activity_entry(f"other{i}", 100.0, content=f"d{i}") for i in range(500)]
+    for number, entry in enumerate(shared):  # one list object per distinct content, as `_stored_entries` gives them
+        entry.files, entry.labels, entry.sensitive_info = files, labels, iban if number < 500 else none
+    keyed = []
+    real = sensitive_info._types_of
+    monkeypatch.setattr(sensitive_info, "_types_of", lambda key: keyed.append(key) or real(key))
+    held = sensitive_info._prepared(shared)
+    assert len(keyed) == 2
+    monkeypatch.setattr(sensitive_info, "_types_of", real)
+    apart = sensitive_info._prepared([_activity_entry(e.entry_id, e.at, content=e.content_id, files=list(e.files), types=[dict(t) for t in e.sensitive_info],
+                                                      labels=list(e.labels)) for e in shared])
+    summary = [(g.at, g.files, g.policy, g.names, g.types, g.infos, g.labels, g.ids, g.shares_ids) for g in held.between(0, 1e9)]
+    assert summary == [(g.at, g.files, g.policy, g.names, g.types, g.infos, g.labels, g.ids, g.shares_ids) for g in apart.between(0, 1e9)]
+    assert len(held) == len(apart) == 1_000 and len(summary) == 3
