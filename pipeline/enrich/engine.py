@@ -41,7 +41,7 @@ from pipeline.resilience.breaker import CircuitBreaker
 
 log = logging.getLogger("pipeline")
 
-KEPT_DUMPS = 4_096  # dumps of `fragments_unchanged` enrichers' fragments kept across batches, at most (then emptied)
+KEPT_DUMPS = 512  # dumps of `fragments_unchanged` enrichers' fragments kept across batches, at most (then emptied)
 
 
 @dataclass
