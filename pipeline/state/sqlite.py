@@ -59,9 +59,13 @@ CREATE TABLE IF NOT EXISTS batch_redeliveries (
 # checkpointer (`WalCheckpointer`) keeping up, the commits never reach it. Benchmarked in README, Performance.
 WAL_CHECKPOINT_PAGES = 10_000
 
-# Parts a handle keeps of those it stored, for its own claims (`StoredParts`): at most this many,
-# about 4 KB each with the JSON orjson wrote (8 MB; a message of 25 split alerts has 100 parts).
+# Parts a handle keeps of those it stored, for its own claims (`StoredParts`): at most this many, and
+# at most this many bytes of their JSON (a part's memory in all is a few times its JSON: ~4 KB for a
+# typical ~0.5 KB part, so ~8 MB at most here; a message of 25 split alerts has 100 parts). A part
+# may hold strings up to the record limits: the byte bound keeps a stream of large parts from
+# filling memory, and a part larger than 1/64 of it is not kept at all.
 STORED_PARTS_KEPT = 2048
+STORED_PARTS_BYTES = 1 << 20
 
 
 DAMAGED_STATE_ADVICE = (
@@ -467,38 +471,53 @@ class StoredParts:
     (`claim_due` compares the bytes), so it is what parsing the row gives (part data are JSON values,
     not changed once stored: `pipeline.state.StateStore`); any other row is parsed. An alert's kept
     parts are taken by its first claim (a claim rolled back or released parses its rows next time).
-    Bounded: beyond `limit` parts, the alerts stored first are forgotten first."""
+    Bounded: beyond `limit` parts or `max_bytes` bytes of their JSON, the alerts stored first are
+    forgotten first; an alert with a part of more than `max_bytes // 64` bytes is not kept (its
+    claim parses its rows)."""
 
-    __slots__ = ("count", "limit", "parts")
+    __slots__ = ("count", "limit", "max_bytes", "parts", "size")
 
-    def __init__(self, limit: int = STORED_PARTS_KEPT) -> None:
+    def __init__(self, limit: int = STORED_PARTS_KEPT, max_bytes: int = STORED_PARTS_BYTES) -> None:
         self.limit = limit
+        self.max_bytes = max_bytes
         self.count = 0
+        self.size = 0  # bytes of the kept parts' JSON
         self.parts: dict[str, dict[str, tuple[bytes, AlertPart]]] = {}  # alert id -> digest -> (JSON written, part)
 
     def keep(self, written: dict[str, dict[str, tuple[bytes, AlertPart]] | None]) -> None:
         """Keep the parts just written, per alert by digest with their JSON (None: none of that alert's)."""
         kept = self.parts
+        largest = self.max_bytes // 64
         for alert_id, parts in written.items():
             if parts is None:
+                continue
+            if any(len(json) > largest for json, _ in parts.values()):
+                self._forget(kept.pop(alert_id, None))  # its claim parses its rows, the earlier ones too
                 continue
             of_alert = kept.get(alert_id)
             if of_alert is None:
                 kept[alert_id] = parts
                 self.count += len(parts)
+                self.size += sum(len(json) for json, _ in parts.values())
             else:
-                before = len(of_alert)
-                of_alert.update(parts)
-                self.count += len(of_alert) - before
-        while self.count > self.limit:
-            self.count -= len(kept.pop(next(iter(kept))))
+                for digest, kept_part in parts.items():
+                    if digest not in of_alert:
+                        self.count += 1
+                        self.size += len(kept_part[0])
+                    of_alert[digest] = kept_part
+        while self.count > self.limit or self.size > self.max_bytes:
+            self._forget(kept.pop(next(iter(kept))))
 
     def take(self, alert_id: str) -> dict[str, tuple[bytes, AlertPart]] | None:
         """The parts kept for the alert (then forgotten), by digest, with the JSON written for each."""
         of_alert = self.parts.pop(alert_id, None)
+        self._forget(of_alert)
+        return of_alert
+
+    def _forget(self, of_alert: dict[str, tuple[bytes, AlertPart]] | None) -> None:
         if of_alert is not None:
             self.count -= len(of_alert)
-        return of_alert
+            self.size -= sum(len(json) for json, _ in of_alert.values())
 
 
 Statement = tuple[str, list[tuple[Any, ...]]]  # SQL and the rows of one `executemany`

@@ -168,3 +168,27 @@ async def test_a_claim_of_many_alerts_gives_each_its_own_parts(stores) -> None:
     for p in ours + theirs:
         expected.setdefault(p.alert_id, []).append(p)
     assert claimed == {alert_id: whole(parts) for alert_id, parts in expected.items()}
+
+
+def test_stored_parts_keep_at_most_their_bytes_and_no_large_part() -> None:
+    kept = StoredParts(limit=1000, max_bytes=64 * 100)  # parts of up to 100 bytes are kept
+    for number in range(20):
+        kept.keep({f"a{number}": {"d": (b"x" * 90, part(f"a{number}"))}})
+        assert kept.size <= 64 * 100
+    assert len(kept.parts) == 20 and kept.size == 20 * 90  # all fit: 1,800 bytes
+    kept.keep({"a0": {"big": (b"x" * 101, part("a0", 1))}})  # a part too large: the alert is not kept at all
+    assert "a0" not in kept.parts and kept.count == 19 and kept.size == 19 * 90
+    for number in range(100, 180):
+        kept.keep({f"a{number}": {"d": (b"x" * 90, part(f"a{number}"))}})
+    assert kept.size <= 64 * 100 and len(kept.parts) == 64 * 100 // 90 and "a1" not in kept.parts  # the oldest forgotten
+
+
+async def test_large_parts_are_not_kept_but_claimed_from_their_rows(stores) -> None:
+    """Parts may hold strings up to the record limits: 200 parts of 60,000-character strings would
+    keep ~12 MB of JSON (and several times that parsed) if kept; none is kept, all are claimed."""
+    store, _ = stores
+    parts = [part(f"a{i:03d}", 0, title="t" * 60_000, n=i) for i in range(200)]
+    with store.joined_writes():
+        await store.add_parts(parts, now=0)
+    assert store._stored.size == 0 and not store._stored.parts
+    assert await claim(store) == {p.alert_id: whole([p]) for p in parts}
