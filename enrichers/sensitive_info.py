@@ -258,8 +258,8 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         shared = self._shared.get(key)
         if shared is not None and shared[0] is tables[0] and shared[1] is tables[1]:
             return shared[2]
-        if len(self._shared) >= SHARED_AT_MOST:
-            self._shared.clear()
+        if len(self._shared) >= SHARED_AT_MOST or (shared is not None and (shared[0] is not tables[0] or shared[1] is not tables[1])):
+            self._shared.clear()  # full, or the tables were replaced: summaries of the old ones would only hold them in memory
         summary = self.summarize(infos, labels, source=source, ids=ids, count=count)
         self._shared[key] = (*tables, summary)
         return summary

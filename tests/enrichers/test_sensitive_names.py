@@ -343,3 +343,30 @@ async def test_equal_alerts_share_one_summary_across_batches_until_the_tenants_n
         (summary,) = await enricher.enrich_batch([alert("d", CREDIT_CARD, count)], [])
         assert summary.total_count == count
     assert len(enricher._shared) <= 2
+
+
+async def test_summaries_of_replaced_name_tables_are_not_kept():
+    """Once a summary is found made with a table since replaced, the summaries kept are dropped:
+    they could never be shared again, and would only keep the old tables in memory."""
+    from enrichers._names import RefreshedTable
+
+    tables = iter([{NEWER: "Passport Number (first)"}, {NEWER: "Passport Number (second)"}])
+
+    async def fetch() -> dict[str, str]:
+        return next(tables)
+
+    now = [1_000_000.0]
+    enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings.model_validate({"correlate": False}))
+    enricher.tenant_types = RefreshedTable("tenant types", fetch, refresh_seconds=3600, retry_seconds=60, clock=lambda: now[0], hint="")
+
+    def alert(alert_id: str, count: int) -> DlpAlert:
+        return DlpAlert(alert_id=alert_id, source_format="management_activity", kind="activity", sensitive_info=[{"type_id": NEWER, "count": count}])
+
+    for count in (1, 2, 3):
+        await enricher.enrich_batch([alert(f"a{count}", count)], [])
+    assert len(enricher._shared) == 3
+    old_table = enricher.tenant_types.table
+    now[0] += 2 * 3600  # the list is read again
+    (renamed,) = await enricher.enrich_batch([alert("b", 1)], [])
+    assert renamed.types[0].name == "Passport Number (second)"
+    assert len(enricher._shared) == 1 and all(kept[0] is not old_table for kept in enricher._shared.values())
