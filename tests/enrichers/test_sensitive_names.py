@@ -313,11 +313,8 @@ async def test_the_tenants_list_is_fetched_when_needed_and_once_a_day(httpserver
         await enricher.aclose()
 
 
-async def test_equal_alerts_share_one_summary_across_batches_until_the_tenants_names_are_read_again(monkeypatch):
-    """Alerts with equal types share one summary (read-only), in later batches too, while the
-    tenant's list in use is the one it was named from: a list read again names them anew. At most
-    `SHARED_AT_MOST` summaries are kept."""
-    import enrichers.sensitive_info as sensitive_module
+def _renaming_enricher(now: list[float]) -> SensitiveInfoEnricher:
+    """sensitive_info whose tenant list names NEWER "(first)", then "(second)" once read again (hourly, on `now`)."""
     from enrichers._names import RefreshedTable
 
     tables = iter([{NEWER: "Passport Number (first)"}, {NEWER: "Passport Number (second)"}])
@@ -325,9 +322,19 @@ async def test_equal_alerts_share_one_summary_across_batches_until_the_tenants_n
     async def fetch() -> dict[str, str]:
         return next(tables)
 
-    now = [1_000_000.0]
     enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings.model_validate({"correlate": False}))
     enricher.tenant_types = RefreshedTable("tenant types", fetch, refresh_seconds=3600, retry_seconds=60, clock=lambda: now[0], hint="")
+    return enricher
+
+
+async def test_equal_alerts_share_one_summary_across_batches_until_the_tenants_names_are_read_again(monkeypatch):
+    """Alerts with equal types share one summary (read-only), in later batches too, while the
+    tenant's list in use is the one it was named from: a list read again names them anew. At most
+    `SHARED_AT_MOST` summaries are kept."""
+    import enrichers.sensitive_info as sensitive_module
+
+    now = [1_000_000.0]
+    enricher = _renaming_enricher(now)
 
     def alert(alert_id: str, type_id: str = NEWER, count: int = 1) -> DlpAlert:
         return DlpAlert(alert_id=alert_id, source_format="management_activity", kind="activity", sensitive_info=[{"type_id": type_id, "count": count}])
@@ -348,16 +355,8 @@ async def test_equal_alerts_share_one_summary_across_batches_until_the_tenants_n
 async def test_summaries_of_replaced_name_tables_are_not_kept():
     """Once a summary is found made with a table since replaced, the summaries kept are dropped:
     they could never be shared again, and would only keep the old tables in memory."""
-    from enrichers._names import RefreshedTable
-
-    tables = iter([{NEWER: "Passport Number (first)"}, {NEWER: "Passport Number (second)"}])
-
-    async def fetch() -> dict[str, str]:
-        return next(tables)
-
     now = [1_000_000.0]
-    enricher = SensitiveInfoEnricher(SensitiveInfoEnricher.Settings.model_validate({"correlate": False}))
-    enricher.tenant_types = RefreshedTable("tenant types", fetch, refresh_seconds=3600, retry_seconds=60, clock=lambda: now[0], hint="")
+    enricher = _renaming_enricher(now)
 
     def alert(alert_id: str, count: int) -> DlpAlert:
         return DlpAlert(alert_id=alert_id, source_format="management_activity", kind="activity", sensitive_info=[{"type_id": NEWER, "count": count}])
