@@ -688,7 +688,7 @@ class UserTallies:
             if stored_after is not None:  # a first read: the tally is built from the stored fields at once
                 rows, cursor = await stored_after(self.kind, user, None, since=held.since)
                 if not held.tally.load_stored(rows, self.names, user):
-                    held.tally.apply_all([HistoryEntry(entry_id, content_id, user, at, *fields) for entry_id, content_id, at, fields in rows], self.names)
+                    held.tally.apply_all(_entries_of_rows(user, rows), self.names)
             else:
                 entries, cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
                 held.tally.apply_all(entries, self.names)
@@ -930,26 +930,24 @@ _CONTENT_START = b',"' + _CONTENT_FIELDS[0].encode() + b'":'
 
 
 def _stored_entries(user: str, rows: list[tuple[Any, ...]]) -> list[HistoryEntry]:
-    """The entries of stored rows (rowid, entry id, content id, at, data), each
-    equal to its JSON parsed whole. Its ids and time are the row's columns; the rest of its JSON
-    (policy, severity, files, types, labels), equal across the entries of one kind of document and
-    policy, is parsed once per distinct text (`_content_of`), so equal entries share their lists:
-    entries read from the store are read-only. A row whose JSON is not laid out so (ids, user and
-    time first, then exactly those fields) is parsed whole. One loop for the rows (a first read
-    makes thousands), not a call per row."""
-    entries: list[HistoryEntry] = []
-    append, find, content_of, entry, first, begin = entries.append, bytes.find, _content_of, HistoryEntry, _ENTRY_START, len(_ENTRY_START)
-    for _rowid, entry_id, content_id, at, data in rows:
-        start = find(data, _CONTENT_START, begin) if type(data) is bytes and data.startswith(first) else -1
-        content = content_of(data[start:]) if start > 0 else None
-        append(entry(entry_id, content_id, user, at, *content) if content is not None else entry(**orjson.loads(data)))
-    return entries
+    """The entries of stored rows (rowid, entry id, content id, at, data), each equal to its JSON
+    parsed whole; made from `_stored_rows`, so equal entries share their lists: entries read from
+    the store are read-only."""
+    return _entries_of_rows(user, _stored_rows(rows))
+
+
+def _entries_of_rows(user: str, rows: Sequence[StoredRow]) -> list[HistoryEntry]:
+    """The entries of `user`'s stored rows (`SqliteHistoryStore.stored_after`)."""
+    return [HistoryEntry(entry_id, content_id, user, at, *fields) for entry_id, content_id, at, fields in rows]
 
 
 def _stored_rows(rows: list[tuple[Any, ...]]) -> list[StoredRow]:
-    """`_stored_entries` as (entry id, content id, at, fields) rows: the fields (policy, severity,
-    files, types, labels) one tuple per distinct content text (`_content_of`), read-only; a row laid
-    out otherwise is parsed whole, as there."""
+    """Stored rows (rowid, entry id, content id, at, data) as (entry id, content id, at, fields). Its
+    ids and time are the row's columns; the rest of its JSON (policy, severity, files, types,
+    labels), equal across the entries of one kind of document and policy, is parsed once per
+    distinct text (`_content_of`): one tuple of fields per content, read-only. A row whose JSON is
+    not laid out so (ids, user and time first, then exactly those fields) is parsed whole. One loop
+    for the rows (a first read makes thousands), not a call per row."""
     stored: list[StoredRow] = []
     append, find, content_of, first, begin = stored.append, bytes.find, _content_of, _ENTRY_START, len(_ENTRY_START)
     for _rowid, entry_id, content_id, at, data in rows:

@@ -11,6 +11,7 @@ import logging
 import sqlite3
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from operator import attrgetter
@@ -164,9 +165,7 @@ class SqliteStateStore:
         try:
             with self._transaction() as db:
                 known = self._known_digests(db, {part.alert_id for part in parts})
-                held: dict[str, int] = {}  # the parts each alert holds already
-                for alert_id, _ in known:
-                    held[alert_id] = held.get(alert_id, 0) + 1
+                held = Counter(alert_id for alert_id, _ in known)  # the parts each alert holds already
                 fresh: dict[str, dict[str, AlertPart]] = {}  # alert id -> digest -> part, in the order given
                 for part in parts:
                     alert_id, digest = part.alert_id, part.digest
@@ -175,7 +174,7 @@ class SqliteStateStore:
                         of_alert = fresh[alert_id] = {}
                     if digest in of_alert or (alert_id, digest) in known:
                         added.duplicate += 1
-                    elif max_parts_per_alert is not None and held.get(alert_id, 0) + len(of_alert) >= max_parts_per_alert:
+                    elif max_parts_per_alert is not None and held[alert_id] + len(of_alert) >= max_parts_per_alert:
                         added.over_limit.append(part)
                     else:
                         of_alert[digest] = part
