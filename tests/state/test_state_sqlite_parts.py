@@ -5,7 +5,7 @@ rolled back left behind, the claim still gives exactly the rows the file holds."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,12 +17,12 @@ from pipeline.state.sqlite import SqliteStateStore, StoredParts
 
 
 @pytest.fixture
-def stores(tmp_path: Path) -> Iterator[tuple[SqliteStateStore, SqliteStateStore]]:
+async def stores(tmp_path: Path) -> AsyncIterator[tuple[SqliteStateStore, SqliteStateStore]]:
     """Two handles on one file, as two processes have."""
     first, second = SqliteStateStore(tmp_path / "state.sqlite"), SqliteStateStore(tmp_path / "state.sqlite")
     yield first, second
-    first._db.close()
-    second._db.close()
+    await first.aclose()
+    await second.aclose()
 
 
 def part(alert_id: str, rank: int = 0, **data: object) -> AlertPart:
