@@ -202,7 +202,8 @@ def _incidents(
     newest: tuple[tuple[str, float, str | None, str | None, str], ...], sources: tuple[str, ...],
 ) -> PriorIncidents:
     """The fragment of these figures. Alerts with equal figures (the first alert of every user, say)
-    share one (fragments are read-only), made once and dumped once per batch; at most 1,024 held.
+    share one (fragments are read-only), made once and dumped once while the engine keeps it
+    (`fragments_unchanged`); at most 1,024 held.
     `last_at`: the newest prior alert's time (that of `newest[0]` when there is one)."""
     return PriorIncidents(
         last_7_days=last_7,

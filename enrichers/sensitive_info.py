@@ -162,7 +162,8 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
         self._labels_client: GraphLabels | None = None
         self.tenant_types: RefreshedTable[str] | None = None
         self.graph_labels: RefreshedTable[LabelName] | None = None
-        self._shared: dict[tuple[Any, ...], tuple[Any, Any, SensitiveInfoSummary]] = {}  # `_shared_summary`'s
+        self._shared: dict[tuple[Any, ...], SensitiveInfoSummary] = {}  # `_shared_summary`'s, named from `_shared_tables`
+        self._shared_tables: tuple[Any, Any] = (None, None)
 
     async def start(self) -> None:
         s = self.settings
@@ -250,18 +251,17 @@ class SensitiveInfoEnricher(BatchEnricher["SensitiveInfoEnricher.Settings"]):
 
     def _shared_summary(self, infos: list[SensitiveInfo], labels: list[str], source: str, ids: list[str], count: int) -> SensitiveInfoSummary:
         """`summarize`, shared: alerts with equal types, labels and correlation get one summary
-        (fragments are read-only; the engine dumps it once per batch), across batches while the
+        (fragments are read-only; dumped once while the engine keeps it: `fragments_unchanged`), across batches while the
         tenant's name tables in use are the ones it was made with (a refresh replaces a table). At
         most `SHARED_AT_MOST` summaries are kept (then emptied)."""
         tables = (self.tenant_types.table if self.tenant_types is not None else None, self.graph_labels.table if self.graph_labels is not None else None)
-        key = (tuple((s.name, s.type_id, s.count, s.confidence) for s in infos), tuple(labels), source, tuple(ids), count)
-        shared = self._shared.get(key)
-        if shared is not None and shared[0] is tables[0] and shared[1] is tables[1]:
-            return shared[2]
-        if len(self._shared) >= SHARED_AT_MOST or (shared is not None and (shared[0] is not tables[0] or shared[1] is not tables[1])):
+        if len(self._shared) >= SHARED_AT_MOST or tables[0] is not self._shared_tables[0] or tables[1] is not self._shared_tables[1]:
             self._shared.clear()  # full, or the tables were replaced: summaries of the old ones would only hold them in memory
-        summary = self.summarize(infos, labels, source=source, ids=ids, count=count)
-        self._shared[key] = (*tables, summary)
+            self._shared_tables = tables
+        key = (tuple((s.name, s.type_id, s.count, s.confidence) for s in infos), tuple(labels), source, tuple(ids), count)
+        summary = self._shared.get(key)
+        if summary is None:
+            summary = self._shared[key] = self.summarize(infos, labels, source=source, ids=ids, count=count)
         return summary
 
     async def _refresh_names(self, found: list[tuple[list[SensitiveInfo], list[str], str, list[str], int]]) -> None:

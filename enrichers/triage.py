@@ -249,19 +249,23 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
         score = min(100, sum(r["points"] for r in reasons))
         band: Literal["low", "medium", "high"] = "high" if score >= s.high_at else "medium" if score >= s.medium_at else "low"
         reasons.sort(key=lambda r: (-r["points"], r["code"]))
-        fields = {"score": score, "band": band, "thresholds": {"medium": s.medium_at, "high": s.high_at}, "reasons": reasons, "missing_inputs": missing}
         # Equal reasons make an equal triage (score, band and the thresholds follow from them and the
-        # settings): one fragment, shared (fragments are read-only), so the engine dumps it once per batch.
-        # Told apart by their JSON, which tells apart what compares equal but is written otherwise (1, 1.0, true).
+        # settings): one fragment, shared (fragments are read-only; dumped once while the engine keeps
+        # it: `fragments_unchanged`). Told apart by their JSON, which tells apart what compares equal
+        # but is written otherwise (1, 1.0, true).
         try:
-            key = orjson.dumps((reasons, missing))
+            key: bytes | None = orjson.dumps((reasons, missing))
         except TypeError:  # what orjson cannot write (an int beyond 64 bits): not shared
-            return Triage.model_validate(fields)
-        made = self._made.get(key)
+            key = None
+        made = self._made.get(key) if key is not None else None
         if made is None:
-            if len(self._made) >= MADE_AT_MOST:
-                self._made.clear()
-            made = self._made[key] = Triage.model_validate(fields)
+            made = Triage.model_validate(
+                {"score": score, "band": band, "thresholds": {"medium": s.medium_at, "high": s.high_at}, "reasons": reasons, "missing_inputs": missing}
+            )
+            if key is not None:
+                if len(self._made) >= MADE_AT_MOST:
+                    self._made.clear()
+                self._made[key] = made
         return made
 
     @cached_property

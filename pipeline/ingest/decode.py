@@ -352,27 +352,14 @@ def _decode_dense_rows(decoder: Decoder, output: _Output, body: bytes, raw_rows:
         clean, deep = not common.mentions_removed_key(body), None
     else:
         clean, deep = not common.mentions_removed_key(body, has_escape=False), False
-    if not clean or deep is None or keep:
-        for index, raw_row in zip(indexes, raw_rows):
-            raw = bytes(raw_row)
-            row = _loaded(raw, index)
-            row_clean, checked = (True, limits_module.records_surely_within(raw, limits, has_escape=False)) if clean else _shortcuts(raw, limits)
-            _decode_row(decoder, output, index, row, limits, clean=row_clean, checked=checked, keep=keep)
-        return
-    # Clean rows, no free text kept: `_decode_row` with its checks worked out here.
-    out, decode, surely_within = output.decoded, decoder.decode, limits_module.records_surely_within
-    output.free_text = {}
     for index, raw_row in zip(indexes, raw_rows):
         raw = bytes(raw_row)
         row = _loaded(raw, index)
-        if not surely_within(raw, limits, has_escape=False, has_deep_embedding=False) and not _within_record_limits(out, index, row, limits):
-            continue
-        output.index = index
-        output.record = row
-        try:
-            decode(row, output)
-        except Exception as exc:  # a decoder bug must cost one record, never the message
-            out.rejected.append(_reject(index, "decoder_error", type(exc).__name__, row))
+        if clean:
+            row_clean, checked = True, limits_module.records_surely_within(raw, limits, has_escape=False, has_deep_embedding=deep)
+        else:
+            row_clean, checked = _shortcuts(raw, limits)
+        _decode_row(decoder, output, index, row, limits, clean=row_clean, checked=checked, keep=keep)
 
 
 def _loaded(raw: bytes, index: int) -> Any:

@@ -143,15 +143,16 @@ def _first_category(value: Any) -> str | None:
     """The first of an evidence row's Categories (a JSON list in a string, or a list)."""
     if type(value) is str and len(value) <= 256:  # (a long text is not kept)
         return _first_category_in(value)
+    return _category_of(value)
+
+
+def _category_of(value: Any) -> str | None:
     categories = c.json_list(value)
     return c.text(categories[0]) if categories else None
 
 
 # The Categories of an alert's rows are one of a few texts (`["Exfiltration"]`): worked out once.
-@lru_cache(maxsize=256)
-def _first_category_in(value: str) -> str | None:
-    categories = c.json_list(value)
-    return c.text(categories[0]) if categories else None
+_first_category_in = lru_cache(maxsize=256)(_category_of)
 
 
 def cloud_app_dlp_activity(record: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
