@@ -9,7 +9,7 @@ updates the digest here and says why.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -19,13 +19,13 @@ from pipeline.ingest.decode import decode_message
 from pipeline.ingest.limits import Limits
 from pipeline.ingest.message import Message
 from pipeline.ingest.stage import ingest
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import FIXTURES, SAMPLES
+from tests.support.streaming import dense_body_with
 
 
 def _bodies() -> list[bytes]:
     bodies = streams.dense_bodies(2) + streams.mixed_bodies(12, 0.02, seed=5)
-    for path in sorted((ROOT / "pipeline" / "samples" / "messages").iterdir()) + sorted((ROOT / "tests" / "fixtures" / "formats").glob("*.json")):
+    for path in sorted(SAMPLES.iterdir()) + sorted(FIXTURES.glob("*.json")):
         data = path.read_bytes()
         bodies += [line for line in data.splitlines() if line.strip()] if path.suffix == ".jsonl" else [data]
     return bodies + [_variant(change) for change in _VARIANTS]
@@ -48,10 +48,11 @@ _VARIANTS: list[dict[int, dict[str, object]]] = [
 
 
 def _variant(change: dict[int, dict[str, object]]) -> bytes:
-    document = orjson.loads(streams.dense_bodies(1)[0])
-    for index, fields in change.items():
-        document["records"][index]["properties"].update(fields)
-    return orjson.dumps(document)
+    def edit(rows: list[dict[str, Any]]) -> None:
+        for index, fields in change.items():
+            rows[index]["properties"].update(fields)
+
+    return dense_body_with(edit)
 
 
 def _text(value: object) -> object:

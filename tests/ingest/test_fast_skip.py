@@ -21,6 +21,7 @@ from pipeline.errors import DecodeError
 from pipeline.ingest import decode, limits
 from pipeline.ingest.decode import decode_message
 from pipeline.ingest.formats import common, defender_streaming, registry
+from tests.support.streaming import dense_body_with
 
 HAS_MSGSPEC = decode.msgspec is not None
 PATHS = ["msgspec", "orjson"]
@@ -143,16 +144,16 @@ def test_a_dlp_dense_body_is_searched_for_removed_keys_once_not_per_row(monkeypa
 def test_one_row_that_needs_scrubbing_spoils_the_proof_of_a_dlp_dense_body(spoiler, monkeypatch):
     """A removed key (in a row's AdditionalFields) or a \\u escape anywhere in a dense body: the body
     proves nothing, each row is searched on its own, and the row that names the key is scrubbed."""
-    document = orjson.loads(streams.dense_bodies(1)[0])
-    rows = document["records"]
-    evidence = rows[2]["properties"]  # the file evidence of the first alert
-    extra = json.loads(evidence["AdditionalFields"])
-    if spoiler == "removed_key":
-        extra["DetectedValues"] = [{"Name": "Credit Card Number", "Value": "4111 1111 1111 1111"}]
-        evidence["AdditionalFields"] = json.dumps(extra)
-    else:
-        rows[50]["properties"]["Title"] += " \\u00e9"  # a backslash and u00e9 in another alert's row: taken for a \\u escape
-    body = orjson.dumps(document)
+    def spoil(rows):
+        evidence = rows[2]["properties"]  # the file evidence of the first alert
+        extra = json.loads(evidence["AdditionalFields"])
+        if spoiler == "removed_key":
+            extra["DetectedValues"] = [{"Name": "Credit Card Number", "Value": "4111 1111 1111 1111"}]
+            evidence["AdditionalFields"] = json.dumps(extra)
+        else:
+            rows[50]["properties"]["Title"] += " \\u00e9"  # a backslash and u00e9 in another alert's row: taken for a \\u escape
+
+    body = dense_body_with(spoil)
     assert common.mentions_removed_key(body)
     scrub = CallCounter(common.scrub)
     monkeypatch.setattr(common, "scrub", scrub)
@@ -292,15 +293,15 @@ def test_a_repeated_key_is_read_as_orjson_reads_it_the_last_one():
 
 # --- DLP-dense bodies: one search of the body for the limits' proofs ---------------------------
 
-@given(st.binary(max_size=40).map(lambda b: b.translate(bytes.maketrans(b"\x00\x01\x02\x03\x04\x05", b"\\\\\\u0a"))))
+# Texts made of the pieces both searches turn on: backslashes alone and in runs, `u`, hex digits and
+# letters that are not, whole escapes and near misses, and other bytes.
+_ESCAPE_PIECES = st.sampled_from([b"\\", b"\\\\", b"\\\\\\", b"u", b"U", b"0", b"9", b"a", b"F", b"g", b"x", b'"', b"{", b" ",
+                                  b"\\u00e9", b"\\u00E9", b"\\u123", b"\\u12", b"\\uZZZZ", b"\\\\u0041", b"\xc3\xa9"])
+
+
+@given(st.lists(_ESCAPE_PIECES, max_size=24).map(b"".join))
 def test_one_search_for_escapes_and_deep_embedding_finds_what_the_two_searches_find(text):
     assert limits.escape_or_deep_embedding(text) == (limits.has_unicode_escape(text) or b"\\\\\\" in text)
-
-
-def _dense_with(change) -> bytes:
-    document = orjson.loads(streams.dense_bodies(1)[0])
-    change(document["records"])
-    return orjson.dumps(document)
 
 
 def _deep(rows):
@@ -328,7 +329,7 @@ def test_a_dlp_dense_body_rejects_its_broken_rows_as_the_full_path_does(change):
     """The body-wide proofs leave each row's length and brackets to count: a row beyond a limit is
     still rejected with the limit's reason, one the decoder rejects is dead-lettered whole, and every
     other row decodes as the full path decodes it."""
-    body = _dense_with(change)
+    body = dense_body_with(change)
     fast, full = decode_message(body), full_path(body)
     assert outcome(fast) == outcome(full)
     assert len(fast.rejected) == (0 if change is _deep_embedded else 1) and len(fast.parts) == 100 - len(fast.rejected)
