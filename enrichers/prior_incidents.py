@@ -166,7 +166,7 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
             if added:
                 newest_added = max(item[1] for item in added)
                 last_at = newest_added if last_at is None or newest_added > last_at else last_at
-        return _incidents(counts[7], counts[30], counts[90], same_policy, tuple(sorted(names)), newest[0][1] if newest else last_at, tuple(newest), tuple(sources))
+        return _incidents(counts[7], counts[30], counts[90], same_policy, tuple(sorted(names)), last_at, tuple(newest), tuple(sources))
 
     async def _hunt(self, alert: DlpAlert) -> list[PriorAlert]:
         assert self.hunting is not None and alert.user is not None
@@ -204,7 +204,8 @@ def _incidents(
     """The fragment of these figures. Alerts with equal figures (the first alert of every user, say)
     share one (fragments are read-only), made once and dumped once while the engine keeps it
     (`fragments_unchanged`); at most 1,024 held.
-    `last_at`: the newest prior alert's time (that of `newest[0]` when there is one)."""
+    `last_at`: the newest prior alert's time, of the store's and hunting's alerts alike (that of
+    `newest[0]`, or later: the tally counts alerts its lists no longer name, `AlertTally`)."""
     return PriorIncidents(
         last_7_days=last_7,
         last_30_days=last_30,

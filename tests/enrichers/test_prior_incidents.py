@@ -141,6 +141,25 @@ async def test_hunting_adds_alerts_older_than_the_pipeline(httpserver, write_con
     assert len(hunting.queries) == 1  # one user, cached
 
 
+async def test_hunted_alerts_never_hide_a_newer_alert_the_tally_counts_but_cannot_list(httpserver, write_config):
+    """last_alert_at is the newest prior alert of either source. Here the pipeline's newest (six
+    alerts at one time, the four it could list moved away by revisions) is counted but not listed, and
+    hunting lists an older one: the older one must not become last_alert_at."""
+    hunting = HuntingServer(httpserver, [{"AlertId": "hunted-1", "Timestamp": "2025-03-10T08:00:00Z", "Severity": "High"}])
+    extra = f'[enrichers.settings.hunting]\nurl = "{hunting.url}"\nallow_private_hosts = ["localhost", "127.0.0.1"]'
+    runner = Runner(write_config(config(extra=extra).replace("max_recent = 2", "max_recent = 1")))  # 4 ids listed per point in time
+    runner.chain.slots[0].plugin.credential = StaticCredential()
+    upn = "megan.bowen@contoso.com"
+    async with runner:
+        await runner.process_batch([message(*(graph_alert(f"a{i}", upn=upn, created="2025-03-12T10:00:00Z") for i in range(1, 7)))])
+        await runner.process_batch([message(*(graph_alert(f"a{i}", upn=upn, created="2024-01-01T10:00:00Z") for i in range(3, 7)))])  # revised
+        await runner.process_batch([message(graph_alert("now", upn=upn, created="2025-03-14T10:00:00Z"))])
+        records = lake(runner)
+    now = records["now"]["enrichments"]["prior_incidents"]
+    assert now["last_90_days"] == 3  # a1 and a2 (the pipeline's), hunted-1
+    assert now["last_alert_at"].startswith("2025-03-12T10:00:00"), now
+
+
 # -- Azure Table Storage (Azurite) ---------------------------------------------------------------
 
 
