@@ -29,14 +29,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline")
 
-_SCHEMA = """
+# A rowid table: a part's `data` (~0.3-2 KB of JSON) is too large for WITHOUT ROWID, whose cells
+# spill past ~1 KB into overflow pages: a batch's parts wrote ~5 pages to the log, now ~2 (the rows,
+# appended, and the (alert_id, digest) index). Files written by earlier versions are converted on
+# open (`_convert_parts_to_rowid`).
+_PARTS_TABLE = """
 CREATE TABLE IF NOT EXISTS alert_parts (
     alert_id   TEXT NOT NULL,
     digest     TEXT NOT NULL,
     rank       INTEGER NOT NULL,
     data       BLOB NOT NULL,
-    PRIMARY KEY (alert_id, digest)
-) WITHOUT ROWID;
+    UNIQUE (alert_id, digest)
+)"""
+
+_SCHEMA = _PARTS_TABLE + """;
 CREATE TABLE IF NOT EXISTS alerts (
     alert_id       TEXT PRIMARY KEY,
     state          TEXT NOT NULL,          -- pending | emitted
@@ -45,8 +51,14 @@ CREATE TABLE IF NOT EXISTS alerts (
     lease_until    REAL NOT NULL DEFAULT 0,
     emitted_at     REAL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (state, last_part_at);
-CREATE INDEX IF NOT EXISTS alerts_emitted ON alerts (emitted_at);
+-- One index for the claims and the pending count (state = 'pending') and for the purge (state =
+-- 'emitted', by emitted_at). An alert's entry moves from ('pending', ...) to ('emitted', now), next to
+-- it: a batch's commits write one page of it, not the two or three of two indexes. Files written by
+-- earlier versions (alerts_pending on (state, last_part_at), alerts_emitted on (emitted_at)) lose
+-- those on open.
+DROP INDEX IF EXISTS alerts_pending;
+DROP INDEX IF EXISTS alerts_emitted;
+CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, emitted_at);
 CREATE TABLE IF NOT EXISTS batch_redeliveries (
     fingerprint TEXT PRIMARY KEY,
     attempts    INTEGER NOT NULL,
@@ -135,6 +147,21 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _convert_parts_to_rowid(db: sqlite3.Connection) -> None:
+    """Rebuild an alert_parts table written by an earlier version (WITHOUT ROWID) as a rowid table,
+    rows kept. One transaction, re-checked inside it, so two processes opening the same file convert
+    it once."""
+    with Transaction(db):
+        found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'alert_parts'").fetchone()
+        if found is None or "WITHOUT ROWID" not in found[0].upper():
+            return
+        db.execute("ALTER TABLE alert_parts RENAME TO alert_parts_old")
+        db.execute(_PARTS_TABLE)
+        db.execute("INSERT INTO alert_parts (alert_id, digest, rank, data) SELECT alert_id, digest, rank, data FROM alert_parts_old")
+        db.execute("DROP TABLE alert_parts_old")
+    log.info("state table alert_parts converted to a rowid table")
+
+
 _RANK_THEN_DIGEST = attrgetter("rank", "digest")
 
 _CLAIM_ANY = "SELECT alert_id FROM alerts WHERE state = 'pending' ORDER BY first_part_at LIMIT ?"
@@ -150,6 +177,7 @@ class SqliteStateStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = connect(self.path)
+            _convert_parts_to_rowid(self._db)
             self._db.executescript(_SCHEMA)
             self._checkpointer = WalCheckpointer(self.path, owner=self)
             self._joined: _JoinedWrites | None = None
