@@ -12,8 +12,7 @@ import sqlite3
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -371,29 +370,14 @@ class SqliteStateStore:
             self._checkpointer.close()
             self._db.close()
 
-    @contextmanager
-    def holding_history_writes(self) -> Iterator[None]:
+    def holding_history_writes(self) -> _HoldingHistoryWrites:
         """While the block runs (it may wait), the local history's writes are held in memory and
         committed with the state's next write transaction (`mark_emitted`, `release`), or before the
         history is read, or when the block ends, whichever comes first: a batch's history and its
         mark cost one commit. Every held write is committed before the block ends; when the block
         raises, a commit that fails there is not raised (the batch raises, and the writes stay held
         for the next commit)."""
-        self._held.holders += 1
-        try:
-            yield
-        except BaseException:
-            self._held.holders -= 1
-            try:
-                self._held.commit(self._db)
-            except sqlite3.Error as exc:  # the batch's own error is what is raised; the writes stay held
-                log.warning("history writes held by a failed batch not committed yet (%s): they go with the next commit", type(exc).__name__)
-            raise
-        self._held.holders -= 1
-        try:
-            self._held.commit(self._db)
-        except sqlite3.Error as exc:
-            raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
+        return _HoldingHistoryWrites(self)
 
     def joined_writes(self) -> _JoinedWrites:
         """While the block runs, the store's writes share one transaction, begun at the first of them
@@ -405,6 +389,32 @@ class SqliteStateStore:
         if self._joined is not None:
             return _JoinedStep(self._joined)
         return Transaction(self._db)
+
+
+class _HoldingHistoryWrites:
+    """The block of `SqliteStateStore.holding_history_writes` (a class, not a generator: one per batch)."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: SqliteStateStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        self.store._held.holders += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        store = self.store
+        store._held.holders -= 1
+        if exc_type is not None:
+            try:
+                store._held.commit(store._db)
+            except sqlite3.Error as error:  # the batch's own error is what is raised; the writes stay held
+                log.warning("history writes held by a failed batch not committed yet (%s): they go with the next commit", type(error).__name__)
+            return
+        try:
+            store._held.commit(store._db)
+        except sqlite3.Error as error:
+            raise store_error(error, path=store.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from error
 
 
 class _JoinedWrites:
