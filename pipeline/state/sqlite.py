@@ -149,7 +149,10 @@ def connect(path: Path) -> sqlite3.Connection:
 def _convert_parts_to_rowid(db: sqlite3.Connection) -> None:
     """Rebuild an alert_parts table written by an earlier version (WITHOUT ROWID) as a rowid table,
     rows kept. One transaction, re-checked inside it, so two processes opening the same file convert
-    it once."""
+    it once; a file that needs none is only read."""
+    found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'alert_parts'").fetchone()
+    if found is None or "WITHOUT ROWID" not in found[0].upper():
+        return
     with Transaction(db):
         found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'alert_parts'").fetchone()
         if found is None or "WITHOUT ROWID" not in found[0].upper():
