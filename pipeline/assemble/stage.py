@@ -58,6 +58,8 @@ class Assembler:
 
     async def store(self, parts: list[AlertPart], *, now: float) -> tuple[int, list[DeadLetter]]:
         """Store the parts; returns (duplicates ignored, dead letters of the parts over the limit or too large to store)."""
+        if not parts:  # a batch of alerts that are not split
+            return 0, []
         settling = [part for part in parts if part.rank != RANK_LIFECYCLE]
         whole = [part for part in parts if part.rank == RANK_LIFECYCLE]
         added = await self.state.add_parts(settling, now=now, max_parts_per_alert=self.max_parts_per_alert)
@@ -66,6 +68,8 @@ class Assembler:
             added.duplicate += events.duplicate
             added.over_limit.extend(events.over_limit)
             added.too_large.extend(events.too_large)
+        if not added.over_limit and not added.too_large:
+            return added.duplicate, []
         return added.duplicate, _over_limit_dead_letters(added.over_limit, self.max_parts_per_alert) + _too_large_dead_letters(added.too_large)
 
     async def claim(self, *, now: float, force: bool) -> Claimed:

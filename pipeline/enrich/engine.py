@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from time import perf_counter
+from types import CoroutineType
 from typing import Any
 
 from pydantic import BaseModel
@@ -247,11 +248,10 @@ def _begin_batch(
         for alert, alert_fragments, alert_statuses in zip(alerts, fragments, statuses)
     ]
     started = perf_counter()
-    deadline = None if slot.timeout is None else asyncio.get_running_loop().time() + slot.timeout
     try:
         call = slot.plugin.enrich_batch(list(alerts), contexts)
-        if not isinstance(call, Coroutine):  # an awaitable of another kind: awaited under the timer
-            return _finish_batch(slot, alerts, fragments, statuses, call, None, deadline, started, breaker)
+        if type(call) is not CoroutineType and not isinstance(call, Coroutine):  # an awaitable of another kind: awaited under the timer
+            return _finish_batch(slot, alerts, fragments, statuses, call, None, _deadline(slot, started), started, breaker)
         yielded = call.send(None)  # as far as it goes without waiting
     except StopIteration as answered:
         _settle_batch(slot, alerts, fragments, statuses, answered.value, started, breaker)
@@ -259,7 +259,15 @@ def _begin_batch(
     except Exception as exc:
         _settle_batch(slot, alerts, fragments, statuses, exc, started, breaker)
         return None
-    return _finish_batch(slot, alerts, fragments, statuses, call, _Resumed(call, yielded), deadline, started, breaker)
+    return _finish_batch(slot, alerts, fragments, statuses, call, _Resumed(call, yielded), _deadline(slot, started), started, breaker)
+
+
+def _deadline(slot: EnricherSlot, started: float) -> float | None:
+    """The loop time at which a batch call begun at `started` (perf_counter) times out: its timeout
+    counts from the call's start (computed only for a call that waits)."""
+    if slot.timeout is None:
+        return None
+    return asyncio.get_running_loop().time() - (perf_counter() - started) + slot.timeout
 
 
 async def _finish_batch(
@@ -336,6 +344,15 @@ def _settle_batch(
         if len(results) != len(alerts):
             results = [EnricherError(f"enrich_batch returned {len(results)} results for {len(alerts)} alerts")] * len(alerts)
     duration_ms = round((perf_counter() - started) * 1000, 3)
+    if len(results) == 1:  # one alert (a batch of one message): what the loop below does, without its tallies
+        state, error = _outcome(slot, alerts[0], results[0], fragments[0])
+        statuses[0][slot.name] = _status(state, error, duration_ms)
+        if error is not None:
+            log.warning("enricher %s %s for %d of %d alert(s) (first: alert %s): %s", slot.name, state, 1, 1, alerts[0].alert_id, error)
+        if breaker is not None:
+            breaker.record_failure() if error is not None else breaker.record_success()
+        observability.record_enricher(slot.name, state, duration_ms / 1000)
+        return
     failed: list[tuple[DlpAlert, EnrichmentState, str]] = []
     counts: dict[EnrichmentState, int] = {}
     made: dict[tuple[str, str | None], EnrichmentStatus] = {}  # alerts of one outcome share one (never changed) status

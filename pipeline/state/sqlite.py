@@ -12,8 +12,7 @@ import sqlite3
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,14 +28,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline")
 
-_SCHEMA = """
+# A rowid table: a part's `data` (~0.3-2 KB of JSON) is too large for WITHOUT ROWID, whose cells
+# spill past ~1 KB into overflow pages: a batch's parts wrote ~5 pages to the log, now ~2 (the rows,
+# appended, and the (alert_id, digest) index). Files written by earlier versions are converted on
+# open (`_convert_parts_to_rowid`).
+_PARTS_TABLE = """
 CREATE TABLE IF NOT EXISTS alert_parts (
     alert_id   TEXT NOT NULL,
     digest     TEXT NOT NULL,
     rank       INTEGER NOT NULL,
     data       BLOB NOT NULL,
-    PRIMARY KEY (alert_id, digest)
-) WITHOUT ROWID;
+    UNIQUE (alert_id, digest)
+)"""
+
+_SCHEMA = _PARTS_TABLE + """;
 CREATE TABLE IF NOT EXISTS alerts (
     alert_id       TEXT PRIMARY KEY,
     state          TEXT NOT NULL,          -- pending | emitted
@@ -45,8 +50,14 @@ CREATE TABLE IF NOT EXISTS alerts (
     lease_until    REAL NOT NULL DEFAULT 0,
     emitted_at     REAL
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (state, last_part_at);
-CREATE INDEX IF NOT EXISTS alerts_emitted ON alerts (emitted_at);
+-- One index for the claims and the pending count (state = 'pending') and for the purge (state =
+-- 'emitted', by emitted_at). An alert's entry moves from ('pending', ...) to ('emitted', now), next to
+-- it: a batch's commits write one page of it, not the two or three of two indexes. Files written by
+-- earlier versions (alerts_pending on (state, last_part_at), alerts_emitted on (emitted_at)) lose
+-- those on open.
+DROP INDEX IF EXISTS alerts_pending;
+DROP INDEX IF EXISTS alerts_emitted;
+CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, emitted_at);
 CREATE TABLE IF NOT EXISTS batch_redeliveries (
     fingerprint TEXT PRIMARY KEY,
     attempts    INTEGER NOT NULL,
@@ -135,6 +146,24 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _convert_parts_to_rowid(db: sqlite3.Connection) -> None:
+    """Rebuild an alert_parts table written by an earlier version (WITHOUT ROWID) as a rowid table,
+    rows kept. One transaction, re-checked inside it, so two processes opening the same file convert
+    it once; a file that needs none is only read."""
+    found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'alert_parts'").fetchone()
+    if found is None or "WITHOUT ROWID" not in found[0].upper():
+        return
+    with Transaction(db):
+        found = db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'alert_parts'").fetchone()
+        if found is None or "WITHOUT ROWID" not in found[0].upper():
+            return
+        db.execute("ALTER TABLE alert_parts RENAME TO alert_parts_old")
+        db.execute(_PARTS_TABLE)
+        db.execute("INSERT INTO alert_parts (alert_id, digest, rank, data) SELECT alert_id, digest, rank, data FROM alert_parts_old")
+        db.execute("DROP TABLE alert_parts_old")
+    log.info("state table alert_parts converted to a rowid table")
+
+
 _RANK_THEN_DIGEST = attrgetter("rank", "digest")
 
 _CLAIM_ANY = "SELECT alert_id FROM alerts WHERE state = 'pending' ORDER BY first_part_at LIMIT ?"
@@ -150,6 +179,7 @@ class SqliteStateStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._db = connect(self.path)
+            _convert_parts_to_rowid(self._db)
             self._db.executescript(_SCHEMA)
             self._checkpointer = WalCheckpointer(self.path, owner=self)
             self._joined: _JoinedWrites | None = None
@@ -343,29 +373,14 @@ class SqliteStateStore:
             self._checkpointer.close()
             self._db.close()
 
-    @contextmanager
-    def holding_history_writes(self) -> Iterator[None]:
+    def holding_history_writes(self) -> _HoldingHistoryWrites:
         """While the block runs (it may wait), the local history's writes are held in memory and
         committed with the state's next write transaction (`mark_emitted`, `release`), or before the
         history is read, or when the block ends, whichever comes first: a batch's history and its
         mark cost one commit. Every held write is committed before the block ends; when the block
         raises, a commit that fails there is not raised (the batch raises, and the writes stay held
         for the next commit)."""
-        self._held.holders += 1
-        try:
-            yield
-        except BaseException:
-            self._held.holders -= 1
-            try:
-                self._held.commit(self._db)
-            except sqlite3.Error as exc:  # the batch's own error is what is raised; the writes stay held
-                log.warning("history writes held by a failed batch not committed yet (%s): they go with the next commit", type(exc).__name__)
-            raise
-        self._held.holders -= 1
-        try:
-            self._held.commit(self._db)
-        except sqlite3.Error as exc:
-            raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
+        return _HoldingHistoryWrites(self)
 
     def joined_writes(self) -> _JoinedWrites:
         """While the block runs, the store's writes share one transaction, begun at the first of them
@@ -377,6 +392,32 @@ class SqliteStateStore:
         if self._joined is not None:
             return _JoinedStep(self._joined)
         return Transaction(self._db)
+
+
+class _HoldingHistoryWrites:
+    """The block of `SqliteStateStore.holding_history_writes` (a class, not a generator: one per batch)."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, store: SqliteStateStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        self.store._held.holders += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        store = self.store
+        store._held.holders -= 1
+        if exc_type is not None:
+            try:
+                store._held.commit(store._db)
+            except sqlite3.Error as error:  # the batch's own error is what is raised; the writes stay held
+                log.warning("history writes held by a failed batch not committed yet (%s): they go with the next commit", type(error).__name__)
+            return
+        try:
+            store._held.commit(store._db)
+        except sqlite3.Error as error:
+            raise store_error(error, path=store.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from error
 
 
 class _JoinedWrites:

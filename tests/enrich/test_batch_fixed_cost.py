@@ -89,6 +89,21 @@ async def test_a_batch_enricher_that_raises_before_waiting_fails_its_alerts_and_
     assert line["enrichment_status"]["per_batch"]["state"] == "failed" and line["enrichment_status"]["per_batch"]["error"] == "RuntimeError"
 
 
+async def test_a_batch_enricher_failing_batches_of_one_alert_opens_its_breaker(write_config, fixture_bytes, caplog):
+    """A batch of one alert settles its one outcome without the batch's tallies: the status, the
+    warning and the breaker's count are those of a larger batch whose alerts all failed."""
+    config = pipeline_toml(runner={"enricher_breaker_threshold": 2}, enrichers=[enricher_entry("one", "tests.plugins:PerBatch", {"mode": "raise"})])
+    async with Runner(write_config(config)) as runner:
+        breaker = runner.enricher_breakers["one"]
+        for expected in ("closed", "open"):  # two failed batches open it
+            report = await runner.process_batch([Message(fixture_bytes("graph_alert_v2_dlp.json"))])
+            assert report.enrichment == {("one", "failed"): 1} and breaker.state == expected
+        (line,) = lake_lines(runner)
+    assert (line["enrichment_status"]["one"]["state"], line["enrichment_status"]["one"]["error"]) == ("failed", "RuntimeError")
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("enricher one failed")]
+    assert len(warnings) == 2 and all(w.startswith("enricher one failed for 1 of 1 alert(s) (first: alert ") for w in warnings)
+
+
 async def test_a_claim_with_nothing_due_does_not_wait_for_another_writer(tmp_path, monkeypatch):
     monkeypatch.setattr(sqlite_state, "BUSY_WAIT_SECONDS", 0.3)
     store = SqliteStateStore(tmp_path / "state.sqlite")
