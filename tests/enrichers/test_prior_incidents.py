@@ -930,3 +930,34 @@ async def test_a_first_tally_read_of_sqlite_builds_from_the_stored_fields_withou
         assert store.rows_read == 2 * len(entries)
     finally:
         await store.aclose()
+
+
+async def test_the_sqlite_history_purge_cost_follows_the_users_and_the_purged_rows_not_the_rows_kept(tmp_path):
+    """The retention purge finds the rows to drop through each user's (user, at) range: the SQLite
+    steps it takes do not grow with the rows it keeps (a scan of the table would read every row)."""
+    from pipeline.state.history import SqliteHistoryStore
+
+    steps = {}
+    for kept in (50, 3_000):
+        store = SqliteHistoryStore(path=tmp_path / f"kept{kept}.sqlite", retention_days=1)
+        try:
+            now = 10 * 86400.0
+            old = [HistoryEntry(entry_id=f"old{i}", content_id="c", user=f"u{i % 5}", at=1.0) for i in range(20)]
+            recent = [HistoryEntry(entry_id=f"new{i}", content_id="c", user=f"u{i % 5}", at=now) for i in range(kept)]
+            store._db.executemany("INSERT INTO history_alerts (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, x'7b7d')",
+                                  [(e.user, e.entry_id, e.content_id, e.at) for e in old + recent])
+            counted = [0]
+
+            def step(counted: list[int] = counted) -> int:
+                counted[0] += 1
+                return 0
+
+            store._db.set_progress_handler(step, 1)
+            await store.record("alert", [HistoryEntry(entry_id="last", content_id="c", user="u0", at=now)])  # its first write purges
+            store._db.set_progress_handler(None, 1)
+            assert store._db.execute("SELECT count(*) FROM history_alerts WHERE at < ?", (now - 86400,)).fetchone() == (0,)
+            assert store._db.execute("SELECT count(*) FROM history_alerts").fetchone() == (kept + 1,)
+            steps[kept] = counted[0]
+        finally:
+            await store.aclose()
+    assert steps[3_000] < 1.5 * steps[50], steps

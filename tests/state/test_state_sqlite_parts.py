@@ -192,3 +192,27 @@ async def test_large_parts_are_not_kept_but_claimed_from_their_rows(stores) -> N
         await store.add_parts(parts, now=0)
     assert store._stored.size == 0 and not store._stored.parts
     assert await claim(store) == {p.alert_id: whole([p]) for p in parts}
+
+
+async def test_a_purge_costs_the_alerts_it_forgets_not_every_emitted_one(tmp_path) -> None:
+    """The purge finds the alerts emitted before the cutoff through their emission times: the SQLite
+    steps it takes do not grow with the emitted alerts it keeps."""
+    steps = {}
+    for kept in (50, 3_000):
+        store = SqliteStateStore(tmp_path / f"kept{kept}.sqlite")
+        try:
+            rows = [(f"old{i}", 1.0) for i in range(20)] + [(f"new{i}", 1000.0) for i in range(kept)]
+            store._db.executemany("INSERT INTO alerts (alert_id, state, first_part_at, last_part_at, emitted_at) VALUES (?, 'emitted', 0, 0, ?)", rows)
+            counted = [0]
+
+            def step(counted: list[int] = counted) -> int:
+                counted[0] += 1
+                return 0
+
+            store._db.set_progress_handler(step, 1)
+            assert await store.purge(emitted_before=500.0) == 20
+            store._db.set_progress_handler(None, 1)
+            steps[kept] = counted[0]
+        finally:
+            await store.aclose()
+    assert steps[3_000] < 1.5 * steps[50], steps
