@@ -331,8 +331,8 @@ class SqliteStateStore:
     async def purge(self, *, emitted_before: float) -> int:
         try:
             with self._transaction() as db:
-                # through alerts_emitted (`+state`: not through alerts_pending, which would walk every emitted alert)
-                ids = [r[0] for r in db.execute("SELECT alert_id FROM alerts WHERE +state = 'emitted' AND emitted_at < ?", (emitted_before,))]
+                # one range of alerts_state (state, emitted_at): the alerts it drops, not every emitted one
+                ids = [r[0] for r in db.execute("SELECT alert_id FROM alerts WHERE state = 'emitted' AND emitted_at < ?", (emitted_before,))]
                 db.executemany("DELETE FROM alert_parts WHERE alert_id = ?", [(i,) for i in ids])
                 db.executemany("DELETE FROM alerts WHERE alert_id = ?", [(i,) for i in ids])
         except sqlite3.Error as exc:
