@@ -748,7 +748,7 @@ class HistorySettings(BaseModel):
     account_url: str | None = Field(None, description="azure_table: https://<account>.table.core.windows.net (managed identity)")
     connection_string_env: SecretEnv | None = Field(None, description="azure_table: environment variable holding a connection string")
     managed_identity_client_id: str | None = None
-    retention_days: float = Field(120, gt=0, description="sqlite: entries older than this are purged")
+    retention_days: float = Field(120, gt=0, description="sqlite: entries older than this are purged (all but the last written, which goes once a later one exists)")
     reuse_seconds: float = Field(
         30, ge=0, description="each user's history is read once and reused this long; other instances' writes show up within it (0: read for every batch)"
     )
@@ -792,14 +792,16 @@ _INDEX = "CREATE INDEX IF NOT EXISTS history_{kind}s_user_at ON history_{kind}s 
 _INDEX_USER = "CREATE INDEX IF NOT EXISTS history_{kind}s_user ON history_{kind}s (user)"
 
 # The retention purge: each user's rows before the cutoff, found through the (user, at) index, the
-# users walked one index seek each (`WHERE at < ?` alone would scan the whole table).
+# users walked one index seek each (`WHERE at < ?` alone would scan the whole table). The table's last
+# row stays, whatever its time: SQLite gives a new row the largest rowid + 1, so dropping the last
+# one would hand its rowid out again, behind the cursor of a reader already past it (`entries_after`).
 _PURGE = """
 WITH RECURSIVE users (user) AS (
     SELECT min(user) FROM history_{kind}s
     UNION ALL
     SELECT (SELECT min(user) FROM history_{kind}s WHERE user > users.user) FROM users WHERE users.user IS NOT NULL
 )
-DELETE FROM history_{kind}s WHERE user IN (SELECT user FROM users) AND at < ?"""
+DELETE FROM history_{kind}s WHERE user IN (SELECT user FROM users) AND at < ? AND rowid < (SELECT max(rowid) FROM history_{kind}s)"""
 
 
 def _convert_without_rowid(db: sqlite3.Connection, kind: str) -> None:

@@ -932,6 +932,30 @@ async def test_a_first_tally_read_of_sqlite_builds_from_the_stored_fields_withou
         await store.aclose()
 
 
+async def test_a_purge_never_lets_a_later_write_reuse_a_rowid_a_reader_has_passed(tmp_path):
+    """Readers resume after the last rowid they read (`entries_after`). A purge that dropped the table's
+    last row (an old entry written late, say) would let SQLite hand that rowid out again: a reader
+    already past it would never see the entry written there."""
+    from pipeline.state.history import SqliteHistoryStore
+
+    path, now, user = tmp_path / "history.sqlite", 400 * 86400.0, "megan.bowen@contoso.com"
+    writer = SqliteHistoryStore(path=path, retention_days=120)
+    reader = SqliteHistoryStore(path=path, retention_days=120)
+    purger = SqliteHistoryStore(path=path, retention_days=120)
+    try:
+        recent = HistoryEntry(entry_id="recent", content_id="c1", user=user, at=now)
+        await writer.record("alert", [recent])  # the writer's first write purges: nothing is old yet
+        await writer.record("alert", [HistoryEntry(entry_id="late-old", content_id="c2", user=user, at=now - 200 * 86400)])  # the last rowid
+        _, cursor = await reader.entries_after("alert", user, None, since=0.0)
+        await purger.record("alert", [recent])  # written already (ignored); its first write purges: the late old entry goes
+        await writer.record("alert", [HistoryEntry(entry_id="after", content_id="c3", user=user, at=now)])
+        found, _ = await reader.entries_after("alert", user, cursor, since=0.0)
+        assert [entry.entry_id for entry in found] == ["after"]
+    finally:
+        for store in (writer, reader, purger):
+            await store.aclose()
+
+
 async def test_the_sqlite_history_purge_cost_follows_the_users_and_the_purged_rows_not_the_rows_kept(tmp_path):
     """The retention purge finds the rows to drop through each user's (user, at) range: the SQLite
     steps it takes do not grow with the rows it keeps (a scan of the table would read every row)."""
