@@ -967,7 +967,7 @@ async def test_the_sqlite_history_purge_cost_follows_the_users_and_the_purged_ro
         try:
             now = 10 * 86400.0
             old = [HistoryEntry(entry_id=f"old{i}", content_id="c", user=f"u{i % 5}", at=1.0) for i in range(20)]
-            recent = [HistoryEntry(entry_id=f"new{i}", content_id="c", user=f"u{i % 5}", at=now) for i in range(kept)]
+            recent = [HistoryEntry(entry_id=f"new{i}", content_id="c", user=f"u{i % 7}", at=now) for i in range(kept)]  # u5, u6: none old
             store._db.executemany("INSERT INTO history_alerts (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, x'7b7d')",
                                   [(e.user, e.entry_id, e.content_id, e.at) for e in old + recent])
             counted = [0]
