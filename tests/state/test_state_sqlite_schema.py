@@ -1,7 +1,8 @@
 """The SQLite state file's schema (issue 19, small batches): alert_parts is a rowid table (its rows are
 too large for WITHOUT ROWID) and the alerts table has one index, (state, emitted_at), for the claims,
-the pending count and the purge. A file written by an earlier version is converted on open, once,
-and keeps its pending parts, its emitted alerts and its idempotence."""
+the pending count and the purge. A file written by an earlier version keeps its parts table (not
+copied under the write lock at open), gets the one index, and keeps its pending parts, its emitted
+alerts and its idempotence."""
 
 from __future__ import annotations
 
@@ -56,15 +57,15 @@ async def test_a_new_file_has_a_rowid_parts_table_and_one_index_on_alerts(tmp_pa
     assert indexes == {"alerts_state"}
 
 
-async def test_a_file_of_an_earlier_version_is_converted_once_and_keeps_its_parts_and_alerts(tmp_path):
+async def test_a_file_of_an_earlier_version_keeps_its_parts_table_and_works_as_before(tmp_path):
     path = tmp_path / "state.sqlite"
     parts = earlier_file(path)
-    for _ in range(2):  # opened twice: converted once, nothing lost
+    for _ in range(2):  # opened twice: nothing lost
         store = SqliteStateStore(path)
         await store.aclose()
     tables, indexes = schema(path)
     assert set(tables) == {"alert_parts", "alerts", "batch_redeliveries"}
-    assert "WITHOUT ROWID" not in tables["alert_parts"].upper() and indexes == {"alerts_state"}
+    assert "WITHOUT ROWID" in tables["alert_parts"].upper() and indexes == {"alerts_state"}
 
     store = SqliteStateStore(path)
     try:
