@@ -68,8 +68,6 @@ class Assembler:
             added.duplicate += events.duplicate
             added.over_limit.extend(events.over_limit)
             added.too_large.extend(events.too_large)
-        if not added.over_limit and not added.too_large:
-            return added.duplicate, []
         return added.duplicate, _over_limit_dead_letters(added.over_limit, self.max_parts_per_alert) + _too_large_dead_letters(added.too_large)
 
     async def claim(self, *, now: float, force: bool) -> Claimed:

@@ -103,9 +103,8 @@ class Delivery:
             failures = [await self.deliver_to(slot, chosen, out.delivered)]
         else:
             failures = list(await asyncio.gather(*(self.deliver_to(slot, chosen, out.delivered) for slot, chosen in offered)))
-        if any(failures):  # the outage rule needs a sink that took none of its records
-            await self._check_outage([(slot.name, chosen) for slot, chosen in offered], failures)
-            out.dead = [entry for batch in failures for entry in batch]
+        await self._check_outage([(slot.name, chosen) for slot, chosen in offered], failures)
+        out.dead = [entry for batch in failures for entry in batch]
         return out
 
     async def deliver_to(self, slot: SinkSlot, records: list[EnrichedRecord], delivered: Counter[str]) -> list[DeadLetter]:

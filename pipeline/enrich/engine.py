@@ -344,15 +344,6 @@ def _settle_batch(
         if len(results) != len(alerts):
             results = [EnricherError(f"enrich_batch returned {len(results)} results for {len(alerts)} alerts")] * len(alerts)
     duration_ms = round((perf_counter() - started) * 1000, 3)
-    if len(results) == 1:  # one alert (a batch of one message): what the loop below does, without its tallies
-        state, error = _outcome(slot, alerts[0], results[0], fragments[0])
-        statuses[0][slot.name] = _status(state, error, duration_ms)
-        if error is not None:
-            log.warning("enricher %s %s for %d of %d alert(s) (first: alert %s): %s", slot.name, state, 1, 1, alerts[0].alert_id, error)
-        if breaker is not None:
-            breaker.record_failure() if error is not None else breaker.record_success()
-        observability.record_enricher(slot.name, state, duration_ms / 1000)
-        return
     failed: list[tuple[DlpAlert, EnrichmentState, str]] = []
     counts: dict[EnrichmentState, int] = {}
     made: dict[tuple[str, str | None], EnrichmentStatus] = {}  # alerts of one outcome share one (never changed) status

@@ -154,7 +154,7 @@ def record_lag(enqueued_time: datetime | None, now: float) -> None:
 
 def record_enricher(name: str, state: str, seconds: float, count: int = 1) -> None:
     """One enricher call that gave `count` alerts the outcome `state` (`count` > 1: an `enrich_batch` call)."""
-    instruments = _instruments or _get()
+    instruments = _get()
     attributes = {"enricher": name, "state": state}
     instruments.enricher_duration.record(seconds, attributes)
     if state in ("failed", "timed_out"):
@@ -171,7 +171,7 @@ def record_dead_letters(entries: Iterable[DeadLetter]) -> None:
 
 def record_batch(report: BatchReport) -> None:
     """The counters of one finished batch (messages, records, skipped, enriched, delivered)."""
-    instruments = _instruments or _get()
+    instruments = _get()
     if report.messages:
         instruments.messages_in.add(report.messages)
     if report.records:

@@ -48,8 +48,6 @@ class CircuitBreaker:
 
     def allow(self) -> bool:
         """May a call go through now? In half-open state only one trial call at a time does."""
-        if self.opened_at is None:  # closed
-            return True
         state = self.state
         if state == "closed":
             return True
@@ -62,10 +60,9 @@ class CircuitBreaker:
         return False
 
     def record_success(self) -> None:
-        if self.failures or self.opened_at is not None or self._trial_started is not None:
-            self.failures = 0
-            self.opened_at = None
-            self._trial_started = None
+        self.failures = 0
+        self.opened_at = None
+        self._trial_started = None
 
     def record_failure(self) -> None:
         self._trial_started = None

@@ -90,8 +90,8 @@ async def test_a_batch_enricher_that_raises_before_waiting_fails_its_alerts_and_
 
 
 async def test_a_batch_enricher_failing_batches_of_one_alert_opens_its_breaker(write_config, fixture_bytes, caplog):
-    """A batch of one alert settles its one outcome without the batch's tallies: the status, the
-    warning and the breaker's count are those of a larger batch whose alerts all failed."""
+    """Batches of one alert that fail: the status, the warning ("1 of 1") and the breaker's count are
+    those of a larger batch whose alerts all failed."""
     config = pipeline_toml(runner={"enricher_breaker_threshold": 2}, enrichers=[enricher_entry("one", "tests.plugins:PerBatch", {"mode": "raise"})])
     async with Runner(write_config(config)) as runner:
         breaker = runner.enricher_breakers["one"]
