@@ -28,16 +28,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from operator import attrgetter
 from typing import Any
 
 from pipeline.ingest.formats.common import named_policies
-from pipeline.ingest.formats.contract import RANK_LIFECYCLE, AlertPart
+from pipeline.ingest.formats.contract import PART_ORDER, RANK_LIFECYCLE, AlertPart
 from pipeline.models import DlpAlert, validate_alert
 
 _LIST_FIELDS = ("files", "sensitive_info")
 _MERGED_FIELDS = frozenset(_LIST_FIELDS + ("user", "device"))  # merged from every part; any other field: the first part's
-_RANK_THEN_DIGEST = attrgetter("rank", "digest")
 _STATE_ORDER = {"matched": 0, "overridden": 1, "reported_false_positive": 2, "undone": 3}
 
 
@@ -48,7 +46,7 @@ def merge_parts(parts: Iterable[AlertPart]) -> dict[str, Any]:
     if any(part.rank == RANK_LIFECYCLE for part in parts):
         return merge_lifecycle(part for part in parts if part.rank == RANK_LIFECYCLE)
     merged: dict[str, Any] = {"source_format": "defender_streaming"}
-    for part in sorted(parts, key=_RANK_THEN_DIGEST):
+    for part in sorted(parts, key=PART_ORDER):
         for key, value in part.data.items():
             if value is None:
                 continue

@@ -68,6 +68,7 @@ import orjson
 
 from pipeline.errors import ConfigError, StoreUnavailable
 from pipeline.ingest.formats import AlertPart
+from pipeline.ingest.formats.contract import PART_ORDER
 from pipeline.state import REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
 
 if TYPE_CHECKING:
@@ -557,7 +558,7 @@ class TableStateStore:
                     digest = entity["RowKey"][len(low) :]
                     if digest in listed and digest not in in_head:  # one the head does not list yet is from an interrupted write
                         parts.append(AlertPart(alert_id=alert_id, rank=int(entity["Rank"]), data=orjson.loads(_joined(entity, "D")), digest=digest))
-        parts.sort(key=lambda p: (p.rank, p.digest))
+        parts.sort(key=PART_ORDER)
         return PendingAlert(alert_id=alert_id, parts=parts)
 
     async def mark_emitted(self, alert_ids: Sequence[str], *, now: float) -> None:

@@ -433,6 +433,10 @@ class AlertTally:
         is built from them at once (`_load`), to the state the entries applied in turn would leave."""
         if not self._ids and len(entries) > SORT_IN_MIN and self._load(entries, names):
             return
+        self.apply_each(entries, names)
+
+    def apply_each(self, entries: Sequence[HistoryEntry], names: Any) -> None:
+        """`apply` each entry in turn, never built at once; the slots are sorted once at the end."""
         for entry in entries:
             self._apply(entry, names(entry))
         self._sort_in_if_due()
@@ -687,8 +691,8 @@ class UserTallies:
             stored_after = getattr(self.store, "stored_after", None) if held.cursor is None else None
             if stored_after is not None:  # a first read: the tally is built from the stored fields at once
                 rows, cursor = await stored_after(self.kind, user, None, since=held.since)
-                if not held.tally.load_stored(rows, self.names, user):
-                    held.tally.apply_all(_entries_of_rows(user, rows), self.names)
+                if not held.tally.load_stored(rows, self.names, user):  # too few rows, or a revision among them
+                    held.tally.apply_each(_entries_of_rows(user, rows), self.names)
             else:
                 entries, cursor = await self.store.entries_after(self.kind, user, held.cursor, since=held.since)
                 held.tally.apply_all(entries, self.names)

@@ -12,15 +12,14 @@ import sqlite3
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Sequence
-from operator import attrgetter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from pipeline.errors import BUSY_WAIT_SECONDS, store_error  # BUSY_WAIT_SECONDS: SQLite's busy handler sleeps in growing steps (1 ms up to 100 ms) meanwhile: the backoff
-from pipeline.ingest.formats.contract import AlertPart
+from pipeline.ingest.formats.contract import PART_ORDER, AlertPart
 from pipeline.state import REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
 
 if TYPE_CHECKING:
@@ -148,8 +147,6 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-_RANK_THEN_DIGEST = attrgetter("rank", "digest")
-
 _CLAIM_ANY = "SELECT alert_id FROM alerts WHERE state = 'pending' ORDER BY first_part_at LIMIT ?"
 _CLAIM_DUE = """SELECT alert_id FROM alerts WHERE state = 'pending' AND lease_until <= ?
    AND (last_part_at <= ? OR first_part_at <= ?) ORDER BY first_part_at LIMIT ?"""
@@ -215,11 +212,8 @@ class SqliteStateStore:
 
     @staticmethod
     def _known_digests(db: sqlite3.Connection, alert_ids: set[str]) -> set[tuple[str, str]]:
-        ids = list(alert_ids)
         known: set[tuple[str, str]] = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
+        for chunk, marks in _chunks(list(alert_ids)):
             known.update(db.execute(f"SELECT alert_id, digest FROM alert_parts WHERE alert_id IN ({marks})", chunk))
         return known
 
@@ -242,9 +236,8 @@ class SqliteStateStore:
                 return []
             with self._transaction() as db:
                 ids = [row[0] for row in db.execute(query, arguments).fetchall()]
-                for start in range(0, len(ids), 500):  # one statement per 500 alerts, not one per alert
-                    chunk = ids[start : start + 500]
-                    db.execute(f"UPDATE alerts SET lease_until = ? WHERE alert_id IN ({','.join('?' * len(chunk))})", [now + lease_seconds, *chunk])
+                for chunk, marks in _chunks(ids):  # one statement per chunk of alerts, not one per alert
+                    db.execute(f"UPDATE alerts SET lease_until = ? WHERE alert_id IN ({marks})", [now + lease_seconds, *chunk])
                 # An alert this transaction stored every part of needs no read (`_JoinedWrites.whole`);
                 # the parts of the others are read, those this handle stored lately not parsed again.
                 whole = self._joined.whole if self._joined is not None else {}
@@ -254,15 +247,13 @@ class SqliteStateStore:
                 for alert_id in ids:
                     kept_parts = self._stored.take(alert_id)
                     if (parts := whole.get(alert_id)) is not None:
-                        by_alert[alert_id] = sorted(parts, key=_RANK_THEN_DIGEST)
+                        by_alert[alert_id] = sorted(parts, key=PART_ORDER)
                     else:
                         by_alert[alert_id] = []
                         unread.append(alert_id)
                         if kept_parts:
                             kept[alert_id] = kept_parts
-                for start in range(0, len(unread), 500):
-                    chunk = unread[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
+                for chunk, marks in _chunks(unread):
                     # No ORDER BY: SQLite would sort every row, JSON and all, in a temporary tree; each
                     # alert's few parts are put in (rank, digest) order below.
                     for alert_id, digest, rank, data in db.execute(f"SELECT alert_id, digest, rank, data FROM alert_parts WHERE alert_id IN ({marks})", chunk):
@@ -273,7 +264,7 @@ class SqliteStateStore:
                             part = AlertPart(alert_id=alert_id, rank=rank, data=orjson.loads(data), digest=digest)
                         by_alert[alert_id].append(part)
                 for alert_id in unread:
-                    by_alert[alert_id].sort(key=_RANK_THEN_DIGEST)
+                    by_alert[alert_id].sort(key=PART_ORDER)
                 claimed = [PendingAlert(alert_id=alert_id, parts=parts) for alert_id, parts in by_alert.items()]
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="read the state store", advice=DAMAGED_STATE_ADVICE) from exc
@@ -461,6 +452,14 @@ class _JoinedStep:
         if exc_type is not None and self.joined.begun:
             self.joined.begun = False
             self.joined.store._db.execute("ROLLBACK")
+
+
+def _chunks(ids: list[str], size: int = 500) -> Iterator[tuple[list[str], str]]:
+    """`ids` in chunks of at most `size` (within SQLite's bound on a statement's parameters), each with
+    its `?, ?, …` marks for an `IN (…)`."""
+    for start in range(0, len(ids), size):
+        chunk = ids[start : start + size]
+        yield chunk, ",".join("?" * len(chunk))
 
 
 _JSON_ONLY = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_SUBCLASS

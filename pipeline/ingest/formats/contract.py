@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Protocol
 
 import orjson
@@ -43,6 +44,10 @@ class AlertPart:
         if not self.digest:
             payload = orjson.dumps([self.rank, self.data], option=orjson.OPT_SORT_KEYS)
             self.digest = hashlib.sha256(payload).hexdigest()[:32]
+
+
+# The order of an alert's parts wherever they are put together: by rank, then digest.
+PART_ORDER = attrgetter("rank", "digest")
 
 
 class RecordOutput(Protocol):
