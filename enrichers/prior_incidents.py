@@ -150,7 +150,8 @@ class PriorIncidentsEnricher(BatchEnricher["PriorIncidentsEnricher.Settings"]):
         names = [name for name, count in wide.names.items() if count > (1 if name in own_names else 0)]
         newest = [(entry_id, at, pol, severity, "pipeline") for entry_id, at, pol, severity in wide.newest if entry_id != own][:k]
         sources: list[str] = [self.settings.store.kind]
-        last_at = newest[0][1] if newest else (tally.newest_at(until - 90 * DAY, last, skip=own) if counts[90] else None)
+        # the newest time counted: `newest` lists no entry of a time whose listed ids revisions moved away (`AlertTally`)
+        last_at = tally.newest_at(until - 90 * DAY, last, skip=own) if counts[90] else None
         if hunted is not None:
             sources.append("hunting")
             added = []
@@ -205,7 +206,7 @@ def _incidents(
     share one (fragments are read-only), made once and dumped once while the engine keeps it
     (`fragments_unchanged`); at most 1,024 held.
     `last_at`: the newest prior alert's time, of the store's and hunting's alerts alike (that of
-    `newest[0]`, or later: the tally counts alerts its lists no longer name, `AlertTally`)."""
+    `newest[0]`, or later when the tally counts alerts its lists no longer name: `AlertTally`)."""
     return PriorIncidents(
         last_7_days=last_7,
         last_30_days=last_30,

@@ -141,6 +141,19 @@ async def test_hunting_adds_alerts_older_than_the_pipeline(httpserver, write_con
     assert len(hunting.queries) == 1  # one user, cached
 
 
+async def test_last_alert_at_is_the_newest_alert_counted_even_when_the_list_names_an_older_one(write_config):
+    """Six alerts at one time, the four the tally could list for it moved by revisions to an earlier
+    time in the window: the list names one of those, last_alert_at is still the newest time counted."""
+    upn = "megan.bowen@contoso.com"
+    async with Runner(write_config(config().replace("max_recent = 2", "max_recent = 1"))) as runner:  # 4 ids listed per point in time
+        await runner.process_batch([message(*(graph_alert(f"a{i}", upn=upn, created="2025-03-12T10:00:00Z") for i in range(1, 7)))])
+        await runner.process_batch([message(*(graph_alert(f"a{i}", upn=upn, created="2025-03-01T10:00:00Z") for i in range(3, 7)))])  # revised
+        await runner.process_batch([message(graph_alert("now", upn=upn, created="2025-03-14T10:00:00Z"))])
+        now = lake(runner)["now"]["enrichments"]["prior_incidents"]
+    assert now["last_90_days"] == 6 and [p["alert_id"] for p in now["recent"]][0].startswith("a")
+    assert now["last_alert_at"].startswith("2025-03-12T10:00:00"), now
+
+
 async def test_hunted_alerts_never_hide_a_newer_alert_the_tally_counts_but_cannot_list(httpserver, write_config):
     """last_alert_at is the newest prior alert of either source. Here the pipeline's newest (six
     alerts at one time, the four it could list moved away by revisions) is counted but not listed, and
