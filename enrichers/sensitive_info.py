@@ -489,7 +489,11 @@ class _Group:
             yield at, number, entry_id
 
 
-def _held_content(entry: HistoryEntry) -> tuple[bytes, list[dict[str, Any]], frozenset[str], frozenset[str], tuple[str, ...]]:
+# `_held_content`'s answer: the types as a key, the types, the file names, the type names, the labels.
+_HeldContent = tuple[bytes, list[dict[str, Any]], frozenset[str], frozenset[str], tuple[str, ...]]
+
+
+def _held_content(entry: HistoryEntry) -> _HeldContent:
     """What `_Activities` holds of an entry's lists: its types (as a key, and shared), its file names,
     its lowercase type names and its labels, each one object for equal values."""
     types, infos = _types_of(orjson.dumps(entry.sensitive_info, option=orjson.OPT_SORT_KEYS))
@@ -523,7 +527,7 @@ class _Activities:
     def add(self, entries: Sequence[HistoryEntry]) -> None:
         # What an entry's lists make (`_held_content`), once per distinct set of lists: the entries
         # read from the store share them when their contents are equal, as one kind of document's do.
-        made: dict[tuple[int, int, int], tuple[bytes, list[dict[str, Any]], frozenset[str], frozenset[str], tuple[str, ...]]] = {}
+        made: dict[tuple[int, int, int], _HeldContent] = {}
         for entry in entries:
             lists = (id(entry.files), id(entry.sensitive_info), id(entry.labels))
             content = made.get(lists)

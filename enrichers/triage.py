@@ -254,19 +254,22 @@ class TriageEnricher(BatchEnricher["TriageEnricher.Settings"]):
         # it: `fragments_unchanged`). Told apart by their JSON, which tells apart what compares equal
         # but is written otherwise (1, 1.0, true).
         try:
-            key: bytes | None = orjson.dumps((reasons, missing))
+            key = orjson.dumps((reasons, missing))
         except TypeError:  # what orjson cannot write (an int beyond 64 bits): not shared
-            key = None
-        made = self._made.get(key) if key is not None else None
+            return self._triage(score, band, reasons, missing)
+        made = self._made.get(key)
         if made is None:
-            made = Triage.model_validate(
-                {"score": score, "band": band, "thresholds": {"medium": s.medium_at, "high": s.high_at}, "reasons": reasons, "missing_inputs": missing}
-            )
-            if key is not None:
-                if len(self._made) >= MADE_AT_MOST:
-                    self._made.clear()
-                self._made[key] = made
+            if len(self._made) >= MADE_AT_MOST:
+                self._made.clear()
+            made = self._made[key] = self._triage(score, band, reasons, missing)
         return made
+
+    def _triage(self, score: int, band: str, reasons: list[dict[str, Any]], missing: list[str]) -> Triage:
+        """The triage of these figures, validated (the reasons' fields as `Reason`s: one call into pydantic)."""
+        s = self.settings
+        return Triage.model_validate(
+            {"score": score, "band": band, "thresholds": {"medium": s.medium_at, "high": s.high_at}, "reasons": reasons, "missing_inputs": missing}
+        )
 
     @cached_property
     def _made(self) -> dict[bytes, Triage]:

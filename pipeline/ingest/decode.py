@@ -195,6 +195,8 @@ class _Output:
         self.decoded.rejected.append(_reject(self.index, reason, detail, self.record))
 
     def within_evidence_limit(self, count: int, what: str) -> bool:
+        if count <= self.limits.max_evidence_per_alert:  # the usual answer, without the check's exception path
+            return True
         try:
             check_evidence_count(count, self.limits, what)
         except LimitExceeded as exc:
@@ -332,34 +334,27 @@ def _fast_envelope(body: bytes, decoders: tuple[Decoder, ...], limits: Limits, *
         return out
     raw_rows = _RAW_ENVELOPE.decode(body).records
     output = _Output(out, limits)
-    if 2 * len(candidates) > len(rows):  # DLP-dense
-        _decode_dense_rows(decoder, output, body, [raw_rows[index] for index in candidates], candidates, limits, keep)
-        return out
+    body_clean, deep = _dense_body_proofs(body) if 2 * len(candidates) > len(rows) else (False, None)
     for index in candidates:
         raw = bytes(raw_rows[index])
         row = _loaded(raw, index)
-        clean, checked = _shortcuts(raw, limits)
+        if body_clean:
+            clean, checked = True, limits_module.records_surely_within(raw, limits, has_escape=False, has_deep_embedding=deep)
+        else:
+            clean, checked = _shortcuts(raw, limits)
         _decode_row(decoder, output, index, row, limits, clean=clean, checked=checked, keep=keep)
     return out
 
 
-def _decode_dense_rows(decoder: Decoder, output: _Output, body: bytes, raw_rows: list[Any], indexes: list[int], limits: Limits, keep: bool) -> None:
-    """The rows of a DLP-dense body (most of its rows go on). One search of the whole body serves
-    them all: a row's bytes are part of the body's, so a body that names no removed key and holds no
-    \\u escape proves each of its rows clean, and one without three backslashes in a row leaves only
-    a row's length and brackets to count (`limits.records_surely_within`)."""
+def _dense_body_proofs(body: bytes) -> tuple[bool, bool | None]:
+    """(clean, deep) of a DLP-dense body (most of its rows go on), from searches of the whole body
+    that serve every row: a row's bytes are part of the body's, so a body that names no removed key
+    and holds no \\u escape proves each of its rows clean, and one without three backslashes in a row
+    proves none holds JSON embedded two levels deep (`deep` False; None: each row is searched),
+    leaving only a row's length and brackets to count (`limits.records_surely_within`)."""
     if limits_module.escape_or_deep_embedding(body):  # which of the two, the ordinary searches tell
-        clean, deep = not common.mentions_removed_key(body), None
-    else:
-        clean, deep = not common.mentions_removed_key(body, has_escape=False), False
-    for index, raw_row in zip(indexes, raw_rows):
-        raw = bytes(raw_row)
-        row = _loaded(raw, index)
-        if clean:
-            row_clean, checked = True, limits_module.records_surely_within(raw, limits, has_escape=False, has_deep_embedding=deep)
-        else:
-            row_clean, checked = _shortcuts(raw, limits)
-        _decode_row(decoder, output, index, row, limits, clean=row_clean, checked=checked, keep=keep)
+        return not common.mentions_removed_key(body), None
+    return not common.mentions_removed_key(body, has_escape=False), False
 
 
 def _loaded(raw: bytes, index: int) -> Any:

@@ -199,8 +199,8 @@ class DefenderStreamingDecoder:
             return
         extra = c.json_object(properties.get("AdditionalFields"))  # parsed once: the limit below and the evidence fields
         types = extra.get("SensitiveInfoTypes")
-        if isinstance(types, list) and types and not out.within_evidence_limit(len(types), "sensitive information types"):
-            return  # (no types are within any limit: the limit is at least 1)
+        if not out.within_evidence_limit(len(types) if isinstance(types, list) else 0, "sensitive information types"):
+            return
         if category == ALERT_INFO:
             rank, data = RANK_ALERT_INFO, info_part(record, properties)
         else:
