@@ -63,6 +63,16 @@ class Delivered:
     unrouted: int = 0
 
 
+
+def _refused_whole(offered: list[tuple[SinkSlot, list[EnrichedRecord]]], failures: list[list[DeadLetter]]) -> list[tuple[str, list[EnrichedRecord]]]:
+    """The sinks (name, records offered) that took none of their records, every one after its retries:
+    what the outage rule acts on."""
+    return [
+        (slot.name, selected)
+        for (slot, selected), dead in zip(offered, failures)
+        if len(dead) == len(selected) and all(entry.reason == "retries_exhausted" for entry in dead)
+    ]
+
 class Delivery:
     """Delivers batches of records to the configured sinks; holds their breakers across batches."""
 
@@ -103,7 +113,9 @@ class Delivery:
             failures = [await self.deliver_to(slot, chosen, out.delivered)]
         else:
             failures = list(await asyncio.gather(*(self.deliver_to(slot, chosen, out.delivered) for slot, chosen in offered)))
-        await self._check_outage([(slot.name, chosen) for slot, chosen in offered], failures)
+        down = _refused_whole(offered, failures)
+        if down:
+            await self._outage(down)
         out.dead = [entry for batch in failures for entry in batch]
         return out
 
@@ -140,15 +152,9 @@ class Delivery:
             log.warning("sink %s: %d record(s) not taken (%s)", slot.name, len(dead), dead[0].reason)
         return dead
 
-    async def _check_outage(self, offered: list[tuple[str, list[EnrichedRecord]]], failures: list[list[DeadLetter]]) -> None:
-        """Raise SinkOutage when a sink took none of its records and the batch may still run again."""
-        down = [
-            (name, selected)
-            for (name, selected), dead in zip(offered, failures)
-            if len(dead) == len(selected) and all(entry.reason == "retries_exhausted" for entry in dead)
-        ]
-        if not down:
-            return
+    async def _outage(self, down: list[tuple[str, list[EnrichedRecord]]]) -> None:
+        """`down`: the sinks that took none of their records (`_refused_whole`). Raise SinkOutage when
+        the batch may still run again; else say that their records are dead-lettered."""
         settings = self.settings
         key = fingerprint((name, record.record_id) for name, selected in down for record in selected)
         names = tuple(name for name, _ in down)
