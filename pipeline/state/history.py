@@ -943,6 +943,7 @@ class SqliteHistoryStore:
 _ENTRY_START = b'{"entry_id":'
 _CONTENT_FIELDS = tuple(f.name for f in dataclass_fields(HistoryEntry))[4:]
 _CONTENT_START = b',"' + _CONTENT_FIELDS[0].encode() + b'":'
+_CONTENT_ORDER, _CONTENT_KEYS = list(_CONTENT_FIELDS), frozenset(_CONTENT_FIELDS)
 
 
 def _stored_entries(user: str, rows: list[tuple[Any, ...]]) -> list[HistoryEntry]:
@@ -984,7 +985,9 @@ def _content_of(rest: bytes) -> tuple[Any, ...] | None:
         fields = orjson.loads(b"{" + rest[1:])
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(fields, dict) or fields.keys() != set(_CONTENT_FIELDS):
+    if type(fields) is dict and list(fields) == _CONTENT_ORDER:  # as `record` writes it: the values in order
+        return tuple(fields.values())
+    if not isinstance(fields, dict) or fields.keys() != _CONTENT_KEYS:
         return None
     return tuple(fields[name] for name in _CONTENT_FIELDS)
 

@@ -589,7 +589,7 @@ def test_a_tally_places_every_revision_however_its_slots_were_sorted_in(monkeypa
 async def test_the_first_read_gives_each_entry_as_its_stored_json_parsed_whole(tmp_path):
     """A row's ids and time come from its columns and the rest of its JSON is parsed once per
     distinct text: the entries read equal their JSON parsed whole (odd ids and names included), equal
-    contents share one list, and a row laid out otherwise (an earlier writer's key order) is parsed whole."""
+    contents share one list, and a row laid out otherwise (an earlier writer's key order) is parsed whole, its content keys in another order included."""
     import orjson
 
     from pipeline.state.history import SqliteHistoryStore
@@ -606,14 +606,16 @@ async def test_the_first_read_gives_each_entry_as_its_stored_json_parsed_whole(t
     odd = {"policy": "HR", "entry_id": "reordered", "content_id": "c", "user": user, "at": 50.0, "files": ["a.docx"]}
     files_first = {"entry_id": "files-first", "content_id": "c", "user": user, "at": 60.0, "files": ["b.docx"], "policy": "HR",
                    "severity": None, "sensitive_info": [], "labels": []}
-    for row in (odd, files_first):
+    swapped = {"entry_id": "swapped", "content_id": "c", "user": user, "at": 70.0, "policy": "HR", "files": ["c.docx"], "severity": "low",
+               "sensitive_info": [], "labels": []}  # the content's keys, in another order
+    for row in (odd, files_first, swapped):
         store._db.execute("INSERT INTO history_alerts (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)",
                           (user, row["entry_id"], row["content_id"], row["at"], orjson.dumps(row)))
     stored = [HistoryEntry(**orjson.loads(data)) for (data,) in store._db.execute("SELECT data FROM history_alerts ORDER BY rowid")]
     read, _cursor = await store.entries_after("alert", user, None, since=0.0)
     assert read == stored and read[:7] == written
     assert read[0].sensitive_info is read[5].sensitive_info and read[0].files is read[5].files  # equal contents: one list
-    assert read[-1].files == ["b.docx"] and read[-2].policy == "HR"
+    assert read[-2].files == ["b.docx"] and read[-3].policy == "HR" and (read[-1].files, read[-1].severity) == (["c.docx"], "low")
     newest_first = await store.entries("alert", user, since=0.0, until=1e9, limit=100)
     assert [e.at for e in newest_first] == sorted((e.at for e in stored), reverse=True)
     assert sorted(newest_first, key=lambda e: (e.at, e.entry_id)) == sorted(stored, key=lambda e: (e.at, e.entry_id))
