@@ -10,6 +10,11 @@ Two implementations of one small protocol:
 
 Writes are idempotent: an entry is keyed by (user, entry id, content id), so a re-run or a
 redelivery changes nothing; readers count distinct entry ids, so a revised alert counts once.
+On SQLite, a user with `PACK_MIN_ROWS` rows or more also has a pack (`history_<kind>_packs`): their
+rows in one blob, made again by the reads and writes of any process as rows are added, so that a
+process's first read of the user takes the blob and reads one by one only the rows written after it
+(at most about a quarter of them). A pack never changes what a read returns; one that cannot be
+read is read around and made again.
 Entries hold no matched values: ids, times, policy, sensitive type names/ids/counts/confidence.
 """
 
@@ -795,6 +800,30 @@ _INDEX = "CREATE INDEX IF NOT EXISTS history_{kind}s_user_at ON history_{kind}s 
 # (user, rowid): what a user's rows written after a cursor are found by (`entries_after`).
 _INDEX_USER = "CREATE INDEX IF NOT EXISTS history_{kind}s_user ON history_{kind}s (user)"
 
+# A pack: one user's rows in one blob (`_pack`), what a first read takes instead of the rows one by
+# one (~2 µs each in SQLite, for the lookup of each row through the (user, at) index). It holds every
+# row of the user with rowid <= cursor and at >= since, as they were when it was made; a first read
+# adds the rows written after its cursor. A rowid table: its blob is ~100 bytes per row.
+_PACK_TABLE = """
+CREATE TABLE IF NOT EXISTS history_{kind}_packs (
+    user    TEXT PRIMARY KEY,
+    since   REAL NOT NULL,
+    newest  REAL NOT NULL,
+    cursor  INTEGER NOT NULL,
+    data    BLOB NOT NULL
+)"""
+# Two processes may make a user's pack at once: the one that read further wins (either is right).
+_PACK_WRITE = """
+INSERT INTO history_{kind}_packs (user, since, newest, cursor, data) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (user) DO UPDATE SET since = excluded.since, newest = excluded.newest, cursor = excluded.cursor, data = excluded.data
+WHERE excluded.cursor > history_{kind}_packs.cursor"""
+# Packs all of whose rows are past retention go with the purge (the rows are gone from the table).
+_PACK_PURGE = "DELETE FROM history_{kind}_packs WHERE newest < ?"
+PACK_VERSION = 1
+PACK_MIN_ROWS = 256  # a user with fewer rows has no pack: reading them one by one costs under a millisecond
+PACK_STALE_PART = 4  # a pack is made again once the rows written after it are a quarter of its rows
+PACKS_TRACKED = 4_096  # users whose pack a store keeps count of (their rows written since), the least recently written dropped
+
 # The retention purge: each user's rows before the cutoff, found through the (user, at) index, the
 # users walked one index seek each (`WHERE at < ?` alone would scan the whole table). The table's last
 # row stays, whatever its time: SQLite gives a new row the largest rowid + 1, so dropping the last
@@ -831,11 +860,14 @@ class SqliteHistoryStore:
     reads_without_waiting = True  # its reads never wait on the loop: the readers run them one after another
 
     def __init__(
-        self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120, held: HeldWrites | None = None
+        self, *, connection: sqlite3.Connection | None = None, path: Path | None = None, retention_days: float = 120, held: HeldWrites | None = None,
+        pack_min_rows: int = PACK_MIN_ROWS,
     ) -> None:
         """`connection`: the state store's (its file, named by `path`), else a file of its own at `path`.
         `held`: the state store's, which holds this store's writes while a batch runs (they are
         committed with the batch's mark, or before any read of this store, so a read sees them).
+        `pack_min_rows`: the rows this store writes for a user before it makes the user's pack (and
+        the fewest a pack is made again for), see `_repack`.
         A file that is busy, damaged or cannot be written raises as pipeline.errors.store_error says."""
 
         self._owned = connection is None
@@ -851,12 +883,17 @@ class SqliteHistoryStore:
                 self._db.execute(_TABLE.format(kind=kind))
                 self._db.execute(_INDEX.format(kind=kind))
                 self._db.execute(_INDEX_USER.format(kind=kind))
+                self._db.execute(_PACK_TABLE.format(kind=kind))
             self._checkpointer = WalCheckpointer(path, owner=self) if self._owned and path is not None else None
         except (OSError, sqlite3.Error) as exc:
             raise store_error(exc, path=path if path is not None else "the history store", operation="open the history store") from exc
         self.retention_seconds = retention_days * 86400
         self._next_purge = 0.0
         self.rows_read = 0  # rows returned by `entries_after`, for tests and benchmarks
+        self.pack_min_rows = pack_min_rows
+        self.pack_rows_read = 0  # rows first reads took from packs, for tests and benchmarks
+        # (kind, user) -> [rows of the user's pack, as this store last made or read it; rows written since]
+        self._packs: OrderedDict[tuple[str, str], list[int]] = OrderedDict()
 
     async def start(self) -> None:
         return None
@@ -866,10 +903,16 @@ class SqliteHistoryStore:
             return
         rows = [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(e)) for e in entries]
         statements: list[Statement] = [(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)]
+        for user, count in self._packs_due(kind, entries):
+            pack = self._repack(kind, user)
+            if pack is not None:
+                statements.append(pack)
+                self._packs[(kind, user)][1] = count  # written now, after the pack's cursor
         if time.monotonic() >= self._next_purge:
             self._next_purge = time.monotonic() + 600
-            newest = max(e.at for e in entries)
-            statements.append((_PURGE.format(kind=kind), [(newest - self.retention_seconds,)]))
+            cutoff = max(e.at for e in entries) - self.retention_seconds
+            statements.append((_PURGE.format(kind=kind), [(cutoff,)]))
+            statements.append((_PACK_PURGE.format(kind=kind), [(cutoff,)]))
         if self._held is not None and self._held.hold(statements):
             if not self._held.holders:  # held only behind writes whose commit failed: all of them, in order, now
                 self._commit_held()
@@ -902,22 +945,45 @@ class SqliteHistoryStore:
 
     async def entries_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[HistoryEntry], Any]:
         """The cursor is a rowid: a later read reads only the rows written after it, walking the (user)
-        index in rowid order. A first read (no cursor) finds the user's rows from `since` on through
-        the (user, at) index, so its cost follows that range, not the user's whole retained history."""
-        rows = self._rows_after(kind, user, cursor, since)
-        return _stored_entries(user, rows), (rows[-1][0] if rows else (cursor or 0))
+        index in rowid order. A first read (no cursor) takes the user's pack (`_repack`) and the rows
+        written after it, or, with no pack that starts early enough, finds the user's rows from `since`
+        on through the (user, at) index: either way its cost follows that range, not the user's whole
+        retained history, and it returns the same rows."""
+        rows, cursor = self._stored_after(kind, user, cursor, since)
+        return _entries_of_rows(user, rows), cursor
 
     async def stored_after(self, kind: Kind, user: str, cursor: Any, *, since: float) -> tuple[list[StoredRow], Any]:
         """`entries_after` as stored rows (entry id, content id, at, the rest of the entry's fields in
         `HistoryEntry`'s order), not entries: one tuple of fields for the rows of one content text
-        (`_content_of`), no entry made per row. For a reader that needs the fields, not the entries
-        (`UserTallies`' first reads)."""
-        rows = self._rows_after(kind, user, cursor, since)
-        return _stored_rows(rows), (rows[-1][0] if rows else (cursor or 0))
+        (`_content_of`) or of one pack, no entry made per row. For a reader that needs the fields, not
+        the entries (`UserTallies`' first reads)."""
+        return self._stored_after(kind, user, cursor, since)
+
+    def _stored_after(self, kind: Kind, user: str, cursor: Any, since: float) -> tuple[list[StoredRow], Any]:
+        self._commit_held()
+        if cursor is not None:
+            rows = self._rows_after(kind, user, cursor, since)
+            return _stored_rows(rows), (rows[-1][0] if rows else cursor)
+        found = self._read_pack(kind, user)
+        if found is None or found[0] > since:  # no pack that starts early enough: the rows one by one
+            rows = self._rows_after(kind, user, None, since)
+            stored, cursor = _stored_rows(rows), (rows[-1][0] if rows else 0)
+            if len(stored) >= self.pack_min_rows:
+                self._save_pack(kind, user, since, cursor, stored)  # every row with at >= since: a pack
+            return stored, cursor
+        pack_since, cursor, packed = found
+        added = self._rows_after(kind, user, cursor, -math.inf)  # whatever their time: the next pack holds them
+        stored = packed + _stored_rows(added)
+        cursor = added[-1][0] if added else cursor
+        self.pack_rows_read += len(packed)
+        if self._pack_due(kind, user, len(packed), len(added)):
+            self._save_pack(kind, user, pack_since, cursor, stored)
+        # the rows after the pack were read whatever their time: those before `since` go (a late alert's)
+        return [row for row in stored if row[2] >= since], cursor
 
     def _rows_after(self, kind: Kind, user: str, cursor: Any, since: float) -> list[tuple[Any, ...]]:
-        """(rowid, entry id, content id, at, data) of `entries_after`, in rowid order."""
-        self._commit_held()
+        """(rowid, entry id, content id, at, data) of the user's rows with at >= since written after
+        `cursor` (None: all of them), in rowid order."""
         columns = f"SELECT rowid, entry_id, content_id, at, data FROM history_{kind}s"
         try:
             if cursor is None:
@@ -930,6 +996,88 @@ class SqliteHistoryStore:
             raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
         self.rows_read += len(rows)
         return rows
+
+    # -- packs: a user's rows in one blob (`_PACK_TABLE`) --
+
+    def _read_pack(self, kind: Kind, user: str) -> tuple[float, int, list[StoredRow]] | None:
+        """The user's pack: its since, its cursor and its rows (write order). None without one, or
+        when it cannot be read: the rows are then read one by one (a pack only saves time, it never
+        decides what a read returns)."""
+        try:
+            found = self._db.execute(f"SELECT since, cursor, data FROM history_{kind}_packs WHERE user = ?", (user,)).fetchone()
+        except sqlite3.Error as exc:
+            raise EnricherUnavailable(f"history store read failed: {type(exc).__name__}") from exc
+        if found is None:
+            return None
+        rows = _unpack(found[2])
+        if rows is None:
+            log.debug("history pack of a %s user unreadable: its rows are read one by one", kind)
+            return None
+        return found[0], found[1], rows
+
+    def _pack_due(self, kind: Kind, user: str, packed: int, added: int) -> bool:
+        """Whether a pack of `packed` rows is made again, `added` rows having been written after it:
+        once they are `pack_min_rows` and a quarter of the pack (so the rows read one by one stay
+        at most about a quarter of a first read, and making packs costs each row written a few
+        rows' copy). Remembers the counts for the writes that follow (`_packs_due`)."""
+        self._packs[(kind, user)] = [packed, added]
+        self._packs.move_to_end((kind, user))
+        while len(self._packs) > PACKS_TRACKED:
+            self._packs.popitem(last=False)
+        return added >= max(self.pack_min_rows, packed // PACK_STALE_PART)
+
+    def _packs_due(self, kind: Kind, entries: Sequence[HistoryEntry]) -> list[tuple[str, int]]:
+        """The users of `entries` whose pack is due (`_pack_due`), and their rows among them, counting the rows this store wrote
+        since it last made or read their pack (a process that keeps a user's history in memory reads
+        it once: its writes make the user's pack for the next process's first read)."""
+        due = []
+        for user, count in Counter(e.user for e in entries).items():
+            packed, added = self._packs.get((kind, user), (0, 0))
+            if self._pack_due(kind, user, packed, added + count):
+                due.append((user, count))
+        return due
+
+    def _repack(self, kind: Kind, user: str) -> Statement | None:
+        """The write of the user's pack made again from its rows and those written after its cursor, as
+        committed now (rows written later get larger rowids: the next reads find them after the new
+        cursor). None when the user has no rows or they cannot be read: the pack is made at a later
+        write."""
+        if self._db.in_transaction:  # rows it sees might yet be rolled back: not a base for a pack
+            return None
+        try:
+            found = self._read_pack(kind, user)
+            since, cursor, packed = found if found is not None else (-math.inf, 0, [])
+            added = self._rows_after(kind, user, cursor, since)
+        except EnricherUnavailable as exc:  # the write itself goes on: the pack is made at a later one
+            log.debug("history pack of a %s user not made: %s", kind, exc)
+            return None
+        rows = packed + _stored_rows(added)
+        return self._pack_write(kind, user, since, added[-1][0] if added else cursor, rows) if rows else None
+
+    def _save_pack(self, kind: Kind, user: str, since: float, cursor: int, rows: list[StoredRow]) -> None:
+        """Write the pack a first read could make (every row of the user with at >= since and rowid <=
+        cursor, as committed now: `_commit_held` ran before the read), with the batch's writes when a
+        batch holds them, else at once. A pack that cannot be written now is made at a later read or
+        write."""
+        if self._db.in_transaction:
+            return
+        statement = self._pack_write(kind, user, since, cursor, rows)
+        if self._held is not None and self._held.hold([statement]):
+            return
+        try:
+            with Transaction(self._db) as db:
+                db.executemany(*statement)
+        except sqlite3.Error as exc:
+            log.debug("history pack of a %s user not written: %s", kind, type(exc).__name__)
+
+    def _pack_write(self, kind: Kind, user: str, since: float, cursor: int, rows: list[StoredRow]) -> Statement:
+        """The statement that writes the user's pack of `rows` (write order; every row of the user with
+        at >= since and rowid <= cursor), those past retention (`retention_days` before the newest) left out."""
+        newest = max(row[2] for row in rows)
+        since = max(since, newest - self.retention_seconds)
+        kept = rows if min(row[2] for row in rows) >= since else [row for row in rows if row[2] >= since]
+        self._packs[(kind, user)] = [len(kept), 0]
+        return (_PACK_WRITE.format(kind=kind), [(user, since, newest, cursor, _packed(kept))])
 
     async def aclose(self) -> None:
         if self._checkpointer is not None:
@@ -944,6 +1092,38 @@ _ENTRY_START = b'{"entry_id":'
 _CONTENT_FIELDS = tuple(f.name for f in dataclass_fields(HistoryEntry))[4:]
 _CONTENT_START = b',"' + _CONTENT_FIELDS[0].encode() + b'":'
 _CONTENT_ORDER, _CONTENT_KEYS = list(_CONTENT_FIELDS), frozenset(_CONTENT_FIELDS)
+
+
+def _packed(rows: Sequence[StoredRow]) -> bytes:
+    """The blob of a pack: the rows' columns, and each distinct tuple of content fields once."""
+    number_of: dict[int, int] = {}
+    contents: list[tuple[Any, ...]] = []
+    content_of = []
+    for row in rows:
+        number = number_of.get(id(row[3]))
+        if number is None:
+            number = number_of[id(row[3])] = len(contents)
+            contents.append(row[3])
+        content_of.append(number)
+    entry_ids, content_ids, ats, _fields = zip(*rows)
+    return orjson.dumps(
+        {"version": PACK_VERSION, "entry_ids": entry_ids, "content_ids": content_ids, "ats": ats, "contents": contents, "content_of": content_of}
+    )
+
+
+def _unpack(data: Any) -> list[StoredRow] | None:
+    """The rows of a pack's blob (`_packed`), in write order; None when it is not one."""
+    try:
+        pack = orjson.loads(data)
+        if type(pack) is not dict or pack.get("version") != PACK_VERSION:
+            return None
+        entry_ids, content_ids, ats, content_of = pack["entry_ids"], pack["content_ids"], pack["ats"], pack["content_of"]
+        contents = [tuple(fields) for fields in pack["contents"]]
+        if not len(entry_ids) == len(content_ids) == len(ats) == len(content_of) or any(len(fields) != len(_CONTENT_FIELDS) for fields in contents):
+            return None
+        return list(zip(entry_ids, content_ids, ats, map(contents.__getitem__, content_of)))
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
+        return None
 
 
 def _stored_entries(user: str, rows: list[tuple[Any, ...]]) -> list[HistoryEntry]:

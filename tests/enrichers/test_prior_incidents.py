@@ -374,7 +374,7 @@ async def test_a_history_file_of_an_earlier_version_is_converted_and_keeps_its_e
         await store.aclose()
     store = SqliteHistoryStore(path=path)
     tables = dict(store._db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
-    assert set(tables) == {"history_alerts", "history_activitys"}
+    assert set(tables) == {"history_alerts", "history_activitys", "history_alert_packs", "history_activity_packs"}
     assert not any("WITHOUT ROWID" in sql.upper() for sql in tables.values())
     found = await store.entries("alert", "u@contoso.com", since=0, until=1e12)
     assert [(e.entry_id, e.policy) for e in found] == [("a2", "Finance PII"), ("a1", "Finance PII"), ("a0", "Finance PII")]
@@ -912,7 +912,7 @@ async def test_a_first_tally_read_of_sqlite_builds_from_the_stored_fields_withou
     from pipeline.state import history as history_module
     from pipeline.state.history import SORT_IN_MIN, AlertTally, SqliteHistoryStore, UserTallies
 
-    store = SqliteHistoryStore(path=tmp_path / "history.sqlite")
+    store = SqliteHistoryStore(path=tmp_path / "history.sqlite", pack_min_rows=10**9)  # the rows one by one (packs: tests/state/test_history_packs.py)
     user = "u@contoso.com"
     kinds = [("Finance PII", "high", [{"name": "IBAN", "count": 2}]), ("HR Data", None, [{"name": "SSN"}, {"name": "IBAN"}]), (None, "low", [])]
     count = SORT_IN_MIN if case == "few" else 400
