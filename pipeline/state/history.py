@@ -800,10 +800,10 @@ _INDEX = "CREATE INDEX IF NOT EXISTS history_{kind}s_user_at ON history_{kind}s 
 # (user, rowid): what a user's rows written after a cursor are found by (`entries_after`).
 _INDEX_USER = "CREATE INDEX IF NOT EXISTS history_{kind}s_user ON history_{kind}s (user)"
 
-# A pack: one user's rows in one blob (`_pack`), what a first read takes instead of the rows one by
+# A pack: one user's rows in one blob (`_packed`), what a first read takes instead of the rows one by
 # one (~2 µs each in SQLite, for the lookup of each row through the (user, at) index). It holds every
 # row of the user with rowid <= cursor and at >= since, as they were when it was made; a first read
-# adds the rows written after its cursor. A rowid table: its blob is ~100 bytes per row.
+# adds the rows written after its cursor. A rowid table: its blob is ~70 bytes per row.
 _PACK_TABLE = """
 CREATE TABLE IF NOT EXISTS history_{kind}_packs (
     user    TEXT PRIMARY KEY,
@@ -904,15 +904,19 @@ class SqliteHistoryStore:
         rows = [(e.user, e.entry_id, e.content_id, e.at, orjson.dumps(e)) for e in entries]
         statements: list[Statement] = [(f"INSERT OR IGNORE INTO history_{kind}s (user, entry_id, content_id, at, data) VALUES (?, ?, ?, ?, ?)", rows)]
         for user, count in self._packs_due(kind, entries):
-            pack = self._repack(kind, user)
+            pack = self._repack(kind, user, written_after=count)
             if pack is not None:
                 statements.append(pack)
-                self._packs[(kind, user)][1] = count  # written now, after the pack's cursor
         if time.monotonic() >= self._next_purge:
             self._next_purge = time.monotonic() + 600
             cutoff = max(e.at for e in entries) - self.retention_seconds
             statements.append((_PURGE.format(kind=kind), [(cutoff,)]))
             statements.append((_PACK_PURGE.format(kind=kind), [(cutoff,)]))
+        self._write(statements)
+
+    def _write(self, statements: list[Statement]) -> None:
+        """The statements with the batch's writes when a batch holds them (`held`), else in a
+        transaction of their own now; raises EnricherUnavailable when they cannot be written."""
         if self._held is not None and self._held.hold(statements):
             if not self._held.holders:  # held only behind writes whose commit failed: all of them, in order, now
                 self._commit_held()
@@ -1027,9 +1031,10 @@ class SqliteHistoryStore:
         return added >= max(self.pack_min_rows, packed // PACK_STALE_PART)
 
     def _packs_due(self, kind: Kind, entries: Sequence[HistoryEntry]) -> list[tuple[str, int]]:
-        """The users of `entries` whose pack is due (`_pack_due`), and their rows among them, counting the rows this store wrote
-        since it last made or read their pack (a process that keeps a user's history in memory reads
-        it once: its writes make the user's pack for the next process's first read)."""
+        """The users of `entries` whose pack is due (`_pack_due`), and their rows among them, counting
+        the rows this store wrote since it last made or read their pack (a process that keeps a user's
+        history in memory reads it once: its writes make the user's pack for the next process's first
+        read)."""
         due = []
         for user, count in Counter(e.user for e in entries).items():
             packed, added = self._packs.get((kind, user), (0, 0))
@@ -1037,11 +1042,11 @@ class SqliteHistoryStore:
                 due.append((user, count))
         return due
 
-    def _repack(self, kind: Kind, user: str) -> Statement | None:
+    def _repack(self, kind: Kind, user: str, *, written_after: int) -> Statement | None:
         """The write of the user's pack made again from its rows and those written after its cursor, as
         committed now (rows written later get larger rowids: the next reads find them after the new
-        cursor). None when the user has no rows or they cannot be read: the pack is made at a later
-        write."""
+        cursor; `written_after`: the rows being written with it, which count toward the next pack).
+        None when the user has no rows or they cannot be read: the pack is made at a later write."""
         if self._db.in_transaction:  # rows it sees might yet be rolled back: not a base for a pack
             return None
         try:
@@ -1052,7 +1057,7 @@ class SqliteHistoryStore:
             log.debug("history pack of a %s user not made: %s", kind, exc)
             return None
         rows = packed + _stored_rows(added)
-        return self._pack_write(kind, user, since, added[-1][0] if added else cursor, rows) if rows else None
+        return self._pack_write(kind, user, since, added[-1][0] if added else cursor, rows, written_after=written_after) if rows else None
 
     def _save_pack(self, kind: Kind, user: str, since: float, cursor: int, rows: list[StoredRow]) -> None:
         """Write the pack a first read could make (every row of the user with at >= since and rowid <=
@@ -1061,22 +1066,19 @@ class SqliteHistoryStore:
         write."""
         if self._db.in_transaction:
             return
-        statement = self._pack_write(kind, user, since, cursor, rows)
-        if self._held is not None and self._held.hold([statement]):
-            return
         try:
-            with Transaction(self._db) as db:
-                db.executemany(*statement)
-        except sqlite3.Error as exc:
-            log.debug("history pack of a %s user not written: %s", kind, type(exc).__name__)
+            self._write([self._pack_write(kind, user, since, cursor, rows)])
+        except EnricherUnavailable as exc:
+            log.debug("history pack of a %s user not written: %s", kind, exc)
 
-    def _pack_write(self, kind: Kind, user: str, since: float, cursor: int, rows: list[StoredRow]) -> Statement:
+    def _pack_write(self, kind: Kind, user: str, since: float, cursor: int, rows: list[StoredRow], *, written_after: int = 0) -> Statement:
         """The statement that writes the user's pack of `rows` (write order; every row of the user with
-        at >= since and rowid <= cursor), those past retention (`retention_days` before the newest) left out."""
+        at >= since and rowid <= cursor), those past retention (`retention_days` before the newest) left
+        out; the store counts `written_after` rows written after it (`_pack_due`)."""
         newest = max(row[2] for row in rows)
         since = max(since, newest - self.retention_seconds)
-        kept = rows if min(row[2] for row in rows) >= since else [row for row in rows if row[2] >= since]
-        self._packs[(kind, user)] = [len(kept), 0]
+        kept = [row for row in rows if row[2] >= since]
+        self._packs[(kind, user)] = [len(kept), written_after]
         return (_PACK_WRITE.format(kind=kind), [(user, since, newest, cursor, _packed(kept))])
 
     async def aclose(self) -> None:
@@ -1120,6 +1122,8 @@ def _unpack(data: Any) -> list[StoredRow] | None:
         entry_ids, content_ids, ats, content_of = pack["entry_ids"], pack["content_ids"], pack["ats"], pack["content_of"]
         contents = [tuple(fields) for fields in pack["contents"]]
         if not len(entry_ids) == len(content_ids) == len(ats) == len(content_of) or any(len(fields) != len(_CONTENT_FIELDS) for fields in contents):
+            return None
+        if content_of and min(content_of) < 0:  # a negative number would name a content from the end
             return None
         return list(zip(entry_ids, content_ids, ats, map(contents.__getitem__, content_of)))
     except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):

@@ -44,14 +44,19 @@ def entry(number: int, user: str, at: float, *, content: int = 0) -> HistoryEntr
     )
 
 
+async def write_in_batches(store: SqliteHistoryStore, kind: str, user: str, *, batches: int, size: int, start: float = 1000.0) -> None:
+    """`batches` writes of `size` new entries each (numbered from 0, a second apart from `start`)."""
+    for batch in range(batches):
+        await store.record(kind, [entry(batch * size + i, user, start + batch * size + i) for i in range(size)])
+
+
 async def test_a_first_read_takes_the_pack_and_reads_only_the_rows_written_after_it(tmp_path):
     """A process that writes a user's rows makes their pack as they grow; the next process's first
     read takes the pack and reads one by one only the rows written after it (at most about a quarter
     of them), and returns exactly what the table holds."""
     path = tmp_path / "history.sqlite"
     writer = SqliteHistoryStore(path=path, pack_min_rows=64)
-    for batch in range(20):
-        await writer.record("alert", [entry(batch * 50 + i, "u@contoso.com", 1000.0 + batch * 50 + i) for i in range(50)])
+    await write_in_batches(writer, "alert", "u@contoso.com", batches=20, size=50)
     await writer.aclose()
 
     reader = SqliteHistoryStore(path=path)
@@ -73,8 +78,8 @@ async def test_a_damaged_pack_is_read_around_and_made_again(tmp_path):
     takes the rows one by one, returns what the table holds, and makes the pack again."""
     path = tmp_path / "history.sqlite"
     store = SqliteHistoryStore(path=path, pack_min_rows=16)
-    for half in range(2):  # the pack is made at the second write (a write makes it of the rows before it)
-        await store.record("activity", [entry(half * 20 + i, "m@contoso.com", 100.0 + half * 20 + i) for i in range(20)])
+    # the pack is made at the second write (a write makes it of the rows before it)
+    await write_in_batches(store, "activity", "m@contoso.com", batches=2, size=20, start=100.0)
     await store.aclose()
     db = sqlite3.connect(path)
     assert db.execute("SELECT count(*) FROM history_activity_packs").fetchone() == (1,)
@@ -169,16 +174,18 @@ WRITER = textwrap.dedent(
     from pathlib import Path
     from pipeline.state.history import HistoryEntry, SqliteHistoryStore
 
-    async def main(path, worker, start, count):
+    async def main(path, worker, count, pause_at):
         store = SqliteHistoryStore(path=Path(path), pack_min_rows=16)
-        for number in range(start, start + count):
+        for number in range(count):
+            if number == pause_at:  # rows 0 .. pause_at - 1 written: wait here to be killed
+                print("paused", flush=True)
+                sys.stdin.readline()
             user = ("a@contoso.com", "b@contoso.com")[number % 2]
             await store.record("alert", [HistoryEntry(entry_id=f"w{worker}-{number}", content_id="c", user=user, at=1000.0 + number, policy="P")])
             if number % 25 == 0:  # a first read of another store: it may make the pack too
                 reader = SqliteHistoryStore(path=Path(path), pack_min_rows=16)
                 await reader.stored_after("alert", user, None, since=0.0)
                 await reader.aclose()
-            print(number, flush=True)
         await store.aclose()
 
     asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
@@ -196,19 +203,20 @@ def test_processes_writing_and_packing_one_file_at_once_hide_no_row(tmp_path):
     SqliteHistoryStore(path=path)._db.close()  # the tables, before the writers race to make them
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    def start(worker: int, first: int, count: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(worker), str(first), str(count)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def start(worker: int, *, pause_at: int = -1) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(worker), "300", str(pause_at)],
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    writers = [start(worker, 0, 300) for worker in range(3)]
+    writers = [start(0), start(1), start(2, pause_at=150)]
     victim = writers[2]
     assert victim.stdout is not None
-    for _ in range(150):  # halfway through its rows
-        victim.stdout.readline()
+    assert victim.stdout.readline() == "paused\n"  # halfway through its rows, the others still writing
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    written_before_kill = len(table_rows(path, "alert", "a@contoso.com", 0.0)) + len(table_rows(path, "alert", "b@contoso.com", 0.0))
-    writers[2] = start(2, 0, 300)  # started again: its writes are idempotent
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT count(*) FROM history_alerts WHERE entry_id LIKE 'w2-%'").fetchone() == (150,)
+    db.close()
+    writers[2] = start(2)  # started again: its writes are idempotent
     for writer in writers:
         _out, err = writer.communicate(timeout=120)
         assert writer.returncode == 0, err[-2000:]
@@ -223,7 +231,6 @@ def test_processes_writing_and_packing_one_file_at_once_hide_no_row(tmp_path):
         assert len(rows) == 3 * 150  # each worker's 300 rows, half of them this user's
         assert reader.pack_rows_read > 0
         reader._db.close()
-    assert written_before_kill > 0
 
 
 def test_writing_rows_past_a_pack_makes_it_again_within_a_quarter(tmp_path):
@@ -234,8 +241,7 @@ def test_writing_rows_past_a_pack_makes_it_again_within_a_quarter(tmp_path):
 
     async def run() -> tuple[int, int]:
         store = SqliteHistoryStore(path=path, pack_min_rows=32)
-        for batch in range(40):
-            await store.record("alert", [entry(batch * 25 + i, "u", 1000.0 + batch * 25 + i) for i in range(25)])
+        await write_in_batches(store, "alert", "u", batches=40, size=25)
         await store.aclose()
         reader = SqliteHistoryStore(path=path)
         rows, _ = await reader.stored_after("alert", "u", None, since=0.0)
