@@ -6,7 +6,7 @@ import gc
 
 # Python collects its youngest generation every 700 allocations by default; a batch allocates
 # hundreds of thousands of short-lived objects (parsed JSON, models), and each collection also
-# scans the long-lived caches it reaches. 20,000 measured 10-20 % more alerts/s (README, Performance).
+# scans the long-lived caches it reaches. 20,000 measured 10-20 % more alerts/s (docs/performance.md).
 GC_GEN0_THRESHOLD = 20_000
 
 

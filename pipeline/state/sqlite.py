@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS batch_redeliveries (
 
 # A commit folds the write-ahead log into the database (with an fsync) when it holds this many pages
 # (4 KiB each), not SQLite's default 1,000: the log file grows to ~40 MiB at most. With the background
-# checkpointer (`WalCheckpointer`) keeping up, the commits never reach it. Benchmarked in README, Performance.
+# checkpointer (`WalCheckpointer`) keeping up, the commits never reach it. Benchmarked in docs/performance.md.
 WAL_CHECKPOINT_PAGES = 10_000
 
 # Parts a handle keeps of those it stored, for its own claims (`StoredParts`): at most this many, and
