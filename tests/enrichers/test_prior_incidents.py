@@ -937,6 +937,7 @@ async def test_a_first_tally_read_of_sqlite_builds_from_the_stored_fields_withou
         raise AssertionError("an entry made per row")
 
     monkeypatch.setattr(history_module, "_stored_entries", no_entries)
+    monkeypatch.setattr(store, "entries_after", no_entries)  # it makes its entries without `_stored_entries` (packs)
     tallies = UserTallies(store, "alert", names=_entry_names, recent_per_point=12)
     try:
         await tallies.ensure({user: 0.0})

@@ -200,7 +200,7 @@ def test_processes_writing_and_packing_one_file_at_once_hide_no_row(tmp_path):
     the packs and returns every row the table holds: no pack made by one process hides a row another
     wrote meanwhile."""
     path = tmp_path / "history.sqlite"
-    SqliteHistoryStore(path=path)._db.close()  # the tables, before the writers race to make them
+    asyncio.run(SqliteHistoryStore(path=path).aclose())  # the tables, before the writers race to make them
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     def start(worker: int, *, pause_at: int = -1) -> subprocess.Popen:
@@ -224,13 +224,19 @@ def test_processes_writing_and_packing_one_file_at_once_hide_no_row(tmp_path):
     db = sqlite3.connect(path)
     assert db.execute("SELECT count(*) FROM history_alert_packs").fetchone() == (2,)
     db.close()
-    for user in ("a@contoso.com", "b@contoso.com"):
+    async def first_read(user: str) -> tuple[list, int]:
         reader = SqliteHistoryStore(path=path)
-        rows, _ = asyncio.run(reader.stored_after("alert", user, None, since=0.0))
+        try:
+            rows, _ = await reader.stored_after("alert", user, None, since=0.0)
+            return rows, reader.pack_rows_read
+        finally:
+            await reader.aclose()
+
+    for user in ("a@contoso.com", "b@contoso.com"):
+        rows, pack_rows_read = asyncio.run(first_read(user))
         assert rows == table_rows(path, "alert", user, 0.0)
         assert len(rows) == 3 * 150  # each worker's 300 rows, half of them this user's
-        assert reader.pack_rows_read > 0
-        reader._db.close()
+        assert pack_rows_read > 0
 
 
 def test_writing_rows_past_a_pack_makes_it_again_within_a_quarter(tmp_path):
