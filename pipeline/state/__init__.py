@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 #: A redelivery count not touched for this long is dropped (the outage that raised it is long over).
 REDELIVERY_FORGET_SECONDS = 7 * 24 * 3600.0
 
+#: Claims a handle remembers for `mark_emitted` and `release`, at most (the oldest are forgotten: a
+#: claim never marked nor released, because its batch failed, ends when its lease runs out).
+MAX_CLAIMS_HELD = 50_000
+
 
 @dataclass(slots=True)
 class PartsAdded:
@@ -59,10 +63,16 @@ class StateStore(Protocol):
       leases them for `lease_seconds` so that a second consumer does not take them too; at most
       `limit` of them, oldest first (by first part), so a backlog is emitted in bounded chunks.
       `force` (a flush at the end of a run) takes leased alerts too. Claimed parts come back
-      whole (rank, data, digest), ordered by rank.
+      whole (rank, data, digest), ordered by rank. Without `force`, a handle does not claim again
+      an alert whose lease from its own earlier claim runs yet, even when a new part made it due:
+      the batch of that claim is still at work, and the two marks must not be confused.
     - `mark_emitted` is called only after each claimed alert was delivered or dead-lettered; an alert
-      whose lease runs out without it is claimed again (at-least-once). `release` ends the lease of
-      alerts still pending; an emitted alert stays emitted.
+      whose lease runs out without it is claimed again (at-least-once). It marks an alert emitted
+      only while this handle's claim of it holds: an alert that got a new part since the claim (from
+      any handle), or that another handle claimed since, stays pending, so the new part comes out in
+      a revision and is never lost behind the mark. `release` ends this handle's lease of alerts
+      still pending, likewise only while its claim holds; an emitted alert stays emitted. An id
+      this handle did not claim changes nothing.
     - A late part reopens an emitted alert: it settles again from that part, and `max_hold_seconds`
       counts from it too; the claim returns every part, old and new.
     - `purge` forgets alerts emitted before the cutoff (their parts count as new if seen again) and

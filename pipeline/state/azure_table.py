@@ -69,7 +69,7 @@ import orjson
 from pipeline.errors import ConfigError, StoreUnavailable
 from pipeline.ingest.formats import AlertPart
 from pipeline.ingest.formats.contract import PART_ORDER
-from pipeline.state import REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
+from pipeline.state import MAX_CLAIMS_HELD, REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
 
 if TYPE_CHECKING:
     from pipeline.config import StateSettings
@@ -95,7 +95,6 @@ MAX_TRANSACTION_BYTES = 3 * 1024 * 1024  # ...and 4 MiB; Binary goes base64 (x 4
 KNOWN_HEADS = 20_000  # heads this process wrote or read, kept to skip a read (a stale one only costs a retry)
 KNOWN_HEAD_SECONDS = 3600.0
 _MAX_ROUNDS = 12  # conflicts re-read and retried at most this often per call before giving up
-_MAX_CLAIMS_HELD = 50_000
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:@=+-]{1,200}")
 _P, _P_END, _E = "p|", "p}", "e|"
@@ -221,6 +220,7 @@ class _Claim:
     partition: str
     row: str
     etag: str
+    until: float  # its lease: until then this handle does not claim the alert again
 
 
 class _Conflict(StoreUnavailable):
@@ -517,10 +517,13 @@ class TableStateStore:
             query += " and LeaseUntil le @now and ( LastPartAt le @settled or FirstPartAt le @held )"  # the client wants a space after a @name
             parameters.update(now=float(now), settled=float(now - settle_seconds), held=float(now - max_hold_seconds))
         found = await _gather(*(self._query(client, query, {**parameters, "pk": shard}, limit=limit) for shard in _shards()))
-        candidates = sorted((entity for entities in found for entity in entities), key=_age)
+        # Not an alert this handle holds a claim on whose lease runs yet: a part that came since made it
+        # due again, but the batch of that claim is still at work, and its mark must not take this one's.
+        candidates = sorted((entity for entities in found for entity in entities if force or not self._holds(entity["AlertId"], now)), key=_age)
         if limit is not None:
             candidates = candidates[:limit]
-        lease = {"LeaseUntil": float(now + lease_seconds), "LeaseOwner": self.owner}
+        until = float(now + lease_seconds)
+        lease = {"LeaseUntil": until, "LeaseOwner": self.owner}
         units: list[list[_Op]] = []
         won: dict[str, tuple[Any, str]] = {}
         for entity in candidates:
@@ -534,11 +537,15 @@ class TableStateStore:
         claimed = sorted(won.values(), key=lambda pair: _age(pair[0]))
         alerts = await _gather(*(self._parts_of(client, entity) for entity, _ in claimed))
         for (entity, etag), alert in zip(claimed, alerts):
-            self._claims[alert.alert_id] = _Claim(entity["PartitionKey"], entity["RowKey"], etag)
+            self._claims[alert.alert_id] = _Claim(entity["PartitionKey"], entity["RowKey"], etag, until)
             self._claims.move_to_end(alert.alert_id)
-        while len(self._claims) > _MAX_CLAIMS_HELD:  # claims never marked nor released (their batch failed): their lease runs out
+        while len(self._claims) > MAX_CLAIMS_HELD:  # claims never marked nor released (their batch failed): their lease runs out
             self._claims.popitem(last=False)
         return alerts
+
+    def _holds(self, alert_id: str, now: float) -> bool:
+        claim = self._claims.get(alert_id)
+        return claim is not None and now < claim.until
 
     async def _parts_of(self, client: Any, pending: Any) -> PendingAlert:
         """The parts of a claimed alert: those kept in its pending entry, or (overflow, revision) those of its

@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import threading
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,7 @@ import orjson
 
 from pipeline.errors import BUSY_WAIT_SECONDS, store_error  # BUSY_WAIT_SECONDS: SQLite's busy handler sleeps in growing steps (1 ms up to 100 ms) meanwhile: the backoff
 from pipeline.ingest.formats.contract import PART_ORDER, AlertPart
-from pipeline.state import REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
+from pipeline.state import MAX_CLAIMS_HELD, REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
 
 if TYPE_CHECKING:
     from pipeline.state.history import SqliteHistoryStore
@@ -165,6 +165,9 @@ class SqliteStateStore:
             self._joined: _JoinedWrites | None = None
             self._held = HeldWrites()
             self._stored = StoredParts()
+            # The lease each alert this handle claimed got (its `lease_until`): the mark and the release
+            # apply only while the row still holds it. A new part resets it to 0, another claim moves it.
+            self._leases: OrderedDict[str, float] = OrderedDict()
         except (OSError, sqlite3.Error) as exc:
             raise store_error(exc, path=self.path, operation="open the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
@@ -236,8 +239,11 @@ class SqliteStateStore:
                 return []
             with self._transaction() as db:
                 ids = [row[0] for row in db.execute(query, arguments).fetchall()]
+                if not force:  # not an alert this handle's own claim still holds (a part that came since made it due again)
+                    ids = [alert_id for alert_id in ids if not self._holds(alert_id, now)]
+                lease = now + lease_seconds
                 for chunk, marks in _chunks(ids):  # one statement per chunk of alerts, not one per alert
-                    db.execute(f"UPDATE alerts SET lease_until = ? WHERE alert_id IN ({marks})", [now + lease_seconds, *chunk])
+                    db.execute(f"UPDATE alerts SET lease_until = ? WHERE alert_id IN ({marks})", [lease, *chunk])
                 # An alert this transaction stored every part of needs no read (`_JoinedWrites.whole`);
                 # the parts of the others are read, those this handle stored lately not parsed again.
                 whole = self._joined.whole if self._joined is not None else {}
@@ -268,31 +274,62 @@ class SqliteStateStore:
                 claimed = [PendingAlert(alert_id=alert_id, parts=parts) for alert_id, parts in by_alert.items()]
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="read the state store", advice=DAMAGED_STATE_ADVICE) from exc
+        leases = self._leases
+        for alert_id in ids:
+            leases[alert_id] = lease
+            leases.move_to_end(alert_id)
+        while len(leases) > MAX_CLAIMS_HELD:  # claims never marked nor released (their batch failed): their lease runs out
+            leases.popitem(last=False)
         return claimed
 
+    def _holds(self, alert_id: str, now: float) -> bool:
+        """Whether this handle claimed the alert and that claim's lease runs yet: its batch is still at
+        work, and its mark must not be taken by a second claim's (nor a second claim's by it)."""
+        lease = self._leases.get(alert_id)
+        return lease is not None and now < lease
+
+    def _held_leases(self, alert_ids: Sequence[str]) -> list[tuple[str, float]]:
+        """(alert id, lease) of the given alerts this handle claimed (`_forget_leases` once the mark or release is committed)."""
+        leases = self._leases
+        return [(alert_id, leases[alert_id]) for alert_id in dict.fromkeys(alert_ids) if alert_id in leases]
+
+    def _forget_leases(self, held_leases: list[tuple[str, float]]) -> None:
+        for alert_id, lease in held_leases:
+            if self._leases.get(alert_id) == lease:
+                del self._leases[alert_id]
+
     async def mark_emitted(self, alert_ids: Sequence[str], *, now: float) -> None:
-        if not alert_ids:
+        held_leases = self._held_leases(alert_ids)
+        if not held_leases:
             return
         try:
             with self._transaction() as db:
+                # Only while the claim holds (`lease_until` as it set it): an alert that got a new part since
+                # (its lease reset to 0) or another claim stays pending, so the new part is not lost behind the mark.
                 db.executemany(
-                    "UPDATE alerts SET state = 'emitted', emitted_at = ?, lease_until = 0 WHERE alert_id = ?",
-                    [(now, alert_id) for alert_id in alert_ids],
+                    "UPDATE alerts SET state = 'emitted', emitted_at = ?, lease_until = 0 WHERE alert_id = ? AND lease_until = ?",
+                    [(now, alert_id, lease) for alert_id, lease in held_leases],
                 )
                 held = self._held.execute(db) if self._joined is None else 0
             self._held.committed(held)
+            self._forget_leases(held_leases)
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
     async def release(self, alert_ids: Sequence[str]) -> None:
         """End the lease of claimed alerts that were not emitted (their batch raised), so they can be claimed again now."""
-        if not alert_ids:
+        held_leases = self._held_leases(alert_ids)
+        if not held_leases:
             return
         try:
             with self._transaction() as db:
-                db.executemany("UPDATE alerts SET lease_until = 0 WHERE alert_id = ? AND state = 'pending'", [(i,) for i in alert_ids])
+                db.executemany(
+                    "UPDATE alerts SET lease_until = 0 WHERE alert_id = ? AND state = 'pending' AND lease_until = ?",
+                    [(alert_id, lease) for alert_id, lease in held_leases],
+                )
                 held = self._held.execute(db) if self._joined is None else 0
             self._held.committed(held)
+            self._forget_leases(held_leases)
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 

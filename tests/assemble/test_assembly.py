@@ -3,8 +3,10 @@ settled, a hold limit, arrival order, redelivered parts, late evidence."""
 
 from __future__ import annotations
 
+import asyncio
+
 from pipeline.runner import Message, Runner
-from tests.support.config import LAKE_ONLY, pipeline_toml
+from tests.support.config import LAKE_ONLY, enricher_entry, pipeline_toml
 from tests.support.records import lake_lines
 from tests.support.streaming import envelope, streaming_records
 
@@ -78,3 +80,33 @@ async def test_late_evidence_produces_a_revised_record(write_config, fixture_byt
         assert first.alerts == late.alerts == 1 and first.record_ids != late.record_ids
         revised = lake_lines(runner)[-1]["alert"]
     assert revised["user"]["upn"] == "megan.bowen@contoso.com" and revised["files"][0]["name"] == "Q1-payroll-export.xlsx"
+
+
+async def test_a_part_that_comes_while_its_alert_is_enriched_comes_out_in_a_revision(write_config, fixture_bytes):
+    """Two batches at once on one runner (the consumer's partitions, or its flush beside a batch):
+    a late part stored while the claimed alert is being enriched must not be lost behind that
+    batch's mark. The alert stays pending and comes out again, with the late part."""
+    from tests import plugins
+
+    slow = enricher_entry("slow", "tests.plugins:Recorder", {"label": "slow", "delay": 0.3})
+    loaded = write_config(pipeline_toml(assembly={"settle_seconds": 30}, enrichers=[slow]))
+    clock = Clock()
+    info, user, file_, _app, _ = streaming_records(fixture_bytes)
+    plugins.CALLS.clear()
+    async with Runner(loaded, clock=clock) as runner:
+        assert (await runner.process_batch([envelope(info, user)])).pending == 1
+        clock.now += 31
+        enriching = asyncio.create_task(runner.process_batch([]))  # claims the settled alert, then waits in the enricher
+        while ("start", "slow") not in plugins.CALLS:
+            await asyncio.sleep(0.005)
+        clock.now += 1
+        late = await runner.process_batch([envelope(file_)])  # meanwhile: the file evidence
+        assert late.alerts == 0 and late.duplicate_parts == 0
+        first = await enriching
+        assert first.alerts == 1 and first.pending == 1  # emitted without the file, and still pending for it
+        clock.now += 31
+        revised = await runner.process_batch([])
+        assert revised.alerts == 1 and revised.pending == 0
+        lines = lake_lines(runner)
+    assert "files" not in lines[0]["alert"] or not lines[0]["alert"]["files"]
+    assert lines[-1]["alert"]["files"][0]["name"] == "Q1-payroll-export.xlsx"

@@ -313,6 +313,7 @@ async def test_history_writes_held_by_a_batch_are_read_back_within_it_and_commit
     other = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
     try:
         await store.add_parts([_part("a1", "d1")], now=1000.0)
+        assert [a.alert_id for a in await store.claim_due(now=1000.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30)] == ["a1"]
         with store.holding_history_writes():
             await history.record("alert", [_entry("e1")])
             assert other.execute("SELECT count(*) FROM history_alerts").fetchone() == (0,)  # held
@@ -339,6 +340,7 @@ async def test_history_writes_whose_commit_failed_stay_held_until_a_commit_succe
     other = sqlite3.connect(tmp_path / "state.sqlite", isolation_level=None)
     try:
         await store.add_parts([_part("a1", "d1")], now=1000.0)
+        assert [a.alert_id for a in await store.claim_due(now=1000.0, settle_seconds=0, max_hold_seconds=60, lease_seconds=30)] == ["a1"]
         with store.holding_history_writes():
             await history.record("alert", [_entry("e1")])
             other.execute("BEGIN IMMEDIATE")  # another writer holds the lock

@@ -157,6 +157,34 @@ class StateStoreContract:
         (revised,) = await store.claim_due(now=300 + SETTLE, settle_seconds=SETTLE, max_hold_seconds=MAX_HOLD, lease_seconds=LEASE)
         assert revised.alert_id == "a" and [p.rank for p in revised.parts] == [0, 1]
 
+    async def test_a_part_that_comes_while_its_alert_is_claimed_is_not_lost_by_the_mark(self, open_state: OpenState) -> None:
+        """A second handle (another instance) stores a new part of an alert while the first has it
+        claimed (enriching it): the first's mark must leave the alert pending, so the new part comes
+        out in a revision, instead of marking it emitted with the part never emitted."""
+        first, second = open_state(), open_state()
+        await first.add_parts([part("a", 0)], now=0)
+        assert await claim(first, 100) == ["a"]
+        assert (await second.add_parts([part("a", 1)], now=101)).new == 1  # meanwhile, elsewhere
+        await first.mark_emitted(["a"], now=102)
+        assert await first.pending_count() == 1
+        (revised,) = await second.claim_due(now=101 + SETTLE, settle_seconds=SETTLE, max_hold_seconds=MAX_HOLD, lease_seconds=LEASE)
+        assert revised.alert_id == "a" and [p.rank for p in revised.parts] == [0, 1]
+
+    async def test_a_handle_does_not_claim_again_an_alert_its_running_claim_holds(self, store: StateStore) -> None:
+        """Two batches of one runner: the first claimed the alert and is still at work when a late part
+        makes it due again. The second must not take it over (the first one's mark would then mark the
+        second one's claim emitted, and the late part would be lost if the second batch failed): the
+        alert waits, pending, and comes out with the late part once the first batch is done."""
+        await store.add_parts([part("a", 0)], now=0)
+        assert await claim(store, 100) == ["a"]  # the first batch; its lease runs until 130
+        await store.add_parts([part("a", 1)], now=101)
+        second = await claim(store, 101 + SETTLE)  # settled again, the first batch still at work
+        assert second == []
+        await store.mark_emitted(["a"], now=112)  # the first batch is done, without the late part
+        await store.release(second)
+        (revised,) = await store.claim_due(now=112, settle_seconds=SETTLE, max_hold_seconds=MAX_HOLD, lease_seconds=LEASE)
+        assert revised.alert_id == "a" and [p.rank for p in revised.parts] == [0, 1]
+
     async def test_max_hold_of_a_reopened_alert_counts_from_its_late_part(self, store: StateStore) -> None:
         await store.add_parts([part("a", 0)], now=0)
         assert await claim(store, 100) == ["a"]
