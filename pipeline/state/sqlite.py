@@ -278,6 +278,8 @@ class SqliteStateStore:
         for alert_id in ids:
             leases[alert_id] = lease
             leases.move_to_end(alert_id)
+        if self._joined is not None:  # committed, or rolled back, when the block ends
+            self._joined.leases.extend((alert_id, lease) for alert_id in ids)
         while len(leases) > MAX_CLAIMS_HELD:  # claims never marked nor released (their batch failed): their lease runs out
             leases.popitem(last=False)
         return claimed
@@ -442,6 +444,7 @@ class _JoinedWrites:
         # when a transaction begins). It holds the write lock: nothing else adds a part meanwhile, so
         # they are exactly the alert's rows, and a claim in the same transaction needs no read of them.
         self.whole: dict[str, list[AlertPart]] = {}
+        self.leases: list[tuple[str, float]] = []  # the claims made in the block: forgotten unless it commits
 
     def stored(self, written: dict[str, dict[str, tuple[bytes, AlertPart]] | None], held: dict[str, int]) -> None:
         """Parts were just stored by this transaction (per alert, by digest, None: not plain JSON);
@@ -461,13 +464,20 @@ class _JoinedWrites:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.store._joined = None
-        if self.begun:
-            self.begun = False
-            try:
-                self.store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-            except sqlite3.Error as error:
-                if exc_type is None:
-                    raise store_error(error, path=self.store.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from error
+        leases, self.leases = self.leases, []
+        committed = False
+        try:
+            if self.begun:
+                self.begun = False
+                try:
+                    self.store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                    committed = exc_type is None
+                except sqlite3.Error as error:
+                    if exc_type is None:
+                        raise store_error(error, path=self.store.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from error
+        finally:
+            if not committed:  # the file holds none of the block's claims: the handle holds none either
+                self.store._forget_leases(leases)
 
 
 class _JoinedStep:

@@ -216,3 +216,17 @@ async def test_a_purge_costs_the_alerts_it_forgets_not_every_emitted_one(tmp_pat
         finally:
             await store.aclose()
     assert steps[3_000] < 1.5 * steps[50], steps
+
+
+async def test_a_claim_rolled_back_with_its_joined_block_holds_nothing(stores):
+    """The claim's lease is remembered for the mark; when the block that made it is rolled back (the
+    batch raised before its commit), the lease is not in the file, and the handle must not hold the
+    alert back from its next claim until that lease would have run out."""
+    store, other = stores
+    await store.add_parts([part("a", 0)], now=90.0)
+    with pytest.raises(LookupError), store.joined_writes():
+        await store.add_parts([part("a", 1)], now=100.0)
+        assert list(await claim(store)) == ["a"]
+        raise LookupError("the batch failed before its commit")
+    assert list(await claim(store, now=100.5)) == ["a"]  # run again at once: claimed again
+    assert await claim(other, now=101.0) == {}  # and leased in the file, this time
