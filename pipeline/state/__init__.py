@@ -12,10 +12,11 @@ implementation, by tests/support/state_contract.py.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
 
 if TYPE_CHECKING:
     from pipeline.config import StateSettings
@@ -28,6 +29,19 @@ REDELIVERY_FORGET_SECONDS = 7 * 24 * 3600.0
 #: Claims a handle remembers for `mark_emitted` and `release`, at most (the oldest are forgotten: a
 #: claim never marked nor released, because its batch failed, ends when its lease runs out).
 MAX_CLAIMS_HELD = 50_000
+
+ClaimT = TypeVar("ClaimT")
+
+
+class HeldClaims(OrderedDict[str, ClaimT], Generic[ClaimT]):
+    """The claims a store handle made and has not marked emitted nor released yet, by alert id (what
+    each store needs to mark only while its claim holds), at most MAX_CLAIMS_HELD: the oldest go first."""
+
+    def keep(self, alert_id: str, claim: ClaimT) -> None:
+        self[alert_id] = claim
+        self.move_to_end(alert_id)
+        while len(self) > MAX_CLAIMS_HELD:
+            self.popitem(last=False)
 
 
 @dataclass(slots=True)

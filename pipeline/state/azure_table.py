@@ -69,7 +69,7 @@ import orjson
 from pipeline.errors import ConfigError, StoreUnavailable
 from pipeline.ingest.formats import AlertPart
 from pipeline.ingest.formats.contract import PART_ORDER
-from pipeline.state import MAX_CLAIMS_HELD, REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
+from pipeline.state import REDELIVERY_FORGET_SECONDS, HeldClaims, PartsAdded, PendingAlert
 
 if TYPE_CHECKING:
     from pipeline.config import StateSettings
@@ -260,7 +260,7 @@ class TableStateStore:
         self._client: Any = None
         self._ready = False
         self._ready_lock = asyncio.Lock()
-        self._claims: OrderedDict[str, _Claim] = OrderedDict()
+        self._claims: HeldClaims[_Claim] = HeldClaims()
         self._heads: OrderedDict[str, tuple[float, _Head]] = OrderedDict()
 
     # -- client ------------------------------------------------------------------------------------
@@ -537,10 +537,7 @@ class TableStateStore:
         claimed = sorted(won.values(), key=lambda pair: _age(pair[0]))
         alerts = await _gather(*(self._parts_of(client, entity) for entity, _ in claimed))
         for (entity, etag), alert in zip(claimed, alerts):
-            self._claims[alert.alert_id] = _Claim(entity["PartitionKey"], entity["RowKey"], etag, until)
-            self._claims.move_to_end(alert.alert_id)
-        while len(self._claims) > MAX_CLAIMS_HELD:  # claims never marked nor released (their batch failed): their lease runs out
-            self._claims.popitem(last=False)
+            self._claims.keep(alert.alert_id, _Claim(entity["PartitionKey"], entity["RowKey"], etag, until))
         return alerts
 
     def _holds(self, alert_id: str, now: float) -> bool:

@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import threading
 import weakref
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,7 @@ import orjson
 
 from pipeline.errors import BUSY_WAIT_SECONDS, store_error  # BUSY_WAIT_SECONDS: SQLite's busy handler sleeps in growing steps (1 ms up to 100 ms) meanwhile: the backoff
 from pipeline.ingest.formats.contract import PART_ORDER, AlertPart
-from pipeline.state import MAX_CLAIMS_HELD, REDELIVERY_FORGET_SECONDS, PartsAdded, PendingAlert
+from pipeline.state import REDELIVERY_FORGET_SECONDS, HeldClaims, PartsAdded, PendingAlert
 
 if TYPE_CHECKING:
     from pipeline.state.history import SqliteHistoryStore
@@ -167,7 +167,7 @@ class SqliteStateStore:
             self._stored = StoredParts()
             # The lease each alert this handle claimed got (its `lease_until`): the mark and the release
             # apply only while the row still holds it. A new part resets it to 0, another claim moves it.
-            self._leases: OrderedDict[str, float] = OrderedDict()
+            self._leases: HeldClaims[float] = HeldClaims()
         except (OSError, sqlite3.Error) as exc:
             raise store_error(exc, path=self.path, operation="open the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
@@ -274,14 +274,10 @@ class SqliteStateStore:
                 claimed = [PendingAlert(alert_id=alert_id, parts=parts) for alert_id, parts in by_alert.items()]
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="read the state store", advice=DAMAGED_STATE_ADVICE) from exc
-        leases = self._leases
         for alert_id in ids:
-            leases[alert_id] = lease
-            leases.move_to_end(alert_id)
+            self._leases.keep(alert_id, lease)
         if self._joined is not None:  # committed, or rolled back, when the block ends
             self._joined.leases.extend((alert_id, lease) for alert_id in ids)
-        while len(leases) > MAX_CLAIMS_HELD:  # claims never marked nor released (their batch failed): their lease runs out
-            leases.popitem(last=False)
         return claimed
 
     def _holds(self, alert_id: str, now: float) -> bool:
@@ -469,12 +465,11 @@ class _JoinedWrites:
         try:
             if self.begun:
                 self.begun = False
-                try:
-                    self.store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-                    committed = exc_type is None
-                except sqlite3.Error as error:
-                    if exc_type is None:
-                        raise store_error(error, path=self.store.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from error
+                self.store._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+                committed = exc_type is None
+        except sqlite3.Error as error:
+            if exc_type is None:
+                raise store_error(error, path=self.store.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from error
         finally:
             if not committed:  # the file holds none of the block's claims: the handle holds none either
                 self.store._forget_leases(leases)

@@ -97,8 +97,9 @@ async def test_a_part_that_comes_while_its_alert_is_enriched_comes_out_in_a_revi
         assert (await runner.process_batch([envelope(info, user)])).pending == 1
         clock.now += 31
         enriching = asyncio.create_task(runner.process_batch([]))  # claims the settled alert, then waits in the enricher
-        while ("start", "slow") not in plugins.CALLS:
-            await asyncio.sleep(0.005)
+        async with asyncio.timeout(10):
+            while ("start", "slow") not in plugins.CALLS:
+                await asyncio.sleep(0.005)
         clock.now += 1
         late = await runner.process_batch([envelope(file_)])  # meanwhile: the file evidence
         assert late.alerts == 0 and late.duplicate_parts == 0

@@ -181,9 +181,17 @@ class StateStoreContract:
         second = await claim(store, 101 + SETTLE)  # settled again, the first batch still at work
         assert second == []
         await store.mark_emitted(["a"], now=112)  # the first batch is done, without the late part
-        await store.release(second)
         (revised,) = await store.claim_due(now=112, settle_seconds=SETTLE, max_hold_seconds=MAX_HOLD, lease_seconds=LEASE)
         assert revised.alert_id == "a" and [p.rank for p in revised.parts] == [0, 1]
+
+    async def test_marking_or_releasing_an_alert_this_handle_did_not_claim_changes_nothing(self, open_state: OpenState) -> None:
+        first, second = open_state(), open_state()
+        await first.add_parts([part("a", 0)], now=0)
+        await first.mark_emitted(["a"], now=100)  # never claimed
+        assert await first.pending_count() == 1
+        assert await claim(second, 100) == ["a"]
+        await first.release(["a"])  # second's claim, not first's
+        assert await claim(first, 101) == []  # still leased to second
 
     async def test_max_hold_of_a_reopened_alert_counts_from_its_late_part(self, store: StateStore) -> None:
         await store.add_parts([part("a", 0)], now=0)
