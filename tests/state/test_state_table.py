@@ -389,6 +389,12 @@ def test_two_processes_claiming_one_table_each_alert_is_won_once(azurite, tmp_pa
     while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline and all(p.poll() is None for p in processes):
         time.sleep(0.01)
     (tmp_path / "go").touch()  # every claimer starts at once
+    # Until every alert is won (or a minute passed); then the claimers stop.
+    while time.monotonic() < deadline and all(p.poll() is None for p in processes):
+        if len({line for path in tmp_path.glob("won-*") for line in path.read_text().split()}) >= 200:
+            break
+        time.sleep(0.05)
+    (tmp_path / "stop").touch()
     outputs = [p.communicate(timeout=60) for p in processes]
     assert all(p.returncode == 0 for p in processes), [err.decode()[-500:] for _, err in outputs]
     won = Counter(line for out, _ in outputs for line in out.decode().split())

@@ -3,8 +3,12 @@
     python -m tests.support.state_claimer <table> fill <alerts>     store one part for each alert
     python -m tests.support.state_claimer <table> claim <folder>    say ready (a file in the folder), wait
                                                                     for the file `go` there, then claim in
-                                                                    chunks of 3 until none is left (three empty rounds);
-                                                                    print each alert id won
+                                                                    chunks of 3 until the file `stop` is there;
+                                                                    print each alert id won, and append it to
+                                                                    the folder's file won-<pid>
+
+The claimers stop when the test says so, not after a few empty rounds: an empty round may only mean
+that the others won its alerts, and a claimer that lost three in a row would leave the race early.
 
 The connection string is in the environment variable tests.support.table_state.ENV.
 """
@@ -33,13 +37,17 @@ async def main(table: str, command: str, argument: str) -> None:
         (folder / f"ready-{os.getpid()}").touch()
         while not (folder / "go").exists():
             await asyncio.sleep(0.005)
-        empty = 0
-        while empty < 3:  # an empty round may only mean the others won that round's alerts
+        record = folder / f"won-{os.getpid()}"
+        while not (folder / "stop").exists():
             won = await store.claim_due(now=100, settle_seconds=0, max_hold_seconds=600, lease_seconds=3600, limit=3)
-            empty = 0 if won else empty + 1
             if won:
-                print("\n".join(alert.alert_id for alert in won), flush=True)
+                lines = "".join(f"{alert.alert_id}\n" for alert in won)
+                print(lines, end="", flush=True)
+                with record.open("a") as file:
+                    file.write(lines)
                 await asyncio.sleep(0.02)  # a real claimer delivers before it claims again: the others get their turn
+            else:
+                await asyncio.sleep(0.01)  # nothing won (lost the round, or nothing left): try again soon
     finally:
         await store.aclose()
 
