@@ -13,7 +13,7 @@ implementation, by tests/support/state_contract.py.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -35,13 +35,24 @@ ClaimT = TypeVar("ClaimT")
 
 class HeldClaims(OrderedDict[str, ClaimT], Generic[ClaimT]):
     """The claims a store handle made and has not marked emitted nor released yet, by alert id (what
-    each store needs to mark only while its claim holds), at most MAX_CLAIMS_HELD: the oldest go first."""
+    each store needs to mark only while its claim holds), at most MAX_CLAIMS_HELD: the oldest go first.
+    `until` gives the time a claim's lease runs to."""
+
+    def __init__(self, until: Callable[[ClaimT], float]) -> None:
+        super().__init__()
+        self._until = until
 
     def keep(self, alert_id: str, claim: ClaimT) -> None:
         self[alert_id] = claim
         self.move_to_end(alert_id)
         while len(self) > MAX_CLAIMS_HELD:
             self.popitem(last=False)
+
+    def holds(self, alert_id: str, now: float) -> bool:
+        """Whether this handle claimed the alert and that claim's lease runs yet: its batch is still at
+        work, and its mark must not be taken by a second claim's (nor a second claim's by it)."""
+        claim = self.get(alert_id)
+        return claim is not None and now < self._until(claim)
 
 
 @dataclass(slots=True)

@@ -62,6 +62,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -260,7 +261,7 @@ class TableStateStore:
         self._client: Any = None
         self._ready = False
         self._ready_lock = asyncio.Lock()
-        self._claims: HeldClaims[_Claim] = HeldClaims()
+        self._claims: HeldClaims[_Claim] = HeldClaims(until=attrgetter("until"))
         self._heads: OrderedDict[str, tuple[float, _Head]] = OrderedDict()
 
     # -- client ------------------------------------------------------------------------------------
@@ -519,7 +520,7 @@ class TableStateStore:
         found = await _gather(*(self._query(client, query, {**parameters, "pk": shard}, limit=limit) for shard in _shards()))
         # Not an alert this handle holds a claim on whose lease runs yet: a part that came since made it
         # due again, but the batch of that claim is still at work, and its mark must not take this one's.
-        candidates = sorted((entity for entities in found for entity in entities if force or not self._holds(entity["AlertId"], now)), key=_age)
+        candidates = sorted((entity for entities in found for entity in entities if force or not self._claims.holds(entity["AlertId"], now)), key=_age)
         if limit is not None:
             candidates = candidates[:limit]
         until = float(now + lease_seconds)
@@ -539,10 +540,6 @@ class TableStateStore:
         for (entity, etag), alert in zip(claimed, alerts):
             self._claims.keep(alert.alert_id, _Claim(entity["PartitionKey"], entity["RowKey"], etag, until))
         return alerts
-
-    def _holds(self, alert_id: str, now: float) -> bool:
-        claim = self._claims.get(alert_id)
-        return claim is not None and now < claim.until
 
     async def _parts_of(self, client: Any, pending: Any) -> PendingAlert:
         """The parts of a claimed alert: those kept in its pending entry, or (overflow, revision) those of its

@@ -167,7 +167,7 @@ class SqliteStateStore:
             self._stored = StoredParts()
             # The lease each alert this handle claimed got (its `lease_until`): the mark and the release
             # apply only while the row still holds it. A new part resets it to 0, another claim moves it.
-            self._leases: HeldClaims[float] = HeldClaims()
+            self._leases: HeldClaims[float] = HeldClaims(until=float)
         except (OSError, sqlite3.Error) as exc:
             raise store_error(exc, path=self.path, operation="open the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
@@ -240,7 +240,7 @@ class SqliteStateStore:
             with self._transaction() as db:
                 ids = [row[0] for row in db.execute(query, arguments).fetchall()]
                 if not force:  # not an alert this handle's own claim still holds (a part that came since made it due again)
-                    ids = [alert_id for alert_id in ids if not self._holds(alert_id, now)]
+                    ids = [alert_id for alert_id in ids if not self._leases.holds(alert_id, now)]
                 lease = now + lease_seconds
                 for chunk, marks in _chunks(ids):  # one statement per chunk of alerts, not one per alert
                     db.execute(f"UPDATE alerts SET lease_until = ? WHERE alert_id IN ({marks})", [lease, *chunk])
@@ -279,12 +279,6 @@ class SqliteStateStore:
         if self._joined is not None:  # committed, or rolled back, when the block ends
             self._joined.leases.extend((alert_id, lease) for alert_id in ids)
         return claimed
-
-    def _holds(self, alert_id: str, now: float) -> bool:
-        """Whether this handle claimed the alert and that claim's lease runs yet: its batch is still at
-        work, and its mark must not be taken by a second claim's (nor a second claim's by it)."""
-        lease = self._leases.get(alert_id)
-        return lease is not None and now < lease
 
     def _held_leases(self, alert_ids: Sequence[str]) -> list[tuple[str, float]]:
         """(alert id, lease) of the given alerts this handle claimed (`_forget_leases` once the mark or release is committed)."""
