@@ -2,7 +2,9 @@
 
 - `${NAME}` and `${NAME:-default}` in string values are replaced from the environment.
 - Every table rejects unknown keys. An error names the file and the key, for example
-  `pipeline.toml, key 'enrichers[1].timeout_seconds': Input should be greater than 0`.
+  `pipeline.toml, key 'enrichers[1].timeout_seconds': Input should be greater than 0`; an unknown
+  key is answered with the key it most likely meant (`…: unknown key; did you mean 'settle_seconds'?`)
+  or, when none is close, with the keys of its table.
 - Relative paths of inputs (HR files, lookup tables) are relative to the config file's folder;
   relative paths of outputs (state, lake, dead letters) are relative to `data_dir` (`--out`).
 - Plugin `settings` tables are validated by each plugin's own Settings model when the pipeline is
@@ -11,12 +13,14 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
+import types
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -227,12 +231,74 @@ def key_path(location: tuple[Any, ...] | list[Any]) -> str:
     return out
 
 
-def config_error_from_validation(exc: ValidationError, *, file: str, prefix: tuple[Any, ...] = ()) -> ConfigError:
-    """The first problem of a pydantic ValidationError as a ConfigError (never echoing values)."""
+def config_error_from_validation(
+    exc: ValidationError, *, file: str, prefix: tuple[Any, ...] = (), model: type[BaseModel] | None = None
+) -> ConfigError:
+    """The first problem of a pydantic ValidationError as a ConfigError (never echoing values).
+    `model`: the model that was validated (at `prefix`), so that an unknown key is answered with the
+    key it most likely meant, or with the keys its table has."""
     error = exc.errors(include_url=False, include_input=False, include_context=False)[0]
     extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-    return ConfigError(message + extra, file=file, key=key_path((*prefix, *error["loc"])) or None)
+    location = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        message = "unknown key" + _known_keys_hint(model, location, prefix)
+    else:
+        message = error["msg"]
+    return ConfigError(message + extra, file=file, key=key_path((*prefix, *location)) or None)
+
+
+def _known_keys_hint(model: type[BaseModel] | None, location: tuple[Any, ...], prefix: tuple[Any, ...]) -> str:
+    """"; did you mean 'x'?" for an unknown key at `location` of `model` close to one of its table's
+    keys, else "; the keys of 'table': a, b, …"; empty when the table is not known."""
+    keys = _table_keys(model, location[:-1]) if model is not None and location else None
+    if not keys:
+        return ""
+    close = difflib.get_close_matches(str(location[-1]), keys, n=1, cutoff=0.7)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    table = key_path((*prefix, *location[:-1]))
+    return (f"; the keys of '{table}': " if table else "; the top-level keys: ") + ", ".join(sorted(keys))
+
+
+def _table_keys(model: type[BaseModel], location: tuple[Any, ...]) -> list[str] | None:
+    """The keys of the table at `location` (field names or aliases, as a file spells them) of
+    `model`, following fields, list items and dict values; None when it is not one model there."""
+    kind: Any = model
+    for part in location:
+        kind = _one_type(kind)
+        if isinstance(part, int):
+            if get_origin(kind) not in (list, tuple) or not get_args(kind):
+                return None
+            kind = get_args(kind)[0]
+        elif isinstance(kind, type) and issubclass(kind, BaseModel):
+            found = next((field for name, field in kind.model_fields.items() if part in (name, field.alias)), None)
+            if found is None:
+                return None
+            kind = found.annotation
+        elif get_origin(kind) is dict and len(get_args(kind)) == 2:
+            kind = get_args(kind)[1]
+        else:
+            return None
+    kind = _one_type(kind)
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return [field.alias or name for name, field in kind.model_fields.items()]
+    return None
+
+
+def _one_type(kind: Any) -> Any:
+    """`kind` without Annotated and without None in a union (`X | None` is X); a union of several
+    types is left as it is (no one table is meant)."""
+    while True:
+        origin = get_origin(kind)
+        if origin is Annotated:
+            kind = get_args(kind)[0]
+        elif origin is Union or origin is types.UnionType:
+            others = [arg for arg in get_args(kind) if arg is not type(None)]
+            if len(others) != 1:
+                return kind
+            kind = others[0]
+        else:
+            return kind
 
 
 def substitute_env(value: Any, *, file: str, location: tuple[Any, ...] = (), environ: dict[str, str] | None = None) -> Any:
@@ -277,7 +343,7 @@ def load_config(path: str | Path | None = None, *, data_dir: str | Path | None =
     try:
         config = PipelineConfig.model_validate(document)
     except ValidationError as exc:
-        raise config_error_from_validation(exc, file=name) from None
+        raise config_error_from_validation(exc, file=name, model=PipelineConfig) from None
     resolved_data_dir = Path(data_dir) if data_dir is not None else Path(config.data_dir)
     loaded = LoadedConfig(config, file=file.resolve(), data_dir=resolved_data_dir.resolve())
     loaded.secret_env_names = secret_env_names | secret_env_values(config)

@@ -156,7 +156,7 @@ async def plugin_checks(reference: str, group: str, raw_settings: dict[str, Any]
         try:
             settings = model.model_validate(raw_settings)
         except ValidationError as exc:
-            raise config_error_from_validation(exc, file=loaded.display_name, prefix=(*_split_key(key), "settings")) from None
+            raise config_error_from_validation(exc, file=loaded.display_name, prefix=(*_split_key(key), "settings"), model=model) from None
     method = "publish" if group == SINK_GROUP else "enrich"
     if not inspect.iscoroutinefunction(getattr(cls, method, None)):
         raise loaded.error(f"{cls.__module__}.{cls.__qualname__} is not a{' sink' if method == 'publish' else 'n enricher'}: it needs `async def {method}(...)`", key)

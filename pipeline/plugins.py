@@ -232,7 +232,7 @@ def instantiate(cls: type, raw_settings: dict[str, Any], services: Services, *, 
         try:
             settings = settings_model.model_validate(raw_settings)
         except ValidationError as exc:
-            raise config_error_from_validation(exc, file=services.config.display_name, prefix=(*_split_key(key), "settings")) from None
+            raise config_error_from_validation(exc, file=services.config.display_name, prefix=(*_split_key(key), "settings"), model=settings_model) from None
     elif raw_settings:
         raise services.config.error(f"plugin {cls.__name__} takes no settings", f"{key}.settings")
     try:

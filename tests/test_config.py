@@ -37,6 +37,25 @@ def test_bad_values_name_the_file_and_the_key(tmp_path, body, key, needle):
     assert f"bad.toml, key '{key}'" in str(caught.value) and needle in str(caught.value)
 
 
+@pytest.mark.parametrize("body,expected", [
+    # a typo: the key it most likely meant
+    ("[runner]\nmax_concurent_alerts = 3\n", "key 'runner.max_concurent_alerts': unknown key; did you mean 'max_concurrent_alerts'?"),
+    ("[assembly]\nsettle_secondz = 3\n", "key 'assembly.settle_secondz': unknown key; did you mean 'settle_seconds'?"),
+    # inside a list of tables, and at the top level
+    ('[[sinks]]\nname = "l"\nkind = "jsonl"\nenabeld = false\n', "key 'sinks[0].enabeld': unknown key; did you mean 'enabled'?"),
+    ('dat_dir = "x"\n', "key 'dat_dir': unknown key; did you mean 'data_dir'?"),
+    # nothing close: the keys the table has
+    ("[dead_letter]\ncolour = 1\n", "key 'dead_letter.colour': unknown key; the keys of 'dead_letter': account_url, connection_string_env, container, kind, path"),
+    ("colour = 1\n", "key 'colour': unknown key; the top-level keys: assembly, consumer, data_dir, "),
+])
+def test_an_unknown_key_says_which_keys_the_table_has(tmp_path, body, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert expected in str(caught.value)
+
+
 def test_invalid_toml_and_missing_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[runner\n")

@@ -168,6 +168,8 @@ async def test_concurrency_across_alerts_is_bounded(write_config, fixture_bytes)
     ('[[enrichers]]\nname = "a"\nuse = "tests.plugins:Recorder"\n', "enrichers[3].name", "used twice"),
     ('[[enrichers]]\nname = "c"\nuse = "tests.plugins:Recorder"\nsettings = { delay = "slow" }\n', "enrichers[3].settings.delay", "valid number"),
     ('[[enrichers]]\nname = "c"\nuse = "tests.plugins:Recorder"\nsettings = { colour = "red" }\n', "enrichers[3].settings.colour", "unknown key"),
+    ('[[enrichers]]\nname = "c"\nuse = "tests.plugins:Recorder"\nsettings = { dalay = 0.1 }\n', "enrichers[3].settings.dalay", "unknown key; did you mean 'delay'?"),
+    ('[[enrichers]]\nname = "triage"\nsettings = { weights = { departing = 5 } }\n', "enrichers[3].settings.weights.departing", "unknown key; did you mean 'departing_user'?"),
     ('[[enrichers]]\nname = "c"\nuse = "tests.plugins:NeedsB"\n', "enrichers[3]", "depends on 'b'"),
 ])
 def test_bad_plugin_config_fails_at_start_naming_file_and_key(write_config, extra, key, needle):

@@ -111,7 +111,7 @@ def lakes_of(loaded: LoadedConfig) -> list[LakeLocation]:
         try:
             settings: Any = settings_class(**entry.settings)
         except ValidationError as exc:
-            raise config_error_from_validation(exc, file=loaded.display_name, prefix=("sinks", index, "settings")) from None
+            raise config_error_from_validation(exc, file=loaded.display_name, prefix=("sinks", index, "settings"), model=settings_class) from None
         if entry.kind == "jsonl":
             found.append(LakeLocation(entry.name, folder=loaded.data_path(settings.path)))
         else:

@@ -75,7 +75,7 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path):
         result = run_cli(command, "--config", str(config), cwd=tmp_path)
         assert result.returncode == 2
         lines = result.stderr.decode().strip().splitlines()
-        assert len(lines) == 1 and "bad.toml, key 'sinks[0].settings.pth': unknown key" in lines[0] and "Traceback" not in lines[0]
+        assert len(lines) == 1 and "bad.toml, key 'sinks[0].settings.pth': unknown key; did you mean 'path'?" in lines[0] and "Traceback" not in lines[0]
 
 
 def test_validate_reports_the_plugins(tmp_path):
