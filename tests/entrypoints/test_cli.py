@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.entrypoints.cli import program_name
+from pipeline.entrypoints.cli import MODULE_PROG, program_name
 from tests.support.paths import ROOT, SAMPLES
 from tests.support.samples import MATCHED_VALUES
 
@@ -100,3 +101,36 @@ def test_usage_names_the_command_the_user_typed(tmp_path):
     assert program_name(r"C:\venv\Scripts\dlp-pipeline.exe".replace("\\", "/")) == "dlp-pipeline"
     assert program_name(str(ROOT / "pipeline" / "__main__.py")) == "python -m pipeline"
     assert program_name("-m") == program_name("") == "python -m pipeline"
+
+
+def test_a_run_that_dead_lettered_says_where_and_how_to_replay(tmp_path):
+    (tmp_path / "broken.json").write_text('{"records": [ {"category": 1')
+    result = run_cli("run", "broken.json", str(SAMPLES / "03-graph-alert.json"), "--out", "data", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode()
+    hints = [line for line in result.stderr.decode().splitlines() if line.startswith("hint: ")]
+    assert len(hints) == 1, result.stderr.decode()
+    folder = tmp_path / "data" / "dead-letter"
+    assert f"1 dead letter (decode=1) in {folder}" in hints[0] and len(list(folder.glob("*.json"))) == 1
+    command = shlex.split(hints[0].split("`")[1])  # the command the hint gives, run as given
+    assert command == [*MODULE_PROG.split(), "replay-dead-letters", "--out", str(tmp_path / "data")]
+    replayed = run_cli(*command[3:], cwd=tmp_path)
+    assert replayed.returncode == 0 and summary(replayed.stdout)["still dead"] == "1"  # undecodable input stays there
+
+
+def test_a_run_without_dead_letters_gives_no_hint(tmp_path):
+    result = run_cli("run", str(SAMPLES / "03-graph-alert.json"), "--out", "data", cwd=tmp_path)
+    assert result.returncode == 0 and "hint:" not in result.stderr.decode()
+
+
+def test_the_dead_letter_hint_names_a_blob_store_and_the_config(tmp_path):
+    from pipeline.config import DeadLetterSettings, load_config
+    from pipeline.entrypoints.commands.run import dead_letter_hint
+    from pipeline.report import BatchReport
+
+    loaded = load_config(None, data_dir=tmp_path / "data")
+    loaded.config = loaded.config.model_copy(update={"dead_letter": DeadLetterSettings(kind="blob", account_url="https://a.blob.core.windows.net", path="dlp/")})
+    total = BatchReport()
+    total.dead_lettered.update({"deliver": 2, "decode": 1})
+    hint = dead_letter_hint(total, loaded, "my config.toml")
+    assert hint is not None and "3 dead letters (decode=1, deliver=2) in blob container 'dead-letter' under 'dlp/'" in hint
+    assert shlex.split(hint.split("`")[1])[3:] == ["replay-dead-letters", "--config", "my config.toml", "--out", str(tmp_path / "data")]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Iterator
 from importlib.resources import files
 from itertools import islice
 from pathlib import Path
 
-from pipeline.config import DEFAULT_CONFIG, load_config
+from pipeline.config import DEFAULT_CONFIG, LoadedConfig, load_config
+from pipeline.entrypoints.cli import program_name
 from pipeline.entrypoints.commands import data_dir_of
 from pipeline.entrypoints.progress import Progress
 from pipeline.ingest.inputs import check_paths, read_messages
@@ -43,10 +45,31 @@ async def main(args: argparse.Namespace) -> int:
     progress.close()
     print("\n".join(total.summary_lines()))
     print(f"output:              {loaded.data_dir}")
-    hint = all_dead_hint(total, paths)
+    hint = all_dead_hint(total, paths) or dead_letter_hint(total, loaded, args.config)
     if hint:
         print(hint, file=sys.stderr)
     return 0
+
+
+def dead_letter_hint(total: BatchReport, loaded: LoadedConfig, config: str | None) -> str | None:
+    """One line when the run dead-lettered anything: where the entries are, and the command that
+    re-drives them once their cause is fixed."""
+    count = sum(total.dead_lettered.values())
+    if not count:
+        return None
+    store = loaded.config.dead_letter
+    if store.kind == "local":
+        where = str(loaded.data_path(store.path))
+    else:
+        prefix = store.path.strip("/")
+        where = f"blob container '{store.container}'" + (f" under '{prefix}/'" if prefix else "")
+    command = [program_name(sys.argv[0]), "replay-dead-letters", *(["--config", config] if config else []), "--out", str(loaded.data_dir)]
+    stages = ", ".join(f"{stage}={n}" for stage, n in sorted(total.dead_lettered.items()))
+    return (
+        f"hint: {count} dead letter{'s' if count != 1 else ''} ({stages}) in {where}, each with its stage and reason "
+        f"(no matched content); once the cause is fixed (a sink's outage, a config error), "
+        f"`{' '.join([command[0], *map(shlex.quote, command[1:])])}` re-drives them; input that cannot be decoded stays there"
+    )
 
 
 def all_dead_hint(total: BatchReport, paths: list[str]) -> str | None:
