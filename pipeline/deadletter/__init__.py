@@ -125,6 +125,9 @@ class DeadLetter:
 
 
 class DeadLetterStore(Protocol):
+    #: Where the entries are, for a person: a folder, or a blob container and prefix.
+    where: str
+
     async def put(self, entries: Sequence[DeadLetter]) -> None: ...
 
     async def list(self) -> list[DeadLetter]: ...
@@ -142,6 +145,7 @@ class LocalDeadLetterStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self.where = str(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

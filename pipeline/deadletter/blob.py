@@ -32,6 +32,7 @@ class BlobDeadLetterStore:
     def __init__(self, container: ContainerClient, *, prefix: str = "") -> None:
         self.container = container
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.where = f"blob container '{container.container_name}'" + (f" under '{self.prefix}'" if self.prefix else "")
         self._ready = False
 
     @classmethod

@@ -38,6 +38,8 @@ log = logging.getLogger("pipeline.entrypoints.replay")
 class CapturingStore:
     """A dead-letter store in memory: what the runner dead-letters while one entry is re-driven."""
 
+    where = "memory (the entry being replayed)"
+
     def __init__(self) -> None:
         self.entries: list[DeadLetter] = []
 

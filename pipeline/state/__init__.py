@@ -48,6 +48,16 @@ class HeldClaims(OrderedDict[str, ClaimT], Generic[ClaimT]):
         while len(self) > MAX_CLAIMS_HELD:
             self.popitem(last=False)
 
+    def of(self, alert_ids: Sequence[str]) -> list[tuple[str, ClaimT]]:
+        """(alert id, claim) of the given alerts this handle holds a claim on, each once, in order."""
+        return [(alert_id, self[alert_id]) for alert_id in dict.fromkeys(alert_ids) if alert_id in self]
+
+    def forget(self, claims: Sequence[tuple[str, ClaimT]]) -> None:
+        """Forget these claims (as `of` gave them) once marked or released; an alert claimed again since keeps its new claim."""
+        for alert_id, claim in claims:
+            if self.get(alert_id) == claim:
+                del self[alert_id]
+
     def holds(self, alert_id: str, now: float) -> bool:
         """Whether this handle claimed the alert and that claim's lease runs yet: its batch is still at
         work, and its mark must not be taken by a second claim's (nor a second claim's by it)."""

@@ -566,7 +566,8 @@ class TableStateStore:
         from azure.core import MatchConditions
         from azure.data.tables import UpdateMode
 
-        held = [(alert_id, self._claims.pop(alert_id)) for alert_id in dict.fromkeys(alert_ids) if alert_id in self._claims]
+        held = self._claims.of(alert_ids)
+        self._claims.forget(held)
         if not held:
             return
         client = await self._table()
@@ -591,7 +592,8 @@ class TableStateStore:
         from azure.core import MatchConditions
         from azure.data.tables import UpdateMode
 
-        held = [(alert_id, self._claims.pop(alert_id)) for alert_id in dict.fromkeys(alert_ids) if alert_id in self._claims]
+        held = self._claims.of(alert_ids)
+        self._claims.forget(held)
         if not held:
             return
         client = await self._table()

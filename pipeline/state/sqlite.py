@@ -280,18 +280,8 @@ class SqliteStateStore:
             self._joined.leases.extend((alert_id, lease) for alert_id in ids)
         return claimed
 
-    def _held_leases(self, alert_ids: Sequence[str]) -> list[tuple[str, float]]:
-        """(alert id, lease) of the given alerts this handle claimed (`_forget_leases` once the mark or release is committed)."""
-        leases = self._leases
-        return [(alert_id, leases[alert_id]) for alert_id in dict.fromkeys(alert_ids) if alert_id in leases]
-
-    def _forget_leases(self, held_leases: list[tuple[str, float]]) -> None:
-        for alert_id, lease in held_leases:
-            if self._leases.get(alert_id) == lease:
-                del self._leases[alert_id]
-
     async def mark_emitted(self, alert_ids: Sequence[str], *, now: float) -> None:
-        held_leases = self._held_leases(alert_ids)
+        held_leases = self._leases.of(alert_ids)
         if not held_leases:
             return
         try:
@@ -304,13 +294,13 @@ class SqliteStateStore:
                 )
                 held = self._held.execute(db) if self._joined is None else 0
             self._held.committed(held)
-            self._forget_leases(held_leases)
+            self._leases.forget(held_leases)
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
     async def release(self, alert_ids: Sequence[str]) -> None:
         """End the lease of claimed alerts that were not emitted (their batch raised), so they can be claimed again now."""
-        held_leases = self._held_leases(alert_ids)
+        held_leases = self._leases.of(alert_ids)
         if not held_leases:
             return
         try:
@@ -321,7 +311,7 @@ class SqliteStateStore:
                 )
                 held = self._held.execute(db) if self._joined is None else 0
             self._held.committed(held)
-            self._forget_leases(held_leases)
+            self._leases.forget(held_leases)
         except sqlite3.Error as exc:
             raise store_error(exc, path=self.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from exc
 
@@ -466,7 +456,7 @@ class _JoinedWrites:
                 raise store_error(error, path=self.store.path, operation="write the state store", advice=DAMAGED_STATE_ADVICE) from error
         finally:
             if not committed:  # the file holds none of the block's claims: the handle holds none either
-                self.store._forget_leases(leases)
+                self.store._leases.forget(leases)
 
 
 class _JoinedStep:

@@ -122,15 +122,19 @@ def test_a_run_without_dead_letters_gives_no_hint(tmp_path):
     assert result.returncode == 0 and "hint:" not in result.stderr.decode()
 
 
-def test_the_dead_letter_hint_names_a_blob_store_and_the_config(tmp_path):
-    from pipeline.config import DeadLetterSettings, load_config
+async def test_the_dead_letter_hint_names_a_blob_store_and_the_config(tmp_path):
+    from azure.storage.blob.aio import ContainerClient
+
+    from pipeline.config import load_config
+    from pipeline.deadletter.blob import BlobDeadLetterStore
     from pipeline.entrypoints.commands.run import dead_letter_hint
     from pipeline.report import BatchReport
 
     loaded = load_config(None, data_dir=tmp_path / "data")
-    loaded.config = loaded.config.model_copy(update={"dead_letter": DeadLetterSettings(kind="blob", account_url="https://a.blob.core.windows.net", path="dlp/")})
+    async with ContainerClient("https://a.blob.core.windows.net", "dead-letter") as container:  # no request is made
+        store = BlobDeadLetterStore(container, prefix="dlp/")
     total = BatchReport()
     total.dead_lettered.update({"deliver": 2, "decode": 1})
-    hint = dead_letter_hint(total, loaded, "my config.toml")
+    hint = dead_letter_hint(total, store.where, loaded, "my config.toml")
     assert hint is not None and "3 dead letters (decode=1, deliver=2) in blob container 'dead-letter' under 'dlp/'" in hint
     assert shlex.split(hint.split("`")[1])[3:] == ["replay-dead-letters", "--config", "my config.toml", "--out", str(tmp_path / "data")]

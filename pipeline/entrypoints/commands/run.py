@@ -45,30 +45,24 @@ async def main(args: argparse.Namespace) -> int:
     progress.close()
     print("\n".join(total.summary_lines()))
     print(f"output:              {loaded.data_dir}")
-    hint = all_dead_hint(total, paths) or dead_letter_hint(total, loaded, args.config)
+    hint = all_dead_hint(total, paths) or dead_letter_hint(total, runner.dead_letter.where, loaded, args.config)
     if hint:
         print(hint, file=sys.stderr)
     return 0
 
 
-def dead_letter_hint(total: BatchReport, loaded: LoadedConfig, config: str | None) -> str | None:
-    """One line when the run dead-lettered anything: where the entries are, and the command that
-    re-drives them once their cause is fixed."""
+def dead_letter_hint(total: BatchReport, where: str, loaded: LoadedConfig, config: str | None) -> str | None:
+    """One line when the run dead-lettered anything: how many, `where` the store keeps them, and the
+    command that re-drives them once their cause is fixed."""
     count = sum(total.dead_lettered.values())
     if not count:
         return None
-    store = loaded.config.dead_letter
-    if store.kind == "local":
-        where = str(loaded.data_path(store.path))
-    else:
-        prefix = store.path.strip("/")
-        where = f"blob container '{store.container}'" + (f" under '{prefix}/'" if prefix else "")
-    command = [program_name(sys.argv[0]), "replay-dead-letters", *(["--config", config] if config else []), "--out", str(loaded.data_dir)]
+    replay = shlex.join(["replay-dead-letters", *(["--config", config] if config else []), "--out", str(loaded.data_dir)])
     stages = ", ".join(f"{stage}={n}" for stage, n in sorted(total.dead_lettered.items()))
     return (
         f"hint: {count} dead letter{'s' if count != 1 else ''} ({stages}) in {where}, each with its stage and reason "
         f"(no matched content); once the cause is fixed (a sink's outage, a config error), "
-        f"`{' '.join([command[0], *map(shlex.quote, command[1:])])}` re-drives them; input that cannot be decoded stays there"
+        f"`{program_name(sys.argv[0])} {replay}` re-drives them; input that cannot be decoded stays there"
     )
 
 
